@@ -1,1 +1,208 @@
-//! placeholder
+//! Client sessions for Breakwater: login, routing to a pool, and the per-connection state machine
+//! that moves a client's transactions onto pooled server connections. This crate never opens a
+//! server socket itself (that is `upstream`) and never implements the admin console: a login to
+//! the admin database is handed back to the caller as an [`AdminLogin`].
+
+pub mod cancel;
+mod client;
+pub mod params;
+pub mod scan;
+mod session;
+pub mod settings;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use bytes::BytesMut;
+use proto::auth::{ScramVerifier, ServerCredential};
+use stats::{GlobalStats, PoolStats};
+use tokio::sync::watch;
+use upstream::{ServerPool, ServerTarget, Stream};
+
+pub use client::AdminLogin;
+pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
+
+/// Names of the virtual admin database.
+pub const ADMIN_DATABASES: &[&str] = &["breakwater", "pgbouncer"];
+
+/// One pool and what goes with it.
+pub struct PoolEntry {
+    pub pool: Arc<ServerPool>,
+    pub stats: Arc<PoolStats>,
+    pub route: DatabaseRoute,
+    /// Reported parameters of a fresh server connection, for answering logins without one.
+    welcome: Mutex<Option<Vec<(String, String)>>>,
+}
+
+pub struct Proxy {
+    shared: Arc<Shared>,
+}
+
+pub(crate) struct Shared {
+    settings: RwLock<Arc<ProxySettings>>,
+    pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
+    cancels: cancel::CancelRegistry,
+    pub stats: GlobalStats,
+    clients: AtomicUsize,
+    next_client_id: AtomicU64,
+    shutdown: watch::Sender<bool>,
+    /// SCRAM verifiers derived from plaintext auth_file passwords: PBKDF2 once, not per login.
+    scram_cache: Mutex<HashMap<String, ScramVerifier>>,
+}
+
+/// Where a client came from, for logs and SHOW CLIENTS.
+#[derive(Debug, Clone)]
+pub struct Peer(pub String);
+
+impl Proxy {
+    pub fn new(settings: ProxySettings) -> Proxy {
+        let (shutdown, _) = watch::channel(false);
+        Proxy {
+            shared: Arc::new(Shared {
+                settings: RwLock::new(Arc::new(settings)),
+                pools: Mutex::new(HashMap::new()),
+                cancels: cancel::CancelRegistry::default(),
+                stats: GlobalStats::default(),
+                clients: AtomicUsize::new(0),
+                next_client_id: AtomicU64::new(1),
+                shutdown,
+                scram_cache: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Serves one client connection to its end. Returns the connection when it logged in to the
+    /// admin database, for the caller to run the console on.
+    pub async fn serve(&self, stream: Stream, peer: Peer) -> Option<AdminLogin> {
+        client::serve(&self.shared, stream, peer).await
+    }
+
+    /// Opens pools whose server login is known without a client (a `user` in the database
+    /// entry) and brings them to `min_pool_size`; trims idle connections past their timeouts.
+    pub async fn maintain(&self) {
+        let settings = self.shared.settings();
+        for route in &settings.databases {
+            if let Some(user) = &route.user {
+                let _ = self.shared.pool_for(&settings, route, user, None);
+            }
+        }
+        let pools: Vec<_> = self.shared.all_pools();
+        for p in pools {
+            p.pool.maintain(&settings.server).await;
+        }
+    }
+
+    /// Stops accepting work: idle clients are told and closed, active ones finish their
+    /// transaction first.
+    pub fn begin_shutdown(&self) {
+        let _ = self.shared.shutdown.send(true);
+    }
+
+    pub fn client_count(&self) -> usize {
+        self.shared.clients.load(Ordering::Relaxed)
+    }
+
+    pub fn pools(&self) -> Vec<Arc<PoolEntry>> {
+        self.shared.all_pools()
+    }
+
+    pub fn global_stats(&self) -> &GlobalStats {
+        &self.shared.stats
+    }
+
+    /// Closes every pool: idle connections now, busy ones when released.
+    pub fn close_pools(&self) {
+        for p in self.shared.all_pools() {
+            p.pool.close();
+        }
+    }
+}
+
+impl Shared {
+    pub(crate) fn settings(&self) -> Arc<ProxySettings> {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
+        match self.pools.lock() {
+            Ok(p) => p.values().cloned().collect(),
+            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+        }
+    }
+
+    /// The pool for (database, server user), created on first use.
+    pub(crate) fn pool_for(
+        &self,
+        settings: &ProxySettings,
+        route: &DatabaseRoute,
+        server_user: &str,
+        login_credential: Option<ServerCredential>,
+    ) -> Arc<PoolEntry> {
+        let key = (route.name.clone(), server_user.to_owned());
+        let mut pools = match self.pools.lock() {
+            Ok(p) => p,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(e) = pools.get(&key) {
+            if let Some(cred) = login_credential {
+                e.pool.offer_credential(cred);
+            }
+            return e.clone();
+        }
+        let credential = route
+            .password
+            .clone()
+            .map(ServerCredential::Password)
+            .or_else(|| match settings.userlist.get(server_user) {
+                Some(proto::auth::Secret::Plain(p)) => Some(ServerCredential::Password(p.clone())),
+                _ => None,
+            })
+            .or(login_credential);
+        let target = ServerTarget {
+            database: route.name.clone(),
+            host: route.host.clone(),
+            port: route.port,
+            dbname: route.dbname.clone(),
+            user: server_user.to_owned(),
+            credential,
+        };
+        let entry = Arc::new(PoolEntry {
+            pool: ServerPool::new(target, settings.server.clone(), route.pool_size, route.min_pool_size),
+            stats: Arc::new(PoolStats::new(&route.name, server_user)),
+            route: route.clone(),
+            welcome: Mutex::new(None),
+        });
+        pools.insert(key, entry.clone());
+        entry
+    }
+
+    fn scram_verifier_for_plain(&self, user: &str, password: &str) -> ScramVerifier {
+        let mut cache = match self.scram_cache.lock() {
+            Ok(c) => c,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        cache
+            .entry(user.to_owned())
+            .or_insert_with(|| ScramVerifier::from_password(password))
+            .clone()
+    }
+}
+
+/// Reads into `buf` from `stream`, reserving room first. `Ok(0)` is end of stream.
+pub(crate) async fn read_into(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
+    use tokio::io::AsyncReadExt;
+    if buf.capacity() - buf.len() < 2048 {
+        buf.reserve(8192);
+    }
+    stream.read_buf(buf).await
+}
+
+/// A bound on waits Breakwater makes on its own account (parameter sync, resets).
+pub(crate) fn internal_timeout(settings: &ProxySettings) -> Duration {
+    settings.server.login_timeout.unwrap_or(Duration::from_secs(10))
+}

@@ -1,1 +1,11 @@
-//! placeholder
+//! Server connections for Breakwater: connect and log in with every phase bounded, keep pools of
+//! warm connections per (database, user), and notice connections that died while idle.
+//! This crate never reads from clients and never decides when a transaction ends.
+
+pub mod conn;
+pub mod pool;
+pub mod stream;
+
+pub use conn::{CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget};
+pub use pool::{discard, CheckoutError, PooledServer, ServerPool};
+pub use stream::Stream;

@@ -1,0 +1,371 @@
+//! The TOML config file: parsing, defaults, validation, and conversion to each crate's typed
+//! settings. Unknown keys are errors that name the key; durations are strings with a unit
+//! (`"250ms"`, `"5s"`, `"10m"`), and `"0"` disables a timeout.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use proto::auth::Userlist;
+use proxy::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
+use serde::Deserialize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config file {path}: {key}: {message}")]
+    Invalid { path: PathBuf, key: String, message: String },
+    #[error("cannot read auth_file {path}: {source}")]
+    AuthFileRead { path: PathBuf, source: std::io::Error },
+    #[error("invalid auth_file {path}: {source}")]
+    AuthFile { path: PathBuf, source: proto::auth::UserlistError },
+}
+
+/// A duration setting; `"0"` means disabled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeout(pub Option<Duration>);
+
+impl<'de> Deserialize<'de> for Timeout {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_timeout(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+pub fn parse_timeout(s: &str) -> Result<Timeout, String> {
+    let s = s.trim();
+    if s == "0" {
+        return Ok(Timeout(None));
+    }
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => Ok(Timeout(None)),
+        Ok(d) => Ok(Timeout(Some(d))),
+        Err(e) => Err(format!("invalid duration \"{s}\" ({e}); use a unit, e.g. \"250ms\", \"5s\", \"10m\", or \"0\" to disable")),
+    }
+}
+
+fn secs(n: u64) -> Timeout {
+    Timeout(Some(Duration::from_secs(n)))
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolModeSetting {
+    Session,
+    Transaction,
+    Statement,
+}
+
+impl From<PoolModeSetting> for PoolMode {
+    fn from(m: PoolModeSetting) -> PoolMode {
+        match m {
+            PoolModeSetting::Session => PoolMode::Session,
+            PoolModeSetting::Transaction => PoolMode::Transaction,
+            PoolModeSetting::Statement => PoolMode::Statement,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum AuthTypeSetting {
+    #[serde(rename = "trust")]
+    Trust,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Pooler {
+    pub listen_addr: String,
+    pub listen_port: u16,
+    pub unix_socket_dir: Option<PathBuf>,
+    pub pool_mode: PoolModeSetting,
+    pub max_client_conn: usize,
+    pub default_pool_size: usize,
+    pub min_pool_size: usize,
+    pub auth_type: AuthTypeSetting,
+    pub auth_file: Option<PathBuf>,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    pub server_connect_timeout: Timeout,
+    pub server_login_timeout: Timeout,
+    pub query_wait_timeout: Timeout,
+    pub query_timeout: Timeout,
+    pub idle_transaction_timeout: Timeout,
+    pub client_login_timeout: Timeout,
+    pub client_idle_timeout: Timeout,
+    pub server_idle_timeout: Timeout,
+    pub server_lifetime: Timeout,
+    pub server_reset_query: String,
+    pub max_packet_size: usize,
+    pub shutdown_timeout: Timeout,
+    pub tcp_keepalive: bool,
+    pub tcp_keepidle: Timeout,
+    pub tcp_keepintvl: Timeout,
+    pub tcp_keepcnt: u32,
+    pub workers: usize,
+}
+
+impl Default for Pooler {
+    fn default() -> Self {
+        Pooler {
+            listen_addr: "127.0.0.1".into(),
+            listen_port: 6432,
+            unix_socket_dir: None,
+            pool_mode: PoolModeSetting::Transaction,
+            max_client_conn: 10_000,
+            default_pool_size: 20,
+            min_pool_size: 0,
+            auth_type: AuthTypeSetting::ScramSha256,
+            auth_file: None,
+            admin_users: Vec::new(),
+            stats_users: Vec::new(),
+            server_connect_timeout: secs(5),
+            server_login_timeout: secs(5),
+            query_wait_timeout: secs(120),
+            query_timeout: Timeout(None),
+            idle_transaction_timeout: Timeout(None),
+            client_login_timeout: secs(60),
+            client_idle_timeout: Timeout(None),
+            server_idle_timeout: secs(600),
+            server_lifetime: secs(3600),
+            server_reset_query: "DISCARD ALL".into(),
+            max_packet_size: proto::DEFAULT_MAX_MESSAGE,
+            shutdown_timeout: secs(30),
+            tcp_keepalive: true,
+            tcp_keepidle: secs(30),
+            tcp_keepintvl: secs(10),
+            tcp_keepcnt: 3,
+            workers: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Database {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub dbname: Option<String>,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: Option<usize>,
+    pub min_pool_size: Option<usize>,
+    pub pool_mode: Option<PoolModeSetting>,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+
+fn default_port() -> u16 {
+    5432
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConfigFile {
+    #[serde(default)]
+    pub pooler: Pooler,
+    #[serde(default)]
+    pub databases: BTreeMap<String, Database>,
+}
+
+/// A loaded, validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub path: PathBuf,
+    pub file: ConfigFile,
+    pub userlist: Userlist,
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let file: ConfigFile = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        let invalid = |key: &str, message: &str| ConfigError::Invalid {
+            path: path.to_owned(),
+            key: key.to_owned(),
+            message: message.to_owned(),
+        };
+        let p = &file.pooler;
+        if p.default_pool_size == 0 {
+            return Err(invalid("pooler.default_pool_size", "must be at least 1"));
+        }
+        if p.max_packet_size < 1024 {
+            return Err(invalid("pooler.max_packet_size", "must be at least 1024 bytes"));
+        }
+        if p.auth_type != AuthTypeSetting::Trust && p.auth_file.is_none() {
+            return Err(invalid("pooler.auth_file", "is required unless auth_type = \"trust\""));
+        }
+        for (name, db) in &file.databases {
+            if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
+                return Err(invalid(&format!("databases.{name}"), "this name is reserved for the admin console"));
+            }
+            if db.pool_size == Some(0) {
+                return Err(invalid(&format!("databases.{name}.pool_size"), "must be at least 1"));
+            }
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        let userlist = match &p.auth_file {
+            Some(f) => {
+                let f = base.join(f);
+                let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::AuthFileRead {
+                    path: f.clone(),
+                    source,
+                })?;
+                Userlist::parse(&text).map_err(|source| ConfigError::AuthFile { path: f, source })?
+            }
+            None => Userlist::default(),
+        };
+        Ok(Config {
+            path: path.to_owned(),
+            file,
+            userlist,
+        })
+    }
+
+    pub fn unix_socket_path(&self) -> Option<PathBuf> {
+        let p = &self.file.pooler;
+        let base = self.path.parent().unwrap_or(Path::new("."));
+        p.unix_socket_dir
+            .as_ref()
+            .map(|d| base.join(d).join(format!(".s.PGSQL.{}", p.listen_port)))
+    }
+
+    pub fn shutdown_timeout(&self) -> Option<Duration> {
+        self.file.pooler.shutdown_timeout.0
+    }
+
+    pub fn proxy_settings(&self) -> ProxySettings {
+        let p = &self.file.pooler;
+        let server = upstream::ServerSettings {
+            connect_timeout: p.server_connect_timeout.0,
+            login_timeout: p.server_login_timeout.0,
+            lifetime: p.server_lifetime.0,
+            idle_timeout: p.server_idle_timeout.0,
+            keepalive: p.tcp_keepalive.then(|| {
+                (
+                    p.tcp_keepidle.0.unwrap_or(Duration::from_secs(30)),
+                    p.tcp_keepintvl.0.unwrap_or(Duration::from_secs(10)),
+                    p.tcp_keepcnt.max(1),
+                )
+            }),
+            max_message: p.max_packet_size,
+        };
+        let databases = self
+            .file
+            .databases
+            .iter()
+            .map(|(name, d)| DatabaseRoute {
+                name: name.clone(),
+                host: d.host.clone(),
+                port: d.port,
+                dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
+                user: d.user.clone(),
+                password: d.password.clone(),
+                pool_size: d.pool_size.unwrap_or(p.default_pool_size),
+                min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
+                pool_mode: d.pool_mode.unwrap_or(p.pool_mode).into(),
+            })
+            .collect();
+        ProxySettings {
+            auth_type: match p.auth_type {
+                AuthTypeSetting::Trust => AuthType::Trust,
+                AuthTypeSetting::Md5 => AuthType::Md5,
+                AuthTypeSetting::ScramSha256 => AuthType::ScramSha256,
+            },
+            userlist: self.userlist.clone(),
+            max_client_conn: p.max_client_conn,
+            admin_users: p.admin_users.clone(),
+            stats_users: p.stats_users.clone(),
+            client_login_timeout: p.client_login_timeout.0,
+            client_idle_timeout: p.client_idle_timeout.0,
+            query_wait_timeout: p.query_wait_timeout.0,
+            idle_transaction_timeout: p.idle_transaction_timeout.0,
+            server_reset_query: p.server_reset_query.clone(),
+            max_message: p.max_packet_size,
+            server,
+            databases,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("/nonexistent/pooler.toml"), text)
+    }
+
+    #[test]
+    fn defaults_match_the_documented_ones() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
+        let s = c.proxy_settings();
+        assert_eq!(c.file.pooler.listen_port, 6432);
+        assert_eq!(s.query_wait_timeout, Some(Duration::from_secs(120)));
+        assert_eq!(s.idle_transaction_timeout, None);
+        assert_eq!(s.server_reset_query, "DISCARD ALL");
+    }
+
+    #[test]
+    fn unknown_keys_are_named_with_their_line() {
+        let err = parse("[pooler]\nauth_type = \"trust\"\nlisten_prot = 1\n").unwrap_err().to_string();
+        assert!(err.contains("listen_prot"), "{err}");
+        assert!(err.contains("line 3"), "{err}");
+    }
+
+    #[test]
+    fn durations_need_units_and_zero_disables() {
+        assert_eq!(parse_timeout("250ms").unwrap(), Timeout(Some(Duration::from_millis(250))));
+        assert_eq!(parse_timeout("0").unwrap(), Timeout(None));
+        assert!(parse_timeout("5").is_err());
+        let err = parse("[pooler]\nauth_type = \"trust\"\nquery_wait_timeout = \"soon\"\n").unwrap_err().to_string();
+        assert!(err.contains("soon"), "{err}");
+    }
+
+    #[test]
+    fn database_entries_inherit_pool_defaults() {
+        let c = parse(
+            "[pooler]\nauth_type = \"trust\"\ndefault_pool_size = 7\npool_mode = \"session\"\n\
+             [databases.app]\nport = 5433\n[databases.other]\ndbname = \"x\"\npool_size = 2\npool_mode = \"statement\"\n",
+        )
+        .unwrap();
+        let s = c.proxy_settings();
+        let app = s.route("app").unwrap();
+        assert_eq!((app.dbname.as_str(), app.port, app.pool_size, app.pool_mode), ("app", 5433, 7, PoolMode::Session));
+        let other = s.route("other").unwrap();
+        assert_eq!((other.dbname.as_str(), other.pool_size, other.pool_mode), ("x", 2, PoolMode::Statement));
+    }
+
+    #[test]
+    fn auth_file_is_required_unless_trust() {
+        let err = parse("[pooler]\nauth_type = \"md5\"\n").unwrap_err().to_string();
+        assert!(err.contains("auth_file"), "{err}");
+    }
+
+    #[test]
+    fn admin_database_names_are_reserved() {
+        let err = parse("[pooler]\nauth_type = \"trust\"\n[databases.pgbouncer]\n").unwrap_err().to_string();
+        assert!(err.contains("reserved"), "{err}");
+    }
+}

@@ -1,0 +1,85 @@
+//! Cancel registry: clients get Breakwater's own random BackendKeyData; a CancelRequest with that
+//! key is forwarded to the server serving that client right now, and to nobody else.
+//!
+//! Each client owns a slot holding the cancel target of the server it holds. A cancel holds the
+//! slot's lock while it is sent, and a session clears the slot (taking the same lock) before it
+//! gives its server back, so no server changes hands while a cancel for it is in flight.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use upstream::CancelTarget;
+
+#[derive(Default)]
+pub struct CancelSlot {
+    target: tokio::sync::Mutex<Option<CancelTarget>>,
+}
+
+impl CancelSlot {
+    pub async fn set(&self, target: Option<CancelTarget>) {
+        *self.target.lock().await = target;
+    }
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
+}
+
+/// Removes the client's slot when its session ends, however it ends.
+pub struct Registration<'a> {
+    registry: &'a CancelRegistry,
+    pub pid: i32,
+    pub key: i32,
+    pub slot: Arc<CancelSlot>,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut slots) = self.registry.slots.lock() {
+            slots.remove(&(self.pid, self.key));
+        }
+    }
+}
+
+impl CancelRegistry {
+    /// Picks a fresh random (pid, key) for a client.
+    pub fn register(&self) -> Registration<'_> {
+        let slot = Arc::new(CancelSlot::default());
+        loop {
+            let (pid, key) = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
+            let Ok(mut slots) = self.slots.lock() else {
+                // A poisoned lock only means another thread panicked mid-insert; the map is
+                // still a map. Cancels for this client simply won't be found.
+                return Registration { registry: self, pid, key, slot };
+            };
+            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry((pid, key)) {
+                e.insert(slot.clone());
+                return Registration { registry: self, pid, key, slot };
+            }
+        }
+    }
+
+    /// Forwards a cancel for the client with this key, if it holds a server. Returns whether a
+    /// cancel was sent.
+    pub async fn cancel(&self, pid: i32, key: i32, timeout: Duration) -> bool {
+        let slot = match self.slots.lock() {
+            Ok(slots) => slots.get(&(pid, key)).cloned(),
+            Err(_) => None,
+        };
+        let Some(slot) = slot else {
+            return false;
+        };
+        let guard = slot.target.lock().await;
+        match guard.as_ref() {
+            Some(target) => {
+                if let Err(e) = target.send(timeout).await {
+                    tracing::warn!(error = %e, "could not forward cancel request to the server");
+                }
+                true
+            }
+            None => false,
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! The client side up to a logged-in session: first packets (SSL/GSSENC refusal, cancel,
+//! startup), routing, authentication against the auth_file, and the welcome messages.
+//! Everything here runs under `client_login_timeout`, so a slow or silent client cannot hold a
+//! slot forever.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use proto::auth::{md5_salt, md5_verify, ScramServer, ScramVerifier, Secret, ServerCredential};
+use proto::backend;
+use proto::error::{PgError, SqlState};
+use proto::frame::{self, Message};
+use proto::frontend;
+use proto::startup::{self, StartupParams, StartupRequest};
+use stats::GlobalStats;
+use tokio::io::AsyncWriteExt;
+use tracing::Instrument;
+use upstream::Stream;
+
+use crate::params::ClientParams;
+use crate::session::Session;
+use crate::settings::{AuthType, ProxySettings};
+use crate::{read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
+
+/// A client that logged in to the admin database; the binary runs the console on it.
+pub struct AdminLogin {
+    pub stream: Stream,
+    /// Bytes the client already sent after its startup packet.
+    pub buf: BytesMut,
+    pub user: String,
+    /// In `admin_users` (may run everything) rather than only `stats_users`.
+    pub is_admin: bool,
+    pub peer: Peer,
+    pub client_id: u64,
+}
+
+/// Largest message accepted before login completes (passwords, SASL messages).
+const MAX_LOGIN_MESSAGE: usize = 16 * 1024;
+
+/// Why a client connection ended before or during login.
+pub(crate) enum LoginEnd {
+    /// Send this error, then close.
+    Refuse(PgError),
+    /// The client went away or broke the protocol beyond answering.
+    Gone,
+}
+
+pub(crate) struct ClientConn {
+    pub id: u64,
+    pub stream: Stream,
+    pub buf: BytesMut,
+    pub out: BytesMut,
+    pub peer: Peer,
+}
+
+impl ClientConn {
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.stream.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Reads one whole message during login.
+    async fn read_message(&mut self) -> Result<Message, LoginEnd> {
+        loop {
+            match frame::take_message(&mut self.buf, MAX_LOGIN_MESSAGE) {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => return Err(protocol_violation(e.to_string())),
+            }
+            match read_into(&mut self.stream, &mut self.buf).await {
+                Ok(0) | Err(_) => return Err(LoginEnd::Gone),
+                Ok(_) => {}
+            }
+        }
+    }
+
+    /// Sends an error (the caller closes afterwards for FATAL ones). Best effort: the client
+    /// may already be gone.
+    pub async fn send_error(&mut self, err: &PgError) {
+        err.write(&mut self.out);
+        let _ = self.flush().await;
+    }
+}
+
+fn protocol_violation(what: String) -> LoginEnd {
+    LoginEnd::Refuse(PgError::fatal(SqlState::PROTOCOL_VIOLATION, what))
+}
+
+/// Holds a `max_client_conn` slot for as long as the connection lives.
+struct ClientSlot<'a>(&'a Shared);
+
+impl Drop for ClientSlot<'_> {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub(crate) async fn serve(shared: &Arc<Shared>, stream: Stream, peer: Peer) -> Option<AdminLogin> {
+    let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
+    let span = tracing::info_span!("client", id, addr = %peer.0, db = tracing::field::Empty, user = tracing::field::Empty);
+    serve_inner(shared, stream, peer, id).instrument(span).await
+}
+
+async fn serve_inner(shared: &Arc<Shared>, stream: Stream, peer: Peer, id: u64) -> Option<AdminLogin> {
+    let settings = shared.settings();
+    stream.set_nodelay();
+    let mut client = ClientConn {
+        id,
+        stream,
+        buf: BytesMut::with_capacity(8192),
+        out: BytesMut::with_capacity(8192),
+        peer,
+    };
+    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let _slot = ClientSlot(shared);
+    GlobalStats::bump(&shared.stats.clients_total);
+
+    let login = login(shared, &settings, &mut client, count);
+    let result = match settings.client_login_timeout {
+        Some(t) => match tokio::time::timeout(t, login).await {
+            Ok(r) => r,
+            Err(_) => Err(LoginEnd::Refuse(PgError::fatal(
+                SqlState::PROTOCOL_VIOLATION,
+                format!("client_login_timeout ({}) expired during login", fmt_duration(t)),
+            ))),
+        },
+        None => login.await,
+    };
+    match result {
+        Ok(Login::Session(entry, startup, params)) => {
+            let span = tracing::Span::current();
+            span.record("db", startup.database.as_str());
+            span.record("user", startup.user.as_str());
+            tracing::debug!("login");
+            let reg = shared.cancels.register();
+            let mut session = Session::new(shared, &settings, client, entry, params, reg);
+            session.run().await;
+            None
+        }
+        Ok(Login::Admin { user, is_admin }) => Some(AdminLogin {
+            stream: client.stream,
+            buf: client.buf,
+            user,
+            is_admin,
+            peer: client.peer,
+            client_id: client.id,
+        }),
+        Ok(Login::Cancelled) => None,
+        Err(LoginEnd::Refuse(err)) => {
+            GlobalStats::bump(&shared.stats.login_failures);
+            tracing::info!(code = err.code.0, "login refused: {}", err.message);
+            client.send_error(&err).await;
+            None
+        }
+        Err(LoginEnd::Gone) => {
+            tracing::debug!("client left during login");
+            None
+        }
+    }
+}
+
+pub(crate) enum Login {
+    Session(Arc<PoolEntry>, StartupParams, ClientParams),
+    Admin { user: String, is_admin: bool },
+    Cancelled,
+}
+
+async fn login(
+    shared: &Arc<Shared>,
+    settings: &ProxySettings,
+    client: &mut ClientConn,
+    count: usize,
+) -> Result<Login, LoginEnd> {
+    let startup = loop {
+        let req = match startup::take_startup(&mut client.buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => match read_into(&mut client.stream, &mut client.buf).await {
+                Ok(0) | Err(_) => return Err(LoginEnd::Gone),
+                Ok(_) => continue,
+            },
+            Err(e) => {
+                GlobalStats::bump(&shared.stats.protocol_errors);
+                return Err(protocol_violation(format!("invalid startup packet: {e}")));
+            }
+        };
+        match req {
+            StartupRequest::Ssl | StartupRequest::GssEnc => {
+                // No encryption yet: the client may go on in plaintext.
+                client.out.extend_from_slice(b"N");
+                client.flush().await.map_err(|_| LoginEnd::Gone)?;
+            }
+            StartupRequest::Cancel { pid, key } => {
+                GlobalStats::bump(&shared.stats.cancel_requests);
+                let sent = shared.cancels.cancel(pid, key, Duration::from_secs(5)).await;
+                tracing::debug!(sent, "cancel request");
+                return Ok(Login::Cancelled);
+            }
+            StartupRequest::Unsupported { version } => {
+                return Err(LoginEnd::Refuse(PgError::fatal(
+                    SqlState::FEATURE_NOT_SUPPORTED,
+                    format!(
+                        "unsupported frontend protocol {}.{}: Breakwater speaks protocol 3.0",
+                        version >> 16,
+                        version & 0xffff
+                    ),
+                )))
+            }
+            StartupRequest::Startup(p) => break p,
+        }
+    };
+
+    if count > settings.max_client_conn {
+        GlobalStats::bump(&shared.stats.refused_max_client_conn);
+        return Err(LoginEnd::Refuse(PgError::fatal(
+            SqlState::TOO_MANY_CONNECTIONS,
+            format!("no more connections allowed (max_client_conn = {})", settings.max_client_conn),
+        )));
+    }
+    let params = ClientParams::from_startup(&startup.params).map_err(|e| {
+        let code = if e.0.contains("replication") {
+            SqlState::FEATURE_NOT_SUPPORTED
+        } else {
+            SqlState::PROTOCOL_VIOLATION
+        };
+        LoginEnd::Refuse(PgError::fatal(code, e.to_string()))
+    })?;
+
+    let is_admin_db = ADMIN_DATABASES.contains(&startup.database.as_str());
+    let route = if is_admin_db {
+        None
+    } else {
+        Some(settings.route(&startup.database).ok_or_else(|| {
+            LoginEnd::Refuse(PgError::fatal(
+                SqlState::INVALID_CATALOG_NAME,
+                format!("no such database: \"{}\" (not in [databases])", startup.database),
+            ))
+        })?)
+    };
+
+    let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
+    backend::write_auth_ok(&mut client.out);
+
+    if is_admin_db {
+        let is_admin = settings.admin_users.iter().any(|u| *u == startup.user);
+        if !is_admin && !settings.stats_users.iter().any(|u| *u == startup.user) {
+            return Err(LoginEnd::Refuse(PgError::fatal(
+                SqlState::INVALID_AUTHORIZATION,
+                format!("user \"{}\" is not in admin_users or stats_users", startup.user),
+            )));
+        }
+        client.flush().await.map_err(|_| LoginEnd::Gone)?;
+        return Ok(Login::Admin {
+            user: startup.user,
+            is_admin,
+        });
+    }
+    let Some(route) = route else {
+        return Err(LoginEnd::Gone);
+    };
+    let server_user = route.user.clone().unwrap_or_else(|| startup.user.clone());
+    let entry = shared.pool_for(settings, route, &server_user, scram_keys);
+    Ok(Login::Session(entry, startup, params))
+}
+
+fn bad_password(user: &str) -> LoginEnd {
+    LoginEnd::Refuse(PgError::fatal(
+        SqlState::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    ))
+}
+
+/// Checks the client's password as `auth_type` says. Returns the SCRAM keys a SCRAM login
+/// yielded, which let Breakwater log in to the server with only a verifier in the auth_file.
+async fn authenticate(
+    shared: &Shared,
+    settings: &ProxySettings,
+    client: &mut ClientConn,
+    user: &str,
+) -> Result<Option<ServerCredential>, LoginEnd> {
+    let secret = settings.userlist.get(user);
+    match settings.auth_type {
+        AuthType::Trust => {
+            if secret.is_none() && !settings.userlist.is_empty() {
+                return Err(LoginEnd::Refuse(PgError::fatal(
+                    SqlState::INVALID_AUTHORIZATION,
+                    format!("user \"{user}\" is not in the auth_file"),
+                )));
+            }
+            Ok(None)
+        }
+        AuthType::Md5 => match secret {
+            Some(Secret::Scram(v)) => scram(client, user, v.clone(), true).await,
+            other => {
+                let salt = md5_salt();
+                backend::write_auth_md5(&mut client.out, salt);
+                client.flush().await.map_err(|_| LoginEnd::Gone)?;
+                let msg = client.read_message().await?;
+                let response = expect_password(&msg)?;
+                match other {
+                    Some(s) if md5_verify(user, s, salt, response) => Ok(None),
+                    _ => Err(bad_password(user)),
+                }
+            }
+        },
+        AuthType::ScramSha256 => {
+            let (verifier, known) = match secret {
+                Some(Secret::Scram(v)) => (v.clone(), true),
+                Some(Secret::Plain(p)) => (shared.scram_verifier_for_plain(user, p), true),
+                Some(Secret::Md5(_)) => {
+                    return Err(LoginEnd::Refuse(PgError::fatal(
+                        SqlState::INVALID_PASSWORD,
+                        format!("user \"{user}\" has an md5 password in the auth_file, which cannot be used with auth_type = scram-sha-256"),
+                    )))
+                }
+                // Run the exchange against a throwaway verifier so an unknown user looks exactly
+                // like a wrong password.
+                None => (ScramVerifier::from_password_with(&rand::random::<u64>().to_string(), b"breakwater-nouser", 4096), false),
+            };
+            let keys = scram(client, user, verifier, known).await?;
+            Ok(keys)
+        }
+    }
+}
+
+fn expect_password(msg: &Message) -> Result<&[u8], LoginEnd> {
+    if msg.tag != frontend::PASSWORD {
+        return Err(protocol_violation(format!(
+            "expected a password message, got message type '{}'",
+            msg.tag as char
+        )));
+    }
+    frontend::parse_password(&msg.body).map_err(|e| protocol_violation(e.to_string()))
+}
+
+async fn scram(
+    client: &mut ClientConn,
+    user: &str,
+    verifier: ScramVerifier,
+    known: bool,
+) -> Result<Option<ServerCredential>, LoginEnd> {
+    let server_key = verifier.server_key;
+    let mut server = ScramServer::new(verifier);
+    backend::write_auth_sasl(&mut client.out, &["SCRAM-SHA-256"]);
+    client.flush().await.map_err(|_| LoginEnd::Gone)?;
+
+    let msg = client.read_message().await?;
+    if msg.tag != frontend::PASSWORD {
+        return Err(protocol_violation("expected SASLInitialResponse".into()));
+    }
+    let (mechanism, data) =
+        frontend::parse_sasl_initial_response(&msg.body).map_err(|e| protocol_violation(e.to_string()))?;
+    if mechanism != "SCRAM-SHA-256" {
+        return Err(protocol_violation(format!("unsupported SASL mechanism \"{mechanism}\"")));
+    }
+    let first = server
+        .client_first(&data)
+        .map_err(|e| protocol_violation(format!("SCRAM: {e}")))?;
+    backend::write_auth_sasl_continue(&mut client.out, &first);
+    client.flush().await.map_err(|_| LoginEnd::Gone)?;
+
+    let msg = client.read_message().await?;
+    if msg.tag != frontend::PASSWORD {
+        return Err(protocol_violation("expected SASLResponse".into()));
+    }
+    let fin = match server.client_final(&msg.body) {
+        Ok(f) if known => f,
+        _ => return Err(bad_password(user)),
+    };
+    backend::write_auth_sasl_final(&mut client.out, &fin);
+    Ok(server.client_key().map(|client_key| ServerCredential::ScramKeys {
+        client_key,
+        server_key,
+    }))
+}
+
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    humanize(d)
+}
+
+fn humanize(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}

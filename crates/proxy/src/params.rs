@@ -1,0 +1,263 @@
+//! Session parameters a client expects to keep while its transactions move between server
+//! connections: the reported ones (ParameterStatus) and the unreported ones it set at startup
+//! (`extra_float_digits`, `options=-c name=value`). Pure logic; the session applies the SQL.
+
+use std::fmt::Write;
+
+/// Reported parameters a client may set and that must follow it from server to server.
+/// Other reported parameters (server_version, is_superuser, …) belong to the server.
+pub const TRACKED: &[&str] = &[
+    "client_encoding",
+    "DateStyle",
+    "TimeZone",
+    "IntervalStyle",
+    "standard_conforming_strings",
+    "application_name",
+    "search_path",
+];
+
+/// The canonical spelling of a tracked parameter name, if `name` is one (GUC names are
+/// case-insensitive).
+pub fn tracked_name(name: &str) -> Option<&'static str> {
+    TRACKED.iter().copied().find(|t| t.eq_ignore_ascii_case(name))
+}
+
+/// What one client wants its server connections to look like.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClientParams {
+    /// Tracked reported parameters, canonical values once a server has echoed them.
+    pub reported: Vec<(&'static str, String)>,
+    /// Unreported parameters from the startup packet, applied with SET.
+    pub extra: Vec<(String, String)>,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+#[error("invalid startup parameter: {0}")]
+pub struct ParamError(pub String);
+
+impl ClientParams {
+    /// Splits a client's startup parameters. `options` is parsed for `-c name=value` and
+    /// `--name=value`, as the server would.
+    pub fn from_startup(params: &[(String, String)]) -> Result<ClientParams, ParamError> {
+        let mut out = ClientParams::default();
+        for (name, value) in params {
+            if name == "options" {
+                for (k, v) in parse_options(value)? {
+                    out.set(&k, &v);
+                }
+            } else if name == "replication" {
+                return Err(ParamError("replication connections are not supported".into()));
+            } else {
+                out.set(name, value);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn set(&mut self, name: &str, value: &str) {
+        if !valid_name(name) {
+            return;
+        }
+        match tracked_name(name) {
+            Some(t) => match self.reported.iter_mut().find(|(k, _)| *k == t) {
+                Some((_, v)) => *v = value.to_owned(),
+                None => self.reported.push((t, value.to_owned())),
+            },
+            None => {
+                let lower = name.to_ascii_lowercase();
+                match self.extra.iter_mut().find(|(k, _)| *k == lower) {
+                    Some((_, v)) => *v = value.to_owned(),
+                    None => self.extra.push((lower, value.to_owned())),
+                }
+            }
+        }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.reported
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Fills in the tracked parameters the client did not set from a server's values, so the
+    /// client keeps what it saw at login even on a server a previous client changed.
+    pub fn complete_from(&mut self, server: &[(String, String)]) {
+        for (k, v) in server {
+            if let Some(t) = tracked_name(k) {
+                if !self.reported.iter().any(|(n, _)| *n == t) {
+                    self.reported.push((t, v.clone()));
+                }
+            }
+        }
+    }
+
+    /// Parameters this client wants that the server does not report (so Breakwater must
+    /// remember what it SET): the startup extras, plus tracked ones an older server does not
+    /// report (search_path before PostgreSQL 18).
+    pub fn unreported(&self, server_params: &[(String, String)]) -> Vec<(String, String)> {
+        let mut out = self.extra.clone();
+        for (name, value) in &self.reported {
+            if !server_params.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+                out.push((name.to_ascii_lowercase(), value.clone()));
+            }
+        }
+        out
+    }
+
+    /// The SET/RESET statements that make a server with `server_params` (reported) and
+    /// `applied` (unreported ones Breakwater set earlier) match this client, or `None` when it
+    /// already does — the common case, which costs no round trip.
+    pub fn sync_sql(&self, server_params: &[(String, String)], applied: &[(String, String)]) -> Option<String> {
+        let mut sql = String::new();
+        for (name, want) in &self.reported {
+            let have = server_params
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.as_str());
+            if have.is_some_and(|h| h != want) {
+                push_set(&mut sql, name, want);
+            }
+        }
+        let unreported = self.unreported(server_params);
+        for (name, want) in &unreported {
+            let have = applied.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+            if have != Some(want.as_str()) {
+                push_set(&mut sql, name, want);
+            }
+        }
+        for (name, _) in applied {
+            if !unreported.iter().any(|(k, _)| k == name) {
+                let _ = write!(sql, "RESET \"{name}\";");
+            }
+        }
+        (!sql.is_empty()).then_some(sql)
+    }
+}
+
+fn push_set(sql: &mut String, name: &str, value: &str) {
+    let _ = write!(sql, "SET \"{name}\" = '{}';", value.replace('\'', "''"));
+}
+
+/// GUC names: letters, digits, underscores and dots (custom `ext.name`). Anything else is not a
+/// parameter a client can mean, and must never reach SQL text unquoted.
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() < 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.')
+}
+
+/// Parses the `options` startup parameter: whitespace-separated, backslash escapes a character.
+fn parse_options(options: &str) -> Result<Vec<(String, String)>, ParamError> {
+    let mut words = Vec::new();
+    let mut cur = String::new();
+    let mut chars = options.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => {
+                if let Some(n) = chars.next() {
+                    cur.push(n);
+                }
+            }
+            c if c.is_whitespace() => {
+                if !cur.is_empty() {
+                    words.push(std::mem::take(&mut cur));
+                }
+            }
+            c => cur.push(c),
+        }
+    }
+    if !cur.is_empty() {
+        words.push(cur);
+    }
+    let mut out = Vec::new();
+    let mut it = words.into_iter();
+    while let Some(w) = it.next() {
+        let setting = if w == "-c" {
+            it.next()
+                .ok_or_else(|| ParamError("\"-c\" in options without a setting".into()))?
+        } else if let Some(s) = w.strip_prefix("--") {
+            s.to_owned()
+        } else if let Some(s) = w.strip_prefix("-c") {
+            s.to_owned()
+        } else {
+            return Err(ParamError(format!("unsupported option \"{w}\" in options")));
+        };
+        let (k, v) = setting
+            .split_once('=')
+            .ok_or_else(|| ParamError(format!("option \"{setting}\" has no value")))?;
+        // Postgres accepts `--lock-timeout=1s` for lock_timeout.
+        let k = k.replace('-', "_");
+        if !valid_name(&k) {
+            return Err(ParamError(format!("invalid parameter name \"{k}\" in options")));
+        }
+        out.push((k, v.to_owned()));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn s(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+    }
+
+    #[test]
+    fn startup_parameters_split_into_tracked_and_extra() {
+        let p = ClientParams::from_startup(&s(&[
+            ("application_name", "psql"),
+            ("timezone", "UTC"),
+            ("extra_float_digits", "3"),
+            ("options", "-c statement_timeout=5s --lock-timeout=1s -csearch_path=a\\,b"),
+        ]))
+        .unwrap();
+        assert_eq!(p.get("TimeZone"), Some("UTC"));
+        assert_eq!(p.get("application_name"), Some("psql"));
+        assert_eq!(
+            p.extra,
+            s(&[("extra_float_digits", "3"), ("statement_timeout", "5s"), ("lock_timeout", "1s")])
+        );
+        assert_eq!(p.get("search_path"), Some("a,b"));
+    }
+
+    #[test]
+    fn bad_options_and_replication_are_refused() {
+        for bad in ["-c", "-x foo", "-c novalue", "-c bad;name=1"] {
+            assert!(ClientParams::from_startup(&s(&[("options", bad)])).is_err(), "{bad}");
+        }
+        assert!(ClientParams::from_startup(&s(&[("replication", "database")])).is_err());
+    }
+
+    #[test]
+    fn sync_is_empty_when_the_server_already_matches() {
+        let mut p = ClientParams::from_startup(&s(&[("TimeZone", "UTC")])).unwrap();
+        p.complete_from(&s(&[("TimeZone", "Europe/Paris"), ("DateStyle", "ISO, MDY"), ("server_version", "15")]));
+        assert_eq!(p.get("DateStyle"), Some("ISO, MDY"));
+        assert_eq!(p.get("server_version"), None);
+        let server = s(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
+        assert_eq!(p.sync_sql(&server, &[]), None);
+    }
+
+    #[test]
+    fn sync_sets_what_differs_and_resets_what_another_client_left() {
+        let p = ClientParams::from_startup(&s(&[("TimeZone", "it's"), ("extra_float_digits", "3"), ("search_path", "a")])).unwrap();
+        let server = s(&[("TimeZone", "UTC")]);
+        let applied = s(&[("statement_timeout", "1s")]);
+        assert_eq!(
+            p.sync_sql(&server, &applied).unwrap(),
+            "SET \"TimeZone\" = 'it''s';SET \"extra_float_digits\" = '3';SET \"search_path\" = 'a';RESET \"statement_timeout\";"
+        );
+        let now_applied = p.unreported(&server);
+        assert_eq!(p.sync_sql(&s(&[("TimeZone", "it's")]), &now_applied), None);
+    }
+
+    #[test]
+    fn names_that_could_inject_sql_are_dropped() {
+        let p = ClientParams::from_startup(&s(&[("a\"; drop table x; --", "1")])).unwrap();
+        assert!(p.extra.is_empty());
+    }
+}

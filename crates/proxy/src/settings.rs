@@ -1,0 +1,73 @@
+//! Typed settings the proxy takes from the binary's config. No TOML here.
+
+use std::time::Duration;
+
+use proto::auth::Userlist;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// A client holds a server for its whole session.
+    Session,
+    /// A client holds a server from the first message of a transaction to its end.
+    Transaction,
+    /// A client holds a server for one statement; multi-statement transactions are refused.
+    Statement,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthType {
+    Trust,
+    Md5,
+    ScramSha256,
+}
+
+/// One `[databases.NAME]` entry.
+#[derive(Debug, Clone)]
+pub struct DatabaseRoute {
+    /// The name clients connect to.
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    /// Server login; `None` means the client's own user name.
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub pool_size: usize,
+    pub min_pool_size: usize,
+    pub pool_mode: PoolMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub auth_type: AuthType,
+    pub userlist: Userlist,
+    pub max_client_conn: usize,
+    pub admin_users: Vec<String>,
+    pub stats_users: Vec<String>,
+    pub client_login_timeout: Option<Duration>,
+    pub client_idle_timeout: Option<Duration>,
+    pub query_wait_timeout: Option<Duration>,
+    pub idle_transaction_timeout: Option<Duration>,
+    /// Run before a session-mode server goes back to the pool, and after a transaction-mode
+    /// client left session state behind.
+    pub server_reset_query: String,
+    pub max_message: usize,
+    pub server: upstream::ServerSettings,
+    pub databases: Vec<DatabaseRoute>,
+}
+
+impl ProxySettings {
+    pub fn route(&self, name: &str) -> Option<&DatabaseRoute> {
+        self.databases.iter().find(|d| d.name == name)
+    }
+}

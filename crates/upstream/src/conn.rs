@@ -1,0 +1,530 @@
+//! One server connection: connect, log in, and the small amount of protocol Breakwater speaks on
+//! its own account (parameter sync, reset, liveness). Forwarding client traffic is the proxy's job;
+//! it reads and writes through [`ServerConn::read`] and [`ServerConn::write_all`].
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use proto::auth::{md5_password_response, ScramClient, ServerCredential};
+use proto::backend::{self, AuthRequest};
+use proto::error::{parse_error_fields, ErrorFields};
+use proto::{frame, frontend, startup, FrameError};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::stream::Stream;
+
+/// Where and as whom a pool logs in.
+#[derive(Debug, Clone)]
+pub struct ServerTarget {
+    /// The client-facing database name (the `[databases.NAME]` section), for messages.
+    pub database: String,
+    /// Host name, IP address, or a directory holding a Unix socket (starts with `/`).
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub credential: Option<ServerCredential>,
+}
+
+/// Timeouts and limits for server connections.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    /// `server_connect_timeout`: DNS + TCP connect.
+    pub connect_timeout: Option<Duration>,
+    /// `server_login_timeout`: startup and authentication until the first ReadyForQuery.
+    pub login_timeout: Option<Duration>,
+    /// `server_lifetime`: connections older than this are closed when next released or checked.
+    pub lifetime: Option<Duration>,
+    /// `server_idle_timeout`: idle connections unused this long are closed (above min_pool_size).
+    pub idle_timeout: Option<Duration>,
+    /// `tcp_keepalive`: keepalive probes on server sockets (idle, interval, count).
+    pub keepalive: Option<(Duration, Duration, u32)>,
+    /// `max_packet_size`: largest message accepted from a server.
+    pub max_message: usize,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            connect_timeout: Some(Duration::from_secs(5)),
+            login_timeout: Some(Duration::from_secs(5)),
+            lifetime: Some(Duration::from_secs(3600)),
+            idle_timeout: Some(Duration::from_secs(600)),
+            keepalive: Some((Duration::from_secs(30), Duration::from_secs(10), 3)),
+            max_message: proto::DEFAULT_MAX_MESSAGE,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("could not resolve host \"{host}\": {source}")]
+    Dns { host: String, source: io::Error },
+    #[error("server_connect_timeout ({timeout:?}) expired connecting to {addr}")]
+    ConnectTimeout { addr: String, timeout: Duration },
+    #[error("could not connect to server {addr}: {source}")]
+    Connect { addr: String, source: io::Error },
+    #[error("server_login_timeout ({timeout:?}) expired logging in to {addr}")]
+    LoginTimeout { addr: String, timeout: Duration },
+    /// The server sent an ErrorResponse during login; its SQLSTATE is passed on to the client.
+    #[error("server {addr} refused login: {fields}")]
+    Refused { addr: String, fields: ErrorFields },
+    #[error("cannot log in to server {addr} as \"{user}\": {reason}")]
+    Auth {
+        addr: String,
+        user: String,
+        reason: String,
+    },
+    #[error("protocol error from server {addr}: {source}")]
+    Protocol { addr: String, source: FrameError },
+    #[error("server {addr} closed the connection during login: {source}")]
+    Io { addr: String, source: io::Error },
+}
+
+/// An error from a query Breakwater runs on its own account.
+#[derive(Debug, thiserror::Error)]
+pub enum QueryError {
+    #[error("server error: {0}")]
+    Server(ErrorFields),
+    #[error("server connection lost: {0}")]
+    Io(#[from] io::Error),
+    #[error("protocol error from server: {0}")]
+    Protocol(#[from] FrameError),
+    #[error("server left the transaction open (status {0:?}) after an internal query")]
+    NotIdle(char),
+}
+
+/// Where a CancelRequest for this connection goes.
+#[derive(Debug, Clone)]
+pub struct CancelTarget {
+    pub addr: ServerAddr,
+    pub pid: i32,
+    pub key: i32,
+}
+
+#[derive(Debug, Clone)]
+pub enum ServerAddr {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl std::fmt::Display for ServerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ServerAddr::Tcp(a) => a.fmt(f),
+            ServerAddr::Unix(p) => p.display().fmt(f),
+        }
+    }
+}
+
+impl ServerAddr {
+    async fn connect(&self) -> io::Result<Stream> {
+        Ok(match self {
+            ServerAddr::Tcp(a) => Stream::Tcp(TcpStream::connect(a).await?),
+            ServerAddr::Unix(p) => Stream::Unix(UnixStream::connect(p).await?),
+        })
+    }
+}
+
+impl CancelTarget {
+    /// Sends the CancelRequest on a new connection. Bounded by `timeout` so a dead server cannot
+    /// hold up the client asking.
+    pub async fn send(&self, timeout: Duration) -> io::Result<()> {
+        let work = async {
+            let mut s = self.addr.connect().await?;
+            let mut buf = BytesMut::with_capacity(16);
+            startup::write_cancel(&mut buf, self.pid, self.key);
+            s.write_all(&buf).await?;
+            // The server closes after reading it; waiting for that tells us it was delivered.
+            let mut sink = [0u8; 16];
+            let _ = s.read(&mut sink).await;
+            Ok(())
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "cancel timed out")))
+    }
+}
+
+static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A logged-in server connection.
+#[derive(Debug)]
+pub struct ServerConn {
+    /// Matches the `server{id}` tracing span and SHOW SERVERS.
+    pub id: u64,
+    stream: Stream,
+    /// Bytes read from the server and not yet consumed. The proxy scans and forwards from here.
+    pub buf: BytesMut,
+    /// Reported parameters (ParameterStatus), as the server last told us.
+    params: Vec<(String, String)>,
+    /// Parameters the server does not report that Breakwater SET on a client's behalf.
+    pub applied: Vec<(String, String)>,
+    cancel: CancelTarget,
+    pub created: Instant,
+    pub max_message: usize,
+    /// Set when the connection must not be reused (an error mid-stream, a timeout, a cut write).
+    pub broken: bool,
+    /// No session parameter changed since login: its parameters are the server's defaults.
+    pub pristine: bool,
+}
+
+impl ServerConn {
+    /// Connects and logs in, each phase bounded by its own setting.
+    pub async fn connect(
+        target: &ServerTarget,
+        settings: &ServerSettings,
+    ) -> Result<ServerConn, ConnectError> {
+        let addrs = resolve(target).await?;
+        let mut last_err = None;
+        for addr in addrs {
+            match connect_one(&addr, settings).await {
+                Ok(stream) => return login(stream, addr, target, settings).await,
+                Err(e) => last_err = Some(e),
+            }
+        }
+        Err(last_err.unwrap_or_else(|| ConnectError::Dns {
+            host: target.host.clone(),
+            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+        }))
+    }
+
+    pub fn cancel_target(&self) -> CancelTarget {
+        self.cancel.clone()
+    }
+
+    pub fn backend_pid(&self) -> i32 {
+        self.cancel.pid
+    }
+
+    pub fn addr(&self) -> &ServerAddr {
+        &self.cancel.addr
+    }
+
+    pub fn params(&self) -> &[(String, String)] {
+        &self.params
+    }
+
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Records a ParameterStatus the server sent.
+    pub fn set_param(&mut self, name: &str, value: &str) {
+        match self.params.iter_mut().find(|(k, _)| k == name) {
+            Some((_, v)) => {
+                if v != value {
+                    v.clear();
+                    v.push_str(value);
+                }
+            }
+            None => self.params.push((name.to_owned(), value.to_owned())),
+        }
+    }
+
+    /// Reads more bytes into `buf`. Cancellation-safe: partial input stays in `buf`.
+    /// A closed connection is an `UnexpectedEof` error.
+    pub async fn read(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(16 * 1024);
+        }
+        let n = self.stream.read_buf(&mut self.buf).await?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "server closed the connection",
+            ));
+        }
+        Ok(n)
+    }
+
+    /// Writes all of `data`. Not cancellation-safe: a caller that gives up mid-write must mark the
+    /// connection broken.
+    pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        self.stream.write_all(data).await
+    }
+
+    /// Is the socket still open with nothing unexpected waiting? An idle server that sent
+    /// something (typically a FATAL before closing) or closed is not usable.
+    pub fn is_healthy_idle(&self) -> bool {
+        if self.broken || !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+
+    /// Runs `sql` with the simple protocol and waits for ReadyForQuery, keeping ParameterStatus
+    /// up to date. Used for parameter sync and resets, never for client queries.
+    pub async fn simple_query(&mut self, sql: &str) -> Result<(), QueryError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        frontend::write_query(&mut out, sql);
+        if let Err(e) = self.write_all(&out).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        let result = self.read_until_ready().await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result
+    }
+
+    async fn read_until_ready(&mut self) -> Result<(), QueryError> {
+        let mut error = None;
+        loop {
+            let Some(msg) = frame::take_message(&mut self.buf, self.max_message)? else {
+                self.read().await?;
+                continue;
+            };
+            match msg.tag {
+                backend::PARAMETER_STATUS => {
+                    let (k, v) = backend::parse_parameter_status(&msg.body)?;
+                    let (k, v) = (k.to_owned(), v.to_owned());
+                    self.set_param(&k, &v);
+                }
+                backend::ERROR_RESPONSE => {
+                    error.get_or_insert(parse_error_fields(&msg.body)?);
+                }
+                backend::READY_FOR_QUERY => {
+                    let status = backend::parse_ready_for_query(&msg.body)?;
+                    return match (error, status) {
+                        (Some(e), _) => Err(QueryError::Server(e)),
+                        (None, b'I') => Ok(()),
+                        (None, s) => Err(QueryError::NotIdle(s as char)),
+                    };
+                }
+                // CommandComplete, rows, notices: nothing to do for internal queries.
+                _ => {}
+            }
+        }
+    }
+
+    /// Sends Terminate without waiting for anything; closing never blocks on a dead peer.
+    pub fn terminate(mut self) {
+        let mut out = BytesMut::with_capacity(5);
+        frontend::write_terminate(&mut out);
+        let _ = self.stream.try_write_now(&out);
+    }
+}
+
+impl Stream {
+    fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(data),
+            Stream::Unix(s) => s.try_write(data),
+        }
+    }
+}
+
+async fn resolve(target: &ServerTarget) -> Result<Vec<ServerAddr>, ConnectError> {
+    if target.host.starts_with('/') {
+        let path = std::path::Path::new(&target.host).join(format!(".s.PGSQL.{}", target.port));
+        return Ok(vec![ServerAddr::Unix(path)]);
+    }
+    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+    // DNS gets its own budget only in the storm-shield work; until then it shares connect's.
+    let addrs = match target_timeout(lookup, None).await {
+        Ok(Ok(a)) => a,
+        Ok(Err(source)) | Err(source) => {
+            return Err(ConnectError::Dns {
+                host: target.host.clone(),
+                source,
+            })
+        }
+    };
+    Ok(addrs.map(ServerAddr::Tcp).collect())
+}
+
+async fn target_timeout<F: std::future::Future>(
+    f: F,
+    timeout: Option<Duration>,
+) -> Result<F::Output, io::Error> {
+    match timeout {
+        Some(t) => tokio::time::timeout(t, f)
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out")),
+        None => Ok(f.await),
+    }
+}
+
+async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Stream, ConnectError> {
+    let connecting = addr.connect();
+    let stream = match settings.connect_timeout {
+        Some(t) => tokio::time::timeout(t, connecting).await.map_err(|_| {
+            ConnectError::ConnectTimeout {
+                addr: addr.to_string(),
+                timeout: t,
+            }
+        })?,
+        None => connecting.await,
+    }
+    .map_err(|source| ConnectError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
+    if let Stream::Tcp(tcp) = &stream {
+        let _ = tcp.set_nodelay(true);
+        if let Some((idle, interval, count)) = settings.keepalive {
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(count);
+            let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
+        }
+    }
+    Ok(stream)
+}
+
+async fn login(
+    stream: Stream,
+    addr: ServerAddr,
+    target: &ServerTarget,
+    settings: &ServerSettings,
+) -> Result<ServerConn, ConnectError> {
+    let mut conn = ServerConn {
+        id: NEXT_SERVER_ID.fetch_add(1, Ordering::Relaxed),
+        stream,
+        buf: BytesMut::with_capacity(16 * 1024),
+        params: Vec::new(),
+        applied: Vec::new(),
+        cancel: CancelTarget {
+            addr,
+            pid: 0,
+            key: 0,
+        },
+        created: Instant::now(),
+        max_message: settings.max_message,
+        broken: false,
+        pristine: true,
+    };
+    let addr_s = conn.cancel.addr.to_string();
+    let work = run_login(&mut conn, target);
+    match settings.login_timeout {
+        Some(t) => tokio::time::timeout(t, work)
+            .await
+            .map_err(|_| ConnectError::LoginTimeout {
+                addr: addr_s,
+                timeout: t,
+            })??,
+        None => work.await?,
+    }
+    Ok(conn)
+}
+
+async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), ConnectError> {
+    let addr = conn.cancel.addr.to_string();
+    let io_err = |source| ConnectError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    let proto_err = |source| ConnectError::Protocol {
+        addr: addr.clone(),
+        source,
+    };
+    let auth_err = |reason: &str| ConnectError::Auth {
+        addr: addr.clone(),
+        user: target.user.clone(),
+        reason: reason.to_owned(),
+    };
+
+    let mut out = BytesMut::with_capacity(256);
+    startup::write_startup(
+        &mut out,
+        &[("user", &target.user), ("database", &target.dbname)],
+    );
+    conn.write_all(&out).await.map_err(io_err)?;
+    let mut scram: Option<ScramClient> = None;
+    loop {
+        let msg = loop {
+            match frame::take_message(&mut conn.buf, conn.max_message).map_err(proto_err)? {
+                Some(m) => break m,
+                None => {
+                    conn.read().await.map_err(io_err)?;
+                }
+            }
+        };
+        out.clear();
+        match msg.tag {
+            backend::AUTHENTICATION => {
+                match backend::parse_auth(&msg.body).map_err(proto_err)? {
+                    AuthRequest::Ok => continue,
+                    AuthRequest::Cleartext => match &target.credential {
+                        Some(ServerCredential::Password(p)) => {
+                            frontend::write_password(&mut out, p.as_bytes())
+                        }
+                        _ => return Err(auth_err("server asks for a cleartext password and none is configured")),
+                    },
+                    AuthRequest::Md5 { salt } => match &target.credential {
+                        Some(ServerCredential::Password(p)) => {
+                            let resp = md5_password_response(&target.user, p, salt);
+                            frontend::write_password(&mut out, &resp);
+                        }
+                        _ => return Err(auth_err("server asks for an md5 password and no plaintext password is configured")),
+                    },
+                    AuthRequest::Sasl { mechanisms } => {
+                        if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
+                            return Err(auth_err("server offers no SASL mechanism Breakwater supports"));
+                        }
+                        let Some(cred) = &target.credential else {
+                            return Err(auth_err("server asks for SCRAM and no password is configured"));
+                        };
+                        let client = ScramClient::new(cred);
+                        frontend::write_sasl_initial_response(&mut out, "SCRAM-SHA-256", &client.client_first());
+                        scram = Some(client);
+                    }
+                    AuthRequest::SaslContinue(data) => {
+                        let Some(client) = scram.as_mut() else {
+                            return Err(auth_err("SASL continue without SASL start"));
+                        };
+                        let reply = client
+                            .server_first(&data)
+                            .map_err(|e| auth_err(&format!("SCRAM: {e}")))?;
+                        frontend::write_sasl_response(&mut out, &reply);
+                    }
+                    AuthRequest::SaslFinal(data) => {
+                        let Some(client) = scram.as_mut() else {
+                            return Err(auth_err("SASL final without SASL start"));
+                        };
+                        client
+                            .server_final(&data)
+                            .map_err(|e| auth_err(&format!("SCRAM: {e}")))?;
+                        continue;
+                    }
+                    AuthRequest::Unsupported(code) => {
+                        return Err(auth_err(&format!("unsupported authentication method {code}")))
+                    }
+                }
+                conn.write_all(&out).await.map_err(io_err)?;
+            }
+            backend::PARAMETER_STATUS => {
+                let (k, v) = backend::parse_parameter_status(&msg.body).map_err(proto_err)?;
+                let (k, v) = (k.to_owned(), v.to_owned());
+                conn.set_param(&k, &v);
+            }
+            backend::BACKEND_KEY_DATA => {
+                let (pid, key) = backend::parse_backend_key_data(&msg.body).map_err(proto_err)?;
+                conn.cancel.pid = pid;
+                conn.cancel.key = key;
+            }
+            backend::ERROR_RESPONSE => {
+                let fields = parse_error_fields(&msg.body).map_err(proto_err)?;
+                return Err(ConnectError::Refused { addr, fields });
+            }
+            backend::NOTICE_RESPONSE => {}
+            backend::READY_FOR_QUERY => return Ok(()),
+            _ => {
+                return Err(proto_err(FrameError::Malformed {
+                    what: "unexpected message during login",
+                }))
+            }
+        }
+    }
+}

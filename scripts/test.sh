@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Runs Breakwater's whole test suite on a fresh Debian/Ubuntu machine: installs what is missing
+# (PostgreSQL server binaries, psql, pgbench; cargo-nextest if cargo can install it), builds, and
+# runs every unit and end-to-end test against real PostgreSQL started by the test kit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+have_pg_server() {
+  [ -n "${PG_BIN_DIR:-}" ] && [ -x "$PG_BIN_DIR/initdb" ] && return 0
+  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && return 0
+  command -v initdb >/dev/null 2>&1
+}
+
+if ! have_pg_server || ! command -v pgbench >/dev/null 2>&1 || ! command -v psql >/dev/null 2>&1; then
+  echo "== installing PostgreSQL server, psql and pgbench (apt-get)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq postgresql postgresql-contrib >/dev/null
+fi
+# Debian's postgresql package starts a cluster of its own; the tests never use it.
+
+if ! command -v cargo >/dev/null 2>&1; then
+  echo "cargo not found: install Rust (https://rustup.rs) and re-run" >&2
+  exit 1
+fi
+
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --no-fail-fast "$@"
+else
+  cargo test --workspace --no-fail-fast "$@"
+fi
