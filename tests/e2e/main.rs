@@ -1,1 +1,9 @@
+//! End-to-end tests: a real PostgreSQL from the test kit, the real `breakwater` binary, and real
+//! clients (tokio-postgres, psql, pgbench). Each test owns its ports, dirs and processes.
 
+mod auth;
+mod common;
+mod lifecycle;
+mod pooling;
+mod protocol;
+mod session_state;

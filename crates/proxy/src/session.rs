@@ -518,12 +518,18 @@ impl<'a> Session<'a> {
                     let Some(body) = rest.get(HEADER_LEN..len + 1) else {
                         return Ok((pos, false));
                     };
+                    let start = pos;
                     pos += len + 1;
                     match tag {
                         backend::READY_FOR_QUERY => {
                             h.status = backend::parse_ready_for_query(body)
                                 .map_err(|e| server_lost(&e.to_string()))?;
                             h.owed = h.owed.saturating_sub(1);
+                            if self.mode == PoolMode::Statement && h.status != b'I' {
+                                // Hold back this ReadyForQuery: the client must see the refusal
+                                // as the answer to the statement that opened a transaction.
+                                return Ok((start, true));
+                            }
                             let stats = &self.entry.stats;
                             PoolStats::add(&stats.query_count, 1);
                             if let Some(t) = h.query_since.take() {

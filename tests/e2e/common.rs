@@ -1,0 +1,112 @@
+//! Shared set-up: a cluster, a pooler in front of it, and small client helpers.
+
+use std::process::Command;
+use std::time::Duration;
+
+use testkit::{free_port, pg_bin, PgCluster, Pooler};
+use tokio_postgres::{Client, NoTls};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
+
+pub struct Env {
+    pub pooler: Pooler,
+    pub pg: PgCluster,
+}
+
+/// The auth_file every test uses unless it says otherwise: plaintext for `app`, so Breakwater
+/// can log in to the server as `app` with any auth method.
+pub const USERLIST: &str = "\"app\" \"app_pw\"\n\"admin\" \"admin_pw\"\n";
+
+/// Starts a cluster and a pooler with `[pooler]` settings `pooler_extra` and a `[databases.app]`
+/// entry plus `db_extra`.
+pub fn start(pooler_extra: &str, db_extra: &str) -> Env {
+    let pg = PgCluster::start().expect("start postgres");
+    let pooler = start_pooler(&pg, pooler_extra, db_extra, USERLIST);
+    Env { pooler, pg }
+}
+
+pub fn start_pooler(pg: &PgCluster, pooler_extra: &str, db_extra: &str, userlist: &str) -> Pooler {
+    let port = free_port();
+    let config = format!(
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\nadmin_users = [\"admin\"]\n{pooler_extra}\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\n{db_extra}\n",
+        pg.port()
+    );
+    Pooler::start(BIN, port, &config, &[("userlist.txt", userlist)]).expect("start breakwater")
+}
+
+impl Env {
+    pub async fn client(&self) -> Client {
+        self.pooler.connect("app", "app_pw", "app").await.expect("connect through breakwater")
+    }
+
+    /// A direct connection to Postgres as superuser, for looking behind the pooler.
+    pub async fn direct(&self) -> Client {
+        self.pg.connect("postgres", "postgres", "app").await.expect("connect to postgres directly")
+    }
+
+    pub fn conn_string(&self) -> String {
+        self.pooler.conn_string("app", "app_pw", "app")
+    }
+}
+
+pub async fn connect(conn: &str) -> Result<Client, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(conn, NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// Server backends of `app` connected to database `app` (the pool's connections).
+pub async fn app_backends(direct: &Client) -> i64 {
+    direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND usename = 'app' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .expect("count backends")
+        .get(0)
+}
+
+/// The SQLSTATE of a failed call, or a panic naming what happened instead.
+pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, tokio_postgres::Error>) -> String {
+    match r {
+        Ok(v) => panic!("expected an error, got {v:?}"),
+        Err(e) => match e.as_db_error() {
+            Some(db) => db.code().code().to_owned(),
+            None => panic!("expected a database error, got {e}"),
+        },
+    }
+}
+
+/// Runs pgbench through the pooler and returns (stdout, stderr, success).
+pub fn pgbench(env: &Env, args: &[&str]) -> (String, String, bool) {
+    let out = Command::new(pg_bin("pgbench").expect("pgbench"))
+        .args(["-h", "127.0.0.1", "-p", &env.pooler.port().to_string(), "-U", "app"])
+        .args(args)
+        .arg("app")
+        .env("PGPASSWORD", "app_pw")
+        .output()
+        .expect("run pgbench");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+        out.status.success(),
+    )
+}
+
+/// Runs psql through the pooler with `extra` arguments.
+pub fn psql(port: u16, user: &str, password: &str, db: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(pg_bin("psql").expect("psql"))
+        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", db])
+        .args(extra)
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .env("PGCLIENTENCODING", "utf-8")
+        .output()
+        .expect("run psql")
+}
+
+pub const WAIT: Duration = Duration::from_secs(10);
