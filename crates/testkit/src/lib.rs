@@ -1,1 +1,21 @@
-//! placeholder
+//! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters, loopback ports that parallel
+//! test processes cannot collide on, a running Breakwater process, and waiting for conditions
+//! instead of sleeping.
+//!
+//! End-to-end tests run in parallel, one process each (cargo nextest), so everything shared —
+//! ports above all — is coordinated across processes, not just threads. Everything a test starts
+//! is stopped when its handle drops, when the test panics, and (through a watchdog process) when
+//! the test process is killed. The kit never touches the system's PostgreSQL clusters, sockets or
+//! data directories, and is never a dependency of the shipped binary.
+
+mod conn;
+mod pg;
+mod pooler;
+mod port;
+mod process;
+mod wait;
+
+pub use pg::{pg_bin, PgCluster, PgOptions, ROLES, SUPERUSER};
+pub use pooler::Pooler;
+pub use port::{accepts_connections, free_port};
+pub use wait::{wait_until, wait_until_blocking};
