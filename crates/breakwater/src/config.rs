@@ -13,15 +13,28 @@ use serde::Deserialize;
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid config file {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config file {path}: {key}: {message}")]
-    Invalid { path: PathBuf, key: String, message: String },
+    Invalid {
+        path: PathBuf,
+        key: String,
+        message: String,
+    },
     #[error("cannot read auth_file {path}: {source}")]
-    AuthFileRead { path: PathBuf, source: std::io::Error },
+    AuthFileRead {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("invalid auth_file {path}: {source}")]
-    AuthFile { path: PathBuf, source: proto::auth::UserlistError },
+    AuthFile {
+        path: PathBuf,
+        source: proto::auth::UserlistError,
+    },
 }
 
 /// A duration setting; `"0"` means disabled.
@@ -104,6 +117,7 @@ pub struct Pooler {
     pub server_lifetime: Timeout,
     pub server_reset_query: String,
     pub max_packet_size: usize,
+    pub max_prepared_statements: usize,
     pub shutdown_timeout: Timeout,
     pub tcp_keepalive: bool,
     pub tcp_keepidle: Timeout,
@@ -137,6 +151,7 @@ impl Default for Pooler {
             server_lifetime: secs(3600),
             server_reset_query: "DISCARD ALL".into(),
             max_packet_size: proto::DEFAULT_MAX_MESSAGE,
+            max_prepared_statements: 200,
             shutdown_timeout: secs(30),
             tcp_keepalive: true,
             tcp_keepidle: secs(30),
@@ -211,28 +226,42 @@ impl Config {
             return Err(invalid("pooler.default_pool_size", "must be at least 1"));
         }
         if p.max_packet_size < 1024 {
-            return Err(invalid("pooler.max_packet_size", "must be at least 1024 bytes"));
+            return Err(invalid(
+                "pooler.max_packet_size",
+                "must be at least 1024 bytes",
+            ));
         }
         if p.auth_type != AuthTypeSetting::Trust && p.auth_file.is_none() {
-            return Err(invalid("pooler.auth_file", "is required unless auth_type = \"trust\""));
+            return Err(invalid(
+                "pooler.auth_file",
+                "is required unless auth_type = \"trust\"",
+            ));
         }
         for (name, db) in &file.databases {
             if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
-                return Err(invalid(&format!("databases.{name}"), "this name is reserved for the admin console"));
+                return Err(invalid(
+                    &format!("databases.{name}"),
+                    "this name is reserved for the admin console",
+                ));
             }
             if db.pool_size == Some(0) {
-                return Err(invalid(&format!("databases.{name}.pool_size"), "must be at least 1"));
+                return Err(invalid(
+                    &format!("databases.{name}.pool_size"),
+                    "must be at least 1",
+                ));
             }
         }
         let base = path.parent().unwrap_or(Path::new("."));
         let userlist = match &p.auth_file {
             Some(f) => {
                 let f = base.join(f);
-                let text = std::fs::read_to_string(&f).map_err(|source| ConfigError::AuthFileRead {
-                    path: f.clone(),
-                    source,
-                })?;
-                Userlist::parse(&text).map_err(|source| ConfigError::AuthFile { path: f, source })?
+                let text =
+                    std::fs::read_to_string(&f).map_err(|source| ConfigError::AuthFileRead {
+                        path: f.clone(),
+                        source,
+                    })?;
+                Userlist::parse(&text)
+                    .map_err(|source| ConfigError::AuthFile { path: f, source })?
             }
             None => Userlist::default(),
         };
@@ -303,6 +332,7 @@ impl Config {
             idle_transaction_timeout: p.idle_transaction_timeout.0,
             server_reset_query: p.server_reset_query.clone(),
             max_message: p.max_packet_size,
+            max_prepared_statements: p.max_prepared_statements,
             server,
             databases,
         }
@@ -329,17 +359,24 @@ mod tests {
 
     #[test]
     fn unknown_keys_are_named_with_their_line() {
-        let err = parse("[pooler]\nauth_type = \"trust\"\nlisten_prot = 1\n").unwrap_err().to_string();
+        let err = parse("[pooler]\nauth_type = \"trust\"\nlisten_prot = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("listen_prot"), "{err}");
         assert!(err.contains("line 3"), "{err}");
     }
 
     #[test]
     fn durations_need_units_and_zero_disables() {
-        assert_eq!(parse_timeout("250ms").unwrap(), Timeout(Some(Duration::from_millis(250))));
+        assert_eq!(
+            parse_timeout("250ms").unwrap(),
+            Timeout(Some(Duration::from_millis(250)))
+        );
         assert_eq!(parse_timeout("0").unwrap(), Timeout(None));
         assert!(parse_timeout("5").is_err());
-        let err = parse("[pooler]\nauth_type = \"trust\"\nquery_wait_timeout = \"soon\"\n").unwrap_err().to_string();
+        let err = parse("[pooler]\nauth_type = \"trust\"\nquery_wait_timeout = \"soon\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("soon"), "{err}");
     }
 
@@ -352,20 +389,30 @@ mod tests {
         .unwrap();
         let s = c.proxy_settings();
         let app = s.route("app").unwrap();
-        assert_eq!((app.dbname.as_str(), app.port, app.pool_size, app.pool_mode), ("app", 5433, 7, PoolMode::Session));
+        assert_eq!(
+            (app.dbname.as_str(), app.port, app.pool_size, app.pool_mode),
+            ("app", 5433, 7, PoolMode::Session)
+        );
         let other = s.route("other").unwrap();
-        assert_eq!((other.dbname.as_str(), other.pool_size, other.pool_mode), ("x", 2, PoolMode::Statement));
+        assert_eq!(
+            (other.dbname.as_str(), other.pool_size, other.pool_mode),
+            ("x", 2, PoolMode::Statement)
+        );
     }
 
     #[test]
     fn auth_file_is_required_unless_trust() {
-        let err = parse("[pooler]\nauth_type = \"md5\"\n").unwrap_err().to_string();
+        let err = parse("[pooler]\nauth_type = \"md5\"\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("auth_file"), "{err}");
     }
 
     #[test]
     fn admin_database_names_are_reserved() {
-        let err = parse("[pooler]\nauth_type = \"trust\"\n[databases.pgbouncer]\n").unwrap_err().to_string();
+        let err = parse("[pooler]\nauth_type = \"trust\"\n[databases.pgbouncer]\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("reserved"), "{err}");
     }
 }

@@ -104,7 +104,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
 
     wait_for_stop_signal().await;
-    tracing::info!(clients = proxy.client_count(), "shutting down: no new clients; running transactions may finish");
+    tracing::info!(
+        clients = proxy.client_count(),
+        "shutting down: no new clients; running transactions may finish"
+    );
     let _ = stop_tx.send(true);
     proxy.begin_shutdown();
     let deadline = config.shutdown_timeout();
@@ -116,7 +119,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     match deadline {
         Some(d) => {
             if tokio::time::timeout(d, drained).await.is_err() {
-                tracing::warn!(clients = proxy.client_count(), "shutdown_timeout expired; closing remaining clients");
+                tracing::warn!(
+                    clients = proxy.client_count(),
+                    "shutdown_timeout expired; closing remaining clients"
+                );
             }
         }
         None => drained.await,
@@ -133,7 +139,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
 
 async fn wait_for_stop_signal() {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
         tracing::error!("cannot install signal handlers; stop with SIGKILL");
         return std::future::pending().await;
     };
@@ -166,7 +175,9 @@ async fn accept_tcp(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::R
         match accepted {
             Ok((s, addr)) => {
                 let proxy = proxy.clone();
-                clients.spawn(async move { serve(proxy, Stream::Tcp(s), Peer(addr.to_string())).await });
+                clients.spawn(
+                    async move { serve(proxy, Stream::Tcp(s), Peer(addr.to_string())).await },
+                );
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -190,7 +201,8 @@ async fn accept_unix(listener: UnixListener, proxy: Arc<Proxy>, mut stop: watch:
         match accepted {
             Ok((s, _)) => {
                 let proxy = proxy.clone();
-                clients.spawn(async move { serve(proxy, Stream::Unix(s), Peer("unix".into())).await });
+                clients
+                    .spawn(async move { serve(proxy, Stream::Unix(s), Peer("unix".into())).await });
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

@@ -31,8 +31,12 @@ pub const INT4_OID: u32 = 23;
 pub enum AuthRequest {
     Ok,
     Cleartext,
-    Md5 { salt: [u8; 4] },
-    Sasl { mechanisms: Vec<String> },
+    Md5 {
+        salt: [u8; 4],
+    },
+    Sasl {
+        mechanisms: Vec<String>,
+    },
     SaslContinue(Bytes),
     SaslFinal(Bytes),
     /// Kerberos, GSS, SSPI …: methods a pooler cannot do on a client's behalf.
@@ -236,7 +240,10 @@ mod tests {
         write_parameter_status(&mut b, "TimeZone", "UTC");
         write_backend_key_data(&mut b, 42, -7);
         write_ready_for_query(&mut b, b'T');
-        assert_eq!(parse_parameter_status(&one(&mut b).body).unwrap(), ("TimeZone", "UTC"));
+        assert_eq!(
+            parse_parameter_status(&one(&mut b).body).unwrap(),
+            ("TimeZone", "UTC")
+        );
         assert_eq!(parse_backend_key_data(&one(&mut b).body).unwrap(), (42, -7));
         assert_eq!(parse_ready_for_query(&one(&mut b).body).unwrap(), b'T');
         assert!(parse_ready_for_query(b"X").is_err());

@@ -163,9 +163,12 @@ mod tests {
     #[test]
     fn error_response_round_trips() {
         let mut buf = BytesMut::new();
-        PgError::fatal(SqlState::INVALID_PASSWORD, "password authentication failed for user \"a\"")
-            .with_hint("check the auth_file")
-            .write(&mut buf);
+        PgError::fatal(
+            SqlState::INVALID_PASSWORD,
+            "password authentication failed for user \"a\"",
+        )
+        .with_hint("check the auth_file")
+        .write(&mut buf);
         let m = take_message(&mut buf, 1 << 20).unwrap().unwrap();
         assert_eq!(m.tag, b'E');
         let f = parse_error_fields(&m.body).unwrap();

@@ -166,7 +166,13 @@ mod tests {
     fn refuses_oversized_and_undersized_lengths_from_the_header_alone() {
         let cases: &[(&[u8], FrameError)] = &[
             (&[b'Q', 0, 0, 0, 3], FrameError::BadLength { len: 3 }),
-            (&[b'Q', 0x7f, 0, 0, 0], FrameError::TooLarge { len: 0x7f00_0000, max: 1024 }),
+            (
+                &[b'Q', 0x7f, 0, 0, 0],
+                FrameError::TooLarge {
+                    len: 0x7f00_0000,
+                    max: 1024,
+                },
+            ),
         ];
         for (bytes, err) in cases {
             assert_eq!(message_len(bytes, 1024), Err(err.clone()));

@@ -91,7 +91,10 @@ mod tests {
         write_sasl_initial_response(&mut b, "SCRAM-SHA-256", b"n,,n=,r=x");
         let m = take_message(&mut b, 1024).unwrap().unwrap();
         let (mech, data) = parse_sasl_initial_response(&m.body).unwrap();
-        assert_eq!((mech.as_str(), &data[..]), ("SCRAM-SHA-256", &b"n,,n=,r=x"[..]));
+        assert_eq!(
+            (mech.as_str(), &data[..]),
+            ("SCRAM-SHA-256", &b"n,,n=,r=x"[..])
+        );
     }
 
     #[test]
@@ -106,7 +109,10 @@ mod tests {
     #[test]
     fn query_and_parse_text_are_found() {
         assert_eq!(parse_query(b"select 1\0").unwrap(), b"select 1");
-        assert_eq!(parse_parse(b"s1\0select $1\0\0\0").unwrap(), (&b"s1"[..], &b"select $1"[..]));
+        assert_eq!(
+            parse_parse(b"s1\0select $1\0\0\0").unwrap(),
+            (&b"s1"[..], &b"select $1"[..])
+        );
         assert!(parse_query(b"no nul").is_err());
     }
 }

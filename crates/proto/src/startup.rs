@@ -17,10 +17,15 @@ pub const MAX_STARTUP_LEN: usize = 10_000;
 pub enum StartupRequest {
     Ssl,
     GssEnc,
-    Cancel { pid: i32, key: i32 },
+    Cancel {
+        pid: i32,
+        key: i32,
+    },
     Startup(StartupParams),
     /// A protocol version we do not speak (v2, or a future major version).
-    Unsupported { version: u32 },
+    Unsupported {
+        version: u32,
+    },
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -173,7 +178,10 @@ mod tests {
     #[test]
     fn startup_round_trips_through_the_writer() {
         let mut b = BytesMut::new();
-        write_startup(&mut b, &[("user", "u"), ("database", "d"), ("TimeZone", "UTC")]);
+        write_startup(
+            &mut b,
+            &[("user", "u"), ("database", "d"), ("TimeZone", "UTC")],
+        );
         let got = take_startup(&mut b).unwrap().unwrap();
         let StartupRequest::Startup(p) = got else {
             panic!("not a startup: {got:?}")
@@ -189,7 +197,10 @@ mod tests {
         let mut unterminated = packet(PROTOCOL_V3, b"user\0bob");
         assert!(take_startup(&mut unterminated).is_err());
         let mut huge = BytesMut::from(&[0u8, 1, 0, 0, 0, 0, 0, 0][..]);
-        assert!(matches!(take_startup(&mut huge), Err(FrameError::TooLarge { .. })));
+        assert!(matches!(
+            take_startup(&mut huge),
+            Err(FrameError::TooLarge { .. })
+        ));
         let mut partial = BytesMut::from(&[0u8, 0, 0, 20, 0][..]);
         assert_eq!(take_startup(&mut partial).unwrap(), None);
     }

@@ -52,11 +52,21 @@ impl CancelRegistry {
             let Ok(mut slots) = self.slots.lock() else {
                 // A poisoned lock only means another thread panicked mid-insert; the map is
                 // still a map. Cancels for this client simply won't be found.
-                return Registration { registry: self, pid, key, slot };
+                return Registration {
+                    registry: self,
+                    pid,
+                    key,
+                    slot,
+                };
             };
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry((pid, key)) {
                 e.insert(slot.clone());
-                return Registration { registry: self, pid, key, slot };
+                return Registration {
+                    registry: self,
+                    pid,
+                    key,
+                    slot,
+                };
             }
         }
     }

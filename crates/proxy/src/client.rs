@@ -106,7 +106,12 @@ pub(crate) async fn serve(shared: &Arc<Shared>, stream: Stream, peer: Peer) -> O
     serve_inner(shared, stream, peer, id).instrument(span).await
 }
 
-async fn serve_inner(shared: &Arc<Shared>, stream: Stream, peer: Peer, id: u64) -> Option<AdminLogin> {
+async fn serve_inner(
+    shared: &Arc<Shared>,
+    stream: Stream,
+    peer: Peer,
+    id: u64,
+) -> Option<AdminLogin> {
     let settings = shared.settings();
     stream.set_nodelay();
     let mut client = ClientConn {
@@ -126,7 +131,10 @@ async fn serve_inner(shared: &Arc<Shared>, stream: Stream, peer: Peer, id: u64) 
             Ok(r) => r,
             Err(_) => Err(LoginEnd::Refuse(PgError::fatal(
                 SqlState::PROTOCOL_VIOLATION,
-                format!("client_login_timeout ({}) expired during login", fmt_duration(t)),
+                format!(
+                    "client_login_timeout ({}) expired during login",
+                    fmt_duration(t)
+                ),
             ))),
         },
         None => login.await,
@@ -196,7 +204,10 @@ async fn login(
             }
             StartupRequest::Cancel { pid, key } => {
                 GlobalStats::bump(&shared.stats.cancel_requests);
-                let sent = shared.cancels.cancel(pid, key, Duration::from_secs(5)).await;
+                let sent = shared
+                    .cancels
+                    .cancel(pid, key, Duration::from_secs(5))
+                    .await;
                 tracing::debug!(sent, "cancel request");
                 return Ok(Login::Cancelled);
             }
@@ -218,7 +229,10 @@ async fn login(
         GlobalStats::bump(&shared.stats.refused_max_client_conn);
         return Err(LoginEnd::Refuse(PgError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,
-            format!("no more connections allowed (max_client_conn = {})", settings.max_client_conn),
+            format!(
+                "no more connections allowed (max_client_conn = {})",
+                settings.max_client_conn
+            ),
         )));
     }
     let params = ClientParams::from_startup(&startup.params).map_err(|e| {
@@ -237,7 +251,10 @@ async fn login(
         Some(settings.route(&startup.database).ok_or_else(|| {
             LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_CATALOG_NAME,
-                format!("no such database: \"{}\" (not in [databases])", startup.database),
+                format!(
+                    "no such database: \"{}\" (not in [databases])",
+                    startup.database
+                ),
             ))
         })?)
     };
@@ -250,7 +267,10 @@ async fn login(
         if !is_admin && !settings.stats_users.iter().any(|u| *u == startup.user) {
             return Err(LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_AUTHORIZATION,
-                format!("user \"{}\" is not in admin_users or stats_users", startup.user),
+                format!(
+                    "user \"{}\" is not in admin_users or stats_users",
+                    startup.user
+                ),
             )));
         }
         client.flush().await.map_err(|_| LoginEnd::Gone)?;
@@ -352,10 +372,12 @@ async fn scram(
     if msg.tag != frontend::PASSWORD {
         return Err(protocol_violation("expected SASLInitialResponse".into()));
     }
-    let (mechanism, data) =
-        frontend::parse_sasl_initial_response(&msg.body).map_err(|e| protocol_violation(e.to_string()))?;
+    let (mechanism, data) = frontend::parse_sasl_initial_response(&msg.body)
+        .map_err(|e| protocol_violation(e.to_string()))?;
     if mechanism != "SCRAM-SHA-256" {
-        return Err(protocol_violation(format!("unsupported SASL mechanism \"{mechanism}\"")));
+        return Err(protocol_violation(format!(
+            "unsupported SASL mechanism \"{mechanism}\""
+        )));
     }
     let first = server
         .client_first(&data)
@@ -372,10 +394,12 @@ async fn scram(
         _ => return Err(bad_password(user)),
     };
     backend::write_auth_sasl_final(&mut client.out, &fin);
-    Ok(server.client_key().map(|client_key| ServerCredential::ScramKeys {
-        client_key,
-        server_key,
-    }))
+    Ok(server
+        .client_key()
+        .map(|client_key| ServerCredential::ScramKeys {
+            client_key,
+            server_key,
+        }))
 }
 
 pub(crate) fn fmt_duration(d: Duration) -> String {

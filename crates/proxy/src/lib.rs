@@ -6,6 +6,7 @@
 pub mod cancel;
 mod client;
 pub mod params;
+pub mod prepared;
 pub mod scan;
 mod session;
 pub mod settings;
@@ -172,7 +173,12 @@ impl Shared {
             credential,
         };
         let entry = Arc::new(PoolEntry {
-            pool: ServerPool::new(target, settings.server.clone(), route.pool_size, route.min_pool_size),
+            pool: ServerPool::new(
+                target,
+                settings.server.clone(),
+                route.pool_size,
+                route.min_pool_size,
+            ),
             stats: Arc::new(PoolStats::new(&route.name, server_user)),
             route: route.clone(),
             welcome: Mutex::new(None),
@@ -204,5 +210,8 @@ pub(crate) async fn read_into(stream: &mut Stream, buf: &mut BytesMut) -> std::i
 
 /// A bound on waits Breakwater makes on its own account (parameter sync, resets).
 pub(crate) fn internal_timeout(settings: &ProxySettings) -> Duration {
-    settings.server.login_timeout.unwrap_or(Duration::from_secs(10))
+    settings
+        .server
+        .login_timeout
+        .unwrap_or(Duration::from_secs(10))
 }

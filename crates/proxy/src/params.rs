@@ -19,7 +19,10 @@ pub const TRACKED: &[&str] = &[
 /// The canonical spelling of a tracked parameter name, if `name` is one (GUC names are
 /// case-insensitive).
 pub fn tracked_name(name: &str) -> Option<&'static str> {
-    TRACKED.iter().copied().find(|t| t.eq_ignore_ascii_case(name))
+    TRACKED
+        .iter()
+        .copied()
+        .find(|t| t.eq_ignore_ascii_case(name))
 }
 
 /// What one client wants its server connections to look like.
@@ -46,7 +49,9 @@ impl ClientParams {
                     out.set(&k, &v);
                 }
             } else if name == "replication" {
-                return Err(ParamError("replication connections are not supported".into()));
+                return Err(ParamError(
+                    "replication connections are not supported".into(),
+                ));
             } else {
                 out.set(name, value);
             }
@@ -98,7 +103,10 @@ impl ClientParams {
     pub fn unreported(&self, server_params: &[(String, String)]) -> Vec<(String, String)> {
         let mut out = self.extra.clone();
         for (name, value) in &self.reported {
-            if !server_params.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+            if !server_params
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+            {
                 out.push((name.to_ascii_lowercase(), value.clone()));
             }
         }
@@ -108,7 +116,11 @@ impl ClientParams {
     /// The SET/RESET statements that make a server with `server_params` (reported) and
     /// `applied` (unreported ones Breakwater set earlier) match this client, or `None` when it
     /// already does — the common case, which costs no round trip.
-    pub fn sync_sql(&self, server_params: &[(String, String)], applied: &[(String, String)]) -> Option<String> {
+    pub fn sync_sql(
+        &self,
+        server_params: &[(String, String)],
+        applied: &[(String, String)],
+    ) -> Option<String> {
         let mut sql = String::new();
         for (name, want) in &self.reported {
             let have = server_params
@@ -121,7 +133,10 @@ impl ClientParams {
         }
         let unreported = self.unreported(server_params);
         for (name, want) in &unreported {
-            let have = applied.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+            let have = applied
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str());
             if have != Some(want.as_str()) {
                 push_set(&mut sql, name, want);
             }
@@ -191,7 +206,9 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ParamError> {
         // Postgres accepts `--lock-timeout=1s` for lock_timeout.
         let k = k.replace('-', "_");
         if !valid_name(&k) {
-            return Err(ParamError(format!("invalid parameter name \"{k}\" in options")));
+            return Err(ParamError(format!(
+                "invalid parameter name \"{k}\" in options"
+            )));
         }
         out.push((k, v.to_owned()));
     }
@@ -203,7 +220,10 @@ mod tests {
     use super::*;
 
     fn s(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(a, b)| (a.to_string(), b.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(a, b)| (a.to_string(), b.to_string()))
+            .collect()
     }
 
     #[test]
@@ -212,14 +232,21 @@ mod tests {
             ("application_name", "psql"),
             ("timezone", "UTC"),
             ("extra_float_digits", "3"),
-            ("options", "-c statement_timeout=5s --lock-timeout=1s -csearch_path=a\\,b"),
+            (
+                "options",
+                "-c statement_timeout=5s --lock-timeout=1s -csearch_path=a\\,b",
+            ),
         ]))
         .unwrap();
         assert_eq!(p.get("TimeZone"), Some("UTC"));
         assert_eq!(p.get("application_name"), Some("psql"));
         assert_eq!(
             p.extra,
-            s(&[("extra_float_digits", "3"), ("statement_timeout", "5s"), ("lock_timeout", "1s")])
+            s(&[
+                ("extra_float_digits", "3"),
+                ("statement_timeout", "5s"),
+                ("lock_timeout", "1s")
+            ])
         );
         assert_eq!(p.get("search_path"), Some("a,b"));
     }
@@ -227,7 +254,10 @@ mod tests {
     #[test]
     fn bad_options_and_replication_are_refused() {
         for bad in ["-c", "-x foo", "-c novalue", "-c bad;name=1"] {
-            assert!(ClientParams::from_startup(&s(&[("options", bad)])).is_err(), "{bad}");
+            assert!(
+                ClientParams::from_startup(&s(&[("options", bad)])).is_err(),
+                "{bad}"
+            );
         }
         assert!(ClientParams::from_startup(&s(&[("replication", "database")])).is_err());
     }
@@ -235,7 +265,11 @@ mod tests {
     #[test]
     fn sync_is_empty_when_the_server_already_matches() {
         let mut p = ClientParams::from_startup(&s(&[("TimeZone", "UTC")])).unwrap();
-        p.complete_from(&s(&[("TimeZone", "Europe/Paris"), ("DateStyle", "ISO, MDY"), ("server_version", "15")]));
+        p.complete_from(&s(&[
+            ("TimeZone", "Europe/Paris"),
+            ("DateStyle", "ISO, MDY"),
+            ("server_version", "15"),
+        ]));
         assert_eq!(p.get("DateStyle"), Some("ISO, MDY"));
         assert_eq!(p.get("server_version"), None);
         let server = s(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
@@ -244,7 +278,12 @@ mod tests {
 
     #[test]
     fn sync_sets_what_differs_and_resets_what_another_client_left() {
-        let p = ClientParams::from_startup(&s(&[("TimeZone", "it's"), ("extra_float_digits", "3"), ("search_path", "a")])).unwrap();
+        let p = ClientParams::from_startup(&s(&[
+            ("TimeZone", "it's"),
+            ("extra_float_digits", "3"),
+            ("search_path", "a"),
+        ]))
+        .unwrap();
         let server = s(&[("TimeZone", "UTC")]);
         let applied = s(&[("statement_timeout", "1s")]);
         assert_eq!(

@@ -66,7 +66,12 @@ mod tests {
             (b"BEGIN", false),
         ];
         for (tag, want) in cases {
-            assert_eq!(tag_leaves_state(tag), *want, "{}", String::from_utf8_lossy(tag));
+            assert_eq!(
+                tag_leaves_state(tag),
+                *want,
+                "{}",
+                String::from_utf8_lossy(tag)
+            );
         }
     }
 
@@ -76,12 +81,20 @@ mod tests {
             (b"CREATE TEMP TABLE t (x int)", true),
             (b"create temporary table t (x int)", true),
             (b"SELECT PG_ADVISORY_LOCK(1)", true),
-            (b"SELECT abalance FROM pgbench_accounts WHERE aid = $1", false),
+            (
+                b"SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                false,
+            ),
             (b"", false),
             (b"te", false),
         ];
         for (sql, want) in cases {
-            assert_eq!(text_may_leave_state(sql), *want, "{}", String::from_utf8_lossy(sql));
+            assert_eq!(
+                text_may_leave_state(sql),
+                *want,
+                "{}",
+                String::from_utf8_lossy(sql)
+            );
         }
     }
 }

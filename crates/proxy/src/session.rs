@@ -15,6 +15,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use proto::backend;
 use proto::error::{PgError, SqlState};
 use proto::frame::{self, HEADER_LEN};
@@ -27,6 +28,9 @@ use upstream::{discard, CheckoutError, ConnectError, PooledServer, QueryError};
 use crate::cancel::Registration;
 use crate::client::{fmt_duration, ClientConn};
 use crate::params::{tracked_name, ClientParams};
+use crate::prepared::{
+    write_close_statement, ClientStatements, Expect, Expectations, Statement, Verdict,
+};
 use crate::scan;
 use crate::settings::{PoolMode, ProxySettings};
 use crate::{internal_timeout, read_into, PoolEntry, Shared};
@@ -46,6 +50,10 @@ struct Held {
     server_skip: usize,
     /// The client left session state on the server: reset it before anyone else gets it.
     dirty: bool,
+    /// Requests sent (or answered by Breakwater) whose replies are still to come.
+    expect: Expectations,
+    /// The server is in COPY IN and the client has not ended it yet.
+    copy_in_open: bool,
     since: Instant,
     query_since: Option<Instant>,
 }
@@ -60,6 +68,8 @@ impl Held {
             client_skip: 0,
             server_skip: 0,
             dirty: false,
+            expect: Expectations::default(),
+            copy_in_open: false,
             since: Instant::now(),
             query_since: None,
         }
@@ -67,7 +77,12 @@ impl Held {
 
     /// At a transaction boundary the server can serve someone else.
     fn at_boundary(&self) -> bool {
-        self.owed == 0 && !self.batch_open && self.status == b'I' && self.client_skip == 0 && self.server_skip == 0
+        self.owed == 0
+            && !self.batch_open
+            && self.status == b'I'
+            && self.client_skip == 0
+            && self.server_skip == 0
+            && self.expect.is_empty()
     }
 }
 
@@ -91,6 +106,11 @@ pub(crate) struct Session<'a> {
     client: ClientConn,
     entry: Arc<PoolEntry>,
     params: ClientParams,
+    /// This client's named prepared statements.
+    statements: ClientStatements,
+    /// Bytes on their way to the server / the client, reused between rounds.
+    to_server: BytesMut,
+    to_client: BytesMut,
     cancel: Registration<'a>,
     mode: PoolMode,
     shutdown: watch::Receiver<bool>,
@@ -111,6 +131,9 @@ impl<'a> Session<'a> {
             client,
             entry,
             params,
+            statements: ClientStatements::default(),
+            to_server: BytesMut::with_capacity(8192),
+            to_client: BytesMut::with_capacity(16 * 1024),
             cancel,
             mode,
             shutdown: shared.shutdown.subscribe(),
@@ -230,7 +253,10 @@ impl<'a> Session<'a> {
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
         backend::write_ready_for_query(&mut self.client.out, b'I');
         if self.client.flush().await.is_err() {
-            return Err(PgError::fatal(SqlState::CONNECTION_FAILURE, "client went away during login"));
+            return Err(PgError::fatal(
+                SqlState::CONNECTION_FAILURE,
+                "client went away during login",
+            ));
         }
         Ok(held)
     }
@@ -239,7 +265,10 @@ impl<'a> Session<'a> {
     /// server for their canonical spelling?
     fn resolvable(&self, welcome: &[(String, String)]) -> bool {
         self.params.reported.iter().all(|(name, value)| {
-            let server = welcome.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str());
+            let server = welcome
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.as_str());
             match server {
                 Some(v) if v == value => true,
                 // The server echoes short printable application names unchanged.
@@ -257,7 +286,10 @@ impl<'a> Session<'a> {
         loop {
             if self.client.buf.len() >= HEADER_LEN {
                 if let Err(e) = frame::message_len(&self.client.buf, self.settings.max_message) {
-                    return Work::Fatal(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()));
+                    return Work::Fatal(PgError::fatal(
+                        SqlState::PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    ));
                 }
                 return match self.client.buf[0] {
                     frontend::TERMINATE => Work::Gone,
@@ -288,7 +320,11 @@ impl<'a> Session<'a> {
         let stats = &self.entry.stats;
         PoolStats::gauge(&stats.cl_waiting, 1);
         let start = Instant::now();
-        let result = self.entry.pool.checkout(self.settings.query_wait_timeout).await;
+        let result = self
+            .entry
+            .pool
+            .checkout(self.settings.query_wait_timeout)
+            .await;
         PoolStats::gauge(&stats.cl_waiting, -1);
         PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
         PoolStats::add(&stats.wait_count, 1);
@@ -312,7 +348,8 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         server.pristine = false;
-        let result = tokio::time::timeout(internal_timeout(self.settings), server.simple_query(&sql)).await;
+        let result =
+            tokio::time::timeout(internal_timeout(self.settings), server.simple_query(&sql)).await;
         match result {
             Ok(Ok(())) => {
                 server.applied = self.params.unreported(server.params());
@@ -327,15 +364,24 @@ impl<'a> Session<'a> {
             }
             Ok(Err(QueryError::Server(f))) => {
                 server.broken = true;
-                Err(PgError::fatal(SqlState::INVALID_PARAMETER_VALUE, format!("could not apply session parameters: {}", f.message)))
+                Err(PgError::fatal(
+                    SqlState::INVALID_PARAMETER_VALUE,
+                    format!("could not apply session parameters: {}", f.message),
+                ))
             }
             Ok(Err(e)) => {
                 server.broken = true;
-                Err(PgError::fatal(SqlState::CONNECTION_FAILURE, format!("server connection failed while applying session parameters: {e}")))
+                Err(PgError::fatal(
+                    SqlState::CONNECTION_FAILURE,
+                    format!("server connection failed while applying session parameters: {e}"),
+                ))
             }
             Err(_) => {
                 server.broken = true;
-                Err(PgError::fatal(SqlState::CONNECTION_FAILURE, "server did not answer while applying session parameters"))
+                Err(PgError::fatal(
+                    SqlState::CONNECTION_FAILURE,
+                    "server did not answer while applying session parameters",
+                ))
             }
         }
     }
@@ -344,11 +390,18 @@ impl<'a> Session<'a> {
     async fn pump(&mut self, h: &mut Held) -> Step {
         loop {
             // Client → server.
-            let (n, terminate) = self.scan_client(h);
-            if n > 0 {
-                let chunk = self.client.buf.split_to(n);
-                PoolStats::add(&self.entry.stats.bytes_received, n as u64);
-                if let Err(e) = h.server.write_all(&chunk).await {
+            let terminate = match self.scan_client(h) {
+                Ok(t) => t,
+                Err(e) => return Step::Fatal(e),
+            };
+            if !self.to_server.is_empty() {
+                PoolStats::add(
+                    &self.entry.stats.bytes_received,
+                    self.to_server.len() as u64,
+                );
+                let written = h.server.write_all(&self.to_server).await;
+                self.to_server.clear();
+                if let Err(e) = written {
                     h.server.broken = true;
                     return Step::Fatal(server_lost(&e.to_string()));
                 }
@@ -356,19 +409,17 @@ impl<'a> Session<'a> {
             if terminate {
                 return Step::ClientGone;
             }
-            if let Err(e) = self.check_client_frame() {
-                return Step::Fatal(e);
-            }
 
             // Server → client.
-            let (m, done) = match self.scan_server(h) {
-                Ok(r) => r,
+            let done = match self.scan_server(h) {
+                Ok(d) => d,
                 Err(e) => return Step::Fatal(e),
             };
-            if m > 0 {
-                let chunk = h.server.buf.split_to(m);
-                PoolStats::add(&self.entry.stats.bytes_sent, m as u64);
-                if self.client.stream.write_all(&chunk).await.is_err() {
+            if !self.to_client.is_empty() {
+                PoolStats::add(&self.entry.stats.bytes_sent, self.to_client.len() as u64);
+                let written = self.client.stream.write_all(&self.to_client).await;
+                self.to_client.clear();
+                if written.is_err() {
                     return Step::ClientGone;
                 }
             }
@@ -416,154 +467,326 @@ impl<'a> Session<'a> {
         }
     }
 
-    /// A client message header announcing more than `max_packet_size` is refused before it is
-    /// buffered.
-    fn check_client_frame(&self) -> Result<(), PgError> {
-        match frame::message_len(&self.client.buf, self.settings.max_message) {
-            Ok(_) => Ok(()),
-            Err(e) => Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())),
-        }
-    }
-
-    /// How many bytes at the front of the client buffer can go to the server now, and whether
-    /// the client sent Terminate. Updates what the server will owe.
-    fn scan_client(&mut self, h: &mut Held) -> (usize, bool) {
-        let buf = &self.client.buf[..];
-        let mut pos = 0;
+    /// Moves what the client sent from its buffer to `to_server`, rewriting named prepared
+    /// statements, and records what the server will owe. Returns whether the client sent
+    /// Terminate. Large messages that need no rewriting stream through before they are whole.
+    fn scan_client(&mut self, h: &mut Held) -> Result<bool, PgError> {
+        let max = self.settings.max_message;
+        let prepared_cap = self.settings.max_prepared_statements;
         loop {
             if h.client_skip > 0 {
-                let n = h.client_skip.min(buf.len() - pos);
-                pos += n;
+                let n = h.client_skip.min(self.client.buf.len());
+                self.to_server
+                    .extend_from_slice(&self.client.buf.split_to(n));
                 h.client_skip -= n;
                 if h.client_skip > 0 {
-                    return (pos, false);
+                    return Ok(false);
                 }
             }
-            let rest = &buf[pos..];
-            if rest.len() < HEADER_LEN {
-                return (pos, false);
+            let len = match frame::message_len(&self.client.buf, max) {
+                Err(e) => return Err(PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string())),
+                Ok(_) if self.client.buf.len() < HEADER_LEN => return Ok(false),
+                Ok(complete) => (
+                    complete,
+                    u32::from_be_bytes([
+                        self.client.buf[1],
+                        self.client.buf[2],
+                        self.client.buf[3],
+                        self.client.buf[4],
+                    ]) as usize,
+                ),
+            };
+            let (complete, body_len) = (len.0, len.1 - 4);
+            let tag = self.client.buf[0];
+            // Messages the pooler reads must be whole; everything else streams.
+            let needs_whole = matches!(
+                tag,
+                frontend::QUERY
+                    | frontend::PARSE
+                    | frontend::BIND
+                    | frontend::DESCRIBE
+                    | frontend::CLOSE
+            );
+            if needs_whole && complete.is_none() {
+                return Ok(false);
             }
-            let tag = rest[0];
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            if len < 4 || len > self.settings.max_message {
-                // Leave it for check_client_frame to refuse.
-                return (pos, false);
-            }
+            let stream_through = |this: &mut Self, h: &mut Held| {
+                let header = this.client.buf.split_to(HEADER_LEN);
+                this.to_server.extend_from_slice(&header);
+                h.client_skip = body_len;
+            };
             match tag {
-                frontend::QUERY | frontend::PARSE => {
-                    let Some(body) = rest.get(HEADER_LEN..len + 1) else {
-                        return (pos, false);
-                    };
-                    if tag == frontend::QUERY {
-                        h.owed += 1;
-                        h.query_since.get_or_insert_with(Instant::now);
-                    } else {
-                        h.batch_open = true;
-                    }
-                    if !h.dirty && scan::text_may_leave_state(body) {
+                frontend::TERMINATE => return Ok(true),
+                frontend::QUERY => {
+                    let msg = self.client.buf.split_to(HEADER_LEN + body_len);
+                    h.owed += 1;
+                    h.query_since.get_or_insert_with(Instant::now);
+                    h.expect.push(Expect::Query);
+                    if !h.dirty && scan::text_may_leave_state(&msg[HEADER_LEN..]) {
                         h.dirty = true;
                     }
-                    pos += len + 1;
+                    self.to_server.extend_from_slice(&msg);
+                }
+                frontend::SYNC if h.copy_in_open => {
+                    // The server ignores Sync during COPY IN; it gets no ReadyForQuery.
+                    stream_through(self, h);
                 }
                 frontend::SYNC | frontend::FUNCTION_CALL => {
                     h.owed += 1;
+                    h.query_since.get_or_insert_with(Instant::now);
                     if tag == frontend::SYNC {
                         h.batch_open = false;
+                        h.expect.push(Expect::Sync);
+                    } else {
+                        h.expect.push(Expect::Query);
                     }
-                    h.query_since.get_or_insert_with(Instant::now);
-                    pos += HEADER_LEN;
-                    h.client_skip = len - 4;
+                    stream_through(self, h);
                 }
-                frontend::TERMINATE => return (pos, true),
-                frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
-                    pos += HEADER_LEN;
-                    h.client_skip = len - 4;
+                frontend::PARSE => {
+                    h.batch_open = true;
+                    let msg = self.client.buf.split_to(HEADER_LEN + body_len).freeze();
+                    let body = msg.slice(HEADER_LEN..);
+                    let (name, sql) = frontend::parse_parse(&body)
+                        .map_err(|e| PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()))?;
+                    if !h.dirty && scan::text_may_leave_state(sql) {
+                        h.dirty = true;
+                    }
+                    if name.is_empty() || prepared_cap == 0 {
+                        h.expect.push(Expect::Parse {
+                            hide: false,
+                            prepared: None,
+                        });
+                        self.to_server.extend_from_slice(&msg);
+                    } else {
+                        let name = body.slice(..name.len());
+                        let stmt = Arc::new(Statement::new(body.slice(name.len() + 1..)));
+                        PoolStats::add(&self.entry.stats.client_parse_count, 1);
+                        self.statements.insert(name.clone(), stmt.clone());
+                        if h.server.prepared.contains(&stmt.global) {
+                            h.expect.push(Expect::Synthetic(backend::PARSE_COMPLETE));
+                        } else {
+                            self.prepare_on_server(h, &stmt, Some(name));
+                        }
+                    }
+                }
+                frontend::BIND | frontend::DESCRIBE => {
+                    h.batch_open = true;
+                    let msg = self.client.buf.split_to(HEADER_LEN + body_len).freeze();
+                    let body = msg.slice(HEADER_LEN..);
+                    let expect = if tag == frontend::BIND {
+                        PoolStats::add(&self.entry.stats.bind_count, 1);
+                        Expect::Bind
+                    } else {
+                        Expect::Describe
+                    };
+                    // Bind: portal name, then statement name. Describe: 'S' or 'P', then name.
+                    let (prefix_len, stmt_name) = statement_ref(tag, &body)?;
+                    let stmt = match stmt_name {
+                        Some(n) if !n.is_empty() && prepared_cap > 0 => {
+                            self.statements.get(n).cloned()
+                        }
+                        _ => None,
+                    };
+                    match stmt {
+                        Some(stmt) => {
+                            if !h.server.prepared.contains(&stmt.global) {
+                                self.prepare_on_server(h, &stmt, None);
+                            }
+                            let name_len = stmt_name.map_or(0, |n| n.len());
+                            frame::write_message(&mut self.to_server, tag, |b| {
+                                b.extend_from_slice(&body[..prefix_len]);
+                                b.extend_from_slice(&stmt.global);
+                                b.extend_from_slice(&body[prefix_len + name_len..]);
+                            });
+                        }
+                        // Unnamed, or a name this client never prepared: the server answers.
+                        None => self.to_server.extend_from_slice(&msg),
+                    }
+                    h.expect.push(expect);
+                }
+                frontend::CLOSE => {
+                    h.batch_open = true;
+                    let msg = self.client.buf.split_to(HEADER_LEN + body_len).freeze();
+                    let body = &msg[HEADER_LEN..];
+                    let (_, stmt_name) = statement_ref(tag, body)?;
+                    match stmt_name {
+                        Some(n) if !n.is_empty() && prepared_cap > 0 => {
+                            // The shared server statement stays; only this client's view goes.
+                            self.statements.remove(n);
+                            h.expect.push(Expect::Synthetic(backend::CLOSE_COMPLETE));
+                        }
+                        _ => {
+                            h.expect.push(Expect::Close { hide: false });
+                            self.to_server.extend_from_slice(&msg);
+                        }
+                    }
+                }
+                frontend::EXECUTE => {
+                    h.batch_open = true;
+                    h.expect.push(Expect::Execute);
+                    stream_through(self, h);
+                }
+                frontend::COPY_DATA => stream_through(self, h),
+                frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    if h.copy_in_open {
+                        h.copy_in_open = false;
+                    } else {
+                        h.expect.push(Expect::CopyEnd);
+                    }
+                    stream_through(self, h);
                 }
                 _ => {
-                    // Bind, Describe, Execute, Close, Flush: part of an extended batch.
+                    // Flush and anything else: part of an extended batch, no reply of its own.
                     h.batch_open = true;
-                    pos += HEADER_LEN;
-                    h.client_skip = len - 4;
+                    stream_through(self, h);
                 }
             }
+            h.expect.emit_synthetic(&mut self.to_client);
         }
     }
 
-    /// How many bytes at the front of the server buffer go to the client now, and whether they
-    /// end the transaction (an idle ReadyForQuery with nothing owed). Scanning stops right after
-    /// that ReadyForQuery: anything behind it is not this client's.
-    fn scan_server(&mut self, h: &mut Held) -> Result<(usize, bool), PgError> {
+    /// Sends a Parse of `stmt` under its global name, closing the least recently used statement
+    /// first when the connection is at `max_prepared_statements`. `client_name` is set when the
+    /// client itself sent this Parse (its ParseComplete is the client's); otherwise it is
+    /// injected before a Bind or Describe and its reply is hidden.
+    fn prepare_on_server(
+        &mut self,
+        h: &mut Held,
+        stmt: &Arc<Statement>,
+        client_name: Option<bytes::Bytes>,
+    ) {
+        if let Some(evicted) = h
+            .server
+            .prepared
+            .insert(stmt.global.clone(), self.settings.max_prepared_statements)
+        {
+            write_close_statement(&mut self.to_server, &evicted);
+            h.expect.push(Expect::Close { hide: true });
+        }
+        stmt.write_parse(&mut self.to_server);
+        PoolStats::add(&self.entry.stats.server_parse_count, 1);
+        let hide = client_name.is_none();
+        h.expect.push(Expect::Parse {
+            hide,
+            prepared: Some((client_name.unwrap_or_default(), stmt.global.clone())),
+        });
+    }
+
+    /// Moves what the server sent to `to_client`, hiding replies to Breakwater's own requests
+    /// and adding synthetic ones, and returns whether the transaction ended: an idle
+    /// ReadyForQuery with nothing owed. It stops right after that ReadyForQuery; anything
+    /// behind it is not this client's.
+    fn scan_server(&mut self, h: &mut Held) -> Result<bool, PgError> {
         let max = h.server.max_message;
-        let mut pos = 0;
         loop {
             if h.server_skip > 0 {
-                let n = h.server_skip.min(h.server.buf.len() - pos);
-                pos += n;
+                let n = h.server_skip.min(h.server.buf.len());
+                self.to_client.extend_from_slice(&h.server.buf.split_to(n));
                 h.server_skip -= n;
                 if h.server_skip > 0 {
-                    return Ok((pos, false));
+                    return Ok(false);
                 }
             }
-            let rest = &h.server.buf[pos..];
-            if rest.len() < HEADER_LEN {
-                return Ok((pos, false));
+            let buf = &h.server.buf;
+            let complete = match frame::message_len(buf, max) {
+                Err(e) => return Err(server_lost(&e.to_string())),
+                Ok(_) if buf.len() < HEADER_LEN => return Ok(false),
+                Ok(c) => c,
+            };
+            let tag = buf[0];
+            let body_len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize - 4;
+            let inspect = matches!(
+                tag,
+                backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::COMMAND_COMPLETE
+            );
+            if inspect && complete.is_none() {
+                return Ok(false);
             }
-            let tag = rest[0];
-            let len = u32::from_be_bytes([rest[1], rest[2], rest[3], rest[4]]) as usize;
-            if len < 4 || len > max {
-                return Err(server_lost(&format!("invalid message length {len} from server")));
+            let statements = &mut self.statements;
+            let cache = &mut h.server.prepared;
+            let verdict = h.expect.on_server_message(tag, |e| {
+                if let Expect::Parse {
+                    prepared: Some((name, global)),
+                    ..
+                } = e
+                {
+                    cache.remove(global);
+                    statements.forget_if(name, global);
+                }
+            });
+            if verdict == Verdict::Hide {
+                // ParseComplete / CloseComplete: a bare header.
+                let _ = h.server.buf.split_to(HEADER_LEN + body_len);
+                h.expect.emit_synthetic(&mut self.to_client);
+                continue;
             }
+            if tag == backend::COPY_IN_RESPONSE {
+                let (ignored, open) = h.expect.on_copy_in();
+                h.owed = h.owed.saturating_sub(ignored);
+                h.copy_in_open = open;
+            }
+            if !inspect {
+                let header = h.server.buf.split_to(HEADER_LEN);
+                self.to_client.extend_from_slice(&header);
+                h.server_skip = body_len;
+                if h.server_skip == 0 {
+                    h.expect.emit_synthetic(&mut self.to_client);
+                }
+                continue;
+            }
+            let msg = h.server.buf.split_to(HEADER_LEN + body_len);
+            let body = &msg[HEADER_LEN..];
             match tag {
-                backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::COMMAND_COMPLETE => {
-                    let Some(body) = rest.get(HEADER_LEN..len + 1) else {
-                        return Ok((pos, false));
-                    };
-                    let start = pos;
-                    pos += len + 1;
-                    match tag {
-                        backend::READY_FOR_QUERY => {
-                            h.status = backend::parse_ready_for_query(body)
-                                .map_err(|e| server_lost(&e.to_string()))?;
-                            h.owed = h.owed.saturating_sub(1);
-                            if self.mode == PoolMode::Statement && h.status != b'I' {
-                                // Hold back this ReadyForQuery: the client must see the refusal
-                                // as the answer to the statement that opened a transaction.
-                                return Ok((start, true));
-                            }
-                            let stats = &self.entry.stats;
-                            PoolStats::add(&stats.query_count, 1);
-                            if let Some(t) = h.query_since.take() {
-                                PoolStats::add(&stats.query_time_us, t.elapsed().as_micros() as u64);
-                            }
-                            if h.owed > 0 {
-                                h.query_since = Some(Instant::now());
-                            }
-                            if h.at_boundary() || (self.mode == PoolMode::Statement && h.owed == 0 && !h.batch_open) {
-                                return Ok((pos, true));
-                            }
-                        }
-                        backend::PARAMETER_STATUS => {
-                            let (k, v) = backend::parse_parameter_status(body)
-                                .map_err(|e| server_lost(&e.to_string()))?;
-                            if let Some(t) = tracked_name(k) {
-                                self.params.set(t, v);
-                            }
-                            let (k, v) = (k.to_owned(), v.to_owned());
-                            h.server.set_param(&k, &v);
-                            h.server.pristine = false;
-                        }
-                        _ => {
-                            if !h.dirty && scan::tag_leaves_state(backend::command_tag(body)) {
-                                h.dirty = true;
-                            }
-                        }
+                backend::READY_FOR_QUERY => {
+                    h.status = backend::parse_ready_for_query(body)
+                        .map_err(|e| server_lost(&e.to_string()))?;
+                    h.owed = h.owed.saturating_sub(1);
+                    let stats = &self.entry.stats;
+                    PoolStats::add(&stats.query_count, 1);
+                    if let Some(t) = h.query_since.take() {
+                        PoolStats::add(&stats.query_time_us, t.elapsed().as_micros() as u64);
                     }
+                    if h.owed > 0 {
+                        h.query_since = Some(Instant::now());
+                    }
+                    let statement_mode_done =
+                        self.mode == PoolMode::Statement && h.owed == 0 && !h.batch_open;
+                    if statement_mode_done && h.status != b'I' {
+                        // Hold back this ReadyForQuery: the client must see the refusal as the
+                        // answer to the statement that opened a transaction.
+                        return Ok(true);
+                    }
+                    self.to_client.extend_from_slice(&msg);
+                    h.expect.emit_synthetic(&mut self.to_client);
+                    if h.at_boundary() || statement_mode_done {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                backend::PARAMETER_STATUS => {
+                    let (k, v) = backend::parse_parameter_status(body)
+                        .map_err(|e| server_lost(&e.to_string()))?;
+                    if let Some(t) = tracked_name(k) {
+                        self.params.set(t, v);
+                    }
+                    let (k, v) = (k.to_owned(), v.to_owned());
+                    h.server.set_param(&k, &v);
+                    h.server.pristine = false;
                 }
                 _ => {
-                    pos += HEADER_LEN;
-                    h.server_skip = len - 4;
+                    let tag = backend::command_tag(body);
+                    if !h.dirty && scan::tag_leaves_state(tag) {
+                        h.dirty = true;
+                    }
+                    if tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL" {
+                        // The server dropped every prepared statement, ours included.
+                        h.server.prepared.clear();
+                        self.statements.clear();
+                    }
                 }
             }
+            self.to_client.extend_from_slice(&msg);
+            h.expect.emit_synthetic(&mut self.to_client);
         }
     }
 
@@ -582,14 +805,21 @@ impl<'a> Session<'a> {
             )
             .await;
             match reset {
-                Ok(Ok(())) => h.server.applied.clear(),
+                Ok(Ok(())) => {
+                    // DISCARD ALL (the default) also drops prepared statements.
+                    h.server.applied.clear();
+                    h.server.prepared.clear();
+                }
                 Ok(Err(e)) => {
                     tracing::warn!(server = h.server.id, error = %e, "server_reset_query failed; closing the server connection");
                     discard(h.server);
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(server = h.server.id, "server_reset_query timed out; closing the server connection");
+                    tracing::warn!(
+                        server = h.server.id,
+                        "server_reset_query timed out; closing the server connection"
+                    );
                     discard(h.server);
                     return;
                 }
@@ -614,13 +844,22 @@ impl<'a> Session<'a> {
             discard(h.server);
             return;
         }
-        if h.client_skip > 0 || h.server_skip > 0 || h.batch_open || !h.server.buf.is_empty() {
+        if h.client_skip > 0
+            || h.server_skip > 0
+            || h.batch_open
+            || !h.expect.is_empty()
+            || !h.server.buf.is_empty()
+        {
             self.cancel.slot.set(None).await;
             discard(h.server);
             return;
         }
         if h.status != b'I' {
-            let rollback = tokio::time::timeout(internal_timeout(self.settings), h.server.simple_query("ROLLBACK")).await;
+            let rollback = tokio::time::timeout(
+                internal_timeout(self.settings),
+                h.server.simple_query("ROLLBACK"),
+            )
+            .await;
             if !matches!(rollback, Ok(Ok(()))) {
                 self.cancel.slot.set(None).await;
                 discard(h.server);
@@ -637,13 +876,18 @@ fn shutdown_error() -> PgError {
 }
 
 fn server_lost(detail: &str) -> PgError {
-    PgError::fatal(SqlState::CONNECTION_FAILURE, format!("server connection lost: {detail}"))
+    PgError::fatal(
+        SqlState::CONNECTION_FAILURE,
+        format!("server connection lost: {detail}"),
+    )
 }
 
 /// Turns a failed checkout into what the client is told.
 fn checkout_error(e: CheckoutError) -> PgError {
     match e {
-        CheckoutError::WaitTimeout { .. } => PgError::fatal(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH, e.to_string()),
+        CheckoutError::WaitTimeout { .. } => {
+            PgError::fatal(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH, e.to_string())
+        }
         CheckoutError::Connect(ConnectError::Refused { ref fields, .. }) => {
             let code = match fields.code.as_str() {
                 "28P01" => SqlState::INVALID_PASSWORD,
@@ -655,7 +899,9 @@ fn checkout_error(e: CheckoutError) -> PgError {
             };
             PgError::fatal(code, e.to_string())
         }
-        CheckoutError::Connect(_) => PgError::fatal(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH, e.to_string()),
+        CheckoutError::Connect(_) => {
+            PgError::fatal(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH, e.to_string())
+        }
         CheckoutError::Closed { .. } => PgError::fatal(SqlState::CANNOT_CONNECT_NOW, e.to_string()),
     }
 }
@@ -664,5 +910,31 @@ async fn sleep_opt(d: Option<Duration>) {
     match d {
         Some(d) => tokio::time::sleep(d).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Where the statement name sits in a Bind, Describe or Close body: the length of what comes
+/// before it, and the name (`None` when the message refers to a portal).
+fn statement_ref(tag: u8, body: &[u8]) -> Result<(usize, Option<&[u8]>), PgError> {
+    let malformed = || {
+        PgError::fatal(
+            SqlState::PROTOCOL_VIOLATION,
+            format!("malformed '{}' message", tag as char),
+        )
+    };
+    let cstr_at = |at: usize| -> Result<&[u8], PgError> {
+        let rest = body.get(at..).ok_or_else(malformed)?;
+        let end = memchr::memchr(0, rest).ok_or_else(malformed)?;
+        Ok(&rest[..end])
+    };
+    if tag == frontend::BIND {
+        let portal = cstr_at(0)?;
+        let at = portal.len() + 1;
+        return Ok((at, Some(cstr_at(at)?)));
+    }
+    match body.first() {
+        Some(b'S') => Ok((1, Some(cstr_at(1)?))),
+        Some(b'P') => Ok((1, None)),
+        _ => Err(malformed()),
     }
 }

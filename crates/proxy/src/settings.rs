@@ -62,6 +62,9 @@ pub struct ProxySettings {
     /// client left session state behind.
     pub server_reset_query: String,
     pub max_message: usize,
+    /// Named prepared statements kept per server connection in transaction mode (LRU); 0 passes
+    /// statement names through untouched, as PgBouncer does with 0.
+    pub max_prepared_statements: usize,
     pub server: upstream::ServerSettings,
     pub databases: Vec<DatabaseRoute>,
 }

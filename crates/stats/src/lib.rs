@@ -18,6 +18,11 @@ pub struct PoolStats {
     pub wait_time_us: AtomicU64,
     pub wait_count: AtomicU64,
     pub server_resets: AtomicU64,
+    /// Parse messages clients sent for named statements.
+    pub client_parse_count: AtomicU64,
+    /// Parse messages sent to servers (a client's, or one injected before a Bind).
+    pub server_parse_count: AtomicU64,
+    pub bind_count: AtomicU64,
     pub server_connects: AtomicU64,
     pub server_connect_failures: AtomicU64,
     /// Clients logged in to this pool that hold a server.
@@ -42,6 +47,9 @@ pub struct PoolSnapshot {
     pub wait_time_us: u64,
     pub wait_count: u64,
     pub server_resets: u64,
+    pub client_parse_count: u64,
+    pub server_parse_count: u64,
+    pub bind_count: u64,
     pub server_connects: u64,
     pub server_connect_failures: u64,
     pub cl_active: i64,
@@ -81,6 +89,9 @@ impl PoolStats {
             wait_time_us: self.wait_time_us.load(Relaxed),
             wait_count: self.wait_count.load(Relaxed),
             server_resets: self.server_resets.load(Relaxed),
+            client_parse_count: self.client_parse_count.load(Relaxed),
+            server_parse_count: self.server_parse_count.load(Relaxed),
+            bind_count: self.bind_count.load(Relaxed),
             server_connects: self.server_connects.load(Relaxed),
             server_connect_failures: self.server_connect_failures.load(Relaxed),
             cl_active: self.cl_active.load(Relaxed),
@@ -119,7 +130,10 @@ mod tests {
         PoolStats::gauge(&s.cl_waiting, 2);
         PoolStats::gauge(&s.cl_waiting, -1);
         let snap = s.snapshot();
-        assert_eq!((snap.xact_count, snap.bytes_sent, snap.cl_waiting), (3, 100, 1));
+        assert_eq!(
+            (snap.xact_count, snap.bytes_sent, snap.cl_waiting),
+            (3, 100, 1)
+        );
         assert_eq!(snap.database, "app");
     }
 }

@@ -243,7 +243,16 @@ impl PgCluster {
             .args(["-v", "ON_ERROR_STOP=1"])
             .arg("-h")
             .arg(self.socket_dir())
-            .args(["-p", &self.port.to_string(), "-U", SUPERUSER, "-d", db, "-f", "-"])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                SUPERUSER,
+                "-d",
+                db,
+                "-f",
+                "-",
+            ])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -306,7 +315,9 @@ impl PgCluster {
 
     fn pg_ctl(&self) -> Command {
         let mut cmd = command_as(self.bin_dir.join("pg_ctl"), self.run_as.as_ref());
-        cmd.arg("-D").arg(&self.data_dir).current_dir(self.dir.path());
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .current_dir(self.dir.path());
         cmd
     }
 
@@ -323,10 +334,7 @@ impl PgCluster {
             "pg_ctl start",
         );
         if let Err(e) = started {
-            bail!(
-                "{e:#}\npostgres log:\n{}",
-                log_tail(&self.log_file, 50)
-            );
+            bail!("{e:#}\npostgres log:\n{}", log_tail(&self.log_file, 50));
         }
         let pid_file = self.data_dir.join("postmaster.pid");
         let pid = std::fs::read_to_string(&pid_file)

@@ -67,9 +67,11 @@ impl Pooler {
             .with_context(|| format!("writing {}", config.display()))?;
 
         let log_file = dir.path().join("breakwater.log");
-        let stdout = File::create(&log_file)
-            .with_context(|| format!("creating {}", log_file.display()))?;
-        let stderr = stdout.try_clone().context("duplicating the log file handle")?;
+        let stdout =
+            File::create(&log_file).with_context(|| format!("creating {}", log_file.display()))?;
+        let stderr = stdout
+            .try_clone()
+            .context("duplicating the log file handle")?;
         let rust_log = std::env::var_os("RUST_LOG").unwrap_or_else(|| OsString::from("info"));
         let child = Command::new(bin)
             .arg("--config")
@@ -114,7 +116,8 @@ impl Pooler {
             }
             // Look in /proc rather than connect where we can: a probe connection would be counted
             // and logged by the pooler, and tests look at both.
-            let listening = is_listening(self.port).unwrap_or_else(|| accepts_connections(self.port));
+            let listening =
+                is_listening(self.port).unwrap_or_else(|| accepts_connections(self.port));
             if listening {
                 return Ok(());
             }

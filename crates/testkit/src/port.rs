@@ -101,7 +101,10 @@ fn bindable(port: u16) -> bool {
 
 fn ephemeral_port() -> anyhow::Result<u16> {
     let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr().context("local_addr of 127.0.0.1:0")?.port())
+    Ok(listener
+        .local_addr()
+        .context("local_addr of 127.0.0.1:0")?
+        .port())
 }
 
 /// Port ranges outside the kernel's ephemeral range, as inclusive `(low, high)` pairs.
@@ -130,10 +133,7 @@ fn candidate_ranges() -> Vec<(u16, u16)> {
 }
 
 fn pick(ranges: &[(u16, u16)]) -> Option<u16> {
-    let size: u64 = ranges
-        .iter()
-        .map(|&(lo, hi)| u64::from(hi - lo) + 1)
-        .sum();
+    let size: u64 = ranges.iter().map(|&(lo, hi)| u64::from(hi - lo) + 1).sum();
     if size == 0 {
         return None;
     }

@@ -26,7 +26,10 @@ async fn every_role_logs_in_over_tcp_with_its_own_auth_method() {
             .connect(user, password, db)
             .await
             .unwrap_or_else(|e| panic!("{user}: {e:#}"));
-        let row = client.query_one("SELECT current_user::text", &[]).await.unwrap();
+        let row = client
+            .query_one("SELECT current_user::text", &[])
+            .await
+            .unwrap();
         assert_eq!(row.get::<_, String>(0), user);
     }
     assert_eq!(
@@ -112,8 +115,11 @@ fn clusters_started_concurrently_get_distinct_ports() {
 fn restart_keeps_the_port_and_the_data() {
     let mut pg = PgCluster::start().unwrap();
     let port = pg.port();
-    pg.psql("app", "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('yes')")
-        .unwrap();
+    pg.psql(
+        "app",
+        "CREATE TABLE kept (v text); INSERT INTO kept VALUES ('yes')",
+    )
+    .unwrap();
     let first_pid = pg.pid().unwrap();
 
     pg.stop();
@@ -162,7 +168,12 @@ fn helper_start_a_cluster_and_hang() {
         return;
     }
     let pg = PgCluster::start().unwrap();
-    println!("cluster {} {} {}", pg.port(), pg.pid().unwrap(), pg.socket_dir().display());
+    println!(
+        "cluster {} {} {}",
+        pg.port(),
+        pg.pid().unwrap(),
+        pg.socket_dir().display()
+    );
     loop {
         std::thread::sleep(Duration::from_secs(60));
     }
@@ -197,9 +208,11 @@ fn a_killed_test_process_leaves_no_postgres_behind() {
     child.kill().unwrap(); // SIGKILL: no destructor runs
     child.wait().unwrap();
 
-    wait_until_blocking("the watchdog to stop postgres", Duration::from_secs(20), || {
-        !process_alive(pid) && !dir.exists()
-    })
+    wait_until_blocking(
+        "the watchdog to stop postgres",
+        Duration::from_secs(20),
+        || !process_alive(pid) && !dir.exists(),
+    )
     .unwrap();
     assert!(!accepts_connections(port));
 }

@@ -17,7 +17,10 @@ fn start_writes_the_files_and_returns_once_listening() {
         FAKE,
         port,
         &format!("listen_port = {port}\n"),
-        &[("userlist.txt", "\"app\" \"app_pw\"\n"), ("certs/ca.pem", "x")],
+        &[
+            ("userlist.txt", "\"app\" \"app_pw\"\n"),
+            ("certs/ca.pem", "x"),
+        ],
     )
     .unwrap();
     assert_eq!(pooler.port(), port);
@@ -30,7 +33,10 @@ fn start_writes_the_files_and_returns_once_listening() {
     assert!(pooler.dir().join("pooler.toml").is_file());
     let expected_rust_log = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".to_owned());
     let log = pooler.log();
-    assert!(log.contains(&format!("RUST_LOG={expected_rust_log}\n")), "{log}");
+    assert!(
+        log.contains(&format!("RUST_LOG={expected_rust_log}\n")),
+        "{log}"
+    );
     // Readiness was seen without a probe connection.
     assert!(!log.contains("accepted a connection"), "{log}");
 }
@@ -50,7 +56,10 @@ fn file_names_must_stay_inside_the_pooler_dir() {
     let port = free_port();
     let config = format!("listen_port = {port}\n");
     for name in ["/etc/evil", "../evil"] {
-        assert!(Pooler::start(FAKE, port, &config, &[(name, "")]).is_err(), "{name}");
+        assert!(
+            Pooler::start(FAKE, port, &config, &[(name, "")]).is_err(),
+            "{name}"
+        );
     }
 }
 
@@ -86,7 +95,9 @@ fn dropping_a_pooler_kills_it() {
 async fn connect_returns_the_driver_error_when_nothing_speaks_postgres() {
     let port = free_port();
     let pooler = Pooler::start(FAKE, port, &format!("listen_port = {port}\n"), &[]).unwrap();
-    assert!(pooler.conn_string("app", "app_pw", "app").contains(&format!("port={port}")));
+    assert!(pooler
+        .conn_string("app", "app_pw", "app")
+        .contains(&format!("port={port}")));
     let err = pooler.connect("app", "app_pw", "app").await.unwrap_err();
     assert!(err.as_db_error().is_none(), "{err}");
 }

@@ -171,6 +171,8 @@ pub struct ServerConn {
     pub broken: bool,
     /// No session parameter changed since login: its parameters are the server's defaults.
     pub pristine: bool,
+    /// Statements prepared on this connection under Breakwater's global names.
+    pub prepared: crate::PreparedCache,
 }
 
 impl ServerConn {
@@ -357,19 +359,20 @@ async fn target_timeout<F: std::future::Future>(
 
 async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Stream, ConnectError> {
     let connecting = addr.connect();
-    let stream = match settings.connect_timeout {
-        Some(t) => tokio::time::timeout(t, connecting).await.map_err(|_| {
-            ConnectError::ConnectTimeout {
-                addr: addr.to_string(),
-                timeout: t,
-            }
-        })?,
-        None => connecting.await,
-    }
-    .map_err(|source| ConnectError::Connect {
-        addr: addr.to_string(),
-        source,
-    })?;
+    let stream =
+        match settings.connect_timeout {
+            Some(t) => tokio::time::timeout(t, connecting).await.map_err(|_| {
+                ConnectError::ConnectTimeout {
+                    addr: addr.to_string(),
+                    timeout: t,
+                }
+            })?,
+            None => connecting.await,
+        }
+        .map_err(|source| ConnectError::Connect {
+            addr: addr.to_string(),
+            source,
+        })?;
     if let Stream::Tcp(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
         if let Some((idle, interval, count)) = settings.keepalive {
@@ -404,16 +407,19 @@ async fn login(
         max_message: settings.max_message,
         broken: false,
         pristine: true,
+        prepared: crate::PreparedCache::default(),
     };
     let addr_s = conn.cancel.addr.to_string();
     let work = run_login(&mut conn, target);
     match settings.login_timeout {
-        Some(t) => tokio::time::timeout(t, work)
-            .await
-            .map_err(|_| ConnectError::LoginTimeout {
-                addr: addr_s,
-                timeout: t,
-            })??,
+        Some(t) => {
+            tokio::time::timeout(t, work)
+                .await
+                .map_err(|_| ConnectError::LoginTimeout {
+                    addr: addr_s,
+                    timeout: t,
+                })??
+        }
         None => work.await?,
     }
     Ok(conn)

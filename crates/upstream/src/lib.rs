@@ -4,8 +4,12 @@
 
 pub mod conn;
 pub mod pool;
+pub mod prepared;
 pub mod stream;
 
-pub use conn::{CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget};
+pub use conn::{
+    CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
+};
 pub use pool::{discard, CheckoutError, PooledServer, ServerPool};
+pub use prepared::PreparedCache;
 pub use stream::Stream;

@@ -38,15 +38,22 @@ impl managed::Manager for ServerManager {
         conn
     }
 
-    async fn recycle(&self, conn: &mut ServerConn, metrics: &Metrics) -> RecycleResult<ConnectError> {
+    async fn recycle(
+        &self,
+        conn: &mut ServerConn,
+        metrics: &Metrics,
+    ) -> RecycleResult<ConnectError> {
         if let Some(lifetime) = self.settings.lifetime {
             if metrics.age() > lifetime {
                 return Err(RecycleError::message("server_lifetime reached"));
             }
         }
         if !conn.is_healthy_idle() {
-            tracing::info!(server = conn.id, pid = conn.backend_pid(),
-                "idle server connection was closed by the server; dropping it");
+            tracing::info!(
+                server = conn.id,
+                pid = conn.backend_pid(),
+                "idle server connection was closed by the server; dropping it"
+            );
             return Err(RecycleError::message("server closed while idle"));
         }
         Ok(())
@@ -80,7 +87,12 @@ pub struct ServerPool {
 }
 
 impl ServerPool {
-    pub fn new(target: ServerTarget, settings: ServerSettings, size: usize, min_size: usize) -> Arc<Self> {
+    pub fn new(
+        target: ServerTarget,
+        settings: ServerSettings,
+        size: usize,
+        min_size: usize,
+    ) -> Arc<Self> {
         let database = target.database.clone();
         let user = target.user.clone();
         let credential = std::sync::Mutex::new(target.credential.clone());
@@ -89,11 +101,11 @@ impl ServerPool {
             credential,
             settings,
         })
-            .max_size(size.max(1))
-            // LIFO keeps the most recently used connections warm and lets the rest age out.
-            .queue_mode(QueueMode::Lifo)
-            .runtime(deadpool::Runtime::Tokio1)
-            .build();
+        .max_size(size.max(1))
+        // LIFO keeps the most recently used connections warm and lets the rest age out.
+        .queue_mode(QueueMode::Lifo)
+        .runtime(deadpool::Runtime::Tokio1)
+        .build();
         match pool {
             Ok(pool) => Arc::new(ServerPool {
                 pool,
@@ -151,8 +163,7 @@ impl ServerPool {
     pub async fn maintain(&self, settings: &ServerSettings) {
         let mut keep = self.min_size;
         self.pool.retain(|conn, m| {
-            let expired = settings.lifetime.is_some_and(|l| m.age() > l)
-                || !conn.is_healthy_idle();
+            let expired = settings.lifetime.is_some_and(|l| m.age() > l) || !conn.is_healthy_idle();
             let idle_too_long = settings.idle_timeout.is_some_and(|t| m.last_used() > t);
             if expired {
                 return false;
@@ -164,7 +175,10 @@ impl ServerPool {
             true
         });
         let status = self.pool.status();
-        let missing = self.min_size.min(status.max_size).saturating_sub(status.size);
+        let missing = self
+            .min_size
+            .min(status.max_size)
+            .saturating_sub(status.size);
         if missing == 0 {
             return;
         }
