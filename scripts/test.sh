@@ -20,6 +20,13 @@ if ! have_pg_server || ! command -v pgbench >/dev/null 2>&1 || ! command -v psql
 fi
 # Debian's postgresql package starts a cluster of its own; the tests never use it.
 
+# The asyncpg test makes a Python venv (under target/) and installs asyncpg from PyPI.
+if ! python3 -m venv --help >/dev/null 2>&1; then
+  echo "== installing python3-venv (apt-get)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3 python3-venv >/dev/null
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust (https://rustup.rs) and re-run" >&2
   exit 1

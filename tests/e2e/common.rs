@@ -37,12 +37,18 @@ pub fn start_pooler(pg: &PgCluster, pooler_extra: &str, db_extra: &str, userlist
 
 impl Env {
     pub async fn client(&self) -> Client {
-        self.pooler.connect("app", "app_pw", "app").await.expect("connect through breakwater")
+        self.pooler
+            .connect("app", "app_pw", "app")
+            .await
+            .expect("connect through breakwater")
     }
 
     /// A direct connection to Postgres as superuser, for looking behind the pooler.
     pub async fn direct(&self) -> Client {
-        self.pg.connect("postgres", "postgres", "app").await.expect("connect to postgres directly")
+        self.pg
+            .connect("postgres", "postgres", "app")
+            .await
+            .expect("connect to postgres directly")
     }
 
     pub fn conn_string(&self) -> String {
@@ -84,7 +90,14 @@ pub fn sqlstate<T: std::fmt::Debug>(r: Result<T, tokio_postgres::Error>) -> Stri
 /// Runs pgbench through the pooler and returns (stdout, stderr, success).
 pub fn pgbench(env: &Env, args: &[&str]) -> (String, String, bool) {
     let out = Command::new(pg_bin("pgbench").expect("pgbench"))
-        .args(["-h", "127.0.0.1", "-p", &env.pooler.port().to_string(), "-U", "app"])
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.pooler.port().to_string(),
+            "-U",
+            "app",
+        ])
         .args(args)
         .arg("app")
         .env("PGPASSWORD", "app_pw")
@@ -98,9 +111,25 @@ pub fn pgbench(env: &Env, args: &[&str]) -> (String, String, bool) {
 }
 
 /// Runs psql through the pooler with `extra` arguments.
-pub fn psql(port: u16, user: &str, password: &str, db: &str, extra: &[&str]) -> std::process::Output {
+pub fn psql(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+    extra: &[&str],
+) -> std::process::Output {
     Command::new(pg_bin("psql").expect("psql"))
-        .args(["-X", "-h", "127.0.0.1", "-p", &port.to_string(), "-U", user, "-d", db])
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            user,
+            "-d",
+            db,
+        ])
         .args(extra)
         .env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")

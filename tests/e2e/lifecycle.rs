@@ -9,7 +9,9 @@ async fn a_client_killed_mid_transaction_leaves_no_rows_and_no_locks_behind() {
     let env = start("", "pool_size = 1\n");
     let direct = env.direct().await;
     direct
-        .batch_execute("CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1); GRANT ALL ON t TO app;")
+        .batch_execute(
+            "CREATE TABLE t (id int primary key); INSERT INTO t VALUES (1); GRANT ALL ON t TO app;",
+        )
         .await
         .unwrap();
     {
@@ -21,8 +23,14 @@ async fn a_client_killed_mid_transaction_leaves_no_rows_and_no_locks_behind() {
     }
     let b = env.client().await;
     // The lock on row 1 must be free (NOWAIT fails at once if it is not).
-    b.batch_execute("BEGIN; SELECT * FROM t WHERE id = 1 FOR UPDATE NOWAIT; COMMIT").await.unwrap();
-    let n: i64 = b.query_one("SELECT count(*) FROM t", &[]).await.unwrap().get(0);
+    b.batch_execute("BEGIN; SELECT * FROM t WHERE id = 1 FOR UPDATE NOWAIT; COMMIT")
+        .await
+        .unwrap();
+    let n: i64 = b
+        .query_one("SELECT count(*) FROM t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1, "the killed client's insert is visible");
 }
 
@@ -31,13 +39,28 @@ async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
     let env = start("", "pool_size = 2\n");
     let direct = env.direct().await;
     direct
-        .batch_execute("CREATE TABLE l (id int primary key); INSERT INTO l VALUES (1); GRANT ALL ON l TO app;")
+        .batch_execute(
+            "CREATE TABLE l (id int primary key); INSERT INTO l VALUES (1); GRANT ALL ON l TO app;",
+        )
         .await
         .unwrap();
     // psql as a real process, killed with SIGKILL: its socket closes without a Terminate.
     let mut psql = std::process::Command::new(testkit::pg_bin("psql").unwrap())
-        .args(["-X", "-h", "127.0.0.1", "-p", &env.pooler.port().to_string(), "-U", "app", "-d", "app"])
-        .args(["-c", "BEGIN; SELECT * FROM l FOR UPDATE; SELECT pg_sleep(30)"])
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.pooler.port().to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+        ])
+        .args([
+            "-c",
+            "BEGIN; SELECT * FROM l FOR UPDATE; SELECT pg_sleep(30)",
+        ])
         .env("PGPASSWORD", "app_pw")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -57,7 +80,9 @@ async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
     psql.wait().unwrap();
     let started = Instant::now();
     let b = env.client().await;
-    b.batch_execute("SET lock_timeout = '5s'; BEGIN; SELECT * FROM l FOR UPDATE; COMMIT").await.unwrap();
+    b.batch_execute("SET lock_timeout = '5s'; BEGIN; SELECT * FROM l FOR UPDATE; COMMIT")
+        .await
+        .unwrap();
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
@@ -67,11 +92,24 @@ async fn a_terminated_backend_gives_its_client_an_error_and_the_pool_recovers() 
     let direct = env.direct().await;
     let a = env.client().await;
     a.batch_execute("BEGIN").await.unwrap();
-    let pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    direct.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
-    assert!(a.query_one("SELECT 1", &[]).await.is_err(), "the client must see its server die");
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    assert!(
+        a.query_one("SELECT 1", &[]).await.is_err(),
+        "the client must see its server die"
+    );
     let b = env.client().await;
-    assert_eq!(b.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(
+        b.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
 }
 
 #[tokio::test]
@@ -79,11 +117,21 @@ async fn an_idle_server_closed_by_the_database_is_dropped_before_it_is_handed_ou
     let env = start("", "pool_size = 1\n");
     let direct = env.direct().await;
     let a = env.client().await;
-    let pid: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
-    direct.execute("SELECT pg_terminate_backend($1)", &[&pid]).await.unwrap();
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
     testkit::wait_until("the backend is gone", WAIT, || async {
         let n: i64 = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
             .await
             .unwrap()
             .get(0);
@@ -92,7 +140,11 @@ async fn an_idle_server_closed_by_the_database_is_dropped_before_it_is_handed_ou
     .await
     .unwrap();
     // The same client's next transaction gets a fresh server, with no error.
-    let pid2: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid2: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_ne!(pid, pid2);
 }
 
@@ -122,11 +174,25 @@ fn check_rejects_a_bad_config_with_a_message_naming_the_key() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("pooler.toml");
     std::fs::write(&path, "[pooler]\nauth_type = \"trust\"\nlisten_prot = 5\n").unwrap();
-    let out = std::process::Command::new(BIN).arg("--check").arg("-c").arg(&path).output().unwrap();
+    let out = std::process::Command::new(BIN)
+        .arg("--check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("listen_prot"), "{err}");
     std::fs::write(&path, "[pooler]\nauth_type = \"trust\"\n").unwrap();
-    let out = std::process::Command::new(BIN).arg("--check").arg("-c").arg(&path).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(BIN)
+        .arg("--check")
+        .arg("-c")
+        .arg(&path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -5,5 +5,6 @@ mod auth;
 mod common;
 mod lifecycle;
 mod pooling;
+mod prepared;
 mod protocol;
 mod session_state;

@@ -20,8 +20,14 @@ async fn two_hundred_clients_share_five_server_connections_with_correct_results(
             let mut c = connect(&conn).await.expect("connect");
             for j in 0..5i32 {
                 let tx = c.transaction().await.unwrap();
-                tx.execute("UPDATE counter SET n = n + 1 WHERE id = 1", &[]).await.unwrap();
-                let echo: i32 = tx.query_one("SELECT $1::int", &[&(i * 100 + j)]).await.unwrap().get(0);
+                tx.execute("UPDATE counter SET n = n + 1 WHERE id = 1", &[])
+                    .await
+                    .unwrap();
+                let echo: i32 = tx
+                    .query_one("SELECT $1::int", &[&(i * 100 + j)])
+                    .await
+                    .unwrap()
+                    .get(0);
                 assert_eq!(echo, i * 100 + j, "a client got someone else's answer");
                 tx.commit().await.unwrap();
             }
@@ -35,7 +41,11 @@ async fn two_hundred_clients_share_five_server_connections_with_correct_results(
     for t in tasks {
         t.await.unwrap();
     }
-    let n: i32 = direct.query_one("SELECT n FROM counter", &[]).await.unwrap().get(0);
+    let n: i32 = direct
+        .query_one("SELECT n FROM counter", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(n, 1000);
     assert!(peak <= 5, "saw {peak} server connections for a pool of 5");
     assert!(app_backends(&direct).await <= 5);
@@ -45,30 +55,61 @@ async fn two_hundred_clients_share_five_server_connections_with_correct_results(
 async fn session_mode_keeps_state_for_the_session_and_resets_it_for_the_next_client() {
     let env = start("pool_mode = \"session\"", "pool_size = 1\n");
     let a = env.client().await;
-    a.batch_execute("SET statement_timeout = '12345ms'; CREATE TEMP TABLE mine (x int)").await.unwrap();
-    let pid_a: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    a.batch_execute("SET statement_timeout = '12345ms'; CREATE TEMP TABLE mine (x int)")
+        .await
+        .unwrap();
+    let pid_a: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     // State persists across transactions within the session.
-    let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+    let st: String = a
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(st, "12345ms");
     a.execute("INSERT INTO mine VALUES (1)", &[]).await.unwrap();
     drop(a);
 
     let b = env.client().await;
-    let pid_b: i32 = b.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid_b: i32 = b
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(pid_a, pid_b, "pool_size = 1 must reuse the same server");
-    let st: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
-    assert_eq!(st, "0", "server_reset_query must clear the previous session's SET");
-    assert!(b.execute("SELECT * FROM mine", &[]).await.is_err(), "temp table leaked");
+    let st: String = b
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        st, "0",
+        "server_reset_query must clear the previous session's SET"
+    );
+    assert!(
+        b.execute("SELECT * FROM mine", &[]).await.is_err(),
+        "temp table leaked"
+    );
 }
 
 #[tokio::test]
 async fn statement_mode_refuses_multi_statement_transactions() {
     let env = start("pool_mode = \"statement\"", "pool_size = 2\n");
     let c = env.client().await;
-    assert_eq!(c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0), 7);
+    assert_eq!(
+        c.query_one("SELECT 7", &[]).await.unwrap().get::<_, i32>(0),
+        7
+    );
     let err = c.batch_execute("BEGIN").await.unwrap_err();
     let db = err.as_db_error().expect("an ErrorResponse");
-    assert!(db.message().contains("statement pooling mode"), "{}", db.message());
+    assert!(
+        db.message().contains("statement pooling mode"),
+        "{}",
+        db.message()
+    );
     // The server was not left inside the transaction for someone else.
     let direct = env.direct().await;
     testkit::wait_until("no server left idle in transaction", WAIT, || async {
@@ -82,7 +123,13 @@ async fn statement_mode_refuses_multi_statement_transactions() {
     .await
     .unwrap();
     let c2 = env.client().await;
-    assert_eq!(c2.query_one("SELECT 8", &[]).await.unwrap().get::<_, i32>(0), 8);
+    assert_eq!(
+        c2.query_one("SELECT 8", &[])
+            .await
+            .unwrap()
+            .get::<_, i32>(0),
+        8
+    );
 }
 
 #[tokio::test]
@@ -91,22 +138,37 @@ async fn pgbench_select_only_64_clients_on_a_pool_of_8_has_no_failures() {
     let (_, err, ok) = pgbench(&env, &["-i", "-s", "1", "-q"]);
     assert!(ok, "pgbench -i failed: {err}");
     for mode in ["simple", "extended"] {
-        let (out, err, ok) = pgbench(&env, &["-S", "-M", mode, "-c", "64", "-j", "2", "-t", "200"]);
+        let (out, err, ok) = pgbench(
+            &env,
+            &["-S", "-M", mode, "-c", "64", "-j", "2", "-t", "200"],
+        );
         assert!(ok, "pgbench -M {mode} failed: {err}\n{out}");
         assert!(out.contains("number of failed transactions: 0"), "{out}");
-        assert!(out.contains(&format!("number of transactions actually processed: {}/{}", 64 * 200, 64 * 200)), "{out}");
+        assert!(
+            out.contains(&format!(
+                "number of transactions actually processed: {}/{}",
+                64 * 200,
+                64 * 200
+            )),
+            "{out}"
+        );
     }
     let backends = app_backends(&env.direct().await).await;
-    assert!(backends <= 8, "{backends} server connections for a pool of 8");
+    assert!(
+        backends <= 8,
+        "{backends} server connections for a pool of 8"
+    );
 }
 
 #[tokio::test]
 async fn min_pool_size_connections_are_opened_at_start() {
     let env = start("", "user = \"app\"\nmin_pool_size = 3\npool_size = 5\n");
     let direct = env.direct().await;
-    testkit::wait_until("3 warm server connections", WAIT, || async { app_backends(&direct).await == 3 })
-        .await
-        .unwrap();
+    testkit::wait_until("3 warm server connections", WAIT, || async {
+        app_backends(&direct).await == 3
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -118,10 +180,22 @@ async fn query_wait_timeout_fails_a_waiting_client_with_a_message_naming_the_set
     let started = Instant::now();
     let err = waiter.query_one("SELECT 1", &[]).await.unwrap_err();
     let waited = started.elapsed();
-    let msg = err.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| err.to_string());
-    assert!(msg.contains("query_wait_timeout") && msg.contains("\"app\""), "{msg}");
-    assert!(waited >= Duration::from_millis(900), "failed too early: {waited:?}");
-    assert!(waited < Duration::from_secs(5), "failed too late: {waited:?}");
+    let msg = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| err.to_string());
+    assert!(
+        msg.contains("query_wait_timeout") && msg.contains("\"app\""),
+        "{msg}"
+    );
+    assert!(
+        waited >= Duration::from_millis(900),
+        "failed too early: {waited:?}"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "failed too late: {waited:?}"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
@@ -136,7 +210,13 @@ async fn waiting_clients_are_served_when_a_transaction_ends() {
         c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0)
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(!waiter.is_finished(), "the waiter must wait while the only server is in a transaction");
+    assert!(
+        !waiter.is_finished(),
+        "the waiter must wait while the only server is in a transaction"
+    );
     holder.batch_execute("COMMIT").await.unwrap();
-    assert_eq!(tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap(), 5);
+    assert_eq!(
+        tokio::time::timeout(WAIT, waiter).await.unwrap().unwrap(),
+        5
+    );
 }

@@ -33,17 +33,24 @@ async fn errors_inside_a_transaction_leave_it_aborted_until_rollback_and_the_ser
     assert!(c.batch_execute("SELECT 1/0").await.is_err());
     assert_eq!(sqlstate(c.query_one("SELECT 1", &[]).await), "25P02");
     c.batch_execute("ROLLBACK").await.unwrap();
-    assert_eq!(c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+    assert_eq!(
+        c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
+        3
+    );
     // Empty queries and notices pass through.
     c.batch_execute("").await.unwrap();
-    c.batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$").await.unwrap();
+    c.batch_execute("DO $$ BEGIN RAISE NOTICE 'hello'; END $$")
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn copy_in_and_out_move_100k_rows_intact() {
     let env = start("", "pool_size = 2\n");
     let c = env.client().await;
-    c.batch_execute("CREATE TABLE copy_t (id int, name text)").await.unwrap();
+    c.batch_execute("CREATE TABLE copy_t (id int, name text)")
+        .await
+        .unwrap();
     let sink = c.copy_in("COPY copy_t FROM STDIN").await.unwrap();
     let mut data = BytesMut::new();
     for i in 0..100_000 {
@@ -53,7 +60,11 @@ async fn copy_in_and_out_move_100k_rows_intact() {
     sink.send(data.freeze()).await.unwrap();
     let rows = sink.as_mut().finish().await.unwrap();
     assert_eq!(rows, 100_000);
-    let sum: i64 = c.query_one("SELECT sum(id)::bigint FROM copy_t", &[]).await.unwrap().get(0);
+    let sum: i64 = c
+        .query_one("SELECT sum(id)::bigint FROM copy_t", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(sum, (0..100_000i64).sum::<i64>());
 
     let stream = c.copy_out("COPY copy_t TO STDOUT").await.unwrap();
@@ -66,7 +77,10 @@ async fn copy_in_and_out_move_100k_rows_intact() {
     assert_eq!(text.lines().count(), 100_000);
     assert!(text.contains("99999\trow-99999\n"));
     // The connection is usable afterwards (the server went back at the right moment).
-    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]
@@ -74,13 +88,20 @@ async fn a_20_mb_result_arrives_whole() {
     let env = start("", "pool_size = 2\n");
     let c = env.client().await;
     let rows = c
-        .query("SELECT i, repeat('x', 1000) FROM generate_series(1, 20000) i", &[])
+        .query(
+            "SELECT i, repeat('x', 1000) FROM generate_series(1, 20000) i",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 20_000);
     let total: usize = rows.iter().map(|r| r.get::<_, String>(1).len()).sum();
     assert_eq!(total, 20_000_000);
-    let one_big: String = c.query_one("SELECT repeat('y', 20000000)", &[]).await.unwrap().get(0);
+    let one_big: String = c
+        .query_one("SELECT repeat('y', 20000000)", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(one_big.len(), 20_000_000);
 }
 
@@ -90,7 +111,8 @@ async fn cancel_stops_a_running_query_within_a_second() {
     let c = env.client().await;
     let token = c.cancel_token();
     let started = Instant::now();
-    let query = tokio::spawn(async move { c.query_one("SELECT pg_sleep(10)", &[]).await.map(|_| ()) });
+    let query =
+        tokio::spawn(async move { c.query_one("SELECT pg_sleep(10)", &[]).await.map(|_| ()) });
     let direct = env.direct().await;
     testkit::wait_until("the sleep is running", WAIT, || async {
         let n: i64 = direct
@@ -106,7 +128,11 @@ async fn cancel_stops_a_running_query_within_a_second() {
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let r = query.await.unwrap();
     assert_eq!(sqlstate(r), "57014");
-    assert!(cancel_sent.elapsed() < Duration::from_secs(1), "cancel took {:?}", cancel_sent.elapsed());
+    assert!(
+        cancel_sent.elapsed() < Duration::from_secs(1),
+        "cancel took {:?}",
+        cancel_sent.elapsed()
+    );
     assert!(started.elapsed() < Duration::from_secs(9));
 }
 
@@ -146,7 +172,9 @@ fn error_code(bytes: &[u8]) -> Option<String> {
 #[tokio::test]
 async fn ssl_and_gssenc_requests_are_answered_n_and_the_client_may_continue_in_plaintext() {
     let env = start("auth_type = \"trust\"", "");
-    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port())).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port()))
+        .await
+        .unwrap();
     for code in [80_877_103u32, 80_877_104] {
         let mut req = 8u32.to_be_bytes().to_vec();
         req.extend_from_slice(&code.to_be_bytes());
@@ -155,7 +183,9 @@ async fn ssl_and_gssenc_requests_are_answered_n_and_the_client_may_continue_in_p
         s.read_exact(&mut answer).await.unwrap();
         assert_eq!(&answer, b"N");
     }
-    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608)).await.unwrap();
+    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+        .await
+        .unwrap();
     let mut buf = vec![0u8; 9];
     s.read_exact(&mut buf).await.unwrap();
     assert_eq!(buf[0], b'R', "expected AuthenticationOk");
@@ -168,48 +198,88 @@ async fn malformed_startups_get_a_clear_error_and_a_close() {
     let port = env.pooler.port();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("protocol 2", startup(&[("user", "app")], 131_072), "0A000"),
-        ("replication", startup(&[("user", "app"), ("database", "app"), ("replication", "true")], 196_608), "0A000"),
+        (
+            "replication",
+            startup(
+                &[
+                    ("user", "app"),
+                    ("database", "app"),
+                    ("replication", "true"),
+                ],
+                196_608,
+            ),
+            "0A000",
+        ),
         ("huge length", vec![0x7f, 0, 0, 0, 0, 3, 0, 0], "08P01"),
-        ("length below minimum", vec![0, 0, 0, 2, 0, 3, 0, 0], "08P01"),
+        (
+            "length below minimum",
+            vec![0, 0, 0, 2, 0, 3, 0, 0],
+            "08P01",
+        ),
         ("no user", startup(&[("database", "app")], 196_608), "08P01"),
     ];
     for (what, bytes, code) in cases {
         let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         s.write_all(&bytes).await.unwrap();
         let got = read_all(&mut s).await;
-        assert_eq!(error_code(&got).as_deref(), Some(code), "{what}: {:?}", String::from_utf8_lossy(&got));
+        assert_eq!(
+            error_code(&got).as_deref(),
+            Some(code),
+            "{what}: {:?}",
+            String::from_utf8_lossy(&got)
+        );
     }
     // And the pooler still serves others.
     let c = env.pooler.connect("app", "", "app").await.unwrap();
-    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
 }
 
 #[tokio::test]
 async fn an_oversized_message_after_login_is_refused_with_08p01_before_it_is_buffered() {
     let env = start("auth_type = \"trust\"\nmax_packet_size = 65536", "");
-    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port())).await.unwrap();
-    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608)).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port()))
+        .await
+        .unwrap();
+    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+        .await
+        .unwrap();
     // Read the welcome up to ReadyForQuery.
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
     while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf)).await.unwrap().unwrap();
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
         assert!(n > 0);
         got.extend_from_slice(&buf[..n]);
     }
     // A Query announcing 1 GB.
     s.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();
     let reply = read_all(&mut s).await;
-    assert_eq!(error_code(&reply).as_deref(), Some("08P01"), "{:?}", String::from_utf8_lossy(&reply));
+    assert_eq!(
+        error_code(&reply).as_deref(),
+        Some("08P01"),
+        "{:?}",
+        String::from_utf8_lossy(&reply)
+    );
 }
 
 #[tokio::test]
 async fn a_silent_client_is_dropped_after_client_login_timeout() {
     let env = start("auth_type = \"trust\"\nclient_login_timeout = \"1s\"", "");
-    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port())).await.unwrap();
+    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port()))
+        .await
+        .unwrap();
     let started = Instant::now();
     let got = read_all(&mut s).await;
     let waited = started.elapsed();
-    assert!(waited >= Duration::from_millis(900) && waited < Duration::from_secs(5), "{waited:?}");
+    assert!(
+        waited >= Duration::from_millis(900) && waited < Duration::from_secs(5),
+        "{waited:?}"
+    );
     assert_eq!(error_code(&got).as_deref(), Some("08P01"));
 }

@@ -12,7 +12,11 @@ async fn set_temp_table_and_advisory_lock_inside_a_transaction_do_not_reach_the_
     )
     .await
     .unwrap();
-    let pid_a: i32 = a.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let pid_a: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     drop(a);
 
     // Simple protocol only: this test is about session state, not prepared statements.
@@ -26,31 +30,65 @@ async fn set_temp_table_and_advisory_lock_inside_a_transaction_do_not_reach_the_
             .unwrap()
     };
     let pid_b = one(b.simple_query("SELECT pg_backend_pid()").await.unwrap());
-    assert_eq!(pid_a.to_string(), pid_b, "pool_size = 1 serves both clients from one server");
-    assert_eq!(one(b.simple_query("SHOW statement_timeout").await.unwrap()), "0");
-    assert!(b.simple_query("SELECT * FROM leak").await.is_err(), "temp table leaked");
-    let got = one(b.simple_query("SELECT pg_try_advisory_lock(42)").await.unwrap());
+    assert_eq!(
+        pid_a.to_string(),
+        pid_b,
+        "pool_size = 1 serves both clients from one server"
+    );
+    assert_eq!(
+        one(b.simple_query("SHOW statement_timeout").await.unwrap()),
+        "0"
+    );
+    assert!(
+        b.simple_query("SELECT * FROM leak").await.is_err(),
+        "temp table leaked"
+    );
+    let got = one(b
+        .simple_query("SELECT pg_try_advisory_lock(42)")
+        .await
+        .unwrap());
     assert_eq!(got, "t", "advisory lock leaked to the next client");
 }
 
 #[tokio::test]
 async fn parameters_a_client_sets_follow_it_across_servers_and_never_leak() {
     let env = start("", "pool_size = 2\n");
-    let conn = format!("{} options='-c statement_timeout=7s' application_name=alpha", env.conn_string());
+    let conn = format!(
+        "{} options='-c statement_timeout=7s' application_name=alpha",
+        env.conn_string()
+    );
     let a = connect(&conn).await.unwrap();
     let b = env.client().await;
     // Hold one server in b's transaction so a's queries move between servers over time.
     for _ in 0..5 {
-        let st: String = a.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        let st: String = a
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(st, "7s");
-        let app: String = a.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+        let app: String = a
+            .query_one("SHOW application_name", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(app, "alpha");
-        let st_b: String = b.query_one("SHOW statement_timeout", &[]).await.unwrap().get(0);
+        let st_b: String = b
+            .query_one("SHOW statement_timeout", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_eq!(st_b, "0", "a's startup option leaked to b");
-        let app_b: String = b.query_one("SHOW application_name", &[]).await.unwrap().get(0);
+        let app_b: String = b
+            .query_one("SHOW application_name", &[])
+            .await
+            .unwrap()
+            .get(0);
         assert_ne!(app_b, "alpha");
     }
-    a.batch_execute("SET TimeZone = 'Asia/Tokyo'").await.unwrap();
+    a.batch_execute("SET TimeZone = 'Asia/Tokyo'")
+        .await
+        .unwrap();
     let tz_b: String = b.query_one("SHOW TimeZone", &[]).await.unwrap().get(0);
     assert_ne!(tz_b, "Asia/Tokyo");
     for _ in 0..3 {
@@ -67,9 +105,19 @@ async fn psql_sees_canonical_session_parameters_at_login() {
         "app",
         "app_pw",
         "app",
-        &["-At", "-c", "SHOW client_encoding", "-c", "SHOW application_name"],
+        &[
+            "-At",
+            "-c",
+            "SHOW client_encoding",
+            "-c",
+            "SHOW application_name",
+        ],
     );
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
     let lines: Vec<_> = text.lines().collect();
     assert_eq!(lines, vec!["UTF8", "psql"]);
