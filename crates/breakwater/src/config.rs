@@ -106,8 +106,19 @@ pub struct Pooler {
     pub auth_file: Option<PathBuf>,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
+    pub dns_timeout: Timeout,
     pub server_connect_timeout: Timeout,
     pub server_login_timeout: Timeout,
+    pub server_connect_concurrency: usize,
+    pub server_login_retry: Timeout,
+    pub server_login_retry_max: Timeout,
+    pub server_breaker_threshold: u32,
+    pub max_server_connections: usize,
+    pub server_check_delay: Timeout,
+    pub server_check_query: String,
+    pub server_unresponsive_timeout: Timeout,
+    pub tcp_user_timeout: Timeout,
+    pub query_wait_notify: Timeout,
     pub query_wait_timeout: Timeout,
     pub query_timeout: Timeout,
     pub idle_transaction_timeout: Timeout,
@@ -140,8 +151,19 @@ impl Default for Pooler {
             auth_file: None,
             admin_users: Vec::new(),
             stats_users: Vec::new(),
+            dns_timeout: secs(5),
             server_connect_timeout: secs(5),
             server_login_timeout: secs(5),
+            server_connect_concurrency: 4,
+            server_login_retry: Timeout(Some(Duration::from_millis(250))),
+            server_login_retry_max: secs(15),
+            server_breaker_threshold: 10,
+            max_server_connections: 0,
+            server_check_delay: secs(30),
+            server_check_query: "SELECT 1".into(),
+            server_unresponsive_timeout: secs(30),
+            tcp_user_timeout: secs(30),
+            query_wait_notify: secs(5),
             query_wait_timeout: secs(120),
             query_timeout: Timeout(None),
             idle_transaction_timeout: Timeout(None),
@@ -154,8 +176,8 @@ impl Default for Pooler {
             max_prepared_statements: 200,
             shutdown_timeout: secs(30),
             tcp_keepalive: true,
-            tcp_keepidle: secs(30),
-            tcp_keepintvl: secs(10),
+            tcp_keepidle: secs(15),
+            tcp_keepintvl: secs(5),
             tcp_keepcnt: 3,
             workers: 0,
         }
@@ -175,6 +197,7 @@ pub struct Database {
     pub pool_size: Option<usize>,
     pub min_pool_size: Option<usize>,
     pub pool_mode: Option<PoolModeSetting>,
+    pub max_db_connections: Option<usize>,
 }
 
 fn default_host() -> String {
@@ -224,6 +247,12 @@ impl Config {
         let p = &file.pooler;
         if p.default_pool_size == 0 {
             return Err(invalid("pooler.default_pool_size", "must be at least 1"));
+        }
+        if p.server_connect_concurrency == 0 {
+            return Err(invalid(
+                "pooler.server_connect_concurrency",
+                "must be at least 1",
+            ));
         }
         if p.max_packet_size < 1024 {
             return Err(invalid(
@@ -287,17 +316,21 @@ impl Config {
     pub fn proxy_settings(&self) -> ProxySettings {
         let p = &self.file.pooler;
         let server = upstream::ServerSettings {
+            dns_timeout: p.dns_timeout.0,
             connect_timeout: p.server_connect_timeout.0,
             login_timeout: p.server_login_timeout.0,
             lifetime: p.server_lifetime.0,
             idle_timeout: p.server_idle_timeout.0,
             keepalive: p.tcp_keepalive.then(|| {
                 (
-                    p.tcp_keepidle.0.unwrap_or(Duration::from_secs(30)),
-                    p.tcp_keepintvl.0.unwrap_or(Duration::from_secs(10)),
+                    p.tcp_keepidle.0.unwrap_or(Duration::from_secs(15)),
+                    p.tcp_keepintvl.0.unwrap_or(Duration::from_secs(5)),
                     p.tcp_keepcnt.max(1),
                 )
             }),
+            tcp_user_timeout: p.tcp_user_timeout.0,
+            check_delay: p.server_check_delay.0,
+            check_query: p.server_check_query.clone(),
             max_message: p.max_packet_size,
         };
         let databases = self
@@ -314,6 +347,7 @@ impl Config {
                 pool_size: d.pool_size.unwrap_or(p.default_pool_size),
                 min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
                 pool_mode: d.pool_mode.unwrap_or(p.pool_mode).into(),
+                max_db_connections: d.max_db_connections.filter(|n| *n > 0),
             })
             .collect();
         ProxySettings {
@@ -330,6 +364,20 @@ impl Config {
             client_idle_timeout: p.client_idle_timeout.0,
             query_wait_timeout: p.query_wait_timeout.0,
             idle_transaction_timeout: p.idle_transaction_timeout.0,
+            query_timeout: p.query_timeout.0,
+            query_wait_notify: p.query_wait_notify.0,
+            server_unresponsive_timeout: p.server_unresponsive_timeout.0,
+            max_server_connections: (p.max_server_connections > 0)
+                .then_some(p.max_server_connections),
+            storm: upstream::StormSettings {
+                connect_concurrency: p.server_connect_concurrency,
+                retry_base: p.server_login_retry.0.unwrap_or(Duration::from_millis(250)),
+                retry_max: p
+                    .server_login_retry_max
+                    .0
+                    .unwrap_or(Duration::from_secs(15)),
+                breaker_threshold: p.server_breaker_threshold,
+            },
             server_reset_query: p.server_reset_query.clone(),
             max_message: p.max_packet_size,
             max_prepared_statements: p.max_prepared_statements,

@@ -43,6 +43,10 @@ pub struct Proxy {
 
 pub(crate) struct Shared {
     settings: RwLock<Arc<ProxySettings>>,
+    hosts: upstream::Hosts,
+    /// `max_server_connections` and each database's `max_db_connections`.
+    total_limit: Option<Arc<tokio::sync::Semaphore>>,
+    db_limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
     cancels: cancel::CancelRegistry,
     pub stats: GlobalStats,
@@ -62,6 +66,11 @@ impl Proxy {
         let (shutdown, _) = watch::channel(false);
         Proxy {
             shared: Arc::new(Shared {
+                hosts: upstream::Hosts::new(settings.storm.clone()),
+                total_limit: settings
+                    .max_server_connections
+                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
+                db_limits: Mutex::new(HashMap::new()),
                 settings: RwLock::new(Arc::new(settings)),
                 pools: Mutex::new(HashMap::new()),
                 cancels: cancel::CancelRegistry::default(),
@@ -89,10 +98,10 @@ impl Proxy {
                 let _ = self.shared.pool_for(&settings, route, user, None);
             }
         }
-        let pools: Vec<_> = self.shared.all_pools();
-        for p in pools {
-            p.pool.maintain(&settings.server).await;
-        }
+        // Concurrently: one pool waiting on an unreachable host must not hold up the others.
+        let pools = self.shared.all_pools();
+        futures_util::future::join_all(pools.iter().map(|p| p.pool.maintain(&settings.server)))
+            .await;
     }
 
     /// Stops accepting work: idle clients are told and closed, active ones finish their
@@ -107,6 +116,16 @@ impl Proxy {
 
     pub fn pools(&self) -> Vec<Arc<PoolEntry>> {
         self.shared.all_pools()
+    }
+
+    /// Storm counters and breaker state per upstream host.
+    pub fn hosts(&self) -> Vec<stats::HostSnapshot> {
+        self.shared
+            .hosts
+            .all()
+            .iter()
+            .map(|h| h.stats.snapshot())
+            .collect()
     }
 
     pub fn global_stats(&self) -> &GlobalStats {
@@ -172,12 +191,30 @@ impl Shared {
             user: server_user.to_owned(),
             credential,
         };
+        let mut limits = upstream::Limits::default();
+        if let Some(n) = route.max_db_connections {
+            let mut dbs = match self.db_limits.lock() {
+                Ok(d) => d,
+                Err(p) => p.into_inner(),
+            };
+            limits.0.push(
+                dbs.entry(route.name.clone())
+                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(n)))
+                    .clone(),
+            );
+        }
+        if let Some(total) = &self.total_limit {
+            limits.0.push(total.clone());
+        }
+        let host = self.hosts.get(&route.host, route.port);
         let entry = Arc::new(PoolEntry {
             pool: ServerPool::new(
                 target,
                 settings.server.clone(),
                 route.pool_size,
                 route.min_pool_size,
+                host,
+                limits,
             ),
             stats: Arc::new(PoolStats::new(&route.name, server_user)),
             route: route.clone(),

@@ -56,6 +56,10 @@ struct Held {
     copy_in_open: bool,
     since: Instant,
     query_since: Option<Instant>,
+    last_server_byte: Instant,
+    last_client_byte: Instant,
+    /// When Breakwater cancelled the running query for query_timeout.
+    cancel_sent: Option<Instant>,
 }
 
 impl Held {
@@ -72,6 +76,9 @@ impl Held {
             copy_in_open: false,
             since: Instant::now(),
             query_since: None,
+            last_server_byte: Instant::now(),
+            last_client_byte: Instant::now(),
+            cancel_sent: None,
         }
     }
 
@@ -94,6 +101,19 @@ enum Step {
     /// Tell the client this and close; the server (if held) is not reusable.
     Fatal(PgError),
 }
+
+#[derive(Debug, Clone, Copy)]
+enum Timer {
+    None,
+    IdleTransaction,
+    ClientIdle,
+    Query,
+    CancelGrace,
+    Unresponsive,
+}
+
+/// How long a cancelled query may take to stop before its server connection is dropped.
+const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
 enum Work {
     Message,
@@ -317,14 +337,34 @@ impl<'a> Session<'a> {
     }
 
     async fn checkout_raw(&mut self) -> Result<PooledServer, PgError> {
-        let stats = &self.entry.stats;
+        let entry = self.entry.clone();
+        let stats = &entry.stats;
         PoolStats::gauge(&stats.cl_waiting, 1);
         let start = Instant::now();
-        let result = self
-            .entry
-            .pool
-            .checkout(self.settings.query_wait_timeout)
-            .await;
+        let mut checkout = std::pin::pin!(entry.pool.checkout(self.settings.query_wait_timeout));
+        let result = match self.settings.query_wait_notify {
+            None => checkout.await,
+            Some(notify) => {
+                tokio::select! {
+                    r = checkout.as_mut() => r,
+                    _ = tokio::time::sleep(notify) => {
+                        // Outside the select: tell the client why it waits, then keep waiting.
+                        let status = entry.pool.status();
+                        PgError::notice(format!(
+                            "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
+                            entry.route.name,
+                            status.size.saturating_sub(status.available),
+                            status.max_size,
+                            status.waiting,
+                            fmt_duration(notify),
+                        ))
+                        .write(&mut self.client.out);
+                        let _ = self.client.flush().await;
+                        checkout.await
+                    }
+                }
+            }
+        };
         PoolStats::gauge(&stats.cl_waiting, -1);
         PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
         PoolStats::add(&stats.wait_count, 1);
@@ -433,14 +473,13 @@ impl<'a> Session<'a> {
                 return Step::TxDone;
             }
 
-            // Wait for more from either side.
-            let idle_in_tx = h.owed == 0 && h.status != b'I';
-            let timeout = if idle_in_tx {
-                self.settings.idle_transaction_timeout
-            } else if h.owed == 0 && self.mode == PoolMode::Session {
-                self.settings.client_idle_timeout
-            } else {
-                None
+            // Wait for more from either side, or for the first timer that applies.
+            let (timer, deadline) = self.next_timer(h);
+            let sleep = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d.into()).await,
+                    None => std::future::pending().await,
+                }
             };
             tokio::select! {
                 r = h.server.read() => {
@@ -448,21 +487,131 @@ impl<'a> Session<'a> {
                         h.server.broken = true;
                         return Step::Fatal(server_lost(&e.to_string()));
                     }
+                    h.last_server_byte = Instant::now();
                 }
                 r = read_into(&mut self.client.stream, &mut self.client.buf) => {
                     match r {
                         Ok(0) | Err(_) => return Step::ClientGone,
                         Ok(_) => {}
                     }
+                    h.last_client_byte = Instant::now();
                 }
-                _ = sleep_opt(timeout) => {
-                    let d = fmt_duration(timeout.unwrap_or_default());
-                    return Step::Fatal(if idle_in_tx {
-                        PgError::fatal(SqlState::IDLE_IN_TRANSACTION_TIMEOUT, format!("idle_transaction_timeout ({d}) expired"))
-                    } else {
-                        PgError::fatal(SqlState::IDLE_SESSION_TIMEOUT, format!("client_idle_timeout ({d}) expired"))
-                    });
+                _ = sleep => {
+                    if let Some(step) = self.on_timer(h, timer).await {
+                        return step;
+                    }
                 }
+            }
+        }
+    }
+
+    /// The timer that fires first in the current state, if any.
+    fn next_timer(&self, h: &Held) -> (Timer, Option<Instant>) {
+        let s = self.settings;
+        let mut best = (Timer::None, None::<Instant>);
+        let mut consider = |t: Timer, at: Option<Instant>| {
+            if let Some(at) = at {
+                if best.1.is_none_or(|b| at < b) {
+                    best = (t, Some(at));
+                }
+            }
+        };
+        if h.owed == 0 {
+            if h.status != b'I' {
+                consider(
+                    Timer::IdleTransaction,
+                    s.idle_transaction_timeout.map(|d| h.last_client_byte + d),
+                );
+            } else if self.mode == PoolMode::Session {
+                consider(
+                    Timer::ClientIdle,
+                    s.client_idle_timeout.map(|d| h.last_client_byte + d),
+                );
+            }
+        } else {
+            match h.cancel_sent {
+                Some(sent) => consider(Timer::CancelGrace, Some(sent + CANCEL_GRACE)),
+                None => consider(
+                    Timer::Query,
+                    s.query_timeout.zip(h.query_since).map(|(d, t)| t + d),
+                ),
+            }
+            consider(
+                Timer::Unresponsive,
+                s.server_unresponsive_timeout
+                    .map(|d| h.last_server_byte + d),
+            );
+        }
+        best
+    }
+
+    /// Handles a fired timer; `Some` ends the transaction.
+    async fn on_timer(&mut self, h: &mut Held, timer: Timer) -> Option<Step> {
+        let s = self.settings;
+        let fatal = |code, setting: &str, d: Option<Duration>, what: &str| {
+            Some(Step::Fatal(PgError::fatal(
+                code,
+                format!(
+                    "{setting} ({}) expired{what}",
+                    fmt_duration(d.unwrap_or_default())
+                ),
+            )))
+        };
+        match timer {
+            Timer::None => None,
+            Timer::IdleTransaction => fatal(
+                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                "idle_transaction_timeout",
+                s.idle_transaction_timeout,
+                "",
+            ),
+            Timer::ClientIdle => fatal(
+                SqlState::IDLE_SESSION_TIMEOUT,
+                "client_idle_timeout",
+                s.client_idle_timeout,
+                "",
+            ),
+            Timer::Query => {
+                tracing::warn!(
+                    server = h.server.id,
+                    "query_timeout expired; cancelling the query"
+                );
+                PgError::notice(format!(
+                    "query_timeout ({}) expired: Breakwater is cancelling the query",
+                    fmt_duration(s.query_timeout.unwrap_or_default())
+                ))
+                .write(&mut self.to_client);
+                let target = h.server.cancel_target();
+                h.cancel_sent = Some(Instant::now());
+                let _ = target.send(CANCEL_GRACE).await;
+                None
+            }
+            Timer::CancelGrace => {
+                h.server.broken = true;
+                fatal(
+                    SqlState::QUERY_CANCELED,
+                    "query_timeout",
+                    s.query_timeout,
+                    " and the server did not answer the cancel; closing the server connection",
+                )
+            }
+            Timer::Unresponsive => {
+                if h.server.socket_looks_dead() {
+                    h.server.broken = true;
+                    tracing::warn!(
+                        server = h.server.id,
+                        "server unresponsive with a dead socket; dropping it"
+                    );
+                    return fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        "server_unresponsive_timeout",
+                        s.server_unresponsive_timeout,
+                        ": the server stopped answering and its socket looks dead",
+                    );
+                }
+                // A healthy long query: everything acknowledged. Look again later.
+                h.last_server_byte = Instant::now();
+                None
             }
         }
     }
@@ -741,6 +890,7 @@ impl<'a> Session<'a> {
                     h.status = backend::parse_ready_for_query(body)
                         .map_err(|e| server_lost(&e.to_string()))?;
                     h.owed = h.owed.saturating_sub(1);
+                    h.cancel_sent = None;
                     let stats = &self.entry.stats;
                     PoolStats::add(&stats.query_count, 1);
                     if let Some(t) = h.query_since.take() {
@@ -885,6 +1035,9 @@ fn server_lost(detail: &str) -> PgError {
 /// Turns a failed checkout into what the client is told.
 fn checkout_error(e: CheckoutError) -> PgError {
     match e {
+        CheckoutError::Connect(ConnectError::BreakerOpen(_)) => {
+            PgError::fatal(SqlState::CANNOT_CONNECT_NOW, e.to_string())
+        }
         CheckoutError::WaitTimeout { .. } => {
             PgError::fatal(SqlState::SQLCLIENT_UNABLE_TO_ESTABLISH, e.to_string())
         }

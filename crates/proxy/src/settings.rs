@@ -45,6 +45,8 @@ pub struct DatabaseRoute {
     pub pool_size: usize,
     pub min_pool_size: usize,
     pub pool_mode: PoolMode,
+    /// Cap on server connections to this database across all its pools.
+    pub max_db_connections: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -58,6 +60,17 @@ pub struct ProxySettings {
     pub client_idle_timeout: Option<Duration>,
     pub query_wait_timeout: Option<Duration>,
     pub idle_transaction_timeout: Option<Duration>,
+    /// `query_timeout`: a query running longer is cancelled; if the server still does not
+    /// answer, the connection is dropped and the client told.
+    pub query_timeout: Option<Duration>,
+    /// `query_wait_notify`: a client waiting this long for a server gets a NOTICE.
+    pub query_wait_notify: Option<Duration>,
+    /// `server_unresponsive_timeout`: a server that owes a reply and has sent nothing this
+    /// long while its socket looks dead is dropped.
+    pub server_unresponsive_timeout: Option<Duration>,
+    /// `max_server_connections`: cap on server connections across all pools.
+    pub max_server_connections: Option<usize>,
+    pub storm: upstream::StormSettings,
     /// Run before a session-mode server goes back to the pool, and after a transaction-mode
     /// client left session state behind.
     pub server_reset_query: String,

@@ -2,7 +2,11 @@
 //! metrics exporter and the stats log read a [`PoolSnapshot`]. Nothing here ever locks a pool or
 //! reaches into a session.
 
+pub mod host;
+
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+pub use host::{Breaker, HostSnapshot, HostStats, Phase};
 
 /// Totals and gauges for one pool (database, user). Times are microseconds, as in PgBouncer.
 #[derive(Debug, Default)]

@@ -15,7 +15,9 @@ use proto::{frame, frontend, startup, FrameError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::host::Host;
 use crate::stream::Stream;
+use stats::Phase;
 
 /// Where and as whom a pool logs in.
 #[derive(Debug, Clone)]
@@ -33,7 +35,9 @@ pub struct ServerTarget {
 /// Timeouts and limits for server connections.
 #[derive(Debug, Clone)]
 pub struct ServerSettings {
-    /// `server_connect_timeout`: DNS + TCP connect.
+    /// `dns_timeout`: one host name lookup.
+    pub dns_timeout: Option<Duration>,
+    /// `server_connect_timeout`: TCP connect (and TLS).
     pub connect_timeout: Option<Duration>,
     /// `server_login_timeout`: startup and authentication until the first ReadyForQuery.
     pub login_timeout: Option<Duration>,
@@ -43,6 +47,12 @@ pub struct ServerSettings {
     pub idle_timeout: Option<Duration>,
     /// `tcp_keepalive`: keepalive probes on server sockets (idle, interval, count).
     pub keepalive: Option<(Duration, Duration, u32)>,
+    /// `tcp_user_timeout`: unacknowledged data older than this kills the socket (Linux).
+    pub tcp_user_timeout: Option<Duration>,
+    /// `server_check_delay`: a connection idle longer than this is checked before reuse.
+    pub check_delay: Option<Duration>,
+    /// `server_check_query`: the check; empty disables it.
+    pub check_query: String,
     /// `max_packet_size`: largest message accepted from a server.
     pub max_message: usize,
 }
@@ -50,11 +60,15 @@ pub struct ServerSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
+            dns_timeout: Some(Duration::from_secs(5)),
             connect_timeout: Some(Duration::from_secs(5)),
             login_timeout: Some(Duration::from_secs(5)),
             lifetime: Some(Duration::from_secs(3600)),
             idle_timeout: Some(Duration::from_secs(600)),
-            keepalive: Some((Duration::from_secs(30), Duration::from_secs(10), 3)),
+            keepalive: Some((Duration::from_secs(15), Duration::from_secs(5), 3)),
+            tcp_user_timeout: Some(Duration::from_secs(30)),
+            check_delay: Some(Duration::from_secs(30)),
+            check_query: "SELECT 1".into(),
             max_message: proto::DEFAULT_MAX_MESSAGE,
         }
     }
@@ -64,6 +78,10 @@ impl Default for ServerSettings {
 pub enum ConnectError {
     #[error("could not resolve host \"{host}\": {source}")]
     Dns { host: String, source: io::Error },
+    #[error("dns_timeout ({timeout:?}) expired resolving \"{host}\"")]
+    DnsTimeout { host: String, timeout: Duration },
+    #[error(transparent)]
+    BreakerOpen(#[from] crate::host::BreakerOpen),
     #[error("server_connect_timeout ({timeout:?}) expired connecting to {addr}")]
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("could not connect to server {addr}: {source}")]
@@ -173,15 +191,70 @@ pub struct ServerConn {
     pub pristine: bool,
     /// Statements prepared on this connection under Breakwater's global names.
     pub prepared: crate::PreparedCache,
+    /// This connection's share (0.8–1.0) of server_lifetime and server_idle_timeout, so a pool
+    /// opened at once is not recycled at once.
+    pub jitter: f64,
+    /// Holds a slot of `max_db_connections` / `max_server_connections` while the connection lives.
+    pub(crate) _limits: Vec<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl ConnectError {
+    /// The phase an attempt failed in, and whether by timeout, for the host's counters.
+    pub fn phase(&self) -> Option<(Phase, bool)> {
+        Some(match self {
+            ConnectError::Dns { .. } => (Phase::Dns, false),
+            ConnectError::DnsTimeout { .. } => (Phase::Dns, true),
+            ConnectError::ConnectTimeout { .. } => (Phase::Connect, true),
+            ConnectError::Connect { .. } => (Phase::Connect, false),
+            ConnectError::LoginTimeout { .. } => (Phase::Login, true),
+            ConnectError::Refused { .. }
+            | ConnectError::Auth { .. }
+            | ConnectError::Protocol { .. }
+            | ConnectError::Io { .. } => (Phase::Login, false),
+            ConnectError::BreakerOpen(_) => return None,
+        })
+    }
+
+    /// Will trying again soon not help? (Wrong password, no such database: the client should
+    /// hear it now rather than wait out query_wait_timeout.)
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            ConnectError::Refused { fields, .. } => {
+                fields.code.starts_with("28") || fields.code == "3D000"
+            }
+            ConnectError::Auth { .. } | ConnectError::BreakerOpen(_) => true,
+            _ => false,
+        }
+    }
 }
 
 impl ServerConn {
-    /// Connects and logs in, each phase bounded by its own setting.
+    /// Connects and logs in, each phase bounded by its own setting, after the host's storm
+    /// controls admit the attempt. The outcome feeds the host's back-off and breaker.
     pub async fn connect(
         target: &ServerTarget,
         settings: &ServerSettings,
+        host: &Host,
     ) -> Result<ServerConn, ConnectError> {
-        let addrs = resolve(target).await?;
+        let attempt = host.admit().await?;
+        let result = Self::connect_phases(target, settings).await;
+        match &result {
+            Ok(_) => attempt.succeeded(),
+            Err(e) => {
+                if let Some((phase, timed_out)) = e.phase() {
+                    host.stats.failed(phase, timed_out);
+                }
+                attempt.failed();
+            }
+        }
+        result
+    }
+
+    async fn connect_phases(
+        target: &ServerTarget,
+        settings: &ServerSettings,
+    ) -> Result<ServerConn, ConnectError> {
+        let addrs = resolve(target, settings.dns_timeout).await?;
         let mut last_err = None;
         for addr in addrs {
             match connect_one(&addr, settings).await {
@@ -309,6 +382,15 @@ impl ServerConn {
         }
     }
 
+    /// Does the socket look dead while we wait for a reply: data we sent still unacknowledged,
+    /// or keepalive probes unanswered? A healthy long query has everything acknowledged.
+    pub fn socket_looks_dead(&self) -> bool {
+        match &self.stream {
+            Stream::Tcp(s) => tcp_info_dead(s),
+            Stream::Unix(_) => false,
+        }
+    }
+
     /// Sends Terminate without waiting for anything; closing never blocks on a dead peer.
     pub fn terminate(mut self) {
         let mut out = BytesMut::with_capacity(5);
@@ -326,35 +408,32 @@ impl Stream {
     }
 }
 
-async fn resolve(target: &ServerTarget) -> Result<Vec<ServerAddr>, ConnectError> {
+async fn resolve(
+    target: &ServerTarget,
+    timeout: Option<Duration>,
+) -> Result<Vec<ServerAddr>, ConnectError> {
     if target.host.starts_with('/') {
         let path = std::path::Path::new(&target.host).join(format!(".s.PGSQL.{}", target.port));
         return Ok(vec![ServerAddr::Unix(path)]);
     }
-    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
-    // DNS gets its own budget only in the storm-shield work; until then it shares connect's.
-    let addrs = match target_timeout(lookup, None).await {
-        Ok(Ok(a)) => a,
-        Ok(Err(source)) | Err(source) => {
-            return Err(ConnectError::Dns {
-                host: target.host.clone(),
-                source,
-            })
-        }
-    };
-    Ok(addrs.map(ServerAddr::Tcp).collect())
-}
-
-async fn target_timeout<F: std::future::Future>(
-    f: F,
-    timeout: Option<Duration>,
-) -> Result<F::Output, io::Error> {
-    match timeout {
-        Some(t) => tokio::time::timeout(t, f)
-            .await
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "timed out")),
-        None => Ok(f.await),
+    if let Ok(ip) = target.host.parse::<std::net::IpAddr>() {
+        return Ok(vec![ServerAddr::Tcp(SocketAddr::new(ip, target.port))]);
     }
+    let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
+    let result = match timeout {
+        Some(t) => tokio::time::timeout(t, lookup)
+            .await
+            .map_err(|_| ConnectError::DnsTimeout {
+                host: target.host.clone(),
+                timeout: t,
+            })?,
+        None => lookup.await,
+    };
+    let addrs = result.map_err(|source| ConnectError::Dns {
+        host: target.host.clone(),
+        source,
+    })?;
+    Ok(addrs.map(ServerAddr::Tcp).collect())
 }
 
 async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Stream, ConnectError> {
@@ -382,6 +461,10 @@ async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Str
                 .with_retries(count);
             let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
         }
+        #[cfg(target_os = "linux")]
+        if let Some(t) = settings.tcp_user_timeout {
+            let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(t));
+        }
     }
     Ok(stream)
 }
@@ -408,6 +491,8 @@ async fn login(
         broken: false,
         pristine: true,
         prepared: crate::PreparedCache::default(),
+        jitter: 0.8 + 0.2 * rand::random::<f64>(),
+        _limits: Vec::new(),
     };
     let addr_s = conn.cancel.addr.to_string();
     let work = run_login(&mut conn, target);
@@ -533,4 +618,27 @@ async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), C
             }
         }
     }
+}
+
+#[cfg(target_os = "linux")]
+fn tcp_info_dead(s: &TcpStream) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TCP_INFO fills at most `len` bytes of a plain-data struct we own.
+    unsafe {
+        let mut info: libc::tcp_info = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        );
+        rc == 0 && (info.tcpi_unacked > 0 || info.tcpi_probes > 0 || info.tcpi_retransmits > 0)
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn tcp_info_dead(_: &TcpStream) -> bool {
+    false
 }

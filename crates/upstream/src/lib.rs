@@ -3,6 +3,7 @@
 //! This crate never reads from clients and never decides when a transaction ends.
 
 pub mod conn;
+pub mod host;
 pub mod pool;
 pub mod prepared;
 pub mod stream;
@@ -10,6 +11,7 @@ pub mod stream;
 pub use conn::{
     CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
 };
-pub use pool::{discard, CheckoutError, PooledServer, ServerPool};
+pub use host::{BreakerOpen, Host, Hosts, StormSettings};
+pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use stream::Stream;

@@ -1,0 +1,115 @@
+//! Counters per upstream host: connection attempts by outcome and phase, timeouts by phase, and
+//! the circuit breaker's state. Written by `upstream`, read through [`HostSnapshot`].
+
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::Relaxed};
+
+/// Where a server connection attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    Dns,
+    Connect,
+    Login,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Breaker {
+    Closed = 0,
+    Open = 1,
+    HalfOpen = 2,
+}
+
+impl Breaker {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Breaker::Closed => "closed",
+            Breaker::Open => "open",
+            Breaker::HalfOpen => "half-open",
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+pub struct HostStats {
+    pub host: String,
+    pub attempts: AtomicU64,
+    pub successes: AtomicU64,
+    pub failures_dns: AtomicU64,
+    pub failures_connect: AtomicU64,
+    pub failures_login: AtomicU64,
+    pub timeouts_dns: AtomicU64,
+    pub timeouts_connect: AtomicU64,
+    pub timeouts_login: AtomicU64,
+    /// Attempts refused at once because the breaker was open.
+    pub fast_failures: AtomicU64,
+    pub breaker_opens: AtomicU64,
+    breaker: AtomicU8,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HostSnapshot {
+    pub host: String,
+    pub attempts: u64,
+    pub successes: u64,
+    pub failures_dns: u64,
+    pub failures_connect: u64,
+    pub failures_login: u64,
+    pub timeouts_dns: u64,
+    pub timeouts_connect: u64,
+    pub timeouts_login: u64,
+    pub fast_failures: u64,
+    pub breaker_opens: u64,
+    pub breaker: &'static str,
+}
+
+impl HostStats {
+    pub fn new(host: &str) -> Self {
+        HostStats {
+            host: host.to_owned(),
+            ..Default::default()
+        }
+    }
+
+    pub fn failed(&self, phase: Phase, timed_out: bool) {
+        let (f, t) = match phase {
+            Phase::Dns => (&self.failures_dns, &self.timeouts_dns),
+            Phase::Connect => (&self.failures_connect, &self.timeouts_connect),
+            Phase::Login => (&self.failures_login, &self.timeouts_login),
+        };
+        f.fetch_add(1, Relaxed);
+        if timed_out {
+            t.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn set_breaker(&self, b: Breaker) {
+        let old = self.breaker.swap(b as u8, Relaxed);
+        if b == Breaker::Open && old != Breaker::Open as u8 {
+            self.breaker_opens.fetch_add(1, Relaxed);
+        }
+    }
+
+    pub fn breaker(&self) -> Breaker {
+        match self.breaker.load(Relaxed) {
+            1 => Breaker::Open,
+            2 => Breaker::HalfOpen,
+            _ => Breaker::Closed,
+        }
+    }
+
+    pub fn snapshot(&self) -> HostSnapshot {
+        HostSnapshot {
+            host: self.host.clone(),
+            attempts: self.attempts.load(Relaxed),
+            successes: self.successes.load(Relaxed),
+            failures_dns: self.failures_dns.load(Relaxed),
+            failures_connect: self.failures_connect.load(Relaxed),
+            failures_login: self.failures_login.load(Relaxed),
+            timeouts_dns: self.timeouts_dns.load(Relaxed),
+            timeouts_connect: self.timeouts_connect.load(Relaxed),
+            timeouts_login: self.timeouts_login.load(Relaxed),
+            fast_failures: self.fast_failures.load(Relaxed),
+            breaker_opens: self.breaker_opens.load(Relaxed),
+            breaker: self.breaker().as_str(),
+        }
+    }
+}

@@ -1,0 +1,337 @@
+//! Storm controls per upstream host: at most `server_connect_concurrency` connection attempts in
+//! flight, exponential back-off with full jitter after failures (one trial at a time until a
+//! connect succeeds again), and a circuit breaker that makes clients fail fast once a host has
+//! failed `server_breaker_threshold` times in a row, with a half-open probe to close it.
+//!
+//! A host is shared by every pool that connects to it, so a thousand waiting clients still
+//! produce at most a handful of connection attempts.
+
+use std::collections::HashMap;
+use std::pin::pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use stats::{Breaker, HostStats};
+use tokio::sync::{Notify, Semaphore, SemaphorePermit};
+
+/// Storm-control settings, from `[pooler]`.
+#[derive(Debug, Clone)]
+pub struct StormSettings {
+    /// `server_connect_concurrency`: attempts in flight per host.
+    pub connect_concurrency: usize,
+    /// `server_login_retry`: base of the exponential back-off after a failed attempt.
+    pub retry_base: Duration,
+    /// `server_login_retry_max`: cap of the back-off, and the breaker's probe interval.
+    pub retry_max: Duration,
+    /// `server_breaker_threshold`: consecutive failures that open the breaker; 0 never opens it.
+    pub breaker_threshold: u32,
+}
+
+impl Default for StormSettings {
+    fn default() -> Self {
+        StormSettings {
+            connect_concurrency: 4,
+            retry_base: Duration::from_millis(250),
+            retry_max: Duration::from_secs(15),
+            breaker_threshold: 10,
+        }
+    }
+}
+
+/// Why an attempt was not even made.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("upstream {host} is failing: circuit breaker open after {failures} failed connection attempts in a row; next probe in {retry_in:?}")]
+pub struct BreakerOpen {
+    pub host: String,
+    pub failures: u32,
+    pub retry_in: Duration,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    failures: u32,
+    /// No attempt before this instant (back-off, or the breaker's next probe).
+    not_before: Option<Instant>,
+    breaker: Option<Breaker>,
+    /// After a failure only one attempt at a time, until one succeeds.
+    trial_in_flight: bool,
+}
+
+pub struct Host {
+    pub name: String,
+    limiter: Semaphore,
+    state: Mutex<State>,
+    changed: Notify,
+    settings: StormSettings,
+    pub stats: Arc<HostStats>,
+}
+
+/// Permission to make one attempt. Report its outcome with [`Attempt::succeeded`] or
+/// [`Attempt::failed`]; dropping it (the client gave up) counts as neither.
+pub struct Attempt<'a> {
+    host: &'a Host,
+    _permit: SemaphorePermit<'a>,
+    trial: bool,
+    reported: bool,
+}
+
+impl Host {
+    fn new(name: String, settings: StormSettings) -> Host {
+        Host {
+            stats: Arc::new(HostStats::new(&name)),
+            limiter: Semaphore::new(settings.connect_concurrency.max(1)),
+            name,
+            state: Mutex::new(State::default()),
+            changed: Notify::new(),
+            settings,
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        match self.state.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    pub fn breaker(&self) -> Breaker {
+        self.lock().breaker.unwrap_or(Breaker::Closed)
+    }
+
+    /// Waits until an attempt may be made: not while the breaker is open (that fails at once),
+    /// not before the back-off expires, not while a trial after a failure is in flight, and not
+    /// above the concurrency limit.
+    pub async fn admit(&self) -> Result<Attempt<'_>, BreakerOpen> {
+        let trial = loop {
+            let mut notified = pin!(self.changed.notified());
+            notified.as_mut().enable();
+            let wait = {
+                let mut st = self.lock();
+                let now = Instant::now();
+                match st.breaker.unwrap_or(Breaker::Closed) {
+                    Breaker::Open | Breaker::HalfOpen => {
+                        let due = st.not_before.is_none_or(|t| t <= now);
+                        if due && !st.trial_in_flight {
+                            st.breaker = Some(Breaker::HalfOpen);
+                            self.stats.set_breaker(Breaker::HalfOpen);
+                            st.trial_in_flight = true;
+                            tracing::info!(host = %self.name, "circuit breaker half-open: probing");
+                            break true;
+                        }
+                        stats::GlobalStats::bump(&self.stats.fast_failures);
+                        return Err(BreakerOpen {
+                            host: self.name.clone(),
+                            failures: st.failures,
+                            retry_in: st
+                                .not_before
+                                .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                        });
+                    }
+                    Breaker::Closed => match st.not_before {
+                        Some(t) if t > now => Some(t - now),
+                        _ if st.failures == 0 => break false,
+                        _ if !st.trial_in_flight => {
+                            st.trial_in_flight = true;
+                            break true;
+                        }
+                        // A trial is running: wait for its outcome.
+                        _ => None,
+                    },
+                }
+            };
+            match wait {
+                Some(d) => {
+                    tokio::select! {
+                        _ = tokio::time::sleep(d) => {}
+                        _ = notified => {}
+                    }
+                }
+                None => notified.await,
+            }
+        };
+        let permit = match self.limiter.acquire().await {
+            Ok(p) => p,
+            // The semaphore is never closed.
+            Err(_) => unreachable!("host limiter closed"),
+        };
+        stats::GlobalStats::bump(&self.stats.attempts);
+        Ok(Attempt {
+            host: self,
+            _permit: permit,
+            trial,
+            reported: false,
+        })
+    }
+
+    /// Full jitter: a random delay up to min(max, base · 2^(failures-1)).
+    fn backoff(&self, failures: u32) -> Duration {
+        let exp = failures.saturating_sub(1).min(20);
+        let ceiling = self
+            .settings
+            .retry_base
+            .saturating_mul(1u32 << exp)
+            .min(self.settings.retry_max);
+        ceiling.mul_f64(rand::random::<f64>())
+    }
+}
+
+impl Attempt<'_> {
+    pub fn succeeded(mut self) {
+        self.reported = true;
+        let host = self.host;
+        let mut st = host.lock();
+        if st.failures > 0 || st.breaker.is_some() {
+            tracing::info!(host = %host.name, failures = st.failures, "upstream reachable again");
+        }
+        *st = State::default();
+        drop(st);
+        host.stats.set_breaker(Breaker::Closed);
+        stats::GlobalStats::bump(&host.stats.successes);
+        host.changed.notify_waiters();
+    }
+
+    pub fn failed(mut self) {
+        self.reported = true;
+        let host = self.host;
+        let mut st = host.lock();
+        st.failures = st.failures.saturating_add(1);
+        st.trial_in_flight = false;
+        let now = Instant::now();
+        let threshold = host.settings.breaker_threshold;
+        let was = st.breaker;
+        if was == Some(Breaker::HalfOpen) || (threshold > 0 && st.failures >= threshold) {
+            st.breaker = Some(Breaker::Open);
+            st.not_before = Some(now + host.settings.retry_max);
+            drop(st);
+            host.stats.set_breaker(Breaker::Open);
+            if was != Some(Breaker::Open) {
+                tracing::warn!(host = %host.name, threshold, "circuit breaker open: failing clients fast until a probe succeeds");
+            }
+        } else {
+            st.not_before = Some(now + host.backoff(st.failures));
+            drop(st);
+        }
+        host.changed.notify_waiters();
+    }
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        if !self.reported && self.trial {
+            let mut st = self.host.lock();
+            st.trial_in_flight = false;
+            if st.breaker == Some(Breaker::HalfOpen) {
+                st.breaker = Some(Breaker::Open);
+            }
+            drop(st);
+            self.host.changed.notify_waiters();
+        }
+    }
+}
+
+/// Every upstream host Breakwater has connected to, shared by all pools.
+#[derive(Default)]
+pub struct Hosts {
+    map: Mutex<HashMap<String, Arc<Host>>>,
+    settings: StormSettings,
+}
+
+impl Hosts {
+    pub fn new(settings: StormSettings) -> Hosts {
+        Hosts {
+            map: Mutex::new(HashMap::new()),
+            settings,
+        }
+    }
+
+    pub fn get(&self, host: &str, port: u16) -> Arc<Host> {
+        let name = format!("{host}:{port}");
+        let mut map = match self.map.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        map.entry(name.clone())
+            .or_insert_with(|| Arc::new(Host::new(name, self.settings.clone())))
+            .clone()
+    }
+
+    pub fn all(&self) -> Vec<Arc<Host>> {
+        match self.map.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn host(threshold: u32) -> Host {
+        Host::new(
+            "db:5432".into(),
+            StormSettings {
+                connect_concurrency: 2,
+                retry_base: Duration::from_millis(10),
+                retry_max: Duration::from_millis(50),
+                breaker_threshold: threshold,
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn the_breaker_opens_after_the_threshold_and_a_successful_probe_closes_it() {
+        let h = host(3);
+        for _ in 0..3 {
+            h.admit().await.unwrap().failed();
+        }
+        assert_eq!(h.breaker(), Breaker::Open);
+        let err = h.admit().await.err().expect("fails fast while open");
+        assert_eq!(err.failures, 3);
+        assert_eq!(
+            h.stats
+                .fast_failures
+                .load(std::sync::atomic::Ordering::Relaxed),
+            1
+        );
+        // After retry_max a single probe is let through; others still fail fast.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let probe = h.admit().await.unwrap();
+        assert_eq!(h.breaker(), Breaker::HalfOpen);
+        assert!(h.admit().await.is_err());
+        probe.succeeded();
+        assert_eq!(h.breaker(), Breaker::Closed);
+        assert!(h.admit().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn after_a_failure_attempts_are_spaced_and_one_at_a_time() {
+        let h = host(0);
+        h.admit().await.unwrap().failed();
+        let trial = h.admit().await.unwrap();
+        // A second caller waits for the trial's outcome instead of attempting too.
+        let second = tokio::time::timeout(Duration::from_millis(100), h.admit()).await;
+        assert!(
+            second.is_err(),
+            "second attempt must wait while a trial is in flight"
+        );
+        trial.succeeded();
+        let a = h.admit().await.unwrap();
+        let b = h.admit().await.unwrap();
+        // Concurrency limit 2: the third waits.
+        assert!(tokio::time::timeout(Duration::from_millis(50), h.admit())
+            .await
+            .is_err());
+        drop((a, b));
+    }
+
+    #[test]
+    fn backoff_is_full_jitter_below_the_cap() {
+        let h = host(0);
+        for failures in 1..30 {
+            let d = h.backoff(failures);
+            assert!(d <= Duration::from_millis(50), "{d:?}");
+        }
+        assert!(h.backoff(1) <= Duration::from_millis(10));
+    }
+}
