@@ -139,3 +139,15 @@ pub fn psql(
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);
+
+/// Lets a test hold many sockets: soft fd limit up to the hard one.
+pub fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}

@@ -8,3 +8,4 @@ mod pooling;
 mod prepared;
 mod protocol;
 mod session_state;
+mod storm;

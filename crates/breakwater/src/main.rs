@@ -55,6 +55,7 @@ fn main() -> ExitCode {
         )
         .with_target(false)
         .init();
+    raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.file.pooler.workers > 0 {
         rt.worker_threads(config.file.pooler.workers);
@@ -236,4 +237,17 @@ async fn admin_console(mut admin: proxy::AdminLogin) {
     )
     .write(&mut out);
     let _ = admin.stream.write_all(&out).await;
+}
+
+/// Every client and server connection is a file descriptor: raise the soft limit to the hard
+/// one so max_client_conn, not a default of 1024, decides how many clients fit.
+fn raise_fd_limit() {
+    // SAFETY: getrlimit/setrlimit on a struct we own.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            let _ = libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
 }
