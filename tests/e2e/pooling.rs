@@ -220,3 +220,32 @@ async fn waiting_clients_are_served_when_a_transaction_ends() {
         5
     );
 }
+
+#[tokio::test]
+async fn clients_can_connect_over_the_unix_socket() {
+    let sock_dir = tempfile::tempdir().unwrap();
+    let extra = format!("unix_socket_dir = \"{}\"", sock_dir.path().display());
+    let env = start(&extra, "pool_size = 2\n");
+    let out = std::process::Command::new(testkit::pg_bin("psql").unwrap())
+        .args(["-X", "-At", "-h"])
+        .arg(sock_dir.path())
+        .args([
+            "-p",
+            &env.pooler.port().to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+            "-c",
+            "SELECT 40 + 2",
+        ])
+        .env("PGPASSWORD", "app_pw")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+}

@@ -129,13 +129,16 @@ async fn serve_inner(
     let result = match settings.client_login_timeout {
         Some(t) => match tokio::time::timeout(t, login).await {
             Ok(r) => r,
-            Err(_) => Err(LoginEnd::Refuse(PgError::fatal(
-                SqlState::PROTOCOL_VIOLATION,
-                format!(
-                    "client_login_timeout ({}) expired during login",
-                    fmt_duration(t)
-                ),
-            ))),
+            Err(_) => {
+                GlobalStats::bump(&shared.stats.timeouts_client_login);
+                Err(LoginEnd::Refuse(PgError::fatal(
+                    SqlState::PROTOCOL_VIOLATION,
+                    format!(
+                        "client_login_timeout ({}) expired during login",
+                        fmt_duration(t)
+                    ),
+                )))
+            }
         },
         None => login.await,
     };

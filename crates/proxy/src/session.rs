@@ -20,7 +20,7 @@ use proto::backend;
 use proto::error::{PgError, SqlState};
 use proto::frame::{self, HEADER_LEN};
 use proto::frontend;
-use stats::PoolStats;
+use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use upstream::{discard, CheckoutError, ConnectError, PooledServer, QueryError};
@@ -122,6 +122,7 @@ enum Work {
 }
 
 pub(crate) struct Session<'a> {
+    global: &'a GlobalStats,
     settings: &'a ProxySettings,
     client: ClientConn,
     entry: Arc<PoolEntry>,
@@ -147,6 +148,7 @@ impl<'a> Session<'a> {
     ) -> Self {
         let mode = entry.route.pool_mode;
         Session {
+            global: &shared.stats,
             settings,
             client,
             entry,
@@ -327,6 +329,8 @@ impl<'a> Session<'a> {
                 },
                 _ = self.shutdown.changed() => {}
                 _ = sleep_opt(idle) => {
+                    GlobalStats::bump(&self.global.timeouts_client_idle);
+                    tracing::info!("client_idle_timeout expired");
                     return Work::Fatal(PgError::fatal(
                         SqlState::IDLE_SESSION_TIMEOUT,
                         format!("client_idle_timeout ({}) expired", fmt_duration(idle.unwrap_or_default())),
@@ -368,7 +372,11 @@ impl<'a> Session<'a> {
         PoolStats::gauge(&stats.cl_waiting, -1);
         PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
         PoolStats::add(&stats.wait_count, 1);
+        let global = self.global;
         result.map_err(|e| {
+            if matches!(e, CheckoutError::WaitTimeout { .. }) {
+                GlobalStats::bump(&global.timeouts_query_wait);
+            }
             tracing::warn!(error = %e, "no server connection for client");
             checkout_error(e)
         })
@@ -559,19 +567,28 @@ impl<'a> Session<'a> {
         };
         match timer {
             Timer::None => None,
-            Timer::IdleTransaction => fatal(
-                SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
-                "idle_transaction_timeout",
-                s.idle_transaction_timeout,
-                "",
-            ),
-            Timer::ClientIdle => fatal(
-                SqlState::IDLE_SESSION_TIMEOUT,
-                "client_idle_timeout",
-                s.client_idle_timeout,
-                "",
-            ),
+            Timer::IdleTransaction => {
+                GlobalStats::bump(&self.global.timeouts_idle_transaction);
+                tracing::info!("idle_transaction_timeout expired");
+                fatal(
+                    SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                    "idle_transaction_timeout",
+                    s.idle_transaction_timeout,
+                    "",
+                )
+            }
+            Timer::ClientIdle => {
+                GlobalStats::bump(&self.global.timeouts_client_idle);
+                tracing::info!("client_idle_timeout expired");
+                fatal(
+                    SqlState::IDLE_SESSION_TIMEOUT,
+                    "client_idle_timeout",
+                    s.client_idle_timeout,
+                    "",
+                )
+            }
             Timer::Query => {
+                GlobalStats::bump(&self.global.timeouts_query);
                 tracing::warn!(
                     server = h.server.id,
                     "query_timeout expired; cancelling the query"
@@ -597,6 +614,7 @@ impl<'a> Session<'a> {
             }
             Timer::Unresponsive => {
                 if h.server.socket_looks_dead() {
+                    GlobalStats::bump(&self.global.timeouts_server_unresponsive);
                     h.server.broken = true;
                     tracing::warn!(
                         server = h.server.id,

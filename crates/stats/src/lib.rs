@@ -114,6 +114,13 @@ pub struct GlobalStats {
     pub protocol_errors: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
     pub cancel_requests: AtomicU64,
+    /// Timeouts by setting, each also logged where it fires.
+    pub timeouts_query_wait: AtomicU64,
+    pub timeouts_client_login: AtomicU64,
+    pub timeouts_client_idle: AtomicU64,
+    pub timeouts_idle_transaction: AtomicU64,
+    pub timeouts_query: AtomicU64,
+    pub timeouts_server_unresponsive: AtomicU64,
 }
 
 impl GlobalStats {
