@@ -79,6 +79,7 @@ fn try_lock(dir: &Path, port: u16) -> anyhow::Result<Option<File>> {
         .read(true)
         .write(true)
         .create(true)
+        .truncate(false)
         .mode(0o666)
         .open(&path)
     {

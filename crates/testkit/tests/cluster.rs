@@ -157,11 +157,16 @@ fn a_panicking_test_still_stops_its_cluster() {
     assert!(result.is_err());
     let (port, pid) = rx.recv().unwrap();
     // The unwinding drop asked for an immediate stop; the postmaster exits shortly after.
-    wait_until_blocking("postgres to stop after the panic", Duration::from_secs(10), || {
-        !accepts_connections(port) && !process_alive(pid)
-    })
+    wait_until_blocking(
+        "postgres to stop after the panic",
+        Duration::from_secs(10),
+        || !accepts_connections(port) && !process_alive(pid),
+    )
     .unwrap();
 }
+
+/// Marks the helper's report line; libtest prints `test <name> ... ` on the same line first.
+const HELPER_MARK: &str = "testkit-helper-cluster:";
 
 /// Run by `a_killed_test_process_leaves_no_postgres_behind` in a child process, which it kills.
 #[test]
@@ -172,7 +177,7 @@ fn helper_start_a_cluster_and_hang() {
     }
     let pg = PgCluster::start().unwrap();
     println!(
-        "cluster {} {} {}",
+        "{HELPER_MARK} {} {} {}",
         pg.port(),
         pg.pid().unwrap(),
         pg.socket_dir().display()
@@ -183,7 +188,6 @@ fn helper_start_a_cluster_and_hang() {
 }
 
 #[test]
-#[ignore = "hangs under nextest in CI (the helper's cluster line never arrives); run by hand with --ignored"]
 fn a_killed_test_process_leaves_no_postgres_behind() {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -198,12 +202,24 @@ fn a_killed_test_process_leaves_no_postgres_behind() {
         .spawn()
         .unwrap();
     let stdout = BufReader::new(child.stdout.take().unwrap());
-    let line = stdout
-        .lines()
-        .map(Result::unwrap)
-        .find(|line| line.starts_with("cluster "))
-        .expect("helper printed no cluster line");
-    let mut fields = line.split(' ').skip(1);
+    // Read on a thread so a helper that never reports fails the test instead of hanging it.
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let report = stdout.lines().map_while(Result::ok).find_map(|line| {
+            let (_, fields) = line.split_once(HELPER_MARK)?;
+            Some(fields.trim().to_owned())
+        });
+        let _ = tx.send(report);
+    });
+    let report = match rx.recv_timeout(Duration::from_secs(60)) {
+        Ok(Some(report)) => report,
+        outcome => {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the helper reported no cluster: {outcome:?}");
+        }
+    };
+    let mut fields = report.split(' ');
     let port: u16 = fields.next().unwrap().parse().unwrap();
     let pid: u32 = fields.next().unwrap().parse().unwrap();
     let dir = PathBuf::from(fields.next().unwrap());

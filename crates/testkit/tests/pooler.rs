@@ -24,6 +24,13 @@ fn start_writes_the_files_and_returns_once_listening() {
     )
     .unwrap();
     assert_eq!(pooler.port(), port);
+    // Readiness is seen in /proc, without a probe connection (which the pooler would count); look
+    // before connecting here ourselves.
+    assert!(
+        !pooler.log().contains("accepted a connection"),
+        "{}",
+        pooler.log()
+    );
     assert!(accepts_connections(port));
     assert_eq!(
         std::fs::read_to_string(pooler.dir().join("userlist.txt")).unwrap(),
