@@ -332,8 +332,7 @@ impl ServerConn {
         if self.broken || !self.buf.is_empty() {
             return false;
         }
-        let mut probe = [0u8; 1];
-        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+        self.stream.is_idle_and_open()
     }
 
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, keeping ParameterStatus

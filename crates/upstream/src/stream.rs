@@ -15,13 +15,27 @@ pub enum Stream {
 }
 
 impl Stream {
-    /// Reads whatever is already buffered by the kernel without waiting: `Ok(0)` means the peer
-    /// closed, `WouldBlock` means nothing is there. Used to notice idle connections that died.
-    pub fn try_read(&self, buf: &mut [u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_read(buf),
-            Stream::Unix(s) => s.try_read(buf),
-        }
+    /// Is the peer still there with nothing unread? Asks the kernel directly (a non-blocking
+    /// `MSG_PEEK`), because tokio's cached readiness may not yet know about bytes or a FIN that
+    /// arrived while nobody was polling this idle socket. `false` when the peer closed, sent
+    /// something unexpected (typically a FATAL before closing), or the socket errored.
+    pub fn is_idle_and_open(&self) -> bool {
+        use std::os::fd::AsRawFd;
+        let fd = match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        };
+        let mut probe = [0u8; 1];
+        // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves the data in place.
+        let n = unsafe {
+            libc::recv(
+                fd,
+                probe.as_mut_ptr().cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
     /// Disables Nagle: the pooler forwards whole protocol messages and must not sit on them.
