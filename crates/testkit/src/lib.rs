@@ -9,12 +9,14 @@
 //! data directories, and is never a dependency of the shipped binary.
 
 mod conn;
+mod fault;
 mod pg;
 mod pooler;
 mod port;
 mod process;
 mod wait;
 
+pub use fault::{ByteFault, ConnectFault, FaultProxy};
 pub use pg::{pg_bin, PgCluster, PgOptions, ROLES, SUPERUSER};
 pub use pooler::Pooler;
 pub use port::{accepts_connections, free_port};
