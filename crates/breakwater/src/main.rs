@@ -155,7 +155,8 @@ async fn wait_for_stop_signal() {
 
 /// Opens warm connections up to `min_pool_size` and closes idle ones past their timeouts.
 async fn maintenance(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    // Often enough that lifetime jitter spreads reconnects, cheap enough not to matter.
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -1,0 +1,309 @@
+//! Storm shield against a misbehaving network: the test kit's fault-injecting proxy sits
+//! between Breakwater and a real PostgreSQL.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use testkit::{ByteFault, ConnectFault, FaultProxy, PgCluster, Pooler};
+
+use crate::common::*;
+
+/// A cluster, a fault proxy in front of it, and Breakwater pointed at the proxy.
+struct Faulty {
+    pooler: Pooler,
+    proxy: FaultProxy,
+    pg: PgCluster,
+}
+
+fn faulty(pooler_extra: &str, db_extra: &str) -> Faulty {
+    let pg = PgCluster::start().unwrap();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port()))).unwrap();
+    let port = testkit::free_port();
+    let config = format!(
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\n{pooler_extra}\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\n{db_extra}\n",
+        proxy.port()
+    );
+    let pooler = Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap();
+    Faulty { pooler, proxy, pg }
+}
+
+/// A loopback port whose accept queue is full, so further SYNs are dropped and connects hang —
+/// a blackholed host without leaving the machine.
+fn blackholed_port() -> (u16, socket2::Socket, Vec<std::net::TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(
+            &SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(200),
+        ) {
+            Ok(c) => fillers.push(c),
+            Err(_) => break,
+        }
+    }
+    (port, s, fillers)
+}
+
+fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
+    let port = testkit::free_port();
+    let config = format!(
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\n{pooler_extra}\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {upstream_port}\nuser = \"app\"\n"
+    );
+    Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap()
+}
+
+#[tokio::test]
+async fn a_blackholed_connect_is_abandoned_at_server_connect_timeout() {
+    let (port, _listener, _fillers) = blackholed_port();
+    // One failure opens the breaker, so the client's wait is exactly one attempt.
+    let pooler = pooler_for_port(port, "server_connect_timeout = \"1s\"\nserver_breaker_threshold = 1\nquery_wait_timeout = \"10s\"");
+    let started = Instant::now();
+    let code = sqlstate(pooler.connect("app", "app_pw", "app").await);
+    let took = started.elapsed();
+    assert_eq!(code, "57P03");
+    assert!(
+        took >= Duration::from_millis(750) && took <= Duration::from_millis(1500),
+        "attempt took {took:?}"
+    );
+    assert!(
+        pooler.log().contains("server_connect_timeout (1s) expired"),
+        "{}",
+        pooler.log()
+    );
+}
+
+#[tokio::test]
+async fn a_client_waiting_on_a_blackholed_host_is_told_after_query_wait_timeout_and_why() {
+    let (port, _listener, _fillers) = blackholed_port();
+    let pooler = pooler_for_port(port, "server_connect_timeout = \"1s\"\nserver_breaker_threshold = 0\nquery_wait_timeout = \"2500ms\"");
+    let started = Instant::now();
+    let err = pooler.connect("app", "app_pw", "app").await.unwrap_err();
+    let took = started.elapsed();
+    let msg = err.as_db_error().unwrap().message().to_owned();
+    assert!(
+        msg.contains("query_wait_timeout") && msg.contains("server_connect_timeout"),
+        "{msg}"
+    );
+    assert!(
+        took >= Duration::from_millis(2400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_server_silent_during_login_is_abandoned_at_server_login_timeout() {
+    let f = faulty("server_login_timeout = \"1s\"\nserver_breaker_threshold = 0\nquery_wait_timeout = \"2500ms\"", "");
+    f.proxy.set_connect(ConnectFault::Blackhole);
+    let started = Instant::now();
+    let err = f.pooler.connect("app", "app_pw", "app").await.unwrap_err();
+    let took = started.elapsed();
+    let msg = err.as_db_error().unwrap().message().to_owned();
+    assert!(msg.contains("server_login_timeout (1s) expired"), "{msg}");
+    assert!(
+        took >= Duration::from_millis(2400) && took < Duration::from_secs(4),
+        "{took:?}"
+    );
+    // Attempts were paced: with 1s per attempt and back-off, only a few in 2.5s.
+    assert!(f.proxy.attempts() <= 4, "{} attempts", f.proxy.attempts());
+}
+
+#[tokio::test]
+async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffected() {
+    let f = faulty("query_timeout = \"2s\"", "pool_size = 2\n");
+    let a = f.pooler.connect("app", "app_pw", "app").await.unwrap();
+    let b = f.pooler.connect("app", "app_pw", "app").await.unwrap();
+    assert_eq!(
+        b.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    let started = Instant::now();
+    let stuck = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(1)").await });
+    let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
+    testkit::wait_until("the query is running", WAIT, || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1)'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await
+    .unwrap();
+    // Every existing connection goes silent, without FIN or RST.
+    f.proxy.drop_all_silently();
+    // Another client is served on a fresh connection meanwhile.
+    let c = f.pooler.connect("app", "app_pw", "app").await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0),
+        2
+    );
+    // The frozen one gets an error once query_timeout and the cancel grace have passed.
+    let r = tokio::time::timeout(Duration::from_secs(10), stuck)
+        .await
+        .expect("the frozen client hung")
+        .unwrap();
+    assert!(r.is_err());
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(2) && took < Duration::from_secs(7),
+        "{took:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_concurrency() {
+    let mut f = faulty(
+        // Fast retries to keep the test short; no breaker, which is tested on its own.
+        "auth_type = \"trust\"\nserver_connect_concurrency = 3\nserver_login_retry = \"50ms\"\nserver_login_retry_max = \"1s\"\nserver_breaker_threshold = 0\nquery_wait_timeout = \"30s\"\nmax_client_conn = 500",
+        "pool_size = 20\n",
+    );
+    let conn = f.pooler.conn_string("app", "", "app");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let tasks: Vec<_> = (0..200)
+        .map(|i| {
+            let conn = conn.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut done_after_restart = 0;
+                let mut c = connect(&conn).await.unwrap();
+                let deadline = Instant::now() + Duration::from_secs(40);
+                while done_after_restart < 3 {
+                    assert!(Instant::now() < deadline, "client {i} never recovered");
+                    match c.simple_query("SELECT 1").await {
+                        Ok(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => {
+                            done_after_restart += 1
+                        }
+                        Ok(_) => {}
+                        // Its server died with the database: reconnect, as an application would.
+                        Err(_) => c = connect(&conn).await.unwrap(),
+                    }
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    f.proxy.reset_peak();
+    f.pg.restart();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a client hung")
+            .unwrap();
+    }
+    let peak = f.proxy.peak_logging_in();
+    assert!(
+        peak >= 1 && peak <= 3,
+        "peak concurrent logins {peak} with server_connect_concurrency = 3"
+    );
+}
+
+#[tokio::test]
+async fn a_warm_pool_serves_a_burst_of_500_clients_without_paying_connect_latency() {
+    raise_fd_limit();
+    let f = faulty(
+        "auth_type = \"trust\"\nmax_client_conn = 1000",
+        "user = \"app\"\npool_size = 10\nmin_pool_size = 10\n",
+    );
+    let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
+    testkit::wait_until("10 warm connections", WAIT, || async {
+        app_backends(&direct).await == 10
+    })
+    .await
+    .unwrap();
+    f.proxy
+        .set_connect(ConnectFault::Latency(Duration::from_secs(2)));
+    let attempts_before = f.proxy.attempts();
+    let conn = f.pooler.conn_string("app", "", "app");
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..500)
+        .map(|i| {
+            let conn = conn.clone();
+            tokio::spawn(async move {
+                let c = connect(&conn).await.unwrap();
+                let t = Instant::now();
+                let rows = c.simple_query(&format!("SELECT {i}")).await.unwrap();
+                let value = rows.iter().find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                    _ => None,
+                });
+                assert_eq!(value, Some(i.to_string()));
+                t.elapsed()
+            })
+        })
+        .collect();
+    let mut waits = Vec::new();
+    for t in tasks {
+        waits.push(t.await.unwrap());
+    }
+    waits.sort();
+    let median = waits[waits.len() / 2];
+    assert!(
+        median < Duration::from_secs(2),
+        "median query wait {median:?} paid the connect latency"
+    );
+    assert_eq!(
+        f.proxy.attempts(),
+        attempts_before,
+        "no new server connections were needed"
+    );
+    assert!(started.elapsed() < Duration::from_secs(30));
+}
+
+#[tokio::test]
+async fn server_lifetime_recycling_of_a_full_pool_is_spread_over_time() {
+    let f = faulty(
+        "server_lifetime = \"3s\"\nserver_idle_timeout = \"0\"",
+        "user = \"app\"\npool_size = 10\nmin_pool_size = 10\n",
+    );
+    let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
+    testkit::wait_until("10 warm connections", WAIT, || async {
+        app_backends(&direct).await == 10
+    })
+    .await
+    .unwrap();
+    let first: Vec<i32> = direct
+        .query("SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    // Wait until every original connection was replaced, noting when each replacement started.
+    testkit::wait_until("the whole pool recycled", Duration::from_secs(15), || async {
+        let rows = direct
+            .query("SELECT pid FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'", &[])
+            .await
+            .unwrap();
+        rows.iter().all(|r| !first.contains(&r.get::<_, i32>(0))) && rows.len() == 10
+    })
+    .await
+    .unwrap();
+    let starts: Vec<f64> = direct
+        .query(
+            "SELECT extract(epoch FROM backend_start)::float8 FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let spread = starts.iter().cloned().fold(f64::MIN, f64::max)
+        - starts.iter().cloned().fold(f64::MAX, f64::min);
+    assert!(
+        spread >= 0.2,
+        "all {} replacements opened within {spread:.3}s",
+        starts.len()
+    );
+    let _ = ByteFault::None;
+}
