@@ -151,3 +151,37 @@ pub fn raise_fd_limit() {
         }
     }
 }
+
+/// Waits until a query whose text matches the LIKE `pattern` is running.
+pub async fn wait_for_active_query(direct: &Client, pattern: &str) {
+    testkit::wait_until(&format!("a query like {pattern} to run"), WAIT, || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND state = 'active'",
+                &[&pattern],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await
+    .unwrap();
+}
+
+/// Waits until the backend with `pid` has exited.
+pub async fn wait_for_backend_exit(direct: &Client, pid: i32) {
+    testkit::wait_until(&format!("backend {pid} to exit"), WAIT, || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await
+    .unwrap();
+}

@@ -125,19 +125,7 @@ async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffect
     let started = Instant::now();
     let stuck = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(1)").await });
     let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
-    testkit::wait_until("the query is running", WAIT, || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1)'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
-    })
-    .await
-    .unwrap();
+    wait_for_active_query(&direct, "SELECT pg_sleep(1)").await;
     // Every existing connection goes silent, without FIN or RST.
     f.proxy.drop_all_silently();
     // Another client is served on a fresh connection meanwhile.

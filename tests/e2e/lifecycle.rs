@@ -66,16 +66,7 @@ async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    testkit::wait_until("the sleep is running", WAIT, || async {
-        let n: i64 = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)' AND state = 'active'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
-    })
-    .await
-    .unwrap();
+    wait_for_active_query(&direct, "%pg_sleep(30)").await;
     psql.kill().unwrap();
     psql.wait().unwrap();
     let started = Instant::now();
@@ -126,19 +117,7 @@ async fn an_idle_server_closed_by_the_database_is_dropped_before_it_is_handed_ou
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
-    testkit::wait_until("the backend is gone", WAIT, || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
-    })
-    .await
-    .unwrap();
+    wait_for_backend_exit(&direct, pid).await;
     // The same client's next transaction gets a fresh server, with no error.
     let pid2: i32 = a
         .query_one("SELECT pg_backend_pid()", &[])

@@ -254,19 +254,7 @@ async fn statements_are_prepared_again_after_the_server_connection_was_replaced(
         .execute("SELECT pg_terminate_backend($1)", &[&pid])
         .await
         .unwrap();
-    testkit::wait_until("the backend is gone", WAIT, || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
-    })
-    .await
-    .unwrap();
+    wait_for_backend_exit(&direct, pid).await;
     assert_eq!(c.query_one(&s, &[&20]).await.unwrap().get::<_, i32>(0), 19);
 }
 

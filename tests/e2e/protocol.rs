@@ -114,16 +114,7 @@ async fn cancel_stops_a_running_query_within_a_second() {
     let query =
         tokio::spawn(async move { c.query_one("SELECT pg_sleep(10)", &[]).await.map(|_| ()) });
     let direct = env.direct().await;
-    testkit::wait_until("the sleep is running", WAIT, || async {
-        let n: i64 = direct
-            .query_one("SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(10)' AND state = 'active'", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
-    })
-    .await
-    .unwrap();
+    wait_for_active_query(&direct, "SELECT pg_sleep(10)").await;
     let cancel_sent = Instant::now();
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let r = query.await.unwrap();
