@@ -177,13 +177,15 @@ fn scram(c: &mut Criterion) {
     let keys = exchange(&verifier, &password).expect("a SCRAM exchange with the right password");
 
     let mut group = c.benchmark_group("scram");
-    group.bench_function("server verification (full exchange, client holds keys)", |b| {
-        b.iter(|| exchange(&verifier, &keys).expect("exchange"))
-    });
+    group.bench_function(
+        "server verification (full exchange, client holds keys)",
+        |b| b.iter(|| exchange(&verifier, &keys).expect("exchange")),
+    );
     group.sample_size(20);
-    group.bench_function("full exchange, client runs PBKDF2 (4096 iterations) like libpq", |b| {
-        b.iter(|| exchange(&verifier, &password).expect("exchange"))
-    });
+    group.bench_function(
+        "full exchange, client runs PBKDF2 (4096 iterations) like libpq",
+        |b| b.iter(|| exchange(&verifier, &password).expect("exchange")),
+    );
     group.bench_function("verifier from a plaintext auth_file entry (PBKDF2)", |b| {
         b.iter(|| ScramVerifier::from_password(black_box("app_pw")))
     });

@@ -50,10 +50,11 @@ struct Cli {
     /// Targets to run, comma-separated, from direct, pgbouncer, breakwater (default: all).
     #[arg(long, value_delimiter = ',')]
     targets: Option<Vec<String>>,
-    /// Another pooler to compare, as NAME=COMMAND (repeatable). COMMAND runs under `sh -c` with
-    /// {port} (where it must listen), {pg_port}, {dir} (a temp dir) and {userlist} (a
-    /// PgBouncer-format auth_file) replaced; it must accept user app / password app_pw on database
-    /// app. Not part of the memory test.
+    /// Another pooler to compare, as NAME=COMMAND (repeatable). COMMAND runs as
+    /// `sh -c "exec COMMAND"` in a temp dir, with {port} (where it must listen), {pg_port},
+    /// {dir} (the temp dir) and {userlist} (a PgBouncer-format auth_file) replaced; it must
+    /// become the pooler process (one command, or a script ending in `exec pooler ...`) and
+    /// accept user app / password app_pw on database app. Not part of the memory test.
     #[arg(long, value_name = "NAME=COMMAND")]
     other: Vec<String>,
     /// The breakwater binary to measure (default: build target/release/breakwater first).
@@ -101,7 +102,9 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
     } else {
         Duration::from_secs(5)
     });
-    let reps = cli.reps.unwrap_or(if cli.smoke || cli.quick { 1 } else { 3 });
+    let reps = cli
+        .reps
+        .unwrap_or(if cli.smoke || cli.quick { 1 } else { 3 });
     let all = pgbench::all_scenarios(cli.with_1000);
     let (scenarios, memory_selected) = if !cli.only.is_empty() {
         let chosen: Vec<Scenario> = all
@@ -110,7 +113,10 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
             .collect();
         let memory = cli.only.iter().any(|o| o == "memory");
         if chosen.is_empty() && !memory {
-            bail!("--only {:?} matches no scenario (see --help for the names)", cli.only);
+            bail!(
+                "--only {:?} matches no scenario (see --help for the names)",
+                cli.only
+            );
         }
         (chosen, memory)
     } else if cli.smoke {
@@ -192,7 +198,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let breakwater_bin = breakwater_bin
         .canonicalize()
         .with_context(|| format!("breakwater binary {}", breakwater_bin.display()))?;
-    if breakwater_bin.components().any(|c| c.as_os_str() == "debug") {
+    if breakwater_bin
+        .components()
+        .any(|c| c.as_os_str() == "debug")
+    {
         notes.push(format!(
             "{} is a debug build: its numbers say nothing about Breakwater's speed.",
             breakwater_bin.display()
@@ -221,14 +230,18 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         max_connections,
         extra_conf: Vec::new(),
     })?;
-    eprintln!("== pgbench -i -s {} (once, directly on PostgreSQL)", cli.scale);
+    eprintln!(
+        "== pgbench -i -s {} (once, directly on PostgreSQL)",
+        cli.scale
+    );
     pgbench::initialize(&pgbench_bin, cluster.port(), cli.scale)?;
     cluster.psql("app", "VACUUM ANALYZE")?;
     let userlist = targets::userlist(&cluster)?;
 
-    let mut versions = vec![
-        ("breakwater".to_owned(), breakwater_version(&breakwater_bin, &root)),
-    ];
+    let mut versions = vec![(
+        "breakwater".to_owned(),
+        breakwater_version(&breakwater_bin, &root),
+    )];
     if let Some(bin) = &pgbouncer_bin {
         versions.push(("pgbouncer".to_owned(), targets::version_of(bin)));
     }
@@ -277,7 +290,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         // Open each pooler's server connections before anything is measured.
         let warmup = Scenario::select("simple", 16);
         for t in running.iter().filter(|t| t.is_pooler()) {
-            let r = pgbench::run(&pgbench_bin, &warmup, t, Duration::from_secs(1), 0, scratch.path())?;
+            let r = pgbench::run(
+                &pgbench_bin,
+                &warmup,
+                t,
+                Duration::from_secs(1),
+                0,
+                scratch.path(),
+            )?;
             if let Some(e) = r.error {
                 eprintln!("   warm-up on {} failed: {e}", t.name);
             }
@@ -289,7 +309,14 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     for scenario in &plan.scenarios {
         for rep in 1..=plan.reps {
             for target in &running {
-                let r = pgbench::run(&pgbench_bin, scenario, target, plan.duration, rep, scratch.path())?;
+                let r = pgbench::run(
+                    &pgbench_bin,
+                    scenario,
+                    target,
+                    plan.duration,
+                    rep,
+                    scratch.path(),
+                )?;
                 eprintln!(
                     "[{:>3}/{total}] {:<22} {:<10} rep {rep}: {}",
                     runs.len() + 1,
@@ -309,8 +336,15 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        for name in plan.targets.iter().filter(|t| *t == "pgbouncer" || *t == "breakwater") {
-            eprintln!("== idle clients on a fresh {name} (trust auth): {:?}", plan.idle_counts);
+        for name in plan
+            .targets
+            .iter()
+            .filter(|t| *t == "pgbouncer" || *t == "breakwater")
+        {
+            eprintln!(
+                "== idle clients on a fresh {name} (trust auth): {:?}",
+                plan.idle_counts
+            );
             let target = if name == "pgbouncer" {
                 targets::start_pgbouncer(
                     pgbouncer_bin.as_deref().context("no pgbouncer binary")?,
@@ -387,7 +421,10 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let md = report::markdown(&header, &summaries, &memory, &notes);
     println!("{md}");
 
-    let out_dir = cli.out.clone().unwrap_or_else(|| root.join("bench-results"));
+    let out_dir = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("bench-results"));
     let stamp = shell_line("date", &["-u", "+%Y%m%d-%H%M%S"]);
     let mut written = report::write_csv(&out_dir, &stamp, &runs, &summaries, &memory)?;
     let md_path = out_dir.join(format!("{stamp}.md"));
@@ -469,7 +506,11 @@ fn shell_line(program: &str, args: &[&str]) -> String {
 
 fn command_line() -> String {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let profile = if cfg!(debug_assertions) { "" } else { " --release" };
+    let profile = if cfg!(debug_assertions) {
+        ""
+    } else {
+        " --release"
+    };
     let mut cmd = format!("cargo run{profile} -p breakwater-bench --");
     for a in args {
         cmd.push(' ');

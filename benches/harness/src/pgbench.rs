@@ -246,8 +246,7 @@ fn parse_output(stdout: &str) -> Parsed {
             p.tps = first_number(rest);
         } else if let Some(rest) = line.strip_prefix("latency average = ") {
             p.latency_ms = first_number(rest);
-        } else if let Some(rest) =
-            line.strip_prefix("number of transactions actually processed: ")
+        } else if let Some(rest) = line.strip_prefix("number of transactions actually processed: ")
         {
             // "N" or "N/M" when a transaction count was given.
             p.transactions = rest.split('/').next().and_then(|n| n.trim().parse().ok());

@@ -47,7 +47,8 @@ pub fn summarize(scenarios: &[Scenario], targets: &[String], runs: &[RunResult])
                 continue;
             }
             let ok: Vec<&&RunResult> = mine.iter().filter(|r| r.ok()).collect();
-            let med = |f: fn(&RunResult) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
+            let med =
+                |f: fn(&RunResult) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
             out.push(Summary {
                 scenario: s.name.clone(),
                 flags: s.flags(),
@@ -90,9 +91,18 @@ pub struct Header {
     pub settings: String,
 }
 
-pub fn markdown(header: &Header, summaries: &[Summary], memory: &[MemPoint], notes: &[String]) -> String {
+pub fn markdown(
+    header: &Header,
+    summaries: &[Summary],
+    memory: &[MemPoint],
+    notes: &[String],
+) -> String {
     let mut md = String::new();
-    let _ = writeln!(md, "### Breakwater vs PgBouncer vs direct PostgreSQL — {}\n", header.date);
+    let _ = writeln!(
+        md,
+        "### Breakwater vs PgBouncer vs direct PostgreSQL — {}\n",
+        header.date
+    );
     let _ = writeln!(md, "- Command: `{}`", header.command);
     let versions: Vec<String> = header
         .versions
@@ -294,7 +304,10 @@ pub fn write_csv(
             csv_opt(s.cpu_us_per_txn),
             csv_opt(ratio(s.tps, direct.and_then(|d| d.tps))),
             csv_opt(ratio(s.tps, bouncer.and_then(|b| b.tps))),
-            csv_opt(ratio(s.cpu_us_per_txn, bouncer.and_then(|b| b.cpu_us_per_txn))),
+            csv_opt(ratio(
+                s.cpu_us_per_txn,
+                bouncer.and_then(|b| b.cpu_us_per_txn)
+            )),
         );
     }
     written.push(write(dir, &format!("{prefix}-summary.csv"), &text)?);
