@@ -115,6 +115,14 @@ enum Timer {
 /// How long a cancelled query may take to stop before its server connection is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
+enum Local {
+    /// The batch was answered without a server.
+    Answered,
+    /// The batch so far needs no server, but it is not complete.
+    NeedMore,
+    NeedServer,
+}
+
 enum Work {
     Message,
     Gone,
@@ -313,10 +321,19 @@ impl<'a> Session<'a> {
                         e.to_string(),
                     ));
                 }
-                return match self.client.buf[0] {
-                    frontend::TERMINATE => Work::Gone,
-                    _ => Work::Message,
-                };
+                match self.client.buf[0] {
+                    frontend::TERMINATE => return Work::Gone,
+                    _ => match self.answer_locally() {
+                        Local::NeedServer => return Work::Message,
+                        Local::Answered => {
+                            if self.client.flush().await.is_err() {
+                                return Work::Gone;
+                            }
+                            continue;
+                        }
+                        Local::NeedMore => {}
+                    },
+                }
             }
             if *self.shutdown.borrow() {
                 return Work::Fatal(shutdown_error());
@@ -338,6 +355,56 @@ impl<'a> Session<'a> {
                 }
             }
         }
+    }
+
+    /// Outside a transaction, a batch of only Close (of a named statement), Flush and Sync
+    /// needs no server: drivers send one whenever they drop a statement (tokio-postgres does).
+    /// Answering it here saves a checkout and a round trip, and keeps such housekeeping off
+    /// server connections that may be failing.
+    fn answer_locally(&mut self) -> Local {
+        if self.settings.max_prepared_statements == 0 {
+            return Local::NeedServer;
+        }
+        let buf = &self.client.buf;
+        let mut pos = 0;
+        let mut closes = Vec::new();
+        let end = loop {
+            let rest = &buf[pos..];
+            let Ok(Some(total)) = frame::message_len(rest, self.settings.max_message) else {
+                // An incomplete message: a real request, or the rest of this batch.
+                return if closes.is_empty() {
+                    Local::NeedServer
+                } else {
+                    Local::NeedMore
+                };
+            };
+            let body = &rest[HEADER_LEN..total];
+            match rest[0] {
+                frontend::CLOSE
+                    if body.first() == Some(&b'S') && body.get(1).is_some_and(|b| *b != 0) =>
+                {
+                    closes.push((pos + HEADER_LEN + 1, total - HEADER_LEN - 2));
+                }
+                // Flush: the client wants the replies so far, and no ReadyForQuery.
+                frontend::FLUSH => break (pos + total, false),
+                frontend::SYNC => break (pos + total, true),
+                _ => return Local::NeedServer,
+            }
+            pos += total;
+            if pos == buf.len() {
+                return Local::NeedMore;
+            }
+        };
+        let (end, sync) = end;
+        let batch = self.client.buf.split_to(end);
+        for (at, len) in closes {
+            self.statements.remove(&batch[at..at + len]);
+            backend::write_close_complete(&mut self.client.out);
+        }
+        if sync {
+            backend::write_ready_for_query(&mut self.client.out, b'I');
+        }
+        Local::Answered
     }
 
     async fn checkout_raw(&mut self) -> Result<PooledServer, PgError> {
