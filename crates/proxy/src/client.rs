@@ -14,12 +14,13 @@ use proto::error::{PgError, SqlState};
 use proto::frame::{self, Message};
 use proto::frontend;
 use proto::startup::{self, StartupParams, StartupRequest};
-use stats::GlobalStats;
+use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 use upstream::Stream;
 
 use crate::params::ClientParams;
+use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::{read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
@@ -148,9 +149,23 @@ async fn serve_inner(
             span.record("db", startup.database.as_str());
             span.record("user", startup.user.as_str());
             tracing::debug!("login");
+            PoolStats::add(&entry.stats.client_logins, 1);
+            let (local, remote) = client.stream.addrs();
             let reg = shared.cancels.register();
+            let listed = shared.registry.register(NewClient {
+                id: client.id,
+                user: startup.user.clone(),
+                database: startup.database.clone(),
+                remote,
+                local,
+                application_name: startup.get("application_name").unwrap_or("").to_owned(),
+                kill: client.stream.shutdown_handle(),
+            });
             let mut session = Session::new(shared, &settings, client, entry, params, reg);
             session.run().await;
+            // Unlisted while the session (and so the socket) still exists: the row's kill
+            // handle never outlives the client it names.
+            drop(listed);
             None
         }
         Ok(Login::Admin { user, is_admin }) => Some(AdminLogin {
@@ -262,6 +277,15 @@ async fn login(
         })?)
     };
 
+    if !is_admin_db && shared.switches().is_disabled(&startup.database) {
+        return Err(LoginEnd::Refuse(PgError::fatal(
+            SqlState::CANNOT_CONNECT_NOW,
+            format!(
+                "database \"{}\" is disabled (DISABLE in the admin console; ENABLE lifts it)",
+                startup.database
+            ),
+        )));
+    }
     let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
     backend::write_auth_ok(&mut client.out);
 
