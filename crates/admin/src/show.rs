@@ -532,6 +532,10 @@ fn latency(view: &View) -> ResultSet {
         ("connect_timeouts", INT8),
         ("login_timeouts", INT8),
         ("wait_timeouts", INT8),
+        ("xact_count", INT8),
+        ("query_count", INT8),
+        ("wait_count", INT8),
+        ("wait_time", INT8),
     ]);
     for p in &view.pools {
         let st = &p.stats;
@@ -553,6 +557,10 @@ fn latency(view: &View) -> ResultSet {
             n(st.connect_timeouts),
             n(st.login_timeouts),
             n(st.wait_timeouts),
+            n(st.xact_count),
+            n(st.query_count),
+            n(st.wait_count),
+            n(st.wait_time_us),
         ]);
     }
     r

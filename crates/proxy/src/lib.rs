@@ -25,6 +25,7 @@ use tokio::sync::watch;
 use upstream::{ServerPool, ServerTarget, Stream};
 
 pub use client::AdminLogin;
+pub use control::{ControlError, ReloadReport};
 pub use registry::ClientInfo;
 pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
 
