@@ -18,7 +18,10 @@ async fn admin(env: &Env) -> Client {
 
 /// Column names and rows (as name → text) of one SHOW.
 async fn show(c: &Client, what: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
-    let msgs = c.simple_query(what).await.unwrap_or_else(|e| panic!("{what}: {e}"));
+    let msgs = c
+        .simple_query(what)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
     let mut cols = Vec::new();
     let mut rows = Vec::new();
     for m in msgs {
@@ -40,8 +43,17 @@ async fn show(c: &Client, what: &str) -> (Vec<String>, Vec<HashMap<String, Strin
 }
 
 /// The row of `what` whose `key` column is `value`.
-async fn row_where(c: &Client, what: &str, key: &str, value: &str) -> Option<HashMap<String, String>> {
-    show(c, what).await.1.into_iter().find(|r| r.get(key).map(String::as_str) == Some(value))
+async fn row_where(
+    c: &Client,
+    what: &str,
+    key: &str,
+    value: &str,
+) -> Option<HashMap<String, String>> {
+    show(c, what)
+        .await
+        .1
+        .into_iter()
+        .find(|r| r.get(key).map(String::as_str) == Some(value))
 }
 
 async fn stat(c: &Client, what: &str, col: &str) -> u64 {
@@ -53,7 +65,9 @@ async fn stat(c: &Client, what: &str, col: &str) -> u64 {
 
 /// The server's message for a failed call.
 fn msg(e: &tokio_postgres::Error) -> String {
-    e.as_db_error().map(|d| d.message().to_owned()).unwrap_or_else(|| e.to_string())
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
 }
 
 fn strs(v: &[&str]) -> Vec<String> {
@@ -64,9 +78,19 @@ fn strs(v: &[&str]) -> Vec<String> {
 async fn psql_runs_show_pools_and_gets_pgbouncers_columns() {
     let env = start("", "");
     env.client().await.simple_query("SELECT 1").await.unwrap();
-    let out = psql(env.pooler.port(), "admin", "admin_pw", "pgbouncer", &["-A", "-F", "|", "-c", "SHOW POOLS;"]);
+    let out = psql(
+        env.pooler.port(),
+        "admin",
+        "admin_pw",
+        "pgbouncer",
+        &["-A", "-F", "|", "-c", "SHOW POOLS;"],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "psql failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let header = stdout.lines().next().unwrap_or_default();
     assert!(
         header.starts_with(
@@ -76,10 +100,22 @@ async fn psql_runs_show_pools_and_gets_pgbouncers_columns() {
         ),
         "{header}"
     );
-    assert!(stdout.lines().any(|l| l.starts_with("app|app|")), "{stdout}");
+    assert!(
+        stdout.lines().any(|l| l.starts_with("app|app|")),
+        "{stdout}"
+    );
     // The other name of the console works the same way.
-    let out = psql(env.pooler.port(), "admin", "admin_pw", "breakwater", &["-A", "-t", "-c", "SHOW VERSION"]);
-    assert!(String::from_utf8_lossy(&out.stdout).starts_with("Breakwater "), "{out:?}");
+    let out = psql(
+        env.pooler.port(),
+        "admin",
+        "admin_pw",
+        "breakwater",
+        &["-A", "-t", "-c", "SHOW VERSION"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("Breakwater "),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
@@ -89,46 +125,181 @@ async fn every_show_command_answers_with_pgbouncers_columns_first() {
     let c = admin(&env).await;
     let expect: &[(&str, &[&str])] = &[
         ("SHOW VERSION", &["version"]),
-        ("SHOW STATS", &["database", "total_server_assignment_count", "total_xact_count", "total_query_count",
-            "total_received", "total_sent", "total_xact_time", "total_query_time", "total_wait_time",
-            "total_client_parse_count", "total_server_parse_count", "total_bind_count"]),
-        ("SHOW STATS_TOTALS", &["database", "server_assignment_count", "xact_count", "query_count",
-            "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time", "client_parse_count",
-            "server_parse_count", "bind_count"]),
-        ("SHOW STATS_AVERAGES", &["database", "server_assignment_count", "xact_count", "query_count",
-            "bytes_received", "bytes_sent", "xact_time", "query_time", "wait_time",
-            "avg_client_parse_count", "avg_server_parse_count", "avg_bind_count"]),
+        (
+            "SHOW STATS",
+            &[
+                "database",
+                "total_server_assignment_count",
+                "total_xact_count",
+                "total_query_count",
+                "total_received",
+                "total_sent",
+                "total_xact_time",
+                "total_query_time",
+                "total_wait_time",
+                "total_client_parse_count",
+                "total_server_parse_count",
+                "total_bind_count",
+            ],
+        ),
+        (
+            "SHOW STATS_TOTALS",
+            &[
+                "database",
+                "server_assignment_count",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+                "client_parse_count",
+                "server_parse_count",
+                "bind_count",
+            ],
+        ),
+        (
+            "SHOW STATS_AVERAGES",
+            &[
+                "database",
+                "server_assignment_count",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+                "avg_client_parse_count",
+                "avg_server_parse_count",
+                "avg_bind_count",
+            ],
+        ),
         ("SHOW TOTALS", &["name", "value"]),
         ("SHOW LISTS", &["list", "items"]),
         ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
-        ("SHOW DATABASES", &["name", "host", "port", "database", "force_user", "pool_size", "min_pool_size",
-            "reserve_pool_size", "server_lifetime", "pool_mode", "load_balance_hosts", "max_connections",
-            "current_connections", "max_client_connections", "current_client_connections", "paused", "disabled"]),
-        ("SHOW USERS", &["name", "pool_size", "reserve_pool_size", "pool_mode", "max_user_connections",
-            "current_connections", "max_user_client_connections", "current_client_connections"]),
-        ("SHOW CLIENTS", &["type", "user", "database", "replication", "state", "addr", "port", "local_addr",
-            "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link",
-            "remote_pid", "tls", "application_name", "prepared_statements", "id"]),
-        ("SHOW SERVERS", &["type", "user", "database", "replication", "state", "addr", "port", "local_addr",
-            "local_port", "connect_time", "request_time", "wait", "wait_us", "close_needed", "ptr", "link",
-            "remote_pid", "tls", "application_name", "prepared_statements", "id"]),
+        (
+            "SHOW DATABASES",
+            &[
+                "name",
+                "host",
+                "port",
+                "database",
+                "force_user",
+                "pool_size",
+                "min_pool_size",
+                "reserve_pool_size",
+                "server_lifetime",
+                "pool_mode",
+                "load_balance_hosts",
+                "max_connections",
+                "current_connections",
+                "max_client_connections",
+                "current_client_connections",
+                "paused",
+                "disabled",
+            ],
+        ),
+        (
+            "SHOW USERS",
+            &[
+                "name",
+                "pool_size",
+                "reserve_pool_size",
+                "pool_mode",
+                "max_user_connections",
+                "current_connections",
+                "max_user_client_connections",
+                "current_client_connections",
+            ],
+        ),
+        (
+            "SHOW CLIENTS",
+            &[
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
+            ],
+        ),
+        (
+            "SHOW SERVERS",
+            &[
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
+            ],
+        ),
         ("SHOW STATE", &["key", "value"]),
         ("SHOW DNS_HOSTS", &["hostname", "ttl", "addrs"]),
-        ("SHOW LATENCY", &["database", "user", "wait_p50_us", "wait_p99_us"]),
+        (
+            "SHOW LATENCY",
+            &["database", "user", "wait_p50_us", "wait_p99_us"],
+        ),
     ];
     for (q, cols) in expect {
         let (got, _) = show(&c, q).await;
-        assert!(got.len() >= cols.len() && got[..cols.len()] == strs(cols)[..], "{q}: {got:?}");
+        assert!(
+            got.len() >= cols.len() && got[..cols.len()] == strs(cols)[..],
+            "{q}: {got:?}"
+        );
     }
     // pgbouncer_exporter parses these SHOW CONFIG values as numbers.
-    let max = row_where(&c, "SHOW CONFIG", "key", "max_client_conn").await.unwrap();
+    let max = row_where(&c, "SHOW CONFIG", "key", "max_client_conn")
+        .await
+        .unwrap();
     assert!(max["value"].parse::<f64>().is_ok(), "{max:?}");
     // The client is listed, with an id SHOW CLIENTS and the logs share; so is its server.
     assert!(!show(&c, "SHOW SERVERS").await.1.is_empty());
     let err = c.simple_query("SHOW NONSENSE").await.unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("unknown SHOW command 'NONSENSE'"), "{err}");
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("unknown SHOW command 'NONSENSE'"),
+        "{err}"
+    );
     let err = c.simple_query("FROBNICATE").await.unwrap_err();
-    assert!(err.as_db_error().unwrap().message().contains("SHOW HELP"), "{err}");
+    assert!(
+        err.as_db_error().unwrap().message().contains("SHOW HELP"),
+        "{err}"
+    );
 }
 
 #[tokio::test]
@@ -158,7 +329,9 @@ async fn show_stats_counts_exactly_the_traffic_a_test_sends() {
         stat(&c, "SHOW STATS", "total_xact_count").await,
         stat(&c, "SHOW STATS_TOTALS", "xact_count").await
     );
-    let lat = row_where(&c, "SHOW LATENCY", "database", "app").await.unwrap();
+    let lat = row_where(&c, "SHOW LATENCY", "database", "app")
+        .await
+        .unwrap();
     assert!(lat["query_p99_us"].parse::<u64>().unwrap() > 0, "{lat:?}");
     assert!(lat["connect_p50_us"].parse::<u64>().unwrap() > 0, "{lat:?}");
 }
@@ -172,11 +345,17 @@ async fn a_stats_user_may_show_but_not_pause() {
         "",
         &format!("{USERLIST}\"watcher\" \"watcher_pw\"\n"),
     );
-    let c = connect(&pooler.conn_string("watcher", "watcher_pw", "pgbouncer")).await.unwrap();
+    let c = connect(&pooler.conn_string("watcher", "watcher_pw", "pgbouncer"))
+        .await
+        .unwrap();
     show(&c, "SHOW POOLS").await;
     let err = c.simple_query("PAUSE").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
-    assert!(err.as_db_error().unwrap().message().contains("admin access needed"));
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("admin access needed"));
     // An application user is refused the console outright.
     let e = sqlstate(connect(&pooler.conn_string("app", "app_pw", "pgbouncer")).await);
     assert_eq!(e, "28000");
@@ -190,17 +369,29 @@ async fn pause_makes_new_transactions_wait_and_resume_releases_them() {
     let c = admin(&env).await;
     c.simple_query("PAUSE app").await.unwrap();
     let (_, st) = show(&c, "SHOW DATABASES").await;
-    assert_eq!(st.iter().find(|r| r["name"] == "app").unwrap()["paused"], "1");
+    assert_eq!(
+        st.iter().find(|r| r["name"] == "app").unwrap()["paused"],
+        "1"
+    );
 
     let waiting = tokio::spawn(async move { app.simple_query("SELECT 42").await.map(|_| ()) });
     testkit::wait_until("the query to wait at the pause", WAIT, || async {
-        row_where(&c, "SHOW POOLS", "database", "app").await.is_some_and(|r| r["cl_waiting"] == "1")
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| r["cl_waiting"] == "1")
     })
     .await
     .unwrap();
-    assert!(!waiting.is_finished(), "a paused database ran a transaction");
+    assert!(
+        !waiting.is_finished(),
+        "a paused database ran a transaction"
+    );
     c.simple_query("RESUME app").await.unwrap();
-    tokio::time::timeout(WAIT, waiting).await.expect("RESUME released the query").unwrap().unwrap();
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("RESUME released the query")
+        .unwrap()
+        .unwrap();
     let err = c.simple_query("RESUME app").await.unwrap_err();
     assert!(msg(&err).contains("not paused"), "{err}");
 }
@@ -215,11 +406,19 @@ async fn kill_client_disconnects_that_client_only() {
     let (_, clients) = show(&c, "SHOW CLIENTS").await;
     assert_eq!(clients.len(), 2, "{clients:?}");
     // The victim connected first, so it has the smaller id.
-    let victim_id = clients.iter().map(|r| r["id"].parse::<u64>().unwrap()).min().unwrap();
-    c.simple_query(&format!("KILL_CLIENT {victim_id}")).await.unwrap();
-    testkit::wait_until("the victim to be gone", WAIT, || async { victim.simple_query("SELECT 1").await.is_err() })
+    let victim_id = clients
+        .iter()
+        .map(|r| r["id"].parse::<u64>().unwrap())
+        .min()
+        .unwrap();
+    c.simple_query(&format!("KILL_CLIENT {victim_id}"))
         .await
         .unwrap();
+    testkit::wait_until("the victim to be gone", WAIT, || async {
+        victim.simple_query("SELECT 1").await.is_err()
+    })
+    .await
+    .unwrap();
     bystander.simple_query("SELECT 1").await.unwrap();
     let err = c.simple_query("KILL_CLIENT 999999").await.unwrap_err();
     assert!(msg(&err).contains("client not found"), "{err}");
@@ -232,12 +431,16 @@ async fn kill_disconnects_a_databases_clients_and_pauses_it_until_resume() {
     app.simple_query("SELECT 1").await.unwrap();
     let c = admin(&env).await;
     c.simple_query("KILL app").await.unwrap();
-    testkit::wait_until("the client to be gone", WAIT, || async { app.simple_query("SELECT 1").await.is_err() })
-        .await
-        .unwrap();
-    testkit::wait_until("its servers to close", WAIT, || async { show(&c, "SHOW SERVERS").await.1.is_empty() })
-        .await
-        .unwrap();
+    testkit::wait_until("the client to be gone", WAIT, || async {
+        app.simple_query("SELECT 1").await.is_err()
+    })
+    .await
+    .unwrap();
+    testkit::wait_until("its servers to close", WAIT, || async {
+        show(&c, "SHOW SERVERS").await.1.is_empty()
+    })
+    .await
+    .unwrap();
     c.simple_query("RESUME app").await.unwrap();
     env.client().await.simple_query("SELECT 1").await.unwrap();
 }
@@ -302,7 +505,9 @@ async fn reload_changes_a_pool_size_under_load_without_a_failed_transaction() {
         load.push(tokio::spawn(async move {
             let mut n = 0u64;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                client.simple_query("BEGIN; SELECT pg_sleep(0.005); COMMIT").await?;
+                client
+                    .simple_query("BEGIN; SELECT pg_sleep(0.005); COMMIT")
+                    .await?;
                 n += 1;
             }
             Ok::<u64, tokio_postgres::Error>(n)
@@ -310,16 +515,25 @@ async fn reload_changes_a_pool_size_under_load_without_a_failed_transaction() {
     }
     write_config(&env, "pool_size = 5\n", "");
     let msgs = c.simple_query("RELOAD").await.unwrap();
-    assert!(matches!(msgs.last(), Some(SimpleQueryMessage::CommandComplete(_))));
+    assert!(matches!(
+        msgs.last(),
+        Some(SimpleQueryMessage::CommandComplete(_))
+    ));
     assert_eq!(pool_size(&c).await, "5");
     testkit::wait_until("the live pool to grow", WAIT, || async {
-        row_where(&c, "SHOW POOLS", "database", "app").await.is_some_and(|r| r["pool_size"] == "5")
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| r["pool_size"] == "5")
     })
     .await
     .unwrap();
 
     // A bad config is rejected with a clear error and the running one stays.
-    std::fs::write(env.pooler.dir().join("pooler.toml"), "[pooler]\nlisten_prot = 1\n").unwrap();
+    std::fs::write(
+        env.pooler.dir().join("pooler.toml"),
+        "[pooler]\nlisten_prot = 1\n",
+    )
+    .unwrap();
     let err = c.simple_query("RELOAD").await.unwrap_err();
     assert_eq!(err.code().map(|c| c.code()), Some("F0000"));
     assert!(msg(&err).contains("listen_prot"), "{err}");
@@ -328,13 +542,18 @@ async fn reload_changes_a_pool_size_under_load_without_a_failed_transaction() {
     // SIGHUP reloads too.
     write_config(&env, "pool_size = 3\n", "");
     env.pooler.signal(libc::SIGHUP);
-    testkit::wait_until("SIGHUP to reload", WAIT, || async { pool_size(&c).await == "3" })
-        .await
-        .unwrap();
+    testkit::wait_until("SIGHUP to reload", WAIT, || async {
+        pool_size(&c).await == "3"
+    })
+    .await
+    .unwrap();
 
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for l in load {
-        let n = l.await.unwrap().expect("no transaction failed across reloads");
+        let n = l
+            .await
+            .unwrap()
+            .expect("no transaction failed across reloads");
         assert!(n > 0);
     }
 }
@@ -344,8 +563,17 @@ async fn set_changes_a_setting_live_and_refuses_restart_only_ones() {
     let env = start("", "");
     let c = admin(&env).await;
     c.simple_query("SET default_pool_size = 7").await.unwrap();
-    let row = row_where(&c, "SHOW CONFIG", "key", "default_pool_size").await.unwrap();
-    assert_eq!((row["value"].as_str(), row["default"].as_str(), row["changeable"].as_str()), ("7", "20", "yes"));
+    let row = row_where(&c, "SHOW CONFIG", "key", "default_pool_size")
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row["value"].as_str(),
+            row["default"].as_str(),
+            row["changeable"].as_str()
+        ),
+        ("7", "20", "yes")
+    );
     assert_eq!(pool_size(&c).await, "7");
     let err = c.simple_query("SET listen_port = 1").await.unwrap_err();
     assert!(msg(&err).contains("restart"), "{err}");
@@ -379,19 +607,32 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
     let c = admin(&env).await;
     testkit::wait_until("metrics to match SHOW STATS_TOTALS", WAIT, || async {
         let xacts = stat(&c, "SHOW STATS_TOTALS", "xact_count").await as f64;
-        let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics")).await.unwrap();
-        series(&body, "breakwater_transactions_total{database=\"app\",user=\"app\"}") == Some(xacts)
+        let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics"))
+            .await
+            .unwrap();
+        series(
+            &body,
+            "breakwater_transactions_total{database=\"app\",user=\"app\"}",
+        ) == Some(xacts)
             && xacts >= 3.0
     })
     .await
     .unwrap();
-    let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics")).await.unwrap();
+    let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics"))
+        .await
+        .unwrap();
     let (head, text) = body.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.") && head.contains(" 200"), "{head}");
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
     // Prometheus text format: comments, or `name{labels} value`.
     for line in text.lines().filter(|l| !l.is_empty()) {
         if line.starts_with('#') {
-            assert!(line.starts_with("# TYPE ") || line.starts_with("# HELP "), "{line}");
+            assert!(
+                line.starts_with("# TYPE ") || line.starts_with("# HELP "),
+                "{line}"
+            );
             continue;
         }
         let (name, value) = line.rsplit_once(' ').unwrap();
@@ -417,7 +658,19 @@ async fn breakwater_stats_prints_a_line_per_pool() {
     let port = env.pooler.port().to_string();
     let out = tokio::task::spawn_blocking(move || {
         std::process::Command::new(BIN)
-            .args(["stats", "-h", "127.0.0.1", "-p", &port, "-U", "admin", "-i", "100ms", "-n", "2"])
+            .args([
+                "stats",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "admin",
+                "-i",
+                "100ms",
+                "-n",
+                "2",
+            ])
             .env("PGPASSWORD", "admin_pw")
             .output()
             .unwrap()
@@ -425,16 +678,63 @@ async fn breakwater_stats_prints_a_line_per_pool() {
     .await
     .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let lines: Vec<_> = stdout.lines().collect();
-    assert!(lines[0].contains("tps") && lines[0].contains("wait_p99"), "{stdout}");
-    assert_eq!(lines.iter().filter(|l| l.contains("app/app")).count(), 2, "{stdout}");
+    assert!(
+        lines[0].contains("tps") && lines[0].contains("wait_p99"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("app/app")).count(),
+        2,
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
 async fn the_stats_line_is_logged_every_stats_period() {
     let env = start("stats_period = \"200ms\"", "");
     env.client().await.simple_query("SELECT 1").await.unwrap();
-    testkit::wait_until_blocking("a stats line", WAIT, || env.pooler.log().contains("stats: ") && env.pooler.log().contains(" xacts/s"))
-        .unwrap();
+    testkit::wait_until_blocking("a stats line", WAIT, || {
+        env.pooler.log().contains("stats: ") && env.pooler.log().contains(" xacts/s")
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_wait_for_clients_exits_once_the_last_client_leaves() {
+    let mut env = start("", "");
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    c.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
+    // No new clients, but the connected one keeps working.
+    testkit::wait_until("the listener to close", WAIT, || async {
+        connect(&env.conn_string()).await.is_err()
+    })
+    .await
+    .unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    assert!(
+        env.pooler.exit_status().unwrap().is_none(),
+        "exited with a client connected"
+    );
+    drop(app);
+    // Poll asynchronously: the client's connection task must run to send its Terminate.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = env.pooler.exit_status().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "breakwater did not exit after the last client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
 }

@@ -297,19 +297,34 @@ mod tests {
             ("SHOW POOLS;", Command::Show(Show::Pools)),
             ("  show   stats_totals ", Command::Show(Show::StatsTotals)),
             ("pause", Command::Action(Action::Pause(None))),
-            ("PAUSE app;", Command::Action(Action::Pause(Some("app".into())))),
-            ("resume \"My Db\"", Command::Action(Action::Resume(Some("My Db".into())))),
+            (
+                "PAUSE app;",
+                Command::Action(Action::Pause(Some("app".into()))),
+            ),
+            (
+                "resume \"My Db\"",
+                Command::Action(Action::Resume(Some("My Db".into()))),
+            ),
             ("KILL_CLIENT 42", Command::Action(Action::KillClient(42))),
             (
                 "set default_pool_size = 5",
-                Command::Action(Action::Set { key: "default_pool_size".into(), value: "5".into() }),
+                Command::Action(Action::Set {
+                    key: "default_pool_size".into(),
+                    value: "5".into(),
+                }),
             ),
             (
                 "SET query_wait_timeout TO '10s'",
-                Command::Action(Action::Set { key: "query_wait_timeout".into(), value: "10s".into() }),
+                Command::Action(Action::Set {
+                    key: "query_wait_timeout".into(),
+                    value: "10s".into(),
+                }),
             ),
             ("SET client_encoding = 'UTF8'", Command::SetIgnored),
-            ("show client_encoding", Command::ShowParam("client_encoding", "UTF8")),
+            (
+                "show client_encoding",
+                Command::ShowParam("client_encoding", "UTF8"),
+            ),
             (
                 "shutdown wait_for_clients",
                 Command::Action(Action::Shutdown(ShutdownMode::WaitForClients)),
@@ -328,9 +343,18 @@ mod tests {
             parse("SHOW FOO").unwrap_err().to_string(),
             "unknown SHOW command 'FOO', use SHOW HELP;"
         );
-        assert!(parse("SELECT 1").unwrap_err().to_string().contains("invalid command 'SELECT 1'"));
-        assert!(parse("DISABLE").unwrap_err().to_string().contains("needs a database"));
-        assert!(parse("KILL_CLIENT x").unwrap_err().to_string().contains("client id"));
+        assert!(parse("SELECT 1")
+            .unwrap_err()
+            .to_string()
+            .contains("invalid command 'SELECT 1'"));
+        assert!(parse("DISABLE")
+            .unwrap_err()
+            .to_string()
+            .contains("needs a database"));
+        assert!(parse("KILL_CLIENT x")
+            .unwrap_err()
+            .to_string()
+            .contains("client id"));
         assert!(parse("PAUSE a b").is_err());
         assert!(parse("RELOAD now").is_err());
         assert!(parse("SHOW 'oops").is_err());

@@ -178,7 +178,9 @@ pub async fn run_query<C: Control>(
                 backend::write_command_complete(out, "SET");
             }
             Command::Show(Show::Help) => {
-                PgError::notice("Console usage").with_detail(HELP).write(out);
+                PgError::notice("Console usage")
+                    .with_detail(HELP)
+                    .write(out);
                 backend::write_command_complete(out, "SHOW");
             }
             Command::Show(what) => {

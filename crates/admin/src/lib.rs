@@ -132,5 +132,8 @@ pub trait Control: Send + Sync {
 
     /// Runs an operator command. `Ok(Some(notice))` adds a NOTICE before the command tag;
     /// `Err(message)` becomes an ERROR naming what went wrong.
-    fn execute(&self, action: Action) -> impl Future<Output = Result<Option<String>, String>> + Send;
+    fn execute(
+        &self,
+        action: Action,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
 }

@@ -49,7 +49,10 @@ fn n(v: impl std::fmt::Display) -> Option<String> {
 
 /// `YYYY-MM-DD HH:MM:SS` in UTC, as PgBouncer prints connect_time.
 pub fn timestamp(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO).as_secs() as i64;
+    let secs = t
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO)
+        .as_secs() as i64;
     let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
     let z = days + 719_468;
@@ -605,10 +608,23 @@ mod tests {
         assert_eq!(
             &p.column_names()[..17],
             &[
-                "database", "user", "cl_active", "cl_waiting", "cl_active_cancel_req",
-                "cl_waiting_cancel_req", "sv_active", "sv_active_cancel", "sv_being_canceled",
-                "sv_idle", "sv_used", "sv_tested", "sv_login", "maxwait", "maxwait_us",
-                "pool_mode", "load_balance_hosts"
+                "database",
+                "user",
+                "cl_active",
+                "cl_waiting",
+                "cl_active_cancel_req",
+                "cl_waiting_cancel_req",
+                "sv_active",
+                "sv_active_cancel",
+                "sv_being_canceled",
+                "sv_idle",
+                "sv_used",
+                "sv_tested",
+                "sv_login",
+                "maxwait",
+                "maxwait_us",
+                "pool_mode",
+                "load_balance_hosts"
             ]
         );
         // 2 linked + (3 idle - 1 waiting) = 4 active in PgBouncer's sense.

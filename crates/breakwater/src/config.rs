@@ -570,9 +570,7 @@ impl SettingValue for PoolModeSetting {
             "session" => Ok(PoolModeSetting::Session),
             "transaction" => Ok(PoolModeSetting::Transaction),
             "statement" => Ok(PoolModeSetting::Statement),
-            _ => Err(format!(
-                "\"{s}\" is not session, transaction or statement"
-            )),
+            _ => Err(format!("\"{s}\" is not session, transaction or statement")),
         }
     }
 }
@@ -731,9 +729,21 @@ mod tests {
     fn the_settings_table_covers_every_pooler_key() {
         // Every key serde knows must be in the table (SHOW CONFIG, SET, RELOAD use it).
         let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
-        let text = toml::to_string(&SETTINGS.iter().map(|s| (s.key, (s.get)(&c.file.pooler))).collect::<BTreeMap<_, _>>()).unwrap();
+        let text = toml::to_string(
+            &SETTINGS
+                .iter()
+                .map(|s| (s.key, (s.get)(&c.file.pooler)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap();
         assert!(text.contains("query_wait_timeout = \"2m\""), "{text}");
-        for key in ["listen_port", "stats_period", "tcp_keepcnt", "workers", "log_stats"] {
+        for key in [
+            "listen_port",
+            "stats_period",
+            "tcp_keepcnt",
+            "workers",
+            "log_stats",
+        ] {
             assert!(SETTINGS.iter().any(|s| s.key == key), "{key}");
         }
         let defaults = Pooler::default();
@@ -750,16 +760,27 @@ mod tests {
         let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
         let n = c.with_setting("default_pool_size", "3").unwrap();
         assert_eq!(n.file.pooler.default_pool_size, 3);
-        assert!(c.with_setting("default_pool_size", "0").unwrap_err().contains("at least 1"));
-        assert!(c.with_setting("listen_port", "1").unwrap_err().contains("restart"));
-        assert!(c.with_setting("nope", "1").unwrap_err().contains("unknown setting"));
+        assert!(c
+            .with_setting("default_pool_size", "0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(c
+            .with_setting("listen_port", "1")
+            .unwrap_err()
+            .contains("restart"));
+        assert!(c
+            .with_setting("nope", "1")
+            .unwrap_err()
+            .contains("unknown setting"));
         assert!(c.with_setting("query_wait_timeout", "soon").is_err());
     }
 
     #[test]
     fn reload_keeps_restart_only_settings() {
         let c = parse("[pooler]\nauth_type = \"trust\"\nlisten_port = 7000\n").unwrap();
-        let mut n = parse("[pooler]\nauth_type = \"trust\"\nlisten_port = 7001\ndefault_pool_size = 4\n").unwrap();
+        let mut n =
+            parse("[pooler]\nauth_type = \"trust\"\nlisten_port = 7001\ndefault_pool_size = 4\n")
+                .unwrap();
         assert_eq!(c.keep_restart_only(&mut n), vec!["listen_port"]);
         assert_eq!(n.file.pooler.listen_port, 7000);
         assert_eq!(n.file.pooler.default_pool_size, 4);

@@ -56,7 +56,10 @@ pub(crate) fn clock_hms() -> String {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Some(Command::Stats(args)) = cli.command {
-        let rt = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
             Ok(rt) => rt,
             Err(e) => {
                 eprintln!("breakwater stats: cannot start the runtime: {e}");
@@ -297,9 +300,9 @@ async fn accept_tcp(listener: TcpListener, daemon: Arc<Daemon>, mut stop: watch:
         match accepted {
             Ok((s, addr)) => {
                 let daemon = daemon.clone();
-                clients.spawn(
-                    async move { serve(daemon, Stream::Tcp(s), Peer(addr.to_string())).await },
-                );
+                clients.spawn(async move {
+                    serve(daemon, Stream::Tcp(s), Peer(addr.to_string())).await
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -323,8 +326,9 @@ async fn accept_unix(listener: UnixListener, daemon: Arc<Daemon>, mut stop: watc
         match accepted {
             Ok((s, _)) => {
                 let daemon = daemon.clone();
-                clients
-                    .spawn(async move { serve(daemon, Stream::Unix(s), Peer("unix".into())).await });
+                clients.spawn(
+                    async move { serve(daemon, Stream::Unix(s), Peer("unix".into())).await },
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");

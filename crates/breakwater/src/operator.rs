@@ -7,7 +7,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
-use admin::{Action, ConfigItem, ConnView, Control, DatabaseView, PoolView, ShutdownMode, UserView, View};
+use admin::{
+    Action, ConfigItem, ConnView, Control, DatabaseView, PoolView, ShutdownMode, UserView, View,
+};
 use proxy::Proxy;
 use stats::PoolSnapshot;
 use tokio::sync::watch;
@@ -260,8 +262,7 @@ impl Control for Daemon {
                 min_pool_size: d.min_pool_size as u64,
                 server_lifetime_secs: settings.server.lifetime.map(|l| l.as_secs()).unwrap_or(0),
                 pool_mode: d.pool_mode.as_str().into(),
-                current_connections: servers.iter().filter(|s| s.database == d.name).count()
-                    as u64,
+                current_connections: servers.iter().filter(|s| s.database == d.name).count() as u64,
                 max_client_connections: 0,
                 current_client_connections: clients.iter().filter(|c| c.database == d.name).count()
                     as u64,
@@ -342,7 +343,11 @@ impl Control for Daemon {
             Action::Resume(db) => self.proxy.resume(Self::db_arg(db)).map(|_| None).map_err(e),
             Action::Disable(db) => self.proxy.set_disabled(db, true).map(|_| None).map_err(e),
             Action::Enable(db) => self.proxy.set_disabled(db, false).map(|_| None).map_err(e),
-            Action::Reconnect(db) => self.proxy.reconnect(Self::db_arg(db)).map(|_| None).map_err(e),
+            Action::Reconnect(db) => self
+                .proxy
+                .reconnect(Self::db_arg(db))
+                .map(|_| None)
+                .map_err(e),
             Action::Kill(db) => {
                 let n = self.proxy.kill(Self::db_arg(db)).map_err(e)?;
                 Ok(Some(format!(

@@ -100,7 +100,17 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut n = 0u64;
     println!(
         "{:<8} {:<24} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6}",
-        "time", "pool", "cl_act", "cl_wait", "sv_act", "sv_idle", "tps", "qps", "wait_avg", "wait_p99", "errors"
+        "time",
+        "pool",
+        "cl_act",
+        "cl_wait",
+        "sv_act",
+        "sv_idle",
+        "tps",
+        "qps",
+        "wait_avg",
+        "wait_p99",
+        "errors"
     );
     loop {
         tokio::select! {
@@ -122,8 +132,10 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     queries: num(l, "query_count"),
                     waits: num(l, "wait_count"),
                     wait_us: num(l, "wait_time"),
-                    errors: num(l, "wait_timeouts") + num(l, "connects_refused")
-                        + num(l, "connect_timeouts") + num(l, "login_timeouts"),
+                    errors: num(l, "wait_timeouts")
+                        + num(l, "connects_refused")
+                        + num(l, "connect_timeouts")
+                        + num(l, "login_timeouts"),
                 })
                 .unwrap_or_default();
             let (tps, qps, wait_avg, errors) = match prev.get(&key) {
@@ -133,7 +145,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                     (
                         (sample.xacts.saturating_sub(s.xacts) as f64 / secs).round() as u64,
                         (sample.queries.saturating_sub(s.queries) as f64 / secs).round() as u64,
-                        sample.wait_us.saturating_sub(s.wait_us).checked_div(waits).unwrap_or(0),
+                        sample
+                            .wait_us
+                            .saturating_sub(s.wait_us)
+                            .checked_div(waits)
+                            .unwrap_or(0),
                         sample.errors.saturating_sub(s.errors),
                     )
                 }

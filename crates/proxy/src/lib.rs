@@ -232,7 +232,9 @@ impl Shared {
             route: route.clone(),
             welcome: Mutex::new(None),
         });
-        entry.pool.set_paused(self.switches().is_paused(&route.name));
+        entry
+            .pool
+            .set_paused(self.switches().is_paused(&route.name));
         pools.insert(key, entry.clone());
         entry
     }

@@ -67,17 +67,44 @@ pub fn publish_pool(s: &PoolSnapshot, earlier: Option<&PoolSnapshot>, servers: &
     c!("breakwater_server_connects_total", s.connect_refused, "outcome" => "refused");
     c!("breakwater_server_connects_total", s.connect_timeouts, "outcome" => "connect_timeout");
     c!("breakwater_server_connects_total", s.login_timeouts, "outcome" => "login_timeout");
-    c!("breakwater_server_connect_failures_total", s.server_connect_failures);
+    c!(
+        "breakwater_server_connect_failures_total",
+        s.server_connect_failures
+    );
     c!("breakwater_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
     c!("breakwater_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
     c!("breakwater_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
 
     let p = s.percentiles(earlier);
     let times = [
-        ("breakwater_client_wait_seconds", p.wait_p50, p.wait_p99, s.wait_time_us, s.wait_hist.count()),
-        ("breakwater_transaction_seconds", p.xact_p50, p.xact_p99, s.xact_time_us, s.xact_hist.count()),
-        ("breakwater_query_seconds", p.query_p50, p.query_p99, s.query_time_us, s.query_hist.count()),
-        ("breakwater_server_connect_seconds", p.connect_p50, p.connect_p99, s.connect_time_us, s.connect_hist.count()),
+        (
+            "breakwater_client_wait_seconds",
+            p.wait_p50,
+            p.wait_p99,
+            s.wait_time_us,
+            s.wait_hist.count(),
+        ),
+        (
+            "breakwater_transaction_seconds",
+            p.xact_p50,
+            p.xact_p99,
+            s.xact_time_us,
+            s.xact_hist.count(),
+        ),
+        (
+            "breakwater_query_seconds",
+            p.query_p50,
+            p.query_p99,
+            s.query_time_us,
+            s.query_hist.count(),
+        ),
+        (
+            "breakwater_server_connect_seconds",
+            p.connect_p50,
+            p.connect_p99,
+            s.connect_time_us,
+            s.connect_hist.count(),
+        ),
     ];
     for (name, p50, p99, sum, count) in times {
         for (q, v) in [("0.5", p50), ("0.99", p99)] {

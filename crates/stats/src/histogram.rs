@@ -134,9 +134,25 @@ mod tests {
         for i in 0..BUCKETS - 1 {
             assert_eq!(upper_bound(i) + 1, lower_bound(i + 1), "bucket {i}");
         }
-        for v in [0u64, 1, 15, 16, 17, 31, 32, 100, 1000, 123_456, 1 << 40, u64::MAX] {
+        for v in [
+            0u64,
+            1,
+            15,
+            16,
+            17,
+            31,
+            32,
+            100,
+            1000,
+            123_456,
+            1 << 40,
+            u64::MAX,
+        ] {
             let b = bucket_of(v);
-            assert!(lower_bound(b) <= v && v <= upper_bound(b), "{v} in bucket {b}");
+            assert!(
+                lower_bound(b) <= v && v <= upper_bound(b),
+                "{v} in bucket {b}"
+            );
         }
     }
 
@@ -149,7 +165,10 @@ mod tests {
         let s = h.snapshot();
         for (q, truth) in [(0.5, 5_000f64), (0.99, 9_900f64), (0.01, 100f64)] {
             let got = s.quantile(q) as f64;
-            assert!((got - truth).abs() / truth < 0.125, "q{q}: {got} vs {truth}");
+            assert!(
+                (got - truth).abs() / truth < 0.125,
+                "q{q}: {got} vs {truth}"
+            );
         }
         assert_eq!(s.count(), 10_000);
     }
