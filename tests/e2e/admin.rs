@@ -272,6 +272,7 @@ async fn every_show_command_answers_with_pgbouncers_columns_first() {
             "SHOW LATENCY",
             &["database", "user", "wait_p50_us", "wait_p99_us"],
         ),
+        ("SHOW HOSTS", &["host", "breaker", "attempts", "successes"]),
     ];
     for (q, cols) in expect {
         let (got, _) = show(&c, q).await;
@@ -646,6 +647,7 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
         "breakwater_client_wait_seconds{database=\"app\",user=\"app\",quantile=\"0.99\"}",
         "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
         "breakwater_login_failures_total",
+        "breakwater_host_breaker{host=\"127.0.0.1:",
     ] {
         assert!(series(text, name).is_some(), "{name} missing from:\n{text}");
     }

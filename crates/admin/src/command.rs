@@ -24,6 +24,8 @@ pub enum Show {
     /// Breakwater's own: p50/p99 of wait, transaction, query and connect times, and the storm
     /// counters, per pool.
     Latency,
+    /// Breakwater's own: connect attempts by outcome and phase, and the breaker, per host.
+    Hosts,
 }
 
 impl Show {
@@ -46,6 +48,7 @@ impl Show {
             "dns_hosts" => Show::DnsHosts,
             "dns_zones" => Show::DnsZones,
             "latency" => Show::Latency,
+            "hosts" => Show::Hosts,
             _ => return None,
         })
     }

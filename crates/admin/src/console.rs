@@ -35,6 +35,7 @@ const HELP: &str = "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|V
 \tSHOW LISTS|STATE|DNS_HOSTS|DNS_ZONES\n\
 \tSHOW STATS|STATS_TOTALS|STATS_AVERAGES|TOTALS\n\
 \tSHOW LATENCY (Breakwater: p50/p99 wait, transaction, query, connect; connect outcomes)\n\
+\tSHOW HOSTS (Breakwater: connect attempts by phase and outcome, breaker state)\n\
 \tSET key = arg\n\
 \tRELOAD\n\
 \tPAUSE [<db>]\n\

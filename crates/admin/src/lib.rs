@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 pub use command::{Action, Command, Show, ShutdownMode};
 pub use console::{serve, ConsoleUser};
-use stats::{GlobalSnapshot, PoolSnapshot};
+use stats::{GlobalSnapshot, HostSnapshot, PoolSnapshot};
 
 /// One pool (database, user) as SHOW POOLS / STATS / LATENCY see it.
 #[derive(Debug, Clone, Default)]
@@ -102,6 +102,8 @@ pub struct View {
     pub users: Vec<UserView>,
     pub config: Vec<ConfigItem>,
     pub global: GlobalSnapshot,
+    /// Storm counters and breaker state per upstream host.
+    pub hosts: Vec<HostSnapshot>,
     /// Clients connected but not yet logged in (or in the console).
     pub login_clients: u64,
 }
@@ -120,6 +122,7 @@ impl Default for View {
             users: Vec::new(),
             config: Vec::new(),
             global: GlobalSnapshot::default(),
+            hosts: Vec::new(),
             login_clients: 0,
         }
     }

@@ -120,6 +120,7 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         Show::DnsHosts => ResultSet::new(&[("hostname", TEXT), ("ttl", INT8), ("addrs", TEXT)]),
         Show::DnsZones => ResultSet::new(&[("zonename", TEXT), ("serial", INT8), ("count", INT4)]),
         Show::Latency => latency(view),
+        Show::Hosts => hosts(view),
     }
 }
 
@@ -564,6 +565,40 @@ fn latency(view: &View) -> ResultSet {
             n(st.query_count),
             n(st.wait_count),
             n(st.wait_time_us),
+        ]);
+    }
+    r
+}
+
+fn hosts(view: &View) -> ResultSet {
+    let mut r = ResultSet::new(&[
+        ("host", TEXT),
+        ("breaker", TEXT),
+        ("attempts", INT8),
+        ("successes", INT8),
+        ("failures_dns", INT8),
+        ("failures_connect", INT8),
+        ("failures_login", INT8),
+        ("timeouts_dns", INT8),
+        ("timeouts_connect", INT8),
+        ("timeouts_login", INT8),
+        ("fast_failures", INT8),
+        ("breaker_opens", INT8),
+    ]);
+    for h in &view.hosts {
+        r.row(vec![
+            s(h.host.clone()),
+            s(h.breaker),
+            n(h.attempts),
+            n(h.successes),
+            n(h.failures_dns),
+            n(h.failures_connect),
+            n(h.failures_login),
+            n(h.timeouts_dns),
+            n(h.timeouts_connect),
+            n(h.timeouts_login),
+            n(h.fast_failures),
+            n(h.breaker_opens),
         ]);
     }
     r

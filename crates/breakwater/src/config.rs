@@ -635,8 +635,21 @@ settings_table! {
     auth_file: true,
     admin_users: true,
     stats_users: true,
+    dns_timeout: true,
     server_connect_timeout: true,
     server_login_timeout: true,
+    // The storm controls are shared per host and the server cap across pools; both are built
+    // once at start.
+    server_connect_concurrency: false,
+    server_login_retry: false,
+    server_login_retry_max: false,
+    server_breaker_threshold: false,
+    max_server_connections: false,
+    server_check_delay: true,
+    server_check_query: true,
+    server_unresponsive_timeout: true,
+    tcp_user_timeout: true,
+    query_wait_notify: true,
     query_wait_timeout: true,
     query_timeout: true,
     idle_transaction_timeout: true,
@@ -727,7 +740,21 @@ mod tests {
 
     #[test]
     fn the_settings_table_covers_every_pooler_key() {
-        // Every key serde knows must be in the table (SHOW CONFIG, SET, RELOAD use it).
+        // Every key serde knows (it lists them when rejecting an unknown one) must be in the
+        // table that drives SHOW CONFIG, SET and RELOAD.
+        let err = parse("[pooler]\nno_such_key = 1\n")
+            .unwrap_err()
+            .to_string();
+        let expected = err.split("expected one of").nth(1).unwrap_or_default();
+        let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(known.len() > 30, "{err}");
+        for key in &known {
+            assert!(
+                SETTINGS.iter().any(|s| s.key == *key),
+                "{key} is missing from SETTINGS"
+            );
+        }
+        assert_eq!(known.len(), SETTINGS.len());
         let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
         let text = toml::to_string(
             &SETTINGS

@@ -114,6 +114,9 @@ impl Daemon {
                 },
             );
         }
+        for h in self.proxy.hosts() {
+            stats::export::publish_host(&h);
+        }
         stats::export::publish_global(
             &self.proxy.global_stats().snapshot(),
             self.proxy.client_count() as u64,
@@ -324,6 +327,7 @@ impl Control for Daemon {
                 })
                 .collect(),
             global: self.proxy.global_stats().snapshot(),
+            hosts: self.proxy.hosts(),
         }
     }
 
