@@ -740,3 +740,29 @@ async fn shutdown_wait_for_clients_exits_once_the_last_client_leaves() {
     };
     assert!(status.success(), "{status:?}");
 }
+
+#[tokio::test]
+async fn show_clients_says_which_clients_hold_a_server() {
+    let env = start("", "");
+    let app = env.client().await;
+    let c = admin(&env).await;
+    let state = || async {
+        let (_, rows) = show(&c, "SHOW CLIENTS").await;
+        rows.into_iter()
+            .map(|r| r["state"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(state().await, ["idle"]);
+    app.simple_query("BEGIN").await.unwrap();
+    assert_eq!(state().await, ["active"]);
+    app.simple_query("COMMIT").await.unwrap();
+    testkit::wait_until("the server to be released", WAIT, || async {
+        state().await == ["idle"]
+    })
+    .await
+    .unwrap();
+    let (_, servers) = show(&c, "SHOW SERVERS").await;
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0]["state"], "idle");
+    assert!(servers[0]["remote_pid"].parse::<i32>().unwrap() > 0);
+}

@@ -292,7 +292,7 @@ impl Control for Daemon {
                     id: c.id,
                     user: c.user.clone(),
                     database: c.database.clone(),
-                    state: "active".into(),
+                    state: if c.is_linked() { "active" } else { "idle" }.into(),
                     addr,
                     port,
                     local_addr,

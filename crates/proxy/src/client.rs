@@ -160,6 +160,7 @@ async fn serve_inner(
                 local,
                 application_name: startup.get("application_name").unwrap_or("").to_owned(),
                 kill: client.stream.shutdown_handle(),
+                slot: reg.slot.clone(),
             });
             let mut session = Session::new(shared, &settings, client, entry, params, reg);
             session.run().await;

@@ -10,6 +10,8 @@ use std::os::fd::OwnedFd;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use crate::cancel::CancelSlot;
+
 /// What SHOW CLIENTS says about one client.
 #[derive(Debug)]
 pub struct ClientInfo {
@@ -21,9 +23,16 @@ pub struct ClientInfo {
     pub connect_time: SystemTime,
     pub application_name: String,
     kill: Option<OwnedFd>,
+    /// The client's cancel slot, which says whether it holds a server right now.
+    slot: Arc<CancelSlot>,
 }
 
 impl ClientInfo {
+    /// Holds a server connection right now (SHOW CLIENTS state `active`, else `idle`).
+    pub fn is_linked(&self) -> bool {
+        self.slot.is_linked()
+    }
+
     /// Disconnects the client: its session sees end-of-stream at its next read. The descriptor
     /// is this row's own duplicate, so it can never hit an unrelated socket.
     fn kill(&self) {
@@ -60,6 +69,7 @@ pub(crate) struct NewClient {
     pub local: Option<SocketAddr>,
     pub application_name: String,
     pub kill: Option<OwnedFd>,
+    pub slot: Arc<CancelSlot>,
 }
 
 impl ClientRegistry {
@@ -73,6 +83,7 @@ impl ClientRegistry {
             connect_time: SystemTime::now(),
             application_name: c.application_name,
             kill: c.kill,
+            slot: c.slot,
         });
         if let Ok(mut m) = self.clients.lock() {
             m.insert(c.id, info);
