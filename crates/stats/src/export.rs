@@ -122,8 +122,16 @@ pub fn publish_pool(s: &PoolSnapshot, earlier: Option<&PoolSnapshot>, servers: &
 /// Sets one upstream host's storm series.
 pub fn publish_host(h: &HostSnapshot) {
     let host = ("host", h.host.clone());
-    counter!("breakwater_host_connect_attempts_total", &[host.clone()]).absolute(h.attempts);
-    counter!("breakwater_host_connect_successes_total", &[host.clone()]).absolute(h.successes);
+    counter!(
+        "breakwater_host_connect_attempts_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.attempts);
+    counter!(
+        "breakwater_host_connect_successes_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.successes);
     for (phase, failures, timeouts) in [
         ("dns", h.failures_dns, h.timeouts_dns),
         ("connect", h.failures_connect, h.timeouts_connect),
@@ -133,8 +141,16 @@ pub fn publish_host(h: &HostSnapshot) {
         counter!("breakwater_host_connect_failures_total", &l).absolute(failures);
         counter!("breakwater_host_connect_timeouts_total", &l).absolute(timeouts);
     }
-    counter!("breakwater_host_fast_failures_total", &[host.clone()]).absolute(h.fast_failures);
-    counter!("breakwater_host_breaker_opens_total", &[host.clone()]).absolute(h.breaker_opens);
+    counter!(
+        "breakwater_host_fast_failures_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.fast_failures);
+    counter!(
+        "breakwater_host_breaker_opens_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.breaker_opens);
     for state in ["closed", "open", "half-open"] {
         let l = [host.clone(), ("state", state.to_string())];
         gauge!("breakwater_host_breaker", &l).set(f64::from(u8::from(h.breaker == state)));
