@@ -383,6 +383,17 @@ async fn pause_makes_new_transactions_wait_and_resume_releases_them() {
     })
     .await
     .unwrap();
+    testkit::wait_until("maxwait to count the wait", WAIT, || async {
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| {
+                r["maxwait"].parse::<u64>().unwrap() * 1_000_000
+                    + r["maxwait_us"].parse::<u64>().unwrap()
+                    > 0
+            })
+    })
+    .await
+    .unwrap();
     assert!(
         !waiting.is_finished(),
         "a paused database ran a transaction"

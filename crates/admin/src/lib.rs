@@ -27,6 +27,8 @@ pub struct PoolView {
     pub sv_active: u64,
     pub sv_idle: u64,
     pub sv_login: u64,
+    /// How long the longest-waiting client has waited for a server, in microseconds.
+    pub maxwait_us: u64,
     pub pool_size: u64,
     pub min_pool_size: u64,
     pub pool_mode: String,

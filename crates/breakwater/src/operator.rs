@@ -111,6 +111,7 @@ impl Daemon {
                     size: status.size as u64,
                     max_size: status.max_size as u64,
                     paused: p.pool.is_paused(),
+                    maxwait_us: p.pool.max_wait().as_micros() as u64,
                 },
             );
         }
@@ -243,6 +244,7 @@ impl Control for Daemon {
                 sv_active: status.size.saturating_sub(status.available) as u64,
                 sv_idle: status.available as u64,
                 sv_login: 0,
+                maxwait_us: p.pool.max_wait().as_micros() as u64,
                 pool_size: status.max_size as u64,
                 min_pool_size: p.pool.min_size() as u64,
                 pool_mode: p.route.pool_mode.as_str().into(),

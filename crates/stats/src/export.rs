@@ -15,6 +15,8 @@ pub struct ServerGauges {
     pub size: u64,
     pub max_size: u64,
     pub paused: bool,
+    /// How long the longest-waiting client has waited, in microseconds.
+    pub maxwait_us: u64,
 }
 
 fn secs(us: u64) -> f64 {
@@ -54,6 +56,10 @@ pub fn publish_pool(s: &PoolSnapshot, earlier: Option<&PoolSnapshot>, servers: &
     g!("breakwater_servers", servers.idle, "state" => "idle");
     g!("breakwater_pool_size", servers.max_size);
     g!("breakwater_pool_paused", u8::from(servers.paused));
+    g!(
+        "breakwater_client_maxwait_seconds",
+        secs(servers.maxwait_us)
+    );
 
     c!("breakwater_transactions_total", s.xact_count);
     c!("breakwater_queries_total", s.query_count);

@@ -9,9 +9,11 @@
 //! gate in front of checkout (PAUSE/RESUME), an epoch that retires every connection opened
 //! before it (RECONNECT, KILL, RELOAD), live size, minimum and timeouts (RELOAD, SET).
 
+use std::future::Future;
 use std::ops::{Deref, DerefMut};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult};
@@ -226,6 +228,38 @@ pub struct ServerPool {
     min_size: AtomicUsize,
     /// `true` while paused: checkouts wait at the gate (still bounded by query_wait_timeout).
     paused: watch::Sender<bool>,
+    /// Checkouts that had to wait, and since when.
+    waiters: Waiters,
+}
+
+#[derive(Default)]
+struct Waiters {
+    next: AtomicU64,
+    list: std::sync::Mutex<std::collections::BTreeMap<u64, Instant>>,
+}
+
+/// Lists a waiting checkout for as long as it waits, however it ends (cancellation included).
+struct Waiter<'a> {
+    waiters: &'a Waiters,
+    id: u64,
+}
+
+impl<'a> Waiter<'a> {
+    fn new(waiters: &'a Waiters, since: Instant) -> Waiter<'a> {
+        let id = waiters.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = waiters.list.lock() {
+            l.insert(id, since);
+        }
+        Waiter { waiters, id }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.waiters.list.lock() {
+            l.remove(&self.id);
+        }
+    }
 }
 
 impl ServerPool {
@@ -263,6 +297,7 @@ impl ServerPool {
                 user,
                 min_size: AtomicUsize::new(min_size),
                 paused: watch::channel(false).0,
+                waiters: Waiters::default(),
             }),
             // Only fails without a runtime when timeouts are set, and we name the runtime.
             Err(e) => unreachable!("deadpool build: {e}"),
@@ -284,7 +319,38 @@ impl ServerPool {
     /// once.
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
     pub async fn checkout(&self, wait: Option<Duration>) -> Result<PooledServer, CheckoutError> {
-        let deadline = wait.map(|w| Instant::now() + w);
+        let started = Instant::now();
+        let mut work = std::pin::pin!(self.checkout_inner(started, wait));
+        // The common case is served at the first poll. Only a checkout that has to wait is
+        // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let _listed = Waiter::new(&self.waiters, started);
+                work.await
+            }
+        }
+    }
+
+    /// How long the longest-waiting checkout has waited (PgBouncer's maxwait).
+    pub fn max_wait(&self) -> Duration {
+        let w = match self.waiters.list.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        w.values()
+            .min()
+            .map(|oldest| oldest.elapsed())
+            .unwrap_or_default()
+    }
+
+    async fn checkout_inner(
+        &self,
+        started: Instant,
+        wait: Option<Duration>,
+    ) -> Result<PooledServer, CheckoutError> {
+        let deadline = wait.map(|w| started + w);
         let wait_timeout = |last| {
             PoolStats::add(&self.pool.manager().stats.wait_timeouts, 1);
             CheckoutError::WaitTimeout {
