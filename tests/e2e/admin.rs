@@ -658,6 +658,7 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
         "breakwater_client_wait_seconds{database=\"app\",user=\"app\",quantile=\"0.99\"}",
         "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
         "breakwater_login_failures_total",
+        "breakwater_timeouts_total{kind=\"query_timeout\"}",
         "breakwater_host_breaker{host=\"127.0.0.1:",
     ] {
         assert!(series(text, name).is_some(), "{name} missing from:\n{text}");

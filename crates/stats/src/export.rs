@@ -79,9 +79,9 @@ pub fn publish_pool(s: &PoolSnapshot, earlier: Option<&PoolSnapshot>, servers: &
         "breakwater_server_connect_failures_total",
         s.server_connect_failures
     );
-    c!("breakwater_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
-    c!("breakwater_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
-    c!("breakwater_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
+    c!("breakwater_pool_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
+    c!("breakwater_pool_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
+    c!("breakwater_pool_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
 
     let p = s.percentiles(earlier);
     let times = [
@@ -172,4 +172,17 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
     counter!("breakwater_admin_logins_total").absolute(g.admin_logins);
     gauge!("breakwater_client_connections").set(clients_current as f64);
+    for (kind, n) in [
+        ("query_wait_timeout", g.timeouts_query_wait),
+        ("client_login_timeout", g.timeouts_client_login),
+        ("client_idle_timeout", g.timeouts_client_idle),
+        ("idle_transaction_timeout", g.timeouts_idle_transaction),
+        ("query_timeout", g.timeouts_query),
+        (
+            "server_unresponsive_timeout",
+            g.timeouts_server_unresponsive,
+        ),
+    ] {
+        counter!("breakwater_timeouts_total", "kind" => kind).absolute(n);
+    }
 }
