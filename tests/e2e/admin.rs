@@ -616,6 +616,11 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
     for _ in 0..3 {
         app.simple_query("SELECT 1").await.unwrap();
     }
+    // A refused login counts as an error of class 28.
+    assert_eq!(
+        sqlstate(connect(&env.pooler.conn_string("app", "wrong", "app")).await),
+        "28P01"
+    );
     let c = admin(&env).await;
     testkit::wait_until("metrics to match SHOW STATS_TOTALS", WAIT, || async {
         let xacts = stat(&c, "SHOW STATS_TOTALS", "xact_count").await as f64;
@@ -658,6 +663,7 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
         "breakwater_client_wait_seconds{database=\"app\",user=\"app\",quantile=\"0.99\"}",
         "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
         "breakwater_login_failures_total",
+        "breakwater_client_errors_total{class=\"28\"} 1",
         "breakwater_timeouts_total{kind=\"query_timeout\"}",
         "breakwater_host_breaker{host=\"127.0.0.1:",
     ] {
@@ -777,4 +783,14 @@ async fn show_clients_says_which_clients_hold_a_server() {
     assert_eq!(servers.len(), 1);
     assert_eq!(servers[0]["state"], "idle");
     assert!(servers[0]["remote_pid"].parse::<i32>().unwrap() > 0);
+    // log_connections / log_disconnections (default on) name the client's id, as SHOW CLIENTS does.
+    let id = show(&c, "SHOW CLIENTS").await.1[0]["id"].clone();
+    drop(app);
+    testkit::wait_until("the disconnection to be logged", WAIT, || async {
+        let log = env.pooler.log();
+        log.contains(&format!("client{{id={id} ")) && log.contains("client closed")
+    })
+    .await
+    .unwrap();
+    assert!(env.pooler.log().contains(" login"), "{}", env.pooler.log());
 }

@@ -138,6 +138,8 @@ pub struct Pooler {
     /// How often averages (SHOW STATS avg_*) are taken and the stats line is logged.
     pub stats_period: Timeout,
     pub log_stats: bool,
+    pub log_connections: bool,
+    pub log_disconnections: bool,
 }
 
 impl Default for Pooler {
@@ -185,6 +187,8 @@ impl Default for Pooler {
             workers: 0,
             stats_period: secs(60),
             log_stats: true,
+            log_connections: true,
+            log_disconnections: true,
         }
     }
 }
@@ -446,6 +450,8 @@ impl Config {
             })
             .collect();
         ProxySettings {
+            log_connections: p.log_connections,
+            log_disconnections: p.log_disconnections,
             auth_type: match p.auth_type {
                 AuthTypeSetting::Trust => AuthType::Trust,
                 AuthTypeSetting::Md5 => AuthType::Md5,
@@ -667,6 +673,8 @@ settings_table! {
     tcp_keepcnt: true,
     stats_period: true,
     log_stats: true,
+    log_connections: true,
+    log_disconnections: true,
 }
 
 #[cfg(test)]

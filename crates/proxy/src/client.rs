@@ -54,6 +54,8 @@ pub(crate) struct ClientConn {
     pub buf: BytesMut,
     pub out: BytesMut,
     pub peer: Peer,
+    /// For counting the errors this connection is sent, by SQLSTATE class.
+    shared: Arc<Shared>,
 }
 
 impl ClientConn {
@@ -83,6 +85,7 @@ impl ClientConn {
     /// Sends an error (the caller closes afterwards for FATAL ones). Best effort: the client
     /// may already be gone.
     pub async fn send_error(&mut self, err: &PgError) {
+        self.shared.stats.client_errors.record(err.code.0);
         err.write(&mut self.out);
         let _ = self.flush().await;
     }
@@ -121,6 +124,7 @@ async fn serve_inner(
         buf: BytesMut::with_capacity(8192),
         out: BytesMut::with_capacity(8192),
         peer,
+        shared: shared.clone(),
     };
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let _slot = ClientSlot(shared);
@@ -148,7 +152,15 @@ async fn serve_inner(
             let span = tracing::Span::current();
             span.record("db", startup.database.as_str());
             span.record("user", startup.user.as_str());
-            tracing::debug!("login");
+            if settings.log_connections {
+                tracing::info!(
+                    application_name = startup.get("application_name").unwrap_or(""),
+                    "login"
+                );
+            } else {
+                tracing::debug!("login");
+            }
+            let since = std::time::Instant::now();
             PoolStats::add(&entry.stats.client_logins, 1);
             let (local, remote) = client.stream.addrs();
             let reg = shared.cancels.register();
@@ -167,6 +179,9 @@ async fn serve_inner(
             // Unlisted while the session (and so the socket) still exists: the row's kill
             // handle never outlives the client it names.
             drop(listed);
+            if settings.log_disconnections {
+                tracing::info!(duration = ?since.elapsed(), "client closed");
+            }
             None
         }
         Ok(Login::Admin { user, is_admin }) => Some(AdminLogin {

@@ -185,4 +185,7 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     ] {
         counter!("breakwater_timeouts_total", "kind" => kind).absolute(n);
     }
+    for (class, n) in &g.client_errors {
+        counter!("breakwater_client_errors_total", "class" => *class).absolute(*n);
+    }
 }

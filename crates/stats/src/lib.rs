@@ -310,6 +310,41 @@ pub struct GlobalStats {
     pub timeouts_query: AtomicU64,
     pub timeouts_server_unresponsive: AtomicU64,
     pub admin_logins: AtomicU64,
+    /// ErrorResponses Breakwater itself sent to clients, by SQLSTATE class.
+    pub client_errors: ErrorClasses,
+}
+
+/// SQLSTATE classes Breakwater raises; anything else counts as `other`.
+pub const ERROR_CLASSES: [&str; 12] = [
+    "08", "0A", "22", "25", "28", "3D", "42", "53", "54", "57", "XX", "other",
+];
+
+/// One counter per SQLSTATE class in [`ERROR_CLASSES`].
+#[derive(Debug, Default)]
+pub struct ErrorClasses {
+    counts: [AtomicU64; ERROR_CLASSES.len()],
+}
+
+impl ErrorClasses {
+    pub fn record(&self, sqlstate: &str) {
+        let class = sqlstate.get(..2).unwrap_or("");
+        let i = ERROR_CLASSES
+            .iter()
+            .position(|c| *c == class)
+            .unwrap_or(ERROR_CLASSES.len() - 1);
+        if let Some(c) = self.counts.get(i) {
+            c.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// `(class, count)` for every class.
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        ERROR_CLASSES
+            .iter()
+            .zip(&self.counts)
+            .map(|(class, c)| (*class, c.load(Relaxed)))
+            .collect()
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -320,6 +355,7 @@ pub struct GlobalSnapshot {
     pub refused_max_client_conn: u64,
     pub cancel_requests: u64,
     pub admin_logins: u64,
+    pub client_errors: Vec<(&'static str, u64)>,
     pub timeouts_query_wait: u64,
     pub timeouts_client_login: u64,
     pub timeouts_client_idle: u64,
@@ -341,6 +377,7 @@ impl GlobalStats {
             refused_max_client_conn: self.refused_max_client_conn.load(Relaxed),
             cancel_requests: self.cancel_requests.load(Relaxed),
             admin_logins: self.admin_logins.load(Relaxed),
+            client_errors: self.client_errors.snapshot(),
             timeouts_query_wait: self.timeouts_query_wait.load(Relaxed),
             timeouts_client_login: self.timeouts_client_login.load(Relaxed),
             timeouts_client_idle: self.timeouts_client_idle.load(Relaxed),
