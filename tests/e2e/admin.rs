@@ -794,3 +794,21 @@ async fn show_clients_says_which_clients_hold_a_server() {
     .unwrap();
     assert!(env.pooler.log().contains(" login"), "{}", env.pooler.log());
 }
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_per_line_with_the_client_span() {
+    let env = start("log_format = \"json\"", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    testkit::wait_until("the login to be logged", WAIT, || async {
+        env.pooler.log().contains("\"login\"")
+    })
+    .await
+    .unwrap();
+    let log = env.pooler.log();
+    let login = log.lines().find(|l| l.contains("\"login\"")).unwrap();
+    assert!(login.starts_with('{') && login.ends_with('}'), "{login}");
+    assert!(
+        login.contains("\"span\":{") && login.contains("\"user\":\"app\""),
+        "{login}"
+    );
+}

@@ -82,6 +82,14 @@ impl From<PoolModeSetting> for PoolMode {
     }
 }
 
+/// `log_format`: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum AuthTypeSetting {
     #[serde(rename = "trust")]
@@ -140,6 +148,7 @@ pub struct Pooler {
     pub log_stats: bool,
     pub log_connections: bool,
     pub log_disconnections: bool,
+    pub log_format: LogFormat,
 }
 
 impl Default for Pooler {
@@ -189,6 +198,7 @@ impl Default for Pooler {
             log_stats: true,
             log_connections: true,
             log_disconnections: true,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -600,6 +610,23 @@ impl SettingValue for AuthTypeSetting {
     }
 }
 
+impl SettingValue for LogFormat {
+    fn show(&self) -> String {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .to_owned()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("\"{s}\" is not text or json")),
+        }
+    }
+}
+
 /// One `[pooler]` key: how SHOW CONFIG reads it, how SET writes it, and whether a running
 /// pooler can take a new value (RELOAD keeps the old value of the others, with a warning).
 pub struct Setting {
@@ -675,6 +702,7 @@ settings_table! {
     log_stats: true,
     log_connections: true,
     log_disconnections: true,
+    log_format: false,
 }
 
 #[cfg(test)]
