@@ -1,6 +1,7 @@
 //! End-to-end tests: a real PostgreSQL from the test kit, the real `breakwater` binary, and real
 //! clients (tokio-postgres, psql, pgbench). Each test owns its ports, dirs and processes.
 
+mod admin;
 mod auth;
 mod common;
 mod faults;

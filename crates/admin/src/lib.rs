@@ -1,1 +1,144 @@
-//! placeholder
+//! The admin console: a virtual database (`breakwater`, also `pgbouncer`) that answers
+//! PgBouncer's SHOW commands and operator commands over the simple query protocol.
+//!
+//! This crate sees only a read-only [`View`] (copied out of stats snapshots and registries by the
+//! binary) and acts only through the [`Control`] trait the binary implements. It never depends on
+//! the proxy or the pools, so it cannot lock a pool or reach into a session.
+
+pub mod command;
+pub mod console;
+pub mod show;
+
+use std::future::Future;
+use std::time::SystemTime;
+
+pub use command::{Action, Command, Show, ShutdownMode};
+pub use console::{serve, ConsoleUser};
+use stats::{GlobalSnapshot, HostSnapshot, PoolSnapshot};
+
+/// One pool (database, user) as SHOW POOLS / STATS / LATENCY see it.
+#[derive(Debug, Clone, Default)]
+pub struct PoolView {
+    /// Counters now.
+    pub stats: PoolSnapshot,
+    /// Counters at the last two `stats_period` ticks (older first), for the `avg_*` columns.
+    pub older: Option<PoolSnapshot>,
+    pub newer: Option<PoolSnapshot>,
+    pub sv_active: u64,
+    pub sv_idle: u64,
+    pub sv_login: u64,
+    /// How long the longest-waiting client has waited for a server, in microseconds.
+    pub maxwait_us: u64,
+    pub pool_size: u64,
+    pub min_pool_size: u64,
+    pub pool_mode: String,
+    pub paused: bool,
+}
+
+/// One `[databases.NAME]` entry as SHOW DATABASES sees it.
+#[derive(Debug, Clone, Default)]
+pub struct DatabaseView {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub force_user: Option<String>,
+    pub pool_size: u64,
+    pub min_pool_size: u64,
+    pub server_lifetime_secs: u64,
+    pub pool_mode: String,
+    pub current_connections: u64,
+    pub max_client_connections: u64,
+    pub current_client_connections: u64,
+    pub paused: bool,
+    pub disabled: bool,
+}
+
+/// A client or server connection as SHOW CLIENTS / SHOW SERVERS see it.
+#[derive(Debug, Clone)]
+pub struct ConnView {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub state: String,
+    pub addr: String,
+    pub port: u16,
+    pub local_addr: String,
+    pub local_port: u16,
+    pub connect_time: SystemTime,
+    pub request_time: Option<SystemTime>,
+    pub remote_pid: i32,
+    pub application_name: String,
+    pub close_needed: bool,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct UserView {
+    pub name: String,
+    pub current_connections: u64,
+    pub current_client_connections: u64,
+}
+
+/// One row of SHOW CONFIG.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigItem {
+    pub key: String,
+    pub value: String,
+    pub default: String,
+    pub changeable: bool,
+}
+
+/// Everything the SHOW commands read, copied at the moment of the query.
+#[derive(Debug, Clone)]
+pub struct View {
+    pub version: String,
+    pub now: SystemTime,
+    /// PAUSE without a database is in effect.
+    pub paused: bool,
+    /// Seconds between the two `stats_period` ticks in [`PoolView::older`]/[`PoolView::newer`].
+    pub period_secs: f64,
+    pub pools: Vec<PoolView>,
+    pub databases: Vec<DatabaseView>,
+    pub clients: Vec<ConnView>,
+    pub servers: Vec<ConnView>,
+    pub users: Vec<UserView>,
+    pub config: Vec<ConfigItem>,
+    pub global: GlobalSnapshot,
+    /// Storm counters and breaker state per upstream host.
+    pub hosts: Vec<HostSnapshot>,
+    /// Clients connected but not yet logged in (or in the console).
+    pub login_clients: u64,
+}
+
+impl Default for View {
+    fn default() -> Self {
+        View {
+            version: String::new(),
+            now: SystemTime::UNIX_EPOCH,
+            paused: false,
+            period_secs: 0.0,
+            pools: Vec::new(),
+            databases: Vec::new(),
+            clients: Vec::new(),
+            servers: Vec::new(),
+            users: Vec::new(),
+            config: Vec::new(),
+            global: GlobalSnapshot::default(),
+            hosts: Vec::new(),
+            login_clients: 0,
+        }
+    }
+}
+
+/// What the console can ask of the running pooler. The binary implements it over the proxy.
+pub trait Control: Send + Sync {
+    /// A fresh read-only copy of everything SHOW reads.
+    fn view(&self) -> View;
+
+    /// Runs an operator command. `Ok(Some(notice))` adds a NOTICE before the command tag;
+    /// `Err(message)` becomes an ERROR naming what went wrong.
+    fn execute(
+        &self,
+        action: Action,
+    ) -> impl Future<Output = Result<Option<String>, String>> + Send;
+}

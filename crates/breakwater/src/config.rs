@@ -82,6 +82,14 @@ impl From<PoolModeSetting> for PoolMode {
     }
 }
 
+/// `log_format`: human-readable lines or one JSON object per line.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum AuthTypeSetting {
     #[serde(rename = "trust")]
@@ -135,6 +143,12 @@ pub struct Pooler {
     pub tcp_keepintvl: Timeout,
     pub tcp_keepcnt: u32,
     pub workers: usize,
+    /// How often averages (SHOW STATS avg_*) are taken and the stats line is logged.
+    pub stats_period: Timeout,
+    pub log_stats: bool,
+    pub log_connections: bool,
+    pub log_disconnections: bool,
+    pub log_format: LogFormat,
 }
 
 impl Default for Pooler {
@@ -180,6 +194,11 @@ impl Default for Pooler {
             tcp_keepintvl: secs(5),
             tcp_keepcnt: 3,
             workers: 0,
+            stats_period: secs(60),
+            log_stats: true,
+            log_connections: true,
+            log_disconnections: true,
+            log_format: LogFormat::Text,
         }
     }
 }
@@ -208,11 +227,21 @@ fn default_port() -> u16 {
     5432
 }
 
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct Metrics {
+    /// `host:port` to serve `/metrics` on; unset disables the exporter.
+    pub listen: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     #[serde(default)]
     pub pooler: Pooler,
+    #[serde(default)]
+    pub metrics: Metrics,
     #[serde(default)]
     pub databases: BTreeMap<String, Database>,
 }
@@ -239,6 +268,11 @@ impl Config {
             path: path.to_owned(),
             message: e.to_string(),
         })?;
+        Self::from_file(path, file)
+    }
+
+    /// Validates `file` and reads its auth_file (relative to the config file's directory).
+    pub fn from_file(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
         let invalid = |key: &str, message: &str| ConfigError::Invalid {
             path: path.to_owned(),
             key: key.to_owned(),
@@ -265,6 +299,14 @@ impl Config {
                 "pooler.auth_file",
                 "is required unless auth_type = \"trust\"",
             ));
+        }
+        if let Some(l) = &file.metrics.listen {
+            if l.parse::<std::net::SocketAddr>().is_err() {
+                return Err(invalid(
+                    "metrics.listen",
+                    &format!("\"{l}\" is not an address:port such as \"127.0.0.1:9127\""),
+                ));
+            }
         }
         for (name, db) in &file.databases {
             if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
@@ -299,6 +341,73 @@ impl Config {
             file,
             userlist,
         })
+    }
+
+    /// `SET key = value` from the admin console: a copy of this config with one `[pooler]`
+    /// setting changed, validated like a loaded file.
+    pub fn with_setting(&self, key: &str, value: &str) -> Result<Config, String> {
+        let setting = SETTINGS
+            .iter()
+            .find(|s| s.key == key)
+            .ok_or_else(|| format!("unknown setting \"{key}\" (SHOW CONFIG lists them)"))?;
+        if !setting.changeable {
+            return Err(format!(
+                "{key} cannot be changed while running; edit the config file and restart"
+            ));
+        }
+        let mut file = self.file.clone();
+        (setting.set)(&mut file.pooler, value).map_err(|e| format!("{key}: {e}"))?;
+        Config::from_file(&self.path, file).map_err(|e| e.to_string())
+    }
+
+    /// Keeps this config's value of every setting that needs a restart, naming those that
+    /// differed in `next` so the caller can warn.
+    pub fn keep_restart_only(&self, next: &mut Config) -> Vec<&'static str> {
+        let mut kept = Vec::new();
+        for s in SETTINGS.iter().filter(|s| !s.changeable) {
+            let old = (s.get)(&self.file.pooler);
+            if (s.get)(&next.file.pooler) != old {
+                // Setting back a value that was already valid cannot fail.
+                let _ = (s.set)(&mut next.file.pooler, &old);
+                kept.push(s.key);
+            }
+        }
+        if next.file.metrics != self.file.metrics {
+            next.file.metrics = self.file.metrics.clone();
+            kept.push("metrics.listen");
+        }
+        kept
+    }
+
+    /// SHOW CONFIG rows: (key, value, default, changeable).
+    pub fn show(&self) -> Vec<(&'static str, String, String, bool)> {
+        let defaults = Pooler::default();
+        let mut rows: Vec<_> = SETTINGS
+            .iter()
+            .map(|s| {
+                (
+                    s.key,
+                    (s.get)(&self.file.pooler),
+                    (s.get)(&defaults),
+                    s.changeable,
+                )
+            })
+            .collect();
+        rows.push((
+            "metrics.listen",
+            self.file.metrics.listen.clone().unwrap_or_default(),
+            String::new(),
+            false,
+        ));
+        rows
+    }
+
+    pub fn stats_period(&self) -> Duration {
+        self.file
+            .pooler
+            .stats_period
+            .0
+            .unwrap_or(Duration::from_secs(60))
     }
 
     pub fn unix_socket_path(&self) -> Option<PathBuf> {
@@ -351,6 +460,8 @@ impl Config {
             })
             .collect();
         ProxySettings {
+            log_connections: p.log_connections,
+            log_disconnections: p.log_disconnections,
             auth_type: match p.auth_type {
                 AuthTypeSetting::Trust => AuthType::Trust,
                 AuthTypeSetting::Md5 => AuthType::Md5,
@@ -385,6 +496,213 @@ impl Config {
             databases,
         }
     }
+}
+
+/// How a setting's value reads and parses in SHOW CONFIG and SET (the TOML file goes through
+/// serde; both spell values the same way).
+trait SettingValue: Sized {
+    fn show(&self) -> String;
+    fn parse(s: &str) -> Result<Self, String>;
+}
+
+impl SettingValue for String {
+    fn show(&self) -> String {
+        self.clone()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(s.to_owned())
+    }
+}
+
+macro_rules! number_setting {
+    ($($t:ty),*) => {$(
+        impl SettingValue for $t {
+            fn show(&self) -> String {
+                self.to_string()
+            }
+            fn parse(s: &str) -> Result<Self, String> {
+                s.trim().parse().map_err(|_| format!("\"{s}\" is not a number"))
+            }
+        }
+    )*};
+}
+number_setting!(u16, u32, usize);
+
+impl SettingValue for bool {
+    fn show(&self) -> String {
+        self.to_string()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "on" | "1" | "yes" => Ok(true),
+            "false" | "off" | "0" | "no" => Ok(false),
+            _ => Err(format!("\"{s}\" is not a boolean")),
+        }
+    }
+}
+
+impl SettingValue for Timeout {
+    fn show(&self) -> String {
+        match self.0 {
+            None => "0".into(),
+            Some(d) => humantime::format_duration(d).to_string(),
+        }
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        parse_timeout(s)
+    }
+}
+
+impl SettingValue for Option<PathBuf> {
+    fn show(&self) -> String {
+        self.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok((!s.is_empty()).then(|| PathBuf::from(s)))
+    }
+}
+
+impl SettingValue for Vec<String> {
+    fn show(&self) -> String {
+        self.join(",")
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        Ok(s.split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(str::to_owned)
+            .collect())
+    }
+}
+
+impl SettingValue for PoolModeSetting {
+    fn show(&self) -> String {
+        PoolMode::from(*self).as_str().to_owned()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "session" => Ok(PoolModeSetting::Session),
+            "transaction" => Ok(PoolModeSetting::Transaction),
+            "statement" => Ok(PoolModeSetting::Statement),
+            _ => Err(format!("\"{s}\" is not session, transaction or statement")),
+        }
+    }
+}
+
+impl SettingValue for AuthTypeSetting {
+    fn show(&self) -> String {
+        match self {
+            AuthTypeSetting::Trust => "trust",
+            AuthTypeSetting::Md5 => "md5",
+            AuthTypeSetting::ScramSha256 => "scram-sha-256",
+        }
+        .to_owned()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "trust" => Ok(AuthTypeSetting::Trust),
+            "md5" => Ok(AuthTypeSetting::Md5),
+            "scram-sha-256" => Ok(AuthTypeSetting::ScramSha256),
+            _ => Err(format!("\"{s}\" is not trust, md5 or scram-sha-256")),
+        }
+    }
+}
+
+impl SettingValue for LogFormat {
+    fn show(&self) -> String {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+        .to_owned()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        match s.trim() {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("\"{s}\" is not text or json")),
+        }
+    }
+}
+
+/// One `[pooler]` key: how SHOW CONFIG reads it, how SET writes it, and whether a running
+/// pooler can take a new value (RELOAD keeps the old value of the others, with a warning).
+pub struct Setting {
+    pub key: &'static str,
+    pub changeable: bool,
+    pub get: fn(&Pooler) -> String,
+    pub set: fn(&mut Pooler, &str) -> Result<(), String>,
+}
+
+macro_rules! settings_table {
+    ($($key:ident: $changeable:expr),* $(,)?) => {
+        /// Every `[pooler]` key, in SHOW CONFIG order.
+        pub const SETTINGS: &[Setting] = &[$(
+            Setting {
+                key: stringify!($key),
+                changeable: $changeable,
+                get: |p| SettingValue::show(&p.$key),
+                set: |p, v| {
+                    p.$key = SettingValue::parse(v)?;
+                    Ok(())
+                },
+            },
+        )*];
+    };
+}
+
+// Changeable settings take effect for new clients and new server connections (pool sizes and
+// minimums at once); the others need a restart.
+settings_table! {
+    listen_addr: false,
+    listen_port: false,
+    unix_socket_dir: false,
+    workers: false,
+    pool_mode: true,
+    max_client_conn: true,
+    default_pool_size: true,
+    min_pool_size: true,
+    auth_type: true,
+    auth_file: true,
+    admin_users: true,
+    stats_users: true,
+    dns_timeout: true,
+    server_connect_timeout: true,
+    server_login_timeout: true,
+    // The storm controls are shared per host and the server cap across pools; both are built
+    // once at start.
+    server_connect_concurrency: false,
+    server_login_retry: false,
+    server_login_retry_max: false,
+    server_breaker_threshold: false,
+    max_server_connections: false,
+    server_check_delay: true,
+    server_check_query: true,
+    server_unresponsive_timeout: true,
+    tcp_user_timeout: true,
+    query_wait_notify: true,
+    query_wait_timeout: true,
+    query_timeout: true,
+    idle_transaction_timeout: true,
+    client_login_timeout: true,
+    client_idle_timeout: true,
+    server_idle_timeout: true,
+    server_lifetime: true,
+    server_reset_query: true,
+    max_packet_size: true,
+    max_prepared_statements: true,
+    shutdown_timeout: true,
+    tcp_keepalive: true,
+    tcp_keepidle: true,
+    tcp_keepintvl: true,
+    tcp_keepcnt: true,
+    stats_period: true,
+    log_stats: true,
+    log_connections: true,
+    log_disconnections: true,
+    log_format: false,
 }
 
 #[cfg(test)]
@@ -454,6 +772,81 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("auth_file"), "{err}");
+    }
+
+    #[test]
+    fn the_settings_table_covers_every_pooler_key() {
+        // Every key serde knows (it lists them when rejecting an unknown one) must be in the
+        // table that drives SHOW CONFIG, SET and RELOAD.
+        let err = parse("[pooler]\nno_such_key = 1\n")
+            .unwrap_err()
+            .to_string();
+        let expected = err.split("expected one of").nth(1).unwrap_or_default();
+        let known: Vec<&str> = expected.split('`').skip(1).step_by(2).collect();
+        assert!(known.len() > 30, "{err}");
+        for key in &known {
+            assert!(
+                SETTINGS.iter().any(|s| s.key == *key),
+                "{key} is missing from SETTINGS"
+            );
+        }
+        assert_eq!(known.len(), SETTINGS.len());
+        let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
+        let text = toml::to_string(
+            &SETTINGS
+                .iter()
+                .map(|s| (s.key, (s.get)(&c.file.pooler)))
+                .collect::<BTreeMap<_, _>>(),
+        )
+        .unwrap();
+        assert!(text.contains("query_wait_timeout = \"2m\""), "{text}");
+        for key in [
+            "listen_port",
+            "stats_period",
+            "tcp_keepcnt",
+            "workers",
+            "log_stats",
+        ] {
+            assert!(SETTINGS.iter().any(|s| s.key == key), "{key}");
+        }
+        let defaults = Pooler::default();
+        for s in SETTINGS {
+            let v = (s.get)(&defaults);
+            let mut p = Pooler::default();
+            (s.set)(&mut p, &v).unwrap_or_else(|e| panic!("{}: {e}", s.key));
+            assert_eq!((s.get)(&p), v, "{} round-trips", s.key);
+        }
+    }
+
+    #[test]
+    fn set_changes_one_setting_and_validates_it() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
+        let n = c.with_setting("default_pool_size", "3").unwrap();
+        assert_eq!(n.file.pooler.default_pool_size, 3);
+        assert!(c
+            .with_setting("default_pool_size", "0")
+            .unwrap_err()
+            .contains("at least 1"));
+        assert!(c
+            .with_setting("listen_port", "1")
+            .unwrap_err()
+            .contains("restart"));
+        assert!(c
+            .with_setting("nope", "1")
+            .unwrap_err()
+            .contains("unknown setting"));
+        assert!(c.with_setting("query_wait_timeout", "soon").is_err());
+    }
+
+    #[test]
+    fn reload_keeps_restart_only_settings() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\nlisten_port = 7000\n").unwrap();
+        let mut n =
+            parse("[pooler]\nauth_type = \"trust\"\nlisten_port = 7001\ndefault_pool_size = 4\n")
+                .unwrap();
+        assert_eq!(c.keep_restart_only(&mut n), vec!["listen_port"]);
+        assert_eq!(n.file.pooler.listen_port, 7000);
+        assert_eq!(n.file.pooler.default_pool_size, 4);
     }
 
     #[test]

@@ -1,15 +1,20 @@
 //! The `breakwater` daemon: CLI, config, listeners, signals, maintenance and shutdown. It wires
-//! the crates together and owns every long-lived task.
+//! the crates together and owns every long-lived task: the admin console on logins to the admin
+//! database, SIGHUP and RELOAD, the stats log line, the Prometheus exporter, and the
+//! `breakwater stats` tail.
 
 mod config;
+mod operator;
+mod tail;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use admin::ShutdownMode;
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use proxy::{Peer, Proxy};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -17,6 +22,7 @@ use tokio::task::JoinSet;
 use upstream::Stream;
 
 use crate::config::Config;
+use crate::operator::Daemon;
 
 /// PostgreSQL connection pooler: transaction pooling over a warm pool, with bounded connects.
 #[derive(Debug, Parser)]
@@ -28,10 +34,46 @@ struct Cli {
     /// Validate the config (and auth_file) and exit.
     #[arg(long)]
     check: bool,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print live stats from a running Breakwater's admin console, one line per pool per
+    /// interval, until Ctrl-C (connection options as psql: -h -p -U -d, PGPASSWORD).
+    Stats(tail::TailArgs),
+}
+
+/// `HH:MM:SS` in UTC, for the stats tail.
+pub(crate) fn clock_hms() -> String {
+    admin::show::timestamp(std::time::SystemTime::now())
+        .get(11..)
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(Command::Stats(args)) = cli.command {
+        let rt = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                eprintln!("breakwater stats: cannot start the runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        return match rt.block_on(tail::run(args)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("breakwater stats: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let config = match Config::load(&cli.config) {
         Ok(c) => c,
         Err(e) => {
@@ -48,13 +90,22 @@ fn main() -> ExitCode {
         );
         return ExitCode::SUCCESS;
     }
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_target(false)
-        .init();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    match config.file.pooler.log_format {
+        config::LogFormat::Text => tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_target(false)
+            .init(),
+        // One JSON object per line, with the client/server span's fields, for log pipelines.
+        config::LogFormat::Json => tracing_subscriber::fmt()
+            .json()
+            .with_env_filter(filter)
+            .with_target(false)
+            .with_current_span(true)
+            .with_span_list(false)
+            .init(),
+    }
     raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if config.file.pooler.workers > 0 {
@@ -95,38 +146,68 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tracing::info!(%addr, databases = config.file.databases.len(), version = env!("CARGO_PKG_VERSION"), "breakwater listening");
 
     let proxy = Arc::new(Proxy::new(config.proxy_settings()));
+    let daemon = Daemon::new(proxy.clone(), config.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
 
+    if let Some(listen) = &config.file.metrics.listen {
+        let addr: std::net::SocketAddr = listen
+            .parse()
+            .with_context(|| format!("metrics.listen = \"{listen}\""))?;
+        metrics_exporter_prometheus::PrometheusBuilder::new()
+            .with_http_listener(addr)
+            .install()
+            .with_context(|| format!("cannot serve metrics on {addr}"))?;
+        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
+        tasks.spawn(publish_metrics(daemon.clone(), stop_rx.clone()));
+    }
     tasks.spawn(maintenance(proxy.clone(), stop_rx.clone()));
-    tasks.spawn(accept_tcp(tcp, proxy.clone(), stop_rx.clone()));
+    tasks.spawn(stats_period(daemon.clone(), stop_rx.clone()));
+    tasks.spawn(reload_on_sighup(daemon.clone(), stop_rx.clone()));
+    tasks.spawn(accept_tcp(tcp, daemon.clone(), stop_rx.clone()));
     if let Some((l, _)) = unix {
-        tasks.spawn(accept_unix(l, proxy.clone(), stop_rx.clone()));
+        tasks.spawn(accept_unix(l, daemon.clone(), stop_rx.clone()));
     }
 
-    wait_for_stop_signal().await;
+    let mut shutdown_cmd = daemon.shutdown.subscribe();
+    let mode = tokio::select! {
+        _ = wait_for_stop_signal() => ShutdownMode::WaitForServers,
+        m = shutdown_cmd.wait_for(Option::is_some) => match m {
+            Ok(m) => m.unwrap_or(ShutdownMode::WaitForServers),
+            Err(_) => ShutdownMode::WaitForServers,
+        },
+    };
     tracing::info!(
         clients = proxy.client_count(),
-        "shutting down: no new clients; running transactions may finish"
+        ?mode,
+        "shutting down: no new clients"
     );
     let _ = stop_tx.send(true);
-    proxy.begin_shutdown();
-    let deadline = config.shutdown_timeout();
     let drained = async {
         while proxy.client_count() > 0 {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     };
-    match deadline {
-        Some(d) => {
-            if tokio::time::timeout(d, drained).await.is_err() {
-                tracing::warn!(
-                    clients = proxy.client_count(),
-                    "shutdown_timeout expired; closing remaining clients"
-                );
+    match mode {
+        // Clients leave by themselves; nobody is told to go.
+        ShutdownMode::WaitForClients => drained.await,
+        ShutdownMode::Immediate => proxy.begin_shutdown(),
+        // Idle clients are told at once; running transactions may finish within
+        // shutdown_timeout.
+        ShutdownMode::WaitForServers => {
+            proxy.begin_shutdown();
+            match config.shutdown_timeout() {
+                Some(d) => {
+                    if tokio::time::timeout(d, drained).await.is_err() {
+                        tracing::warn!(
+                            clients = proxy.client_count(),
+                            "shutdown_timeout expired; closing remaining clients"
+                        );
+                    }
+                }
+                None => drained.await,
             }
         }
-        None => drained.await,
     }
     proxy.close_pools();
     tasks.abort_all();
@@ -166,7 +247,58 @@ async fn maintenance(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-async fn accept_tcp(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+/// Takes the `stats_period` tick behind SHOW STATS' averages and logs the stats line.
+async fn stats_period(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    loop {
+        if let Some(line) = daemon.rotate() {
+            if daemon.config().file.pooler.log_stats {
+                tracing::info!("{line}");
+            }
+        }
+        // Re-read each time: RELOAD and SET may change the period.
+        let period = daemon.config().stats_period();
+        tokio::select! {
+            _ = tokio::time::sleep(period) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Copies snapshots into the metrics registry; the data path never touches it.
+async fn publish_metrics(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => daemon.publish_metrics(),
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+/// SIGHUP re-reads the config file and auth_file, as RELOAD does.
+async fn reload_on_sighup(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+        tracing::error!("cannot install the SIGHUP handler; use RELOAD in the admin console");
+        return;
+    };
+    loop {
+        tokio::select! {
+            r = hup.recv() => {
+                if r.is_none() {
+                    return;
+                }
+                tracing::info!("SIGHUP received: reloading config");
+                // Errors are logged by reload and the running config stays.
+                let _ = daemon.reload();
+            }
+            _ = stop.changed() => return,
+        }
+    }
+}
+
+async fn accept_tcp(listener: TcpListener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -176,10 +308,10 @@ async fn accept_tcp(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::R
         while clients.try_join_next().is_some() {}
         match accepted {
             Ok((s, addr)) => {
-                let proxy = proxy.clone();
-                clients.spawn(
-                    async move { serve(proxy, Stream::Tcp(s), Peer(addr.to_string())).await },
-                );
+                let daemon = daemon.clone();
+                clients.spawn(async move {
+                    serve(daemon, Stream::Tcp(s), Peer(addr.to_string())).await
+                });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -192,7 +324,7 @@ async fn accept_tcp(listener: TcpListener, proxy: Arc<Proxy>, mut stop: watch::R
     drain(clients).await;
 }
 
-async fn accept_unix(listener: UnixListener, proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
+async fn accept_unix(listener: UnixListener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -202,9 +334,10 @@ async fn accept_unix(listener: UnixListener, proxy: Arc<Proxy>, mut stop: watch:
         while clients.try_join_next().is_some() {}
         match accepted {
             Ok((s, _)) => {
-                let proxy = proxy.clone();
-                clients
-                    .spawn(async move { serve(proxy, Stream::Unix(s), Peer("unix".into())).await });
+                let daemon = daemon.clone();
+                clients.spawn(
+                    async move { serve(daemon, Stream::Unix(s), Peer("unix".into())).await },
+                );
             }
             Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
@@ -222,22 +355,26 @@ async fn drain(mut clients: JoinSet<()>) {
     while clients.join_next().await.is_some() {}
 }
 
-async fn serve(proxy: Arc<Proxy>, stream: Stream, peer: Peer) {
-    if let Some(admin) = proxy.serve(stream, peer).await {
-        admin_console(admin).await;
+async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
+    if let Some(login) = daemon.proxy.serve(stream, peer).await {
+        admin_console(daemon, login).await;
     }
 }
 
-/// Placeholder until the admin console lands: tell the operator plainly.
-async fn admin_console(mut admin: proxy::AdminLogin) {
-    use tokio::io::AsyncWriteExt;
-    let mut out = bytes::BytesMut::new();
-    proto::PgError::fatal(
-        proto::SqlState::FEATURE_NOT_SUPPORTED,
-        "the admin console is not available in this build",
-    )
-    .write(&mut out);
-    let _ = admin.stream.write_all(&out).await;
+/// Runs the admin console on a login to the admin database.
+async fn admin_console(daemon: Arc<Daemon>, login: proxy::AdminLogin) {
+    stats::GlobalStats::bump(&daemon.proxy.global_stats().admin_logins);
+    let span = tracing::info_span!("admin", id = login.client_id, user = %login.user, addr = %login.peer.0);
+    let me = admin::ConsoleUser {
+        user: login.user,
+        is_admin: login.is_admin,
+        client_id: login.client_id,
+        server_version: format!("16.0 (Breakwater {})", env!("CARGO_PKG_VERSION")),
+    };
+    let run = admin::serve(login.stream, login.buf, me, &*daemon);
+    if let Err(e) = tracing::Instrument::instrument(run, span).await {
+        tracing::debug!(error = %e, "admin console connection ended");
+    }
 }
 
 /// Every client and server connection is a file descriptor: raise the soft limit to the hard

@@ -152,6 +152,11 @@ impl Userlist {
         self.users.len()
     }
 
+    /// User names, in no particular order.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.users.keys().map(String::as_str)
+    }
+
     pub fn is_empty(&self) -> bool {
         self.users.is_empty()
     }

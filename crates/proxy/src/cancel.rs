@@ -11,14 +11,23 @@ use std::time::Duration;
 
 use upstream::CancelTarget;
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct CancelSlot {
     target: tokio::sync::Mutex<Option<CancelTarget>>,
+    /// The client holds a server right now (SHOW CLIENTS reads it without the lock).
+    linked: std::sync::atomic::AtomicBool,
 }
 
 impl CancelSlot {
     pub async fn set(&self, target: Option<CancelTarget>) {
+        let linked = target.is_some();
         *self.target.lock().await = target;
+        self.linked
+            .store(linked, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn is_linked(&self) -> bool {
+        self.linked.load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 

@@ -14,12 +14,13 @@ use proto::error::{PgError, SqlState};
 use proto::frame::{self, Message};
 use proto::frontend;
 use proto::startup::{self, StartupParams, StartupRequest};
-use stats::GlobalStats;
+use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use tracing::Instrument;
 use upstream::Stream;
 
 use crate::params::ClientParams;
+use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::{read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
@@ -53,6 +54,8 @@ pub(crate) struct ClientConn {
     pub buf: BytesMut,
     pub out: BytesMut,
     pub peer: Peer,
+    /// For counting the errors this connection is sent, by SQLSTATE class.
+    shared: Arc<Shared>,
 }
 
 impl ClientConn {
@@ -82,6 +85,7 @@ impl ClientConn {
     /// Sends an error (the caller closes afterwards for FATAL ones). Best effort: the client
     /// may already be gone.
     pub async fn send_error(&mut self, err: &PgError) {
+        self.shared.stats.client_errors.record(err.code.0);
         err.write(&mut self.out);
         let _ = self.flush().await;
     }
@@ -120,6 +124,7 @@ async fn serve_inner(
         buf: BytesMut::with_capacity(8192),
         out: BytesMut::with_capacity(8192),
         peer,
+        shared: shared.clone(),
     };
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let _slot = ClientSlot(shared);
@@ -147,10 +152,36 @@ async fn serve_inner(
             let span = tracing::Span::current();
             span.record("db", startup.database.as_str());
             span.record("user", startup.user.as_str());
-            tracing::debug!("login");
+            if settings.log_connections {
+                tracing::info!(
+                    application_name = startup.get("application_name").unwrap_or(""),
+                    "login"
+                );
+            } else {
+                tracing::debug!("login");
+            }
+            let since = std::time::Instant::now();
+            PoolStats::add(&entry.stats.client_logins, 1);
+            let (local, remote) = client.stream.addrs();
             let reg = shared.cancels.register();
+            let listed = shared.registry.register(NewClient {
+                id: client.id,
+                user: startup.user.clone(),
+                database: startup.database.clone(),
+                remote,
+                local,
+                application_name: startup.get("application_name").unwrap_or("").to_owned(),
+                kill: client.stream.shutdown_handle(),
+                slot: reg.slot.clone(),
+            });
             let mut session = Session::new(shared, &settings, client, entry, params, reg);
             session.run().await;
+            // Unlisted while the session (and so the socket) still exists: the row's kill
+            // handle never outlives the client it names.
+            drop(listed);
+            if settings.log_disconnections {
+                tracing::info!(duration = ?since.elapsed(), "client closed");
+            }
             None
         }
         Ok(Login::Admin { user, is_admin }) => Some(AdminLogin {
@@ -262,6 +293,15 @@ async fn login(
         })?)
     };
 
+    if !is_admin_db && shared.switches().is_disabled(&startup.database) {
+        return Err(LoginEnd::Refuse(PgError::fatal(
+            SqlState::CANNOT_CONNECT_NOW,
+            format!(
+                "database \"{}\" is disabled (DISABLE in the admin console; ENABLE lifts it)",
+                startup.database
+            ),
+        )));
+    }
     let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
     backend::write_auth_ok(&mut client.out);
 

@@ -5,8 +5,10 @@
 
 pub mod cancel;
 mod client;
+mod control;
 pub mod params;
 pub mod prepared;
+pub mod registry;
 pub mod scan;
 mod session;
 pub mod settings;
@@ -23,6 +25,8 @@ use tokio::sync::watch;
 use upstream::{ServerPool, ServerTarget, Stream};
 
 pub use client::AdminLogin;
+pub use control::{ControlError, ReloadReport};
+pub use registry::ClientInfo;
 pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
 
 /// Names of the virtual admin database.
@@ -55,6 +59,10 @@ pub(crate) struct Shared {
     shutdown: watch::Sender<bool>,
     /// SCRAM verifiers derived from plaintext auth_file passwords: PBKDF2 once, not per login.
     scram_cache: Mutex<HashMap<String, ScramVerifier>>,
+    /// Logged-in clients, for SHOW CLIENTS and KILL.
+    pub(crate) registry: registry::ClientRegistry,
+    /// What operators switched: paused and disabled databases.
+    pub(crate) switches: Mutex<control::Switches>,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS.
@@ -79,6 +87,8 @@ impl Proxy {
                 next_client_id: AtomicU64::new(1),
                 shutdown,
                 scram_cache: Mutex::new(HashMap::new()),
+                registry: registry::ClientRegistry::default(),
+                switches: Mutex::new(control::Switches::default()),
             }),
         }
     }
@@ -207,6 +217,7 @@ impl Shared {
             limits.0.push(total.clone());
         }
         let host = self.hosts.get(&route.host, route.port);
+        let stats = Arc::new(PoolStats::new(&route.name, server_user));
         let entry = Arc::new(PoolEntry {
             pool: ServerPool::new(
                 target,
@@ -215,11 +226,15 @@ impl Shared {
                 route.min_pool_size,
                 host,
                 limits,
+                stats.clone(),
             ),
-            stats: Arc::new(PoolStats::new(&route.name, server_user)),
+            stats,
             route: route.clone(),
             welcome: Mutex::new(None),
         });
+        entry
+            .pool
+            .set_paused(self.switches().is_paused(&route.name));
         pools.insert(key, entry.clone());
         entry
     }

@@ -80,6 +80,9 @@ pub struct ProxySettings {
     pub max_prepared_statements: usize,
     pub server: upstream::ServerSettings,
     pub databases: Vec<DatabaseRoute>,
+    /// Log each client login / disconnection at info (else debug).
+    pub log_connections: bool,
+    pub log_disconnections: bool,
 }
 
 impl ProxySettings {

@@ -196,6 +196,8 @@ pub struct ServerConn {
     pub jitter: f64,
     /// Holds a slot of `max_db_connections` / `max_server_connections` while the connection lives.
     pub(crate) _limits: Vec<tokio::sync::OwnedSemaphorePermit>,
+    /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
+    pub(crate) registration: Option<crate::registry::Registration>,
 }
 
 impl ConnectError {
@@ -270,6 +272,11 @@ impl ServerConn {
 
     pub fn cancel_target(&self) -> CancelTarget {
         self.cancel.clone()
+    }
+
+    /// Local and remote socket addresses (`None` for Unix sockets).
+    pub fn socket_addrs(&self) -> (Option<SocketAddr>, Option<SocketAddr>) {
+        self.stream.addrs()
     }
 
     pub fn backend_pid(&self) -> i32 {
@@ -492,6 +499,7 @@ async fn login(
         prepared: crate::PreparedCache::default(),
         jitter: 0.8 + 0.2 * rand::random::<f64>(),
         _limits: Vec::new(),
+        registration: None,
     };
     let addr_s = conn.cancel.addr.to_string();
     let work = run_login(&mut conn, target);

@@ -6,6 +6,7 @@ pub mod conn;
 pub mod host;
 pub mod pool;
 pub mod prepared;
+pub mod registry;
 pub mod stream;
 
 pub use conn::{
@@ -14,4 +15,5 @@ pub use conn::{
 pub use host::{BreakerOpen, Host, Hosts, StormSettings};
 pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
+pub use registry::ServerInfo;
 pub use stream::Stream;

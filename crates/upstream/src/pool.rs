@@ -4,15 +4,25 @@
 //!
 //! The pool never decides whether a connection is clean: the proxy returns a connection only at
 //! an idle ReadyForQuery with nothing owed, and detaches (closes) it otherwise.
+//!
+//! Operators act on a pool through a few switches, never by reaching into a connection: a pause
+//! gate in front of checkout (PAUSE/RESUME), an epoch that retires every connection opened
+//! before it (RECONNECT, KILL, RELOAD), live size, minimum and timeouts (RELOAD, SET).
 
-use std::sync::Arc;
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult};
-use tokio::sync::Semaphore;
+use stats::PoolStats;
+use tokio::sync::{watch, Semaphore};
 
 use crate::conn::{ConnectError, ServerConn, ServerSettings, ServerTarget};
 use crate::host::Host;
+use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 
 /// Caps shared between pools: `max_db_connections` (per database) and
 /// `max_server_connections` (all pools). A connection holds a slot of each while it lives.
@@ -23,9 +33,28 @@ pub struct ServerManager {
     target: ServerTarget,
     /// Known once a client logged in with SCRAM when the auth_file holds only a verifier.
     credential: std::sync::Mutex<Option<proto::auth::ServerCredential>>,
-    settings: ServerSettings,
+    /// Swapped whole by RELOAD/SET; readers clone the Arc, never the settings.
+    settings: RwLock<Arc<ServerSettings>>,
     host: Arc<Host>,
     limits: Limits,
+    stats: Arc<PoolStats>,
+    registry: Arc<ServerRegistry>,
+    epoch: AtomicU64,
+}
+
+impl ServerManager {
+    fn settings(&self) -> Arc<ServerSettings> {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn is_stale(&self, conn: &ServerConn) -> bool {
+        conn.registration
+            .as_ref()
+            .is_some_and(|r| r.info.epoch < self.epoch.load(Ordering::Relaxed))
+    }
 }
 
 impl managed::Manager for ServerManager {
@@ -47,15 +76,39 @@ impl managed::Manager for ServerManager {
                 Err(_) => unreachable!("limit semaphores are never closed"),
             }
         }
-        let conn = ServerConn::connect(&target, &self.settings, &self.host).await;
+        let settings = self.settings();
+        let started = Instant::now();
+        let conn = ServerConn::connect(&target, &settings, &self.host).await;
+        let stats = &self.stats;
         match conn {
             Ok(mut c) => {
                 c._limits = permits;
+                PoolStats::add(&stats.server_connects, 1);
+                PoolStats::add(&stats.connect_time_us, started.elapsed().as_micros() as u64);
+                let (local, remote) = c.socket_addrs();
+                c.registration = Some(self.registry.register(NewServer {
+                    id: c.id,
+                    database: self.target.database.clone(),
+                    user: self.target.user.clone(),
+                    addr: c.addr().to_string(),
+                    remote,
+                    local,
+                    pid: c.backend_pid(),
+                    epoch: self.epoch.load(Ordering::Relaxed),
+                }));
                 tracing::info!(server = c.id, addr = %c.addr(), pid = c.backend_pid(),
                     database = %self.target.database, user = %self.target.user, "server connection opened");
                 Ok(c)
             }
             Err(e) => {
+                PoolStats::add(&stats.server_connect_failures, 1);
+                match &e {
+                    ConnectError::ConnectTimeout { .. } => {
+                        PoolStats::add(&stats.connect_timeouts, 1)
+                    }
+                    ConnectError::LoginTimeout { .. } => PoolStats::add(&stats.login_timeouts, 1),
+                    _ => PoolStats::add(&stats.connect_refused, 1),
+                }
                 tracing::warn!(database = %self.target.database, user = %self.target.user,
                     host = %self.host.name, error = %e, "server connection failed");
                 Err(e)
@@ -68,7 +121,11 @@ impl managed::Manager for ServerManager {
         conn: &mut ServerConn,
         metrics: &Metrics,
     ) -> RecycleResult<ConnectError> {
-        if let Some(lifetime) = self.settings.lifetime {
+        let settings = self.settings();
+        if self.is_stale(conn) {
+            return Err(RecycleError::message("opened before RECONNECT"));
+        }
+        if let Some(lifetime) = settings.lifetime {
             if metrics.age() > lifetime.mul_f64(conn.jitter) {
                 tracing::debug!(server = conn.id, "server_lifetime reached; closing");
                 return Err(RecycleError::message("server_lifetime reached"));
@@ -82,16 +139,12 @@ impl managed::Manager for ServerManager {
             );
             return Err(RecycleError::message("server closed while idle"));
         }
-        if let Some(delay) = self.settings.check_delay {
+        if let Some(delay) = settings.check_delay {
             let idle = metrics.recycled.unwrap_or(metrics.created).elapsed();
-            if idle > delay && !self.settings.check_query.is_empty() {
-                let bound = self
-                    .settings
-                    .login_timeout
-                    .unwrap_or(Duration::from_secs(5));
+            if idle > delay && !settings.check_query.is_empty() {
+                let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
                 let check =
-                    tokio::time::timeout(bound, conn.simple_query(&self.settings.check_query))
-                        .await;
+                    tokio::time::timeout(bound, conn.simple_query(&settings.check_query)).await;
                 if !matches!(check, Ok(Ok(()))) {
                     tracing::warn!(
                         server = conn.id,
@@ -106,13 +159,51 @@ impl managed::Manager for ServerManager {
     }
 }
 
-/// A server connection checked out of a pool. Dropping it returns it to the pool; call
-/// [`discard`] instead when it is not clean.
-pub type PooledServer = Object<ServerManager>;
+/// A server connection checked out of a pool. Dropping it returns it to the pool (or closes it
+/// when the pool was told to reconnect since it was opened); call [`discard`] instead when it is
+/// not clean.
+pub struct PooledServer {
+    /// `None` only after [`discard`] or inside `drop`, which both consume the value.
+    obj: Option<Object<ServerManager>>,
+}
+
+impl Deref for PooledServer {
+    type Target = ServerConn;
+    fn deref(&self) -> &ServerConn {
+        match &self.obj {
+            Some(o) => o,
+            None => unreachable!("PooledServer is only emptied while being consumed"),
+        }
+    }
+}
+
+impl DerefMut for PooledServer {
+    fn deref_mut(&mut self) -> &mut ServerConn {
+        match &mut self.obj {
+            Some(o) => o,
+            None => unreachable!("PooledServer is only emptied while being consumed"),
+        }
+    }
+}
+
+impl Drop for PooledServer {
+    fn drop(&mut self) {
+        let Some(obj) = self.obj.take() else { return };
+        if let Some(r) = &obj.registration {
+            r.info.set_in_use(false);
+        }
+        let stale = Object::pool(&obj).is_some_and(|p| p.manager().is_stale(&obj));
+        if stale {
+            Object::take(obj).terminate();
+        }
+    }
+}
 
 /// Closes a checked-out connection instead of returning it.
-pub fn discard(server: PooledServer) {
-    Object::take(server).terminate();
+pub fn discard(mut server: PooledServer) {
+    if let Some(obj) = server.obj.take() {
+        Object::take(obj).terminate();
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +225,41 @@ pub struct ServerPool {
     pool: managed::Pool<ServerManager>,
     pub database: String,
     pub user: String,
-    pub min_size: usize,
+    min_size: AtomicUsize,
+    /// `true` while paused: checkouts wait at the gate (still bounded by query_wait_timeout).
+    paused: watch::Sender<bool>,
+    /// Checkouts that had to wait, and since when.
+    waiters: Waiters,
+}
+
+#[derive(Default)]
+struct Waiters {
+    next: AtomicU64,
+    list: std::sync::Mutex<std::collections::BTreeMap<u64, Instant>>,
+}
+
+/// Lists a waiting checkout for as long as it waits, however it ends (cancellation included).
+struct Waiter<'a> {
+    waiters: &'a Waiters,
+    id: u64,
+}
+
+impl<'a> Waiter<'a> {
+    fn new(waiters: &'a Waiters, since: Instant) -> Waiter<'a> {
+        let id = waiters.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut l) = waiters.list.lock() {
+            l.insert(id, since);
+        }
+        Waiter { waiters, id }
+    }
+}
+
+impl Drop for Waiter<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut l) = self.waiters.list.lock() {
+            l.remove(&self.id);
+        }
+    }
 }
 
 impl ServerPool {
@@ -145,6 +270,7 @@ impl ServerPool {
         min_size: usize,
         host: Arc<Host>,
         limits: Limits,
+        stats: Arc<PoolStats>,
     ) -> Arc<Self> {
         let database = target.database.clone();
         let user = target.user.clone();
@@ -152,9 +278,12 @@ impl ServerPool {
         let pool = managed::Pool::builder(ServerManager {
             target,
             credential,
-            settings,
+            settings: RwLock::new(Arc::new(settings)),
             host,
             limits,
+            stats,
+            registry: Arc::new(ServerRegistry::default()),
+            epoch: AtomicU64::new(0),
         })
         .max_size(size.max(1))
         // LIFO keeps the most recently used connections warm and lets the rest age out.
@@ -166,7 +295,9 @@ impl ServerPool {
                 pool,
                 database,
                 user,
-                min_size,
+                min_size: AtomicUsize::new(min_size),
+                paused: watch::channel(false).0,
+                waiters: Waiters::default(),
             }),
             // Only fails without a runtime when timeouts are set, and we name the runtime.
             Err(e) => unreachable!("deadpool build: {e}"),
@@ -186,26 +317,80 @@ impl ServerPool {
     /// unreachable the client keeps waiting — the host's back-off paces the attempts — until
     /// `wait` expires; errors that waiting cannot fix (wrong password, breaker open) return at
     /// once.
+    /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
     pub async fn checkout(&self, wait: Option<Duration>) -> Result<PooledServer, CheckoutError> {
-        let deadline = wait.map(|w| Instant::now() + w);
+        let started = Instant::now();
+        let mut work = std::pin::pin!(self.checkout_inner(started, wait));
+        // The common case is served at the first poll. Only a checkout that has to wait is
+        // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
+        let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
+        match first {
+            Poll::Ready(r) => r,
+            Poll::Pending => {
+                let _listed = Waiter::new(&self.waiters, started);
+                work.await
+            }
+        }
+    }
+
+    /// How long the longest-waiting checkout has waited (PgBouncer's maxwait).
+    pub fn max_wait(&self) -> Duration {
+        let w = match self.waiters.list.lock() {
+            Ok(w) => w,
+            Err(p) => p.into_inner(),
+        };
+        w.values()
+            .min()
+            .map(|oldest| oldest.elapsed())
+            .unwrap_or_default()
+    }
+
+    async fn checkout_inner(
+        &self,
+        started: Instant,
+        wait: Option<Duration>,
+    ) -> Result<PooledServer, CheckoutError> {
+        let deadline = wait.map(|w| started + w);
+        let wait_timeout = |last| {
+            PoolStats::add(&self.pool.manager().stats.wait_timeouts, 1);
+            CheckoutError::WaitTimeout {
+                database: self.database.clone(),
+                timeout: wait.unwrap_or_default(),
+                last,
+            }
+        };
+        if *self.paused.borrow() {
+            let mut gate = self.paused.subscribe();
+            // The sender lives as long as the pool, so this only ends by resuming.
+            let resumed = gate.wait_for(|paused| !*paused);
+            match deadline {
+                Some(d) => {
+                    if tokio::time::timeout_at(d.into(), resumed).await.is_err() {
+                        return Err(wait_timeout(None));
+                    }
+                }
+                None => {
+                    let _ = resumed.await;
+                }
+            }
+        }
         let mut last = None;
         loop {
             let get = self.pool.get();
             let result = match deadline {
                 Some(d) => match tokio::time::timeout_at(d.into(), get).await {
                     Ok(r) => r,
-                    Err(_) => {
-                        return Err(CheckoutError::WaitTimeout {
-                            database: self.database.clone(),
-                            timeout: wait.unwrap_or_default(),
-                            last,
-                        })
-                    }
+                    Err(_) => return Err(wait_timeout(last)),
                 },
                 None => get.await,
             };
             match result {
-                Ok(server) => return Ok(server),
+                Ok(obj) => {
+                    if let Some(r) = &obj.registration {
+                        r.info.set_in_use(true);
+                    }
+                    return Ok(PooledServer { obj: Some(obj) });
+                }
                 Err(PoolError::Backend(e)) if e.is_permanent() => return Err(e.into()),
                 Err(PoolError::Backend(e)) => last = Some(e),
                 Err(_) => {
@@ -229,16 +414,66 @@ impl ServerPool {
         self.pool.resize(size.max(1));
     }
 
+    pub fn min_size(&self) -> usize {
+        self.min_size.load(Ordering::Relaxed)
+    }
+
+    pub fn set_min_size(&self, n: usize) {
+        self.min_size.store(n, Ordering::Relaxed);
+    }
+
+    /// New timeouts for connections opened and recycled from now on (RELOAD, SET).
+    pub fn set_settings(&self, settings: ServerSettings) {
+        match self.pool.manager().settings.write() {
+            Ok(mut s) => *s = Arc::new(settings),
+            Err(p) => *p.into_inner() = Arc::new(settings),
+        }
+    }
+
+    pub fn set_paused(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
+
+    pub fn is_paused(&self) -> bool {
+        *self.paused.borrow()
+    }
+
+    /// Retires every connection open now: idle ones close at once, busy ones when released.
+    pub fn reconnect(&self) {
+        let m = self.pool.manager();
+        m.epoch.fetch_add(1, Ordering::Relaxed);
+        self.pool.retain(|conn, _| !m.is_stale(conn));
+    }
+
+    /// Closes idle connections (PAUSE disconnects from the server once it is idle).
+    pub fn close_idle(&self) {
+        self.pool.retain(|_, _| false);
+    }
+
+    /// Server connections opened before the last [`reconnect`](Self::reconnect), still open.
+    pub fn stale_count(&self) -> usize {
+        let epoch = self.pool.manager().epoch.load(Ordering::Relaxed);
+        self.servers().iter().filter(|s| s.epoch < epoch).count()
+    }
+
+    /// SHOW SERVERS rows for this pool.
+    pub fn servers(&self) -> Vec<Arc<ServerInfo>> {
+        self.pool.manager().registry.list()
+    }
+
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime` (each with its
     /// own jitter, keeping `min_pool_size`), then opens connections up to `min_pool_size` one
     /// at a time, so warm-up after an outage is paced by the host's storm controls.
     pub async fn maintain(&self, settings: &ServerSettings) {
-        let mut keep = self.min_size;
+        let min_size = self.min_size();
+        let mut keep = min_size;
+        let manager = self.pool.manager();
         self.pool.retain(|conn, m| {
             let expired = settings
                 .lifetime
                 .is_some_and(|l| m.age() > l.mul_f64(conn.jitter))
-                || !conn.is_healthy_idle();
+                || !conn.is_healthy_idle()
+                || manager.is_stale(conn);
             let idle_too_long = settings
                 .idle_timeout
                 .is_some_and(|t| m.last_used() > t.mul_f64(conn.jitter));
@@ -249,7 +484,7 @@ impl ServerPool {
             true
         });
         let status = self.pool.status();
-        if self.min_size.min(status.max_size) <= status.size {
+        if self.is_paused() || min_size.min(status.max_size) <= status.size {
             return;
         }
         // Hold fresh connections until the pool reaches its minimum so it grows instead of
@@ -259,12 +494,12 @@ impl ServerPool {
             ..Default::default()
         };
         let mut held = Vec::new();
-        for _ in 0..self.min_size + status.available {
+        for _ in 0..min_size + status.available {
             match self.pool.timeout_get(&timeouts).await {
                 Ok(c) => held.push(c),
                 Err(_) => break,
             }
-            if self.pool.status().size >= self.min_size {
+            if self.pool.status().size >= min_size {
                 break;
             }
         }

@@ -38,6 +38,25 @@ impl Stream {
         n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
     }
 
+    /// The local and remote socket addresses (`None` for Unix sockets), for SHOW CLIENTS/SERVERS.
+    pub fn addrs(&self) -> (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>) {
+        match self {
+            Stream::Tcp(s) => (s.local_addr().ok(), s.peer_addr().ok()),
+            Stream::Unix(_) => (None, None),
+        }
+    }
+
+    /// A second handle on the same socket, so an operator can shut it down (KILL) while its
+    /// task owns the stream; the task then sees end-of-stream and cleans up as for any
+    /// disconnect.
+    pub fn shutdown_handle(&self) -> Option<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        match self {
+            Stream::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
+            Stream::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+
     /// Disables Nagle: the pooler forwards whole protocol messages and must not sit on them.
     pub fn set_nodelay(&self) {
         if let Stream::Tcp(s) = self {

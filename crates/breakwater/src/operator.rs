@@ -1,0 +1,397 @@
+//! The daemon's side of the admin console, signals and stats: it adapts the proxy to the admin
+//! crate's [`Control`] trait (so neither depends on the other), keeps the `stats_period`
+//! history behind the `avg_*` columns, reloads config, logs the periodic stats line and feeds
+//! the Prometheus exporter.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+use admin::{
+    Action, ConfigItem, ConnView, Control, DatabaseView, PoolView, ShutdownMode, UserView, View,
+};
+use proxy::Proxy;
+use stats::PoolSnapshot;
+use tokio::sync::watch;
+
+use crate::config::Config;
+
+type PoolKey = (String, String);
+
+/// Counters at the last two `stats_period` ticks.
+#[derive(Default)]
+struct History {
+    older: Option<(Instant, HashMap<PoolKey, PoolSnapshot>)>,
+    newer: Option<(Instant, HashMap<PoolKey, PoolSnapshot>)>,
+}
+
+pub struct Daemon {
+    pub proxy: Arc<Proxy>,
+    config: RwLock<Config>,
+    history: Mutex<History>,
+    /// Set by SHUTDOWN; the daemon's main loop waits on it next to the signals.
+    pub shutdown: watch::Sender<Option<ShutdownMode>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(p) => p.into_inner(),
+    }
+}
+
+impl Daemon {
+    pub fn new(proxy: Arc<Proxy>, config: Config) -> Arc<Daemon> {
+        Arc::new(Daemon {
+            proxy,
+            config: RwLock::new(config),
+            history: Mutex::new(History::default()),
+            shutdown: watch::channel(None).0,
+        })
+    }
+
+    pub fn config(&self) -> Config {
+        match self.config.read() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn snapshots(&self) -> HashMap<PoolKey, PoolSnapshot> {
+        self.proxy
+            .pools()
+            .iter()
+            .map(|p| {
+                let s = p.stats.snapshot();
+                ((s.database.clone(), s.user.clone()), s)
+            })
+            .collect()
+    }
+
+    /// Takes the `stats_period` tick: the newer counters become the older ones. Returns the
+    /// line for the stats log (None before the second tick).
+    pub fn rotate(&self) -> Option<String> {
+        let now = Instant::now();
+        let snaps = self.snapshots();
+        let mut h = lock(&self.history);
+        h.older = h.newer.take();
+        h.newer = Some((now, snaps));
+        let (Some((t0, older)), Some((t1, newer))) = (&h.older, &h.newer) else {
+            return None;
+        };
+        let (mut a, mut b) = (PoolSnapshot::default(), PoolSnapshot::default());
+        for (k, n) in newer {
+            if let Some(o) = older.get(k) {
+                a.accumulate(o);
+                b.accumulate(n);
+            }
+        }
+        let avg = b.averages(&a, t1.duration_since(*t0).as_secs_f64());
+        Some(format!(
+            "stats: {} xacts/s, {} queries/s, {} client parses/s, {} server parses/s, {} binds/s, in {} B/s, out {} B/s, xact {} us, query {} us, wait {} us",
+            avg.xact_count, avg.query_count, avg.client_parse_count, avg.server_parse_count,
+            avg.bind_count, avg.recv, avg.sent, avg.xact_time, avg.query_time, avg.wait_time
+        ))
+    }
+
+    /// Publishes every pool to the metrics registry; quantiles over the current period.
+    pub fn publish_metrics(&self) {
+        let h = lock(&self.history);
+        let older = h.older.as_ref().or(h.newer.as_ref()).map(|(_, m)| m);
+        for p in self.proxy.pools() {
+            let s = p.stats.snapshot();
+            let status = p.pool.status();
+            let earlier = older.and_then(|m| m.get(&(s.database.clone(), s.user.clone())));
+            stats::export::publish_pool(
+                &s,
+                earlier,
+                &stats::export::ServerGauges {
+                    active: status.size.saturating_sub(status.available) as u64,
+                    idle: status.available as u64,
+                    size: status.size as u64,
+                    max_size: status.max_size as u64,
+                    paused: p.pool.is_paused(),
+                    maxwait_us: p.pool.max_wait().as_micros() as u64,
+                },
+            );
+        }
+        for h in self.proxy.hosts() {
+            stats::export::publish_host(&h);
+        }
+        stats::export::publish_global(
+            &self.proxy.global_stats().snapshot(),
+            self.proxy.client_count() as u64,
+        );
+    }
+
+    /// Re-reads the config file and auth_file and applies what may change while running.
+    pub fn reload(&self) -> Result<String, String> {
+        let path = self.config().path;
+        let next = Config::load(&path).map_err(|e| {
+            tracing::error!("reload rejected, keeping the running config: {e}");
+            format!("RELOAD failed, keeping the running config: {e}")
+        })?;
+        Ok(self.apply(next))
+    }
+
+    fn apply(&self, mut next: Config) -> String {
+        let current = self.config();
+        for key in current.keep_restart_only(&mut next) {
+            tracing::warn!(
+                setting = key,
+                "{key} changed in the config file but needs a restart; keeping the running value"
+            );
+        }
+        let report = self.proxy.reload(next.proxy_settings());
+        let summary = format!(
+            "reloaded: {} databases ({} added, {} re-pointed, {} removed, {} resized), {} users in auth_file",
+            next.file.databases.len(),
+            report.added.len(),
+            report.changed.len(),
+            report.removed.len(),
+            report.resized.len(),
+            next.userlist.len(),
+        );
+        tracing::info!(added = ?report.added, changed = ?report.changed, removed = ?report.removed,
+            resized = ?report.resized, "{summary}");
+        match self.config.write() {
+            Ok(mut c) => *c = next,
+            Err(p) => *p.into_inner() = next,
+        }
+        summary
+    }
+
+    fn db_arg(db: &Option<String>) -> Option<&str> {
+        db.as_deref()
+    }
+
+    /// Waits until no server of `db` is checked out (PAUSE), polling the pool gauges.
+    async fn wait_servers_released(&self, db: Option<&str>) {
+        loop {
+            let busy: usize = self
+                .proxy
+                .pools_of(db)
+                .iter()
+                .map(|p| {
+                    let s = p.pool.status();
+                    s.size.saturating_sub(s.available)
+                })
+                .sum();
+            if busy == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+fn addr_port(a: Option<std::net::SocketAddr>) -> (String, u16) {
+    match a {
+        Some(a) => (a.ip().to_string(), a.port()),
+        None => ("unix".into(), 0),
+    }
+}
+
+impl Control for Daemon {
+    fn view(&self) -> View {
+        let config = self.config();
+        let settings = self.proxy.settings();
+        let (older, newer, period_secs) = {
+            let h = lock(&self.history);
+            let secs = match (&h.older, &h.newer) {
+                (Some((a, _)), Some((b, _))) => b.duration_since(*a).as_secs_f64(),
+                _ => 0.0,
+            };
+            (
+                h.older.as_ref().map(|(_, m)| m.clone()),
+                h.newer.as_ref().map(|(_, m)| m.clone()),
+                secs,
+            )
+        };
+        let clients = self.proxy.clients();
+        let mut servers = Vec::new();
+        let mut pools = Vec::new();
+        for p in self.proxy.pools() {
+            let stats = p.stats.snapshot();
+            let key = (stats.database.clone(), stats.user.clone());
+            let status = p.pool.status();
+            for s in p.pool.servers() {
+                let (addr, port) = match s.remote {
+                    Some(a) => (a.ip().to_string(), a.port()),
+                    None => (s.addr.clone(), 0),
+                };
+                let (local_addr, local_port) = addr_port(s.local);
+                servers.push(ConnView {
+                    id: s.id,
+                    user: s.user.clone(),
+                    database: s.database.clone(),
+                    state: if s.in_use() { "active" } else { "idle" }.into(),
+                    addr,
+                    port,
+                    local_addr,
+                    local_port,
+                    connect_time: s.connect_time,
+                    request_time: Some(s.request_time()).filter(|t| *t > SystemTime::UNIX_EPOCH),
+                    remote_pid: s.pid,
+                    application_name: String::new(),
+                    close_needed: false,
+                });
+            }
+            pools.push(PoolView {
+                older: older.as_ref().and_then(|m| m.get(&key).cloned()),
+                newer: newer.as_ref().and_then(|m| m.get(&key).cloned()),
+                stats,
+                sv_active: status.size.saturating_sub(status.available) as u64,
+                sv_idle: status.available as u64,
+                sv_login: 0,
+                maxwait_us: p.pool.max_wait().as_micros() as u64,
+                pool_size: status.max_size as u64,
+                min_pool_size: p.pool.min_size() as u64,
+                pool_mode: p.route.pool_mode.as_str().into(),
+                paused: p.pool.is_paused(),
+            });
+        }
+        pools.sort_by(|a, b| {
+            (&a.stats.database, &a.stats.user).cmp(&(&b.stats.database, &b.stats.user))
+        });
+        let databases = settings
+            .databases
+            .iter()
+            .map(|d| DatabaseView {
+                name: d.name.clone(),
+                host: d.host.clone(),
+                port: d.port,
+                dbname: d.dbname.clone(),
+                force_user: d.user.clone(),
+                pool_size: d.pool_size as u64,
+                min_pool_size: d.min_pool_size as u64,
+                server_lifetime_secs: settings.server.lifetime.map(|l| l.as_secs()).unwrap_or(0),
+                pool_mode: d.pool_mode.as_str().into(),
+                current_connections: servers.iter().filter(|s| s.database == d.name).count() as u64,
+                max_client_connections: 0,
+                current_client_connections: clients.iter().filter(|c| c.database == d.name).count()
+                    as u64,
+                paused: self.proxy.is_paused(Some(&d.name)),
+                disabled: self.proxy.is_disabled(&d.name),
+            })
+            .collect();
+        let mut users: Vec<UserView> = settings
+            .userlist
+            .names()
+            .map(|u| UserView {
+                name: u.to_owned(),
+                current_connections: servers.iter().filter(|s| s.user == u).count() as u64,
+                current_client_connections: clients.iter().filter(|c| c.user == u).count() as u64,
+            })
+            .collect();
+        users.sort_by(|a, b| a.name.cmp(&b.name));
+        let clients: Vec<ConnView> = clients
+            .iter()
+            .map(|c| {
+                let (addr, port) = addr_port(c.remote);
+                let (local_addr, local_port) = addr_port(c.local);
+                ConnView {
+                    id: c.id,
+                    user: c.user.clone(),
+                    database: c.database.clone(),
+                    state: if c.is_linked() { "active" } else { "idle" }.into(),
+                    addr,
+                    port,
+                    local_addr,
+                    local_port,
+                    connect_time: c.connect_time,
+                    request_time: None,
+                    remote_pid: 0,
+                    application_name: c.application_name.clone(),
+                    close_needed: false,
+                }
+            })
+            .collect();
+        View {
+            version: format!("Breakwater {}", env!("CARGO_PKG_VERSION")),
+            now: SystemTime::now(),
+            paused: self.proxy.is_paused(None),
+            period_secs,
+            login_clients: self.proxy.client_count().saturating_sub(clients.len()) as u64,
+            pools,
+            databases,
+            clients,
+            servers,
+            users,
+            config: config
+                .show()
+                .into_iter()
+                .map(|(key, value, default, changeable)| ConfigItem {
+                    key: key.into(),
+                    value,
+                    default,
+                    changeable,
+                })
+                .collect(),
+            global: self.proxy.global_stats().snapshot(),
+            hosts: self.proxy.hosts(),
+        }
+    }
+
+    async fn execute(&self, action: Action) -> Result<Option<String>, String> {
+        let e = |e: proxy::ControlError| e.to_string();
+        match &action {
+            Action::Pause(db) => {
+                self.proxy.pause(Self::db_arg(db)).map_err(e)?;
+                // As PgBouncer: the command returns once running transactions have finished;
+                // then idle server connections are closed.
+                self.wait_servers_released(Self::db_arg(db)).await;
+                for p in self.proxy.pools_of(Self::db_arg(db)) {
+                    p.pool.close_idle();
+                }
+                Ok(None)
+            }
+            Action::Resume(db) => self.proxy.resume(Self::db_arg(db)).map(|_| None).map_err(e),
+            Action::Disable(db) => self.proxy.set_disabled(db, true).map(|_| None).map_err(e),
+            Action::Enable(db) => self.proxy.set_disabled(db, false).map(|_| None).map_err(e),
+            Action::Reconnect(db) => self
+                .proxy
+                .reconnect(Self::db_arg(db))
+                .map(|_| None)
+                .map_err(e),
+            Action::Kill(db) => {
+                let n = self.proxy.kill(Self::db_arg(db)).map_err(e)?;
+                Ok(Some(format!(
+                    "{n} clients disconnected; {} paused until RESUME",
+                    db.as_deref().unwrap_or("every database")
+                )))
+            }
+            Action::KillClient(id) => self.proxy.kill_client(*id).map(|_| None).map_err(e),
+            Action::WaitClose(db) => {
+                if let Some(d) = db {
+                    if self.proxy.settings().route(d).is_none() {
+                        return Err(format!("no such database: {d}"));
+                    }
+                }
+                loop {
+                    let stale: usize = self
+                        .proxy
+                        .pools_of(Self::db_arg(db))
+                        .iter()
+                        .map(|p| p.pool.stale_count())
+                        .sum();
+                    if stale == 0 {
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Action::Reload => self.reload().map(Some),
+            Action::Shutdown(mode) => {
+                tracing::info!(?mode, "SHUTDOWN command issued");
+                self.shutdown.send_replace(Some(*mode));
+                Ok(None)
+            }
+            Action::Set { key, value } => {
+                let next = self.config().with_setting(key, value)?;
+                self.apply(next);
+                Ok(None)
+            }
+        }
+    }
+}

@@ -1,0 +1,266 @@
+//! What operators can do to a running proxy, for the binary's admin console and signal
+//! handlers: pause and resume checkouts, disable logins, retire server connections, disconnect
+//! clients, and swap in reloaded settings. Everything here acts through the pool's own switches
+//! and the client registry; no session is reached into.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use crate::registry::ClientInfo;
+use crate::settings::{DatabaseRoute, ProxySettings};
+use crate::{PoolEntry, Proxy, Shared};
+
+#[derive(Debug, Default)]
+pub(crate) struct Switches {
+    paused_all: bool,
+    paused: HashSet<String>,
+    disabled: HashSet<String>,
+}
+
+impl Switches {
+    pub(crate) fn is_paused(&self, db: &str) -> bool {
+        self.paused_all || self.paused.contains(db)
+    }
+
+    pub(crate) fn is_disabled(&self, db: &str) -> bool {
+        self.disabled.contains(db)
+    }
+}
+
+/// Why an operator command was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    #[error("no such database: {0}")]
+    NoSuchDatabase(String),
+    #[error("database {0} is not paused")]
+    NotPaused(String),
+    #[error("pooler is not paused")]
+    NotPausedAll,
+    #[error("already paused")]
+    AlreadyPaused,
+    #[error("client not found: {0}")]
+    NoSuchClient(u64),
+}
+
+/// A summary of what a reload changed, for the log and the console.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub resized: Vec<String>,
+}
+
+/// The pool keeps serving when only these differ; anything else re-points the database.
+fn same_target(a: &DatabaseRoute, b: &DatabaseRoute) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.dbname == b.dbname
+        && a.user == b.user
+        && a.password == b.password
+        && a.pool_mode == b.pool_mode
+}
+
+impl Shared {
+    pub(crate) fn switches(&self) -> std::sync::MutexGuard<'_, Switches> {
+        match self.switches.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
+
+    fn apply_pause(&self) {
+        let pools = self.all_pools();
+        let sw = self.switches();
+        for p in pools {
+            p.pool.set_paused(sw.is_paused(&p.route.name));
+        }
+    }
+}
+
+impl Proxy {
+    pub fn settings(&self) -> Arc<ProxySettings> {
+        self.shared.settings()
+    }
+
+    fn known(&self, db: &str) -> Result<(), ControlError> {
+        if self.shared.settings().route(db).is_some() {
+            Ok(())
+        } else {
+            Err(ControlError::NoSuchDatabase(db.to_owned()))
+        }
+    }
+
+    /// Pools of `db` (every pool with `None`).
+    pub fn pools_of(&self, db: Option<&str>) -> Vec<Arc<PoolEntry>> {
+        self.pools()
+            .into_iter()
+            .filter(|p| db.is_none_or(|d| d == p.route.name))
+            .collect()
+    }
+
+    /// New transactions of `db` (all with `None`) wait before checkout until resumed; running
+    /// ones finish. The caller waits for them and closes idle servers if it wants PgBouncer's
+    /// full PAUSE.
+    pub fn pause(&self, db: Option<&str>) -> Result<(), ControlError> {
+        {
+            let mut sw = self.shared.switches();
+            match db {
+                None if sw.paused_all => return Err(ControlError::AlreadyPaused),
+                None => sw.paused_all = true,
+                Some(d) => {
+                    self.known(d)?;
+                    sw.paused.insert(d.to_owned());
+                }
+            }
+        }
+        self.shared.apply_pause();
+        Ok(())
+    }
+
+    pub fn resume(&self, db: Option<&str>) -> Result<(), ControlError> {
+        {
+            let mut sw = self.shared.switches();
+            match db {
+                None if !sw.paused_all && sw.paused.is_empty() => {
+                    return Err(ControlError::NotPausedAll)
+                }
+                // RESUME without a name lifts every pause, global and per database.
+                None => {
+                    sw.paused_all = false;
+                    sw.paused.clear();
+                }
+                Some(d) => {
+                    self.known(d)?;
+                    if !sw.paused.remove(d) && !sw.paused_all {
+                        return Err(ControlError::NotPaused(d.to_owned()));
+                    }
+                }
+            }
+        }
+        self.shared.apply_pause();
+        Ok(())
+    }
+
+    pub fn is_paused(&self, db: Option<&str>) -> bool {
+        let sw = self.shared.switches();
+        match db {
+            None => sw.paused_all,
+            Some(d) => sw.is_paused(d),
+        }
+    }
+
+    /// New logins to `db` are refused (existing clients stay).
+    pub fn set_disabled(&self, db: &str, disabled: bool) -> Result<(), ControlError> {
+        self.known(db)?;
+        let mut sw = self.shared.switches();
+        if disabled {
+            sw.disabled.insert(db.to_owned());
+        } else {
+            sw.disabled.remove(db);
+        }
+        Ok(())
+    }
+
+    pub fn is_disabled(&self, db: &str) -> bool {
+        self.shared.switches().is_disabled(db)
+    }
+
+    /// Closes server connections of `db` (all with `None`) as they are released; idle ones now.
+    pub fn reconnect(&self, db: Option<&str>) -> Result<(), ControlError> {
+        if let Some(d) = db {
+            self.known(d)?;
+        }
+        for p in self.pools_of(db) {
+            p.pool.reconnect();
+        }
+        Ok(())
+    }
+
+    /// Disconnects every client of `db` (all with `None`) and closes its server connections;
+    /// the database stays paused until RESUME, as in PgBouncer.
+    pub fn kill(&self, db: Option<&str>) -> Result<usize, ControlError> {
+        if let Some(d) = db {
+            self.known(d)?;
+        }
+        {
+            let mut sw = self.shared.switches();
+            match db {
+                Some(d) => {
+                    sw.paused.insert(d.to_owned());
+                }
+                None => sw.paused_all = true,
+            }
+        }
+        self.shared.apply_pause();
+        let n = self.shared.registry.kill_database(db);
+        for p in self.pools_of(db) {
+            p.pool.reconnect();
+        }
+        Ok(n)
+    }
+
+    pub fn kill_client(&self, id: u64) -> Result<(), ControlError> {
+        if self.shared.registry.kill(id) {
+            Ok(())
+        } else {
+            Err(ControlError::NoSuchClient(id))
+        }
+    }
+
+    /// SHOW CLIENTS rows.
+    pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
+        self.shared.registry.list()
+    }
+
+    /// Swaps in new settings: pool sizes, minimums and server timeouts change in place; new
+    /// databases appear; a removed or re-pointed database's pools are retired — their clients
+    /// finish on them, their servers close as released, and new logins get fresh pools.
+    pub fn reload(&self, new: ProxySettings) -> ReloadReport {
+        let mut report = ReloadReport::default();
+        let old = self.shared.settings();
+        for r in &new.databases {
+            match old.route(&r.name) {
+                None => report.added.push(r.name.clone()),
+                Some(o) if !same_target(o, r) => report.changed.push(r.name.clone()),
+                Some(o) if o.pool_size != r.pool_size || o.min_pool_size != r.min_pool_size => {
+                    report.resized.push(r.name.clone())
+                }
+                Some(_) => {}
+            }
+        }
+        for o in &old.databases {
+            if new.route(&o.name).is_none() {
+                report.removed.push(o.name.clone());
+            }
+        }
+        {
+            let mut pools = match self.shared.pools.lock() {
+                Ok(p) => p,
+                Err(p) => p.into_inner(),
+            };
+            pools.retain(|_, e| match new.route(&e.route.name) {
+                Some(r) if same_target(&e.route, r) => {
+                    e.pool.resize(r.pool_size);
+                    e.pool.set_min_size(r.min_pool_size);
+                    e.pool.set_settings(new.server.clone());
+                    true
+                }
+                _ => {
+                    e.pool.reconnect();
+                    false
+                }
+            });
+        }
+        {
+            let mut sw = self.shared.switches();
+            sw.paused.retain(|d| new.route(d).is_some());
+            sw.disabled.retain(|d| new.route(d).is_some());
+        }
+        match self.shared.settings.write() {
+            Ok(mut s) => *s = Arc::new(new),
+            Err(p) => *p.into_inner() = Arc::new(new),
+        }
+        report
+    }
+}

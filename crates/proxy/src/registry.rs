@@ -1,0 +1,137 @@
+//! Who is connected: one row per logged-in client for SHOW CLIENTS, published at login and
+//! removed when the session ends. A row also holds a second handle on the client's socket so an
+//! operator can disconnect it (KILL, KILL_CLIENT): shutting the socket down makes the session
+//! see end-of-stream and clean up exactly as for a client that left (roll back or close its
+//! server), so no server connection is ever handed on dirty.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use crate::cancel::CancelSlot;
+
+/// What SHOW CLIENTS says about one client.
+#[derive(Debug)]
+pub struct ClientInfo {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub connect_time: SystemTime,
+    pub application_name: String,
+    kill: Option<OwnedFd>,
+    /// The client's cancel slot, which says whether it holds a server right now.
+    slot: Arc<CancelSlot>,
+}
+
+impl ClientInfo {
+    /// Holds a server connection right now (SHOW CLIENTS state `active`, else `idle`).
+    pub fn is_linked(&self) -> bool {
+        self.slot.is_linked()
+    }
+
+    /// Disconnects the client: its session sees end-of-stream at its next read. The descriptor
+    /// is this row's own duplicate, so it can never hit an unrelated socket.
+    fn kill(&self) {
+        if let Some(fd) = &self.kill {
+            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct ClientRegistry {
+    clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
+}
+
+/// Removes the client's row when dropped.
+pub(crate) struct ClientRegistration<'a> {
+    registry: &'a ClientRegistry,
+    id: u64,
+}
+
+impl Drop for ClientRegistration<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.clients.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+pub(crate) struct NewClient {
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub remote: Option<SocketAddr>,
+    pub local: Option<SocketAddr>,
+    pub application_name: String,
+    pub kill: Option<OwnedFd>,
+    pub slot: Arc<CancelSlot>,
+}
+
+impl ClientRegistry {
+    pub(crate) fn register(&self, c: NewClient) -> ClientRegistration<'_> {
+        let info = Arc::new(ClientInfo {
+            id: c.id,
+            user: c.user,
+            database: c.database,
+            remote: c.remote,
+            local: c.local,
+            connect_time: SystemTime::now(),
+            application_name: c.application_name,
+            kill: c.kill,
+            slot: c.slot,
+        });
+        if let Ok(mut m) = self.clients.lock() {
+            m.insert(c.id, info);
+        }
+        ClientRegistration {
+            registry: self,
+            id: c.id,
+        }
+    }
+
+    /// Every logged-in client, ordered by id.
+    pub fn list(&self) -> Vec<Arc<ClientInfo>> {
+        let mut v: Vec<_> = match self.clients.lock() {
+            Ok(m) => m.values().cloned().collect(),
+            Err(p) => p.into_inner().values().cloned().collect(),
+        };
+        v.sort_by_key(|c| c.id);
+        v
+    }
+
+    /// Disconnects client `id`; `false` when there is no such client.
+    pub fn kill(&self, id: u64) -> bool {
+        let m = match self.clients.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        match m.get(&id) {
+            Some(c) => {
+                c.kill();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Disconnects every client of `database` (all with `None`); returns how many.
+    pub fn kill_database(&self, database: Option<&str>) -> usize {
+        let m = match self.clients.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        let mut n = 0;
+        for c in m.values() {
+            if database.is_none_or(|d| d == c.database) {
+                c.kill();
+                n += 1;
+            }
+        }
+        n
+    }
+}

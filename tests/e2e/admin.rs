@@ -1,0 +1,814 @@
+//! The operators' console: PgBouncer-compatible SHOW commands, PAUSE/RESUME, KILL, RELOAD, the
+//! Prometheus endpoint and the `breakwater stats` tail, driven by psql, tokio-postgres and the
+//! binary itself against a real PostgreSQL.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::common::*;
+
+async fn admin(env: &Env) -> Client {
+    connect(&env.pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .expect("admin console login")
+}
+
+/// Column names and rows (as name → text) of one SHOW.
+async fn show(c: &Client, what: &str) -> (Vec<String>, Vec<HashMap<String, String>>) {
+    let msgs = c
+        .simple_query(what)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e}"));
+    let mut cols = Vec::new();
+    let mut rows = Vec::new();
+    for m in msgs {
+        match m {
+            SimpleQueryMessage::RowDescription(d) => {
+                cols = d.iter().map(|c| c.name().to_owned()).collect();
+            }
+            SimpleQueryMessage::Row(r) => {
+                let mut row = HashMap::new();
+                for (i, col) in r.columns().iter().enumerate() {
+                    row.insert(col.name().to_owned(), r.get(i).unwrap_or("").to_owned());
+                }
+                rows.push(row);
+            }
+            _ => {}
+        }
+    }
+    (cols, rows)
+}
+
+/// The row of `what` whose `key` column is `value`.
+async fn row_where(
+    c: &Client,
+    what: &str,
+    key: &str,
+    value: &str,
+) -> Option<HashMap<String, String>> {
+    show(c, what)
+        .await
+        .1
+        .into_iter()
+        .find(|r| r.get(key).map(String::as_str) == Some(value))
+}
+
+async fn stat(c: &Client, what: &str, col: &str) -> u64 {
+    row_where(c, what, "database", "app")
+        .await
+        .and_then(|r| r.get(col).and_then(|v| v.parse().ok()))
+        .unwrap_or(0)
+}
+
+/// The server's message for a failed call.
+fn msg(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| e.to_string())
+}
+
+fn strs(v: &[&str]) -> Vec<String> {
+    v.iter().map(|s| s.to_string()).collect()
+}
+
+#[tokio::test]
+async fn psql_runs_show_pools_and_gets_pgbouncers_columns() {
+    let env = start("", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    let out = psql(
+        env.pooler.port(),
+        "admin",
+        "admin_pw",
+        "pgbouncer",
+        &["-A", "-F", "|", "-c", "SHOW POOLS;"],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "psql failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let header = stdout.lines().next().unwrap_or_default();
+    assert!(
+        header.starts_with(
+            "database|user|cl_active|cl_waiting|cl_active_cancel_req|cl_waiting_cancel_req|sv_active|\
+             sv_active_cancel|sv_being_canceled|sv_idle|sv_used|sv_tested|sv_login|maxwait|maxwait_us|\
+             pool_mode|load_balance_hosts"
+        ),
+        "{header}"
+    );
+    assert!(
+        stdout.lines().any(|l| l.starts_with("app|app|")),
+        "{stdout}"
+    );
+    // The other name of the console works the same way.
+    let out = psql(
+        env.pooler.port(),
+        "admin",
+        "admin_pw",
+        "breakwater",
+        &["-A", "-t", "-c", "SHOW VERSION"],
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).starts_with("Breakwater "),
+        "{out:?}"
+    );
+}
+
+#[tokio::test]
+async fn every_show_command_answers_with_pgbouncers_columns_first() {
+    let env = start("", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    let expect: &[(&str, &[&str])] = &[
+        ("SHOW VERSION", &["version"]),
+        (
+            "SHOW STATS",
+            &[
+                "database",
+                "total_server_assignment_count",
+                "total_xact_count",
+                "total_query_count",
+                "total_received",
+                "total_sent",
+                "total_xact_time",
+                "total_query_time",
+                "total_wait_time",
+                "total_client_parse_count",
+                "total_server_parse_count",
+                "total_bind_count",
+            ],
+        ),
+        (
+            "SHOW STATS_TOTALS",
+            &[
+                "database",
+                "server_assignment_count",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+                "client_parse_count",
+                "server_parse_count",
+                "bind_count",
+            ],
+        ),
+        (
+            "SHOW STATS_AVERAGES",
+            &[
+                "database",
+                "server_assignment_count",
+                "xact_count",
+                "query_count",
+                "bytes_received",
+                "bytes_sent",
+                "xact_time",
+                "query_time",
+                "wait_time",
+                "avg_client_parse_count",
+                "avg_server_parse_count",
+                "avg_bind_count",
+            ],
+        ),
+        ("SHOW TOTALS", &["name", "value"]),
+        ("SHOW LISTS", &["list", "items"]),
+        ("SHOW CONFIG", &["key", "value", "default", "changeable"]),
+        (
+            "SHOW DATABASES",
+            &[
+                "name",
+                "host",
+                "port",
+                "database",
+                "force_user",
+                "pool_size",
+                "min_pool_size",
+                "reserve_pool_size",
+                "server_lifetime",
+                "pool_mode",
+                "load_balance_hosts",
+                "max_connections",
+                "current_connections",
+                "max_client_connections",
+                "current_client_connections",
+                "paused",
+                "disabled",
+            ],
+        ),
+        (
+            "SHOW USERS",
+            &[
+                "name",
+                "pool_size",
+                "reserve_pool_size",
+                "pool_mode",
+                "max_user_connections",
+                "current_connections",
+                "max_user_client_connections",
+                "current_client_connections",
+            ],
+        ),
+        (
+            "SHOW CLIENTS",
+            &[
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
+            ],
+        ),
+        (
+            "SHOW SERVERS",
+            &[
+                "type",
+                "user",
+                "database",
+                "replication",
+                "state",
+                "addr",
+                "port",
+                "local_addr",
+                "local_port",
+                "connect_time",
+                "request_time",
+                "wait",
+                "wait_us",
+                "close_needed",
+                "ptr",
+                "link",
+                "remote_pid",
+                "tls",
+                "application_name",
+                "prepared_statements",
+                "id",
+            ],
+        ),
+        ("SHOW STATE", &["key", "value"]),
+        ("SHOW DNS_HOSTS", &["hostname", "ttl", "addrs"]),
+        (
+            "SHOW LATENCY",
+            &["database", "user", "wait_p50_us", "wait_p99_us"],
+        ),
+        ("SHOW HOSTS", &["host", "breaker", "attempts", "successes"]),
+    ];
+    for (q, cols) in expect {
+        let (got, _) = show(&c, q).await;
+        assert!(
+            got.len() >= cols.len() && got[..cols.len()] == strs(cols)[..],
+            "{q}: {got:?}"
+        );
+    }
+    // pgbouncer_exporter parses these SHOW CONFIG values as numbers.
+    let max = row_where(&c, "SHOW CONFIG", "key", "max_client_conn")
+        .await
+        .unwrap();
+    assert!(max["value"].parse::<f64>().is_ok(), "{max:?}");
+    // The client is listed, with an id SHOW CLIENTS and the logs share; so is its server.
+    assert!(!show(&c, "SHOW SERVERS").await.1.is_empty());
+    let err = c.simple_query("SHOW NONSENSE").await.unwrap_err();
+    assert!(
+        err.as_db_error()
+            .unwrap()
+            .message()
+            .contains("unknown SHOW command 'NONSENSE'"),
+        "{err}"
+    );
+    let err = c.simple_query("FROBNICATE").await.unwrap_err();
+    assert!(
+        err.as_db_error().unwrap().message().contains("SHOW HELP"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn show_stats_counts_exactly_the_traffic_a_test_sends() {
+    let env = start("", "");
+    let app = env.client().await;
+    let c = admin(&env).await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let xacts = stat(&c, "SHOW STATS_TOTALS", "xact_count").await;
+    let queries = stat(&c, "SHOW STATS_TOTALS", "query_count").await;
+    for _ in 0..5 {
+        app.simple_query("SELECT 1").await.unwrap();
+    }
+    app.simple_query("BEGIN").await.unwrap();
+    app.simple_query("SELECT 2").await.unwrap();
+    app.simple_query("COMMIT").await.unwrap();
+    // Five autocommit statements and one three-statement transaction.
+    testkit::wait_until("stats to count the traffic", WAIT, || async {
+        stat(&c, "SHOW STATS_TOTALS", "xact_count").await == xacts + 6
+            && stat(&c, "SHOW STATS_TOTALS", "query_count").await == queries + 8
+    })
+    .await
+    .unwrap();
+    assert!(stat(&c, "SHOW STATS", "total_received").await > 0);
+    assert!(stat(&c, "SHOW STATS", "total_sent").await > 0);
+    assert_eq!(
+        stat(&c, "SHOW STATS", "total_xact_count").await,
+        stat(&c, "SHOW STATS_TOTALS", "xact_count").await
+    );
+    let lat = row_where(&c, "SHOW LATENCY", "database", "app")
+        .await
+        .unwrap();
+    assert!(lat["query_p99_us"].parse::<u64>().unwrap() > 0, "{lat:?}");
+    assert!(lat["connect_p50_us"].parse::<u64>().unwrap() > 0, "{lat:?}");
+}
+
+#[tokio::test]
+async fn a_stats_user_may_show_but_not_pause() {
+    let pg = testkit::PgCluster::start().unwrap();
+    let pooler = start_pooler(
+        &pg,
+        "stats_users = [\"watcher\"]",
+        "",
+        &format!("{USERLIST}\"watcher\" \"watcher_pw\"\n"),
+    );
+    let c = connect(&pooler.conn_string("watcher", "watcher_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    show(&c, "SHOW POOLS").await;
+    let err = c.simple_query("PAUSE").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("42501"), "{err}");
+    assert!(err
+        .as_db_error()
+        .unwrap()
+        .message()
+        .contains("admin access needed"));
+    // An application user is refused the console outright.
+    let e = sqlstate(connect(&pooler.conn_string("app", "app_pw", "pgbouncer")).await);
+    assert_eq!(e, "28000");
+}
+
+#[tokio::test]
+async fn pause_makes_new_transactions_wait_and_resume_releases_them() {
+    let env = start("", "");
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    c.simple_query("PAUSE app").await.unwrap();
+    let (_, st) = show(&c, "SHOW DATABASES").await;
+    assert_eq!(
+        st.iter().find(|r| r["name"] == "app").unwrap()["paused"],
+        "1"
+    );
+
+    let waiting = tokio::spawn(async move { app.simple_query("SELECT 42").await.map(|_| ()) });
+    testkit::wait_until("the query to wait at the pause", WAIT, || async {
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| r["cl_waiting"] == "1")
+    })
+    .await
+    .unwrap();
+    testkit::wait_until("maxwait to count the wait", WAIT, || async {
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| {
+                r["maxwait"].parse::<u64>().unwrap() * 1_000_000
+                    + r["maxwait_us"].parse::<u64>().unwrap()
+                    > 0
+            })
+    })
+    .await
+    .unwrap();
+    assert!(
+        !waiting.is_finished(),
+        "a paused database ran a transaction"
+    );
+    c.simple_query("RESUME app").await.unwrap();
+    tokio::time::timeout(WAIT, waiting)
+        .await
+        .expect("RESUME released the query")
+        .unwrap()
+        .unwrap();
+    let err = c.simple_query("RESUME app").await.unwrap_err();
+    assert!(msg(&err).contains("not paused"), "{err}");
+}
+
+#[tokio::test]
+async fn kill_client_disconnects_that_client_only() {
+    let env = start("", "");
+    let victim = env.client().await;
+    let bystander = env.client().await;
+    victim.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    let (_, clients) = show(&c, "SHOW CLIENTS").await;
+    assert_eq!(clients.len(), 2, "{clients:?}");
+    // The victim connected first, so it has the smaller id.
+    let victim_id = clients
+        .iter()
+        .map(|r| r["id"].parse::<u64>().unwrap())
+        .min()
+        .unwrap();
+    c.simple_query(&format!("KILL_CLIENT {victim_id}"))
+        .await
+        .unwrap();
+    testkit::wait_until("the victim to be gone", WAIT, || async {
+        victim.simple_query("SELECT 1").await.is_err()
+    })
+    .await
+    .unwrap();
+    bystander.simple_query("SELECT 1").await.unwrap();
+    let err = c.simple_query("KILL_CLIENT 999999").await.unwrap_err();
+    assert!(msg(&err).contains("client not found"), "{err}");
+}
+
+#[tokio::test]
+async fn kill_disconnects_a_databases_clients_and_pauses_it_until_resume() {
+    let env = start("", "");
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    c.simple_query("KILL app").await.unwrap();
+    testkit::wait_until("the client to be gone", WAIT, || async {
+        app.simple_query("SELECT 1").await.is_err()
+    })
+    .await
+    .unwrap();
+    testkit::wait_until("its servers to close", WAIT, || async {
+        show(&c, "SHOW SERVERS").await.1.is_empty()
+    })
+    .await
+    .unwrap();
+    c.simple_query("RESUME app").await.unwrap();
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn reconnect_replaces_server_connections_as_they_are_released() {
+    let env = start("", "pool_size = 1\n");
+    let app = env.client().await;
+    let pid = |rows: Vec<SimpleQueryMessage>| {
+        rows.into_iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let before = pid(app.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    let c = admin(&env).await;
+    c.simple_query("RECONNECT app").await.unwrap();
+    c.simple_query("WAIT_CLOSE app").await.unwrap();
+    let after = pid(app.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_ne!(before, after, "RECONNECT kept the old server connection");
+}
+
+#[tokio::test]
+async fn disable_refuses_new_logins_and_enable_lifts_it() {
+    let env = start("", "");
+    let c = admin(&env).await;
+    c.simple_query("DISABLE app").await.unwrap();
+    assert_eq!(sqlstate(connect(&env.conn_string()).await), "57P03");
+    c.simple_query("ENABLE app").await.unwrap();
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    let err = c.simple_query("DISABLE nosuchdb").await.unwrap_err();
+    assert!(msg(&err).contains("no such database"), "{err}");
+}
+
+fn write_config(env: &Env, db_extra: &str, pooler_extra: &str) {
+    let config = format!(
+        "[pooler]\nlisten_port = {}\nauth_file = \"userlist.txt\"\nadmin_users = [\"admin\"]\n{pooler_extra}\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\n{db_extra}\n",
+        env.pooler.port(),
+        env.pg.port()
+    );
+    std::fs::write(env.pooler.dir().join("pooler.toml"), config).unwrap();
+}
+
+async fn pool_size(c: &Client) -> String {
+    row_where(c, "SHOW DATABASES", "name", "app").await.unwrap()["pool_size"].clone()
+}
+
+#[tokio::test]
+async fn reload_changes_a_pool_size_under_load_without_a_failed_transaction() {
+    let env = start("", "pool_size = 2\n");
+    let c = admin(&env).await;
+    assert_eq!(pool_size(&c).await, "2");
+    // Load: four clients in a loop of short transactions through the reload.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = Vec::new();
+    for _ in 0..4 {
+        let client = env.client().await;
+        let stop = stop.clone();
+        load.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                client
+                    .simple_query("BEGIN; SELECT pg_sleep(0.005); COMMIT")
+                    .await?;
+                n += 1;
+            }
+            Ok::<u64, tokio_postgres::Error>(n)
+        }));
+    }
+    write_config(&env, "pool_size = 5\n", "");
+    let msgs = c.simple_query("RELOAD").await.unwrap();
+    assert!(matches!(
+        msgs.last(),
+        Some(SimpleQueryMessage::CommandComplete(_))
+    ));
+    assert_eq!(pool_size(&c).await, "5");
+    testkit::wait_until("the live pool to grow", WAIT, || async {
+        row_where(&c, "SHOW POOLS", "database", "app")
+            .await
+            .is_some_and(|r| r["pool_size"] == "5")
+    })
+    .await
+    .unwrap();
+
+    // A bad config is rejected with a clear error and the running one stays.
+    std::fs::write(
+        env.pooler.dir().join("pooler.toml"),
+        "[pooler]\nlisten_prot = 1\n",
+    )
+    .unwrap();
+    let err = c.simple_query("RELOAD").await.unwrap_err();
+    assert_eq!(err.code().map(|c| c.code()), Some("F0000"));
+    assert!(msg(&err).contains("listen_prot"), "{err}");
+    assert_eq!(pool_size(&c).await, "5");
+
+    // SIGHUP reloads too.
+    write_config(&env, "pool_size = 3\n", "");
+    env.pooler.signal(libc::SIGHUP);
+    testkit::wait_until("SIGHUP to reload", WAIT, || async {
+        pool_size(&c).await == "3"
+    })
+    .await
+    .unwrap();
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for l in load {
+        let n = l
+            .await
+            .unwrap()
+            .expect("no transaction failed across reloads");
+        assert!(n > 0);
+    }
+}
+
+#[tokio::test]
+async fn set_changes_a_setting_live_and_refuses_restart_only_ones() {
+    let env = start("", "");
+    let c = admin(&env).await;
+    c.simple_query("SET default_pool_size = 7").await.unwrap();
+    let row = row_where(&c, "SHOW CONFIG", "key", "default_pool_size")
+        .await
+        .unwrap();
+    assert_eq!(
+        (
+            row["value"].as_str(),
+            row["default"].as_str(),
+            row["changeable"].as_str()
+        ),
+        ("7", "20", "yes")
+    );
+    assert_eq!(pool_size(&c).await, "7");
+    let err = c.simple_query("SET listen_port = 1").await.unwrap_err();
+    assert!(msg(&err).contains("restart"), "{err}");
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// The value of the series whose line starts with `prefix`.
+fn series(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn metrics_serve_breakwater_series_that_match_the_console() {
+    let mport = testkit::free_port();
+    let env = start(&format!("[metrics]\nlisten = \"127.0.0.1:{mport}\""), "");
+    let app = env.client().await;
+    for _ in 0..3 {
+        app.simple_query("SELECT 1").await.unwrap();
+    }
+    // A refused login counts as an error of class 28.
+    assert_eq!(
+        sqlstate(connect(&env.pooler.conn_string("app", "wrong", "app")).await),
+        "28P01"
+    );
+    let c = admin(&env).await;
+    testkit::wait_until("metrics to match SHOW STATS_TOTALS", WAIT, || async {
+        let xacts = stat(&c, "SHOW STATS_TOTALS", "xact_count").await as f64;
+        let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics"))
+            .await
+            .unwrap();
+        series(
+            &body,
+            "breakwater_transactions_total{database=\"app\",user=\"app\"}",
+        ) == Some(xacts)
+            && xacts >= 3.0
+    })
+    .await
+    .unwrap();
+    let body = tokio::task::spawn_blocking(move || http_get(mport, "/metrics"))
+        .await
+        .unwrap();
+    let (head, text) = body.split_once("\r\n\r\n").unwrap();
+    assert!(
+        head.starts_with("HTTP/1.") && head.contains(" 200"),
+        "{head}"
+    );
+    // Prometheus text format: comments, or `name{labels} value`.
+    for line in text.lines().filter(|l| !l.is_empty()) {
+        if line.starts_with('#') {
+            assert!(
+                line.starts_with("# TYPE ") || line.starts_with("# HELP "),
+                "{line}"
+            );
+            continue;
+        }
+        let (name, value) = line.rsplit_once(' ').unwrap();
+        assert!(name.starts_with("breakwater_"), "{line}");
+        assert!(value.parse::<f64>().is_ok(), "{line}");
+    }
+    for name in [
+        "breakwater_clients{database=\"app\",user=\"app\",state=\"idle\"}",
+        "breakwater_servers{database=\"app\",user=\"app\",state=\"idle\"}",
+        "breakwater_queries_total{database=\"app\",user=\"app\"}",
+        "breakwater_client_wait_seconds{database=\"app\",user=\"app\",quantile=\"0.99\"}",
+        "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
+        "breakwater_login_failures_total",
+        "breakwater_client_errors_total{class=\"28\"} 1",
+        "breakwater_timeouts_total{kind=\"query_timeout\"}",
+        "breakwater_host_breaker{host=\"127.0.0.1:",
+    ] {
+        assert!(series(text, name).is_some(), "{name} missing from:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn breakwater_stats_prints_a_line_per_pool() {
+    let env = start("", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    let port = env.pooler.port().to_string();
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(BIN)
+            .args([
+                "stats",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port,
+                "-U",
+                "admin",
+                "-i",
+                "100ms",
+                "-n",
+                "2",
+            ])
+            .env("PGPASSWORD", "admin_pw")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<_> = stdout.lines().collect();
+    assert!(
+        lines[0].contains("tps") && lines[0].contains("wait_p99"),
+        "{stdout}"
+    );
+    assert_eq!(
+        lines.iter().filter(|l| l.contains("app/app")).count(),
+        2,
+        "{stdout}"
+    );
+}
+
+#[tokio::test]
+async fn the_stats_line_is_logged_every_stats_period() {
+    let env = start("stats_period = \"200ms\"", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    testkit::wait_until_blocking("a stats line", WAIT, || {
+        env.pooler.log().contains("stats: ") && env.pooler.log().contains(" xacts/s")
+    })
+    .unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_wait_for_clients_exits_once_the_last_client_leaves() {
+    let mut env = start("", "");
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let c = admin(&env).await;
+    c.simple_query("SHUTDOWN WAIT_FOR_CLIENTS").await.unwrap();
+    // No new clients, but the connected one keeps working.
+    testkit::wait_until("the listener to close", WAIT, || async {
+        connect(&env.conn_string()).await.is_err()
+    })
+    .await
+    .unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    assert!(
+        env.pooler.exit_status().unwrap().is_none(),
+        "exited with a client connected"
+    );
+    drop(app);
+    // Poll asynchronously: the client's connection task must run to send its Terminate.
+    let deadline = std::time::Instant::now() + WAIT;
+    let status = loop {
+        if let Some(s) = env.pooler.exit_status().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "breakwater did not exit after the last client left"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(status.success(), "{status:?}");
+}
+
+#[tokio::test]
+async fn show_clients_says_which_clients_hold_a_server() {
+    let env = start("", "");
+    let app = env.client().await;
+    let c = admin(&env).await;
+    let state = || async {
+        let (_, rows) = show(&c, "SHOW CLIENTS").await;
+        rows.into_iter()
+            .map(|r| r["state"].clone())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(state().await, ["idle"]);
+    app.simple_query("BEGIN").await.unwrap();
+    assert_eq!(state().await, ["active"]);
+    app.simple_query("COMMIT").await.unwrap();
+    testkit::wait_until("the server to be released", WAIT, || async {
+        state().await == ["idle"]
+    })
+    .await
+    .unwrap();
+    let (_, servers) = show(&c, "SHOW SERVERS").await;
+    assert_eq!(servers.len(), 1);
+    assert_eq!(servers[0]["state"], "idle");
+    assert!(servers[0]["remote_pid"].parse::<i32>().unwrap() > 0);
+    // log_connections / log_disconnections (default on) name the client's id, as SHOW CLIENTS does.
+    let id = show(&c, "SHOW CLIENTS").await.1[0]["id"].clone();
+    drop(app);
+    testkit::wait_until("the disconnection to be logged", WAIT, || async {
+        let log = env.pooler.log();
+        log.contains(&format!("client{{id={id} ")) && log.contains("client closed")
+    })
+    .await
+    .unwrap();
+    assert!(env.pooler.log().contains(" login"), "{}", env.pooler.log());
+}
+
+#[tokio::test]
+async fn log_format_json_writes_one_object_per_line_with_the_client_span() {
+    let env = start("log_format = \"json\"", "");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    testkit::wait_until("the login to be logged", WAIT, || async {
+        env.pooler.log().contains("\"login\"")
+    })
+    .await
+    .unwrap();
+    let log = env.pooler.log();
+    let login = log.lines().find(|l| l.contains("\"login\"")).unwrap();
+    assert!(login.starts_with('{') && login.ends_with('}'), "{login}");
+    assert!(
+        login.contains("\"span\":{") && login.contains("\"user\":\"app\""),
+        "{login}"
+    );
+}
