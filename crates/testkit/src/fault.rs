@@ -98,6 +98,10 @@ impl FaultProxy {
             .enable_all()
             .build()
             .context("fault proxy: building its runtime")?;
+        let listener = {
+            let _runtime = runtime.enter();
+            TcpListener::from_std(listener).context("fault proxy: registering its listener")?
+        };
         let (faults, _) = watch::channel(Faults {
             connect: ConnectFault::None,
             bytes: ByteFault::None,
@@ -203,10 +207,7 @@ impl Drop for FaultProxy {
     }
 }
 
-async fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>) {
-    let Ok(listener) = TcpListener::from_std(listener) else {
-        return;
-    };
+async fn accept_loop(listener: TcpListener, shared: Arc<Shared>) {
     loop {
         match listener.accept().await {
             Ok((client, _)) => {
@@ -220,20 +221,28 @@ async fn accept_loop(listener: std::net::TcpListener, shared: Arc<Shared>) {
     }
 }
 
-/// One proxied connection, from accept until either side closes or `reset_all`.
+/// How the client side of a connection ends.
+enum Close {
+    /// A FIN, after both directions ended.
+    Quietly,
+    /// An RST (SO_LINGER 0), which the client sees at once as "connection reset".
+    WithReset,
+}
+
+/// One proxied connection, from accept until both sides close, `reset_all`, or the proxy's drop.
 async fn serve(mut client: TcpStream, id: u64, connect: ConnectFault, shared: Arc<Shared>) {
     let _open = Counted::new(&shared.open);
-    let login = Login::new(&shared);
-    if connect == ConnectFault::Refuse {
-        let _ = client.set_zero_linger();
-        return;
-    }
-    let mut faults = shared.faults.subscribe();
-    let reset = tokio::select! {
-        () = forward(&mut client, id, connect, &shared, &login) => false,
-        () = until(&mut faults, |f| f.resets(id)) => true,
+    let close = if connect == ConnectFault::Refuse {
+        Close::WithReset
+    } else {
+        let login = Login::new(&shared);
+        let mut faults = shared.faults.subscribe();
+        tokio::select! {
+            close = forward(&mut client, id, connect, &shared, &login) => close,
+            () = until(&mut faults, |f| f.resets(id)) => Close::WithReset,
+        }
     };
-    if reset {
+    if let Close::WithReset = close {
         let _ = client.set_zero_linger();
     }
 }
@@ -244,14 +253,15 @@ async fn forward(
     connect: ConnectFault,
     shared: &Shared,
     login: &Login<'_>,
-) {
+) -> Close {
     match connect {
         ConnectFault::Latency(delay) => tokio::time::sleep(delay).await,
         ConnectFault::Blackhole => std::future::pending().await,
         ConnectFault::None | ConnectFault::Refuse => {}
     }
     let Ok(mut server) = TcpStream::connect(shared.upstream).await else {
-        return;
+        // The nearest thing to the refused connect the client would have seen without us.
+        return Close::WithReset;
     };
     let (client_rx, client_tx) = client.split();
     let (server_rx, server_tx) = server.split();
@@ -265,6 +275,7 @@ async fn forward(
             login.server_sent(&mut server_scan, bytes)
         }),
     );
+    Close::Quietly
 }
 
 /// Copies one direction chunk by chunk, applying the byte fault to each; half-closes `to` at EOF.
@@ -531,7 +542,7 @@ mod tests {
         let plain = [login.clone(), ready].concat();
         // Where ReadyForQuery's tag and length end: enough to know the login is over.
         let ready_at = plain.len() - 1;
-        let cases: [(&str, Vec<u8>, Vec<u8>, Option<usize>); 5] = [
+        let cases = [
             ("plaintext", startup.clone(), plain.clone(), Some(ready_at)),
             ("no ReadyForQuery yet", startup.clone(), login.clone(), None),
             (
