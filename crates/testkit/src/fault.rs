@@ -139,6 +139,7 @@ impl FaultProxy {
         })
     }
 
+    /// Where clients (or the pooler) connect: 127.0.0.1:port.
     pub fn port(&self) -> u16 {
         self.port
     }

@@ -1,6 +1,6 @@
 //! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters, loopback ports that parallel
-//! test processes cannot collide on, a running Breakwater process, and waiting for conditions
-//! instead of sleeping.
+//! test processes cannot collide on, a running Breakwater process, a fault-injecting TCP proxy
+//! to put between Breakwater and PostgreSQL, and waiting for conditions instead of sleeping.
 //!
 //! End-to-end tests run in parallel, one process each (cargo nextest), so everything shared —
 //! ports above all — is coordinated across processes, not just threads. Everything a test starts
