@@ -178,8 +178,9 @@ impl FaultProxy {
     }
 
     /// Open connections whose upstream has not yet sent its first ReadyForQuery ('Z'): still
-    /// connecting or logging in. A connection that switches to TLS or GSS encryption can no longer
-    /// be read, and counts as logged in from then on.
+    /// connecting or logging in (blackholed ones included). A login ends at the 'Z', or when
+    /// either side closes. A connection that switches to TLS or GSS encryption can no longer be
+    /// read, and counts as logged in from then on.
     pub fn logging_in(&self) -> usize {
         self.shared.logging_in.load(Ordering::SeqCst)
     }
@@ -268,13 +269,21 @@ async fn forward(
     let (server_rx, server_tx) = server.split();
     let (mut client_scan, mut server_scan) = (ClientScan::default(), ServerScan::default());
     let faults = || shared.faults.subscribe();
+    // A side that has closed is no longer logging in, though the other may still be draining:
+    // counting it on would make the proxy see more logins than the client has in flight.
+    let ended = |result| {
+        login.done();
+        result
+    };
     let _ = tokio::try_join!(
-        pump(client_rx, server_tx, id, faults(), |bytes| {
-            login.client_sent(&mut client_scan, bytes)
-        }),
-        pump(server_rx, client_tx, id, faults(), |bytes| {
-            login.server_sent(&mut server_scan, bytes)
-        }),
+        async {
+            let sent = |bytes: &[u8]| login.client_sent(&mut client_scan, bytes);
+            ended(pump(client_rx, server_tx, id, faults(), sent).await)
+        },
+        async {
+            let sent = |bytes: &[u8]| login.server_sent(&mut server_scan, bytes);
+            ended(pump(server_rx, client_tx, id, faults(), sent).await)
+        },
     );
     Close::Quietly
 }
@@ -343,7 +352,7 @@ impl Drop for Counted<'_> {
 }
 
 /// One connection's place in `logging_in`: counted from accept until the server's first 'Z', or
-/// the end of the connection. Each direction scans its own bytes; the one fact they share is how
+/// until either side closes. Each direction scans its own bytes; the one fact they share is how
 /// many one-byte negotiation answers the server owes. The client side counts a request before
 /// forwarding it, so the count is always up to date when the answer arrives.
 struct Login<'a> {

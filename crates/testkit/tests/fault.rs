@@ -343,3 +343,28 @@ fn an_upstream_that_refuses_resets_the_client() {
     assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{err}");
     assert_eq!(proxy.attempts(), 1);
 }
+
+#[tokio::test]
+async fn a_login_ends_when_the_server_closes_though_the_client_lingers() {
+    let pg = PgCluster::start().unwrap();
+    let proxy = proxy_to(&pg);
+    // A CancelRequest for no backend: the server reads it and closes, sending nothing.
+    let mut cancel = 16u32.to_be_bytes().to_vec();
+    cancel.extend_from_slice(&80_877_102u32.to_be_bytes());
+    cancel.extend_from_slice(&[0; 8]);
+    let mut client = TcpStream::connect((Ipv4Addr::LOCALHOST, proxy.port())).unwrap();
+    client.write_all(&cancel).unwrap();
+    wait_until("a login to start and end", WAIT, || async {
+        proxy.peak_logging_in() == 1 && proxy.logging_in() == 0
+    })
+    .await
+    .unwrap();
+    // The client still holds its socket, so the proxy still holds its side.
+    assert_eq!((proxy.open(), proxy.peak_logging_in()), (1, 1));
+    drop(client);
+    wait_until("the connection to close", WAIT, || async {
+        proxy.open() == 0
+    })
+    .await
+    .unwrap();
+}
