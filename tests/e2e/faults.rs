@@ -117,16 +117,13 @@ async fn a_server_silent_during_login_is_abandoned_at_server_login_timeout() {
 async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffected() {
     let f = faulty("query_timeout = \"2s\"", "pool_size = 2\n");
     let a = f.pooler.connect("app", "app_pw", "app").await.unwrap();
-    let b = f.pooler.connect("app", "app_pw", "app").await.unwrap();
-    assert_eq!(
-        b.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
-        1
-    );
     let started = Instant::now();
     let stuck = tokio::spawn(async move { a.batch_execute("SELECT pg_sleep(1)").await });
     let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
     wait_for_active_query(&direct, "SELECT pg_sleep(1)").await;
-    // Every existing connection goes silent, without FIN or RST.
+    // Every existing connection goes silent, without FIN or RST. (No other server connection
+    // exists yet: an idle one frozen too would be handed to the next client and only found out
+    // by query_timeout or server_check_delay.)
     f.proxy.drop_all_silently();
     // Another client is served on a fresh connection meanwhile.
     let c = f.pooler.connect("app", "app_pw", "app").await.unwrap();
