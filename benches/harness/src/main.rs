@@ -394,7 +394,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         command: command_line(),
         versions,
         machine: format!(
-            "{} cores ({}), {:.0} GiB RAM, Linux {}; load average at start {}. \
+            "{} cores ({}), {:.0} GiB RAM, Linux {}; load average {} at start, {} at the end \
+             (other work on the machine shows up here). \
              **pgbench, PostgreSQL and the pooler share these {} cores**, so TPS is bounded by \
              the machine as a whole; pooler CPU µs per transaction (utime+stime of the pooler \
              process ÷ transactions) is the fairer comparison.",
@@ -403,6 +404,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
             machine.mem_gib,
             machine.kernel,
             machine.loadavg,
+            procfs::Machine::read().loadavg,
             machine.cores
         ),
         settings: format!(
