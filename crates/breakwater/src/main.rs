@@ -164,9 +164,17 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(maintenance(proxy.clone(), stop_rx.clone()));
     tasks.spawn(stats_period(daemon.clone(), stop_rx.clone()));
     tasks.spawn(reload_on_sighup(daemon.clone(), stop_rx.clone()));
-    tasks.spawn(accept_tcp(tcp, daemon.clone(), stop_rx.clone()));
+    tasks.spawn(accept_loop(
+        Listener::Tcp(tcp),
+        daemon.clone(),
+        stop_rx.clone(),
+    ));
     if let Some((l, _)) = unix {
-        tasks.spawn(accept_unix(l, daemon.clone(), stop_rx.clone()));
+        tasks.spawn(accept_loop(
+            Listener::Unix(l),
+            daemon.clone(),
+            stop_rx.clone(),
+        ));
     }
 
     let mut shutdown_cmd = daemon.shutdown.subscribe();
@@ -298,7 +306,29 @@ async fn reload_on_sighup(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) 
     }
 }
 
-async fn accept_tcp(listener: TcpListener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+/// A socket clients connect to.
+enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener),
+}
+
+impl Listener {
+    async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
+        Ok(match self {
+            Listener::Tcp(l) => {
+                let (s, addr) = l.accept().await?;
+                (Stream::Tcp(s), Peer(addr.to_string()))
+            }
+            Listener::Unix(l) => {
+                let (s, _) = l.accept().await?;
+                (Stream::Unix(s), Peer("unix".into()))
+            }
+        })
+    }
+}
+
+/// Accepts clients until shutdown and owns their tasks.
+async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -307,39 +337,12 @@ async fn accept_tcp(listener: TcpListener, daemon: Arc<Daemon>, mut stop: watch:
         };
         while clients.try_join_next().is_some() {}
         match accepted {
-            Ok((s, addr)) => {
+            Ok((stream, peer)) => {
                 let daemon = daemon.clone();
-                clients.spawn(async move {
-                    serve(daemon, Stream::Tcp(s), Peer(addr.to_string())).await
-                });
+                clients.spawn(async move { serve(daemon, stream, peer).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-        }
-    }
-    drop(listener);
-    drain(clients).await;
-}
-
-async fn accept_unix(listener: UnixListener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
-    let mut clients = JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            r = listener.accept() => r,
-            _ = stop.changed() => break,
-        };
-        while clients.try_join_next().is_some() {}
-        match accepted {
-            Ok((s, _)) => {
-                let daemon = daemon.clone();
-                clients.spawn(
-                    async move { serve(daemon, Stream::Unix(s), Peer("unix".into())).await },
-                );
-            }
-            Err(e) => {
                 tracing::warn!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
