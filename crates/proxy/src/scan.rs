@@ -25,28 +25,21 @@ pub fn tag_leaves_state(tag: &[u8]) -> bool {
 }
 
 /// Does this SQL text possibly create a temp object or take a session advisory lock?
+///
+/// Finds the rarest letter of each word with SIMD `memchr2` (`m` of temp, `v` of advisory, in
+/// either case) and compares around it, so typical queries cost tens of nanoseconds.
 pub fn text_may_leave_state(sql: &[u8]) -> bool {
-    contains_ci(sql, b"temp") || contains_ci(sql, b"advisory")
+    around(sql, b'm', 2, b"temp") || around(sql, b'v', 2, b"advisory")
 }
 
-/// ASCII case-insensitive substring search; `needle` must be lower case.
-fn contains_ci(hay: &[u8], needle: &[u8]) -> bool {
-    let Some((&first, rest)) = needle.split_first() else {
-        return true;
-    };
-    let upper = first.to_ascii_uppercase();
-    let mut start = 0;
-    while let Some(i) = memchr::memchr2(first, upper, &hay[start..]) {
-        let at = start + i + 1;
-        if hay
-            .get(at..at + rest.len())
-            .is_some_and(|w| w.eq_ignore_ascii_case(rest))
-        {
-            return true;
-        }
-        start = at;
-    }
-    false
+/// Is `word` (lower case) at some occurrence of `letter` (either case), which sits at
+/// `offset` within the word?
+fn around(hay: &[u8], letter: u8, offset: usize, word: &[u8]) -> bool {
+    memchr::memchr2_iter(letter, letter.to_ascii_uppercase(), hay).any(|at| {
+        at.checked_sub(offset)
+            .and_then(|start| hay.get(start..start + word.len()))
+            .is_some_and(|w| w.eq_ignore_ascii_case(word))
+    })
 }
 
 #[cfg(test)]
@@ -87,6 +80,9 @@ mod tests {
             ),
             (b"", false),
             (b"te", false),
+            (b"SELECT * FROM attempts", true),
+            (b"select pg_advisor(1)", false),
+            (b"ADVISORY", true),
         ];
         for (sql, want) in cases {
             assert_eq!(
