@@ -22,6 +22,10 @@ const SOURCE_ADDRESSES: u8 = 8;
 /// and retried a second later.
 const CONCURRENT_LOGINS: usize = 64;
 const LOGIN_TIMEOUT: Duration = Duration::from_secs(15);
+/// For the warm-up client and the responsiveness probe: tokio-postgres bounds only the TCP
+/// connect, and a pooler out of file descriptors accepts nothing while the kernel completes
+/// the handshake, so a login can wait forever without this.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Debug)]
 pub struct MemPoint {
@@ -32,7 +36,10 @@ pub struct MemPoint {
     /// (rss - baseline) / clients.
     pub kib_per_client: f64,
     /// A new client's login + `SELECT 1` while the idle ones are held: is the pooler responsive?
+    /// None when it got no answer within PROBE_TIMEOUT.
     pub login_select_ms: Option<f64>,
+    /// File descriptors the pooler holds with these clients connected (from /proc/PID/fd).
+    pub pooler_fds: Option<usize>,
     pub open_secs: f64,
     pub error: Option<String>,
 }
@@ -85,6 +92,7 @@ pub async fn measure(
         // Let the pooler finish whatever the logins left behind (freed buffers, timers) first.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let rss = procfs::rss_kib(pid).unwrap_or(0);
+        let pooler_fds = procfs::open_fds(pid);
         let login_select_ms = login_and_select(port).await.ok().map(|(_, ms)| ms);
         points.push(MemPoint {
             target: target.to_owned(),
@@ -93,6 +101,7 @@ pub async fn measure(
             rss_kib: rss,
             kib_per_client: rss.saturating_sub(baseline) as f64 / n as f64,
             login_select_ms,
+            pooler_fds,
             open_secs,
             error: None,
         });
@@ -110,6 +119,7 @@ fn failed(target: &str, clients: usize, baseline: u64, error: String) -> MemPoin
         rss_kib: 0,
         kib_per_client: 0.0,
         login_select_ms: None,
+        pooler_fds: None,
         open_secs: 0.0,
         error: Some(error),
     }
@@ -210,14 +220,18 @@ async fn idle_login(port: u16, i: usize) -> anyhow::Result<TcpStream> {
 /// A tokio-postgres client that logs in and runs `SELECT 1`; returns it and the milliseconds
 /// that took.
 async fn login_and_select(port: u16) -> anyhow::Result<(tokio_postgres::Client, f64)> {
+    tokio::time::timeout(PROBE_TIMEOUT, login_and_select_unbounded(port))
+        .await
+        .with_context(|| format!("no login + SELECT 1 within {PROBE_TIMEOUT:?}"))?
+}
+
+async fn login_and_select_unbounded(port: u16) -> anyhow::Result<(tokio_postgres::Client, f64)> {
     let started = Instant::now();
     let conn = format!("host=127.0.0.1 port={port} user={USER} dbname={DB} connect_timeout=10");
     let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
-    tokio::time::timeout(Duration::from_secs(10), client.simple_query("SELECT 1"))
-        .await
-        .context("SELECT 1 timed out")??;
+    client.simple_query("SELECT 1").await?;
     Ok((client, started.elapsed().as_secs_f64() * 1e3))
 }

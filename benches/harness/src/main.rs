@@ -285,19 +285,19 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         running.push(target);
     }
 
-    let scratch = tempfile::Builder::new().prefix("bw-bench-").tempdir()?;
+    // Every pgbench run's output is kept, so a failure can be read in full afterwards.
+    let out_dir = cli
+        .out
+        .clone()
+        .unwrap_or_else(|| root.join("bench-results"));
+    let stamp = shell_line("date", &["-u", "+%Y%m%d-%H%M%S"]);
+    let logs = out_dir.join(format!("{stamp}-pgbench"));
+    std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     if !plan.scenarios.is_empty() {
         // Open each pooler's server connections before anything is measured.
         let warmup = Scenario::select("simple", 16);
         for t in running.iter().filter(|t| t.is_pooler()) {
-            let r = pgbench::run(
-                &pgbench_bin,
-                &warmup,
-                t,
-                Duration::from_secs(1),
-                0,
-                scratch.path(),
-            )?;
+            let r = pgbench::run(&pgbench_bin, &warmup, t, Duration::from_secs(1), 0, &logs)?;
             if let Some(e) = r.error {
                 eprintln!("   warm-up on {} failed: {e}", t.name);
             }
@@ -309,14 +309,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     for scenario in &plan.scenarios {
         for rep in 1..=plan.reps {
             for target in &running {
-                let r = pgbench::run(
-                    &pgbench_bin,
-                    scenario,
-                    target,
-                    plan.duration,
-                    rep,
-                    scratch.path(),
-                )?;
+                let r = pgbench::run(&pgbench_bin, scenario, target, plan.duration, rep, &logs)?;
                 eprintln!(
                     "[{:>3}/{total}] {:<22} {:<10} rep {rep}: {}",
                     runs.len() + 1,
@@ -423,15 +416,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let md = report::markdown(&header, &summaries, &memory, &notes);
     println!("{md}");
 
-    let out_dir = cli
-        .out
-        .clone()
-        .unwrap_or_else(|| root.join("bench-results"));
-    let stamp = shell_line("date", &["-u", "+%Y%m%d-%H%M%S"]);
     let mut written = report::write_csv(&out_dir, &stamp, &runs, &summaries, &memory)?;
     let md_path = out_dir.join(format!("{stamp}.md"));
     std::fs::write(&md_path, &md)?;
     written.push(md_path);
+    written.push(logs);
     for path in written {
         eprintln!("wrote {}", path.display());
     }

@@ -112,14 +112,15 @@ impl RunResult {
     }
 }
 
-/// Runs pgbench for `duration` against `target`, killed if it is not done `grace` later.
+/// Runs pgbench for `duration` against `target`, killed if it is not done a minute later. Its
+/// stdout and stderr are kept in `logs` as `SCENARIO.TARGET.REP.out` / `.err`.
 pub fn run(
     pgbench: &Path,
     scenario: &Scenario,
     target: &Target,
     duration: Duration,
     rep: u32,
-    scratch: &Path,
+    logs: &Path,
 ) -> anyhow::Result<RunResult> {
     let secs = duration.as_secs().max(1);
     let threads = scenario.clients.clamp(1, 2);
@@ -138,8 +139,9 @@ pub fn run(
     cmd.arg(DB);
 
     // Output goes to files: 256 aborted clients print more than a pipe holds.
-    let out_path = scratch.join("pgbench.out");
-    let err_path = scratch.join("pgbench.err");
+    let stem = format!("{}.{}.{rep}", scenario.name, target.name);
+    let out_path = logs.join(format!("{stem}.out"));
+    let err_path = logs.join(format!("{stem}.err"));
     cmd.stdout(std::fs::File::create(&out_path)?)
         .stderr(std::fs::File::create(&err_path)?)
         .stdin(Stdio::null());

@@ -51,6 +51,13 @@ fn status_field_kib(text: &str, key: &str) -> Option<u64> {
         .and_then(|n| n.parse().ok())
 }
 
+/// How many file descriptors process `pid` holds; None if /proc/PID/fd is unreadable.
+pub fn open_fds(pid: u32) -> Option<usize> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .ok()
+        .map(|entries| entries.count())
+}
+
 /// Raises RLIMIT_NOFILE (soft and, when we may, hard) to at least `wanted`, so that we and the
 /// poolers we start (they inherit it) can hold that many sockets. Returns the soft limit now in
 /// force, which may be lower than `wanted` when we are not allowed more.
