@@ -66,6 +66,7 @@ async fn a_blackholed_connect_is_abandoned_at_server_connect_timeout() {
     let started = Instant::now();
     let code = sqlstate(pooler.connect("app", "app_pw", "app").await);
     let took = started.elapsed();
+    eprintln!("measured: blackholed connect abandoned after {took:?} (server_connect_timeout 1s)");
     assert_eq!(code, "57P03");
     assert!(
         took >= Duration::from_millis(750) && took <= Duration::from_millis(1500),
@@ -103,6 +104,10 @@ async fn a_server_silent_during_login_is_abandoned_at_server_login_timeout() {
     let started = Instant::now();
     let err = f.pooler.connect("app", "app_pw", "app").await.unwrap_err();
     let took = started.elapsed();
+    eprintln!(
+        "measured: silent login abandoned, client told after {took:?}; attempts {}",
+        f.proxy.attempts()
+    );
     let msg = err.as_db_error().unwrap().message().to_owned();
     assert!(msg.contains("server_login_timeout (1s) expired"), "{msg}");
     assert!(
@@ -138,6 +143,7 @@ async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffect
         .unwrap();
     assert!(r.is_err());
     let took = started.elapsed();
+    eprintln!("measured: frozen connection's client told after {took:?} (query_timeout 2s + 2s cancel grace)");
     assert!(
         took >= Duration::from_secs(2) && took < Duration::from_secs(7),
         "{took:?}"
@@ -186,6 +192,10 @@ async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_
             .unwrap();
     }
     let peak = f.proxy.peak_logging_in();
+    eprintln!(
+        "measured: peak concurrent logins during the restart: {peak} (limit 3), attempts {}",
+        f.proxy.attempts()
+    );
     assert!(
         peak >= 1 && peak <= 3,
         "peak concurrent logins {peak} with server_connect_concurrency = 3"
@@ -232,6 +242,11 @@ async fn a_warm_pool_serves_a_burst_of_500_clients_without_paying_connect_latenc
     }
     waits.sort();
     let median = waits[waits.len() / 2];
+    eprintln!(
+        "measured: 500-client burst: median wait {median:?}, max {:?}, new server connections {}",
+        waits[waits.len() - 1],
+        f.proxy.attempts() - attempts_before
+    );
     assert!(
         median < Duration::from_secs(2),
         "median query wait {median:?} paid the connect latency"
@@ -285,6 +300,7 @@ async fn server_lifetime_recycling_of_a_full_pool_is_spread_over_time() {
         .collect();
     let spread = starts.iter().cloned().fold(f64::MIN, f64::max)
         - starts.iter().cloned().fold(f64::MAX, f64::min);
+    eprintln!("measured: 10 lifetime replacements spread over {spread:.3}s");
     assert!(
         spread >= 0.2,
         "all {} replacements opened within {spread:.3}s",
