@@ -381,6 +381,15 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         }
     }
 
+    for r in runs.iter().filter(|r| r.retried.is_some()) {
+        notes.push(format!(
+            "{} on {} (repetition {}) was run twice: the first attempt had {}.",
+            r.scenario,
+            r.target,
+            r.rep,
+            r.retried.as_deref().unwrap_or("")
+        ));
+    }
     let summaries = report::summarize(&plan.scenarios, &plan.targets, &runs);
     let header = report::Header {
         date,
@@ -442,6 +451,9 @@ fn describe(r: &pgbench::RunResult) -> String {
     }
     if let Some(e) = &r.error {
         s.push_str(&format!(", FAILED: {e}"));
+    }
+    if let Some(why) = &r.retried {
+        s.push_str(&format!(" (second attempt; the first had {why})"));
     }
     s
 }

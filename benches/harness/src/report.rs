@@ -275,12 +275,12 @@ pub fn write_csv(
     let mut written = Vec::new();
 
     let mut text = String::from(
-        "scenario,target,rep,status,tps,latency_ms,transactions,pooler_cpu_us_per_txn,error\n",
+        "scenario,target,rep,status,tps,latency_ms,transactions,pooler_cpu_us_per_txn,error,retried_because\n",
     );
     for r in runs {
         let _ = writeln!(
             text,
-            "{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{}",
             r.scenario,
             r.target,
             r.rep,
@@ -290,6 +290,7 @@ pub fn write_csv(
             r.transactions,
             csv_opt(r.cpu_us_per_txn),
             csv_field(r.error.as_deref().unwrap_or("")),
+            csv_field(r.retried.as_deref().unwrap_or("")),
         );
     }
     written.push(write(dir, &format!("{prefix}-runs.csv"), &text)?);
