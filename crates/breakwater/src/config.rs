@@ -91,6 +91,47 @@ pub enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum TargetSessionAttrsSetting {
+    Any,
+    ReadWrite,
+    ReadOnly,
+    Primary,
+    Standby,
+    PreferStandby,
+}
+
+impl From<TargetSessionAttrsSetting> for upstream::TargetSessionAttrs {
+    fn from(t: TargetSessionAttrsSetting) -> Self {
+        use upstream::TargetSessionAttrs as T;
+        match t {
+            TargetSessionAttrsSetting::Any => T::Any,
+            TargetSessionAttrsSetting::ReadWrite => T::ReadWrite,
+            TargetSessionAttrsSetting::ReadOnly => T::ReadOnly,
+            TargetSessionAttrsSetting::Primary => T::Primary,
+            TargetSessionAttrsSetting::Standby => T::Standby,
+            TargetSessionAttrsSetting::PreferStandby => T::PreferStandby,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum LoadBalanceHostsSetting {
+    Disable,
+    RoundRobin,
+}
+
+impl From<LoadBalanceHostsSetting> for upstream::LoadBalanceHosts {
+    fn from(l: LoadBalanceHostsSetting) -> Self {
+        match l {
+            LoadBalanceHostsSetting::Disable => upstream::LoadBalanceHosts::Disable,
+            LoadBalanceHostsSetting::RoundRobin => upstream::LoadBalanceHosts::RoundRobin,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 pub enum AuthTypeSetting {
     #[serde(rename = "trust")]
     Trust,
@@ -124,6 +165,8 @@ pub struct Pooler {
     pub max_server_connections: usize,
     pub server_check_delay: Timeout,
     pub server_check_query: String,
+    pub server_role_check_interval: Timeout,
+    pub server_role_check_timeout: Timeout,
     pub server_unresponsive_timeout: Timeout,
     pub tcp_user_timeout: Timeout,
     pub query_wait_notify: Timeout,
@@ -175,6 +218,8 @@ impl Default for Pooler {
             max_server_connections: 0,
             server_check_delay: secs(30),
             server_check_query: "SELECT 1".into(),
+            server_role_check_interval: secs(5),
+            server_role_check_timeout: secs(2),
             server_unresponsive_timeout: secs(30),
             tcp_user_timeout: secs(30),
             query_wait_notify: secs(5),
@@ -206,10 +251,12 @@ impl Default for Pooler {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Database {
-    #[serde(default = "default_host")]
-    pub host: String,
-    #[serde(default = "default_port")]
-    pub port: u16,
+    pub host: Option<String>,
+    pub port: Option<u16>,
+    /// `["a:5432", "b"]`: tried in order; instead of `host`/`port`.
+    pub hosts: Option<Vec<String>>,
+    pub target_session_attrs: Option<TargetSessionAttrsSetting>,
+    pub load_balance_hosts: Option<LoadBalanceHostsSetting>,
     pub dbname: Option<String>,
     pub user: Option<String>,
     pub password: Option<String>,
@@ -219,12 +266,55 @@ pub struct Database {
     pub max_db_connections: Option<usize>,
 }
 
-fn default_host() -> String {
-    "127.0.0.1".into()
+const DEFAULT_HOST: &str = "127.0.0.1";
+const DEFAULT_PORT: u16 = 5432;
+
+impl Database {
+    /// Every host to try, in order: `hosts`, or `host`/`port`. Validated at load.
+    pub fn host_list(&self) -> Result<Vec<(String, u16)>, String> {
+        match &self.hosts {
+            None => Ok(vec![(
+                self.host.clone().unwrap_or_else(|| DEFAULT_HOST.into()),
+                self.port.unwrap_or(DEFAULT_PORT),
+            )]),
+            Some(_) if self.host.is_some() || self.port.is_some() => {
+                Err("cannot be combined with host or port; give each host as \"host:port\"".into())
+            }
+            Some(list) if list.is_empty() => Err("must name at least one host".into()),
+            Some(list) => list.iter().map(|h| parse_host_port(h)).collect(),
+        }
+    }
 }
 
-fn default_port() -> u16 {
-    5432
+/// `"db.internal:5433"`, `"db.internal"` (port 5432), `"[::1]:5433"`, `"/var/run/postgresql"`.
+pub fn parse_host_port(s: &str) -> Result<(String, u16), String> {
+    let s = s.trim();
+    let bad = || format!("invalid host \"{s}\"; use \"host:port\", \"host\" or \"[ipv6]:port\"");
+    if s.is_empty() {
+        return Err(bad());
+    }
+    if let Some(rest) = s.strip_prefix('[') {
+        let (addr, after) = rest.split_once(']').ok_or_else(bad)?;
+        let port = match after {
+            "" => DEFAULT_PORT,
+            p => p
+                .strip_prefix(':')
+                .and_then(|p| p.parse().ok())
+                .ok_or_else(bad)?,
+        };
+        return Ok((addr.to_owned(), port));
+    }
+    match s.rsplit_once(':') {
+        // A bare IPv6 address has several colons and no brackets: take it whole.
+        Some((host, port)) if !host.contains(':') => {
+            let port = port.parse().map_err(|_| bad())?;
+            if host.is_empty() {
+                return Err(bad());
+            }
+            Ok((host.to_owned(), port))
+        }
+        _ => Ok((s.to_owned(), DEFAULT_PORT)),
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint.
@@ -314,6 +404,9 @@ impl Config {
                     &format!("databases.{name}"),
                     "this name is reserved for the admin console",
                 ));
+            }
+            if let Err(message) = db.host_list() {
+                return Err(invalid(&format!("databases.{name}.hosts"), &message));
             }
             if db.pool_size == Some(0) {
                 return Err(invalid(
@@ -441,22 +534,40 @@ impl Config {
             check_delay: p.server_check_delay.0,
             check_query: p.server_check_query.clone(),
             max_message: p.max_packet_size,
+            role_check_interval: p.server_role_check_interval.0,
+            role_check_timeout: p.server_role_check_timeout.0,
         };
         let databases = self
             .file
             .databases
             .iter()
-            .map(|(name, d)| DatabaseRoute {
-                name: name.clone(),
-                host: d.host.clone(),
-                port: d.port,
-                dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
-                user: d.user.clone(),
-                password: d.password.clone(),
-                pool_size: d.pool_size.unwrap_or(p.default_pool_size),
-                min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
-                pool_mode: d.pool_mode.unwrap_or(p.pool_mode).into(),
-                max_db_connections: d.max_db_connections.filter(|n| *n > 0),
+            .map(|(name, d)| {
+                // Validated in `parse`.
+                let hosts = d
+                    .host_list()
+                    .unwrap_or_else(|_| vec![(DEFAULT_HOST.into(), DEFAULT_PORT)]);
+                let (host, port) = hosts
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| (DEFAULT_HOST.into(), DEFAULT_PORT));
+                DatabaseRoute {
+                    name: name.clone(),
+                    host,
+                    port,
+                    hosts,
+                    target_session_attrs: d
+                        .target_session_attrs
+                        .map(Into::into)
+                        .unwrap_or_default(),
+                    load_balance_hosts: d.load_balance_hosts.map(Into::into).unwrap_or_default(),
+                    dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
+                    user: d.user.clone(),
+                    password: d.password.clone(),
+                    pool_size: d.pool_size.unwrap_or(p.default_pool_size),
+                    min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
+                    pool_mode: d.pool_mode.unwrap_or(p.pool_mode).into(),
+                    max_db_connections: d.max_db_connections.filter(|n| *n > 0),
+                }
             })
             .collect();
         ProxySettings {
@@ -855,5 +966,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("reserved"), "{err}");
+    }
+
+    #[test]
+    fn hosts_lists_parse_with_default_ports_and_failover_settings() {
+        let c = parse(
+            "[pooler]\nauth_type = \"trust\"\n[databases.app]\n\
+             hosts = [\"a:5433\", \"b\", \"[::1]:6000\", \"/run/pg\"]\n\
+             target_session_attrs = \"read-write\"\nload_balance_hosts = \"round-robin\"\n",
+        )
+        .unwrap();
+        let s = c.proxy_settings();
+        let app = s.route("app").unwrap();
+        let want: Vec<(String, u16)> = [("a", 5433), ("b", 5432), ("::1", 6000), ("/run/pg", 5432)]
+            .iter()
+            .map(|(h, p)| (h.to_string(), *p))
+            .collect();
+        assert_eq!(app.hosts, want);
+        assert_eq!((app.host.as_str(), app.port), ("a", 5433));
+        assert_eq!(
+            app.target_session_attrs,
+            upstream::TargetSessionAttrs::ReadWrite
+        );
+        assert_eq!(
+            app.load_balance_hosts,
+            upstream::LoadBalanceHosts::RoundRobin
+        );
+        assert_eq!(s.server.role_check_interval, Some(Duration::from_secs(5)));
+        assert_eq!(s.server.role_check_timeout, Some(Duration::from_secs(2)));
+        // Without hosts, host/port default as before, and any role serves.
+        let c = parse("[pooler]\nauth_type = \"trust\"\n[databases.app]\nport = 5440\n").unwrap();
+        let s = c.proxy_settings();
+        let app = s.route("app").unwrap();
+        assert_eq!(app.hosts, vec![("127.0.0.1".to_string(), 5440)]);
+        assert_eq!(app.target_session_attrs, upstream::TargetSessionAttrs::Any);
+    }
+
+    #[test]
+    fn bad_host_lists_are_errors_that_name_the_key() {
+        for (db, what) in [
+            ("hosts = [\"a:1\"]\nhost = \"b\"\n", "cannot be combined"),
+            ("hosts = [\"a:1\"]\nport = 5\n", "cannot be combined"),
+            ("hosts = []\n", "at least one host"),
+            ("hosts = [\"a:notaport\"]\n", "invalid host"),
+            ("hosts = [\"a:99999\"]\n", "invalid host"),
+        ] {
+            let err = parse(&format!(
+                "[pooler]\nauth_type = \"trust\"\n[databases.app]\n{db}"
+            ))
+            .unwrap_err()
+            .to_string();
+            assert!(err.contains("databases.app.hosts"), "{err}");
+            assert!(err.contains(what), "{db}: {err}");
+        }
+        let err = parse(
+            "[pooler]\nauth_type = \"trust\"\n[databases.app]\ntarget_session_attrs = \"writer\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("writer") && err.contains("read-write"),
+            "{err}"
+        );
     }
 }

@@ -20,6 +20,7 @@ pub const PARSE_COMPLETE: u8 = b'1';
 pub const BIND_COMPLETE: u8 = b'2';
 pub const CLOSE_COMPLETE: u8 = b'3';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
+pub const DATA_ROW: u8 = b'D';
 
 /// Text type OID, used for every admin console column.
 pub const TEXT_OID: u32 = 25;
@@ -89,6 +90,22 @@ pub fn parse_ready_for_query(body: &[u8]) -> Result<u8, FrameError> {
             what: "ReadyForQuery",
         }),
     }
+}
+
+/// The column values of a DataRow (`None` for NULL), borrowed from the body.
+pub fn parse_data_row(body: &[u8]) -> Result<Vec<Option<&[u8]>>, FrameError> {
+    let mut r = Reader::new(body, "DataRow");
+    let n = r.i16()?;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = r.i32()?;
+        out.push(if len < 0 {
+            None
+        } else {
+            Some(r.bytes(len as usize)?)
+        });
+    }
+    Ok(out)
 }
 
 /// The command tag of a CommandComplete, without the NUL.
@@ -247,5 +264,18 @@ mod tests {
         assert_eq!(parse_backend_key_data(&one(&mut b).body).unwrap(), (42, -7));
         assert_eq!(parse_ready_for_query(&one(&mut b).body).unwrap(), b'T');
         assert!(parse_ready_for_query(b"X").is_err());
+    }
+
+    #[test]
+    fn data_rows_round_trip_with_nulls() {
+        let mut b = BytesMut::new();
+        write_data_row(&mut b, [Some(&b"t"[..]), None, Some(&b""[..])]);
+        let msg = one(&mut b);
+        assert_eq!(msg.tag, DATA_ROW);
+        assert_eq!(
+            parse_data_row(&msg.body).unwrap(),
+            vec![Some(&b"t"[..]), None, Some(&b""[..])]
+        );
+        assert!(parse_data_row(&[0, 1, 0, 0, 0, 9]).is_err());
     }
 }

@@ -216,7 +216,17 @@ impl Shared {
         if let Some(total) = &self.total_limit {
             limits.0.push(total.clone());
         }
-        let host = self.hosts.get(&route.host, route.port);
+        let mut hosts = route.hosts.iter().map(|(h, p)| self.hosts.get(h, *p));
+        let first = hosts
+            .next()
+            .unwrap_or_else(|| self.hosts.get(&route.host, route.port));
+        let hosts = Arc::new(upstream::HostList::new(
+            first,
+            hosts.collect(),
+            route.target_session_attrs,
+            route.load_balance_hosts,
+            settings.storm.retry_base,
+        ));
         let stats = Arc::new(PoolStats::new(&route.name, server_user));
         let entry = Arc::new(PoolEntry {
             pool: ServerPool::new(
@@ -224,7 +234,7 @@ impl Shared {
                 settings.server.clone(),
                 route.pool_size,
                 route.min_pool_size,
-                host,
+                hosts,
                 limits,
                 stats.clone(),
             ),

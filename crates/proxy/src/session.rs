@@ -112,6 +112,9 @@ enum Timer {
     Unresponsive,
 }
 
+/// SQLSTATE of "cannot execute … in a read-only transaction".
+const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
 /// How long a cancelled query may take to stop before its server connection is dropped.
 const CANCEL_GRACE: Duration = Duration::from_secs(2);
 
@@ -143,6 +146,8 @@ pub(crate) struct Session<'a> {
     cancel: Registration<'a>,
     mode: PoolMode,
     shutdown: watch::Receiver<bool>,
+    /// The pool must write, so a 25006 from its server triggers a role re-check.
+    watch_read_only: bool,
 }
 
 impl<'a> Session<'a> {
@@ -155,6 +160,7 @@ impl<'a> Session<'a> {
         cancel: Registration<'a>,
     ) -> Self {
         let mode = entry.route.pool_mode;
+        let entry_wants_writer = entry.route.target_session_attrs.wants_writer();
         Session {
             global: &shared.stats,
             settings,
@@ -167,6 +173,7 @@ impl<'a> Session<'a> {
             cancel,
             mode,
             shutdown: shared.shutdown.subscribe(),
+            watch_read_only: entry_wants_writer,
         }
     }
 
@@ -929,10 +936,12 @@ impl<'a> Session<'a> {
             };
             let tag = buf[0];
             let body_len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize - 4;
+            // An ErrorResponse is read only in pools that must write: its SQLSTATE may say the
+            // host was demoted (25006).
             let inspect = matches!(
                 tag,
                 backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::COMMAND_COMPLETE
-            );
+            ) || (tag == backend::ERROR_RESPONSE && self.watch_read_only);
             if inspect && complete.is_none() {
                 return Ok(false);
             }
@@ -1008,6 +1017,14 @@ impl<'a> Session<'a> {
                     h.server.set_param(&k, &v);
                     h.server.pristine = false;
                 }
+                backend::ERROR_RESPONSE => {
+                    if proto::error::parse_error_fields(body)
+                        .is_ok_and(|f| f.code == READ_ONLY_SQL_TRANSACTION)
+                    {
+                        tracing::info!(server = h.server.id, "server refused a write (25006) in a read-write pool; re-checking host roles");
+                        self.entry.pool.role_suspect();
+                    }
+                }
                 _ => {
                     let tag = backend::command_tag(body);
                     if !h.dirty && scan::tag_leaves_state(tag) {
@@ -1060,7 +1077,7 @@ impl<'a> Session<'a> {
                 }
             }
         }
-        if h.server.broken || !h.server.buf.is_empty() {
+        if h.server.broken || !h.server.buf.is_empty() || !self.entry.pool.still_wanted(&h.server) {
             discard(h.server);
         }
         // Dropping the object returns it to the pool.

@@ -36,8 +36,15 @@ pub enum AuthType {
 pub struct DatabaseRoute {
     /// The name clients connect to.
     pub name: String,
+    /// The first of `hosts`.
     pub host: String,
     pub port: u16,
+    /// Every host to try, in order (`hosts`, or just `host`/`port`).
+    pub hosts: Vec<(String, u16)>,
+    /// `target_session_attrs`: which role a server must have to serve this database.
+    pub target_session_attrs: upstream::TargetSessionAttrs,
+    /// `load_balance_hosts`: try hosts in order, or start one further along each time.
+    pub load_balance_hosts: upstream::LoadBalanceHosts,
     pub dbname: String,
     /// Server login; `None` means the client's own user name.
     pub user: Option<String>,

@@ -55,6 +55,11 @@ pub struct ServerSettings {
     pub check_query: String,
     /// `max_packet_size`: largest message accepted from a server.
     pub max_message: usize,
+    /// `server_role_check_interval`: how often pools that care about roles
+    /// (`target_session_attrs` other than `any`) probe their hosts.
+    pub role_check_interval: Option<Duration>,
+    /// `server_role_check_timeout`: bound on one probe of one host.
+    pub role_check_timeout: Option<Duration>,
 }
 
 impl Default for ServerSettings {
@@ -70,6 +75,8 @@ impl Default for ServerSettings {
             check_delay: Some(Duration::from_secs(30)),
             check_query: "SELECT 1".into(),
             max_message: proto::DEFAULT_MAX_MESSAGE,
+            role_check_interval: Some(Duration::from_secs(5)),
+            role_check_timeout: Some(Duration::from_secs(2)),
         }
     }
 }
@@ -101,6 +108,26 @@ pub enum ConnectError {
     Protocol { addr: String, source: FrameError },
     #[error("server {addr} closed the connection during login: {source}")]
     Io { addr: String, source: io::Error },
+    /// The server is up but not what `target_session_attrs` asks for.
+    #[error("server {host} is a {role}, which target_session_attrs = {wanted} does not accept")]
+    WrongRole {
+        host: String,
+        role: crate::failover::Role,
+        wanted: crate::failover::TargetSessionAttrs,
+    },
+    #[error("could not read the role of server {addr}: {source}")]
+    RoleCheck { addr: String, source: QueryError },
+    /// A host skipped because it is backing off after failures (another host may serve).
+    #[error("upstream {host} is backing off after failed connection attempts; next attempt in {retry_in:?}")]
+    Backoff { host: String, retry_in: Duration },
+    /// No host of a list served; the client keeps waiting while Breakwater keeps looking.
+    #[error("no host of database \"{database}\" ({hosts}) can serve target_session_attrs = {wanted} right now; last: {last}")]
+    NoMatchingHost {
+        database: String,
+        hosts: String,
+        wanted: crate::failover::TargetSessionAttrs,
+        last: Box<ConnectError>,
+    },
 }
 
 /// An error from a query Breakwater runs on its own account.
@@ -114,6 +141,8 @@ pub enum QueryError {
     Protocol(#[from] FrameError),
     #[error("server left the transaction open (status {0:?}) after an internal query")]
     NotIdle(char),
+    #[error("an internal query returned no row")]
+    NoRow,
 }
 
 /// Where a CancelRequest for this connection goes.
@@ -194,6 +223,8 @@ pub struct ServerConn {
     /// This connection's share (0.8–1.0) of server_lifetime and server_idle_timeout, so a pool
     /// opened at once is not recycled at once.
     pub jitter: f64,
+    /// The host this connection was opened on, and its role epoch then (see `failover`).
+    pub origin: Option<crate::failover::Origin>,
     /// Holds a slot of `max_db_connections` / `max_server_connections` while the connection lives.
     pub(crate) _limits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
@@ -212,8 +243,12 @@ impl ConnectError {
             ConnectError::Refused { .. }
             | ConnectError::Auth { .. }
             | ConnectError::Protocol { .. }
-            | ConnectError::Io { .. } => (Phase::Login, false),
-            ConnectError::BreakerOpen(_) => return None,
+            | ConnectError::Io { .. }
+            | ConnectError::RoleCheck { .. } => (Phase::Login, false),
+            ConnectError::BreakerOpen(_)
+            | ConnectError::WrongRole { .. }
+            | ConnectError::Backoff { .. }
+            | ConnectError::NoMatchingHost { .. } => return None,
         })
     }
 
@@ -239,6 +274,16 @@ impl ServerConn {
         host: &Host,
     ) -> Result<ServerConn, ConnectError> {
         let attempt = host.admit().await?;
+        Self::connect_admitted(attempt, target, settings, host).await
+    }
+
+    /// Connects and logs in with an attempt the host's storm controls already admitted.
+    pub(crate) async fn connect_admitted(
+        attempt: crate::host::Attempt<'_>,
+        target: &ServerTarget,
+        settings: &ServerSettings,
+        host: &Host,
+    ) -> Result<ServerConn, ConnectError> {
         let result = Self::connect_phases(target, settings).await;
         match &result {
             Ok(_) => attempt.succeeded(),
@@ -358,7 +403,31 @@ impl ServerConn {
         result
     }
 
+    /// Runs `sql` like [`ServerConn::simple_query`] and returns the first row's values as text.
+    pub async fn query_first_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, QueryError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        frontend::write_query(&mut out, sql);
+        if let Err(e) = self.write_all(&out).await {
+            self.broken = true;
+            return Err(e.into());
+        }
+        let mut row = None;
+        let result = self.read_until_ready_capturing(&mut row).await;
+        if result.is_err() {
+            self.broken = true;
+        }
+        result?;
+        row.ok_or(QueryError::NoRow)
+    }
+
     async fn read_until_ready(&mut self) -> Result<(), QueryError> {
+        self.read_until_ready_capturing(&mut None).await
+    }
+
+    async fn read_until_ready_capturing(
+        &mut self,
+        row: &mut Option<Vec<Option<String>>>,
+    ) -> Result<(), QueryError> {
         let mut error = None;
         loop {
             let Some(msg) = frame::take_message(&mut self.buf, self.max_message)? else {
@@ -381,6 +450,15 @@ impl ServerConn {
                         (None, b'I') => Ok(()),
                         (None, s) => Err(QueryError::NotIdle(s as char)),
                     };
+                }
+                backend::DATA_ROW if row.is_none() => {
+                    let values = backend::parse_data_row(&msg.body)?;
+                    *row = Some(
+                        values
+                            .into_iter()
+                            .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
+                    );
                 }
                 // CommandComplete, rows, notices: nothing to do for internal queries.
                 _ => {}
@@ -498,6 +576,7 @@ async fn login(
         pristine: true,
         prepared: crate::PreparedCache::default(),
         jitter: 0.8 + 0.2 * rand::random::<f64>(),
+        origin: None,
         _limits: Vec::new(),
         registration: None,
     };

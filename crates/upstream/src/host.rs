@@ -11,7 +11,11 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use stats::{Breaker, HostStats};
+
+use crate::failover::Role;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 /// Storm-control settings, from `[pooler]`.
@@ -58,12 +62,30 @@ struct State {
 }
 
 pub struct Host {
+    /// `host:port`, as in logs and SHOW commands.
     pub name: String,
+    /// The host name (or address, or socket directory) and port, as configured.
+    pub host: String,
+    pub port: u16,
+    /// The role the server last reported (login or probe), and a counter bumped whenever it
+    /// changes, so connections opened under an older role can be told apart.
+    role: Mutex<Option<Role>>,
+    role_epoch: AtomicU64,
     limiter: Semaphore,
     state: Mutex<State>,
     changed: Notify,
     settings: StormSettings,
     pub stats: Arc<HostStats>,
+}
+
+/// Why a host that is not to be waited for was skipped.
+#[derive(Debug, Clone)]
+pub enum Refusal {
+    Breaker(BreakerOpen),
+    /// In back-off after a failure, or a trial attempt is already in flight.
+    Backoff {
+        retry_in: Duration,
+    },
 }
 
 /// Permission to make one attempt. Report its outcome with [`Attempt::succeeded`] or
@@ -76,9 +98,14 @@ pub struct Attempt<'a> {
 }
 
 impl Host {
-    fn new(name: String, settings: StormSettings) -> Host {
+    fn new(host: &str, port: u16, settings: StormSettings) -> Host {
+        let name = format!("{host}:{port}");
         Host {
             stats: Arc::new(HostStats::new(&name)),
+            host: host.to_owned(),
+            port,
+            role: Mutex::new(None),
+            role_epoch: AtomicU64::new(0),
             limiter: Semaphore::new(settings.connect_concurrency.max(1)),
             name,
             state: Mutex::new(State::default()),
@@ -102,6 +129,25 @@ impl Host {
     /// not before the back-off expires, not while a trial after a failure is in flight, and not
     /// above the concurrency limit.
     pub async fn admit(&self) -> Result<Attempt<'_>, BreakerOpen> {
+        match self.admit_inner(true).await {
+            Ok(a) => Ok(a),
+            Err(Refusal::Breaker(b)) => Err(b),
+            // A patient caller is never refused for back-off.
+            Err(Refusal::Backoff { retry_in }) => Err(BreakerOpen {
+                host: self.name.clone(),
+                failures: 0,
+                retry_in,
+            }),
+        }
+    }
+
+    /// Like [`Host::admit`], but refuses instead of waiting out a back-off or another trial, so
+    /// a caller with other hosts to try can move on. Still waits for the concurrency limit.
+    pub async fn admit_now(&self) -> Result<Attempt<'_>, Refusal> {
+        self.admit_inner(false).await
+    }
+
+    async fn admit_inner(&self, patient: bool) -> Result<Attempt<'_>, Refusal> {
         let trial = loop {
             let mut notified = pin!(self.changed.notified());
             notified.as_mut().enable();
@@ -119,13 +165,13 @@ impl Host {
                             break true;
                         }
                         stats::GlobalStats::bump(&self.stats.fast_failures);
-                        return Err(BreakerOpen {
+                        return Err(Refusal::Breaker(BreakerOpen {
                             host: self.name.clone(),
                             failures: st.failures,
                             retry_in: st
                                 .not_before
                                 .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
-                        });
+                        }));
                     }
                     Breaker::Closed => match st.not_before {
                         Some(t) if t > now => Some(t - now),
@@ -139,6 +185,11 @@ impl Host {
                     },
                 }
             };
+            if !patient {
+                return Err(Refusal::Backoff {
+                    retry_in: wait.unwrap_or(self.settings.retry_base),
+                });
+            }
             match wait {
                 Some(d) => {
                     tokio::select! {
@@ -161,6 +212,35 @@ impl Host {
             trial,
             reported: false,
         })
+    }
+
+    /// The role the server last reported, if any connection or probe has seen it.
+    pub fn role(&self) -> Option<Role> {
+        match self.role.lock() {
+            Ok(r) => *r,
+            Err(p) => *p.into_inner(),
+        }
+    }
+
+    pub fn role_epoch(&self) -> u64 {
+        self.role_epoch.load(Ordering::Acquire)
+    }
+
+    /// Records the role a server reported; returns the epoch to stamp connections with. A change
+    /// from a known role bumps the epoch, which retires connections opened under the old one.
+    pub fn observe_role(&self, role: Role) -> u64 {
+        let mut r = match self.role.lock() {
+            Ok(r) => r,
+            Err(p) => p.into_inner(),
+        };
+        let before = r.replace(role);
+        if before.is_some_and(|b| b != role) {
+            tracing::warn!(host = %self.name, from = %before.map(|b| b.to_string()).unwrap_or_default(),
+                to = %role, "upstream host changed role");
+            self.role_epoch.fetch_add(1, Ordering::AcqRel) + 1
+        } else {
+            self.role_epoch.load(Ordering::Acquire)
+        }
     }
 
     /// Full jitter: a random delay up to min(max, base · 2^(failures-1)).
@@ -250,8 +330,8 @@ impl Hosts {
             Ok(m) => m,
             Err(p) => p.into_inner(),
         };
-        map.entry(name.clone())
-            .or_insert_with(|| Arc::new(Host::new(name, self.settings.clone())))
+        map.entry(name)
+            .or_insert_with(|| Arc::new(Host::new(host, port, self.settings.clone())))
             .clone()
     }
 
@@ -269,7 +349,8 @@ mod tests {
 
     fn host(threshold: u32) -> Host {
         Host::new(
-            "db:5432".into(),
+            "db",
+            5432,
             StormSettings {
                 connect_concurrency: 2,
                 retry_base: Duration::from_millis(10),

@@ -3,6 +3,7 @@
 //! This crate never reads from clients and never decides when a transaction ends.
 
 pub mod conn;
+pub mod failover;
 pub mod host;
 pub mod pool;
 pub mod prepared;
@@ -12,7 +13,8 @@ pub mod stream;
 pub use conn::{
     CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
 };
-pub use host::{BreakerOpen, Host, Hosts, StormSettings};
+pub use failover::{HostList, LoadBalanceHosts, Origin, Role, TargetSessionAttrs};
+pub use host::{BreakerOpen, Host, Hosts, Refusal, StormSettings};
 pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;

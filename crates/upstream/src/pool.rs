@@ -21,6 +21,7 @@ use stats::PoolStats;
 use tokio::sync::{watch, Semaphore};
 
 use crate::conn::{ConnectError, ServerConn, ServerSettings, ServerTarget};
+use crate::failover::{HostList, TargetSessionAttrs};
 use crate::host::Host;
 use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 
@@ -35,7 +36,7 @@ pub struct ServerManager {
     credential: std::sync::Mutex<Option<proto::auth::ServerCredential>>,
     /// Swapped whole by RELOAD/SET; readers clone the Arc, never the settings.
     settings: RwLock<Arc<ServerSettings>>,
-    host: Arc<Host>,
+    hosts: Arc<HostList>,
     limits: Limits,
     stats: Arc<PoolStats>,
     registry: Arc<ServerRegistry>,
@@ -57,16 +58,30 @@ impl ServerManager {
     }
 }
 
-impl managed::Manager for ServerManager {
-    type Type = ServerConn;
-    type Error = ConnectError;
-
-    async fn create(&self) -> Result<ServerConn, ConnectError> {
+impl ServerManager {
+    fn target(&self) -> ServerTarget {
         let mut target = self.target.clone();
         target.credential = match self.credential.lock() {
             Ok(c) => c.clone(),
             Err(p) => p.into_inner().clone(),
         };
+        target
+    }
+
+    /// Not once the host it was opened on changed role (see `failover`).
+    fn still_wanted(&self, conn: &ServerConn) -> bool {
+        conn.origin
+            .as_ref()
+            .is_none_or(|o| self.hosts.still_wanted(o))
+    }
+}
+
+impl managed::Manager for ServerManager {
+    type Type = ServerConn;
+    type Error = ConnectError;
+
+    async fn create(&self) -> Result<ServerConn, ConnectError> {
+        let target = self.target();
         // Slots of the shared caps first: waiting for one is bounded by the client's
         // query_wait_timeout around the whole checkout.
         let mut permits = Vec::with_capacity(self.limits.0.len());
@@ -78,7 +93,7 @@ impl managed::Manager for ServerManager {
         }
         let settings = self.settings();
         let started = Instant::now();
-        let conn = ServerConn::connect(&target, &settings, &self.host).await;
+        let conn = self.hosts.connect(&target, &settings).await;
         let stats = &self.stats;
         match conn {
             Ok(mut c) => {
@@ -110,7 +125,7 @@ impl managed::Manager for ServerManager {
                     _ => PoolStats::add(&stats.connect_refused, 1),
                 }
                 tracing::warn!(database = %self.target.database, user = %self.target.user,
-                    host = %self.host.name, error = %e, "server connection failed");
+                    hosts = %self.hosts.names(), error = %e, "server connection failed");
                 Err(e)
             }
         }
@@ -124,6 +139,14 @@ impl managed::Manager for ServerManager {
         let settings = self.settings();
         if self.is_stale(conn) {
             return Err(RecycleError::message("opened before RECONNECT"));
+        }
+        if !self.still_wanted(conn) {
+            tracing::info!(
+                server = conn.id,
+                pid = conn.backend_pid(),
+                "server's host changed role since the connection was opened; closing it"
+            );
+            return Err(RecycleError::message("host changed role"));
         }
         if let Some(lifetime) = settings.lifetime {
             if metrics.age() > lifetime.mul_f64(conn.jitter) {
@@ -223,6 +246,8 @@ pub enum CheckoutError {
 
 pub struct ServerPool {
     pool: managed::Pool<ServerManager>,
+    /// Wakes the role probe at once (a 25006 on a read-write pool).
+    role_check: Arc<tokio::sync::Notify>,
     pub database: String,
     pub user: String,
     min_size: AtomicUsize,
@@ -268,10 +293,11 @@ impl ServerPool {
         settings: ServerSettings,
         size: usize,
         min_size: usize,
-        host: Arc<Host>,
+        hosts: Arc<HostList>,
         limits: Limits,
         stats: Arc<PoolStats>,
     ) -> Arc<Self> {
+        let role_check_interval = settings.role_check_interval;
         let database = target.database.clone();
         let user = target.user.clone();
         let credential = std::sync::Mutex::new(target.credential.clone());
@@ -279,7 +305,7 @@ impl ServerPool {
             target,
             credential,
             settings: RwLock::new(Arc::new(settings)),
-            host,
+            hosts,
             limits,
             stats,
             registry: Arc::new(ServerRegistry::default()),
@@ -291,14 +317,23 @@ impl ServerPool {
         .runtime(deadpool::Runtime::Tokio1)
         .build();
         match pool {
-            Ok(pool) => Arc::new(ServerPool {
-                pool,
-                database,
-                user,
-                min_size: AtomicUsize::new(min_size),
-                paused: watch::channel(false).0,
-                waiters: Waiters::default(),
-            }),
+            Ok(pool) => {
+                let pool = Arc::new(ServerPool {
+                    pool,
+                    role_check: Arc::new(tokio::sync::Notify::new()),
+                    database,
+                    user,
+                    min_size: AtomicUsize::new(min_size),
+                    paused: watch::channel(false).0,
+                    waiters: Waiters::default(),
+                });
+                if let Some(interval) = role_check_interval {
+                    if pool.hosts().attrs != TargetSessionAttrs::Any {
+                        spawn_role_checks(&pool, interval);
+                    }
+                }
+                pool
+            }
             // Only fails without a runtime when timeouts are set, and we name the runtime.
             Err(e) => unreachable!("deadpool build: {e}"),
         }
@@ -406,8 +441,42 @@ impl ServerPool {
         self.pool.status()
     }
 
+    /// The first configured host.
     pub fn host(&self) -> &Arc<Host> {
-        &self.pool.manager().host
+        self.pool.manager().hosts.first()
+    }
+
+    pub fn hosts(&self) -> &Arc<HostList> {
+        &self.pool.manager().hosts
+    }
+
+    /// May a connection released by a client go back to the pool? Not when its host changed
+    /// role while it was checked out.
+    pub fn still_wanted(&self, conn: &ServerConn) -> bool {
+        self.pool.manager().still_wanted(conn)
+    }
+
+    /// A server of this pool refused to write (SQLSTATE 25006): re-check the hosts' roles now
+    /// instead of at the next `server_role_check_interval`.
+    pub fn role_suspect(&self) {
+        if self.hosts().attrs.wants_writer() {
+            self.role_check.notify_one();
+        }
+    }
+
+    /// Probes every host's role; if one changed, closes idle connections opened under the old
+    /// role now (busy ones go when released or next checked out).
+    pub async fn check_roles(&self) {
+        let manager = self.pool.manager();
+        let target = manager.target();
+        let settings = manager.settings();
+        let changed = manager
+            .hosts
+            .probe(&target, &settings, settings.role_check_timeout)
+            .await;
+        if changed {
+            self.pool.retain(|c, _| manager.still_wanted(c));
+        }
     }
 
     pub fn resize(&self, size: usize) {
@@ -473,7 +542,8 @@ impl ServerPool {
                 .lifetime
                 .is_some_and(|l| m.age() > l.mul_f64(conn.jitter))
                 || !conn.is_healthy_idle()
-                || manager.is_stale(conn);
+                || manager.is_stale(conn)
+                || !manager.still_wanted(conn);
             let idle_too_long = settings
                 .idle_timeout
                 .is_some_and(|t| m.last_used() > t.mul_f64(conn.jitter));
@@ -508,4 +578,27 @@ impl ServerPool {
     pub fn close(&self) {
         self.pool.close();
     }
+}
+
+/// Probes the pool's hosts every `server_role_check_interval`, or at once when woken; ends when
+/// the pool is closed or dropped.
+fn spawn_role_checks(pool: &Arc<ServerPool>, interval: Duration) {
+    let Ok(rt) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(pool);
+    let wake = pool.role_check.clone();
+    rt.spawn(async move {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(interval) => {}
+                _ = wake.notified() => {}
+            }
+            let Some(pool) = weak.upgrade() else { break };
+            if pool.pool.is_closed() {
+                break;
+            }
+            pool.check_roles().await;
+        }
+    });
 }
