@@ -178,6 +178,68 @@ impl PgCluster {
         Ok(cluster)
     }
 
+    /// Starts a streaming standby of `primary` on a port of its own: `pg_basebackup -R` over the
+    /// primary's unix socket into a temp dir, then the test kit's settings (port, socket dir,
+    /// `opts.extra_conf`) on top. Roles and databases are the primary's.
+    pub fn start_standby_of(primary: &PgCluster, opts: PgOptions) -> anyhow::Result<PgCluster> {
+        let run_as = primary.run_as.clone();
+        let bin_dir = primary.bin_dir.clone();
+        let pg_ctl = bin_dir.join("pg_ctl");
+        let dir = tempfile::Builder::new()
+            .prefix("bw-pg-")
+            .tempdir()
+            .context("creating the standby's temp dir")?;
+        if let Some(user) = &run_as {
+            user.chown(dir.path())?;
+        }
+        let data_dir = dir.path().join("data");
+        let log_file = dir.path().join("postgres.log");
+        let port = free_port();
+        run(
+            command_as(bin_dir.join("pg_basebackup"), run_as.as_ref())
+                .arg("-D")
+                .arg(&data_dir)
+                .arg("-h")
+                .arg(primary.socket_dir())
+                .args(["-p", &primary.port.to_string(), "-U", SUPERUSER])
+                .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+                .current_dir(dir.path()),
+            "pg_basebackup",
+        )?;
+        write_config(&data_dir, dir.path(), port, &opts)?;
+        let watchdog = Watchdog::spawn(
+            r#""$1" stop -D "$2" -m immediate -w >/dev/null 2>&1; rm -rf "$3""#,
+            &[
+                pg_ctl.as_os_str(),
+                data_dir.as_os_str(),
+                dir.path().as_os_str(),
+            ],
+            run_as.as_ref(),
+        )?;
+        let mut cluster = PgCluster {
+            port,
+            bin_dir,
+            data_dir,
+            log_file,
+            run_as,
+            postmaster_pid: None,
+            watchdog: Some(watchdog),
+            dir,
+        };
+        cluster.start_server()?;
+        Ok(cluster)
+    }
+
+    /// Promotes a standby to primary and waits until it accepts writes (`pg_ctl promote -w`).
+    pub fn promote(&self) -> anyhow::Result<()> {
+        run(
+            self.pg_ctl()
+                .args(["promote", "-w", "-s", "-t", PG_CTL_TIMEOUT_SECS]),
+            "pg_ctl promote",
+        )
+        .map(|_| ())
+    }
+
     /// The TCP port, on [`PgCluster::host`].
     pub fn port(&self) -> u16 {
         self.port
