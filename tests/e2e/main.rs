@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod common;
+mod dns;
 mod failover;
 mod faults;
 mod lifecycle;

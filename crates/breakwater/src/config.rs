@@ -156,6 +156,10 @@ pub struct Pooler {
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
     pub dns_timeout: Timeout,
+    pub dns_min_ttl: Timeout,
+    pub dns_max_ttl: Timeout,
+    pub dns_nxdomain_ttl: Timeout,
+    pub dns_nameservers: Vec<String>,
     pub server_connect_timeout: Timeout,
     pub server_login_timeout: Timeout,
     pub server_connect_concurrency: usize,
@@ -209,6 +213,10 @@ impl Default for Pooler {
             admin_users: Vec::new(),
             stats_users: Vec::new(),
             dns_timeout: secs(5),
+            dns_min_ttl: secs(1),
+            dns_max_ttl: secs(15),
+            dns_nxdomain_ttl: secs(15),
+            dns_nameservers: Vec::new(),
             server_connect_timeout: secs(5),
             server_login_timeout: secs(5),
             server_connect_concurrency: 4,
@@ -284,6 +292,20 @@ impl Database {
             Some(list) => list.iter().map(|h| parse_host_port(h)).collect(),
         }
     }
+}
+
+/// `dns_nameservers`: `"10.0.0.2"` (port 53) or `"127.0.0.1:5353"`.
+fn nameservers(list: &[String]) -> Result<Vec<std::net::SocketAddr>, String> {
+    list.iter()
+        .map(|s| {
+            let s = s.trim();
+            s.parse::<std::net::SocketAddr>()
+                .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .map_err(|_| {
+                    format!("invalid name server \"{s}\"; use an IP address, optionally with :port")
+                })
+        })
+        .collect()
 }
 
 /// `"db.internal:5433"`, `"db.internal"` (port 5432), `"[::1]:5433"`, `"/var/run/postgresql"`.
@@ -397,6 +419,9 @@ impl Config {
                     &format!("\"{l}\" is not an address:port such as \"127.0.0.1:9127\""),
                 ));
             }
+        }
+        if let Err(message) = nameservers(&p.dns_nameservers) {
+            return Err(invalid("pooler.dns_nameservers", &message));
         }
         for (name, db) in &file.databases {
             if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
@@ -604,6 +629,14 @@ impl Config {
             max_message: p.max_packet_size,
             max_prepared_statements: p.max_prepared_statements,
             server,
+            dns: upstream::DnsSettings {
+                timeout: p.dns_timeout.0,
+                min_ttl: p.dns_min_ttl.0.unwrap_or_default(),
+                max_ttl: p.dns_max_ttl.0.unwrap_or_default(),
+                nxdomain_ttl: p.dns_nxdomain_ttl.0.unwrap_or_default(),
+                // Validated in `parse`.
+                nameservers: nameservers(&p.dns_nameservers).unwrap_or_default(),
+            },
             databases,
         }
     }

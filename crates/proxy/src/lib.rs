@@ -74,7 +74,8 @@ impl Proxy {
         let (shutdown, _) = watch::channel(false);
         Proxy {
             shared: Arc::new(Shared {
-                hosts: upstream::Hosts::new(settings.storm.clone()),
+                hosts: upstream::Hosts::new(settings.storm.clone())
+                    .with_dns(Arc::new(upstream::DnsCache::new(settings.dns.clone()))),
                 total_limit: settings
                     .max_server_connections
                     .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
@@ -136,6 +137,15 @@ impl Proxy {
             .iter()
             .map(|h| h.stats.snapshot())
             .collect()
+    }
+
+    /// Names in the DNS cache: addresses, TTL left, last error.
+    pub fn dns_hosts(&self) -> Vec<upstream::DnsEntrySnapshot> {
+        self.shared
+            .hosts
+            .dns()
+            .map(|d| d.snapshot())
+            .unwrap_or_default()
     }
 
     pub fn global_stats(&self) -> &GlobalStats {

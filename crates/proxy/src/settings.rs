@@ -86,6 +86,8 @@ pub struct ProxySettings {
     /// statement names through untouched, as PgBouncer does with 0.
     pub max_prepared_statements: usize,
     pub server: upstream::ServerSettings,
+    /// The DNS cache's settings (`dns_*`).
+    pub dns: upstream::DnsSettings,
     pub databases: Vec<DatabaseRoute>,
     /// Log each client login / disconnection at info (else debug).
     pub log_connections: bool,

@@ -1,6 +1,7 @@
-//! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters, loopback ports that parallel
-//! test processes cannot collide on, a running Breakwater process, a fault-injecting TCP proxy
-//! to put between Breakwater and PostgreSQL, and waiting for conditions instead of sleeping.
+//! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters (and streaming standbys),
+//! loopback ports that parallel test processes cannot collide on, a running Breakwater process, a
+//! fault-injecting TCP proxy to put between Breakwater and PostgreSQL, a tiny DNS responder, and
+//! waiting for conditions instead of sleeping.
 //!
 //! End-to-end tests run in parallel, one process each (cargo nextest), so everything shared —
 //! ports above all — is coordinated across processes, not just threads. Everything a test starts
@@ -9,6 +10,7 @@
 //! data directories, and is never a dependency of the shipped binary.
 
 mod conn;
+mod dns;
 mod fault;
 mod pg;
 mod pooler;
@@ -16,6 +18,7 @@ mod port;
 mod process;
 mod wait;
 
+pub use dns::{DnsAnswer, DnsServer};
 pub use fault::{ByteFault, ConnectFault, FaultProxy};
 pub use pg::{pg_bin, PgCluster, PgOptions, ROLES, SUPERUSER};
 pub use pooler::Pooler;

@@ -15,6 +15,7 @@ use proto::{frame, frontend, startup, FrameError};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
+use crate::dns::{DnsCache, DnsError};
 use crate::host::Host;
 use crate::stream::Stream;
 use stats::Phase;
@@ -284,7 +285,7 @@ impl ServerConn {
         settings: &ServerSettings,
         host: &Host,
     ) -> Result<ServerConn, ConnectError> {
-        let result = Self::connect_phases(target, settings).await;
+        let result = Self::connect_phases(target, settings, host.dns.as_deref()).await;
         match &result {
             Ok(_) => attempt.succeeded(),
             Err(e) => {
@@ -300,19 +301,26 @@ impl ServerConn {
     async fn connect_phases(
         target: &ServerTarget,
         settings: &ServerSettings,
+        dns: Option<&DnsCache>,
     ) -> Result<ServerConn, ConnectError> {
-        let addrs = resolve(target, settings.dns_timeout).await?;
-        let mut last_err = None;
-        for addr in addrs {
-            match connect_one(&addr, settings).await {
-                Ok(stream) => return login(stream, addr, target, settings).await,
-                Err(e) => last_err = Some(e),
+        let (addrs, cached) = resolve(target, settings.dns_timeout, dns).await?;
+        let err = match connect_first(&addrs, target, settings).await {
+            Ok((stream, addr)) => return login(stream, addr, target, settings).await,
+            Err(e) => e,
+        };
+        // A connect to a cached address failed: the name may point elsewhere by now.
+        if let (Some(dns), Some(old)) = (dns, cached) {
+            if let Ok(fresh) = dns.re_resolve(&target.host).await {
+                if fresh.addrs != old {
+                    tracing::info!(host = %target.host, old = ?old, new = ?fresh.addrs,
+                        "connect to a cached address failed and DNS now answers differently; retrying");
+                    let addrs = tcp_addrs(&fresh.addrs, target.port);
+                    let (stream, addr) = connect_first(&addrs, target, settings).await?;
+                    return login(stream, addr, target, settings).await;
+                }
             }
         }
-        Err(last_err.unwrap_or_else(|| ConnectError::Dns {
-            host: target.host.clone(),
-            source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
-        }))
+        Err(err)
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
@@ -492,16 +500,33 @@ impl Stream {
     }
 }
 
+/// The addresses to try, and the IPs when they came from the DNS cache rather than a fresh
+/// answer (so a failed connect is worth a re-lookup).
 async fn resolve(
     target: &ServerTarget,
     timeout: Option<Duration>,
-) -> Result<Vec<ServerAddr>, ConnectError> {
+    dns: Option<&DnsCache>,
+) -> Result<(Vec<ServerAddr>, Option<Vec<std::net::IpAddr>>), ConnectError> {
     if target.host.starts_with('/') {
         let path = std::path::Path::new(&target.host).join(format!(".s.PGSQL.{}", target.port));
-        return Ok(vec![ServerAddr::Unix(path)]);
+        return Ok((vec![ServerAddr::Unix(path)], None));
     }
     if let Ok(ip) = target.host.parse::<std::net::IpAddr>() {
-        return Ok(vec![ServerAddr::Tcp(SocketAddr::new(ip, target.port))]);
+        return Ok((
+            vec![ServerAddr::Tcp(SocketAddr::new(ip, target.port))],
+            None,
+        ));
+    }
+    if let Some(dns) = dns {
+        let resolved = dns.resolve(&target.host).await.map_err(|e| match e {
+            DnsError::Timeout { host, timeout } => ConnectError::DnsTimeout { host, timeout },
+            other => ConnectError::Dns {
+                host: target.host.clone(),
+                source: io::Error::other(other.to_string()),
+            },
+        })?;
+        let addrs = tcp_addrs(&resolved.addrs, target.port);
+        return Ok((addrs, resolved.cached.then_some(resolved.addrs)));
     }
     let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
     let result = match timeout {
@@ -517,7 +542,32 @@ async fn resolve(
         host: target.host.clone(),
         source,
     })?;
-    Ok(addrs.map(ServerAddr::Tcp).collect())
+    Ok((addrs.map(ServerAddr::Tcp).collect(), None))
+}
+
+fn tcp_addrs(ips: &[std::net::IpAddr], port: u16) -> Vec<ServerAddr> {
+    ips.iter()
+        .map(|ip| ServerAddr::Tcp(SocketAddr::new(*ip, port)))
+        .collect()
+}
+
+/// Connects to the first address that answers; the last error if none does.
+async fn connect_first(
+    addrs: &[ServerAddr],
+    target: &ServerTarget,
+    settings: &ServerSettings,
+) -> Result<(Stream, ServerAddr), ConnectError> {
+    let mut last_err = None;
+    for addr in addrs {
+        match connect_one(addr, settings).await {
+            Ok(stream) => return Ok((stream, addr.clone())),
+            Err(e) => last_err = Some(e),
+        }
+    }
+    Err(last_err.unwrap_or_else(|| ConnectError::Dns {
+        host: target.host.clone(),
+        source: io::Error::new(io::ErrorKind::NotFound, "no addresses"),
+    }))
 }
 
 async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Stream, ConnectError> {

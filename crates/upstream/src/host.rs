@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use stats::{Breaker, HostStats};
 
+use crate::dns::DnsCache;
 use crate::failover::Role;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
@@ -71,6 +72,8 @@ pub struct Host {
     /// changes, so connections opened under an older role can be told apart.
     role: Mutex<Option<Role>>,
     role_epoch: AtomicU64,
+    /// Where host names are resolved; `None` uses the system resolver (bounded by dns_timeout).
+    pub dns: Option<Arc<DnsCache>>,
     limiter: Semaphore,
     state: Mutex<State>,
     changed: Notify,
@@ -98,7 +101,7 @@ pub struct Attempt<'a> {
 }
 
 impl Host {
-    fn new(host: &str, port: u16, settings: StormSettings) -> Host {
+    fn new(host: &str, port: u16, settings: StormSettings, dns: Option<Arc<DnsCache>>) -> Host {
         let name = format!("{host}:{port}");
         Host {
             stats: Arc::new(HostStats::new(&name)),
@@ -106,6 +109,7 @@ impl Host {
             port,
             role: Mutex::new(None),
             role_epoch: AtomicU64::new(0),
+            dns,
             limiter: Semaphore::new(settings.connect_concurrency.max(1)),
             name,
             state: Mutex::new(State::default()),
@@ -314,6 +318,7 @@ impl Drop for Attempt<'_> {
 pub struct Hosts {
     map: Mutex<HashMap<String, Arc<Host>>>,
     settings: StormSettings,
+    dns: Option<Arc<DnsCache>>,
 }
 
 impl Hosts {
@@ -321,7 +326,18 @@ impl Hosts {
         Hosts {
             map: Mutex::new(HashMap::new()),
             settings,
+            dns: None,
         }
+    }
+
+    /// Resolves host names through `dns` instead of the system resolver.
+    pub fn with_dns(mut self, dns: Arc<DnsCache>) -> Hosts {
+        self.dns = Some(dns);
+        self
+    }
+
+    pub fn dns(&self) -> Option<&Arc<DnsCache>> {
+        self.dns.as_ref()
     }
 
     pub fn get(&self, host: &str, port: u16) -> Arc<Host> {
@@ -331,7 +347,14 @@ impl Hosts {
             Err(p) => p.into_inner(),
         };
         map.entry(name)
-            .or_insert_with(|| Arc::new(Host::new(host, port, self.settings.clone())))
+            .or_insert_with(|| {
+                Arc::new(Host::new(
+                    host,
+                    port,
+                    self.settings.clone(),
+                    self.dns.clone(),
+                ))
+            })
             .clone()
     }
 
@@ -357,6 +380,7 @@ mod tests {
                 retry_max: Duration::from_millis(50),
                 breaker_threshold: threshold,
             },
+            None,
         )
     }
 

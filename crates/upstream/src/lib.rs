@@ -3,6 +3,7 @@
 //! This crate never reads from clients and never decides when a transaction ends.
 
 pub mod conn;
+pub mod dns;
 pub mod failover;
 pub mod host;
 pub mod pool;
@@ -13,6 +14,7 @@ pub mod stream;
 pub use conn::{
     CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
 };
+pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
 pub use failover::{HostList, LoadBalanceHosts, Origin, Role, TargetSessionAttrs};
 pub use host::{BreakerOpen, Host, Hosts, Refusal, StormSettings};
 pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
