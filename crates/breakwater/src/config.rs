@@ -813,6 +813,11 @@ settings_table! {
     admin_users: true,
     stats_users: true,
     dns_timeout: true,
+    // The DNS cache is built once at start.
+    dns_min_ttl: false,
+    dns_max_ttl: false,
+    dns_nxdomain_ttl: false,
+    dns_nameservers: false,
     server_connect_timeout: true,
     server_login_timeout: true,
     // The storm controls are shared per host and the server cap across pools; both are built
@@ -824,6 +829,9 @@ settings_table! {
     max_server_connections: false,
     server_check_delay: true,
     server_check_query: true,
+    // A pool's role probe keeps the interval it started with; the timeout is read per probe.
+    server_role_check_interval: false,
+    server_role_check_timeout: true,
     server_unresponsive_timeout: true,
     tcp_user_timeout: true,
     query_wait_notify: true,

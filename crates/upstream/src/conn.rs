@@ -310,7 +310,7 @@ impl ServerConn {
         };
         // A connect to a cached address failed: the name may point elsewhere by now.
         if let (Some(dns), Some(old)) = (dns, cached) {
-            if let Ok(fresh) = dns.re_resolve(&target.host).await {
+            if let Ok(fresh) = dns.re_resolve(&target.host, settings.dns_timeout).await {
                 if fresh.addrs != old {
                     tracing::info!(host = %target.host, old = ?old, new = ?fresh.addrs,
                         "connect to a cached address failed and DNS now answers differently; retrying");
@@ -518,13 +518,16 @@ async fn resolve(
         ));
     }
     if let Some(dns) = dns {
-        let resolved = dns.resolve(&target.host).await.map_err(|e| match e {
-            DnsError::Timeout { host, timeout } => ConnectError::DnsTimeout { host, timeout },
-            other => ConnectError::Dns {
-                host: target.host.clone(),
-                source: io::Error::other(other.to_string()),
-            },
-        })?;
+        let resolved = dns
+            .resolve(&target.host, timeout)
+            .await
+            .map_err(|e| match e {
+                DnsError::Timeout { host, timeout } => ConnectError::DnsTimeout { host, timeout },
+                other => ConnectError::Dns {
+                    host: target.host.clone(),
+                    source: io::Error::other(other.to_string()),
+                },
+            })?;
         let addrs = tcp_addrs(&resolved.addrs, target.port);
         return Ok((addrs, resolved.cached.then_some(resolved.addrs)));
     }

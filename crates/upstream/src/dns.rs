@@ -24,7 +24,8 @@ use hickory_resolver::TokioResolver;
 /// DNS settings, from `[pooler]`.
 #[derive(Debug, Clone)]
 pub struct DnsSettings {
-    /// `dns_timeout`: one lookup.
+    /// `dns_timeout` at start, for the resolver's own per-query timeout; each lookup is bounded
+    /// by the caller's current `dns_timeout`.
     pub timeout: Option<Duration>,
     /// `dns_min_ttl`: answers are kept at least this long, and a failing resolver is asked again
     /// after this long.
@@ -121,7 +122,12 @@ impl DnsCache {
     }
 
     /// The addresses of `host`: from the cache while fresh, else looked up.
-    pub async fn resolve(&self, host: &str) -> Result<Resolved, DnsError> {
+    /// `timeout` is `dns_timeout` as the caller has it now (RELOAD may change it).
+    pub async fn resolve(
+        &self,
+        host: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Resolved, DnsError> {
         let now = Instant::now();
         let previous = {
             let entries = self.entries();
@@ -142,17 +148,21 @@ impl DnsCache {
                 _ => None,
             }
         };
-        self.lookup_and_store(host, previous).await
+        self.lookup_and_store(host, previous, timeout).await
     }
 
     /// Looks `host` up now, whatever the cache holds (a connect to a cached address failed).
-    pub async fn re_resolve(&self, host: &str) -> Result<Resolved, DnsError> {
+    pub async fn re_resolve(
+        &self,
+        host: &str,
+        timeout: Option<Duration>,
+    ) -> Result<Resolved, DnsError> {
         let previous = self
             .entries()
             .get(host)
             .filter(|e| !e.addrs.is_empty())
             .map(|e| e.addrs.clone());
-        self.lookup_and_store(host, previous).await
+        self.lookup_and_store(host, previous, timeout).await
     }
 
     pub fn snapshot(&self) -> Vec<DnsEntrySnapshot> {
@@ -175,10 +185,11 @@ impl DnsCache {
         &self,
         host: &str,
         previous: Option<Vec<IpAddr>>,
+        timeout: Option<Duration>,
     ) -> Result<Resolved, DnsError> {
         self.lookups.fetch_add(1, Ordering::Relaxed);
         let s = &self.settings;
-        let result = self.lookup(host).await;
+        let result = self.lookup(host, timeout).await;
         let now = Instant::now();
         let (entry, outcome) = match result {
             Ok((addrs, valid_until)) if !addrs.is_empty() => {
@@ -267,7 +278,11 @@ impl DnsCache {
     }
 
     /// One lookup, bounded by `dns_timeout`: addresses and when the answer stops being valid.
-    async fn lookup(&self, host: &str) -> Result<(Vec<IpAddr>, Instant), LookupError> {
+    async fn lookup(
+        &self,
+        host: &str,
+        timeout: Option<Duration>,
+    ) -> Result<(Vec<IpAddr>, Instant), LookupError> {
         let work = async {
             match self.resolver.get_or_init(|| build_resolver(&self.settings)) {
                 Some(r) => match r.lookup_ip(host).await {
@@ -286,7 +301,7 @@ impl DnsCache {
                 },
             }
         };
-        match self.settings.timeout {
+        match timeout {
             Some(t) => tokio::time::timeout(t, work)
                 .await
                 .unwrap_or(Err(LookupError::Timeout(t))),
