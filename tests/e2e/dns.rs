@@ -15,7 +15,7 @@ const NAME: &str = "db.breakwater.test";
 fn pooler_via_dns(pg: &PgCluster, dns: &DnsServer, pooler_extra: &str) -> Pooler {
     let port = free_port();
     let config = format!(
-        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\n\
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\nadmin_users = [\"admin\"]\n\
          dns_nameservers = [\"{}\"]\ndns_timeout = \"300ms\"\n\
          server_login_retry = \"20ms\"\nserver_login_retry_max = \"200ms\"\n\
          server_breaker_threshold = 0\n{pooler_extra}\n\
@@ -106,6 +106,26 @@ async fn a_timing_out_resolver_gets_the_last_good_answer_and_nxdomain_is_cached_
         .await
         .expect("connect");
     assert_eq!(one(&c, 1).await, 1);
+
+    // The console shows the cached name.
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let rows: Vec<_> = admin
+        .simple_query("SHOW DNS_HOSTS")
+        .await
+        .expect("SHOW DNS_HOSTS")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_owned(),
+                r.get(2).unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, vec![(NAME.to_owned(), "127.0.0.1".to_owned())]);
 
     // The resolver stops answering; once the answer expired, a new server connection must
     // still be made, with the last good answer.

@@ -34,7 +34,7 @@ fn primary_and_standby() -> (PgCluster, PgCluster) {
     (primary, standby)
 }
 
-/// Breakwater with `app` (read-write) and `app_ro` (read-only), both over `hosts`.
+/// Breakwater with `app` (read-write), `app_ro` (read-only) and `app_any`, all over `hosts`.
 fn pooler_for(hosts: &[u16], pooler_extra: &str) -> Pooler {
     let port = free_port();
     let hosts: Vec<String> = hosts.iter().map(|p| format!("\"127.0.0.1:{p}\"")).collect();
@@ -44,7 +44,8 @@ fn pooler_for(hosts: &[u16], pooler_extra: &str) -> Pooler {
          default_pool_size = 10\nquery_wait_timeout = \"20s\"\nserver_connect_timeout = \"2s\"\n\
          {pooler_extra}\n\
          [databases.app]\nhosts = [{hosts}]\ntarget_session_attrs = \"read-write\"\n\
-         [databases.app_ro]\ndbname = \"app\"\nhosts = [{hosts}]\ntarget_session_attrs = \"read-only\"\n"
+         [databases.app_ro]\ndbname = \"app\"\nhosts = [{hosts}]\ntarget_session_attrs = \"read-only\"\n\
+         [databases.app_any]\ndbname = \"app\"\nhosts = [{hosts}]\n"
     );
     Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).expect("start breakwater")
 }
@@ -310,4 +311,95 @@ async fn clients_wait_while_the_only_host_is_read_only_and_write_once_it_is_writ
     );
     assert!(done - started >= Duration::from_millis(1500));
     assert_eq!(pg.psql("app", "SELECT count(*) FROM w").unwrap(), "2");
+}
+
+/// The rows of a console SHOW, as text.
+async fn show(admin: &Client, what: &str) -> Vec<Vec<String>> {
+    admin
+        .simple_query(&format!("SHOW {what}"))
+        .await
+        .expect("SHOW")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                (0..r.len())
+                    .map(|i| r.get(i).unwrap_or_default().to_owned())
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_drill_makes_breakwater_treat_a_host_as_down_until_it_ends_by_itself() {
+    let (primary, standby) = primary_and_standby();
+    let pooler = pooler_for(&[primary.port(), standby.port()], "allow_drills = true");
+    let rw = pooler
+        .connect("app", "app_pw", "app")
+        .await
+        .expect("connect app");
+    let any = pooler
+        .connect("app", "app_pw", "app_any")
+        .await
+        .expect("connect app_any");
+    assert_eq!(served_by(&rw).await, (false, primary.port() as i32));
+    assert_eq!(served_by(&any).await, (false, primary.port() as i32));
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let target = format!("127.0.0.1:{}", primary.port());
+    let bad = admin
+        .simple_query(&format!("DRILL {target} melt FOR 2s"))
+        .await
+        .expect_err("unknown mode");
+    assert!(bad.to_string().contains("usage") || format!("{bad:?}").contains("usage"));
+    admin
+        .simple_query(&format!("DRILL app {target} refuse FOR 2s"))
+        .await
+        .expect("DRILL");
+    let started = Instant::now();
+    let hosts = show(&admin, "HOSTS").await;
+    let row = hosts
+        .iter()
+        .find(|r| r.first() == Some(&target))
+        .expect("the drilled host in SHOW HOSTS");
+    assert!(row.contains(&"refuse".to_owned()), "{row:?}");
+
+    // A pool that takes any role moves to the next host at once...
+    assert_eq!(served_by(&any).await, (true, standby.port() as i32));
+    assert!(started.elapsed() < Duration::from_secs(1));
+    // ...a read-write one waits for the drill to end by itself, then is back on the primary.
+    assert_eq!(served_by(&rw).await, (false, primary.port() as i32));
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(6),
+        "{waited:?}"
+    );
+    let hosts = show(&admin, "HOSTS").await;
+    let row = hosts
+        .iter()
+        .find(|r| r.first() == Some(&target))
+        .expect("host row");
+    assert!(!row.contains(&"refuse".to_owned()), "{row:?}");
+}
+
+#[tokio::test]
+async fn drills_are_refused_unless_allowed() {
+    let pg = PgCluster::start().expect("start postgres");
+    let pooler = pooler_for(&[pg.port()], "");
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let err = admin
+        .simple_query(&format!("DRILL 127.0.0.1:{} refuse FOR 5s", pg.port()))
+        .await
+        .expect_err("drills are off by default");
+    let msg = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_default();
+    assert!(msg.contains("allow_drills"), "{err:?}");
 }

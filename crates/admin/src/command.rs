@@ -77,7 +77,18 @@ pub enum Action {
     WaitClose(Option<String>),
     Reload,
     Shutdown(ShutdownMode),
-    Set { key: String, value: String },
+    Set {
+        key: String,
+        value: String,
+    },
+    /// `DRILL [db] host mode FOR duration`: treat an upstream host as failing for a while
+    /// (only with `allow_drills = true`).
+    Drill {
+        database: Option<String>,
+        host: String,
+        mode: String,
+        secs: u64,
+    },
 }
 
 impl Action {
@@ -95,6 +106,7 @@ impl Action {
             Action::Reload => "RELOAD".into(),
             Action::Shutdown(_) => "SHUTDOWN".into(),
             Action::Set { key, value } => format!("SET {key}={value}"),
+            Action::Drill { .. } => "DRILL".into(),
         }
     }
 }
@@ -187,6 +199,20 @@ fn words(q: &str) -> Result<Vec<String>, ParseError> {
     Ok(out)
 }
 
+/// `30s`, `2m`, `90` (seconds): a drill's length, 1 s to 1 h.
+fn parse_secs(s: &str) -> Option<u64> {
+    let s = s.trim().to_ascii_lowercase();
+    let (num, mult) = if let Some(n) = s.strip_suffix('m') {
+        (n, 60)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1)
+    } else {
+        (s.as_str(), 1)
+    };
+    let secs = num.parse::<u64>().ok()?.checked_mul(mult)?;
+    (1..=3600).contains(&secs).then_some(secs)
+}
+
 pub fn parse(query: &str) -> Result<Command, ParseError> {
     let q = query.trim().trim_end_matches(';').trim();
     if q.is_empty() {
@@ -275,6 +301,31 @@ pub fn parse(query: &str) -> Result<Command, ParseError> {
             Action::WaitClose(arg)
         }
         "reload" if w.len() == 1 => Action::Reload,
+        "drill" => {
+            let usage = || {
+                ParseError::BadArgument(
+                    "usage: DRILL [database] host:port blackhole|refuse|slow FOR 30s".into(),
+                )
+            };
+            let (database, rest) = match w.len() {
+                5 => (None, &w[1..]),
+                6 => (Some(w[1].clone()), &w[2..]),
+                _ => return Err(usage()),
+            };
+            let mode = rest[1].to_ascii_lowercase();
+            if !matches!(mode.as_str(), "blackhole" | "refuse" | "slow")
+                || !rest[2].eq_ignore_ascii_case("for")
+            {
+                return Err(usage());
+            }
+            let secs = parse_secs(&rest[3]).ok_or_else(usage)?;
+            Action::Drill {
+                database,
+                host: rest[0].clone(),
+                mode,
+                secs,
+            }
+        }
         "shutdown" => {
             at_most_one(&w)?;
             let mode = match arg.as_deref().map(str::to_ascii_lowercase).as_deref() {
@@ -333,6 +384,24 @@ mod tests {
                 Command::Action(Action::Shutdown(ShutdownMode::WaitForClients)),
             ),
             ("RELOAD", Command::Action(Action::Reload)),
+            (
+                "DRILL 10.0.0.1:5432 refuse FOR 30s",
+                Command::Action(Action::Drill {
+                    database: None,
+                    host: "10.0.0.1:5432".into(),
+                    mode: "refuse".into(),
+                    secs: 30,
+                }),
+            ),
+            (
+                "drill app db:5432 BLACKHOLE for 2m;",
+                Command::Action(Action::Drill {
+                    database: Some("app".into()),
+                    host: "db:5432".into(),
+                    mode: "blackhole".into(),
+                    secs: 120,
+                }),
+            ),
             (";", Command::Empty),
         ];
         for (q, want) in cases {

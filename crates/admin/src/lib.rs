@@ -79,6 +79,17 @@ pub struct UserView {
     pub current_client_connections: u64,
 }
 
+/// One name in the DNS cache, for SHOW DNS_HOSTS.
+#[derive(Debug, Clone, Default)]
+pub struct DnsHostView {
+    pub hostname: String,
+    /// Seconds until the answer is looked up again.
+    pub ttl_secs: u64,
+    /// Addresses, comma-separated (empty for a cached NXDOMAIN).
+    pub addrs: String,
+    pub last_error: Option<String>,
+}
+
 /// One row of SHOW CONFIG.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigItem {
@@ -106,6 +117,8 @@ pub struct View {
     pub global: GlobalSnapshot,
     /// Storm counters and breaker state per upstream host.
     pub hosts: Vec<HostSnapshot>,
+    /// The DNS cache.
+    pub dns_hosts: Vec<DnsHostView>,
     /// Clients connected but not yet logged in (or in the console).
     pub login_clients: u64,
 }
@@ -125,6 +138,7 @@ impl Default for View {
             config: Vec::new(),
             global: GlobalSnapshot::default(),
             hosts: Vec::new(),
+            dns_hosts: Vec::new(),
             login_clients: 0,
         }
     }

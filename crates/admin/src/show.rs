@@ -116,8 +116,24 @@ pub fn result(show: Show, view: &View) -> ResultSet {
             r.row(vec![s("suspended"), yes_no(false)]);
             r
         }
-        // Breakwater resolves through the system resolver and keeps no DNS cache yet.
-        Show::DnsHosts => ResultSet::new(&[("hostname", TEXT), ("ttl", INT8), ("addrs", TEXT)]),
+        Show::DnsHosts => {
+            // PgBouncer's columns, then Breakwater's.
+            let mut r = ResultSet::new(&[
+                ("hostname", TEXT),
+                ("ttl", INT8),
+                ("addrs", TEXT),
+                ("last_error", TEXT),
+            ]);
+            for d in &view.dns_hosts {
+                r.row(vec![
+                    s(d.hostname.clone()),
+                    n(d.ttl_secs),
+                    s(d.addrs.clone()),
+                    d.last_error.clone(),
+                ]);
+            }
+            r
+        }
         Show::DnsZones => ResultSet::new(&[("zonename", TEXT), ("serial", INT8), ("count", INT4)]),
         Show::Latency => latency(view),
         Show::Hosts => hosts(view),
@@ -584,6 +600,9 @@ fn hosts(view: &View) -> ResultSet {
         ("timeouts_login", INT8),
         ("fast_failures", INT8),
         ("breaker_opens", INT8),
+        ("drill", TEXT),
+        ("drill_secs_left", INT8),
+        ("drills", INT8),
     ]);
     for h in &view.hosts {
         r.row(vec![
@@ -599,6 +618,9 @@ fn hosts(view: &View) -> ResultSet {
             n(h.timeouts_login),
             n(h.fast_failures),
             n(h.breaker_opens),
+            s(h.drill),
+            n(h.drill_secs_left),
+            n(h.drills),
         ]);
     }
     r

@@ -171,6 +171,7 @@ pub struct Pooler {
     pub server_check_query: String,
     pub server_role_check_interval: Timeout,
     pub server_role_check_timeout: Timeout,
+    pub allow_drills: bool,
     pub server_unresponsive_timeout: Timeout,
     pub tcp_user_timeout: Timeout,
     pub query_wait_notify: Timeout,
@@ -228,6 +229,7 @@ impl Default for Pooler {
             server_check_query: "SELECT 1".into(),
             server_role_check_interval: secs(5),
             server_role_check_timeout: secs(2),
+            allow_drills: false,
             server_unresponsive_timeout: secs(30),
             tcp_user_timeout: secs(30),
             query_wait_notify: secs(5),
@@ -832,6 +834,7 @@ settings_table! {
     // A pool's role probe keeps the interval it started with; the timeout is read per probe.
     server_role_check_interval: false,
     server_role_check_timeout: true,
+    allow_drills: true,
     server_unresponsive_timeout: true,
     tcp_user_timeout: true,
     query_wait_notify: true,

@@ -330,6 +330,22 @@ impl Control for Daemon {
                 .collect(),
             global: self.proxy.global_stats().snapshot(),
             hosts: self.proxy.hosts(),
+            dns_hosts: self
+                .proxy
+                .dns_hosts()
+                .into_iter()
+                .map(|d| admin::DnsHostView {
+                    hostname: d.host,
+                    ttl_secs: d.ttl_left.as_secs(),
+                    addrs: d
+                        .addrs
+                        .iter()
+                        .map(|a| a.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                    last_error: d.last_error,
+                })
+                .collect(),
         }
     }
 
@@ -391,6 +407,26 @@ impl Control for Daemon {
                 let next = self.config().with_setting(key, value)?;
                 self.apply(next);
                 Ok(None)
+            }
+            Action::Drill {
+                database,
+                host,
+                mode,
+                secs,
+            } => {
+                if !self.config().file.pooler.allow_drills {
+                    return Err(
+                        "failure drills are off: set allow_drills = true to allow DRILL".into(),
+                    );
+                }
+                let mode = upstream::DrillMode::parse(mode)
+                    .ok_or_else(|| format!("unknown drill mode \"{mode}\""))?;
+                self.proxy
+                    .drill(database.as_deref(), host, mode, Duration::from_secs(*secs))?;
+                Ok(Some(format!(
+                    "upstream {host} is treated as failing ({}) for {secs}s",
+                    mode.as_str()
+                )))
             }
         }
     }

@@ -139,6 +139,36 @@ impl Proxy {
             .collect()
     }
 
+    /// Starts a failure drill on a configured upstream host (`host:port` as SHOW HOSTS names it),
+    /// optionally checking that it serves `database`.
+    pub fn drill(
+        &self,
+        database: Option<&str>,
+        host: &str,
+        mode: upstream::DrillMode,
+        duration: Duration,
+    ) -> Result<(), String> {
+        let settings = self.shared.settings();
+        let mut found = None;
+        for route in &settings.databases {
+            if database.is_some_and(|d| d != route.name) {
+                continue;
+            }
+            if let Some((h, p)) = route.hosts.iter().find(|(h, p)| format!("{h}:{p}") == host) {
+                found = Some((h.clone(), *p));
+                break;
+            }
+        }
+        let Some((h, p)) = found else {
+            return Err(match database {
+                Some(d) => format!("{host} is not a host of database \"{d}\""),
+                None => format!("{host} is not a configured upstream host (host:port)"),
+            });
+        };
+        self.shared.hosts.get(&h, p).start_drill(mode, duration);
+        Ok(())
+    }
+
     /// Names in the DNS cache: addresses, TTL left, last error.
     pub fn dns_hosts(&self) -> Vec<upstream::DnsEntrySnapshot> {
         self.shared

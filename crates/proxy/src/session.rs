@@ -1013,6 +1013,10 @@ impl<'a> Session<'a> {
                     if let Some(t) = tracked_name(k) {
                         self.params.set(t, v);
                     }
+                    if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                        // The server's role may have changed under us (a promotion, a reload).
+                        self.entry.pool.role_suspect();
+                    }
                     let (k, v) = (k.to_owned(), v.to_owned());
                     h.server.set_param(&k, &v);
                     h.server.pristine = false;

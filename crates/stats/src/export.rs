@@ -161,6 +161,11 @@ pub fn publish_host(h: &HostSnapshot) {
         let l = [host.clone(), ("state", state.to_string())];
         gauge!("breakwater_host_breaker", &l).set(f64::from(u8::from(h.breaker == state)));
     }
+    for mode in ["blackhole", "refuse", "slow"] {
+        let l = [host.clone(), ("mode", mode.to_string())];
+        gauge!("breakwater_host_drill", &l).set(f64::from(u8::from(h.drill == mode)));
+    }
+    counter!("breakwater_host_drills_total", std::slice::from_ref(&host)).absolute(h.drills);
 }
 
 /// Sets the process-wide series.

@@ -43,6 +43,10 @@ pub struct HostStats {
     pub fast_failures: AtomicU64,
     pub breaker_opens: AtomicU64,
     breaker: AtomicU8,
+    /// Failure drills started on this host.
+    pub drills: AtomicU64,
+    /// The failure drill in force (mode, until), if any.
+    drill: std::sync::Mutex<Option<(&'static str, std::time::Instant)>>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -59,6 +63,10 @@ pub struct HostSnapshot {
     pub fast_failures: u64,
     pub breaker_opens: u64,
     pub breaker: &'static str,
+    pub drills: u64,
+    /// The failure drill in force ("" when none) and its seconds left.
+    pub drill: &'static str,
+    pub drill_secs_left: u64,
 }
 
 impl HostStats {
@@ -96,8 +104,23 @@ impl HostStats {
         }
     }
 
+    /// Records the drill in force (or its end).
+    pub fn set_drill(&self, drill: Option<(&'static str, std::time::Instant)>) {
+        if let Ok(mut d) = self.drill.lock() {
+            *d = drill;
+        }
+    }
+
     pub fn snapshot(&self) -> HostSnapshot {
+        let now = std::time::Instant::now();
+        let (drill, drill_secs_left) = match self.drill.lock().ok().and_then(|d| *d) {
+            Some((mode, until)) if until > now => (mode, (until - now).as_secs()),
+            _ => ("", 0),
+        };
         HostSnapshot {
+            drills: self.drills.load(Relaxed),
+            drill,
+            drill_secs_left,
             host: self.host.clone(),
             attempts: self.attempts.load(Relaxed),
             successes: self.successes.load(Relaxed),

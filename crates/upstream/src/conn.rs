@@ -16,7 +16,10 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::dns::{DnsCache, DnsError};
-use crate::host::Host;
+use crate::host::{DrillMode, Host};
+
+/// What a `slow` failure drill adds to each connect.
+const SLOW_DRILL_DELAY: Duration = Duration::from_secs(1);
 use crate::stream::Stream;
 use stats::Phase;
 
@@ -285,7 +288,28 @@ impl ServerConn {
         settings: &ServerSettings,
         host: &Host,
     ) -> Result<ServerConn, ConnectError> {
-        let result = Self::connect_phases(target, settings, host.dns.as_deref()).await;
+        let result = match host.drill() {
+            None => Self::connect_phases(target, settings, host.dns.as_deref()).await,
+            Some(DrillMode::Refuse) => Err(ConnectError::Connect {
+                addr: host.name.clone(),
+                source: io::Error::new(
+                    io::ErrorKind::ConnectionRefused,
+                    "refused by a failure drill (DRILL)",
+                ),
+            }),
+            Some(DrillMode::Blackhole) => {
+                let t = settings.connect_timeout.unwrap_or(Duration::from_secs(5));
+                tokio::time::sleep(t).await;
+                Err(ConnectError::ConnectTimeout {
+                    addr: format!("{} (blackholed by a failure drill)", host.name),
+                    timeout: t,
+                })
+            }
+            Some(DrillMode::Slow) => {
+                tokio::time::sleep(SLOW_DRILL_DELAY).await;
+                Self::connect_phases(target, settings, host.dns.as_deref()).await
+            }
+        };
         match &result {
             Ok(_) => attempt.succeeded(),
             Err(e) => {

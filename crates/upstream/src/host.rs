@@ -72,6 +72,8 @@ pub struct Host {
     /// changes, so connections opened under an older role can be told apart.
     role: Mutex<Option<Role>>,
     role_epoch: AtomicU64,
+    /// The failure drill in force, and until when.
+    drill: Mutex<Option<(DrillMode, Instant)>>,
     /// Where host names are resolved; `None` uses the system resolver (bounded by dns_timeout).
     pub dns: Option<Arc<DnsCache>>,
     limiter: Semaphore,
@@ -79,6 +81,42 @@ pub struct Host {
     changed: Notify,
     settings: StormSettings,
     pub stats: Arc<HostStats>,
+}
+
+/// A failure drill: Breakwater treats the host as failing this way for a bounded time, so
+/// operators can prove that failover works without touching the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DrillMode {
+    /// Connects hang until `server_connect_timeout`; idle connections are not reused.
+    Blackhole,
+    /// Connects are refused at once; idle connections are not reused.
+    Refuse,
+    /// Connects take one extra second.
+    Slow,
+}
+
+impl DrillMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DrillMode::Blackhole => "blackhole",
+            DrillMode::Refuse => "refuse",
+            DrillMode::Slow => "slow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<DrillMode> {
+        match s.to_ascii_lowercase().as_str() {
+            "blackhole" => Some(DrillMode::Blackhole),
+            "refuse" => Some(DrillMode::Refuse),
+            "slow" => Some(DrillMode::Slow),
+            _ => None,
+        }
+    }
+
+    /// Does the host count as down (its idle connections unusable)?
+    pub fn is_down(self) -> bool {
+        !matches!(self, DrillMode::Slow)
+    }
 }
 
 /// Why a host that is not to be waited for was skipped.
@@ -109,6 +147,7 @@ impl Host {
             port,
             role: Mutex::new(None),
             role_epoch: AtomicU64::new(0),
+            drill: Mutex::new(None),
             dns,
             limiter: Semaphore::new(settings.connect_concurrency.max(1)),
             name,
@@ -216,6 +255,37 @@ impl Host {
             trial,
             reported: false,
         })
+    }
+
+    /// Starts a failure drill that ends by itself after `duration`.
+    pub fn start_drill(&self, mode: DrillMode, duration: Duration) {
+        let until = Instant::now() + duration;
+        if let Ok(mut d) = self.drill.lock() {
+            *d = Some((mode, until));
+        }
+        self.stats.set_drill(Some((mode.as_str(), until)));
+        stats::GlobalStats::bump(&self.stats.drills);
+        tracing::warn!(host = %self.name, mode = mode.as_str(), ?duration,
+            "failure drill started: treating this upstream host as failing");
+    }
+
+    /// The drill in force now, if any (an expired one is cleared here).
+    pub fn drill(&self) -> Option<DrillMode> {
+        let mut d = match self.drill.lock() {
+            Ok(d) => d,
+            Err(p) => p.into_inner(),
+        };
+        match *d {
+            Some((mode, until)) if until > Instant::now() => Some(mode),
+            Some((mode, _)) => {
+                *d = None;
+                drop(d);
+                self.stats.set_drill(None);
+                tracing::warn!(host = %self.name, mode = mode.as_str(), "failure drill ended");
+                None
+            }
+            None => None,
+        }
     }
 
     /// The role the server last reported, if any connection or probe has seen it.

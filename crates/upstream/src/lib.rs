@@ -16,7 +16,7 @@ pub use conn::{
 };
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
 pub use failover::{HostList, LoadBalanceHosts, Origin, Role, TargetSessionAttrs};
-pub use host::{BreakerOpen, Host, Hosts, Refusal, StormSettings};
+pub use host::{BreakerOpen, DrillMode, Host, Hosts, Refusal, StormSettings};
 pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;

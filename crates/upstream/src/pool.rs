@@ -68,11 +68,12 @@ impl ServerManager {
         target
     }
 
-    /// Not once the host it was opened on changed role (see `failover`).
+    /// Not once the host it was opened on changed role (see `failover`), nor while a failure
+    /// drill treats that host as down.
     fn still_wanted(&self, conn: &ServerConn) -> bool {
-        conn.origin
-            .as_ref()
-            .is_none_or(|o| self.hosts.still_wanted(o))
+        conn.origin.as_ref().is_none_or(|o| {
+            self.hosts.still_wanted(o) && !o.host.drill().is_some_and(|d| d.is_down())
+        })
     }
 }
 
@@ -456,10 +457,11 @@ impl ServerPool {
         self.pool.manager().still_wanted(conn)
     }
 
-    /// A server of this pool refused to write (SQLSTATE 25006): re-check the hosts' roles now
-    /// instead of at the next `server_role_check_interval`.
+    /// A server of this pool refused to write (SQLSTATE 25006) or reported a new
+    /// `in_hot_standby`/`default_transaction_read_only`: re-check the hosts' roles now instead of
+    /// at the next `server_role_check_interval`. Pools that take any role ignore it.
     pub fn role_suspect(&self) {
-        if self.hosts().attrs.wants_writer() {
+        if self.hosts().attrs != TargetSessionAttrs::Any {
             self.role_check.notify_one();
         }
     }
