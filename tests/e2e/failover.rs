@@ -334,7 +334,11 @@ async fn show(admin: &Client, what: &str) -> Vec<Vec<String>> {
 #[tokio::test]
 async fn a_drill_makes_breakwater_treat_a_host_as_down_until_it_ends_by_itself() {
     let (primary, standby) = primary_and_standby();
-    let pooler = pooler_for(&[primary.port(), standby.port()], "allow_drills = true");
+    let pooler = pooler_for(
+        &[primary.port(), standby.port()],
+        // A short back-off cap, so the primary is retried soon after the drill ends.
+        "allow_drills = true\nserver_login_retry_max = \"500ms\"",
+    );
     let rw = pooler
         .connect("app", "app_pw", "app")
         .await

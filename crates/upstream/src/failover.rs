@@ -122,6 +122,8 @@ impl fmt::Debug for Origin {
 
 /// The hosts of one database as one pool sees them.
 pub struct HostList {
+    /// Never empty: `first` is also `hosts[0]`.
+    first: Arc<Host>,
     hosts: Vec<Arc<Host>>,
     pub attrs: TargetSessionAttrs,
     pub load_balance: LoadBalanceHosts,
@@ -152,9 +154,10 @@ impl HostList {
         retry: Duration,
     ) -> HostList {
         let mut hosts = Vec::with_capacity(1 + rest.len());
-        hosts.push(first);
+        hosts.push(first.clone());
         hosts.extend(rest);
         HostList {
+            first,
             hosts,
             attrs,
             load_balance,
@@ -167,8 +170,7 @@ impl HostList {
 
     /// The first configured host (never empty).
     pub fn first(&self) -> &Arc<Host> {
-        // `new` always pushes `first`.
-        &self.hosts[0]
+        &self.first
     }
 
     pub fn hosts(&self) -> &[Arc<Host>] {
