@@ -356,3 +356,93 @@ fn build_resolver(s: &DnsSettings) -> Option<TokioResolver> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use testkit::{DnsAnswer, DnsServer};
+
+    use super::*;
+
+    const NAME: &str = "pg.unit.test";
+
+    fn cache(server: &DnsServer, min: u64, max: u64) -> DnsCache {
+        DnsCache::new(DnsSettings {
+            timeout: Some(Duration::from_millis(300)),
+            min_ttl: Duration::from_millis(min),
+            max_ttl: Duration::from_millis(max),
+            nxdomain_ttl: Duration::from_millis(400),
+            nameservers: vec![server.addr()],
+        })
+    }
+
+    const T: Option<Duration> = Some(Duration::from_millis(300));
+
+    #[tokio::test]
+    async fn ttls_are_clamped_between_dns_min_ttl_and_dns_max_ttl() {
+        let server = DnsServer::start().unwrap();
+        let one = Ipv4Addr::new(10, 0, 0, 1);
+        // TTL 0 is raised to dns_min_ttl: a second resolve within it asks nobody.
+        server.set(NAME, DnsAnswer::A(vec![one], 0));
+        let c = cache(&server, 500, 800);
+        let r = c.resolve(NAME, T).await.unwrap();
+        assert_eq!((r.addrs, r.cached), (vec![IpAddr::V4(one)], false));
+        let asked = server.queries();
+        let r = c.resolve(NAME, T).await.unwrap();
+        assert!(r.cached);
+        assert_eq!(server.queries(), asked);
+        // TTL 300 s is cut to dns_max_ttl: after it the name is asked again.
+        server.set(NAME, DnsAnswer::A(vec![one], 300));
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        c.resolve(NAME, T).await.unwrap();
+        let asked = server.queries();
+        let ttl = c.snapshot()[0].ttl_left;
+        assert!(ttl <= Duration::from_millis(800), "{ttl:?}");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        let r = c.resolve(NAME, T).await.unwrap();
+        assert!(!r.cached);
+        assert!(server.queries() > asked);
+    }
+
+    #[tokio::test]
+    async fn a_silent_resolver_gets_the_last_good_answer_and_nxdomain_is_remembered() {
+        let server = DnsServer::start().unwrap();
+        let one = Ipv4Addr::new(10, 0, 0, 1);
+        server.set(NAME, DnsAnswer::A(vec![one], 0));
+        let c = cache(&server, 200, 200);
+        c.resolve(NAME, T).await.unwrap();
+        server.set(NAME, DnsAnswer::Silent);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        let started = Instant::now();
+        let r = c.resolve(NAME, T).await.unwrap();
+        assert_eq!(r.addrs, vec![IpAddr::V4(one)]);
+        assert!(
+            started.elapsed() < Duration::from_millis(600),
+            "bounded by dns_timeout"
+        );
+        assert_eq!(c.stale_served.load(Ordering::Relaxed), 1);
+        assert!(c.snapshot()[0].last_error.is_some());
+
+        // A name never seen and not answered: a timeout error, not a hang.
+        let err = c.resolve("other.unit.test", T).await;
+        assert!(err.is_err());
+
+        // NXDOMAIN is cached for dns_nxdomain_ttl.
+        server.set(NAME, DnsAnswer::NxDomain);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(matches!(
+            c.resolve(NAME, T).await,
+            Err(DnsError::NotFound { .. })
+        ));
+        server.set(NAME, DnsAnswer::A(vec![one], 0));
+        let asked = server.queries();
+        assert!(matches!(
+            c.resolve(NAME, T).await,
+            Err(DnsError::NotFound { .. })
+        ));
+        assert_eq!(server.queries(), asked, "NXDOMAIN came from the cache");
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        assert!(c.resolve(NAME, T).await.is_ok());
+    }
+}
