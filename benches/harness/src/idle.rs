@@ -80,11 +80,27 @@ pub async fn measure(
         }
         let started = Instant::now();
         if let Err(e) = open_clients(port, held.len(), n, &mut held).await {
+            // Still worth knowing: what the clients that did get in cost.
+            let reached = held.len();
+            if reached > 0 {
+                let rss = procfs::rss_kib(pid).unwrap_or(0);
+                points.push(MemPoint {
+                    target: target.to_owned(),
+                    clients: reached,
+                    baseline_rss_kib: baseline,
+                    rss_kib: rss,
+                    kib_per_client: rss.saturating_sub(baseline) as f64 / reached as f64,
+                    login_select_ms: None,
+                    pooler_fds: procfs::open_fds(pid),
+                    open_secs: started.elapsed().as_secs_f64(),
+                    error: None,
+                });
+            }
             points.push(failed(
                 target,
                 n,
                 baseline,
-                format!("after {} clients: {e:#}", held.len()),
+                format!("failed after {reached} clients: {e:#}"),
             ));
             break;
         }

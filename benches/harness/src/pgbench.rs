@@ -212,7 +212,7 @@ fn run_once(
             scenario.clients,
             parsed
                 .connect_ms
-                .map_or_else(|| "?".to_owned(), |ms| format!("{ms:.0} ms"))
+                .map_or_else(|| "all".to_owned(), |ms| format!("{ms:.0} ms"))
         )),
         Some(_) if parsed.tps.is_none() => Some(first_error(&stderr, "no tps in pgbench output")),
         Some(_) => None,
