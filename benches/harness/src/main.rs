@@ -240,7 +240,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
 
     let mut versions = vec![(
         "breakwater".to_owned(),
-        breakwater_version(&breakwater_bin, &root),
+        breakwater_version(&breakwater_bin, &root, cli.breakwater.is_none()),
     )];
     if let Some(bin) = &pgbouncer_bin {
         versions.push(("pgbouncer".to_owned(), targets::version_of(bin)));
@@ -476,8 +476,9 @@ fn build_breakwater(root: &Path) -> anyhow::Result<PathBuf> {
     Ok(target_dir.join("release").join("breakwater"))
 }
 
-/// `breakwater --version` plus the commit, marked when the tree had uncommitted changes.
-fn breakwater_version(bin: &Path, root: &Path) -> String {
+/// `breakwater --version` plus the commit, marked when the tree had uncommitted changes. A binary
+/// given with --breakwater may have been built from anything: then the commit is only the tree's.
+fn breakwater_version(bin: &Path, root: &Path, built_here: bool) -> String {
     let version = targets::version_of(bin);
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -492,9 +493,14 @@ fn breakwater_version(bin: &Path, root: &Path) -> String {
         .output()
         .ok()
         .is_some_and(|o| !o.stdout.is_empty());
+    let built = if built_here {
+        "built from commit"
+    } else {
+        "given with --breakwater; the working tree is at commit"
+    };
     match commit {
-        Some(c) if dirty => format!("{version} (commit {c} plus uncommitted changes in crates/)"),
-        Some(c) => format!("{version} (commit {c})"),
+        Some(c) if dirty => format!("{version} ({built} {c} plus uncommitted changes in crates/)"),
+        Some(c) => format!("{version} ({built} {c})"),
         None => version,
     }
 }
