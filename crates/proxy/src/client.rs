@@ -121,8 +121,9 @@ async fn serve_inner(
     let mut client = ClientConn {
         id,
         stream,
-        buf: BytesMut::with_capacity(8192),
-        out: BytesMut::with_capacity(8192),
+        // Small to start: most clients sit idle most of the time, and buffers grow on demand.
+        buf: BytesMut::with_capacity(1024),
+        out: BytesMut::with_capacity(512),
         peer,
         shared: shared.clone(),
     };

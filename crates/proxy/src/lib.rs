@@ -304,8 +304,9 @@ impl Shared {
 /// Reads into `buf` from `stream`, reserving room first. `Ok(0)` is end of stream.
 pub(crate) async fn read_into(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
-    if buf.capacity() - buf.len() < 2048 {
-        buf.reserve(8192);
+    // Reserve in small steps: an idle client's buffer is memory held per connection.
+    if buf.capacity() - buf.len() < 512 {
+        buf.reserve(4096);
     }
     stream.read_buf(buf).await
 }
