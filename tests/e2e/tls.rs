@@ -120,7 +120,13 @@ fn pki() -> Pki {
         ca: ca_pem,
         server: leaf(&names, "localhost", &issuer, false, false),
         expired: leaf(&names, "localhost", &issuer, true, false),
-        wrong_host: leaf(&["db.example.invalid"], "db.example.invalid", &issuer, false, false),
+        wrong_host: leaf(
+            &["db.example.invalid"],
+            "db.example.invalid",
+            &issuer,
+            false,
+            false,
+        ),
         stranger: leaf(&names, "localhost", &stranger_ca, false, false),
         client_app: leaf(&[], "app", &issuer, false, true),
         client_mallory: leaf(&[], "mallory", &issuer, false, true),
@@ -257,7 +263,8 @@ fn as_refs<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a st
     files.iter().map(|(n, c)| (*n, c.as_str())).collect()
 }
 
-const CLIENT_TLS: &str = "client_tls_cert_file = \"server.crt\"\nclient_tls_key_file = \"server.key\"\n\
+const CLIENT_TLS: &str =
+    "client_tls_cert_file = \"server.crt\"\nclient_tls_key_file = \"server.key\"\n\
                           client_tls_ca_file = \"ca.crt\"\n";
 
 #[tokio::test]
@@ -293,10 +300,57 @@ async fn verify_full_clients_reach_a_tls_postgres_encrypted_on_both_legs() {
         .get(0);
     assert_eq!(n, 3000 * 3001 / 2);
     let rows = c
-        .query("SELECT repeat('y', 1000) FROM generate_series(1, 2000)", &[])
+        .query(
+            "SELECT repeat('y', 1000) FROM generate_series(1, 2000)",
+            &[],
+        )
         .await
         .unwrap();
     assert_eq!(rows.len(), 2000);
+}
+
+#[tokio::test]
+async fn an_idle_tls_server_closed_by_the_database_is_dropped_before_it_is_handed_out() {
+    let pki = pki();
+    let pg = tls_cluster(&pki.server, false);
+    let p = pooler(
+        &pg,
+        "127.0.0.1",
+        "server_tls_sslmode = \"require\"\ndefault_pool_size = 1\n",
+        &[],
+    );
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let a = p.connect("app", "app_pw", "app").await.unwrap();
+    assert!(server_leg_encrypted(&a).await);
+    let pid: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    testkit::wait_until("the backend is gone", WAIT, || async {
+        let n: i64 = direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
+                &[&pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        n == 0
+    })
+    .await
+    .unwrap();
+    // The FATAL and close_notify arrived encrypted; the probe sees them without decrypting.
+    let pid2: i32 = a
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(pid, pid2);
 }
 
 #[tokio::test]
@@ -443,7 +497,11 @@ async fn auth_type_cert_logs_in_the_user_named_by_the_certificate() {
     )
     .await
     .expect("certificate login as app");
-    let who: String = c.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    let who: String = c
+        .query_one("SELECT current_user::text", &[])
+        .await
+        .unwrap()
+        .get(0);
     assert_eq!(who, "app");
 
     let err = tls_connect(
@@ -634,4 +692,89 @@ fn error_code(bytes: &[u8]) -> Option<String> {
     let rest = &body[i + 1..];
     let end = rest.iter().position(|&b| b == 0)?;
     Some(String::from_utf8_lossy(&rest[..end]).into_owned())
+}
+
+/// The TLS overhead measurement behind the README's numbers, run by hand (it takes about a
+/// minute and its numbers depend on the machine):
+///
+/// ```sh
+/// cargo build --release -p breakwater
+/// BREAKWATER_BIN=target/release/breakwater \
+///   cargo nextest run -p breakwater --test e2e --run-ignored only tls_overhead --no-capture
+/// ```
+///
+/// One PostgreSQL with `ssl = on`, two poolers in front of it: plaintext on both legs, and TLS
+/// on both legs (client require, server verify-full). pgbench -S with 16 clients through each,
+/// alternating, then the same with a new connection per transaction (-C), where every
+/// transaction pays a client-side handshake.
+#[test]
+#[ignore]
+fn tls_overhead() {
+    let bin = std::env::var("BREAKWATER_BIN").unwrap_or_else(|_| BIN.to_owned());
+    let secs = std::env::var("TLS_BENCH_SECS").unwrap_or_else(|_| "10".into());
+    let pki = pki();
+    let pg = tls_cluster(&pki.server, false);
+    let files = client_tls_files(&pki);
+    let start = |extra: &str| {
+        let port = free_port();
+        let config = format!(
+            "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\ndefault_pool_size = 16\n{extra}\n\
+             [databases.app]\nhost = \"localhost\"\nport = {}\n",
+            pg.port()
+        );
+        let mut all = vec![("userlist.txt", USERLIST)];
+        all.extend(as_refs(&files));
+        Pooler::start(&bin, port, &config, &all).expect("start breakwater")
+    };
+    let plain = start("server_tls_sslmode = \"disable\"\n");
+    let tls = start(&format!(
+        "client_tls_sslmode = \"require\"\n{CLIENT_TLS}\
+         server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n"
+    ));
+    let pgbench = |p: &Pooler, sslmode: &str, args: &[&str]| -> f64 {
+        let out = Command::new(pg_bin("pgbench").unwrap())
+            .args(["-h", "127.0.0.1", "-p", &p.port().to_string(), "-U", "app"])
+            .args(args)
+            .arg("app")
+            .env("PGPASSWORD", "app_pw")
+            .env("PGSSLMODE", sslmode)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            stdout.contains("number of failed transactions: 0"),
+            "{stdout}"
+        );
+        stdout
+            .lines()
+            .find_map(|l| l.strip_prefix("tps = "))
+            .and_then(|l| l.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("tps in pgbench output")
+    };
+    pgbench(&plain, "disable", &["-i", "-s", "1", "-q"]);
+    let steady = ["-S", "-c", "16", "-j", "2", "-T", &secs];
+    let connect = ["-S", "-C", "-c", "8", "-j", "2", "-T", &secs];
+    for (what, args) in [
+        ("steady -S -c 16", &steady[..]),
+        ("-C new connection per transaction", &connect[..]),
+    ] {
+        let mut plain_tps = Vec::new();
+        let mut tls_tps = Vec::new();
+        for _ in 0..2 {
+            plain_tps.push(pgbench(&plain, "disable", args));
+            tls_tps.push(pgbench(&tls, "require", args));
+        }
+        let p = plain_tps.iter().sum::<f64>() / plain_tps.len() as f64;
+        let t = tls_tps.iter().sum::<f64>() / tls_tps.len() as f64;
+        println!(
+            "TLS OVERHEAD {what}: plaintext {p:.0} tps {plain_tps:?}, TLS both legs {t:.0} tps {tls_tps:?}, TLS/plain = {:.2}",
+            t / p
+        );
+    }
 }

@@ -1139,6 +1139,51 @@ mod tests {
     }
 
     #[test]
+    fn tls_settings_name_what_is_missing_or_unreadable() {
+        let cases = [
+            (
+                "client_tls_sslmode = \"require\"\n",
+                "client_tls_cert_file is required with client_tls_sslmode = \"require\"",
+            ),
+            (
+                "client_tls_sslmode = \"prefer\"\nclient_tls_cert_file = \"nope.crt\"\nclient_tls_key_file = \"nope.key\"\n",
+                "cannot read client_tls_cert_file /nonexistent/nope.crt",
+            ),
+            (
+                "server_tls_sslmode = \"verify-full\"\n",
+                "server_tls_ca_file is required with server_tls_sslmode = \"verify-full\"",
+            ),
+            (
+                "server_tls_sslmode = \"verify-ca\"\nserver_tls_ca_file = \"rds.pem\"\n",
+                "cannot read server_tls_ca_file /nonexistent/rds.pem",
+            ),
+            ("server_tls_sslmode = \"verify_full\"\n", "verify_full"),
+        ];
+        for (extra, want) in cases {
+            let err = parse(&format!("[pooler]\nauth_type = \"trust\"\n{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_defaults_are_client_disable_and_server_prefer() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
+        let s = c.proxy_settings();
+        assert_eq!(s.client_tls.mode, upstream::SslMode::Disable);
+        assert_eq!(s.server.tls.mode, upstream::SslMode::Prefer);
+    }
+
+    #[test]
+    fn auth_type_cert_needs_verified_client_certificates() {
+        let err = parse("[pooler]\nauth_type = \"cert\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("verify-ca"), "{err}");
+    }
+
+    #[test]
     fn admin_database_names_are_reserved() {
         let err = parse("[pooler]\nauth_type = \"trust\"\n[databases.pgbouncer]\n")
             .unwrap_err()

@@ -246,7 +246,10 @@ mod tests {
         use rcgen::DnType::*;
         let cases: &[(&[(rcgen::DnType, &str)], Option<&str>)] = &[
             (&[(CommonName, "app")], Some("app")),
-            (&[(OrganizationName, "Acme"), (CommonName, "app")], Some("app")),
+            (
+                &[(OrganizationName, "Acme"), (CommonName, "app")],
+                Some("app"),
+            ),
             (&[(CommonName, "app"), (CountryName, "DE")], Some("app")),
             (&[(OrganizationName, "Acme")], None),
             (&[(CommonName, "ünïcode")], Some("ünïcode")),
@@ -258,7 +261,10 @@ mod tests {
 
     #[test]
     fn a_nul_in_the_common_name_is_refused() {
-        assert_eq!(common_name(&cert_with(&[(rcgen::DnType::CommonName, "admin\0x")])), None);
+        assert_eq!(
+            common_name(&cert_with(&[(rcgen::DnType::CommonName, "admin\0x")])),
+            None
+        );
     }
 
     #[test]

@@ -22,7 +22,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::stream::Stream;
@@ -96,10 +98,7 @@ pub enum TlsConfigError {
         mode: SslMode,
     },
     #[error("{what}: {source}")]
-    Rustls {
-        what: String,
-        source: rustls::Error,
-    },
+    Rustls { what: String, source: rustls::Error },
 }
 
 /// The crypto provider for every config Breakwater builds: ring, named explicitly so that no
@@ -131,13 +130,18 @@ pub fn load_certs(
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(format!("not a valid PEM certificate file ({e})")))?;
     if certs.is_empty() {
-        return Err(invalid("holds no PEM certificate (BEGIN CERTIFICATE)".into()));
+        return Err(invalid(
+            "holds no PEM certificate (BEGIN CERTIFICATE)".into(),
+        ));
     }
     Ok(certs)
 }
 
 /// The first private key (PKCS#8, PKCS#1 or SEC1) in a PEM file.
-pub fn load_key(setting: &'static str, path: &Path) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
+pub fn load_key(
+    setting: &'static str,
+    path: &Path,
+) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
     let pem = read_file(setting, path)?;
     PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsConfigError::Invalid {
         setting,
@@ -273,8 +277,13 @@ impl ServerTls {
 pub enum TlsError {
     #[error("the server does not support TLS, and server_tls_sslmode = \"{0}\" requires it")]
     Refused(SslMode),
-    #[error("TLS handshake failed (server_tls_sslmode = \"{mode}\"): {source}")]
-    Handshake { mode: SslMode, source: io::Error },
+    #[error("TLS handshake failed (server_tls_sslmode = \"{mode}\"): {source}{hint}")]
+    Handshake {
+        mode: SslMode,
+        source: io::Error,
+        /// What to look at, for the common certificate mistakes; may be empty.
+        hint: &'static str,
+    },
     #[error("\"{0}\" is not a valid TLS server name")]
     Name(String),
     #[error("invalid answer to SSLRequest: byte {0:#04x}")]
@@ -344,9 +353,22 @@ impl ServerTls {
             Ok(tls) => Ok(Stream::TlsToServer(Box::new(tls))),
             Err(source) => Err(TlsError::Handshake {
                 mode: self.mode,
+                hint: handshake_hint(&source),
                 source,
             }),
         }
+    }
+}
+
+fn handshake_hint(e: &io::Error) -> &'static str {
+    match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+        Some(rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)) => {
+            " (the server's certificate is not signed by a CA in server_tls_ca_file)"
+        }
+        Some(rustls::Error::InvalidCertificate(
+            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
+        )) => " (verify-full checks the database entry's host against the certificate)",
+        _ => "",
     }
 }
 
