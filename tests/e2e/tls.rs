@@ -741,7 +741,7 @@ fn tls_overhead() {
         "client_tls_sslmode = \"require\"\n{CLIENT_TLS}\
          server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n"
     ));
-    let pgbench = |p: &Pooler, sslmode: &str, args: &[&str]| -> f64 {
+    let pgbench = |p: &Pooler, sslmode: &str, args: &[&str]| -> String {
         let out = Command::new(pg_bin("pgbench").unwrap())
             .args(["-h", "127.0.0.1", "-p", &p.port().to_string(), "-U", "app"])
             .args(args)
@@ -756,6 +756,9 @@ fn tls_overhead() {
             "{stdout}{}",
             String::from_utf8_lossy(&out.stderr)
         );
+        stdout.into_owned()
+    };
+    let tps = |stdout: String| -> f64 {
         assert!(
             stdout.contains("number of failed transactions: 0"),
             "{stdout}"
@@ -777,8 +780,8 @@ fn tls_overhead() {
         let mut plain_tps = Vec::new();
         let mut tls_tps = Vec::new();
         for _ in 0..2 {
-            plain_tps.push(pgbench(&plain, "disable", args));
-            tls_tps.push(pgbench(&tls, "require", args));
+            plain_tps.push(tps(pgbench(&plain, "disable", args)));
+            tls_tps.push(tps(pgbench(&tls, "require", args)));
         }
         let p = plain_tps.iter().sum::<f64>() / plain_tps.len() as f64;
         let t = tls_tps.iter().sum::<f64>() / tls_tps.len() as f64;
