@@ -381,6 +381,24 @@ async fn psql_with_sslmode_verify_full_is_served() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+    // The admin console over TLS too.
+    let out = Command::new(pg_bin("psql").unwrap())
+        .args(["-X", "-At", "-c", "SHOW VERSION"])
+        .arg(format!(
+            "host=localhost port={} user=admin dbname=pgbouncer sslmode=verify-full sslrootcert={}",
+            p.port(),
+            p.dir().join("ca.crt").display()
+        ))
+        .env("PGPASSWORD", "admin_pw")
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Breakwater"));
     // The same psql without TLS is refused, and says why.
     let out = Command::new(pg_bin("psql").unwrap())
         .args(["-X", "-At", "-c", "SELECT 1"])
@@ -394,6 +412,41 @@ async fn psql_with_sslmode_verify_full_is_served() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("SSL required"), "{err}");
+}
+
+#[tokio::test]
+async fn sighup_rotates_the_client_certificate_without_dropping_sessions() {
+    let (old_pki, new_pki) = (pki(), pki());
+    let pg = PgCluster::start().expect("start postgres");
+    let files = client_tls_files(&old_pki);
+    let p = pooler(
+        &pg,
+        "127.0.0.1",
+        &format!("client_tls_sslmode = \"require\"\n{CLIENT_TLS}"),
+        &as_refs(&files),
+    );
+    let port = p.port();
+    let old = tls_connect("localhost", port, client_config(&old_pki.ca, None))
+        .await
+        .expect("client trusting the first CA");
+    std::fs::write(p.dir().join("server.crt"), &new_pki.server.cert).unwrap();
+    std::fs::write(p.dir().join("server.key"), &new_pki.server.key).unwrap();
+    p.signal(libc::SIGHUP);
+    testkit::wait_until("the new certificate is served", WAIT, || async {
+        tls_connect("localhost", port, client_config(&new_pki.ca, None))
+            .await
+            .is_ok()
+    })
+    .await
+    .unwrap();
+    // The session that began under the old certificate goes on; new ones get the new one.
+    let v: i32 = old.query_one("SELECT 7", &[]).await.unwrap().get(0);
+    assert_eq!(v, 7);
+    assert!(
+        tls_connect("localhost", port, client_config(&old_pki.ca, None))
+            .await
+            .is_err()
+    );
 }
 
 #[tokio::test]
