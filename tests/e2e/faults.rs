@@ -99,7 +99,9 @@ async fn a_client_waiting_on_a_blackholed_host_is_told_after_query_wait_timeout_
 
 #[tokio::test]
 async fn a_server_silent_during_login_is_abandoned_at_server_login_timeout() {
-    let f = faulty("server_login_timeout = \"1s\"\nserver_breaker_threshold = 0\nquery_wait_timeout = \"2500ms\"", "");
+    // No SSLRequest (server_tls_sslmode defaults to prefer): its answer is part of the connect
+    // phase, and this test is about a server that accepted the connection and then went silent.
+    let f = faulty("server_login_timeout = \"1s\"\nserver_breaker_threshold = 0\nquery_wait_timeout = \"2500ms\"\nserver_tls_sslmode = \"disable\"", "");
     f.proxy.set_connect(ConnectFault::Blackhole);
     let started = Instant::now();
     let err = f.pooler.connect("app", "app_pw", "app").await.unwrap_err();

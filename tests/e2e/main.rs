@@ -13,3 +13,4 @@ mod prepared;
 mod protocol;
 mod session_state;
 mod storm;
+mod tls;

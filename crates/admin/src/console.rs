@@ -78,6 +78,8 @@ where
     backend::write_backend_key_data(&mut out, (me.client_id & 0x7fff_ffff) as i32, 0);
     backend::write_ready_for_query(&mut out, b'I');
     stream.write_all(&out).await?;
+    // TLS streams hold ciphertext until flushed.
+    stream.flush().await?;
     out.clear();
 
     // After an extended-protocol message the console refuses, skip to the next Sync.
@@ -90,6 +92,8 @@ where
                 Err(e) => {
                     PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string()).write(&mut out);
                     stream.write_all(&out).await?;
+                    // TLS streams hold ciphertext until flushed.
+                    stream.flush().await?;
                     return Ok(());
                 }
             }
@@ -110,6 +114,8 @@ where
                         PgError::error(SqlState::PROTOCOL_VIOLATION, e.to_string()).write(&mut out);
                         backend::write_ready_for_query(&mut out, b'I');
                         stream.write_all(&out).await?;
+                        // TLS streams hold ciphertext until flushed.
+                        stream.flush().await?;
                         out.clear();
                         continue;
                     }
@@ -117,6 +123,8 @@ where
                 let shutdown = run_query(&sql, &me, control, &mut out).await;
                 backend::write_ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await?;
+                // TLS streams hold ciphertext until flushed.
+                stream.flush().await?;
                 out.clear();
                 if shutdown {
                     return Ok(());
@@ -126,6 +134,8 @@ where
                 skipping = false;
                 backend::write_ready_for_query(&mut out, b'I');
                 stream.write_all(&out).await?;
+                // TLS streams hold ciphertext until flushed.
+                stream.flush().await?;
                 out.clear();
             }
             frontend::FLUSH => {}
@@ -138,6 +148,8 @@ where
                     )
                     .write(&mut out);
                     stream.write_all(&out).await?;
+                    // TLS streams hold ciphertext until flushed.
+                    stream.flush().await?;
                     out.clear();
                 }
             }

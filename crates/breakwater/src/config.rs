@@ -35,6 +35,11 @@ pub enum ConfigError {
         path: PathBuf,
         source: proto::auth::UserlistError,
     },
+    #[error("invalid config file {path}: {source}")]
+    Tls {
+        path: PathBuf,
+        source: upstream::TlsConfigError,
+    },
 }
 
 /// A duration setting; `"0"` means disabled.
@@ -139,6 +144,39 @@ pub enum AuthTypeSetting {
     Md5,
     #[serde(rename = "scram-sha-256")]
     ScramSha256,
+    #[serde(rename = "cert")]
+    Cert,
+}
+
+/// libpq's sslmode names, for `client_tls_sslmode` and `server_tls_sslmode`.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+pub enum SslModeSetting {
+    #[serde(rename = "disable")]
+    Disable,
+    #[serde(rename = "allow")]
+    Allow,
+    #[serde(rename = "prefer")]
+    Prefer,
+    #[serde(rename = "require")]
+    Require,
+    #[serde(rename = "verify-ca")]
+    VerifyCa,
+    #[serde(rename = "verify-full")]
+    VerifyFull,
+}
+
+impl From<SslModeSetting> for upstream::SslMode {
+    fn from(m: SslModeSetting) -> upstream::SslMode {
+        use upstream::SslMode;
+        match m {
+            SslModeSetting::Disable => SslMode::Disable,
+            SslModeSetting::Allow => SslMode::Allow,
+            SslModeSetting::Prefer => SslMode::Prefer,
+            SslModeSetting::Require => SslMode::Require,
+            SslModeSetting::VerifyCa => SslMode::VerifyCa,
+            SslModeSetting::VerifyFull => SslMode::VerifyFull,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -197,6 +235,14 @@ pub struct Pooler {
     pub log_connections: bool,
     pub log_disconnections: bool,
     pub log_format: LogFormat,
+    pub client_tls_sslmode: SslModeSetting,
+    pub client_tls_cert_file: Option<PathBuf>,
+    pub client_tls_key_file: Option<PathBuf>,
+    pub client_tls_ca_file: Option<PathBuf>,
+    pub server_tls_sslmode: SslModeSetting,
+    pub server_tls_ca_file: Option<PathBuf>,
+    pub server_tls_cert_file: Option<PathBuf>,
+    pub server_tls_key_file: Option<PathBuf>,
 }
 
 impl Default for Pooler {
@@ -254,6 +300,14 @@ impl Default for Pooler {
             log_connections: true,
             log_disconnections: true,
             log_format: LogFormat::Text,
+            client_tls_sslmode: SslModeSetting::Disable,
+            client_tls_cert_file: None,
+            client_tls_key_file: None,
+            client_tls_ca_file: None,
+            server_tls_sslmode: SslModeSetting::Prefer,
+            server_tls_ca_file: None,
+            server_tls_cert_file: None,
+            server_tls_key_file: None,
         }
     }
 }
@@ -366,6 +420,10 @@ pub struct Config {
     pub path: PathBuf,
     pub file: ConfigFile,
     pub userlist: Userlist,
+    /// Built from the `client_tls_*` files at load; swappable by a reload.
+    pub client_tls: proxy::ClientTls,
+    /// Built from the `server_tls_*` files at load.
+    pub server_tls: upstream::ServerTls,
 }
 
 impl Config {
@@ -408,10 +466,23 @@ impl Config {
                 "must be at least 1024 bytes",
             ));
         }
-        if p.auth_type != AuthTypeSetting::Trust && p.auth_file.is_none() {
+        if !matches!(p.auth_type, AuthTypeSetting::Trust | AuthTypeSetting::Cert)
+            && p.auth_file.is_none()
+        {
             return Err(invalid(
                 "pooler.auth_file",
-                "is required unless auth_type = \"trust\"",
+                "is required unless auth_type = \"trust\" or \"cert\"",
+            ));
+        }
+        if p.auth_type == AuthTypeSetting::Cert
+            && !matches!(
+                p.client_tls_sslmode,
+                SslModeSetting::VerifyCa | SslModeSetting::VerifyFull
+            )
+        {
+            return Err(invalid(
+                "pooler.auth_type",
+                "\"cert\" needs client_tls_sslmode = \"verify-ca\" or \"verify-full\" (and client_tls_ca_file)",
             ));
         }
         if let Some(l) = &file.metrics.listen {
@@ -456,10 +527,36 @@ impl Config {
             }
             None => Userlist::default(),
         };
+        // Relative TLS file names are relative to the config file, like auth_file.
+        let file_at = |f: &Option<PathBuf>| f.as_ref().map(|f| base.join(f));
+        let tls_err = |source| ConfigError::Tls {
+            path: path.to_owned(),
+            source,
+        };
+        let client_tls = proxy::ClientTls::new(
+            p.client_tls_sslmode.into(),
+            &proxy::ClientTlsFiles {
+                cert_file: file_at(&p.client_tls_cert_file),
+                key_file: file_at(&p.client_tls_key_file),
+                ca_file: file_at(&p.client_tls_ca_file),
+            },
+        )
+        .map_err(tls_err)?;
+        let server_tls = upstream::ServerTls::new(
+            p.server_tls_sslmode.into(),
+            &upstream::ServerTlsFiles {
+                ca_file: file_at(&p.server_tls_ca_file),
+                cert_file: file_at(&p.server_tls_cert_file),
+                key_file: file_at(&p.server_tls_key_file),
+            },
+        )
+        .map_err(tls_err)?;
         Ok(Config {
             path: path.to_owned(),
             file,
             userlist,
+            client_tls,
+            server_tls,
         })
     }
 
@@ -563,6 +660,7 @@ impl Config {
             max_message: p.max_packet_size,
             role_check_interval: p.server_role_check_interval.0,
             role_check_timeout: p.server_role_check_timeout.0,
+            tls: self.server_tls.clone(),
         };
         let databases = self
             .file
@@ -604,6 +702,7 @@ impl Config {
                 AuthTypeSetting::Trust => AuthType::Trust,
                 AuthTypeSetting::Md5 => AuthType::Md5,
                 AuthTypeSetting::ScramSha256 => AuthType::ScramSha256,
+                AuthTypeSetting::Cert => AuthType::Cert,
             },
             userlist: self.userlist.clone(),
             max_client_conn: p.max_client_conn,
@@ -639,6 +738,7 @@ impl Config {
                 // Validated in `parse`.
                 nameservers: nameservers(&p.dns_nameservers).unwrap_or_default(),
             },
+            client_tls: self.client_tls.clone(),
             databases,
         }
     }
@@ -743,6 +843,7 @@ impl SettingValue for AuthTypeSetting {
             AuthTypeSetting::Trust => "trust",
             AuthTypeSetting::Md5 => "md5",
             AuthTypeSetting::ScramSha256 => "scram-sha-256",
+            AuthTypeSetting::Cert => "cert",
         }
         .to_owned()
     }
@@ -751,8 +852,31 @@ impl SettingValue for AuthTypeSetting {
             "trust" => Ok(AuthTypeSetting::Trust),
             "md5" => Ok(AuthTypeSetting::Md5),
             "scram-sha-256" => Ok(AuthTypeSetting::ScramSha256),
-            _ => Err(format!("\"{s}\" is not trust, md5 or scram-sha-256")),
+            "cert" => Ok(AuthTypeSetting::Cert),
+            _ => Err(format!("\"{s}\" is not trust, md5, scram-sha-256 or cert")),
         }
+    }
+}
+
+impl SettingValue for SslModeSetting {
+    fn show(&self) -> String {
+        upstream::SslMode::from(*self).as_str().to_owned()
+    }
+    fn parse(s: &str) -> Result<Self, String> {
+        use upstream::SslMode;
+        Ok(match SslMode::parse(s.trim()) {
+            Some(SslMode::Disable) => SslModeSetting::Disable,
+            Some(SslMode::Allow) => SslModeSetting::Allow,
+            Some(SslMode::Prefer) => SslModeSetting::Prefer,
+            Some(SslMode::Require) => SslModeSetting::Require,
+            Some(SslMode::VerifyCa) => SslModeSetting::VerifyCa,
+            Some(SslMode::VerifyFull) => SslModeSetting::VerifyFull,
+            None => {
+                return Err(format!(
+                    "\"{s}\" is not disable, allow, prefer, require, verify-ca or verify-full"
+                ))
+            }
+        })
     }
 }
 
@@ -858,6 +982,16 @@ settings_table! {
     log_connections: true,
     log_disconnections: true,
     log_format: false,
+    // TLS: RELOAD (or SET) re-reads the files and builds new rustls configs; new clients and new
+    // server connections use them, established ones keep theirs.
+    client_tls_sslmode: true,
+    client_tls_cert_file: true,
+    client_tls_key_file: true,
+    client_tls_ca_file: true,
+    server_tls_sslmode: true,
+    server_tls_ca_file: true,
+    server_tls_cert_file: true,
+    server_tls_key_file: true,
 }
 
 #[cfg(test)]
@@ -1002,6 +1136,51 @@ mod tests {
         assert_eq!(c.keep_restart_only(&mut n), vec!["listen_port"]);
         assert_eq!(n.file.pooler.listen_port, 7000);
         assert_eq!(n.file.pooler.default_pool_size, 4);
+    }
+
+    #[test]
+    fn tls_settings_name_what_is_missing_or_unreadable() {
+        let cases = [
+            (
+                "client_tls_sslmode = \"require\"\n",
+                "client_tls_cert_file is required with client_tls_sslmode = \"require\"",
+            ),
+            (
+                "client_tls_sslmode = \"prefer\"\nclient_tls_cert_file = \"nope.crt\"\nclient_tls_key_file = \"nope.key\"\n",
+                "cannot read client_tls_cert_file /nonexistent/nope.crt",
+            ),
+            (
+                "server_tls_sslmode = \"verify-full\"\n",
+                "server_tls_ca_file is required with server_tls_sslmode = \"verify-full\"",
+            ),
+            (
+                "server_tls_sslmode = \"verify-ca\"\nserver_tls_ca_file = \"rds.pem\"\n",
+                "cannot read server_tls_ca_file /nonexistent/rds.pem",
+            ),
+            ("server_tls_sslmode = \"verify_full\"\n", "verify_full"),
+        ];
+        for (extra, want) in cases {
+            let err = parse(&format!("[pooler]\nauth_type = \"trust\"\n{extra}"))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "{extra}: {err}");
+        }
+    }
+
+    #[test]
+    fn tls_defaults_are_client_disable_and_server_prefer() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\n").unwrap();
+        let s = c.proxy_settings();
+        assert_eq!(s.client_tls.mode, upstream::SslMode::Disable);
+        assert_eq!(s.server.tls.mode, upstream::SslMode::Prefer);
+    }
+
+    #[test]
+    fn auth_type_cert_needs_verified_client_certificates() {
+        let err = parse("[pooler]\nauth_type = \"cert\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("verify-ca"), "{err}");
     }
 
     #[test]

@@ -1,7 +1,10 @@
-//! The client side up to a logged-in session: first packets (SSL/GSSENC refusal, cancel,
-//! startup), routing, authentication against the auth_file, and the welcome messages.
-//! Everything here runs under `client_login_timeout`, so a slow or silent client cannot hold a
-//! slot forever.
+//! The client side up to a logged-in session: first packets (SSLRequest and TLS, direct TLS,
+//! GSSENC refusal, cancel, startup), routing, authentication against the auth_file or the client
+//! certificate, and the welcome messages. Everything here, the TLS handshake included, runs
+//! under `client_login_timeout`, so a slow or silent client cannot hold a slot forever.
+//!
+//! Plaintext never crosses into TLS: bytes a client sent after its SSLRequest and before the
+//! handshake (CVE-2021-23214) are a protocol violation, not the start of the encrypted stream.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -15,14 +18,15 @@ use proto::frame::{self, Message};
 use proto::frontend;
 use proto::startup::{self, StartupParams, StartupRequest};
 use stats::{GlobalStats, PoolStats};
-use tokio::io::AsyncWriteExt;
+use tokio::time::Instant;
 use tracing::Instrument;
-use upstream::Stream;
+use upstream::{SslMode, Stream};
 
 use crate::params::ClientParams;
 use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
+use crate::tls::ALPN_POSTGRESQL;
 use crate::{read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
 
 /// A client that logged in to the admin database; the binary runs the console on it.
@@ -61,7 +65,7 @@ pub(crate) struct ClientConn {
 impl ClientConn {
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.stream.write_all(&self.out).await?;
+            self.stream.send(&self.out).await?;
             self.out.clear();
         }
         Ok(())
@@ -118,35 +122,41 @@ async fn serve_inner(
 ) -> Option<AdminLogin> {
     let settings = shared.settings();
     stream.set_nodelay();
-    let mut client = ClientConn {
-        id,
-        stream,
-        // Small to start: most clients sit idle most of the time, and buffers grow on demand.
-        buf: BytesMut::with_capacity(1024),
-        out: BytesMut::with_capacity(512),
-        peer,
-        shared: shared.clone(),
-    };
+    let deadline = settings.client_login_timeout.map(|t| Instant::now() + t);
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let _slot = ClientSlot(shared);
     GlobalStats::bump(&shared.stats.clients_total);
 
-    let login = login(shared, &settings, &mut client, count);
-    let result = match settings.client_login_timeout {
-        Some(t) => match tokio::time::timeout(t, login).await {
-            Ok(r) => r,
-            Err(_) => {
-                GlobalStats::bump(&shared.stats.timeouts_client_login);
-                Err(LoginEnd::Refuse(PgError::fatal(
-                    SqlState::PROTOCOL_VIOLATION,
-                    format!(
-                        "client_login_timeout ({}) expired during login",
-                        fmt_duration(t)
-                    ),
-                )))
+    // Small to start: most clients sit idle most of the time, and buffers grow on demand.
+    let mut buf = BytesMut::with_capacity(1024);
+    let (stream, opened) = open(shared, &settings, stream, &mut buf, deadline).await;
+    let Some(stream) = stream else {
+        // The TLS handshake took the connection with it; nothing can be said in the clear.
+        match opened {
+            Err(LoginEnd::Refuse(err)) => {
+                GlobalStats::bump(&shared.stats.login_failures);
+                tracing::info!(code = err.code.0, "login refused: {}", err.message);
             }
-        },
-        None => login.await,
+            _ => tracing::debug!("client left during the TLS handshake"),
+        }
+        return None;
+    };
+    let mut client = ClientConn {
+        id,
+        stream,
+        buf,
+        out: BytesMut::with_capacity(512),
+        peer,
+        shared: shared.clone(),
+    };
+    let result = match opened {
+        Ok(opening) => within(
+            deadline,
+            login(shared, &settings, &mut client, count, opening),
+        )
+        .await
+        .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),
+        Err(e) => Err(e),
     };
     match result {
         Ok(Login::Session(entry, startup, params)) => {
@@ -156,10 +166,11 @@ async fn serve_inner(
             if settings.log_connections {
                 tracing::info!(
                     application_name = startup.get("application_name").unwrap_or(""),
+                    tls = client.stream.is_tls(),
                     "login"
                 );
             } else {
-                tracing::debug!("login");
+                tracing::debug!(tls = client.stream.is_tls(), "login");
             }
             let since = std::time::Instant::now();
             PoolStats::add(&entry.stats.client_logins, 1);
@@ -207,6 +218,214 @@ async fn serve_inner(
     }
 }
 
+/// Runs `f` until `deadline` (client_login_timeout); `Err` when it passed first.
+async fn within<F: std::future::Future>(deadline: Option<Instant>, f: F) -> Result<F::Output, ()> {
+    match deadline {
+        Some(d) => tokio::time::timeout_at(d, f).await.map_err(|_| ()),
+        None => Ok(f.await),
+    }
+}
+
+fn login_timeout_expired(shared: &Shared, settings: &ProxySettings) -> LoginEnd {
+    GlobalStats::bump(&shared.stats.timeouts_client_login);
+    let t = settings.client_login_timeout.unwrap_or_default();
+    LoginEnd::Refuse(PgError::fatal(
+        SqlState::PROTOCOL_VIOLATION,
+        format!(
+            "client_login_timeout ({}) expired during login",
+            fmt_duration(t)
+        ),
+    ))
+}
+
+/// The first TLS record type: a handshake. No PostgreSQL startup packet starts with it (its
+/// length would be over 369 MB), so it marks direct TLS (PostgreSQL 17 `sslnegotiation=direct`).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// What a client asked for once encryption is settled.
+pub(crate) enum Opening {
+    Startup(StartupParams),
+    Cancel { pid: i32, key: i32 },
+}
+
+/// The packets before the StartupMessage: direct TLS, SSLRequest and the handshake,
+/// GSSENCRequest, or a CancelRequest. Owns the stream because a TLS handshake consumes the TCP
+/// stream; gives it back (possibly encrypted) unless a handshake failed or timed out, when
+/// nothing more can be said to the client. Bytes after the opening packet stay in `buf`.
+async fn open(
+    shared: &Shared,
+    settings: &ProxySettings,
+    mut stream: Stream,
+    buf: &mut BytesMut,
+    deadline: Option<Instant>,
+) -> (Option<Stream>, Result<Opening, LoginEnd>) {
+    let tls = &settings.client_tls;
+    let acceptor = tls.current();
+    if let (Some(config), Stream::Tcp(tcp)) = (&acceptor, &stream) {
+        // Peek, not read: a TLS ClientHello must reach rustls whole.
+        let mut first = [0u8; 1];
+        match within(deadline, tcp.peek(&mut first)).await {
+            Err(()) => return (Some(stream), Err(login_timeout_expired(shared, settings))),
+            Ok(Ok(0)) | Ok(Err(_)) => return (Some(stream), Err(LoginEnd::Gone)),
+            Ok(Ok(_)) => {}
+        }
+        if first[0] == TLS_HANDSHAKE_RECORD {
+            let config = config.clone();
+            let Stream::Tcp(tcp) = stream else {
+                return (Some(stream), Err(LoginEnd::Gone));
+            };
+            stream = match handshake(shared, settings, tcp, config, deadline).await {
+                Ok(s) => s,
+                Err(e) => return (None, Err(e)),
+            };
+            // As PostgreSQL 17: direct TLS is only for clients that say they speak PostgreSQL
+            // inside it, so a TLS client of some other protocol cannot be confused with one.
+            let alpn_ok = match &stream {
+                Stream::TlsFromClient(s) => s.get_ref().1.alpn_protocol() == Some(ALPN_POSTGRESQL),
+                _ => false,
+            };
+            if !alpn_ok {
+                GlobalStats::bump(&shared.stats.protocol_errors);
+                return (
+                    Some(stream),
+                    Err(protocol_violation(
+                        "received direct TLS connection request without ALPN protocol \"postgresql\""
+                            .into(),
+                    )),
+                );
+            }
+        }
+    }
+    loop {
+        let req = match startup::take_startup(buf) {
+            Ok(Some(r)) => r,
+            Ok(None) => match within(deadline, read_into(&mut stream, buf)).await {
+                Err(()) => return (Some(stream), Err(login_timeout_expired(shared, settings))),
+                Ok(Ok(0)) | Ok(Err(_)) => return (Some(stream), Err(LoginEnd::Gone)),
+                Ok(Ok(_)) => continue,
+            },
+            Err(e) => {
+                GlobalStats::bump(&shared.stats.protocol_errors);
+                return (
+                    Some(stream),
+                    Err(protocol_violation(format!("invalid startup packet: {e}"))),
+                );
+            }
+        };
+        match req {
+            StartupRequest::Ssl if stream.is_tls() => {
+                GlobalStats::bump(&shared.stats.protocol_errors);
+                return (
+                    Some(stream),
+                    Err(protocol_violation(
+                        "SSLRequest on a connection that is already encrypted".into(),
+                    )),
+                );
+            }
+            StartupRequest::Ssl => {
+                let (tcp, config) = match (stream, &acceptor) {
+                    (Stream::Tcp(tcp), Some(config)) => (tcp, config.clone()),
+                    // TLS off, or a Unix socket: the client may go on in plaintext.
+                    (other, _) => {
+                        stream = other;
+                        if stream.send(b"N").await.is_err() {
+                            return (Some(stream), Err(LoginEnd::Gone));
+                        }
+                        continue;
+                    }
+                };
+                if !buf.is_empty() {
+                    // Whatever follows an SSLRequest before the handshake was sent in the clear
+                    // and could have been injected by a man in the middle: never treat it as
+                    // part of the encrypted session (CVE-2021-23214).
+                    GlobalStats::bump(&shared.stats.protocol_errors);
+                    return (
+                        Some(Stream::Tcp(tcp)),
+                        Err(protocol_violation(
+                            "received unencrypted data after SSL request".into(),
+                        )),
+                    );
+                }
+                let mut tcp_stream = Stream::Tcp(tcp);
+                if tcp_stream.send(b"S").await.is_err() {
+                    return (Some(tcp_stream), Err(LoginEnd::Gone));
+                }
+                let Stream::Tcp(tcp) = tcp_stream else {
+                    return (Some(tcp_stream), Err(LoginEnd::Gone));
+                };
+                stream = match handshake(shared, settings, tcp, config, deadline).await {
+                    Ok(s) => s,
+                    Err(e) => return (None, Err(e)),
+                };
+            }
+            StartupRequest::GssEnc => {
+                // No GSSAPI encryption: the client may go on with SSLRequest or in plaintext.
+                if stream.send(b"N").await.is_err() {
+                    return (Some(stream), Err(LoginEnd::Gone));
+                }
+            }
+            StartupRequest::Cancel { pid, key } => {
+                // Allowed in the clear whatever client_tls_sslmode says: the key is a random
+                // secret and older libpq sends cancels without TLS.
+                return (Some(stream), Ok(Opening::Cancel { pid, key }));
+            }
+            StartupRequest::Unsupported { version } => {
+                return (
+                    Some(stream),
+                    Err(LoginEnd::Refuse(PgError::fatal(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        format!(
+                            "unsupported frontend protocol {}.{}: Breakwater speaks protocol 3.0",
+                            version >> 16,
+                            version & 0xffff
+                        ),
+                    ))),
+                );
+            }
+            StartupRequest::Startup(p) => {
+                if tls.mode.requires_tls() && matches!(stream, Stream::Tcp(_)) {
+                    return (
+                        Some(stream),
+                        Err(LoginEnd::Refuse(PgError::fatal(
+                            SqlState::INVALID_AUTHORIZATION,
+                            format!(
+                                "SSL required: client_tls_sslmode = \"{}\" refuses unencrypted connections",
+                                tls.mode
+                            ),
+                        ))),
+                    );
+                }
+                return (Some(stream), Ok(Opening::Startup(p)));
+            }
+        }
+    }
+}
+
+/// The TLS handshake with a client, bounded by what is left of client_login_timeout.
+async fn handshake(
+    shared: &Shared,
+    settings: &ProxySettings,
+    tcp: tokio::net::TcpStream,
+    config: Arc<rustls::ServerConfig>,
+    deadline: Option<Instant>,
+) -> Result<Stream, LoginEnd> {
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(tcp);
+    match within(deadline, accept).await {
+        Ok(Ok(tls)) => Ok(Stream::TlsFromClient(Box::new(tls))),
+        Ok(Err(e)) => {
+            GlobalStats::bump(&shared.stats.protocol_errors);
+            Err(LoginEnd::Refuse(PgError::fatal(
+                SqlState::PROTOCOL_VIOLATION,
+                format!(
+                    "TLS handshake failed (client_tls_sslmode = \"{}\"): {e}",
+                    settings.client_tls.mode
+                ),
+            )))
+        }
+        Err(()) => Err(login_timeout_expired(shared, settings)),
+    }
+}
+
 pub(crate) enum Login {
     Session(Arc<PoolEntry>, StartupParams, ClientParams),
     Admin { user: String, is_admin: bool },
@@ -218,48 +437,20 @@ async fn login(
     settings: &ProxySettings,
     client: &mut ClientConn,
     count: usize,
+    opening: Opening,
 ) -> Result<Login, LoginEnd> {
-    let startup = loop {
-        let req = match startup::take_startup(&mut client.buf) {
-            Ok(Some(r)) => r,
-            Ok(None) => match read_into(&mut client.stream, &mut client.buf).await {
-                Ok(0) | Err(_) => return Err(LoginEnd::Gone),
-                Ok(_) => continue,
-            },
-            Err(e) => {
-                GlobalStats::bump(&shared.stats.protocol_errors);
-                return Err(protocol_violation(format!("invalid startup packet: {e}")));
-            }
-        };
-        match req {
-            StartupRequest::Ssl | StartupRequest::GssEnc => {
-                // No encryption yet: the client may go on in plaintext.
-                client.out.extend_from_slice(b"N");
-                client.flush().await.map_err(|_| LoginEnd::Gone)?;
-            }
-            StartupRequest::Cancel { pid, key } => {
-                GlobalStats::bump(&shared.stats.cancel_requests);
-                let sent = shared
-                    .cancels
-                    .cancel(pid, key, Duration::from_secs(5))
-                    .await;
-                tracing::debug!(sent, "cancel request");
-                return Ok(Login::Cancelled);
-            }
-            StartupRequest::Unsupported { version } => {
-                return Err(LoginEnd::Refuse(PgError::fatal(
-                    SqlState::FEATURE_NOT_SUPPORTED,
-                    format!(
-                        "unsupported frontend protocol {}.{}: Breakwater speaks protocol 3.0",
-                        version >> 16,
-                        version & 0xffff
-                    ),
-                )))
-            }
-            StartupRequest::Startup(p) => break p,
+    let startup = match opening {
+        Opening::Startup(p) => p,
+        Opening::Cancel { pid, key } => {
+            GlobalStats::bump(&shared.stats.cancel_requests);
+            let sent = shared
+                .cancels
+                .cancel(pid, key, Duration::from_secs(5))
+                .await;
+            tracing::debug!(sent, "cancel request");
+            return Ok(Login::Cancelled);
         }
     };
-
     if count > settings.max_client_conn {
         GlobalStats::bump(&shared.stats.refused_max_client_conn);
         return Err(LoginEnd::Refuse(PgError::fatal(
@@ -302,6 +493,10 @@ async fn login(
                 startup.database
             ),
         )));
+    }
+    // PostgreSQL's clientcert=verify-full: the certificate is the user's, whatever auth_type.
+    if settings.client_tls.mode == SslMode::VerifyFull && client.stream.is_tls() {
+        certificate_names_user(client, &startup.user)?;
     }
     let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
     backend::write_auth_ok(&mut client.out);
@@ -357,6 +552,7 @@ async fn authenticate(
             }
             Ok(None)
         }
+        AuthType::Cert => certificate_names_user(client, user).map(|()| None),
         AuthType::Md5 => match secret {
             Some(Secret::Scram(v)) => scram(client, user, v.clone(), true).await,
             other => {
@@ -388,6 +584,27 @@ async fn authenticate(
             let keys = scram(client, user, verifier, known).await?;
             Ok(keys)
         }
+    }
+}
+
+/// The client certificate (verified against client_tls_ca_file during the handshake) has the
+/// user name as its CN.
+fn certificate_names_user(client: &ClientConn, user: &str) -> Result<(), LoginEnd> {
+    let refuse = |why: &str| {
+        LoginEnd::Refuse(PgError::fatal(
+            SqlState::INVALID_AUTHORIZATION,
+            format!("certificate authentication failed for user \"{user}\": {why}"),
+        ))
+    };
+    let Some(cert) = client.stream.client_certificate() else {
+        return Err(refuse(
+            "no client certificate (it needs TLS with client_tls_sslmode = verify-ca or verify-full)",
+        ));
+    };
+    match crate::tls::common_name(cert) {
+        Some(cn) if cn == user => Ok(()),
+        Some(cn) => Err(refuse(&format!("the certificate's CN is \"{cn}\""))),
+        None => Err(refuse("the certificate has no usable CN")),
     }
 }
 

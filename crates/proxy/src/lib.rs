@@ -12,6 +12,7 @@ pub mod registry;
 pub mod scan;
 mod session;
 pub mod settings;
+pub mod tls;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -28,6 +29,7 @@ pub use client::AdminLogin;
 pub use control::{ControlError, ReloadReport};
 pub use registry::ClientInfo;
 pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
+pub use tls::{ClientTls, ClientTlsFiles};
 
 /// Names of the virtual admin database.
 pub const ADMIN_DATABASES: &[&str] = &["breakwater", "pgbouncer"];

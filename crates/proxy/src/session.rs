@@ -539,7 +539,7 @@ impl<'a> Session<'a> {
             };
             if !self.to_client.is_empty() {
                 PoolStats::add(&self.entry.stats.bytes_sent, self.to_client.len() as u64);
-                let written = self.client.stream.write_all(&self.to_client).await;
+                let written = self.client.stream.send(&self.to_client).await;
                 self.to_client.clear();
                 if written.is_err() {
                     return Step::ClientGone;

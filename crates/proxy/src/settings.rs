@@ -29,6 +29,9 @@ pub enum AuthType {
     Trust,
     Md5,
     ScramSha256,
+    /// The client certificate's CN must be the user name (needs client_tls_sslmode verify-ca
+    /// or verify-full).
+    Cert,
 }
 
 /// One `[databases.NAME]` entry.
@@ -88,6 +91,8 @@ pub struct ProxySettings {
     pub server: upstream::ServerSettings,
     /// The DNS cache's settings (`dns_*`).
     pub dns: upstream::DnsSettings,
+    /// `client_tls_sslmode` and the acceptor built from the `client_tls_*` files.
+    pub client_tls: crate::tls::ClientTls,
     pub databases: Vec<DatabaseRoute>,
     /// Log each client login / disconnection at info (else debug).
     pub log_connections: bool,

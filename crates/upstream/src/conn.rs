@@ -12,7 +12,7 @@ use proto::auth::{md5_password_response, ScramClient, ServerCredential};
 use proto::backend::{self, AuthRequest};
 use proto::error::{parse_error_fields, ErrorFields};
 use proto::{frame, frontend, startup, FrameError};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncReadExt;
 use tokio::net::{TcpStream, UnixStream};
 
 use crate::dns::{DnsCache, DnsError};
@@ -64,6 +64,8 @@ pub struct ServerSettings {
     pub role_check_interval: Option<Duration>,
     /// `server_role_check_timeout`: bound on one probe of one host.
     pub role_check_timeout: Option<Duration>,
+    /// `server_tls_sslmode` and the rustls config built from the `server_tls_*` files.
+    pub tls: crate::tls::ServerTls,
 }
 
 impl Default for ServerSettings {
@@ -81,6 +83,7 @@ impl Default for ServerSettings {
             max_message: proto::DEFAULT_MAX_MESSAGE,
             role_check_interval: Some(Duration::from_secs(5)),
             role_check_timeout: Some(Duration::from_secs(2)),
+            tls: crate::tls::ServerTls::disabled(),
         }
     }
 }
@@ -97,6 +100,18 @@ pub enum ConnectError {
     ConnectTimeout { addr: String, timeout: Duration },
     #[error("could not connect to server {addr}: {source}")]
     Connect { addr: String, source: io::Error },
+    #[error("server_connect_timeout ({timeout:?}) expired during the TLS handshake with server \"{host}\" ({addr})")]
+    TlsTimeout {
+        host: String,
+        addr: String,
+        timeout: Duration,
+    },
+    #[error("TLS with server \"{host}\" ({addr}): {source}")]
+    Tls {
+        host: String,
+        addr: String,
+        source: crate::tls::TlsError,
+    },
     #[error("server_login_timeout ({timeout:?}) expired logging in to {addr}")]
     LoginTimeout { addr: String, timeout: Duration },
     /// The server sent an ErrorResponse during login; its SQLSTATE is passed on to the client.
@@ -189,7 +204,7 @@ impl CancelTarget {
             let mut s = self.addr.connect().await?;
             let mut buf = BytesMut::with_capacity(16);
             startup::write_cancel(&mut buf, self.pid, self.key);
-            s.write_all(&buf).await?;
+            s.send(&buf).await?;
             // The server closes after reading it; waiting for that tells us it was delivered.
             let mut sink = [0u8; 16];
             let _ = s.read(&mut sink).await;
@@ -242,7 +257,8 @@ impl ConnectError {
             ConnectError::Dns { .. } => (Phase::Dns, false),
             ConnectError::DnsTimeout { .. } => (Phase::Dns, true),
             ConnectError::ConnectTimeout { .. } => (Phase::Connect, true),
-            ConnectError::Connect { .. } => (Phase::Connect, false),
+            ConnectError::Connect { .. } | ConnectError::Tls { .. } => (Phase::Connect, false),
+            ConnectError::TlsTimeout { .. } => (Phase::Connect, true),
             ConnectError::LoginTimeout { .. } => (Phase::Login, true),
             ConnectError::Refused { .. }
             | ConnectError::Auth { .. }
@@ -264,6 +280,7 @@ impl ConnectError {
                 fields.code.starts_with("28") || fields.code == "3D000"
             }
             ConnectError::Auth { .. } | ConnectError::BreakerOpen(_) => true,
+            ConnectError::Tls { source, .. } => source.is_permanent(),
             _ => false,
         }
     }
@@ -329,7 +346,7 @@ impl ServerConn {
     ) -> Result<ServerConn, ConnectError> {
         let (addrs, cached) = resolve(target, settings.dns_timeout, dns).await?;
         let err = match connect_first(&addrs, target, settings).await {
-            Ok((stream, addr)) => return login(stream, addr, target, settings).await,
+            Ok((stream, addr)) => return login_allowing_tls(stream, addr, target, settings).await,
             Err(e) => e,
         };
         // A connect to a cached address failed: the name may point elsewhere by now.
@@ -340,7 +357,7 @@ impl ServerConn {
                         "connect to a cached address failed and DNS now answers differently; retrying");
                     let addrs = tcp_addrs(&fresh.addrs, target.port);
                     let (stream, addr) = connect_first(&addrs, target, settings).await?;
-                    return login(stream, addr, target, settings).await;
+                    return login_allowing_tls(stream, addr, target, settings).await;
                 }
             }
         }
@@ -407,7 +424,7 @@ impl ServerConn {
     /// Writes all of `data`. Not cancellation-safe: a caller that gives up mid-write must mark the
     /// connection broken.
     pub async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
-        self.stream.write_all(data).await
+        self.stream.send(data).await
     }
 
     /// Is the socket still open with nothing unexpected waiting? An idle server that sent
@@ -501,10 +518,7 @@ impl ServerConn {
     /// Does the socket look dead while we wait for a reply: data we sent still unacknowledged,
     /// or keepalive probes unanswered? A healthy long query has everything acknowledged.
     pub fn socket_looks_dead(&self) -> bool {
-        match &self.stream {
-            Stream::Tcp(s) => tcp_info_dead(s),
-            Stream::Unix(_) => false,
-        }
+        self.stream.tcp().is_some_and(tcp_info_dead)
     }
 
     /// Sends Terminate without waiting for anything; closing never blocks on a dead peer.
@@ -515,12 +529,23 @@ impl ServerConn {
     }
 }
 
-impl Stream {
-    fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
-        match self {
-            Stream::Tcp(s) => s.try_write(data),
-            Stream::Unix(s) => s.try_write(data),
+/// Logs in; under sslmode=allow, as libpq, a server that refuses a login in the clear (pg_hba
+/// `hostssl`) gets a second attempt with TLS.
+async fn login_allowing_tls(
+    stream: Stream,
+    addr: ServerAddr,
+    target: &ServerTarget,
+    settings: &ServerSettings,
+) -> Result<ServerConn, ConnectError> {
+    match login(stream, addr.clone(), target, settings).await {
+        Err(ConnectError::Refused { .. })
+            if settings.tls.mode == crate::tls::SslMode::Allow
+                && matches!(addr, ServerAddr::Tcp(_)) =>
+        {
+            let stream = connect_one(&addr, target, settings, true).await?;
+            login(stream, addr, target, settings).await
         }
+        other => other,
     }
 }
 
@@ -586,7 +611,7 @@ async fn connect_first(
 ) -> Result<(Stream, ServerAddr), ConnectError> {
     let mut last_err = None;
     for addr in addrs {
-        match connect_one(addr, settings).await {
+        match connect_one(addr, target, settings, settings.tls.asks_first()).await {
             Ok(stream) => return Ok((stream, addr.clone())),
             Err(e) => last_err = Some(e),
         }
@@ -597,7 +622,14 @@ async fn connect_first(
     }))
 }
 
-async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Stream, ConnectError> {
+/// TCP (or Unix) connect, socket options, then TLS when `tls` says so. Each of the connect and
+/// the TLS negotiation is bounded by server_connect_timeout.
+async fn connect_one(
+    addr: &ServerAddr,
+    target: &ServerTarget,
+    settings: &ServerSettings,
+    tls: bool,
+) -> Result<Stream, ConnectError> {
     let connecting = addr.connect();
     let stream =
         match settings.connect_timeout {
@@ -627,7 +659,23 @@ async fn connect_one(addr: &ServerAddr, settings: &ServerSettings) -> Result<Str
             let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(t));
         }
     }
-    Ok(stream)
+    if !tls {
+        return Ok(stream);
+    }
+    let negotiation = settings.tls.start(stream, &target.host);
+    match crate::tls::bounded(settings.connect_timeout, negotiation).await {
+        Ok(Ok(stream)) => Ok(stream),
+        Ok(Err(source)) => Err(ConnectError::Tls {
+            host: target.host.clone(),
+            addr: addr.to_string(),
+            source,
+        }),
+        Err(timeout) => Err(ConnectError::TlsTimeout {
+            host: target.host.clone(),
+            addr: addr.to_string(),
+            timeout,
+        }),
+    }
 }
 
 async fn login(

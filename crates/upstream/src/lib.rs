@@ -10,6 +10,7 @@ pub mod pool;
 pub mod prepared;
 pub mod registry;
 pub mod stream;
+pub mod tls;
 
 pub use conn::{
     CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
@@ -21,3 +22,4 @@ pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
 pub use stream::Stream;
+pub use tls::{ServerTls, ServerTlsFiles, SslMode, TlsConfigError};

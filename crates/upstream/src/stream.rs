@@ -1,29 +1,54 @@
-//! A byte stream to a peer: TCP or a Unix socket. Both client and server connections use it, so
-//! the TLS issue adds its variant in one place.
+//! A byte stream to a peer: TCP, a Unix socket, or TLS over TCP in either direction. Both client
+//! and server connections use it, so the proxy and the server side never care which it is.
+//!
+//! TLS buffers: a write to a TLS variant may leave ciphertext inside rustls when the socket is
+//! full, and only `flush` pushes it out. Every writer therefore uses [`Stream::send`] (write all,
+//! then flush), never a bare `write_all`, or a reply could sit in a buffer while both sides wait.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpStream, UnixStream};
 
 #[derive(Debug)]
 pub enum Stream {
     Tcp(TcpStream),
     Unix(UnixStream),
+    /// Breakwater is the TLS client: a connection to a server.
+    TlsToServer(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Breakwater is the TLS server: a connection from a client.
+    TlsFromClient(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
 impl Stream {
     /// Is the peer still there with nothing unread? Asks the kernel directly (a non-blocking
     /// `MSG_PEEK`), because tokio's cached readiness may not yet know about bytes or a FIN that
     /// arrived while nobody was polling this idle socket. `false` when the peer closed, sent
-    /// something unexpected (typically a FATAL before closing), or the socket errored.
+    /// something unexpected (typically a FATAL before closing), or the socket errored. For TLS
+    /// the peek sees ciphertext, which is left for rustls; plaintext or a close_notify rustls
+    /// already holds counts as unexpected too.
     pub fn is_idle_and_open(&self) -> bool {
         use std::os::fd::AsRawFd;
         let fd = match self {
             Stream::Tcp(s) => s.as_raw_fd(),
             Stream::Unix(s) => s.as_raw_fd(),
+            Stream::TlsToServer(s) => {
+                let (tcp, tls) = s.get_ref();
+                if !tls.wants_read() {
+                    return false;
+                }
+                tcp.as_raw_fd()
+            }
+            Stream::TlsFromClient(s) => {
+                let (tcp, tls) = s.get_ref();
+                if !tls.wants_read() {
+                    return false;
+                }
+                tcp.as_raw_fd()
+            }
         };
         let mut probe = [0u8; 1];
         // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves the data in place.
@@ -40,28 +65,104 @@ impl Stream {
 
     /// The local and remote socket addresses (`None` for Unix sockets), for SHOW CLIENTS/SERVERS.
     pub fn addrs(&self) -> (Option<std::net::SocketAddr>, Option<std::net::SocketAddr>) {
-        match self {
-            Stream::Tcp(s) => (s.local_addr().ok(), s.peer_addr().ok()),
-            Stream::Unix(_) => (None, None),
+        match self.tcp() {
+            Some(s) => (s.local_addr().ok(), s.peer_addr().ok()),
+            None => (None, None),
         }
     }
 
     /// A second handle on the same socket, so an operator can shut it down (KILL) while its
     /// task owns the stream; the task then sees end-of-stream and cleans up as for any
-    /// disconnect.
+    /// disconnect. For TLS it is the TCP socket underneath.
     pub fn shutdown_handle(&self) -> Option<std::os::fd::OwnedFd> {
         use std::os::fd::AsFd;
         match self {
-            Stream::Tcp(s) => s.as_fd().try_clone_to_owned().ok(),
             Stream::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
+            _ => self.tcp()?.as_fd().try_clone_to_owned().ok(),
+        }
+    }
+
+    /// The TCP socket underneath, for socket options and TCP_INFO.
+    pub fn tcp(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Tcp(s) => Some(s),
+            Stream::Unix(_) => None,
+            Stream::TlsToServer(s) => Some(s.get_ref().0),
+            Stream::TlsFromClient(s) => Some(s.get_ref().0),
+        }
+    }
+
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Stream::TlsToServer(_) | Stream::TlsFromClient(_))
+    }
+
+    /// The certificate a TLS client presented (the end entity), if any.
+    pub fn client_certificate(&self) -> Option<&CertificateDer<'static>> {
+        match self {
+            Stream::TlsFromClient(s) => s.get_ref().1.peer_certificates()?.first(),
+            _ => None,
         }
     }
 
     /// Disables Nagle: the pooler forwards whole protocol messages and must not sit on them.
     pub fn set_nodelay(&self) {
-        if let Stream::Tcp(s) = self {
+        if let Some(s) = self.tcp() {
             let _ = s.set_nodelay(true);
         }
+    }
+
+    /// Writes all of `data` and flushes it to the socket (see the module comment). Not
+    /// cancellation-safe: a caller cut off mid-send must close the stream.
+    pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.write_all(data).await?;
+        self.flush().await
+    }
+
+    /// Writes `data` without waiting, as far as the socket takes it right now (for a goodbye
+    /// such as Terminate on a connection being closed). For TLS the data is encrypted and a
+    /// close_notify follows; whatever does not fit is dropped with the stream.
+    pub fn try_write_now(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => s.try_write(data),
+            Stream::Unix(s) => s.try_write(data),
+            Stream::TlsToServer(s) => {
+                let (tcp, tls) = s.get_mut();
+                tls_write_now(tcp, tls, data)
+            }
+            Stream::TlsFromClient(s) => {
+                let (tcp, tls) = s.get_mut();
+                tls_write_now(tcp, tls, data)
+            }
+        }
+    }
+}
+
+fn tls_write_now<D>(
+    tcp: &mut TcpStream,
+    tls: &mut rustls::ConnectionCommon<D>,
+    data: &[u8],
+) -> io::Result<usize> {
+    use std::io::Write;
+    let n = tls.writer().write(data)?;
+    tls.send_close_notify();
+    let mut sink = TryWriter(tcp);
+    while tls.wants_write() {
+        if tls.write_tls(&mut sink)? == 0 {
+            break;
+        }
+    }
+    Ok(n)
+}
+
+/// std::io::Write over a non-blocking tokio socket: WouldBlock instead of waiting.
+struct TryWriter<'a>(&'a TcpStream);
+
+impl std::io::Write for TryWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.try_write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -74,6 +175,8 @@ impl AsyncRead for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_read(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
+            Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
         }
     }
 }
@@ -87,6 +190,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write(cx, buf),
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
     }
 
@@ -94,6 +199,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_flush(cx),
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
+            Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
         }
     }
 
@@ -101,6 +208,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_shutdown(cx),
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
+            Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
     }
 
@@ -112,6 +221,8 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Tcp(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+            Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
         }
     }
 
