@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::os::fd::OwnedFd;
+use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -22,7 +22,11 @@ pub struct ClientInfo {
     pub local: Option<SocketAddr>,
     pub connect_time: SystemTime,
     pub application_name: String,
-    kill: Option<OwnedFd>,
+    /// The client socket's descriptor, not a duplicate: a duplicate per client doubled the
+    /// descriptors Breakwater holds. It is only used under the registry's lock, and the row is
+    /// removed (under that lock) before the session closes the socket, so it never names an
+    /// unrelated socket.
+    kill: Option<RawFd>,
     /// The client's cancel slot, which says whether it holds a server right now.
     slot: Arc<CancelSlot>,
 }
@@ -33,11 +37,14 @@ impl ClientInfo {
         self.slot.is_linked()
     }
 
-    /// Disconnects the client: its session sees end-of-stream at its next read. The descriptor
-    /// is this row's own duplicate, so it can never hit an unrelated socket.
+    /// Disconnects the client: its session sees end-of-stream at its next read. Call only under
+    /// the registry's lock (see `kill`).
     fn kill(&self) {
-        if let Some(fd) = &self.kill {
-            let _ = socket2::SockRef::from(fd).shutdown(std::net::Shutdown::Both);
+        if let Some(fd) = self.kill {
+            // SAFETY: shutdown(2) on a descriptor that is open while the row exists.
+            unsafe {
+                libc::shutdown(fd, libc::SHUT_RDWR);
+            }
         }
     }
 }
@@ -55,9 +62,13 @@ pub(crate) struct ClientRegistration<'a> {
 
 impl Drop for ClientRegistration<'_> {
     fn drop(&mut self) {
-        if let Ok(mut m) = self.registry.clients.lock() {
-            m.remove(&self.id);
-        }
+        // Even on a poisoned lock: a row left behind would keep a descriptor number that the
+        // kernel may hand to another socket.
+        let mut m = match self.registry.clients.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.remove(&self.id);
     }
 }
 
@@ -68,7 +79,7 @@ pub(crate) struct NewClient {
     pub remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub application_name: String,
-    pub kill: Option<OwnedFd>,
+    pub kill: Option<RawFd>,
     pub slot: Arc<CancelSlot>,
 }
 

@@ -74,11 +74,11 @@ impl Stream {
     /// A second handle on the same socket, so an operator can shut it down (KILL) while its
     /// task owns the stream; the task then sees end-of-stream and cleans up as for any
     /// disconnect. For TLS it is the TCP socket underneath.
-    pub fn shutdown_handle(&self) -> Option<std::os::fd::OwnedFd> {
-        use std::os::fd::AsFd;
+    pub fn shutdown_handle(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
         match self {
-            Stream::Unix(s) => s.as_fd().try_clone_to_owned().ok(),
-            _ => self.tcp()?.as_fd().try_clone_to_owned().ok(),
+            Stream::Unix(s) => Some(s.as_raw_fd()),
+            _ => Some(self.tcp()?.as_raw_fd()),
         }
     }
 
