@@ -185,3 +185,19 @@ pub async fn wait_for_backend_exit(direct: &Client, pid: i32) {
     .await
     .unwrap();
 }
+
+/// Terminates the server backend currently serving `client` (asked with a query through the
+/// pooler) and waits until it has exited; returns its pid.
+pub async fn terminate_serving_backend(client: &Client, direct: &Client) -> i32 {
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    direct
+        .execute("SELECT pg_terminate_backend($1)", &[&pid])
+        .await
+        .unwrap();
+    wait_for_backend_exit(direct, pid).await;
+    pid
+}

@@ -108,16 +108,7 @@ async fn an_idle_server_closed_by_the_database_is_dropped_before_it_is_handed_ou
     let env = start("", "pool_size = 1\n");
     let direct = env.direct().await;
     let a = env.client().await;
-    let pid: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    direct
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    wait_for_backend_exit(&direct, pid).await;
+    let pid = terminate_serving_backend(&a, &direct).await;
     // The same client's next transaction gets a fresh server, with no error.
     let pid2: i32 = a
         .query_one("SELECT pg_backend_pid()", &[])

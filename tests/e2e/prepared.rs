@@ -245,16 +245,7 @@ async fn statements_are_prepared_again_after_the_server_connection_was_replaced(
     let direct = env.direct().await;
     let s = c.prepare("SELECT $1::int - 1").await.unwrap();
     assert_eq!(c.query_one(&s, &[&10]).await.unwrap().get::<_, i32>(0), 9);
-    let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    direct
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    wait_for_backend_exit(&direct, pid).await;
+    terminate_serving_backend(&c, &direct).await;
     assert_eq!(c.query_one(&s, &[&20]).await.unwrap().get::<_, i32>(0), 19);
 }
 
