@@ -79,6 +79,10 @@ struct Cli {
     /// Never run apt-get; without pgbouncer, leave it out.
     #[arg(long)]
     no_install: bool,
+    /// An extra `[pooler]` setting for Breakwater, as KEY=VALUE in TOML (repeatable), e.g.
+    /// `--set workers=1`; recorded in the report's notes.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    settings: Vec<String>,
 }
 
 /// What one invocation runs, after defaults and filters.
@@ -186,6 +190,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     }
     let mut plan = plan(cli)?;
     let mut notes = Vec::new();
+    if !cli.settings.is_empty() {
+        notes.push(format!(
+            "Breakwater ran with extra settings: {}.",
+            cli.settings.join(", ")
+        ));
+    }
     let root = workspace_root();
 
     let max_idle = plan.idle_counts.iter().copied().max().unwrap_or(0) as u64;
@@ -272,6 +282,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 &userlist,
                 ClientAuth::Scram,
                 name,
+                &cli.settings,
             )?,
             other => {
                 let command = cli
@@ -353,6 +364,7 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                     &userlist,
                     ClientAuth::Trust,
                     name,
+                    &cli.settings,
                 )?
             };
             let pid = target.pid.context("pooler without a pid")?;

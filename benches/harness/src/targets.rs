@@ -78,8 +78,10 @@ pub fn start_breakwater(
     userlist: &str,
     auth: ClientAuth,
     name: &str,
+    extra: &[String],
 ) -> anyhow::Result<Target> {
     let port = testkit::free_port();
+    let extra: String = extra.iter().map(|kv| format!("{kv}\n")).collect();
     let auth_type = match auth {
         ClientAuth::Scram => "scram-sha-256",
         ClientAuth::Trust => "trust",
@@ -93,6 +95,7 @@ pub fn start_breakwater(
          default_pool_size = {POOL_SIZE}\n\
          auth_type = \"{auth_type}\"\n\
          auth_file = \"userlist.txt\"\n\
+         {extra}\
          \n\
          [databases.{DB}]\n\
          host = \"127.0.0.1\"\n\

@@ -339,7 +339,8 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
         match accepted {
             Ok((stream, peer)) => {
                 let daemon = daemon.clone();
-                clients.spawn(async move { serve(daemon, stream, peer).await });
+                let fut = async move { serve(daemon, stream, peer).await };
+                clients.spawn(fut);
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -360,7 +361,7 @@ async fn drain(mut clients: JoinSet<()>) {
 
 async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
     if let Some(login) = daemon.proxy.serve(stream, peer).await {
-        admin_console(daemon, login).await;
+        Box::pin(admin_console(daemon, login)).await;
     }
 }
 

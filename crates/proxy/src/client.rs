@@ -129,7 +129,9 @@ async fn serve_inner(
 
     // Small to start: most clients sit idle most of the time, and buffers grow on demand.
     let mut buf = BytesMut::with_capacity(1024);
-    let (stream, opened) = open(shared, &settings, stream, &mut buf, deadline).await;
+    // Login futures are boxed: a task's memory is its largest state, and a logged-in client
+    // should not keep carrying room for a TLS handshake.
+    let (stream, opened) = Box::pin(open(shared, &settings, stream, &mut buf, deadline)).await;
     let Some(stream) = stream else {
         // The TLS handshake took the connection with it; nothing can be said in the clear.
         match opened {
@@ -152,7 +154,7 @@ async fn serve_inner(
     let result = match opened {
         Ok(opening) => within(
             deadline,
-            login(shared, &settings, &mut client, count, opening),
+            Box::pin(login(shared, &settings, &mut client, count, opening)),
         )
         .await
         .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),

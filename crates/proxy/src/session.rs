@@ -180,7 +180,9 @@ impl<'a> Session<'a> {
     pub async fn run(&mut self) {
         let stats = self.entry.stats.clone();
         PoolStats::gauge(&stats.cl_idle, 1);
-        let mut held = match self.welcome().await {
+        // Boxed, like every rarely taken await below that holds a large future: a task's
+        // memory is its largest state, and an idle client should not carry the login path's.
+        let mut held = match Box::pin(self.welcome()).await {
             Ok(h) => h,
             Err(e) => {
                 PoolStats::gauge(&stats.cl_idle, -1);
@@ -470,8 +472,11 @@ impl<'a> Session<'a> {
             return Ok(());
         };
         server.pristine = false;
-        let result =
-            tokio::time::timeout(internal_timeout(self.settings), server.simple_query(&sql)).await;
+        let result = Box::pin(tokio::time::timeout(
+            internal_timeout(self.settings),
+            server.simple_query(&sql),
+        ))
+        .await;
         match result {
             Ok(Ok(())) => {
                 server.applied = self.params.unreported(server.params());
@@ -1055,10 +1060,10 @@ impl<'a> Session<'a> {
         PoolStats::add(&stats.xact_time_us, h.since.elapsed().as_micros() as u64);
         if h.dirty || self.mode == PoolMode::Session {
             PoolStats::add(&stats.server_resets, 1);
-            let reset = tokio::time::timeout(
+            let reset = Box::pin(tokio::time::timeout(
                 internal_timeout(self.settings),
                 h.server.simple_query(&self.settings.server_reset_query),
-            )
+            ))
             .await;
             match reset {
                 Ok(Ok(())) => {
@@ -1111,10 +1116,10 @@ impl<'a> Session<'a> {
             return;
         }
         if h.status != b'I' {
-            let rollback = tokio::time::timeout(
+            let rollback = Box::pin(tokio::time::timeout(
                 internal_timeout(self.settings),
                 h.server.simple_query("ROLLBACK"),
-            )
+            ))
             .await;
             if !matches!(rollback, Ok(Ok(()))) {
                 self.cancel.slot.set(None).await;

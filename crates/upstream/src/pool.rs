@@ -94,7 +94,9 @@ impl managed::Manager for ServerManager {
         }
         let settings = self.settings();
         let started = Instant::now();
-        let conn = self.hosts.connect(&target, &settings).await;
+        // Boxed: connecting (DNS, TLS, login) is a large future, and every checkout embeds
+        // this one; unboxed it would sit in every client task's memory even while idle.
+        let conn = Box::pin(self.hosts.connect(&target, &settings)).await;
         let stats = &self.stats;
         match conn {
             Ok(mut c) => {
@@ -167,8 +169,12 @@ impl managed::Manager for ServerManager {
             let idle = metrics.recycled.unwrap_or(metrics.created).elapsed();
             if idle > delay && !settings.check_query.is_empty() {
                 let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
-                let check =
-                    tokio::time::timeout(bound, conn.simple_query(&settings.check_query)).await;
+                // Boxed: every checkout embeds this future, and it is rarely needed.
+                let check = Box::pin(tokio::time::timeout(
+                    bound,
+                    conn.simple_query(&settings.check_query),
+                ))
+                .await;
                 if !matches!(check, Ok(Ok(()))) {
                     tracing::warn!(
                         server = conn.id,
