@@ -1,0 +1,60 @@
+//! CI's guard on the hot path's allocations: Breakwater in-process on a real PostgreSQL, one
+//! client, a couple of thousand transactions per case, and a bound on the allocations the
+//! pooler's threads make per transaction. The full table is `cargo bench -p breakwater-bench
+//! --bench alloc_per_txn` (see benches/README.md).
+
+#[path = "../common/alloc_probe.rs"]
+mod alloc_probe;
+
+use alloc_probe::{InProcPooler, Workload};
+
+/// Measured: exactly 1.000 allocation per transaction in each case below, in debug and release
+/// builds alike. It is the queue of expected replies (`Expectations`, a `VecDeque`) that each
+/// checkout starts empty and the transaction's first request grows: one per transaction, none
+/// per message. A transaction here carries 5 messages (`SELECT 1`: Query; RowDescription,
+/// DataRow, CommandComplete, ReadyForQuery back), 103 (100 rows) or 7 (prepared: Bind, Execute,
+/// Sync; BindComplete, DataRow, CommandComplete, ReadyForQuery), so an allocation per message
+/// would put these at 5, 103 or 7. The bound sits at 1.5 so that one more allocation per
+/// transaction fails as well, while the rare amortized ones (a buffer growing, a tokio slab
+/// page) that a couple of thousand transactions share do not.
+const MAX_ALLOCATIONS_PER_TRANSACTION: f64 = 1.5;
+
+const WARMUP: usize = 500;
+const CALLS: usize = 2_000;
+
+#[test]
+fn steady_state_transactions_allocate_at_most_once_and_never_per_message() {
+    let cluster = testkit::PgCluster::start().unwrap();
+    let pooler = InProcPooler::start(&cluster, 2).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients = rt.block_on(alloc_probe::connect(pooler.port, 1)).unwrap();
+    for w in [Workload::Simple, Workload::Rows, Workload::Prepared] {
+        let s = rt
+            .block_on(alloc_probe::measure(&pooler, &clients, w, WARMUP, CALLS))
+            .unwrap();
+        eprintln!(
+            "{}: {} allocations, {} bytes over {} transactions",
+            w.name(),
+            s.allocations,
+            s.bytes,
+            s.transactions
+        );
+        assert_eq!(
+            s.transactions,
+            CALLS as u64,
+            "{}: one pooler transaction per call",
+            w.name()
+        );
+        assert!(
+            s.per_transaction() <= MAX_ALLOCATIONS_PER_TRANSACTION,
+            "{}: {:.3} allocations per transaction by the pooler's threads (bound {}); \
+             `BW_ALLOC_TRACE=1 cargo bench -p breakwater-bench --bench alloc_per_txn` shows where",
+            w.name(),
+            s.per_transaction(),
+            MAX_ALLOCATIONS_PER_TRANSACTION
+        );
+    }
+}
