@@ -44,7 +44,8 @@ struct Cli {
     reps: Option<u32>,
     /// Run only scenarios whose name contains this text (repeatable), e.g. `select-simple`,
     /// `c64`, `storm`; `memory` selects the idle-client memory test. Names: select-MODE-cN
-    /// (MODE simple|extended|prepared, N 1|16|64|256), tpcb-simple-c64, storm-simple-c64.
+    /// (MODE simple|extended|prepared, N 1|16|64|256), tpcb-simple-c64, storm-simple-c64
+    /// (SCRAM logins), storm-md5-c64 (md5 logins).
     #[arg(long)]
     only: Vec<String>,
     /// Targets to run, comma-separated, from direct, pgbouncer, breakwater (default: all).
@@ -84,6 +85,9 @@ struct Cli {
     #[arg(long = "set", value_name = "KEY=VALUE")]
     settings: Vec<String>,
 }
+
+/// The targets the harness knows how to start; `--other` adds more.
+const BUILTIN_TARGETS: [&str; 3] = ["direct", "pgbouncer", "breakwater"];
 
 /// What one invocation runs, after defaults and filters.
 struct Plan {
@@ -139,15 +143,12 @@ fn plan(cli: &Cli) -> anyhow::Result<Plan> {
         (None, true) if cli.smoke => vec![200],
         (None, true) => vec![1_000, 10_000],
     };
-    let mut targets = cli.targets.clone().unwrap_or_else(|| {
-        vec![
-            "direct".to_owned(),
-            "pgbouncer".to_owned(),
-            "breakwater".to_owned(),
-        ]
-    });
+    let mut targets = cli
+        .targets
+        .clone()
+        .unwrap_or_else(|| BUILTIN_TARGETS.map(str::to_owned).to_vec());
     for t in &targets {
-        if !["direct", "pgbouncer", "breakwater"].contains(&t.as_str()) {
+        if !BUILTIN_TARGETS.contains(&t.as_str()) {
             bail!("unknown target {t:?}: use direct, pgbouncer, breakwater (and --other for more)");
         }
     }
@@ -263,39 +264,6 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let machine = procfs::Machine::read();
     let date = shell_line("date", &["-u", "+%Y-%m-%d %H:%M UTC"]);
 
-    // Start every target up front, so each run finds its pooler warm.
-    let mut running: Vec<Target> = Vec::new();
-    for name in &plan.targets {
-        eprintln!("== starting {name}");
-        let target = match name.as_str() {
-            "direct" => Target::direct(&cluster),
-            "pgbouncer" => targets::start_pgbouncer(
-                pgbouncer_bin.as_deref().context("no pgbouncer binary")?,
-                &cluster,
-                &userlist,
-                ClientAuth::Scram,
-                name,
-            )?,
-            "breakwater" => targets::start_breakwater(
-                &breakwater_bin,
-                &cluster,
-                &userlist,
-                ClientAuth::Scram,
-                name,
-                &cli.settings,
-            )?,
-            other => {
-                let command = cli
-                    .other
-                    .iter()
-                    .find_map(|o| o.strip_prefix(&format!("{other}=")))
-                    .context("--other command")?;
-                targets::start_other(other, command, &cluster, &userlist)?
-            }
-        };
-        running.push(target);
-    }
-
     // Every pgbench run's output is kept, so a failure can be read in full afterwards.
     let out_dir = cli
         .out
@@ -304,35 +272,111 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
     let stamp = shell_line("date", &["-u", "+%Y%m%d-%H%M%S"]);
     let logs = out_dir.join(format!("{stamp}-pgbench"));
     std::fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
-    if !plan.scenarios.is_empty() {
+
+    // `auth_type` is a setting of a whole pooler, so each client auth gets its own set of
+    // targets: SCRAM scenarios first, then md5 ones, one set running at a time. `--other`
+    // commands configure their own auth, so they take part in SCRAM scenarios only.
+    let targets_for = |auth: ClientAuth| -> Vec<String> {
+        plan.targets
+            .iter()
+            .filter(|t| auth == ClientAuth::Scram || BUILTIN_TARGETS.contains(&t.as_str()))
+            .cloned()
+            .collect()
+    };
+    let start_targets = |auth: ClientAuth, userlist: &str| -> anyhow::Result<Vec<Target>> {
+        let mut running = Vec::new();
+        for name in targets_for(auth) {
+            eprintln!("== starting {name} (clients log in with {auth:?})");
+            let target = match name.as_str() {
+                "direct" => Target::direct(&cluster),
+                "pgbouncer" => targets::start_pgbouncer(
+                    pgbouncer_bin.as_deref().context("no pgbouncer binary")?,
+                    &cluster,
+                    userlist,
+                    auth,
+                    &name,
+                )?,
+                "breakwater" => targets::start_breakwater(
+                    &breakwater_bin,
+                    &cluster,
+                    userlist,
+                    auth,
+                    &name,
+                    &cli.settings,
+                )?,
+                other => {
+                    let command = cli
+                        .other
+                        .iter()
+                        .find_map(|o| o.strip_prefix(&format!("{other}=")))
+                        .context("--other command")?;
+                    targets::start_other(other, command, &cluster, userlist)?
+                }
+            };
+            running.push(target);
+        }
+        Ok(running)
+    };
+
+    let total: usize = plan
+        .scenarios
+        .iter()
+        .map(|s| plan.reps as usize * targets_for(s.auth).len())
+        .sum();
+    let mut runs = Vec::new();
+    for auth in [ClientAuth::Scram, ClientAuth::Md5] {
+        let scenarios: Vec<&Scenario> = plan.scenarios.iter().filter(|s| s.auth == auth).collect();
+        if scenarios.is_empty() {
+            continue;
+        }
+        let userlist = match auth {
+            ClientAuth::Md5 => {
+                targets::grant_md5_user(&cluster)?;
+                notes.push(format!(
+                    "md5 scenarios: pgbench logs in as {} with md5 everywhere — to the poolers \
+                     (auth_type md5, an auth_file with the md5 hash PostgreSQL stores for it) and \
+                     to PostgreSQL directly (its pg_hba asks this role for md5); the poolers \
+                     still log in to PostgreSQL as {} with its password (SCRAM).",
+                    targets::MD5_USER,
+                    targets::USER
+                ));
+                if !cli.other.is_empty() {
+                    notes.push("--other poolers are not part of the md5 scenarios.".to_owned());
+                }
+                targets::md5_userlist(&cluster)?
+            }
+            _ => userlist.clone(),
+        };
+        // Start every target of this set up front, so each run finds its pooler warm.
+        let running = start_targets(auth, &userlist)?;
         // Open each pooler's server connections before anything is measured.
-        let warmup = Scenario::select("simple", 16);
+        let warmup = Scenario {
+            auth,
+            ..Scenario::select("simple", 16)
+        };
         for t in running.iter().filter(|t| t.is_pooler()) {
             let r = pgbench::run(&pgbench_bin, &warmup, t, Duration::from_secs(1), 0, &logs)?;
             if let Some(e) = r.error {
                 eprintln!("   warm-up on {} failed: {e}", t.name);
             }
         }
-    }
-
-    let total = plan.scenarios.len() * plan.reps as usize * running.len();
-    let mut runs = Vec::new();
-    for scenario in &plan.scenarios {
-        for rep in 1..=plan.reps {
-            for target in &running {
-                let r = pgbench::run(&pgbench_bin, scenario, target, plan.duration, rep, &logs)?;
-                eprintln!(
-                    "[{:>3}/{total}] {:<22} {:<10} rep {rep}: {}",
-                    runs.len() + 1,
-                    scenario.name,
-                    target.name,
-                    describe(&r)
-                );
-                runs.push(r);
+        for scenario in scenarios {
+            for rep in 1..=plan.reps {
+                for target in &running {
+                    let r =
+                        pgbench::run(&pgbench_bin, scenario, target, plan.duration, rep, &logs)?;
+                    eprintln!(
+                        "[{:>3}/{total}] {:<22} {:<10} rep {rep}: {}",
+                        runs.len() + 1,
+                        scenario.name,
+                        target.name,
+                        describe(&r)
+                    );
+                    runs.push(r);
+                }
             }
         }
     }
-    drop(running);
 
     let mut memory = Vec::new();
     if !plan.idle_counts.is_empty() {

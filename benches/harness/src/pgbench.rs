@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::procfs;
-use crate::targets::{Target, DB, PASSWORD, USER};
+use crate::targets::{ClientAuth, Target, DB, PASSWORD, USER};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Script {
@@ -27,6 +27,9 @@ pub struct Scenario {
     pub clients: u32,
     /// `-C`: a new connection (and login) per transaction.
     pub connect_per_txn: bool,
+    /// How pgbench logs in: SCRAM as `app`, or md5 as `md5user` (to the poolers and to
+    /// PostgreSQL alike). Poolers are started with this client auth.
+    pub auth: ClientAuth,
 }
 
 impl Scenario {
@@ -37,6 +40,7 @@ impl Scenario {
             mode,
             clients,
             connect_per_txn: false,
+            auth: ClientAuth::Scram,
         }
     }
 
@@ -47,6 +51,7 @@ impl Scenario {
             mode: "simple",
             clients,
             connect_per_txn: false,
+            auth: ClientAuth::Scram,
         }
     }
 
@@ -57,6 +62,17 @@ impl Scenario {
             mode: "simple",
             clients,
             connect_per_txn: true,
+            auth: ClientAuth::Scram,
+        }
+    }
+
+    /// The storm with md5 logins: no PBKDF2 in libpq, so the pooler's own login path weighs
+    /// more in the result.
+    pub fn storm_md5(clients: u32) -> Scenario {
+        Scenario {
+            name: format!("storm-md5-c{clients}"),
+            auth: ClientAuth::Md5,
+            ..Scenario::storm(clients)
         }
     }
 
@@ -70,6 +86,9 @@ impl Scenario {
             f.push_str("-C ");
         }
         f.push_str(&format!("-M {} -c {}", self.mode, self.clients));
+        if self.auth != ClientAuth::Scram {
+            f.push_str(&format!(" -U {}", self.auth.login().0));
+        }
         f
     }
 }
@@ -88,6 +107,7 @@ pub fn all_scenarios(with_1000: bool) -> Vec<Scenario> {
     }
     list.push(Scenario::tpcb(64));
     list.push(Scenario::storm(64));
+    list.push(Scenario::storm_md5(64));
     list
 }
 
@@ -155,7 +175,7 @@ fn run_once(
 ) -> anyhow::Result<RunResult> {
     let secs = duration.as_secs().max(1);
     let threads = scenario.clients.clamp(1, 2);
-    let mut cmd = base_command(pgbench, target.port);
+    let mut cmd = base_command(pgbench, target.port, scenario.auth.login());
     cmd.arg("-n") // no VACUUM before the run: it is not part of what we measure
         .args(["-T", &secs.to_string()])
         .args(["-c", &scenario.clients.to_string()])
@@ -240,23 +260,24 @@ fn deadline_len(duration: Duration) -> Duration {
     duration + Duration::from_secs(60)
 }
 
-/// pgbench with connection settings for `port`, and no PG* variables from our environment.
-pub fn base_command(pgbench: &Path, port: u16) -> Command {
+/// pgbench with connection settings for `port` and a `(user, password)` login, and no PG*
+/// variables from our environment.
+pub fn base_command(pgbench: &Path, port: u16, (user, password): (&str, &str)) -> Command {
     let mut cmd = Command::new(pgbench);
     for (key, _) in std::env::vars_os() {
         if key.to_string_lossy().starts_with("PG") {
             cmd.env_remove(key);
         }
     }
-    cmd.env("PGPASSWORD", PASSWORD)
+    cmd.env("PGPASSWORD", password)
         .env("PGCONNECT_TIMEOUT", "10")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", USER]);
+        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", user]);
     cmd
 }
 
 /// `pgbench -i -s SCALE` straight against PostgreSQL, once per harness run.
 pub fn initialize(pgbench: &Path, port: u16, scale: u32) -> anyhow::Result<()> {
-    let out = base_command(pgbench, port)
+    let out = base_command(pgbench, port, (USER, PASSWORD))
         .args(["-i", "-q", "-s", &scale.to_string(), DB])
         .stdin(Stdio::null())
         .output()
@@ -372,10 +393,19 @@ tps = 24681.234567 (without initial connection time)
     }
 
     #[test]
+    fn the_md5_storm_logs_in_as_the_md5_role_and_says_so() {
+        let s = Scenario::storm_md5(64);
+        assert_eq!(s.auth.login(), ("md5user", "md5_pw"));
+        assert_eq!(s.flags(), "-S -C -M simple -c 64 -U md5user");
+        assert_eq!(Scenario::storm(64).flags(), "-S -C -M simple -c 64");
+    }
+
+    #[test]
     fn the_full_list_has_each_mode_at_each_client_count() {
         let names: Vec<String> = all_scenarios(false).into_iter().map(|s| s.name).collect();
-        assert_eq!(names.len(), 14);
+        assert_eq!(names.len(), 15);
         assert!(names.contains(&"select-prepared-c256".to_owned()));
         assert!(names.contains(&"storm-simple-c64".to_owned()));
+        assert!(names.contains(&"storm-md5-c64".to_owned()));
     }
 }

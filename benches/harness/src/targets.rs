@@ -1,7 +1,7 @@
 //! The things pgbench is pointed at: PostgreSQL itself, PgBouncer, Breakwater, and any other
 //! pooler given on the command line, each started with equivalent settings (transaction mode,
-//! pool size 16, SCRAM auth against the server's own verifier, quiet logs) and stopped when its
-//! handle drops.
+//! pool size 16, SCRAM or md5 client auth against the server's own verifier or hash, quiet logs)
+//! and stopped when its handle drops.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -15,17 +15,42 @@ use crate::procfs::{self, OsUser};
 pub const DB: &str = "app";
 pub const USER: &str = "app";
 pub const PASSWORD: &str = "app_pw";
+/// The test kit's role whose password PostgreSQL stores as md5 and asks for with md5 (pg_hba):
+/// md5 scenarios log in as it everywhere, direct included.
+pub const MD5_USER: &str = "md5user";
+pub const MD5_PASSWORD: &str = "md5_pw";
 pub const POOL_SIZE: u32 = 16;
 pub const MAX_CLIENT_CONN: u32 = 60_000;
 const START_TIMEOUT: Duration = Duration::from_secs(20);
 
-/// How clients authenticate to a pooler. The pgbench runs use SCRAM; the idle-client memory
-/// test uses trust so that opening 10k clients costs the harness no PBKDF2 (and the pooler
-/// nothing but the login itself).
-#[derive(Clone, Copy, PartialEq, Eq)]
+/// How clients authenticate to a pooler. The pgbench runs use SCRAM, the `storm-md5` scenario
+/// md5; the idle-client memory test uses trust so that opening 10k clients costs the harness no
+/// PBKDF2 (and the pooler nothing but the login itself). Whatever the clients use, the poolers
+/// log in to PostgreSQL as `app` with its password (SCRAM).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ClientAuth {
     Scram,
+    Md5,
     Trust,
+}
+
+impl ClientAuth {
+    /// The user and password pgbench logs in with.
+    pub fn login(self) -> (&'static str, &'static str) {
+        match self {
+            ClientAuth::Md5 => (MD5_USER, MD5_PASSWORD),
+            ClientAuth::Scram | ClientAuth::Trust => (USER, PASSWORD),
+        }
+    }
+
+    /// `auth_type` as both poolers spell it.
+    fn auth_type(self) -> &'static str {
+        match self {
+            ClientAuth::Scram => "scram-sha-256",
+            ClientAuth::Md5 => "md5",
+            ClientAuth::Trust => "trust",
+        }
+    }
 }
 
 /// A running target. `pid` is the pooler's (None for direct Postgres, whose CPU we do not
@@ -72,6 +97,32 @@ pub fn userlist(cluster: &testkit::PgCluster) -> anyhow::Result<String> {
     Ok(format!("\"{USER}\" \"{verifier}\"\n"))
 }
 
+/// The auth_file line for the md5 role, with the hash PostgreSQL itself stores
+/// (`md5` + md5(password + user)). Both poolers map it onto the `app` pool.
+pub fn md5_userlist(cluster: &testkit::PgCluster) -> anyhow::Result<String> {
+    let hash = cluster.psql(
+        "postgres",
+        &format!("SELECT rolpassword FROM pg_authid WHERE rolname = '{MD5_USER}'"),
+    )?;
+    if !(hash.starts_with("md5") && hash.len() == 35) {
+        bail!("role {MD5_USER} has no md5 password: {hash:?}");
+    }
+    Ok(format!("\"{MD5_USER}\" \"{hash}\"\n"))
+}
+
+/// Lets the md5 role run pgbench's select-only script on the data `app` owns (it reads
+/// pgbench_branches for the scale, then pgbench_accounts).
+pub fn grant_md5_user(cluster: &testkit::PgCluster) -> anyhow::Result<()> {
+    cluster.psql(
+        DB,
+        &format!(
+            "GRANT SELECT ON pgbench_accounts, pgbench_branches, pgbench_tellers, \
+             pgbench_history TO {MD5_USER}"
+        ),
+    )?;
+    Ok(())
+}
+
 pub fn start_breakwater(
     bin: &Path,
     cluster: &testkit::PgCluster,
@@ -82,10 +133,7 @@ pub fn start_breakwater(
 ) -> anyhow::Result<Target> {
     let port = testkit::free_port();
     let extra: String = extra.iter().map(|kv| format!("{kv}\n")).collect();
-    let auth_type = match auth {
-        ClientAuth::Scram => "scram-sha-256",
-        ClientAuth::Trust => "trust",
-    };
+    let auth_type = auth.auth_type();
     let config = format!(
         "[pooler]\n\
          listen_addr = \"127.0.0.1\"\n\
@@ -130,10 +178,7 @@ pub fn start_pgbouncer(
         None
     };
     let dir = tempfile::Builder::new().prefix("bw-pgbouncer-").tempdir()?;
-    let auth_type = match auth {
-        ClientAuth::Scram => "scram-sha-256",
-        ClientAuth::Trust => "trust",
-    };
+    let auth_type = auth.auth_type();
     let d = dir.path().display();
     let ini = format!(
         "[databases]\n\
