@@ -467,8 +467,8 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         ),
         settings: format!(
             "transaction mode, pool size {}, clients authenticate with SCRAM-SHA-256 against \
-             the server's own verifier in the auth_file, poolers log in to PostgreSQL with a \
-             password; pgbench scale {}, `-j 2`, `-n`, `-T {}` per run, {} repetition(s) \
+             the server's own verifier in the auth_file (md5 scenarios: see the note), poolers \
+             log in to PostgreSQL with a password; pgbench scale {}, `-j 2`, `-n`, `-T {}` per run, {} repetition(s) \
              interleaved across targets, medians shown; PostgreSQL max_connections {} with \
              fsync off.",
             targets::POOL_SIZE,
