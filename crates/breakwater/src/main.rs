@@ -339,8 +339,7 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
         match accepted {
             Ok((stream, peer)) => {
                 let daemon = daemon.clone();
-                let fut = async move { serve(daemon, stream, peer).await };
-                clients.spawn(fut);
+                clients.spawn(async move { serve(daemon, stream, peer).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -504,8 +504,8 @@ async fn login(
     backend::write_auth_ok(&mut client.out);
 
     if is_admin_db {
-        let is_admin = settings.admin_users.iter().any(|u| *u == startup.user);
-        if !is_admin && !settings.stats_users.iter().any(|u| *u == startup.user) {
+        let is_admin = settings.admin_users.contains(&startup.user);
+        if !is_admin && !settings.stats_users.contains(&startup.user) {
             return Err(LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_AUTHORIZATION,
                 format!(
@@ -671,7 +671,7 @@ pub(crate) fn fmt_duration(d: Duration) -> String {
 
 fn humanize(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")

@@ -63,7 +63,10 @@ struct Held {
 }
 
 impl Held {
-    fn new(server: PooledServer) -> Held {
+    /// `expect` is an empty queue handed down from the last transaction, so that a steady
+    /// stream of transactions does not allocate one each.
+    fn new(server: PooledServer, expect: Expectations) -> Held {
+        debug_assert!(expect.is_empty());
         Held {
             server,
             owed: 0,
@@ -72,7 +75,7 @@ impl Held {
             client_skip: 0,
             server_skip: 0,
             dirty: false,
-            expect: Expectations::default(),
+            expect,
             copy_in_open: false,
             since: Instant::now(),
             query_since: None,
@@ -140,6 +143,8 @@ pub(crate) struct Session<'a> {
     params: ClientParams,
     /// This client's named prepared statements.
     statements: ClientStatements,
+    /// The reply queue of the last transaction, kept (empty) for the next one.
+    spare_expect: Expectations,
     /// Bytes on their way to the server / the client, reused between rounds.
     to_server: BytesMut,
     to_client: BytesMut,
@@ -168,6 +173,7 @@ impl<'a> Session<'a> {
             entry,
             params,
             statements: ClientStatements::default(),
+            spare_expect: Expectations::default(),
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
             cancel,
@@ -203,7 +209,10 @@ impl<'a> Session<'a> {
                         }
                     }
                     match self.checkout().await {
-                        Ok(server) => held.insert(Held::new(server)),
+                        Ok(server) => {
+                            let expect = std::mem::take(&mut self.spare_expect);
+                            held.insert(Held::new(server, expect))
+                        }
                         Err(e) => {
                             self.client.send_error(&e).await;
                             break;
@@ -277,7 +286,7 @@ impl<'a> Session<'a> {
                 let p = server.params().to_vec();
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
-                    held = Some(Held::new(server));
+                    held = Some(Held::new(server, Expectations::default()));
                 }
                 p
             }
@@ -1054,6 +1063,9 @@ impl<'a> Session<'a> {
     /// Gives a server back at a transaction boundary, resetting it first if the client left
     /// session state (or always, in session mode).
     async fn release(&mut self, mut h: Held) {
+        // At release nothing is owed, so the queue is empty: keep its allocation.
+        self.spare_expect = std::mem::take(&mut h.expect);
+        self.spare_expect.clear();
         self.cancel.slot.set(None).await;
         let stats = &self.entry.stats;
         PoolStats::add(&stats.xact_count, 1);
