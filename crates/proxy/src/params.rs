@@ -26,12 +26,26 @@ pub fn tracked_name(name: &str) -> Option<&'static str> {
 }
 
 /// What one client wants its server connections to look like.
+///
+/// Read the lists freely; change them only through the methods here, which keep the
+/// fingerprint up to date.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClientParams {
     /// Tracked reported parameters, canonical values once a server has echoed them.
     pub reported: Vec<(&'static str, String)>,
     /// Unreported parameters from the startup packet, applied with SET.
     pub extra: Vec<(String, String)>,
+    /// A hash of both lists. A server connection remembers the fingerprint it was last synced
+    /// to, so the check at each checkout is one comparison instead of a walk of both lists
+    /// against the server's. Keyed per process (`RandomState`): a client cannot pick
+    /// parameters whose fingerprint collides with another client's, which would let one
+    /// client's `search_path` reach the other.
+    fingerprint: u64,
+}
+
+fn fingerprint_keys() -> &'static std::hash::RandomState {
+    static KEYS: std::sync::OnceLock<std::hash::RandomState> = std::sync::OnceLock::new();
+    KEYS.get_or_init(std::hash::RandomState::new)
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +73,29 @@ impl ClientParams {
         Ok(out)
     }
 
+    /// See [`ClientParams::fingerprint`] (the field).
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+
+    fn refresh(&mut self) {
+        use std::hash::BuildHasher;
+        self.fingerprint = fingerprint_keys().hash_one((&self.reported, &self.extra));
+    }
+
+    /// Takes the server's spelling of each tracked value (after a SET, the server reports
+    /// the canonical form: `ISO, MDY` for `iso,mdy`).
+    pub fn adopt_canonical(&mut self, server: impl Fn(&str) -> Option<String>) {
+        for (name, value) in self.reported.iter_mut() {
+            if let Some(v) = server(name) {
+                if v != *value {
+                    *value = v;
+                }
+            }
+        }
+        self.refresh();
+    }
+
     pub fn set(&mut self, name: &str, value: &str) {
         if !valid_name(name) {
             return;
@@ -76,6 +113,7 @@ impl ClientParams {
                 }
             }
         }
+        self.refresh();
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
@@ -95,6 +133,7 @@ impl ClientParams {
                 }
             }
         }
+        self.refresh();
     }
 
     /// Parameters this client wants that the server does not report (so Breakwater must
@@ -298,5 +337,31 @@ mod tests {
     fn names_that_could_inject_sql_are_dropped() {
         let p = ClientParams::from_startup(&s(&[("a\"; drop table x; --", "1")])).unwrap();
         assert!(p.extra.is_empty());
+    }
+
+    #[test]
+    fn fingerprint_follows_what_the_client_wants() {
+        let a = ClientParams::from_startup(&s(&[("search_path", "a"), ("TimeZone", "UTC")]))
+            .unwrap();
+        let same = ClientParams::from_startup(&s(&[("TimeZone", "UTC"), ("search_path", "a")]))
+            .unwrap();
+        let mut b = ClientParams::from_startup(&s(&[("search_path", "b"), ("TimeZone", "UTC")]))
+            .unwrap();
+        // Order of the startup packet is the client's business; tracked names are sorted by
+        // the order they arrive, so compare the sets a server would be synced to.
+        assert_eq!(
+            a.fingerprint() == same.fingerprint(),
+            a.reported == same.reported && a.extra == same.extra
+        );
+        assert_ne!(a.fingerprint(), b.fingerprint());
+        b.set("search_path", "a");
+        assert_eq!(a.reported, b.reported);
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let before = b.fingerprint();
+        b.adopt_canonical(|n| (n == "TimeZone").then(|| "Etc/UTC".to_owned()));
+        assert_ne!(b.fingerprint(), before, "a canonical value is a different value");
+        let before = b.fingerprint();
+        b.complete_from(&s(&[("DateStyle", "ISO, MDY")]));
+        assert_ne!(b.fingerprint(), before);
     }
 }

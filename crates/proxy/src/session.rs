@@ -67,6 +67,7 @@ impl Held {
     /// stream of transactions does not allocate one each.
     fn new(server: PooledServer, expect: Expectations) -> Held {
         debug_assert!(expect.is_empty());
+        let now = Instant::now();
         Held {
             server,
             owed: 0,
@@ -77,10 +78,10 @@ impl Held {
             dirty: false,
             expect,
             copy_in_open: false,
-            since: Instant::now(),
+            since: now,
             query_since: None,
-            last_server_byte: Instant::now(),
-            last_client_byte: Instant::now(),
+            last_server_byte: now,
+            last_client_byte: now,
             cancel_sent: None,
         }
     }
@@ -93,6 +94,42 @@ impl Held {
             && self.client_skip == 0
             && self.server_skip == 0
             && self.expect.is_empty()
+    }
+}
+
+/// One re-armable timer per session. Creating a timer for each wait on the server would insert
+/// and remove a timer-wheel entry at every read (server_unresponsive_timeout applies to every
+/// wait); this one is armed no later than the earliest deadline that applies and stays armed
+/// while later deadlines come and go. It may therefore ring early, and the session re-checks
+/// which deadline is due. Allocated on first use, so idle clients do not carry it.
+#[derive(Default)]
+struct Alarm {
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    armed: Option<Instant>,
+}
+
+impl Alarm {
+    /// Makes sure the alarm rings at `at` or earlier.
+    fn arm(&mut self, at: Instant) {
+        if self.armed.is_some_and(|armed| armed <= at) {
+            return;
+        }
+        match &mut self.sleep {
+            Some(sleep) => sleep.as_mut().reset(at.into()),
+            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at.into()))),
+        }
+        self.armed = Some(at);
+    }
+
+    /// Rings once per arming; pending forever when not armed.
+    async fn fired(&mut self) {
+        match (&mut self.sleep, self.armed) {
+            (Some(sleep), Some(_)) => {
+                sleep.as_mut().await;
+                self.armed = None;
+            }
+            _ => std::future::pending().await,
+        }
     }
 }
 
@@ -143,6 +180,8 @@ pub(crate) struct Session<'a> {
     params: ClientParams,
     /// This client's named prepared statements.
     statements: ClientStatements,
+    /// The session's timer for the Active state's timeouts.
+    alarm: Alarm,
     /// The reply queue of the last transaction, kept (empty) for the next one.
     spare_expect: Expectations,
     /// Bytes on their way to the server / the client, reused between rounds.
@@ -174,6 +213,7 @@ impl<'a> Session<'a> {
             params,
             statements: ClientStatements::default(),
             spare_expect: Expectations::default(),
+            alarm: Alarm::default(),
             to_server: BytesMut::new(),
             to_client: BytesMut::new(),
             cancel,
@@ -477,10 +517,16 @@ impl<'a> Session<'a> {
     /// Makes the server's session parameters match this client's; no round trip when they
     /// already do.
     async fn sync_params(&mut self, server: &mut PooledServer) -> Result<(), PgError> {
+        let wanted = self.params.fingerprint();
+        if server.params_synced_for == Some(wanted) {
+            return Ok(());
+        }
         let Some(sql) = self.params.sync_sql(server.params(), &server.applied) else {
+            server.params_synced_for = Some(wanted);
             return Ok(());
         };
         server.pristine = false;
+        server.params_synced_for = None;
         let result = Box::pin(tokio::time::timeout(
             internal_timeout(self.settings),
             server.simple_query(&sql),
@@ -489,13 +535,9 @@ impl<'a> Session<'a> {
         match result {
             Ok(Ok(())) => {
                 server.applied = self.params.unreported(server.params());
-                for (name, value) in self.params.reported.iter_mut() {
-                    if let Some(v) = server.param(name) {
-                        if v != value {
-                            *value = v.to_owned();
-                        }
-                    }
-                }
+                self.params
+                    .adopt_canonical(|name| server.param(name).map(str::to_owned));
+                server.params_synced_for = Some(self.params.fingerprint());
                 Ok(())
             }
             Ok(Err(QueryError::Server(f))) => {
@@ -570,13 +612,10 @@ impl<'a> Session<'a> {
             }
 
             // Wait for more from either side, or for the first timer that applies.
-            let (timer, deadline) = self.next_timer(h);
-            let sleep = async {
-                match deadline {
-                    Some(d) => tokio::time::sleep_until(d.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
+            let (_, deadline) = self.next_timer(h);
+            if let Some(d) = deadline {
+                self.alarm.arm(d);
+            }
             tokio::select! {
                 r = h.server.read() => {
                     if let Err(e) = r {
@@ -592,9 +631,14 @@ impl<'a> Session<'a> {
                     }
                     h.last_client_byte = Instant::now();
                 }
-                _ = sleep => {
-                    if let Some(step) = self.on_timer(h, timer).await {
-                        return step;
+                _ = self.alarm.fired(), if deadline.is_some() => {
+                    // The alarm may ring early (it was armed for a deadline that has since
+                    // moved on): act only on a timer that is really due.
+                    let (timer, deadline) = self.next_timer(h);
+                    if deadline.is_some_and(|d| d <= Instant::now()) {
+                        if let Some(step) = self.on_timer(h, timer).await {
+                            return step;
+                        }
                     }
                 }
             }
@@ -1081,6 +1125,7 @@ impl<'a> Session<'a> {
                 Ok(Ok(())) => {
                     // DISCARD ALL (the default) also drops prepared statements.
                     h.server.applied.clear();
+                    h.server.params_synced_for = None;
                     h.server.prepared.clear();
                 }
                 Ok(Err(e)) => {

@@ -230,6 +230,9 @@ pub struct ServerConn {
     params: Vec<(String, String)>,
     /// Parameters the server does not report that Breakwater SET on a client's behalf.
     pub applied: Vec<(String, String)>,
+    /// The fingerprint of the client parameters this connection was last made to match;
+    /// `None` once anything changed since. Breakwater's own bookkeeping (the proxy sets it).
+    pub params_synced_for: Option<u64>,
     cancel: CancelTarget,
     pub created: Instant,
     pub max_message: usize,
@@ -399,9 +402,13 @@ impl ServerConn {
                 if v != value {
                     v.clear();
                     v.push_str(value);
+                    self.params_synced_for = None;
                 }
             }
-            None => self.params.push((name.to_owned(), value.to_owned())),
+            None => {
+                self.params.push((name.to_owned(), value.to_owned()));
+                self.params_synced_for = None;
+            }
         }
     }
 
@@ -690,6 +697,7 @@ async fn login(
         buf: BytesMut::with_capacity(16 * 1024),
         params: Vec::new(),
         applied: Vec::new(),
+        params_synced_for: None,
         cancel: CancelTarget {
             addr,
             pid: 0,

@@ -78,10 +78,13 @@ impl ServerManager {
 }
 
 impl managed::Manager for ServerManager {
-    type Type = ServerConn;
+    /// Boxed: deadpool moves its objects through queues and options at every checkout and
+    /// return; moving a pointer instead of the ~320-byte connection saves about 2 000
+    /// instructions per transaction (callgrind).
+    type Type = Box<ServerConn>;
     type Error = ConnectError;
 
-    async fn create(&self) -> Result<ServerConn, ConnectError> {
+    async fn create(&self) -> Result<Box<ServerConn>, ConnectError> {
         let target = self.target();
         // Slots of the shared caps first: waiting for one is bounded by the client's
         // query_wait_timeout around the whole checkout.
@@ -116,7 +119,7 @@ impl managed::Manager for ServerManager {
                 }));
                 tracing::info!(server = c.id, addr = %c.addr(), pid = c.backend_pid(),
                     database = %self.target.database, user = %self.target.user, "server connection opened");
-                Ok(c)
+                Ok(Box::new(c))
             }
             Err(e) => {
                 PoolStats::add(&stats.server_connect_failures, 1);
@@ -136,7 +139,7 @@ impl managed::Manager for ServerManager {
 
     async fn recycle(
         &self,
-        conn: &mut ServerConn,
+        conn: &mut Box<ServerConn>,
         metrics: &Metrics,
     ) -> RecycleResult<ConnectError> {
         let settings = self.settings();
