@@ -341,12 +341,12 @@ mod tests {
 
     #[test]
     fn fingerprint_follows_what_the_client_wants() {
-        let a = ClientParams::from_startup(&s(&[("search_path", "a"), ("TimeZone", "UTC")]))
-            .unwrap();
-        let same = ClientParams::from_startup(&s(&[("TimeZone", "UTC"), ("search_path", "a")]))
-            .unwrap();
-        let mut b = ClientParams::from_startup(&s(&[("search_path", "b"), ("TimeZone", "UTC")]))
-            .unwrap();
+        let a =
+            ClientParams::from_startup(&s(&[("search_path", "a"), ("TimeZone", "UTC")])).unwrap();
+        let same =
+            ClientParams::from_startup(&s(&[("TimeZone", "UTC"), ("search_path", "a")])).unwrap();
+        let mut b =
+            ClientParams::from_startup(&s(&[("search_path", "b"), ("TimeZone", "UTC")])).unwrap();
         // Order of the startup packet is the client's business; tracked names are sorted by
         // the order they arrive, so compare the sets a server would be synced to.
         assert_eq!(
@@ -359,7 +359,11 @@ mod tests {
         assert_eq!(a.fingerprint(), b.fingerprint());
         let before = b.fingerprint();
         b.adopt_canonical(|n| (n == "TimeZone").then(|| "Etc/UTC".to_owned()));
-        assert_ne!(b.fingerprint(), before, "a canonical value is a different value");
+        assert_ne!(
+            b.fingerprint(),
+            before,
+            "a canonical value is a different value"
+        );
         let before = b.fingerprint();
         b.complete_from(&s(&[("DateStyle", "ISO, MDY")]));
         assert_ne!(b.fingerprint(), before);

@@ -23,18 +23,51 @@ pub enum Stream {
     TlsFromClient(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// A non-blocking `MSG_PEEK` of one byte: `Ok(0)` the peer closed, `Ok(1)` it sent something,
+/// `WouldBlock` nothing is there.
+fn peek(fd: std::os::fd::RawFd) -> io::Result<usize> {
+    let mut probe = [0u8; 1];
+    // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves the data in place.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            probe.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
 impl Stream {
-    /// Is the peer still there with nothing unread? Asks the kernel directly (a non-blocking
-    /// `MSG_PEEK`), because tokio's cached readiness may not yet know about bytes or a FIN that
-    /// arrived while nobody was polling this idle socket. `false` when the peer closed, sent
+    /// Is the peer still there with nothing unread? `false` when the peer closed, sent
     /// something unexpected (typically a FATAL before closing), or the socket errored. For TLS
     /// the peek sees ciphertext, which is left for rustls; plaintext or a close_notify rustls
     /// already holds counts as unexpected too.
     pub fn is_idle_and_open(&self) -> bool {
         use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+        // Plain sockets: ask tokio first. Its reactor records every event on a registered
+        // socket, polled or not, so if it has seen nothing since the last read drained the
+        // socket, nothing came — bar an event that arrived in the last few microseconds and
+        // awaits the reactor's next turn. That saves a syscall per checkout (a fifth of
+        // Breakwater's syscalls per transaction); when tokio has seen something, the peek
+        // decides (and a WouldBlock clears tokio's stale readiness).
         let fd = match self {
-            Stream::Tcp(s) => s.as_raw_fd(),
-            Stream::Unix(s) => s.as_raw_fd(),
+            Stream::Tcp(s) => {
+                return Self::idle_by_readiness(
+                    s.try_io(Interest::READABLE, || peek(s.as_raw_fd())),
+                )
+            }
+            Stream::Unix(s) => {
+                return Self::idle_by_readiness(
+                    s.try_io(Interest::READABLE, || peek(s.as_raw_fd())),
+                )
+            }
             Stream::TlsToServer(s) => {
                 let (tcp, tls) = s.get_ref();
                 if !tls.wants_read() {
@@ -50,17 +83,12 @@ impl Stream {
                 tcp.as_raw_fd()
             }
         };
-        let mut probe = [0u8; 1];
-        // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves the data in place.
-        let n = unsafe {
-            libc::recv(
-                fd,
-                probe.as_mut_ptr().cast(),
-                1,
-                libc::MSG_PEEK | libc::MSG_DONTWAIT,
-            )
-        };
-        n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::WouldBlock
+        Self::idle_by_readiness(peek(fd))
+    }
+
+    /// `peek`'s answer (or tokio's WouldBlock when it knows of nothing) as "idle and open".
+    fn idle_by_readiness(peeked: io::Result<usize>) -> bool {
+        matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
     }
 
     /// The local and remote socket addresses (`None` for Unix sockets), for SHOW CLIENTS/SERVERS.
