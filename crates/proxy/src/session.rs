@@ -236,6 +236,14 @@ impl<'a> Session<'a> {
                 return;
             }
         };
+        // The login buffers go back: many clients log in and then sit idle, and the first
+        // read or reply allocates what a working client keeps from then on.
+        if self.client.buf.is_empty() {
+            self.client.buf = BytesMut::new();
+        }
+        if self.client.out.is_empty() {
+            self.client.out = BytesMut::new();
+        }
         loop {
             let h = match held.as_mut() {
                 Some(h) => h,
@@ -398,7 +406,11 @@ impl<'a> Session<'a> {
             }
             let idle = self.settings.client_idle_timeout;
             tokio::select! {
-                r = read_into(&mut self.client.stream, &mut self.client.buf) => match r {
+                r = async {
+                    // Readiness first, so the buffer is only allocated once there is data.
+                    self.client.stream.readable().await?;
+                    read_into(&mut self.client.stream, &mut self.client.buf).await
+                } => match r {
                     Ok(0) | Err(_) => return Work::Gone,
                     Ok(_) => {}
                 },

@@ -139,6 +139,17 @@ impl Stream {
         }
     }
 
+    /// Waits until a read would find something (or the peer closed), without a buffer: an
+    /// idle client then holds no read buffer while it waits. For TLS it returns at once; the
+    /// read itself waits there.
+    pub async fn readable(&self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.readable().await,
+            Stream::Unix(s) => s.readable().await,
+            Stream::TlsToServer(_) | Stream::TlsFromClient(_) => Ok(()),
+        }
+    }
+
     /// Writes all of `data` and flushes it to the socket (see the module comment). Not
     /// cancellation-safe: a caller cut off mid-send must close the stream.
     pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
