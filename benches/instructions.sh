@@ -1,0 +1,111 @@
+#!/usr/bin/env bash
+# Instructions per transaction of Breakwater's and PgBouncer's own code, counted by
+# `valgrind --tool=callgrind`: repeatable whatever else the machine is doing, unlike TPS or CPU
+# time on a shared 2-core box. Kernel work (syscalls, wake-ups) is not counted, so this is the
+# user-space half of "pooler CPU per transaction"; the harness measures the whole.
+#
+# Each pooler runs under callgrind twice, for a short and a long pgbench run
+# (`-S -t N` per client); the difference divided by the difference in transactions removes
+# start-up and login costs. Needs valgrind, PostgreSQL's server binaries, pgbench and (for the
+# comparison) pgbouncer; about 3 minutes.
+#
+#   benches/instructions.sh                 # simple protocol, 8 clients, pool size 16
+#   CLIENTS=64 MODE=extended benches/instructions.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-8}
+MODE=${MODE:-simple}
+SHORT=${SHORT:-200}
+LONG=${LONG:-1200}
+
+cargo build --release --quiet -p breakwater
+BIN="$PWD/target/release/breakwater"
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+export PATH="$pg_bin:$PATH"
+for tool in valgrind pgbench initdb; do
+  command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+
+work=$(mktemp -d /tmp/breakwater-instructions.XXXXXX)
+chmod 755 "$work"
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" -eq 0 ] && chown postgres "$work"
+cleanup() {
+  as_pg pg_ctl -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pg_port=$(free_port)
+as_pg initdb -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+as_pg pg_ctl -D "$work/data" -l "$work/pg.log" -w \
+  -o "-p $pg_port -c listen_addresses=127.0.0.1 -k $work -c fsync=off" start >/dev/null
+psql -X -q -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN PASSWORD 'app_pw'" \
+  -c "CREATE DATABASE app OWNER app"
+PGPASSWORD=app_pw pgbench -i -q -s 1 -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
+echo '"app" "app_pw"' > "$work/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown -R postgres "$work"
+
+wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
+
+# run_once NAME TXNS_PER_CLIENT -> total instructions
+run_once() {
+  local name=$1 t=$2 port out pid
+  port=$(free_port)
+  out="$work/$name-$t.callgrind"
+  if [ "$name" = breakwater ]; then
+    cat > "$work/bw.toml" <<CONF
+[pooler]
+listen_addr = "127.0.0.1"
+listen_port = $port
+auth_type = "scram-sha-256"
+auth_file = "$work/userlist.txt"
+default_pool_size = 16
+[databases.app]
+host = "127.0.0.1"
+port = $pg_port
+user = "app"
+password = "app_pw"
+CONF
+    RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$BIN" --config "$work/bw.toml" >"$work/$name.log" 2>&1 </dev/null &
+  else
+    cat > "$work/pgb.ini" <<CONF
+[databases]
+app = host=127.0.0.1 port=$pg_port dbname=app user=app password=app_pw
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = scram-sha-256
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = 16
+log_connections = 0
+log_disconnections = 0
+CONF
+    [ "$(id -u)" -eq 0 ] && chown postgres "$work/pgb.ini" "$work"
+    as_pg valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$PGBOUNCER" "$work/pgb.ini" >"$work/$name.log" 2>&1 </dev/null &
+  fi
+  pid=$!
+  wait_port "$port"
+  PGPASSWORD=app_pw pgbench -S -n -M "$MODE" -c "$CLIENTS" -j 1 -t "$t" \
+    -h 127.0.0.1 -p "$port" -U app app >"$work/$name-$t.pgbench" 2>&1
+  # SIGINT: both exit cleanly on it, and callgrind writes its file at exit.
+  pkill -INT -f "callgrind-out-file=$out" || true
+  wait "$pid" || true
+  grep -oP 'summary: \K[0-9]+' "$out"
+}
+
+echo "instructions per transaction (callgrind), pgbench -S -M $MODE -c $CLIENTS, pool size 16:"
+targets=(breakwater)
+[ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
+for name in "${targets[@]}"; do
+  a=$(run_once "$name" "$SHORT")
+  z=$(run_once "$name" "$LONG")
+  echo "  $name: $(( (z - a) / ((LONG - SHORT) * CLIENTS) ))"
+done
