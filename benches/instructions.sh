@@ -18,6 +18,8 @@ CLIENTS=${CLIENTS:-8}
 MODE=${MODE:-simple}
 SHORT=${SHORT:-200}
 LONG=${LONG:-1200}
+EXTRA=${EXTRA:-}    # more pgbench arguments, e.g. EXTRA=-C for a new connection per transaction
+KEEP=${KEEP:-}      # a directory to keep the callgrind files in, for callgrind_annotate
 
 cargo build --release --quiet -p breakwater
 BIN="$PWD/target/release/breakwater"
@@ -46,7 +48,11 @@ as_pg pg_ctl -D "$work/data" -l "$work/pg.log" -w \
 psql -X -q -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN PASSWORD 'app_pw'" \
   -c "CREATE DATABASE app OWNER app"
 PGPASSWORD=app_pw pgbench -i -q -s 1 -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
-echo '"app" "app_pw"' > "$work/userlist.txt"
+# The auth_file holds PostgreSQL's own SCRAM verifier, as in the harness: with a plain password
+# PgBouncer would run PBKDF2 on every login.
+verifier=$(psql -X -At -h "$work" -p "$pg_port" -U postgres \
+  -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+printf '"app" "%s"\n' "$verifier" > "$work/userlist.txt"
 [ "$(id -u)" -eq 0 ] && chown -R postgres "$work"
 
 wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
@@ -93,15 +99,17 @@ CONF
   fi
   pid=$!
   wait_port "$port"
-  PGPASSWORD=app_pw pgbench -S -n -M "$MODE" -c "$CLIENTS" -j 1 -t "$t" \
+  # shellcheck disable=SC2086 # EXTRA is a list of arguments
+  PGPASSWORD=app_pw pgbench -S -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
     -h 127.0.0.1 -p "$port" -U app app >"$work/$name-$t.pgbench" 2>&1
   # SIGINT: both exit cleanly on it, and callgrind writes its file at exit.
   pkill -INT -f "callgrind-out-file=$out" || true
   wait "$pid" || true
+  [ -n "$KEEP" ] && mkdir -p "$KEEP" && cp "$out" "$KEEP/"
   grep -oP 'summary: \K[0-9]+' "$out"
 }
 
-echo "instructions per transaction (callgrind), pgbench -S -M $MODE -c $CLIENTS, pool size 16:"
+echo "instructions per transaction (callgrind), pgbench -S -M $MODE $EXTRA -c $CLIENTS, pool size 16:"
 targets=(breakwater)
 [ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
 for name in "${targets[@]}"; do
