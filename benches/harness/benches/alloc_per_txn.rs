@@ -5,7 +5,7 @@
 //! counted.
 //!
 //! `cargo bench -p breakwater-bench --bench alloc_per_txn` (about 20 seconds after the build);
-//! `-- --calls 5000` for a shorter run. With `BW_ALLOC_TRACE=1` it then repeats each case with
+//! `-- --calls 5000` for a shorter run, `-- --only connection` for one workload. With `BW_ALLOC_TRACE=1` it then repeats each case with
 //! a backtrace per allocation and prints where in `crates/` they come from.
 
 #[path = "../common/alloc_probe.rs"]
@@ -22,6 +22,7 @@ const TRACE_CALLS: usize = 500;
 
 fn main() -> anyhow::Result<()> {
     let mut calls = CALLS;
+    let mut only: Option<String> = None;
     let mut args = std::env::args().skip(1);
     // `cargo bench` passes `--bench`; that and anything else but `--calls` is not ours.
     while let Some(arg) = args.next() {
@@ -31,6 +32,11 @@ fn main() -> anyhow::Result<()> {
                 .context("--calls needs a number")?
                 .parse()
                 .context("--calls needs a number")?;
+        } else if arg == "--only" {
+            only = Some(
+                args.next()
+                    .context("--only needs part of a workload's name")?,
+            );
         }
     }
     let trace = std::env::var_os("BW_ALLOC_TRACE").is_some_and(|v| v != "0" && !v.is_empty());
@@ -46,6 +52,9 @@ fn main() -> anyhow::Result<()> {
     for n_clients in [1, 8] {
         let clients = client_rt.block_on(alloc_probe::connect(pooler.port, n_clients))?;
         for w in Workload::ALL {
+            if only.as_deref().is_some_and(|o| !w.name().contains(o)) {
+                continue;
+            }
             let s =
                 client_rt.block_on(alloc_probe::measure(&pooler, &clients, w, WARMUP, calls))?;
             eprintln!(
@@ -100,7 +109,7 @@ fn print_sites(s: &Sample) {
         s.calls,
         s.transactions
     );
-    for (n, site) in sites.iter().take(12) {
+    for (n, site) in sites.iter().take(30) {
         println!("  {n} ×\n{site}");
     }
 }

@@ -294,15 +294,19 @@ pub enum Workload {
     /// (Parse, Describe, Sync), runs it (Bind, Execute, Sync) and closes it (Close, Sync,
     /// answered by the pooler): two pooler transactions per call.
     OneShotNamed,
+    /// A new connection per call: startup, login (trust), `SELECT 1`, Terminate. What a
+    /// connection storm costs per client, apart from the password check.
+    Login,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 5] = [
+    pub const ALL: [Workload; 6] = [
         Workload::Simple,
         Workload::Rows,
         Workload::Prepared,
         Workload::Unnamed,
         Workload::OneShotNamed,
+        Workload::Login,
     ];
 
     pub fn name(self) -> &'static str {
@@ -312,6 +316,7 @@ impl Workload {
             Workload::Prepared => "extended, prepared once",
             Workload::Unnamed => "extended, unnamed",
             Workload::OneShotNamed => "extended, one-shot named",
+            Workload::Login => "new connection per call",
         }
     }
 
@@ -322,6 +327,7 @@ impl Workload {
             Workload::Prepared => "B E S",
             Workload::Unnamed => "P B D E S",
             Workload::OneShotNamed => "P D S, B E S, C S",
+            Workload::Login => "startup, Q, X",
         }
     }
 }
@@ -330,22 +336,37 @@ impl Workload {
 pub struct Client {
     client: tokio_postgres::Client,
     prepared: tokio_postgres::Statement,
+    port: u16,
 }
 
 pub async fn connect(port: u16, n: usize) -> anyhow::Result<Vec<Client>> {
     let mut clients = Vec::with_capacity(n);
     for _ in 0..n {
-        let conn = format!("host=127.0.0.1 port={port} user=app password=app_pw dbname=app");
-        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
-            .await
-            .context("connecting to the in-process pooler")?;
-        tokio::spawn(async move {
-            let _ = connection.await;
-        });
+        let (client, connection) = open(port).await?;
+        tokio::spawn(connection);
         let prepared = client.prepare("SELECT 1").await?;
-        clients.push(Client { client, prepared });
+        clients.push(Client {
+            client,
+            prepared,
+            port,
+        });
     }
     Ok(clients)
+}
+
+async fn open(
+    port: u16,
+) -> anyhow::Result<(
+    tokio_postgres::Client,
+    impl std::future::Future<Output = ()>,
+)> {
+    let conn = format!("host=127.0.0.1 port={port} user=app password=app_pw dbname=app");
+    let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .context("connecting to the in-process pooler")?;
+    Ok((client, async move {
+        let _ = connection.await;
+    }))
 }
 
 async fn call(c: &Client, w: Workload) -> anyhow::Result<()> {
@@ -366,6 +387,15 @@ async fn call(c: &Client, w: Workload) -> anyhow::Result<()> {
         }
         Workload::OneShotNamed => {
             c.client.query("SELECT 1", &[]).await?;
+        }
+        Workload::Login => {
+            let (client, connection) = open(c.port).await?;
+            let connection = tokio::spawn(connection);
+            client.simple_query("SELECT 1").await?;
+            // Dropping the client sends Terminate; the connection task ends when the pooler
+            // closes the socket.
+            drop(client);
+            connection.await?;
         }
     }
     Ok(())

@@ -523,8 +523,8 @@ async fn login(
     let Some(route) = route else {
         return Err(LoginEnd::Gone);
     };
-    let server_user = route.user.clone().unwrap_or_else(|| startup.user.clone());
-    let entry = shared.pool_for(settings, route, &server_user, scram_keys);
+    let server_user = route.user.as_deref().unwrap_or(&startup.user);
+    let entry = shared.pool_for(settings, route, server_user, scram_keys);
     Ok(Login::Session(entry, startup, params))
 }
 

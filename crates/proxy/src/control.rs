@@ -239,18 +239,21 @@ impl Proxy {
                 Ok(p) => p,
                 Err(p) => p.into_inner(),
             };
-            pools.retain(|_, e| match new.route(&e.route.name) {
-                Some(r) if same_target(&e.route, r) => {
-                    e.pool.resize(r.pool_size);
-                    e.pool.set_min_size(r.min_pool_size);
-                    e.pool.set_settings(new.server.clone());
-                    true
-                }
-                _ => {
-                    e.pool.reconnect();
-                    false
-                }
-            });
+            for users in pools.values_mut() {
+                users.retain(|_, e| match new.route(&e.route.name) {
+                    Some(r) if same_target(&e.route, r) => {
+                        e.pool.resize(r.pool_size);
+                        e.pool.set_min_size(r.min_pool_size);
+                        e.pool.set_settings(new.server.clone());
+                        true
+                    }
+                    _ => {
+                        e.pool.reconnect();
+                        false
+                    }
+                });
+            }
+            pools.retain(|_, users| !users.is_empty());
         }
         {
             let mut sw = self.shared.switches();

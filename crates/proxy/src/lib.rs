@@ -39,8 +39,9 @@ pub struct PoolEntry {
     pub pool: Arc<ServerPool>,
     pub stats: Arc<PoolStats>,
     pub route: DatabaseRoute,
-    /// Reported parameters of a fresh server connection, for answering logins without one.
-    welcome: Mutex<Option<Vec<(String, String)>>>,
+    /// Reported parameters of a fresh server connection, for answering logins without one;
+    /// shared, so a login clones a pointer, not a dozen strings.
+    welcome: Mutex<Option<Arc<[(String, String)]>>>,
 }
 
 pub struct Proxy {
@@ -53,7 +54,9 @@ pub(crate) struct Shared {
     /// `max_server_connections` and each database's `max_db_connections`.
     total_limit: Option<Arc<tokio::sync::Semaphore>>,
     db_limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    pools: Mutex<HashMap<(String, String), Arc<PoolEntry>>>,
+    /// database → server user → pool. Nested so that a login looks its pool up by `&str`,
+    /// without building a key.
+    pools: Mutex<HashMap<String, HashMap<String, Arc<PoolEntry>>>>,
     cancels: cancel::CancelRegistry,
     pub stats: GlobalStats,
     clients: AtomicUsize,
@@ -202,8 +205,15 @@ impl Shared {
 
     fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
         match self.pools.lock() {
-            Ok(p) => p.values().cloned().collect(),
-            Err(poisoned) => poisoned.into_inner().values().cloned().collect(),
+            Ok(p) => p
+                .values()
+                .flat_map(|users| users.values().cloned())
+                .collect(),
+            Err(poisoned) => poisoned
+                .into_inner()
+                .values()
+                .flat_map(|users| users.values().cloned())
+                .collect(),
         }
     }
 
@@ -215,12 +225,14 @@ impl Shared {
         server_user: &str,
         login_credential: Option<ServerCredential>,
     ) -> Arc<PoolEntry> {
-        let key = (route.name.clone(), server_user.to_owned());
         let mut pools = match self.pools.lock() {
             Ok(p) => p,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(e) = pools.get(&key) {
+        if let Some(e) = pools
+            .get(&route.name)
+            .and_then(|users| users.get(server_user))
+        {
             if let Some(cred) = login_credential {
                 e.pool.offer_credential(cred);
             }
@@ -287,7 +299,10 @@ impl Shared {
         entry
             .pool
             .set_paused(self.switches().is_paused(&route.name));
-        pools.insert(key, entry.clone());
+        pools
+            .entry(route.name.clone())
+            .or_default()
+            .insert(server_user.to_owned(), entry.clone());
         entry
     }
 

@@ -308,7 +308,11 @@ impl<'a> Session<'a> {
         if let Some(h) = held.take() {
             self.abandon(h).await;
         }
-        let _ = self.client.stream.shutdown().await;
+        // TLS says goodbye with close_notify. A plain socket's close sends the FIN by itself, so
+        // it gets no shutdown(2): one syscall less per connection in a connection storm.
+        if self.client.stream.is_tls() {
+            let _ = self.client.stream.shutdown().await;
+        }
     }
 
     /// Tells the client its session parameters, cancel key and readiness. The parameters come
@@ -327,11 +331,11 @@ impl<'a> Session<'a> {
                 let mut server = self.checkout_raw().await?;
                 if server.pristine {
                     if let Ok(mut w) = self.entry.welcome.lock() {
-                        *w = Some(server.params().to_vec());
+                        *w = Some(server.params().into());
                     }
                 }
                 self.sync_params(&mut server).await?;
-                let p = server.params().to_vec();
+                let p: Arc<[(String, String)]> = server.params().into();
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
                     held = Some(Held::new(server, Expectations::default()));
@@ -340,7 +344,7 @@ impl<'a> Session<'a> {
             }
         };
         self.params.complete_from(&server_params);
-        for (name, value) in &server_params {
+        for (name, value) in server_params.iter() {
             let value = tracked_name(name)
                 .and_then(|t| self.params.get(t))
                 .unwrap_or(value);
