@@ -199,7 +199,7 @@ async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_
         f.proxy.attempts()
     );
     assert!(
-        peak >= 1 && peak <= 3,
+        (1..=3).contains(&peak),
         "peak concurrent logins {peak} with server_connect_concurrency = 3"
     );
 }

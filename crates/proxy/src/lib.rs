@@ -41,8 +41,11 @@ pub struct PoolEntry {
     pub route: DatabaseRoute,
     /// Reported parameters of a fresh server connection, for answering logins without one;
     /// shared, so a login clones a pointer, not a dozen strings.
-    welcome: Mutex<Option<Arc<[(String, String)]>>>,
+    welcome: Mutex<Option<Welcome>>,
 }
+
+/// A server's ParameterStatus pairs, as a fresh connection reports them.
+pub(crate) type Welcome = Arc<[(String, String)]>;
 
 pub struct Proxy {
     shared: Arc<Shared>,

@@ -335,7 +335,7 @@ impl<'a> Session<'a> {
                     }
                 }
                 self.sync_params(&mut server).await?;
-                let p: Arc<[(String, String)]> = server.params().into();
+                let p: crate::Welcome = server.params().into();
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
                     held = Some(Held::new(server, Expectations::default()));

@@ -244,7 +244,8 @@ mod tests {
     #[test]
     fn the_common_name_is_read_from_the_subject() {
         use rcgen::DnType::*;
-        let cases: &[(&[(rcgen::DnType, &str)], Option<&str>)] = &[
+        type Subject<'a> = &'a [(rcgen::DnType, &'a str)];
+        let cases: &[(Subject, Option<&str>)] = &[
             (&[(CommonName, "app")], Some("app")),
             (
                 &[(OrganizationName, "Acme"), (CommonName, "app")],
