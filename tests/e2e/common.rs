@@ -201,3 +201,24 @@ pub async fn terminate_serving_backend(client: &Client, direct: &Client) -> i32 
     wait_for_backend_exit(direct, pid).await;
     pid
 }
+
+/// A loopback port whose accept queue is full, so further SYNs are dropped and connects hang —
+/// a blackholed host without leaving the machine.
+pub fn blackholed_port() -> (u16, socket2::Socket, Vec<std::net::TcpStream>) {
+    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    s.bind(&std::net::SocketAddr::from(([127, 0, 0, 1], 0)).into())
+        .unwrap();
+    s.listen(0).unwrap();
+    let port = s.local_addr().unwrap().as_socket().unwrap().port();
+    let mut fillers = Vec::new();
+    for _ in 0..8 {
+        match std::net::TcpStream::connect_timeout(
+            &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+            Duration::from_millis(200),
+        ) {
+            Ok(c) => fillers.push(c),
+            Err(_) => break,
+        }
+    }
+    (port, s, fillers)
+}

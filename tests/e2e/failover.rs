@@ -407,3 +407,67 @@ async fn drills_are_refused_unless_allowed() {
         .unwrap_or_default();
     assert!(msg.contains("allow_drills"), "{err:?}");
 }
+
+#[tokio::test]
+async fn a_host_that_stops_answering_tcp_costs_one_connect_timeout_then_is_skipped() {
+    let pg = PgCluster::start().expect("start postgres");
+    let (dead, _listener, _fillers) = blackholed_port();
+    // The dead host is listed first, so every new server connection would try it first; one
+    // failure opens its breaker (the default threshold waits for several).
+    let pooler = pooler_for(&[dead, pg.port()], "server_breaker_threshold = 1");
+    let started = Instant::now();
+    let first = pooler
+        .connect("app", "app_pw", "app_any")
+        .await
+        .expect("connect app_any");
+    assert_eq!(served_by(&first).await, (false, pg.port() as i32));
+    let took = started.elapsed();
+    eprintln!("measured: first query served after {took:?} (server_connect_timeout 2s)");
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(5),
+        "the first connection waits out one connect attempt on the dead host: {took:?}"
+    );
+
+    // Four clients at once need four more server connections: none of them waits on the dead
+    // host again while its breaker is open.
+    let started = Instant::now();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        clients.push(
+            pooler
+                .connect("app", "app_pw", "app_any")
+                .await
+                .expect("connect"),
+        );
+    }
+    let served = futures_util::future::join_all(clients.iter().map(|c| async move {
+        c.simple_query("SELECT pg_sleep(0.3)").await.expect("query");
+        served_by(c).await
+    }))
+    .await;
+    let took = started.elapsed();
+    assert!(
+        served.iter().all(|s| *s == (false, pg.port() as i32)),
+        "{served:?}"
+    );
+    assert!(
+        took < Duration::from_millis(1500),
+        "new server connections skip the dead host: {took:?}"
+    );
+
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let hosts = show(&admin, "HOSTS").await;
+    let dead_name = format!("127.0.0.1:{dead}");
+    let row = hosts
+        .iter()
+        .find(|r| r.first() == Some(&dead_name))
+        .expect("the dead host in SHOW HOSTS");
+    // host, breaker, attempts, successes, failures_dns, failures_connect, failures_login,
+    // timeouts_dns, timeouts_connect, ...
+    assert_eq!(row[1], "open", "{row:?}");
+    assert_eq!(row[3], "0", "{row:?}");
+    assert_eq!(row[8], "1", "one connect attempt timed out: {row:?}");
+}

@@ -28,27 +28,6 @@ fn faulty(pooler_extra: &str, db_extra: &str) -> Faulty {
     Faulty { pooler, proxy, pg }
 }
 
-/// A loopback port whose accept queue is full, so further SYNs are dropped and connects hang —
-/// a blackholed host without leaving the machine.
-fn blackholed_port() -> (u16, socket2::Socket, Vec<std::net::TcpStream>) {
-    let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
-    s.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into())
-        .unwrap();
-    s.listen(0).unwrap();
-    let port = s.local_addr().unwrap().as_socket().unwrap().port();
-    let mut fillers = Vec::new();
-    for _ in 0..8 {
-        match std::net::TcpStream::connect_timeout(
-            &SocketAddr::from(([127, 0, 0, 1], port)),
-            Duration::from_millis(200),
-        ) {
-            Ok(c) => fillers.push(c),
-            Err(_) => break,
-        }
-    }
-    (port, s, fillers)
-}
-
 fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
     let port = testkit::free_port();
     let config = format!(
