@@ -21,8 +21,13 @@ LONG=${LONG:-1200}
 EXTRA=${EXTRA:-}    # more pgbench arguments, e.g. EXTRA=-C for a new connection per transaction
 KEEP=${KEEP:-}      # a directory to keep the callgrind files in, for callgrind_annotate
 
-cargo build --release --quiet -p breakwater
-BIN="$PWD/target/release/breakwater"
+# BREAKWATER=PATH measures another build instead of building this tree's.
+if [ -n "${BREAKWATER:-}" ]; then
+  BIN=$(realpath "$BREAKWATER")
+else
+  cargo build --release --quiet -p breakwater
+  BIN="$PWD/target/release/breakwater"
+fi
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
 export PATH="$pg_bin:$PATH"
 for tool in valgrind pgbench initdb; do
