@@ -11,11 +11,13 @@
 #
 #   benches/instructions.sh                 # simple protocol, 8 clients, pool size 16
 #   CLIENTS=64 MODE=extended benches/instructions.sh
+#   BUILTIN=tpcb-like EXTRA=-C KEEP=/tmp/cg BREAKWATER=path/to/breakwater benches/instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 CLIENTS=${CLIENTS:-8}
 MODE=${MODE:-simple}
+BUILTIN=${BUILTIN:-select-only}   # pgbench's built-in script, e.g. tpcb-like
 SHORT=${SHORT:-200}
 LONG=${LONG:-1200}
 EXTRA=${EXTRA:-}    # more pgbench arguments, e.g. EXTRA=-C for a new connection per transaction
@@ -105,7 +107,7 @@ CONF
   pid=$!
   wait_port "$port"
   # shellcheck disable=SC2086 # EXTRA is a list of arguments
-  PGPASSWORD=app_pw pgbench -S -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
+  PGPASSWORD=app_pw pgbench -b "$BUILTIN" -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
     -h 127.0.0.1 -p "$port" -U app app >"$work/$name-$t.pgbench" 2>&1
   # SIGINT: both exit cleanly on it, and callgrind writes its file at exit.
   pkill -INT -f "callgrind-out-file=$out" || true
@@ -114,7 +116,7 @@ CONF
   grep -oP 'summary: \K[0-9]+' "$out"
 }
 
-echo "instructions per transaction (callgrind), pgbench -S -M $MODE $EXTRA -c $CLIENTS, pool size 16:"
+echo "instructions per transaction (callgrind), pgbench -b $BUILTIN -M $MODE $EXTRA -c $CLIENTS, pool size 16:"
 targets=(breakwater)
 [ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
 for name in "${targets[@]}"; do
