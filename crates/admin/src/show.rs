@@ -4,10 +4,10 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stats::{Averages, PoolSnapshot};
+use stats::{Averages, HostSnapshot, Percentiles, PoolSnapshot};
 
 use crate::command::Show;
-use crate::{ConnView, View};
+use crate::{ConfigItem, ConnView, DatabaseView, DnsHostView, PoolView, UserView, View};
 
 pub const TEXT: u32 = 25;
 pub const INT4: u32 = 23;
@@ -34,10 +34,25 @@ impl ResultSet {
         self.rows.push(cells);
     }
 
+    /// A result set whose columns each say how a row fills their cell, so that a column's name,
+    /// type and value stand on one line and cannot drift apart.
+    fn table<R>(columns: &[Column<R>], rows: impl IntoIterator<Item = R>) -> ResultSet {
+        ResultSet {
+            columns: columns.iter().map(|&(name, oid, _)| (name, oid)).collect(),
+            rows: rows
+                .into_iter()
+                .map(|row| columns.iter().map(|(_, _, cell)| cell(&row)).collect())
+                .collect(),
+        }
+    }
+
     pub fn column_names(&self) -> Vec<&'static str> {
         self.columns.iter().map(|(n, _)| *n).collect()
     }
 }
+
+/// A column of a table: its name and type OID, and how one row fills its cell.
+type Column<R> = (&'static str, u32, fn(&R) -> Option<String>);
 
 fn s(v: impl Into<String>) -> Option<String> {
     Some(v.into())
@@ -78,39 +93,34 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         Show::Help => ResultSet::default(),
         Show::Version => {
             let mut r = ResultSet::new(&[("version", TEXT)]);
-            r.row(vec![s(view.version.clone())]);
+            r.row(vec![s(&view.version)]);
             r
         }
         Show::Pools => pools(view),
-        Show::Stats => stats(view),
-        Show::StatsTotals => stats_totals(view),
-        Show::StatsAverages => stats_averages(view),
+        Show::Stats => per_database(view, &[&STATS_TOTAL, &STATS_AVG], |d, secs| {
+            [totals_cells(&d.now), average_cells(&d.averages(secs))].concat()
+        }),
+        Show::StatsTotals => per_database(view, &[&STATS_TOTALS], |d, _| totals_cells(&d.now)),
+        Show::StatsAverages => per_database(view, &[&STATS_AVERAGES], |d, secs| {
+            average_cells(&d.averages(secs))
+        }),
         Show::Totals => totals(view),
         Show::Databases => databases(view),
         Show::Clients => conns(&view.clients, "C"),
         Show::Servers => conns(&view.servers, "S"),
         Show::Users => users(view),
         Show::Config => {
-            let mut r = ResultSet::new(&[
-                ("key", TEXT),
-                ("value", TEXT),
-                ("default", TEXT),
-                ("changeable", TEXT),
-            ]);
-            for c in &view.config {
-                r.row(vec![
-                    s(c.key.clone()),
-                    s(c.value.clone()),
-                    s(c.default.clone()),
-                    s(if c.changeable { "yes" } else { "no" }),
-                ]);
-            }
-            r
+            let columns: &[Column<&ConfigItem>] = &[
+                ("key", TEXT, |c| s(&c.key)),
+                ("value", TEXT, |c| s(&c.value)),
+                ("default", TEXT, |c| s(&c.default)),
+                ("changeable", TEXT, |c| yes_no(c.changeable)),
+            ];
+            ResultSet::table(columns, &view.config)
         }
         Show::Lists => lists(view),
         Show::State => {
             let mut r = ResultSet::new(&[("key", TEXT), ("value", TEXT)]);
-            let yes_no = |b: bool| s(if b { "yes" } else { "no" });
             r.row(vec![s("active"), yes_no(!view.paused)]);
             r.row(vec![s("paused"), yes_no(view.paused)]);
             r.row(vec![s("suspended"), yes_no(false)]);
@@ -118,21 +128,13 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         }
         Show::DnsHosts => {
             // PgBouncer's columns, then Breakwater's.
-            let mut r = ResultSet::new(&[
-                ("hostname", TEXT),
-                ("ttl", INT8),
-                ("addrs", TEXT),
-                ("last_error", TEXT),
-            ]);
-            for d in &view.dns_hosts {
-                r.row(vec![
-                    s(d.hostname.clone()),
-                    n(d.ttl_secs),
-                    s(d.addrs.clone()),
-                    d.last_error.clone(),
-                ]);
-            }
-            r
+            let columns: &[Column<&DnsHostView>] = &[
+                ("hostname", TEXT, |d| s(&d.hostname)),
+                ("ttl", INT8, |d| n(d.ttl_secs)),
+                ("addrs", TEXT, |d| s(&d.addrs)),
+                ("last_error", TEXT, |d| d.last_error.clone()),
+            ];
+            ResultSet::table(columns, &view.dns_hosts)
         }
         Show::DnsZones => ResultSet::new(&[("zonename", TEXT), ("serial", INT8), ("count", INT4)]),
         Show::Latency => latency(view),
@@ -140,97 +142,168 @@ pub fn result(show: Show, view: &View) -> ResultSet {
     }
 }
 
-fn pools(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("database", TEXT),
-        ("user", TEXT),
-        ("cl_active", INT4),
-        ("cl_waiting", INT4),
-        ("cl_active_cancel_req", INT4),
-        ("cl_waiting_cancel_req", INT4),
-        ("sv_active", INT4),
-        ("sv_active_cancel", INT4),
-        ("sv_being_canceled", INT4),
-        ("sv_idle", INT4),
-        ("sv_used", INT4),
-        ("sv_tested", INT4),
-        ("sv_login", INT4),
-        ("maxwait", INT4),
-        ("maxwait_us", INT4),
-        ("pool_mode", TEXT),
-        ("load_balance_hosts", TEXT),
-        // Breakwater's own:
-        ("cl_linked", INT4),
-        ("cl_idle", INT4),
-        ("pool_size", INT4),
-        ("min_pool_size", INT4),
-        ("paused", INT4),
-    ]);
-    for p in &view.pools {
-        let st = &p.stats;
-        // The data path counts a waiting client as idle too; PgBouncer's cl_active is every
-        // logged-in client that is not waiting (linked to a server or not).
-        let waiting = st.cl_waiting.max(0);
-        let idle = (st.cl_idle - waiting).max(0);
-        let linked = st.cl_active.max(0);
-        r.row(vec![
-            s(st.database.clone()),
-            s(st.user.clone()),
-            n(linked + idle),
-            n(waiting),
-            n(0),
-            n(0),
-            n(p.sv_active),
-            n(0),
-            n(0),
-            n(p.sv_idle),
-            n(0),
-            n(0),
-            n(p.sv_login),
-            n(p.maxwait_us / 1_000_000),
-            n(p.maxwait_us % 1_000_000),
-            s(p.pool_mode.clone()),
-            None,
-            n(linked),
-            n(idle),
-            n(p.pool_size),
-            n(p.min_pool_size),
-            n(u8::from(p.paused)),
-        ]);
-    }
-    r
+fn yes_no(b: bool) -> Option<String> {
+    s(if b { "yes" } else { "no" })
 }
 
-/// Per-database sums: (totals now, counters at the older and newer tick when every pool has
-/// both), in first-seen order of databases sorted by name.
+fn pools(view: &View) -> ResultSet {
+    // The data path counts a waiting client as idle too; PgBouncer's cl_active is every
+    // logged-in client that is not waiting (linked to a server or not).
+    fn waiting(p: &PoolView) -> i64 {
+        p.stats.cl_waiting.max(0)
+    }
+    fn idle(p: &PoolView) -> i64 {
+        (p.stats.cl_idle - waiting(p)).max(0)
+    }
+    fn linked(p: &PoolView) -> i64 {
+        p.stats.cl_active.max(0)
+    }
+    let columns: &[Column<&PoolView>] = &[
+        ("database", TEXT, |p| s(&p.stats.database)),
+        ("user", TEXT, |p| s(&p.stats.user)),
+        ("cl_active", INT4, |p| n(linked(p) + idle(p))),
+        ("cl_waiting", INT4, |p| n(waiting(p))),
+        ("cl_active_cancel_req", INT4, |_| n(0)),
+        ("cl_waiting_cancel_req", INT4, |_| n(0)),
+        ("sv_active", INT4, |p| n(p.sv_active)),
+        ("sv_active_cancel", INT4, |_| n(0)),
+        ("sv_being_canceled", INT4, |_| n(0)),
+        ("sv_idle", INT4, |p| n(p.sv_idle)),
+        ("sv_used", INT4, |_| n(0)),
+        ("sv_tested", INT4, |_| n(0)),
+        ("sv_login", INT4, |p| n(p.sv_login)),
+        ("maxwait", INT4, |p| n(p.maxwait_us / 1_000_000)),
+        ("maxwait_us", INT4, |p| n(p.maxwait_us % 1_000_000)),
+        ("pool_mode", TEXT, |p| s(&p.pool_mode)),
+        ("load_balance_hosts", TEXT, |_| None),
+        // Breakwater's own:
+        ("cl_linked", INT4, |p| n(linked(p))),
+        ("cl_idle", INT4, |p| n(idle(p))),
+        ("pool_size", INT4, |p| n(p.pool_size)),
+        ("min_pool_size", INT4, |p| n(p.min_pool_size)),
+        ("paused", INT4, |p| n(u8::from(p.paused))),
+    ];
+    ResultSet::table(columns, &view.pools)
+}
+
+/// Per-database sums: totals now, and counters at the older and newer tick when every pool has
+/// both.
+#[derive(Default)]
 struct DbStats {
     now: PoolSnapshot,
     older: PoolSnapshot,
     newer: PoolSnapshot,
 }
 
+impl DbStats {
+    fn accumulate(&mut self, now: &PoolSnapshot, ticks: Option<(&PoolSnapshot, &PoolSnapshot)>) {
+        self.now.accumulate(now);
+        if let Some((older, newer)) = ticks {
+            self.older.accumulate(older);
+            self.newer.accumulate(newer);
+        }
+    }
+
+    fn averages(&self, secs: f64) -> Averages {
+        self.newer.averages(&self.older, secs)
+    }
+}
+
+/// [`DbStats`] per database, sorted by name.
 fn by_database(view: &View) -> BTreeMap<String, DbStats> {
     let mut m: BTreeMap<String, DbStats> = BTreeMap::new();
     for p in &view.pools {
-        let e = m
-            .entry(p.stats.database.clone())
-            .or_insert_with(|| DbStats {
-                now: PoolSnapshot::default(),
-                older: PoolSnapshot::default(),
-                newer: PoolSnapshot::default(),
-            });
-        e.now.accumulate(&p.stats);
-        if let (Some(o), Some(nw)) = (&p.older, &p.newer) {
-            e.older.accumulate(o);
-            e.newer.accumulate(nw);
-        }
+        let ticks = p.older.as_ref().zip(p.newer.as_ref());
+        m.entry(p.stats.database.clone())
+            .or_default()
+            .accumulate(&p.stats, ticks);
     }
     m
 }
 
-fn averages(d: &DbStats, secs: f64) -> Averages {
-    d.newer.averages(&d.older, secs)
-}
+// The twelve counters of SHOW STATS, STATS_TOTALS, STATS_AVERAGES and TOTALS, in PgBouncer's
+// order. PgBouncer names them differently in each command (`total_received`, `avg_recv`,
+// `bytes_received`, `client_bytes`), so each keeps its own list of names; the values, in the
+// same order, come from `totals_cells` and `average_cells`.
+
+/// SHOW STATS, first half.
+const STATS_TOTAL: [&str; 12] = [
+    "total_server_assignment_count",
+    "total_xact_count",
+    "total_query_count",
+    "total_received",
+    "total_sent",
+    "total_xact_time",
+    "total_query_time",
+    "total_wait_time",
+    "total_client_parse_count",
+    "total_server_parse_count",
+    "total_bind_count",
+    "total_client_connect_count",
+];
+
+/// SHOW STATS, second half.
+const STATS_AVG: [&str; 12] = [
+    "avg_server_assignment_count",
+    "avg_xact_count",
+    "avg_query_count",
+    "avg_recv",
+    "avg_sent",
+    "avg_xact_time",
+    "avg_query_time",
+    "avg_wait_time",
+    "avg_client_parse_count",
+    "avg_server_parse_count",
+    "avg_bind_count",
+    "avg_client_connect_count",
+];
+
+const STATS_TOTALS: [&str; 12] = [
+    "server_assignment_count",
+    "xact_count",
+    "query_count",
+    "bytes_received",
+    "bytes_sent",
+    "xact_time",
+    "query_time",
+    "wait_time",
+    "client_parse_count",
+    "server_parse_count",
+    "bind_count",
+    "client_connect_count",
+];
+
+/// As [`STATS_TOTALS`] but for the prepared-statement counters, as PgBouncer names them.
+const STATS_AVERAGES: [&str; 12] = [
+    "server_assignment_count",
+    "xact_count",
+    "query_count",
+    "bytes_received",
+    "bytes_sent",
+    "xact_time",
+    "query_time",
+    "wait_time",
+    "avg_client_parse_count",
+    "avg_server_parse_count",
+    "avg_bind_count",
+    "client_connect_count",
+];
+
+/// SHOW TOTALS, after `total_` or `avg_`.
+const TOTALS: [&str; 12] = [
+    "server_assignment_count",
+    "xact_count",
+    "query_count",
+    "client_bytes",
+    "server_bytes",
+    "xact_time",
+    "query_time",
+    "wait_time",
+    "ps_client_parse_count",
+    "ps_server_parse_count",
+    "ps_bind_count",
+    "client_connect_count",
+];
 
 fn totals_cells(t: &PoolSnapshot) -> Vec<Option<String>> {
     vec![
@@ -266,86 +339,19 @@ fn average_cells(a: &Averages) -> Vec<Option<String>> {
     ]
 }
 
-fn stats(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("database", TEXT),
-        ("total_server_assignment_count", NUMERIC),
-        ("total_xact_count", NUMERIC),
-        ("total_query_count", NUMERIC),
-        ("total_received", NUMERIC),
-        ("total_sent", NUMERIC),
-        ("total_xact_time", NUMERIC),
-        ("total_query_time", NUMERIC),
-        ("total_wait_time", NUMERIC),
-        ("total_client_parse_count", NUMERIC),
-        ("total_server_parse_count", NUMERIC),
-        ("total_bind_count", NUMERIC),
-        ("total_client_connect_count", NUMERIC),
-        ("avg_server_assignment_count", NUMERIC),
-        ("avg_xact_count", NUMERIC),
-        ("avg_query_count", NUMERIC),
-        ("avg_recv", NUMERIC),
-        ("avg_sent", NUMERIC),
-        ("avg_xact_time", NUMERIC),
-        ("avg_query_time", NUMERIC),
-        ("avg_wait_time", NUMERIC),
-        ("avg_client_parse_count", NUMERIC),
-        ("avg_server_parse_count", NUMERIC),
-        ("avg_bind_count", NUMERIC),
-        ("avg_client_connect_count", NUMERIC),
-    ]);
+/// One row per database: its name, then NUMERIC counters named by `names` (lists laid end to
+/// end) and filled by `cells` from the database's sums and the stats period in seconds.
+fn per_database(
+    view: &View,
+    names: &[&[&'static str]],
+    cells: fn(&DbStats, f64) -> Vec<Option<String>>,
+) -> ResultSet {
+    let mut r = ResultSet::new(&[("database", TEXT)]);
+    r.columns
+        .extend(names.iter().copied().flatten().map(|&name| (name, NUMERIC)));
     for (db, d) in by_database(view) {
         let mut row = vec![s(db)];
-        row.extend(totals_cells(&d.now));
-        row.extend(average_cells(&averages(&d, view.period_secs)));
-        r.row(row);
-    }
-    r
-}
-
-fn stats_totals(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("database", TEXT),
-        ("server_assignment_count", NUMERIC),
-        ("xact_count", NUMERIC),
-        ("query_count", NUMERIC),
-        ("bytes_received", NUMERIC),
-        ("bytes_sent", NUMERIC),
-        ("xact_time", NUMERIC),
-        ("query_time", NUMERIC),
-        ("wait_time", NUMERIC),
-        ("client_parse_count", NUMERIC),
-        ("server_parse_count", NUMERIC),
-        ("bind_count", NUMERIC),
-        ("client_connect_count", NUMERIC),
-    ]);
-    for (db, d) in by_database(view) {
-        let mut row = vec![s(db)];
-        row.extend(totals_cells(&d.now));
-        r.row(row);
-    }
-    r
-}
-
-fn stats_averages(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("database", TEXT),
-        ("server_assignment_count", NUMERIC),
-        ("xact_count", NUMERIC),
-        ("query_count", NUMERIC),
-        ("bytes_received", NUMERIC),
-        ("bytes_sent", NUMERIC),
-        ("xact_time", NUMERIC),
-        ("query_time", NUMERIC),
-        ("wait_time", NUMERIC),
-        ("avg_client_parse_count", NUMERIC),
-        ("avg_server_parse_count", NUMERIC),
-        ("avg_bind_count", NUMERIC),
-        ("client_connect_count", NUMERIC),
-    ]);
-    for (db, d) in by_database(view) {
-        let mut row = vec![s(db)];
-        row.extend(average_cells(&averages(&d, view.period_secs)));
+        row.extend(cells(&d, view.period_secs));
         r.row(row);
     }
     r
@@ -353,36 +359,16 @@ fn stats_averages(view: &View) -> ResultSet {
 
 fn totals(view: &View) -> ResultSet {
     let mut r = ResultSet::new(&[("name", TEXT), ("value", NUMERIC)]);
-    let mut all = DbStats {
-        now: PoolSnapshot::default(),
-        older: PoolSnapshot::default(),
-        newer: PoolSnapshot::default(),
-    };
+    let mut all = DbStats::default();
     for d in by_database(view).values() {
-        all.now.accumulate(&d.now);
-        all.older.accumulate(&d.older);
-        all.newer.accumulate(&d.newer);
+        all.accumulate(&d.now, Some((&d.older, &d.newer)));
     }
-    const NAMES: [&str; 12] = [
-        "server_assignment_count",
-        "xact_count",
-        "query_count",
-        "client_bytes",
-        "server_bytes",
-        "xact_time",
-        "query_time",
-        "wait_time",
-        "ps_client_parse_count",
-        "ps_server_parse_count",
-        "ps_bind_count",
-        "client_connect_count",
-    ];
-    for (name, v) in NAMES.iter().zip(totals_cells(&all.now)) {
+    for (name, v) in TOTALS.iter().zip(totals_cells(&all.now)) {
         r.row(vec![s(format!("total_{name}")), v]);
     }
-    for (name, v) in NAMES
+    for (name, v) in TOTALS
         .iter()
-        .zip(average_cells(&averages(&all, view.period_secs)))
+        .zip(average_cells(&all.averages(view.period_secs)))
     {
         r.row(vec![s(format!("avg_{name}")), v]);
     }
@@ -390,125 +376,79 @@ fn totals(view: &View) -> ResultSet {
 }
 
 fn databases(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("name", TEXT),
-        ("host", TEXT),
-        ("port", INT4),
-        ("database", TEXT),
-        ("force_user", TEXT),
-        ("pool_size", INT4),
-        ("min_pool_size", INT4),
-        ("reserve_pool_size", INT4),
-        ("server_lifetime", INT4),
-        ("pool_mode", TEXT),
-        ("load_balance_hosts", TEXT),
-        ("max_connections", INT4),
-        ("current_connections", INT4),
-        ("max_client_connections", INT4),
-        ("current_client_connections", INT4),
-        ("paused", INT4),
-        ("disabled", INT4),
-    ]);
-    for d in &view.databases {
-        r.row(vec![
-            s(d.name.clone()),
-            s(d.host.clone()),
-            n(d.port),
-            s(d.dbname.clone()),
-            d.force_user.clone(),
-            n(d.pool_size),
-            n(d.min_pool_size),
-            n(0),
-            n(d.server_lifetime_secs),
-            s(d.pool_mode.clone()),
-            None,
-            n(0),
-            n(d.current_connections),
-            n(d.max_client_connections),
-            n(d.current_client_connections),
-            n(u8::from(d.paused)),
-            n(u8::from(d.disabled)),
-        ]);
-    }
-    r
+    let columns: &[Column<&DatabaseView>] = &[
+        ("name", TEXT, |d| s(&d.name)),
+        ("host", TEXT, |d| s(&d.host)),
+        ("port", INT4, |d| n(d.port)),
+        ("database", TEXT, |d| s(&d.dbname)),
+        ("force_user", TEXT, |d| d.force_user.clone()),
+        ("pool_size", INT4, |d| n(d.pool_size)),
+        ("min_pool_size", INT4, |d| n(d.min_pool_size)),
+        ("reserve_pool_size", INT4, |_| n(0)),
+        ("server_lifetime", INT4, |d| n(d.server_lifetime_secs)),
+        ("pool_mode", TEXT, |d| s(&d.pool_mode)),
+        ("load_balance_hosts", TEXT, |_| None),
+        ("max_connections", INT4, |_| n(0)),
+        ("current_connections", INT4, |d| n(d.current_connections)),
+        ("max_client_connections", INT4, |d| {
+            n(d.max_client_connections)
+        }),
+        ("current_client_connections", INT4, |d| {
+            n(d.current_client_connections)
+        }),
+        ("paused", INT4, |d| n(u8::from(d.paused))),
+        ("disabled", INT4, |d| n(u8::from(d.disabled))),
+    ];
+    ResultSet::table(columns, &view.databases)
 }
 
-fn conns(list: &[ConnView], kind: &str) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("type", TEXT),
-        ("user", TEXT),
-        ("database", TEXT),
-        ("replication", TEXT),
-        ("state", TEXT),
-        ("addr", TEXT),
-        ("port", INT4),
-        ("local_addr", TEXT),
-        ("local_port", INT4),
-        ("connect_time", TIMESTAMP),
-        ("request_time", TIMESTAMP),
-        ("wait", INT4),
-        ("wait_us", INT4),
-        ("close_needed", INT4),
-        ("ptr", TEXT),
-        ("link", TEXT),
-        ("remote_pid", INT4),
-        ("tls", TEXT),
-        ("application_name", TEXT),
-        ("prepared_statements", INT4),
-        ("id", INT8),
-    ]);
-    for c in list {
-        r.row(vec![
-            s(kind),
-            s(c.user.clone()),
-            s(c.database.clone()),
-            s("none"),
-            s(c.state.clone()),
-            s(c.addr.clone()),
-            n(c.port),
-            s(c.local_addr.clone()),
-            n(c.local_port),
-            s(timestamp(c.connect_time)),
-            s(timestamp(c.request_time.unwrap_or(c.connect_time))),
-            n(0),
-            n(0),
-            n(u8::from(c.close_needed)),
-            s(format!("{:x}", c.id)),
-            s(""),
-            n(c.remote_pid),
-            s(""),
-            s(c.application_name.clone()),
-            n(0),
-            n(c.id),
-        ]);
-    }
-    r
+/// SHOW CLIENTS (`kind` "C") and SHOW SERVERS ("S"): the same columns, each row paired with its
+/// kind.
+fn conns(list: &[ConnView], kind: &'static str) -> ResultSet {
+    let columns: &[Column<(&str, &ConnView)>] = &[
+        ("type", TEXT, |(kind, _)| s(*kind)),
+        ("user", TEXT, |(_, c)| s(&c.user)),
+        ("database", TEXT, |(_, c)| s(&c.database)),
+        ("replication", TEXT, |_| s("none")),
+        ("state", TEXT, |(_, c)| s(&c.state)),
+        ("addr", TEXT, |(_, c)| s(&c.addr)),
+        ("port", INT4, |(_, c)| n(c.port)),
+        ("local_addr", TEXT, |(_, c)| s(&c.local_addr)),
+        ("local_port", INT4, |(_, c)| n(c.local_port)),
+        ("connect_time", TIMESTAMP, |(_, c)| {
+            s(timestamp(c.connect_time))
+        }),
+        ("request_time", TIMESTAMP, |(_, c)| {
+            s(timestamp(c.request_time.unwrap_or(c.connect_time)))
+        }),
+        ("wait", INT4, |_| n(0)),
+        ("wait_us", INT4, |_| n(0)),
+        ("close_needed", INT4, |(_, c)| n(u8::from(c.close_needed))),
+        ("ptr", TEXT, |(_, c)| s(format!("{:x}", c.id))),
+        ("link", TEXT, |_| s("")),
+        ("remote_pid", INT4, |(_, c)| n(c.remote_pid)),
+        ("tls", TEXT, |_| s("")),
+        ("application_name", TEXT, |(_, c)| s(&c.application_name)),
+        ("prepared_statements", INT4, |_| n(0)),
+        ("id", INT8, |(_, c)| n(c.id)),
+    ];
+    ResultSet::table(columns, list.iter().map(|c| (kind, c)))
 }
 
 fn users(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("name", TEXT),
-        ("pool_size", TEXT),
-        ("reserve_pool_size", TEXT),
-        ("pool_mode", TEXT),
-        ("max_user_connections", INT4),
-        ("current_connections", INT4),
-        ("max_user_client_connections", INT4),
-        ("current_client_connections", INT4),
-    ]);
-    for u in &view.users {
-        r.row(vec![
-            s(u.name.clone()),
-            s(""),
-            s(""),
-            None,
-            n(0),
-            n(u.current_connections),
-            n(0),
-            n(u.current_client_connections),
-        ]);
-    }
-    r
+    let columns: &[Column<&UserView>] = &[
+        ("name", TEXT, |u| s(&u.name)),
+        ("pool_size", TEXT, |_| s("")),
+        ("reserve_pool_size", TEXT, |_| s("")),
+        ("pool_mode", TEXT, |_| None),
+        ("max_user_connections", INT4, |_| n(0)),
+        ("current_connections", INT4, |u| n(u.current_connections)),
+        ("max_user_client_connections", INT4, |_| n(0)),
+        ("current_client_connections", INT4, |u| {
+            n(u.current_client_connections)
+        }),
+    ];
+    ResultSet::table(columns, &view.users)
 }
 
 fn lists(view: &View) -> ResultSet {
@@ -536,94 +476,58 @@ fn lists(view: &View) -> ResultSet {
 }
 
 fn latency(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("database", TEXT),
-        ("user", TEXT),
-        ("wait_p50_us", INT8),
-        ("wait_p99_us", INT8),
-        ("xact_p50_us", INT8),
-        ("xact_p99_us", INT8),
-        ("query_p50_us", INT8),
-        ("query_p99_us", INT8),
-        ("connect_p50_us", INT8),
-        ("connect_p99_us", INT8),
-        ("connects_ok", INT8),
-        ("connects_refused", INT8),
-        ("connect_timeouts", INT8),
-        ("login_timeouts", INT8),
-        ("wait_timeouts", INT8),
-        ("xact_count", INT8),
-        ("query_count", INT8),
-        ("wait_count", INT8),
-        ("wait_time", INT8),
-    ]);
-    for p in &view.pools {
-        let st = &p.stats;
-        // Over the last one to two stats periods: recent, yet never a nearly empty window.
-        let q = st.percentiles(p.older.as_ref());
-        r.row(vec![
-            s(st.database.clone()),
-            s(st.user.clone()),
-            n(q.wait_p50),
-            n(q.wait_p99),
-            n(q.xact_p50),
-            n(q.xact_p99),
-            n(q.query_p50),
-            n(q.query_p99),
-            n(q.connect_p50),
-            n(q.connect_p99),
-            n(st.server_connects),
-            n(st.connect_refused),
-            n(st.connect_timeouts),
-            n(st.login_timeouts),
-            n(st.wait_timeouts),
-            n(st.xact_count),
-            n(st.query_count),
-            n(st.wait_count),
-            n(st.wait_time_us),
-        ]);
-    }
-    r
+    let columns: &[Column<(&PoolView, Percentiles)>] = &[
+        ("database", TEXT, |(p, _)| s(&p.stats.database)),
+        ("user", TEXT, |(p, _)| s(&p.stats.user)),
+        ("wait_p50_us", INT8, |(_, q)| n(q.wait_p50)),
+        ("wait_p99_us", INT8, |(_, q)| n(q.wait_p99)),
+        ("xact_p50_us", INT8, |(_, q)| n(q.xact_p50)),
+        ("xact_p99_us", INT8, |(_, q)| n(q.xact_p99)),
+        ("query_p50_us", INT8, |(_, q)| n(q.query_p50)),
+        ("query_p99_us", INT8, |(_, q)| n(q.query_p99)),
+        ("connect_p50_us", INT8, |(_, q)| n(q.connect_p50)),
+        ("connect_p99_us", INT8, |(_, q)| n(q.connect_p99)),
+        ("connects_ok", INT8, |(p, _)| n(p.stats.server_connects)),
+        ("connects_refused", INT8, |(p, _)| {
+            n(p.stats.connect_refused)
+        }),
+        ("connect_timeouts", INT8, |(p, _)| {
+            n(p.stats.connect_timeouts)
+        }),
+        ("login_timeouts", INT8, |(p, _)| n(p.stats.login_timeouts)),
+        ("wait_timeouts", INT8, |(p, _)| n(p.stats.wait_timeouts)),
+        ("xact_count", INT8, |(p, _)| n(p.stats.xact_count)),
+        ("query_count", INT8, |(p, _)| n(p.stats.query_count)),
+        ("wait_count", INT8, |(p, _)| n(p.stats.wait_count)),
+        ("wait_time", INT8, |(p, _)| n(p.stats.wait_time_us)),
+    ];
+    // Over the last one to two stats periods: recent, yet never a nearly empty window.
+    let rows = view
+        .pools
+        .iter()
+        .map(|p| (p, p.stats.percentiles(p.older.as_ref())));
+    ResultSet::table(columns, rows)
 }
 
 fn hosts(view: &View) -> ResultSet {
-    let mut r = ResultSet::new(&[
-        ("host", TEXT),
-        ("breaker", TEXT),
-        ("attempts", INT8),
-        ("successes", INT8),
-        ("failures_dns", INT8),
-        ("failures_connect", INT8),
-        ("failures_login", INT8),
-        ("timeouts_dns", INT8),
-        ("timeouts_connect", INT8),
-        ("timeouts_login", INT8),
-        ("fast_failures", INT8),
-        ("breaker_opens", INT8),
-        ("drill", TEXT),
-        ("drill_secs_left", INT8),
-        ("drills", INT8),
-    ]);
-    for h in &view.hosts {
-        r.row(vec![
-            s(h.host.clone()),
-            s(h.breaker),
-            n(h.attempts),
-            n(h.successes),
-            n(h.failures_dns),
-            n(h.failures_connect),
-            n(h.failures_login),
-            n(h.timeouts_dns),
-            n(h.timeouts_connect),
-            n(h.timeouts_login),
-            n(h.fast_failures),
-            n(h.breaker_opens),
-            s(h.drill),
-            n(h.drill_secs_left),
-            n(h.drills),
-        ]);
-    }
-    r
+    let columns: &[Column<&HostSnapshot>] = &[
+        ("host", TEXT, |h| s(&h.host)),
+        ("breaker", TEXT, |h| s(h.breaker)),
+        ("attempts", INT8, |h| n(h.attempts)),
+        ("successes", INT8, |h| n(h.successes)),
+        ("failures_dns", INT8, |h| n(h.failures_dns)),
+        ("failures_connect", INT8, |h| n(h.failures_connect)),
+        ("failures_login", INT8, |h| n(h.failures_login)),
+        ("timeouts_dns", INT8, |h| n(h.timeouts_dns)),
+        ("timeouts_connect", INT8, |h| n(h.timeouts_connect)),
+        ("timeouts_login", INT8, |h| n(h.timeouts_login)),
+        ("fast_failures", INT8, |h| n(h.fast_failures)),
+        ("breaker_opens", INT8, |h| n(h.breaker_opens)),
+        ("drill", TEXT, |h| s(h.drill)),
+        ("drill_secs_left", INT8, |h| n(h.drill_secs_left)),
+        ("drills", INT8, |h| n(h.drills)),
+    ];
+    ResultSet::table(columns, &view.hosts)
 }
 
 #[cfg(test)]
