@@ -101,6 +101,16 @@ pub enum TlsConfigError {
     Rustls { what: String, source: rustls::Error },
 }
 
+impl TlsConfigError {
+    fn invalid(setting: &'static str, path: &Path, reason: String) -> TlsConfigError {
+        TlsConfigError::Invalid {
+            setting,
+            path: path.to_owned(),
+            reason,
+        }
+    }
+}
+
 /// The crypto provider for every config Breakwater builds: ring, named explicitly so that no
 /// other crate's choice of a process-wide default can change it or make it ambiguous.
 pub fn provider() -> Arc<CryptoProvider> {
@@ -121,11 +131,7 @@ pub fn load_certs(
     path: &Path,
 ) -> Result<Vec<CertificateDer<'static>>, TlsConfigError> {
     let pem = read_file(setting, path)?;
-    let invalid = |reason: String| TlsConfigError::Invalid {
-        setting,
-        path: path.to_owned(),
-        reason,
-    };
+    let invalid = |reason| TlsConfigError::invalid(setting, path, reason);
     let certs = CertificateDer::pem_slice_iter(&pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| invalid(format!("not a valid PEM certificate file ({e})")))?;
@@ -143,10 +149,12 @@ pub fn load_key(
     path: &Path,
 ) -> Result<PrivateKeyDer<'static>, TlsConfigError> {
     let pem = read_file(setting, path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| TlsConfigError::Invalid {
-        setting,
-        path: path.to_owned(),
-        reason: format!("holds no usable PEM private key ({e})"),
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        TlsConfigError::invalid(
+            setting,
+            path,
+            format!("holds no usable PEM private key ({e})"),
+        )
     })
 }
 
@@ -154,10 +162,8 @@ pub fn load_key(
 pub fn load_roots(setting: &'static str, path: &Path) -> Result<RootCertStore, TlsConfigError> {
     let mut roots = RootCertStore::empty();
     for cert in load_certs(setting, path)? {
-        roots.add(cert).map_err(|e| TlsConfigError::Invalid {
-            setting,
-            path: path.to_owned(),
-            reason: format!("not a usable CA certificate ({e})"),
+        roots.add(cert).map_err(|e| {
+            TlsConfigError::invalid(setting, path, format!("not a usable CA certificate ({e})"))
         })?;
     }
     Ok(roots)
@@ -220,18 +226,22 @@ impl ServerTls {
                 let webpki =
                     WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider.clone())
                         .build()
-                        .map_err(|e| TlsConfigError::Invalid {
-                            setting: "server_tls_ca_file",
-                            path: ca.to_owned(),
-                            reason: e.to_string(),
+                        .map_err(|e| {
+                            TlsConfigError::invalid("server_tls_ca_file", ca, e.to_string())
                         })?;
                 if mode == SslMode::VerifyFull {
                     webpki
                 } else {
-                    Arc::new(ChainOnly(webpki))
+                    Arc::new(NoHostNameCheck {
+                        chain: Some(webpki),
+                        provider: provider.clone(),
+                    })
                 }
             }
-            _ => Arc::new(AcceptAnyCertificate(provider.clone())),
+            _ => Arc::new(NoHostNameCheck {
+                chain: None,
+                provider: provider.clone(),
+            }),
         };
         let builder = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
@@ -372,64 +382,21 @@ fn handshake_hint(e: &io::Error) -> &'static str {
     }
 }
 
-/// `require`, `prefer`, `allow`: encryption against passive eavesdroppers, no authentication of
-/// the server (as libpq without a root certificate). Handshake signatures are still checked, so
-/// the server must hold the key of the certificate it shows.
+/// The checks short of verify-full. Handshake signatures are checked as webpki checks them (with
+/// the same provider's algorithms), so the server must hold the key of the certificate it shows.
 #[derive(Debug)]
-struct AcceptAnyCertificate(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for AcceptAnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.0.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+struct NoHostNameCheck {
+    /// `verify-ca`: the full webpki check (chain to a configured CA, validity dates, key usage)
+    /// except the host name. webpki checks the chain before the name, so a name error means the
+    /// chain was good.
+    ///
+    /// `None` for `require`, `prefer`, `allow`: any certificate, as libpq without a root
+    /// certificate: encryption against passive eavesdroppers, no authentication of the server.
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
 }
 
-/// `verify-ca`: the full webpki check (chain to a configured CA, validity dates, key usage)
-/// except the host name. webpki checks the chain before the name, so a name error means the
-/// chain was good.
-#[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NoHostNameCheck {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -438,10 +405,10 @@ impl ServerCertVerifier for ChainOnly {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)
-        {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -455,7 +422,8 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls12_signature(message, cert, dss, algorithms)
     }
 
     fn verify_tls13_signature(
@@ -464,11 +432,14 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, dss)
+        let algorithms = &self.provider.signature_verification_algorithms;
+        rustls::crypto::verify_tls13_signature(message, cert, dss, algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
