@@ -133,13 +133,7 @@ impl PgCluster {
             .map(Path::to_path_buf)
             .context("pg_ctl path has no parent directory")?;
 
-        let dir = tempfile::Builder::new()
-            .prefix("bw-pg-")
-            .tempdir()
-            .context("creating the cluster's temp dir")?;
-        if let Some(user) = &run_as {
-            user.chown(dir.path())?;
-        }
+        let dir = cluster_dir(run_as.as_ref(), "creating the cluster's temp dir")?;
         let socket_path_len = dir.path().as_os_str().len() + "/.s.PGSQL.65535".len();
         if socket_path_len > 100 {
             bail!(
@@ -147,33 +141,13 @@ impl PgCluster {
                 dir.path().display()
             );
         }
-        let data_dir = dir.path().join("data");
-        let log_file = dir.path().join("postgres.log");
-        let port = free_port();
-
-        initdb(&bin_dir, dir.path(), &data_dir, run_as.as_ref())?;
-        write_config(&data_dir, dir.path(), port, &opts)?;
-
-        let watchdog = Watchdog::spawn(
-            r#""$1" stop -D "$2" -m immediate -w >/dev/null 2>&1; rm -rf "$3""#,
-            &[
-                pg_ctl.as_os_str(),
-                data_dir.as_os_str(),
-                dir.path().as_os_str(),
-            ],
+        initdb(
+            &bin_dir,
+            dir.path(),
+            &dir.path().join("data"),
             run_as.as_ref(),
         )?;
-        let mut cluster = PgCluster {
-            port,
-            bin_dir,
-            data_dir,
-            log_file,
-            run_as,
-            postmaster_pid: None,
-            watchdog: Some(watchdog),
-            dir,
-        };
-        cluster.start_server()?;
+        let cluster = PgCluster::launch(dir, bin_dir, run_as, &opts)?;
         cluster.create_roles()?;
         Ok(cluster)
     }
@@ -184,21 +158,11 @@ impl PgCluster {
     pub fn start_standby_of(primary: &PgCluster, opts: PgOptions) -> anyhow::Result<PgCluster> {
         let run_as = primary.run_as.clone();
         let bin_dir = primary.bin_dir.clone();
-        let pg_ctl = bin_dir.join("pg_ctl");
-        let dir = tempfile::Builder::new()
-            .prefix("bw-pg-")
-            .tempdir()
-            .context("creating the standby's temp dir")?;
-        if let Some(user) = &run_as {
-            user.chown(dir.path())?;
-        }
-        let data_dir = dir.path().join("data");
-        let log_file = dir.path().join("postgres.log");
-        let port = free_port();
+        let dir = cluster_dir(run_as.as_ref(), "creating the standby's temp dir")?;
         run(
             command_as(bin_dir.join("pg_basebackup"), run_as.as_ref())
                 .arg("-D")
-                .arg(&data_dir)
+                .arg(dir.path().join("data"))
                 .arg("-h")
                 .arg(primary.socket_dir())
                 .args(["-p", &primary.port.to_string(), "-U", SUPERUSER])
@@ -206,11 +170,25 @@ impl PgCluster {
                 .current_dir(dir.path()),
             "pg_basebackup",
         )?;
-        write_config(&data_dir, dir.path(), port, &opts)?;
+        PgCluster::launch(dir, bin_dir, run_as, &opts)
+    }
+
+    /// Configures the cluster whose data directory initdb or pg_basebackup has filled in
+    /// `dir/data`, arms the watchdog (before the server exists, so that nothing outlives a
+    /// killed test) and starts the server on a free port.
+    fn launch(
+        dir: tempfile::TempDir,
+        bin_dir: PathBuf,
+        run_as: Option<OsUser>,
+        opts: &PgOptions,
+    ) -> anyhow::Result<PgCluster> {
+        let data_dir = dir.path().join("data");
+        let port = free_port();
+        write_config(&data_dir, dir.path(), port, opts)?;
         let watchdog = Watchdog::spawn(
             r#""$1" stop -D "$2" -m immediate -w >/dev/null 2>&1; rm -rf "$3""#,
             &[
-                pg_ctl.as_os_str(),
+                bin_dir.join("pg_ctl").as_os_str(),
                 data_dir.as_os_str(),
                 dir.path().as_os_str(),
             ],
@@ -220,7 +198,7 @@ impl PgCluster {
             port,
             bin_dir,
             data_dir,
-            log_file,
+            log_file: dir.path().join("postgres.log"),
             run_as,
             postmaster_pid: None,
             watchdog: Some(watchdog),
@@ -476,6 +454,18 @@ impl Drop for PgCluster {
 fn process_alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks that the process exists.
     unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+}
+
+/// A temp dir for a cluster, given to the server's OS user when we run as root.
+fn cluster_dir(run_as: Option<&OsUser>, what: &'static str) -> anyhow::Result<tempfile::TempDir> {
+    let dir = tempfile::Builder::new()
+        .prefix("bw-pg-")
+        .tempdir()
+        .context(what)?;
+    if let Some(user) = run_as {
+        user.chown(dir.path())?;
+    }
+    Ok(dir)
 }
 
 fn initdb(
