@@ -4,6 +4,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use testkit::{free_port, pg_bin, PgCluster, Pooler};
+use tokio::io::AsyncReadExt;
+use tokio::net::TcpStream;
 use tokio_postgres::{Client, NoTls};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_breakwater");
@@ -221,4 +223,37 @@ pub fn blackholed_port() -> (u16, socket2::Socket, Vec<std::net::TcpStream>) {
         }
     }
     (port, s, fillers)
+}
+
+/// A raw v3 startup packet.
+pub fn startup(params: &[(&str, &str)], version: u32) -> Vec<u8> {
+    let mut body = Vec::new();
+    body.extend_from_slice(&version.to_be_bytes());
+    for (k, v) in params {
+        body.extend_from_slice(k.as_bytes());
+        body.push(0);
+        body.extend_from_slice(v.as_bytes());
+        body.push(0);
+    }
+    body.push(0);
+    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
+    p.extend_from_slice(&body);
+    p
+}
+
+/// Reads until the peer closes (bounded), returning everything it sent.
+pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// The SQLSTATE in the first ErrorResponse of `bytes`.
+pub fn error_code(bytes: &[u8]) -> Option<String> {
+    let start = bytes.iter().position(|&b| b == b'E')?;
+    let body = bytes.get(start + 5..)?;
+    let i = body.iter().position(|&b| b == b'C')?;
+    let rest = &body[i + 1..];
+    let end = rest.iter().position(|&b| b == 0)?;
+    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
 }

@@ -127,39 +127,6 @@ async fn cancel_stops_a_running_query_within_a_second() {
     assert!(started.elapsed() < Duration::from_secs(9));
 }
 
-/// A raw v3 startup packet.
-fn startup(params: &[(&str, &str)], version: u32) -> Vec<u8> {
-    let mut body = Vec::new();
-    body.extend_from_slice(&version.to_be_bytes());
-    for (k, v) in params {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    p.extend_from_slice(&body);
-    p
-}
-
-/// Reads until the peer closes (bounded), returning everything it sent.
-async fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
-    out
-}
-
-/// The SQLSTATE in the first ErrorResponse of `bytes`.
-fn error_code(bytes: &[u8]) -> Option<String> {
-    let start = bytes.iter().position(|&b| b == b'E')?;
-    let body = bytes.get(start + 5..)?;
-    let i = body.windows(1).position(|w| w[0] == b'C')?;
-    let rest = &body[i + 1..];
-    let end = rest.iter().position(|&b| b == 0)?;
-    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
-}
-
 #[tokio::test]
 async fn ssl_and_gssenc_requests_are_answered_n_and_the_client_may_continue_in_plaintext() {
     let env = start("auth_type = \"trust\"", "");

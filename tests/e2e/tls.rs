@@ -6,6 +6,7 @@
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::process::Command;
 use std::sync::Arc;
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -18,7 +19,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_postgres::Client;
 
-use crate::common::{BIN, USERLIST, WAIT};
+use crate::common::{
+    error_code, read_all, startup, terminate_serving_backend, BIN, USERLIST, WAIT,
+};
 
 /// A certificate and its key, PEM.
 #[derive(Clone)]
@@ -59,43 +62,21 @@ fn leaf(
     } else {
         ExtendedKeyUsagePurpose::ServerAuth
     }];
-    let (y, m, d) = today();
-    let now = rcgen::date_time_ymd(y, m, d);
-    if expired {
-        params.not_before = now - std::time::Duration::from_secs(30 * 86_400);
-        params.not_after = now - std::time::Duration::from_secs(86_400);
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86_400);
+    let (not_before, not_after) = if expired {
+        (now - 30 * day, now - day)
     } else {
-        params.not_before = now - std::time::Duration::from_secs(86_400);
-        params.not_after = now + std::time::Duration::from_secs(30 * 86_400);
-    }
+        (now - day, now + 30 * day)
+    };
+    // rcgen takes `time` dates, which convert from SystemTime.
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
     let cert = params.signed_by(&key, issuer).unwrap();
     Leaf {
         cert: cert.pem(),
         key: key.serialize_pem(),
     }
-}
-
-/// Today's date (UTC): rcgen takes calendar dates.
-fn today() -> (i32, u8, u8) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    civil_from_days((secs / 86_400) as i64)
-}
-
-/// Days since 1970-01-01 to (year, month, day), Howard Hinnant's algorithm.
-fn civil_from_days(z: i64) -> (i32, u8, u8) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    ((if m <= 2 { y + 1 } else { y }) as i32, m as u8, d as u8)
 }
 
 fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
@@ -207,17 +188,17 @@ fn client_config(ca_pem: &str, client_cert: Option<&Leaf>) -> rustls::ClientConf
     }
 }
 
-/// tokio-postgres over TLS (sslmode=require: refuses a pooler that answers N; the rustls config
-/// checks the chain and that the certificate names `host`).
+/// tokio-postgres over TLS to localhost (sslmode=require: refuses a pooler that answers N; the
+/// rustls config checks the chain to `ca_pem` and that the certificate names localhost).
 async fn tls_connect(
-    host: &str,
     port: u16,
-    config: rustls::ClientConfig,
+    ca_pem: &str,
+    client_cert: Option<&Leaf>,
 ) -> Result<Client, tokio_postgres::Error> {
     let conn = format!(
-        "host={host} port={port} user=app password=app_pw dbname=app sslmode=require connect_timeout=10"
+        "host=localhost port={port} user=app password=app_pw dbname=app sslmode=require connect_timeout=10"
     );
-    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(config);
+    let tls = tokio_postgres_rustls::MakeRustlsConnect::new(client_config(ca_pem, client_cert));
     let (client, connection) = tokio_postgres::connect(&conn, tls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
@@ -251,37 +232,73 @@ async fn connect_error(port: u16) -> String {
     }
 }
 
-fn client_tls_files(pki: &Pki) -> Vec<(&'static str, String)> {
-    vec![
-        ("server.crt", pki.server.cert.clone()),
-        ("server.key", pki.server.key.clone()),
-        ("ca.crt", pki.ca.clone()),
+/// The files [`CLIENT_TLS`] names: `pki`'s server certificate and its CA.
+fn client_tls_files(pki: &Pki) -> [(&'static str, &str); 3] {
+    [
+        ("server.crt", &pki.server.cert),
+        ("server.key", &pki.server.key),
+        ("ca.crt", &pki.ca),
     ]
-}
-
-fn as_refs<'a>(files: &'a [(&'static str, String)]) -> Vec<(&'static str, &'a str)> {
-    files.iter().map(|(n, c)| (*n, c.as_str())).collect()
 }
 
 const CLIENT_TLS: &str =
     "client_tls_cert_file = \"server.crt\"\nclient_tls_key_file = \"server.key\"\n\
                           client_tls_ca_file = \"ca.crt\"\n";
 
+/// Checks the server leg against the CA in `ca.crt`, which [`client_tls_files`] provides.
+const SERVER_VERIFY_FULL: &str =
+    "server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n";
+
+/// A [`pooler`] that serves TLS to clients under `client_tls_sslmode = "{sslmode}"` with `pki`'s
+/// server certificate, and has `settings` besides.
+fn client_tls_pooler(
+    pg: &PgCluster,
+    host: &str,
+    pki: &Pki,
+    sslmode: &str,
+    settings: &str,
+) -> Pooler {
+    pooler(
+        pg,
+        host,
+        &format!("client_tls_sslmode = \"{sslmode}\"\n{CLIENT_TLS}{settings}"),
+        &client_tls_files(pki),
+    )
+}
+
+/// A [`pooler`] with `auth_type = "trust"` that asks `pg` for TLS under
+/// `server_tls_sslmode = "{sslmode}"`, trusting `ca` when one is given.
+fn server_tls_pooler(pg: &PgCluster, host: &str, sslmode: &str, ca: Option<&str>) -> Pooler {
+    let mut settings = format!("auth_type = \"trust\"\nserver_tls_sslmode = \"{sslmode}\"\n");
+    let mut files = Vec::new();
+    if let Some(ca) = ca {
+        settings.push_str("server_tls_ca_file = \"ca.crt\"\n");
+        files.push(("ca.crt", ca));
+    }
+    pooler(pg, host, &settings, &files)
+}
+
+/// psql -X -At -c `sql` as `conninfo` says: its stdout, or its stderr when it fails.
+fn psql(conninfo: &str, password: &str, sql: &str) -> Result<String, String> {
+    let out = Command::new(pg_bin("psql").unwrap())
+        .args(["-X", "-At", "-c", sql, conninfo])
+        .env("PGPASSWORD", password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .output()
+        .unwrap();
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr).into_owned())
+    }
+}
+
 #[tokio::test]
 async fn verify_full_clients_reach_a_tls_postgres_encrypted_on_both_legs() {
     let pki = pki();
     let pg = tls_cluster(&pki.server, false);
-    let files = client_tls_files(&pki);
-    let p = pooler(
-        &pg,
-        "localhost",
-        &format!(
-            "client_tls_sslmode = \"require\"\n{CLIENT_TLS}\
-             server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n"
-        ),
-        &as_refs(&files),
-    );
-    let c = tls_connect("localhost", p.port(), client_config(&pki.ca, None))
+    let p = client_tls_pooler(&pg, "localhost", &pki, "require", SERVER_VERIFY_FULL);
+    let c = tls_connect(p.port(), &pki.ca, None)
         .await
         .expect("TLS client through breakwater");
     for i in 0..50i32 {
@@ -322,28 +339,7 @@ async fn an_idle_tls_server_closed_by_the_database_is_dropped_before_it_is_hande
     let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
     let a = p.connect("app", "app_pw", "app").await.unwrap();
     assert!(server_leg_encrypted(&a).await);
-    let pid: i32 = a
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    direct
-        .execute("SELECT pg_terminate_backend($1)", &[&pid])
-        .await
-        .unwrap();
-    testkit::wait_until("the backend is gone", WAIT, || async {
-        let n: i64 = direct
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE pid = $1",
-                &[&pid],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        n == 0
-    })
-    .await
-    .unwrap();
+    let pid = terminate_serving_backend(&a, &direct).await;
     // The FATAL and close_notify arrived encrypted; the probe sees them without decrypting.
     let pid2: i32 = a
         .query_one("SELECT pg_backend_pid()", &[])
@@ -357,60 +353,30 @@ async fn an_idle_tls_server_closed_by_the_database_is_dropped_before_it_is_hande
 async fn psql_with_sslmode_verify_full_is_served() {
     let pki = pki();
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&pki);
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        &format!("client_tls_sslmode = \"require\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
-    );
-    let out = Command::new(pg_bin("psql").unwrap())
-        .args(["-X", "-At", "-c", "SELECT 40 + 2"])
-        .arg(format!(
-            "host=localhost port={} user=app dbname=app sslmode=verify-full sslrootcert={}",
+    let p = client_tls_pooler(&pg, "127.0.0.1", &pki, "require", "");
+    let verify_full = |user: &str, dbname: &str| {
+        format!(
+            "host=localhost port={} user={user} dbname={dbname} sslmode=verify-full sslrootcert={}",
             p.port(),
             p.dir().join("ca.crt").display()
-        ))
-        .env("PGPASSWORD", "app_pw")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
+        )
+    };
+    let out = psql(&verify_full("app", "app"), "app_pw", "SELECT 40 + 2").unwrap();
+    assert_eq!(out.trim(), "42");
     // The admin console over TLS too.
-    let out = Command::new(pg_bin("psql").unwrap())
-        .args(["-X", "-At", "-c", "SHOW VERSION"])
-        .arg(format!(
-            "host=localhost port={} user=admin dbname=pgbouncer sslmode=verify-full sslrootcert={}",
-            p.port(),
-            p.dir().join("ca.crt").display()
-        ))
-        .env("PGPASSWORD", "admin_pw")
-        .env("PGCONNECT_TIMEOUT", "10")
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("Breakwater"));
+    let out = psql(
+        &verify_full("admin", "pgbouncer"),
+        "admin_pw",
+        "SHOW VERSION",
+    )
+    .unwrap();
+    assert!(out.contains("Breakwater"));
     // The same psql without TLS is refused, and says why.
-    let out = Command::new(pg_bin("psql").unwrap())
-        .args(["-X", "-At", "-c", "SELECT 1"])
-        .arg(format!(
-            "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
-            p.port()
-        ))
-        .env("PGPASSWORD", "app_pw")
-        .output()
-        .unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    let plaintext = format!(
+        "host=127.0.0.1 port={} user=app dbname=app sslmode=disable",
+        p.port()
+    );
+    let err = psql(&plaintext, "app_pw", "SELECT 1").unwrap_err();
     assert!(err.contains("SSL required"), "{err}");
 }
 
@@ -418,48 +384,30 @@ async fn psql_with_sslmode_verify_full_is_served() {
 async fn sighup_rotates_the_client_certificate_without_dropping_sessions() {
     let (old_pki, new_pki) = (pki(), pki());
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&old_pki);
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        &format!("client_tls_sslmode = \"require\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
-    );
+    let p = client_tls_pooler(&pg, "127.0.0.1", &old_pki, "require", "");
     let port = p.port();
-    let old = tls_connect("localhost", port, client_config(&old_pki.ca, None))
+    let old = tls_connect(port, &old_pki.ca, None)
         .await
         .expect("client trusting the first CA");
     std::fs::write(p.dir().join("server.crt"), &new_pki.server.cert).unwrap();
     std::fs::write(p.dir().join("server.key"), &new_pki.server.key).unwrap();
     p.signal(libc::SIGHUP);
     testkit::wait_until("the new certificate is served", WAIT, || async {
-        tls_connect("localhost", port, client_config(&new_pki.ca, None))
-            .await
-            .is_ok()
+        tls_connect(port, &new_pki.ca, None).await.is_ok()
     })
     .await
     .unwrap();
     // The session that began under the old certificate goes on; new ones get the new one.
     let v: i32 = old.query_one("SELECT 7", &[]).await.unwrap().get(0);
     assert_eq!(v, 7);
-    assert!(
-        tls_connect("localhost", port, client_config(&old_pki.ca, None))
-            .await
-            .is_err()
-    );
+    assert!(tls_connect(port, &old_pki.ca, None).await.is_err());
 }
 
 #[tokio::test]
 async fn plaintext_clients_are_refused_under_client_tls_sslmode_require() {
     let pki = pki();
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&pki);
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        &format!("client_tls_sslmode = \"require\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
-    );
+    let p = client_tls_pooler(&pg, "127.0.0.1", &pki, "require", "");
     let err = connect_error(p.port()).await;
     assert!(err.starts_with("28000"), "{err}");
     assert!(err.contains("SSL required"), "{err}");
@@ -469,17 +417,11 @@ async fn plaintext_clients_are_refused_under_client_tls_sslmode_require() {
 async fn plaintext_after_an_ssl_request_is_refused_not_taken_as_encrypted() {
     let pki = pki();
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&pki);
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        &format!("auth_type = \"trust\"\nclient_tls_sslmode = \"prefer\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
-    );
+    let p = client_tls_pooler(&pg, "127.0.0.1", &pki, "prefer", "auth_type = \"trust\"\n");
     // SSLRequest and a plaintext StartupMessage in one write: a man in the middle's injection.
     let mut s = TcpStream::connect(("127.0.0.1", p.port())).await.unwrap();
     let mut bytes = ssl_request();
-    bytes.extend(startup_packet("app", "app"));
+    bytes.extend(startup(&[("user", "app"), ("database", "app")], 196_608));
     s.write_all(&bytes).await.unwrap();
     let reply = read_all(&mut s).await;
     assert_ne!(reply.first(), Some(&b'S'), "the pooler went on to TLS");
@@ -500,13 +442,7 @@ async fn plaintext_after_an_ssl_request_is_refused_not_taken_as_encrypted() {
 async fn direct_tls_with_alpn_postgresql_logs_in_and_without_it_is_refused() {
     let pki = pki();
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&pki);
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        &format!("auth_type = \"trust\"\nclient_tls_sslmode = \"require\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
-    );
+    let p = client_tls_pooler(&pg, "127.0.0.1", &pki, "require", "auth_type = \"trust\"\n");
     for (alpn, ok) in [(Some(b"postgresql".to_vec()), true), (None, false)] {
         let mut config = client_config(&pki.ca, None);
         config.alpn_protocols = alpn.into_iter().collect();
@@ -517,7 +453,9 @@ async fn direct_tls_with_alpn_postgresql_logs_in_and_without_it_is_refused() {
             .await
             .expect("direct TLS handshake");
         if ok {
-            tls.write_all(&startup_packet("app", "app")).await.unwrap();
+            tls.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+                .await
+                .unwrap();
             tls.flush().await.unwrap();
             let mut first = [0u8; 9];
             tls.read_exact(&mut first).await.unwrap();
@@ -536,20 +474,16 @@ async fn direct_tls_with_alpn_postgresql_logs_in_and_without_it_is_refused() {
 async fn auth_type_cert_logs_in_the_user_named_by_the_certificate() {
     let pki = pki();
     let pg = PgCluster::start().expect("start postgres");
-    let files = client_tls_files(&pki);
-    let p = pooler(
+    let p = client_tls_pooler(
         &pg,
         "127.0.0.1",
-        &format!("auth_type = \"cert\"\nclient_tls_sslmode = \"verify-full\"\n{CLIENT_TLS}"),
-        &as_refs(&files),
+        &pki,
+        "verify-full",
+        "auth_type = \"cert\"\n",
     );
-    let c = tls_connect(
-        "localhost",
-        p.port(),
-        client_config(&pki.ca, Some(&pki.client_app)),
-    )
-    .await
-    .expect("certificate login as app");
+    let c = tls_connect(p.port(), &pki.ca, Some(&pki.client_app))
+        .await
+        .expect("certificate login as app");
     let who: String = c
         .query_one("SELECT current_user::text", &[])
         .await
@@ -557,30 +491,21 @@ async fn auth_type_cert_logs_in_the_user_named_by_the_certificate() {
         .get(0);
     assert_eq!(who, "app");
 
-    let err = tls_connect(
-        "localhost",
-        p.port(),
-        client_config(&pki.ca, Some(&pki.client_mallory)),
-    )
-    .await
-    .unwrap_err();
+    let err = tls_connect(p.port(), &pki.ca, Some(&pki.client_mallory))
+        .await
+        .unwrap_err();
     let db = err.as_db_error().expect("an ErrorResponse");
     assert_eq!(db.code().code(), "28000");
     assert!(db.message().contains("mallory"), "{}", db.message());
 
     // No client certificate: the handshake itself fails.
-    assert!(
-        tls_connect("localhost", p.port(), client_config(&pki.ca, None))
-            .await
-            .is_err()
-    );
+    assert!(tls_connect(p.port(), &pki.ca, None).await.is_err());
 }
 
 #[tokio::test]
 async fn each_server_tls_sslmode_against_a_postgres_with_ssl_on() {
     let pki = pki();
     let pg = tls_cluster(&pki.wrong_host, false);
-    let ca = [("ca.crt", pki.ca.as_str())];
     // The server's certificate names another host: fine for every mode but verify-full.
     for (mode, encrypted) in [
         ("disable", Some(false)),
@@ -590,14 +515,7 @@ async fn each_server_tls_sslmode_against_a_postgres_with_ssl_on() {
         ("verify-ca", Some(true)),
         ("verify-full", None),
     ] {
-        let p = pooler(
-            &pg,
-            "127.0.0.1",
-            &format!(
-                "auth_type = \"trust\"\nserver_tls_sslmode = \"{mode}\"\nserver_tls_ca_file = \"ca.crt\"\n"
-            ),
-            &ca,
-        );
+        let p = server_tls_pooler(&pg, "127.0.0.1", mode, Some(&pki.ca));
         match encrypted {
             Some(want) => {
                 let c = p.connect("app", "app_pw", "app").await.expect(mode);
@@ -617,12 +535,7 @@ async fn allow_retries_with_tls_when_postgres_refuses_plaintext_and_disable_does
     let pki = pki();
     let pg = tls_cluster(&pki.server, true);
     for (mode, works) in [("allow", true), ("disable", false), ("prefer", true)] {
-        let p = pooler(
-            &pg,
-            "127.0.0.1",
-            &format!("auth_type = \"trust\"\nserver_tls_sslmode = \"{mode}\"\n"),
-            &[],
-        );
+        let p = server_tls_pooler(&pg, "127.0.0.1", mode, None);
         if works {
             let c = p.connect("app", "app_pw", "app").await.expect(mode);
             assert!(server_leg_encrypted(&c).await, "{mode}");
@@ -642,12 +555,7 @@ async fn verify_full_refuses_a_wrong_ca_an_expired_and_a_wrong_host_certificate_
         (&pki.wrong_host, "not valid for name"),
     ] {
         let pg = tls_cluster(cert, false);
-        let p = pooler(
-            &pg,
-            "localhost",
-            "auth_type = \"trust\"\nserver_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n",
-            &[("ca.crt", &pki.ca)],
-        );
+        let p = server_tls_pooler(&pg, "localhost", "verify-full", Some(&pki.ca));
         let err = connect_error(p.port()).await;
         assert!(err.starts_with("08001"), "{why}: {err}");
         assert!(err.contains("\"localhost\""), "{why}: {err}");
@@ -659,12 +567,7 @@ async fn verify_full_refuses_a_wrong_ca_an_expired_and_a_wrong_host_certificate_
 #[tokio::test]
 async fn a_server_without_tls_is_refused_under_require() {
     let pg = PgCluster::start().expect("start postgres");
-    let p = pooler(
-        &pg,
-        "127.0.0.1",
-        "auth_type = \"trust\"\nserver_tls_sslmode = \"require\"\n",
-        &[],
-    );
+    let p = server_tls_pooler(&pg, "127.0.0.1", "require", None);
     let err = connect_error(p.port()).await;
     assert!(err.contains("does not support TLS"), "{err}");
     assert!(err.contains("server_tls_sslmode = \"require\""), "{err}");
@@ -675,15 +578,12 @@ async fn a_server_without_tls_is_refused_under_require() {
 fn pgbench_over_tls_on_both_legs_has_no_failures() {
     let pki = pki();
     let pg = tls_cluster(&pki.server, true);
-    let files = client_tls_files(&pki);
-    let p = pooler(
+    let p = client_tls_pooler(
         &pg,
         "localhost",
-        &format!(
-            "client_tls_sslmode = \"require\"\n{CLIENT_TLS}default_pool_size = 4\n\
-             server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n"
-        ),
-        &as_refs(&files),
+        &pki,
+        "require",
+        &format!("default_pool_size = 4\n{SERVER_VERIFY_FULL}"),
     );
     let pgbench = |args: &[&str]| {
         let out = Command::new(pg_bin("pgbench").unwrap())
@@ -727,36 +627,6 @@ fn ssl_request() -> Vec<u8> {
     v
 }
 
-fn startup_packet(user: &str, db: &str) -> Vec<u8> {
-    let mut body = 196_608u32.to_be_bytes().to_vec();
-    for (k, v) in [("user", user), ("database", db)] {
-        body.extend_from_slice(k.as_bytes());
-        body.push(0);
-        body.extend_from_slice(v.as_bytes());
-        body.push(0);
-    }
-    body.push(0);
-    let mut v = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-    v.extend(body);
-    v
-}
-
-async fn read_all(s: &mut TcpStream) -> Vec<u8> {
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
-    out
-}
-
-/// The SQLSTATE in the first ErrorResponse of `bytes`.
-fn error_code(bytes: &[u8]) -> Option<String> {
-    let start = bytes.iter().position(|&b| b == b'E')?;
-    let body = bytes.get(start + 5..)?;
-    let i = body.iter().position(|&b| b == b'C')?;
-    let rest = &body[i + 1..];
-    let end = rest.iter().position(|&b| b == 0)?;
-    Some(String::from_utf8_lossy(&rest[..end]).into_owned())
-}
-
 /// The TLS overhead measurement behind the README's numbers, run by hand (it takes about a
 /// minute and its numbers depend on the machine):
 ///
@@ -777,7 +647,6 @@ fn tls_overhead() {
     let secs = std::env::var("TLS_BENCH_SECS").unwrap_or_else(|_| "10".into());
     let pki = pki();
     let pg = tls_cluster(&pki.server, false);
-    let files = client_tls_files(&pki);
     let start = |extra: &str| {
         let port = free_port();
         let config = format!(
@@ -786,13 +655,12 @@ fn tls_overhead() {
             pg.port()
         );
         let mut all = vec![("userlist.txt", USERLIST)];
-        all.extend(as_refs(&files));
+        all.extend(client_tls_files(&pki));
         Pooler::start(&bin, port, &config, &all).expect("start breakwater")
     };
     let plain = start("server_tls_sslmode = \"disable\"\n");
     let tls = start(&format!(
-        "client_tls_sslmode = \"require\"\n{CLIENT_TLS}\
-         server_tls_sslmode = \"verify-full\"\nserver_tls_ca_file = \"ca.crt\"\n"
+        "client_tls_sslmode = \"require\"\n{CLIENT_TLS}{SERVER_VERIFY_FULL}"
     ));
     let pgbench = |p: &Pooler, sslmode: &str, args: &[&str]| -> String {
         let out = Command::new(pg_bin("pgbench").unwrap())
