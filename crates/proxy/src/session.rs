@@ -23,6 +23,7 @@ use proto::frontend;
 use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
+use tokio_util::sync::ReusableBoxFuture;
 use upstream::{discard, CheckoutError, ConnectError, PooledServer, QueryError};
 
 use crate::cancel::Registration;
@@ -166,56 +167,113 @@ enum Local {
     NeedServer,
 }
 
+/// How the Idle state ended.
 enum Work {
+    /// The client sent something that needs a server.
     Message,
+    /// The client left, or was told why it must (the error is sent already).
     Gone,
-    Fatal(PgError),
 }
 
-pub(crate) struct Session<'a> {
-    global: &'a GlobalStats,
-    settings: &'a ProxySettings,
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    settings: Arc<ProxySettings>,
     client: ClientConn,
     entry: Arc<PoolEntry>,
     params: ClientParams,
     /// This client's named prepared statements.
     statements: ClientStatements,
-    /// The session's timer for the Active state's timeouts.
-    alarm: Alarm,
-    /// The reply queue of the last transaction, kept (empty) for the next one.
-    spare_expect: Expectations,
-    /// Bytes on their way to the server / the client, reused between rounds.
-    to_server: BytesMut,
-    to_client: BytesMut,
-    cancel: Registration<'a>,
+    /// The Active state's buffers and timer, lent by a [`Workspace`] for one transaction and
+    /// empty while the client is idle.
+    scratch: Scratch,
+    cancel: Registration,
     mode: PoolMode,
     shutdown: watch::Receiver<bool>,
     /// The pool must write, so a 25006 from its server triggers a role re-check.
     watch_read_only: bool,
 }
 
-impl<'a> Session<'a> {
+/// What a transaction works with besides the server: reused from one transaction to the next
+/// (of any client), so that a steady stream of transactions allocates nothing.
+#[derive(Default)]
+pub(crate) struct Scratch {
+    /// The session's timer for the Active state's timeouts.
+    alarm: Alarm,
+    /// The reply queue of the last transaction, kept (empty) for the next one.
+    spare_expect: Expectations,
+    /// Bytes on their way to the server / the client.
+    to_server: BytesMut,
+    to_client: BytesMut,
+}
+
+/// Where the Active state runs: the transaction's future on the heap, and its scratch.
+///
+/// A task's memory is the size of its largest state, and the Active state (checkout, pump,
+/// release) is several times the Idle one. Most clients are idle most of the time, so the
+/// Active state lives in this box instead of in the task, and the box goes back to the
+/// [`Workspaces`] list when the transaction ends. The next transaction of any client reuses it
+/// (same future type, same layout: no allocation), so an idle client holds no room for a
+/// transaction and a busy one allocates nothing per transaction.
+pub(crate) struct Workspace {
+    future: ReusableBoxFuture<'static, (Box<Session>, Next)>,
+    scratch: Scratch,
+}
+
+/// Workspaces not in use, shared by every session.
+#[derive(Default)]
+pub(crate) struct Workspaces(std::sync::Mutex<Vec<Workspace>>);
+
+/// Spare workspaces kept after a burst of concurrent transactions; more are freed. As many
+/// are in use as clients are in the Active state (waiting for a server included), so this only
+/// bounds what a burst leaves behind.
+const MAX_SPARE_WORKSPACES: usize = 256;
+
+impl Workspaces {
+    fn take(&self) -> Option<Workspace> {
+        match self.0.lock() {
+            Ok(mut spare) => spare.pop(),
+            Err(poisoned) => poisoned.into_inner().pop(),
+        }
+    }
+
+    fn give_back(&self, w: Workspace) {
+        let mut spare = match self.0.lock() {
+            Ok(spare) => spare,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if spare.len() < MAX_SPARE_WORKSPACES {
+            spare.push(w);
+        }
+    }
+}
+
+/// Where a session goes after its Active state.
+pub(crate) enum Next {
+    /// Back to Idle: the transaction ended and the server went back to the pool.
+    Idle,
+    /// The client is gone, or was told why it must go.
+    End,
+}
+
+impl Session {
     pub fn new(
-        shared: &'a Shared,
-        settings: &'a ProxySettings,
+        shared: &Arc<Shared>,
+        settings: Arc<ProxySettings>,
         client: ClientConn,
         entry: Arc<PoolEntry>,
         params: ClientParams,
-        cancel: Registration<'a>,
+        cancel: Registration,
     ) -> Self {
         let mode = entry.route.pool_mode;
         let entry_wants_writer = entry.route.target_session_attrs.wants_writer();
         Session {
-            global: &shared.stats,
+            shared: shared.clone(),
             settings,
             client,
             entry,
             params,
             statements: ClientStatements::default(),
-            spare_expect: Expectations::default(),
-            alarm: Alarm::default(),
-            to_server: BytesMut::new(),
-            to_client: BytesMut::new(),
+            scratch: Scratch::default(),
             cancel,
             mode,
             shutdown: shared.shutdown.subscribe(),
@@ -223,54 +281,102 @@ impl<'a> Session<'a> {
         }
     }
 
-    pub async fn run(&mut self) {
-        let stats = self.entry.stats.clone();
-        PoolStats::gauge(&stats.cl_idle, 1);
-        // Boxed, like every rarely taken await below that holds a large future: a task's
-        // memory is its largest state, and an idle client should not carry the login path's.
-        let mut held = match Box::pin(self.welcome()).await {
-            Ok(h) => h,
-            Err(e) => {
-                PoolStats::gauge(&stats.cl_idle, -1);
-                self.client.send_error(&e).await;
-                return;
+    fn global(&self) -> &GlobalStats {
+        &self.shared.stats
+    }
+
+    /// Idle ⇄ Active until the client leaves. Idle runs here, in the client's task; Active
+    /// runs in a [`Workspace`]. Gives the session back so the caller decides when its socket
+    /// closes.
+    pub async fn run(self: Box<Self>) -> Box<Self> {
+        PoolStats::gauge(&self.entry.stats.cl_idle, 1);
+        // Boxed, like every rarely taken await that holds a large future: a task's memory is
+        // its largest state, and an idle client should not carry the login path's.
+        let (mut this, mut next) = Box::pin(self.start()).await;
+        while let Next::Idle = next {
+            if let Work::Gone = this.wait_for_work().await {
+                break;
             }
+            (this, next) = this.activate(None).await;
+        }
+        PoolStats::gauge(&this.entry.stats.cl_idle, -1);
+        let _ = this.client.stream.shutdown().await;
+        this
+    }
+
+    /// The welcome, then Idle; or in session mode, when a server answered the welcome, Active
+    /// with that server.
+    async fn start(mut self: Box<Self>) -> (Box<Self>, Next) {
+        match self.welcome().await {
+            Ok(held) => {
+                // The login buffers go back: many clients log in and then sit idle, and the
+                // first read or reply allocates what a working client keeps from then on.
+                if self.client.buf.is_empty() {
+                    self.client.buf = BytesMut::new();
+                }
+                if self.client.out.is_empty() {
+                    self.client.out = BytesMut::new();
+                }
+                match held {
+                    None => (self, Next::Idle),
+                    Some(h) => self.activate(Some(h)).await,
+                }
+            }
+            Err(e) => {
+                self.client.send_error(&e).await;
+                (self, Next::End)
+            }
+        }
+    }
+
+    /// Runs the Active state in a spare workspace (or a new one) and gives the workspace back.
+    async fn activate(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+        let shared = self.shared.clone();
+        let mut future = match shared.workspaces.take() {
+            Some(Workspace {
+                mut future,
+                scratch,
+            }) => {
+                self.scratch = scratch;
+                future.set(self.active(held));
+                future
+            }
+            None => ReusableBoxFuture::new(self.active(held)),
         };
-        // The login buffers go back: many clients log in and then sit idle, and the first
-        // read or reply allocates what a working client keeps from then on.
-        if self.client.buf.is_empty() {
-            self.client.buf = BytesMut::new();
-        }
-        if self.client.out.is_empty() {
-            self.client.out = BytesMut::new();
-        }
+        let (mut session, next) = (&mut future).await;
+        let scratch = std::mem::take(&mut session.scratch);
+        shared.workspaces.give_back(Workspace { future, scratch });
+        (session, next)
+    }
+
+    /// The future a workspace holds: owns the session for the length of the Active state.
+    async fn active(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+        let next = self.transaction(held).await;
+        (self, next)
+    }
+
+    /// Active: get a server (unless one is held already), stream until the transaction ends,
+    /// give the server back. In session mode the server stays until the client leaves.
+    async fn transaction(&mut self, mut held: Option<Held>) -> Next {
         loop {
             let h = match held.as_mut() {
                 Some(h) => h,
-                None => {
-                    match self.wait_for_work().await {
-                        Work::Message => {}
-                        Work::Gone => break,
-                        Work::Fatal(e) => {
-                            self.client.send_error(&e).await;
-                            break;
-                        }
+                None => match self.checkout().await {
+                    Ok(server) => {
+                        let expect = std::mem::take(&mut self.scratch.spare_expect);
+                        held.insert(Held::new(server, expect))
                     }
-                    match self.checkout().await {
-                        Ok(server) => {
-                            let expect = std::mem::take(&mut self.spare_expect);
-                            held.insert(Held::new(server, expect))
-                        }
-                        Err(e) => {
-                            self.client.send_error(&e).await;
-                            break;
-                        }
+                    Err(e) => {
+                        self.client.send_error(&e).await;
+                        return Next::End;
                     }
-                }
+                },
             };
+            let stats = &self.entry.stats;
             PoolStats::gauge(&stats.cl_idle, -1);
             PoolStats::gauge(&stats.cl_active, 1);
             let step = self.pump(h).await;
+            let stats = &self.entry.stats;
             PoolStats::gauge(&stats.cl_active, -1);
             PoolStats::gauge(&stats.cl_idle, 1);
             match step {
@@ -284,14 +390,15 @@ impl<'a> Session<'a> {
                     }
                     if shutting_down {
                         self.client.send_error(&shutdown_error()).await;
-                        break;
+                        return Next::End;
                     }
+                    return Next::Idle;
                 }
                 Step::ClientGone => {
                     if let Some(h) = held.take() {
                         self.abandon(h).await;
                     }
-                    break;
+                    return Next::End;
                 }
                 Step::Fatal(e) => {
                     if let Some(h) = held.take() {
@@ -300,15 +407,10 @@ impl<'a> Session<'a> {
                     }
                     tracing::warn!(code = e.code.0, "closing client: {}", e.message);
                     self.client.send_error(&e).await;
-                    break;
+                    return Next::End;
                 }
             }
         }
-        PoolStats::gauge(&stats.cl_idle, -1);
-        if let Some(h) = held.take() {
-            self.abandon(h).await;
-        }
-        let _ = self.client.stream.shutdown().await;
     }
 
     /// Tells the client its session parameters, cancel key and readiness. The parameters come
@@ -382,10 +484,8 @@ impl<'a> Session<'a> {
         loop {
             if self.client.buf.len() >= HEADER_LEN {
                 if let Err(e) = frame::message_len(&self.client.buf, self.settings.max_message) {
-                    return Work::Fatal(PgError::fatal(
-                        SqlState::PROTOCOL_VIOLATION,
-                        e.to_string(),
-                    ));
+                    let e = PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string());
+                    return self.send_fatal(e).await;
                 }
                 match self.client.buf[0] {
                     frontend::TERMINATE => return Work::Gone,
@@ -402,7 +502,7 @@ impl<'a> Session<'a> {
                 }
             }
             if *self.shutdown.borrow() {
-                return Work::Fatal(shutdown_error());
+                return self.send_fatal(shutdown_error()).await;
             }
             let idle = self.settings.client_idle_timeout;
             tokio::select! {
@@ -416,15 +516,23 @@ impl<'a> Session<'a> {
                 },
                 _ = self.shutdown.changed() => {}
                 _ = sleep_opt(idle) => {
-                    GlobalStats::bump(&self.global.timeouts_client_idle);
+                    GlobalStats::bump(&self.global().timeouts_client_idle);
                     tracing::info!("client_idle_timeout expired");
-                    return Work::Fatal(PgError::fatal(
+                    let e = PgError::fatal(
                         SqlState::IDLE_SESSION_TIMEOUT,
                         format!("client_idle_timeout ({}) expired", fmt_duration(idle.unwrap_or_default())),
-                    ));
+                    );
+                    return self.send_fatal(e).await;
                 }
             }
         }
+    }
+
+    /// Tells an idle client why it must go. Sent from inside the Idle state rather than
+    /// returned: an error carried out of an await would take room in every client's task.
+    async fn send_fatal(&mut self, e: PgError) -> Work {
+        self.client.send_error(&e).await;
+        Work::Gone
     }
 
     /// Outside a transaction, a batch of only Close (of a named statement), Flush and Sync
@@ -509,7 +617,7 @@ impl<'a> Session<'a> {
         PoolStats::gauge(&stats.cl_waiting, -1);
         PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
         PoolStats::add(&stats.wait_count, 1);
-        let global = self.global;
+        let global = self.global();
         result.map_err(|e| {
             if matches!(e, CheckoutError::WaitTimeout { .. }) {
                 GlobalStats::bump(&global.timeouts_query_wait);
@@ -540,7 +648,7 @@ impl<'a> Session<'a> {
         server.pristine = false;
         server.params_synced_for = None;
         let result = Box::pin(tokio::time::timeout(
-            internal_timeout(self.settings),
+            internal_timeout(&self.settings),
             server.simple_query(&sql),
         ))
         .await;
@@ -584,13 +692,13 @@ impl<'a> Session<'a> {
                 Ok(t) => t,
                 Err(e) => return Step::Fatal(e),
             };
-            if !self.to_server.is_empty() {
+            if !self.scratch.to_server.is_empty() {
                 PoolStats::add(
                     &self.entry.stats.bytes_received,
-                    self.to_server.len() as u64,
+                    self.scratch.to_server.len() as u64,
                 );
-                let written = h.server.write_all(&self.to_server).await;
-                self.to_server.clear();
+                let written = h.server.write_all(&self.scratch.to_server).await;
+                self.scratch.to_server.clear();
                 if let Err(e) = written {
                     h.server.broken = true;
                     return Step::Fatal(server_lost(&e.to_string()));
@@ -605,10 +713,13 @@ impl<'a> Session<'a> {
                 Ok(d) => d,
                 Err(e) => return Step::Fatal(e),
             };
-            if !self.to_client.is_empty() {
-                PoolStats::add(&self.entry.stats.bytes_sent, self.to_client.len() as u64);
-                let written = self.client.stream.send(&self.to_client).await;
-                self.to_client.clear();
+            if !self.scratch.to_client.is_empty() {
+                PoolStats::add(
+                    &self.entry.stats.bytes_sent,
+                    self.scratch.to_client.len() as u64,
+                );
+                let written = self.client.stream.send(&self.scratch.to_client).await;
+                self.scratch.to_client.clear();
                 if written.is_err() {
                     return Step::ClientGone;
                 }
@@ -626,7 +737,7 @@ impl<'a> Session<'a> {
             // Wait for more from either side, or for the first timer that applies.
             let (_, deadline) = self.next_timer(h);
             if let Some(d) = deadline {
-                self.alarm.arm(d);
+                self.scratch.alarm.arm(d);
             }
             tokio::select! {
                 r = h.server.read() => {
@@ -643,7 +754,7 @@ impl<'a> Session<'a> {
                     }
                     h.last_client_byte = Instant::now();
                 }
-                _ = self.alarm.fired(), if deadline.is_some() => {
+                _ = self.scratch.alarm.fired(), if deadline.is_some() => {
                     // The alarm may ring early (it was armed for a deadline that has since
                     // moved on): act only on a timer that is really due.
                     let (timer, deadline) = self.next_timer(h);
@@ -659,7 +770,7 @@ impl<'a> Session<'a> {
 
     /// The timer that fires first in the current state, if any.
     fn next_timer(&self, h: &Held) -> (Timer, Option<Instant>) {
-        let s = self.settings;
+        let s = &*self.settings;
         let mut best = (Timer::None, None::<Instant>);
         let mut consider = |t: Timer, at: Option<Instant>| {
             if let Some(at) = at {
@@ -699,7 +810,7 @@ impl<'a> Session<'a> {
 
     /// Handles a fired timer; `Some` ends the transaction.
     async fn on_timer(&mut self, h: &mut Held, timer: Timer) -> Option<Step> {
-        let s = self.settings;
+        let s = self.settings.clone();
         let fatal = |code, setting: &str, d: Option<Duration>, what: &str| {
             Some(Step::Fatal(PgError::fatal(
                 code,
@@ -712,7 +823,7 @@ impl<'a> Session<'a> {
         match timer {
             Timer::None => None,
             Timer::IdleTransaction => {
-                GlobalStats::bump(&self.global.timeouts_idle_transaction);
+                GlobalStats::bump(&self.global().timeouts_idle_transaction);
                 tracing::info!("idle_transaction_timeout expired");
                 fatal(
                     SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
@@ -722,7 +833,7 @@ impl<'a> Session<'a> {
                 )
             }
             Timer::ClientIdle => {
-                GlobalStats::bump(&self.global.timeouts_client_idle);
+                GlobalStats::bump(&self.global().timeouts_client_idle);
                 tracing::info!("client_idle_timeout expired");
                 fatal(
                     SqlState::IDLE_SESSION_TIMEOUT,
@@ -732,7 +843,7 @@ impl<'a> Session<'a> {
                 )
             }
             Timer::Query => {
-                GlobalStats::bump(&self.global.timeouts_query);
+                GlobalStats::bump(&self.global().timeouts_query);
                 tracing::warn!(
                     server = h.server.id,
                     "query_timeout expired; cancelling the query"
@@ -741,7 +852,7 @@ impl<'a> Session<'a> {
                     "query_timeout ({}) expired: Breakwater is cancelling the query",
                     fmt_duration(s.query_timeout.unwrap_or_default())
                 ))
-                .write(&mut self.to_client);
+                .write(&mut self.scratch.to_client);
                 let target = h.server.cancel_target();
                 h.cancel_sent = Some(Instant::now());
                 let _ = target.send(CANCEL_GRACE).await;
@@ -758,7 +869,7 @@ impl<'a> Session<'a> {
             }
             Timer::Unresponsive => {
                 if h.server.socket_looks_dead() {
-                    GlobalStats::bump(&self.global.timeouts_server_unresponsive);
+                    GlobalStats::bump(&self.global().timeouts_server_unresponsive);
                     h.server.broken = true;
                     tracing::warn!(
                         server = h.server.id,
@@ -787,7 +898,8 @@ impl<'a> Session<'a> {
         loop {
             if h.client_skip > 0 {
                 let n = h.client_skip.min(self.client.buf.len());
-                self.to_server
+                self.scratch
+                    .to_server
                     .extend_from_slice(&self.client.buf.split_to(n));
                 h.client_skip -= n;
                 if h.client_skip > 0 {
@@ -823,7 +935,7 @@ impl<'a> Session<'a> {
             }
             let stream_through = |this: &mut Self, h: &mut Held| {
                 let header = this.client.buf.split_to(HEADER_LEN);
-                this.to_server.extend_from_slice(&header);
+                this.scratch.to_server.extend_from_slice(&header);
                 h.client_skip = body_len;
             };
             match tag {
@@ -836,7 +948,7 @@ impl<'a> Session<'a> {
                     if !h.dirty && scan::text_may_leave_state(&msg[HEADER_LEN..]) {
                         h.dirty = true;
                     }
-                    self.to_server.extend_from_slice(&msg);
+                    self.scratch.to_server.extend_from_slice(&msg);
                 }
                 frontend::SYNC if h.copy_in_open => {
                     // The server ignores Sync during COPY IN; it gets no ReadyForQuery.
@@ -867,7 +979,7 @@ impl<'a> Session<'a> {
                             hide: false,
                             prepared: None,
                         });
-                        self.to_server.extend_from_slice(&msg);
+                        self.scratch.to_server.extend_from_slice(&msg);
                     } else {
                         let name = body.slice(..name.len());
                         let stmt = Arc::new(Statement::new(body.slice(name.len() + 1..)));
@@ -904,14 +1016,14 @@ impl<'a> Session<'a> {
                                 self.prepare_on_server(h, &stmt, None);
                             }
                             let name_len = stmt_name.map_or(0, |n| n.len());
-                            frame::write_message(&mut self.to_server, tag, |b| {
+                            frame::write_message(&mut self.scratch.to_server, tag, |b| {
                                 b.extend_from_slice(&body[..prefix_len]);
                                 b.extend_from_slice(&stmt.global);
                                 b.extend_from_slice(&body[prefix_len + name_len..]);
                             });
                         }
                         // Unnamed, or a name this client never prepared: the server answers.
-                        None => self.to_server.extend_from_slice(&msg),
+                        None => self.scratch.to_server.extend_from_slice(&msg),
                     }
                     h.expect.push(expect);
                 }
@@ -928,7 +1040,7 @@ impl<'a> Session<'a> {
                         }
                         _ => {
                             h.expect.push(Expect::Close { hide: false });
-                            self.to_server.extend_from_slice(&msg);
+                            self.scratch.to_server.extend_from_slice(&msg);
                         }
                     }
                 }
@@ -952,7 +1064,7 @@ impl<'a> Session<'a> {
                     stream_through(self, h);
                 }
             }
-            h.expect.emit_synthetic(&mut self.to_client);
+            h.expect.emit_synthetic(&mut self.scratch.to_client);
         }
     }
 
@@ -971,10 +1083,10 @@ impl<'a> Session<'a> {
             .prepared
             .insert(stmt.global.clone(), self.settings.max_prepared_statements)
         {
-            write_close_statement(&mut self.to_server, &evicted);
+            write_close_statement(&mut self.scratch.to_server, &evicted);
             h.expect.push(Expect::Close { hide: true });
         }
-        stmt.write_parse(&mut self.to_server);
+        stmt.write_parse(&mut self.scratch.to_server);
         PoolStats::add(&self.entry.stats.server_parse_count, 1);
         let hide = client_name.is_none();
         h.expect.push(Expect::Parse {
@@ -992,7 +1104,9 @@ impl<'a> Session<'a> {
         loop {
             if h.server_skip > 0 {
                 let n = h.server_skip.min(h.server.buf.len());
-                self.to_client.extend_from_slice(&h.server.buf.split_to(n));
+                self.scratch
+                    .to_client
+                    .extend_from_slice(&h.server.buf.split_to(n));
                 h.server_skip -= n;
                 if h.server_skip > 0 {
                     return Ok(false);
@@ -1030,7 +1144,7 @@ impl<'a> Session<'a> {
             if verdict == Verdict::Hide {
                 // ParseComplete / CloseComplete: a bare header.
                 let _ = h.server.buf.split_to(HEADER_LEN + body_len);
-                h.expect.emit_synthetic(&mut self.to_client);
+                h.expect.emit_synthetic(&mut self.scratch.to_client);
                 continue;
             }
             if tag == backend::COPY_IN_RESPONSE {
@@ -1040,10 +1154,10 @@ impl<'a> Session<'a> {
             }
             if !inspect {
                 let header = h.server.buf.split_to(HEADER_LEN);
-                self.to_client.extend_from_slice(&header);
+                self.scratch.to_client.extend_from_slice(&header);
                 h.server_skip = body_len;
                 if h.server_skip == 0 {
-                    h.expect.emit_synthetic(&mut self.to_client);
+                    h.expect.emit_synthetic(&mut self.scratch.to_client);
                 }
                 continue;
             }
@@ -1070,8 +1184,8 @@ impl<'a> Session<'a> {
                         // answer to the statement that opened a transaction.
                         return Ok(true);
                     }
-                    self.to_client.extend_from_slice(&msg);
-                    h.expect.emit_synthetic(&mut self.to_client);
+                    self.scratch.to_client.extend_from_slice(&msg);
+                    h.expect.emit_synthetic(&mut self.scratch.to_client);
                     if h.at_boundary() || statement_mode_done {
                         return Ok(true);
                     }
@@ -1111,8 +1225,8 @@ impl<'a> Session<'a> {
                     }
                 }
             }
-            self.to_client.extend_from_slice(&msg);
-            h.expect.emit_synthetic(&mut self.to_client);
+            self.scratch.to_client.extend_from_slice(&msg);
+            h.expect.emit_synthetic(&mut self.scratch.to_client);
         }
     }
 
@@ -1120,8 +1234,8 @@ impl<'a> Session<'a> {
     /// session state (or always, in session mode).
     async fn release(&mut self, mut h: Held) {
         // At release nothing is owed, so the queue is empty: keep its allocation.
-        self.spare_expect = std::mem::take(&mut h.expect);
-        self.spare_expect.clear();
+        self.scratch.spare_expect = std::mem::take(&mut h.expect);
+        self.scratch.spare_expect.clear();
         self.cancel.slot.set(None).await;
         let stats = &self.entry.stats;
         PoolStats::add(&stats.xact_count, 1);
@@ -1129,7 +1243,7 @@ impl<'a> Session<'a> {
         if h.dirty || self.mode == PoolMode::Session {
             PoolStats::add(&stats.server_resets, 1);
             let reset = Box::pin(tokio::time::timeout(
-                internal_timeout(self.settings),
+                internal_timeout(&self.settings),
                 h.server.simple_query(&self.settings.server_reset_query),
             ))
             .await;
@@ -1186,7 +1300,7 @@ impl<'a> Session<'a> {
         }
         if h.status != b'I' {
             let rollback = Box::pin(tokio::time::timeout(
-                internal_timeout(self.settings),
+                internal_timeout(&self.settings),
                 h.server.simple_query("ROLLBACK"),
             ))
             .await;
