@@ -462,7 +462,7 @@ impl Session {
     /// Can the client's startup parameters be answered from the cached welcome without asking a
     /// server for their canonical spelling?
     fn resolvable(&self, welcome: &[(String, String)]) -> bool {
-        self.params.reported.iter().all(|(name, value)| {
+        self.params.reported().all(|(name, value)| {
             let server = welcome
                 .iter()
                 .find(|(k, _)| k == name)
@@ -470,7 +470,7 @@ impl Session {
             match server {
                 Some(v) if v == value => true,
                 // The server echoes short printable application names unchanged.
-                Some(_) if *name == "application_name" => {
+                Some(_) if name == "application_name" => {
                     value.len() < 64 && value.bytes().all(|b| (0x20..0x7f).contains(&b))
                 }
                 Some(_) => false,
