@@ -57,7 +57,6 @@ pub(crate) struct ClientConn {
     pub stream: Stream,
     pub buf: BytesMut,
     pub out: BytesMut,
-    pub peer: Peer,
     /// For counting the errors this connection is sent, by SQLSTATE class.
     shared: Arc<Shared>,
 }
@@ -108,7 +107,8 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
-/// Not an `async fn`, so the client's task holds one copy of the arguments, not two.
+/// Not an `async fn`: the login future is boxed here, with the arguments moved into it, so
+/// the client's task keeps no copy of them (nor room for the login) while the session runs.
 pub(crate) fn serve(
     shared: &Arc<Shared>,
     stream: Stream,
@@ -116,21 +116,19 @@ pub(crate) fn serve(
 ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("client", id, addr = %peer.0, db = tracing::field::Empty, user = tracing::field::Empty);
-    serve_inner(shared, stream, peer, id).instrument(span)
+    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let slot = ClientSlot(shared);
+    GlobalStats::bump(&shared.stats.clients_total);
+    let login = Box::pin(log_in(shared, stream, peer, id, count));
+    serve_inner(shared, slot, login).instrument(span)
 }
 
-async fn serve_inner(
-    shared: &Arc<Shared>,
-    stream: Stream,
-    peer: Peer,
-    id: u64,
+async fn serve_inner<'s>(
+    shared: &'s Shared,
+    _slot: ClientSlot<'s>,
+    login: impl std::future::Future<Output = LoggedIn<'s>>,
 ) -> Option<AdminLogin> {
-    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-    let _slot = ClientSlot(shared);
-    GlobalStats::bump(&shared.stats.clients_total);
-    // Boxed: a task's memory is its largest state, and a logged-in client should not keep
-    // carrying room for a TLS handshake, or the login's locals.
-    let (session, listed) = match Box::pin(log_in(shared, stream, peer, id, count)).await {
+    let (session, listed) = match login.await {
         LoggedIn::Session(session, listed) => (session, listed),
         LoggedIn::Admin(login) => return Some(login),
         LoggedIn::Ended => return None,
@@ -187,7 +185,6 @@ async fn log_in(
         stream,
         buf,
         out: BytesMut::with_capacity(512),
-        peer,
         shared: shared.clone(),
     };
     let result = match opened {
@@ -234,7 +231,7 @@ async fn log_in(
             buf: client.buf,
             user,
             is_admin,
-            peer: client.peer,
+            peer,
             client_id: client.id,
         }),
         Ok(Login::Cancelled) => LoggedIn::Ended,

@@ -12,6 +12,7 @@
 //! CommandComplete (server side) and Query, Parse, Sync, FunctionCall, Terminate (client side).
 //! Everything else is forwarded as it arrives, even before the whole message is in.
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -189,6 +190,9 @@ pub(crate) struct Session {
     cancel: Registration,
     mode: PoolMode,
     shutdown: watch::Receiver<bool>,
+    /// client_idle_timeout's timer, re-armed for each idle period. Boxed, and only when the
+    /// setting is on: inline, every idle client's task would carry a `Sleep` whether or not.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The pool must write, so a 25006 from its server triggers a role re-check.
     watch_read_only: bool,
 }
@@ -277,6 +281,7 @@ impl Session {
             cancel,
             mode,
             shutdown: shared.shutdown.subscribe(),
+            idle_timer: None,
             watch_read_only: entry_wants_writer,
         }
     }
@@ -485,7 +490,7 @@ impl Session {
             if self.client.buf.len() >= HEADER_LEN {
                 if let Err(e) = frame::message_len(&self.client.buf, self.settings.max_message) {
                     let e = PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string());
-                    return self.send_fatal(e).await;
+                    return Box::pin(self.send_fatal(e)).await;
                 }
                 match self.client.buf[0] {
                     frontend::TERMINATE => return Work::Gone,
@@ -502,9 +507,16 @@ impl Session {
                 }
             }
             if *self.shutdown.borrow() {
-                return self.send_fatal(shutdown_error()).await;
+                return Box::pin(self.send_fatal(shutdown_error())).await;
             }
             let idle = self.settings.client_idle_timeout;
+            if let Some(d) = idle {
+                let at = tokio::time::Instant::now() + d;
+                match &mut self.idle_timer {
+                    Some(timer) => timer.as_mut().reset(at),
+                    None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                }
+            }
             tokio::select! {
                 r = async {
                     // Readiness first, so the buffer is only allocated once there is data.
@@ -515,21 +527,22 @@ impl Session {
                     Ok(_) => {}
                 },
                 _ = self.shutdown.changed() => {}
-                _ = sleep_opt(idle) => {
+                _ = expired(&mut self.idle_timer), if idle.is_some() => {
                     GlobalStats::bump(&self.global().timeouts_client_idle);
                     tracing::info!("client_idle_timeout expired");
                     let e = PgError::fatal(
                         SqlState::IDLE_SESSION_TIMEOUT,
                         format!("client_idle_timeout ({}) expired", fmt_duration(idle.unwrap_or_default())),
                     );
-                    return self.send_fatal(e).await;
+                    return Box::pin(self.send_fatal(e)).await;
                 }
             }
         }
     }
 
     /// Tells an idle client why it must go. Sent from inside the Idle state rather than
-    /// returned: an error carried out of an await would take room in every client's task.
+    /// returned, and boxed: an error and its send, carried in the Idle state's future, would
+    /// take room in every client's task.
     async fn send_fatal(&mut self, e: PgError) -> Work {
         self.client.send_error(&e).await;
         Work::Gone
@@ -1353,9 +1366,10 @@ fn checkout_error(e: CheckoutError) -> PgError {
     }
 }
 
-async fn sleep_opt(d: Option<Duration>) {
-    match d {
-        Some(d) => tokio::time::sleep(d).await,
+/// Waits for a boxed timer; pending forever without one.
+async fn expired(timer: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timer {
+        Some(t) => t.as_mut().await,
         None => std::future::pending().await,
     }
 }
