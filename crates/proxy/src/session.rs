@@ -168,11 +168,15 @@ enum Local {
     NeedServer,
 }
 
-/// How the Idle state ended.
+/// What the client did while no server was needed.
 enum Work {
-    /// The client sent something that needs a server.
+    /// Sent something (Idle returns here, before reading: reading is the Active state's).
+    Readable,
+    /// Sent a request that needs a server.
     Message,
-    /// The client left, or was told why it must (the error is sent already).
+    /// Sent only what Breakwater answered itself, and nothing more yet.
+    Answered,
+    /// Left, or was told why it must (the error is sent already).
     Gone,
 }
 
@@ -208,6 +212,8 @@ pub(crate) struct Scratch {
     /// Bytes on their way to the server / the client.
     to_server: BytesMut,
     to_client: BytesMut,
+    /// A read buffer for the client: an idle client holds none (see `Session::active`).
+    client_buf: BytesMut,
 }
 
 /// Where the Active state runs: the transaction's future on the heap, and its scratch.
@@ -299,7 +305,7 @@ impl Session {
         // its largest state, and an idle client should not carry the login path's.
         let (mut this, mut next) = Box::pin(self.start()).await;
         while let Next::Idle = next {
-            if let Work::Gone = this.wait_for_work().await {
+            if let Work::Gone = this.wait_for_client().await {
                 break;
             }
             (this, next) = this.activate(None).await;
@@ -355,14 +361,34 @@ impl Session {
     }
 
     /// The future a workspace holds: owns the session for the length of the Active state.
+    ///
+    /// The client's read buffer comes with the workspace and goes back with it once the
+    /// client has nothing unread: a client that worked and went idle again keeps no buffer
+    /// (a read buffer grows to a few KiB, more than the rest of an idle client together).
     async fn active(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+        if self.client.buf.is_empty() {
+            self.client.buf = std::mem::take(&mut self.scratch.client_buf);
+        }
         let next = self.transaction(held).await;
+        if self.client.buf.is_empty() {
+            let buf = std::mem::take(&mut self.client.buf);
+            if buf.capacity() > self.scratch.client_buf.capacity() {
+                self.scratch.client_buf = buf;
+            }
+        }
         (self, next)
     }
 
     /// Active: get a server (unless one is held already), stream until the transaction ends,
     /// give the server back. In session mode the server stays until the client leaves.
     async fn transaction(&mut self, mut held: Option<Held>) -> Next {
+        if held.is_none() {
+            match self.wait_for_work().await {
+                Work::Message => {}
+                Work::Answered | Work::Readable => return Next::Idle,
+                Work::Gone => return Next::End,
+            }
+        }
         loop {
             let h = match held.as_mut() {
                 Some(h) => h,
@@ -484,13 +510,38 @@ impl Session {
         })
     }
 
-    /// Idle: wait until the client sends something that needs a server.
+    /// Idle: waits until the client sends something, without reading it (so without a read
+    /// buffer), or until it must go.
+    async fn wait_for_client(&mut self) -> Work {
+        loop {
+            if !self.client.buf.is_empty() {
+                return Work::Readable;
+            }
+            if *self.shutdown.borrow() {
+                return Box::pin(self.send_fatal(shutdown_error())).await;
+            }
+            let idle = self.arm_idle_timer();
+            tokio::select! {
+                r = self.client.stream.readable() => return match r {
+                    Ok(()) => Work::Readable,
+                    Err(_) => Work::Gone,
+                },
+                _ = self.shutdown.changed() => {}
+                _ = expired(&mut self.idle_timer), if idle.is_some() => {
+                    return Box::pin(self.send_fatal(idle_timeout_expired(self.global(), idle))).await;
+                }
+            }
+        }
+    }
+
+    /// Active, before a server: reads until the client sends something that needs one,
+    /// answering what needs none.
     async fn wait_for_work(&mut self) -> Work {
         loop {
             if self.client.buf.len() >= HEADER_LEN {
                 if let Err(e) = frame::message_len(&self.client.buf, self.settings.max_message) {
                     let e = PgError::fatal(SqlState::PROTOCOL_VIOLATION, e.to_string());
-                    return Box::pin(self.send_fatal(e)).await;
+                    return self.send_fatal(e).await;
                 }
                 match self.client.buf[0] {
                     frontend::TERMINATE => return Work::Gone,
@@ -500,6 +551,9 @@ impl Session {
                             if self.client.flush().await.is_err() {
                                 return Work::Gone;
                             }
+                            if self.client.buf.is_empty() {
+                                return Work::Answered;
+                            }
                             continue;
                         }
                         Local::NeedMore => {}
@@ -507,37 +561,33 @@ impl Session {
                 }
             }
             if *self.shutdown.borrow() {
-                return Box::pin(self.send_fatal(shutdown_error())).await;
+                return self.send_fatal(shutdown_error()).await;
             }
-            let idle = self.settings.client_idle_timeout;
-            if let Some(d) = idle {
-                let at = tokio::time::Instant::now() + d;
-                match &mut self.idle_timer {
-                    Some(timer) => timer.as_mut().reset(at),
-                    None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(at))),
-                }
-            }
+            let idle = self.arm_idle_timer();
             tokio::select! {
-                r = async {
-                    // Readiness first, so the buffer is only allocated once there is data.
-                    self.client.stream.readable().await?;
-                    read_into(&mut self.client.stream, &mut self.client.buf).await
-                } => match r {
+                r = read_into(&mut self.client.stream, &mut self.client.buf) => match r {
                     Ok(0) | Err(_) => return Work::Gone,
                     Ok(_) => {}
                 },
                 _ = self.shutdown.changed() => {}
                 _ = expired(&mut self.idle_timer), if idle.is_some() => {
-                    GlobalStats::bump(&self.global().timeouts_client_idle);
-                    tracing::info!("client_idle_timeout expired");
-                    let e = PgError::fatal(
-                        SqlState::IDLE_SESSION_TIMEOUT,
-                        format!("client_idle_timeout ({}) expired", fmt_duration(idle.unwrap_or_default())),
-                    );
-                    return Box::pin(self.send_fatal(e)).await;
+                    return self.send_fatal(idle_timeout_expired(self.global(), idle)).await;
                 }
             }
         }
+    }
+
+    /// Arms client_idle_timeout's timer for a wait that starts now; returns the setting.
+    fn arm_idle_timer(&mut self) -> Option<Duration> {
+        let idle = self.settings.client_idle_timeout;
+        if let Some(d) = idle {
+            let at = tokio::time::Instant::now() + d;
+            match &mut self.idle_timer {
+                Some(timer) => timer.as_mut().reset(at),
+                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+            }
+        }
+        idle
     }
 
     /// Tells an idle client why it must go. Sent from inside the Idle state rather than
@@ -1326,6 +1376,19 @@ impl Session {
         }
         self.release(h).await;
     }
+}
+
+/// Counts and logs an expired client_idle_timeout; the error the client is told.
+fn idle_timeout_expired(global: &GlobalStats, idle: Option<Duration>) -> PgError {
+    GlobalStats::bump(&global.timeouts_client_idle);
+    tracing::info!("client_idle_timeout expired");
+    PgError::fatal(
+        SqlState::IDLE_SESSION_TIMEOUT,
+        format!(
+            "client_idle_timeout ({}) expired",
+            fmt_duration(idle.unwrap_or_default())
+        ),
+    )
 }
 
 fn shutdown_error() -> PgError {
