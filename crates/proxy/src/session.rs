@@ -262,9 +262,11 @@ impl<F: Future<Output = (Box<Session>, Next)> + Send> ActiveFuture for Restartab
     }
 }
 
-/// Workspaces not in use, shared by every session.
+/// Workspaces not in use, shared by every session. Boxed so that the one a transaction has
+/// taken is a pointer in the Idle task's `activate` future, not 168 bytes of every client.
 #[derive(Default)]
-pub(crate) struct Workspaces(std::sync::Mutex<Vec<Workspace>>);
+#[allow(clippy::vec_box)]
+pub(crate) struct Workspaces(std::sync::Mutex<Vec<Box<Workspace>>>);
 
 /// Spare workspaces kept after a burst of concurrent transactions; more are freed. As many
 /// are in use as clients are in the Active state (waiting for a server included), so this only
@@ -272,14 +274,14 @@ pub(crate) struct Workspaces(std::sync::Mutex<Vec<Workspace>>);
 const MAX_SPARE_WORKSPACES: usize = 256;
 
 impl Workspaces {
-    fn take(&self) -> Option<Workspace> {
+    fn take(&self) -> Option<Box<Workspace>> {
         match self.0.lock() {
             Ok(mut spare) => spare.pop(),
             Err(poisoned) => poisoned.into_inner().pop(),
         }
     }
 
-    fn give_back(&self, w: Workspace) {
+    fn give_back(&self, w: Box<Workspace>) {
         let mut spare = match self.0.lock() {
             Ok(spare) => spare,
             Err(poisoned) => poisoned.into_inner(),
@@ -363,7 +365,7 @@ impl Session {
                 }
                 match held {
                     None => (self, Next::Idle),
-                    Some(h) => self.activate(Some(h)).await,
+                    Some(h) => self.activate(Some(Box::new(h))).await,
                 }
             }
             Err(e) => {
@@ -374,7 +376,10 @@ impl Session {
     }
 
     /// Runs the Active state in a spare workspace (or a new one) and gives the workspace back.
-    async fn activate(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+    /// `held` is boxed (it is rare: a server kept from the welcome in session mode) so that this
+    /// future, which the Idle task holds, stays small.
+    async fn activate(mut self: Box<Self>, held: Option<Box<Held>>) -> (Box<Self>, Next) {
+        let held = held.map(|h| *h);
         // The scratch trades places with the session's empty one (no drop, no new one).
         let mut ws = match self.shared.workspaces.take() {
             Some(mut ws) => {
@@ -382,13 +387,13 @@ impl Session {
                 ws.future.restart(self, held);
                 ws
             }
-            None => Workspace {
+            None => Box::new(Workspace {
                 future: Box::new(Restartable {
                     future: Box::pin(self.active(held)),
                     make: Session::active,
                 }),
                 scratch: Scratch::default(),
-            },
+            }),
         };
         let (mut session, next) = std::future::poll_fn(|cx| ws.future.poll_active(cx)).await;
         std::mem::swap(&mut session.scratch, &mut ws.scratch);
