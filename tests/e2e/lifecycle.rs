@@ -119,6 +119,45 @@ async fn an_idle_server_closed_by_the_database_is_dropped_before_it_is_handed_ou
 }
 
 #[tokio::test]
+async fn client_idle_timeout_closes_clients_idle_since_login_or_since_their_last_transaction() {
+    let env = start("client_idle_timeout = \"1s\"", "");
+    let fresh = env.client().await;
+    let worked = env.client().await;
+    let started = Instant::now();
+    // A local answer (tokio-postgres closes the statement it prepares for a one-off query)
+    // and a transaction: both leave the client idle again, and the clock starts over.
+    worked.query_one("SELECT 1", &[]).await.unwrap();
+    worked.simple_query("SELECT 1").await.unwrap();
+    let last_work = Instant::now();
+    let deadline = started + Duration::from_secs(10);
+    while !(fresh.is_closed() && worked.is_closed()) && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        if fresh.is_closed() {
+            let took = started.elapsed();
+            assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+        }
+        if worked.is_closed() {
+            let idle = last_work.elapsed();
+            assert!(
+                idle >= Duration::from_millis(900),
+                "closed {idle:?} after its last query"
+            );
+        }
+    }
+    let took = last_work.elapsed();
+    assert!(
+        fresh.is_closed() && worked.is_closed(),
+        "still open after {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "closed only {took:?} after going idle"
+    );
+    // The pool is unharmed: a new client works.
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
 async fn sigterm_lets_a_running_transaction_finish_then_exits_zero() {
     let mut env = start("shutdown_timeout = \"20s\"", "pool_size = 2\n");
     let a = env.client().await;

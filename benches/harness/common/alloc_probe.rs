@@ -192,6 +192,11 @@ impl InProcPooler {
         })
     }
 
+    /// Clients connected right now.
+    pub fn clients(&self) -> usize {
+        self.proxy.client_count()
+    }
+
     /// Transactions the pooler has seen end (checkout to release), over all pools.
     pub fn transactions(&self) -> u64 {
         self.proxy

@@ -338,8 +338,7 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
         while clients.try_join_next().is_some() {}
         match accepted {
             Ok((stream, peer)) => {
-                let daemon = daemon.clone();
-                clients.spawn(async move { serve(daemon, stream, peer).await });
+                clients.spawn(serve(daemon.clone(), stream, peer));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
@@ -359,8 +358,14 @@ async fn drain(mut clients: JoinSet<()>) {
 }
 
 async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
-    if let Some(login) = daemon.proxy.serve(stream, peer).await {
-        Box::pin(admin_console(daemon, login)).await;
+    // Boxed at once, so that no room for the login it starts from stays in every client's task.
+    let console = daemon
+        .proxy
+        .serve(stream, peer)
+        .await
+        .map(|login| Box::pin(admin_console(daemon, login)));
+    if let Some(console) = console {
+        console.await;
     }
 }
 

@@ -36,15 +36,16 @@ pub struct CancelRegistry {
     slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
 }
 
-/// Removes the client's slot when its session ends, however it ends.
-pub struct Registration<'a> {
-    registry: &'a CancelRegistry,
+/// Removes the client's slot when its session ends, however it ends. Owns its handle on the
+/// registry so a session can live on the heap without borrowing (see `session::Workspace`).
+pub struct Registration {
+    registry: Arc<CancelRegistry>,
     pub pid: i32,
     pub key: i32,
     pub slot: Arc<CancelSlot>,
 }
 
-impl Drop for Registration<'_> {
+impl Drop for Registration {
     fn drop(&mut self) {
         if let Ok(mut slots) = self.registry.slots.lock() {
             slots.remove(&(self.pid, self.key));
@@ -54,7 +55,7 @@ impl Drop for Registration<'_> {
 
 impl CancelRegistry {
     /// Picks a fresh random (pid, key) for a client.
-    pub fn register(&self) -> Registration<'_> {
+    pub fn register(self: &Arc<Self>) -> Registration {
         let slot = Arc::new(CancelSlot::default());
         loop {
             let (pid, key) = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
@@ -62,7 +63,7 @@ impl CancelRegistry {
                 // A poisoned lock only means another thread panicked mid-insert; the map is
                 // still a map. Cancels for this client simply won't be found.
                 return Registration {
-                    registry: self,
+                    registry: self.clone(),
                     pid,
                     key,
                     slot,
@@ -71,7 +72,7 @@ impl CancelRegistry {
             if let std::collections::hash_map::Entry::Vacant(e) = slots.entry((pid, key)) {
                 e.insert(slot.clone());
                 return Registration {
-                    registry: self,
+                    registry: self.clone(),
                     pid,
                     key,
                     slot,

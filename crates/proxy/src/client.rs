@@ -23,7 +23,7 @@ use tracing::Instrument;
 use upstream::{SslMode, Stream};
 
 use crate::params::ClientParams;
-use crate::registry::NewClient;
+use crate::registry::{ClientRegistration, NewClient};
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::tls::ALPN_POSTGRESQL;
@@ -57,7 +57,6 @@ pub(crate) struct ClientConn {
     pub stream: Stream,
     pub buf: BytesMut,
     pub out: BytesMut,
-    pub peer: Peer,
     /// For counting the errors this connection is sent, by SQLSTATE class.
     shared: Arc<Shared>,
 }
@@ -108,30 +107,68 @@ impl Drop for ClientSlot<'_> {
     }
 }
 
-pub(crate) async fn serve(shared: &Arc<Shared>, stream: Stream, peer: Peer) -> Option<AdminLogin> {
+/// Not an `async fn`: the login future is boxed here, with the arguments moved into it, so
+/// the client's task keeps no copy of them (nor room for the login) while the session runs.
+pub(crate) fn serve(
+    shared: &Arc<Shared>,
+    stream: Stream,
+    peer: Peer,
+) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("client", id, addr = %peer.0, db = tracing::field::Empty, user = tracing::field::Empty);
-    serve_inner(shared, stream, peer, id).instrument(span).await
+    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
+    let slot = ClientSlot(shared);
+    GlobalStats::bump(&shared.stats.clients_total);
+    let login = Box::pin(log_in(shared, stream, peer, id, count));
+    serve_inner(shared, slot, login).instrument(span)
 }
 
-async fn serve_inner(
+async fn serve_inner<'s>(
+    shared: &'s Shared,
+    _slot: ClientSlot<'s>,
+    login: impl std::future::Future<Output = LoggedIn<'s>>,
+) -> Option<AdminLogin> {
+    let (session, listed) = match login.await {
+        LoggedIn::Session(session, listed) => (session, listed),
+        LoggedIn::Admin(login) => return Some(login),
+        LoggedIn::Ended => return None,
+    };
+    let since = std::time::Instant::now();
+    let session = session.run().await;
+    // Unlisted while the session (and so the socket) still exists: the row's kill handle never
+    // outlives the client it names.
+    drop(listed);
+    drop(session);
+    if shared.settings().log_disconnections {
+        tracing::info!(duration = ?since.elapsed(), "client closed");
+    }
+    None
+}
+
+/// How a login ended.
+enum LoggedIn<'s> {
+    /// A client of a pooled database, listed in SHOW CLIENTS for as long as the row lives.
+    Session(Box<Session>, ClientRegistration<'s>),
+    Admin(AdminLogin),
+    /// Refused, cancelled, or gone; whatever there was to say has been said.
+    Ended,
+}
+
+/// Everything up to a logged-in session: TLS, startup, authentication, routing, registration.
+async fn log_in(
     shared: &Arc<Shared>,
     stream: Stream,
     peer: Peer,
     id: u64,
-) -> Option<AdminLogin> {
+    count: usize,
+) -> LoggedIn<'_> {
     let settings = shared.settings();
     stream.set_nodelay();
     let deadline = settings.client_login_timeout.map(|t| Instant::now() + t);
-    let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-    let _slot = ClientSlot(shared);
-    GlobalStats::bump(&shared.stats.clients_total);
 
     // Small to start: most clients sit idle most of the time, and buffers grow on demand.
     let mut buf = BytesMut::with_capacity(1024);
-    // Login futures are boxed: a task's memory is its largest state, and a logged-in client
-    // should not keep carrying room for a TLS handshake.
-    let (stream, opened) = Box::pin(open(shared, &settings, stream, &mut buf, deadline)).await;
+    let (stream, opened) = open(shared, &settings, stream, &mut buf, deadline).await;
     let Some(stream) = stream else {
         // The TLS handshake took the connection with it; nothing can be said in the clear.
         match opened {
@@ -141,14 +178,13 @@ async fn serve_inner(
             }
             _ => tracing::debug!("client left during the TLS handshake"),
         }
-        return None;
+        return LoggedIn::Ended;
     };
     let mut client = ClientConn {
         id,
         stream,
         buf,
         out: BytesMut::with_capacity(512),
-        peer,
         shared: shared.clone(),
     };
     let result = match opened {
@@ -174,7 +210,6 @@ async fn serve_inner(
             } else {
                 tracing::debug!(tls = client.stream.is_tls(), "login");
             }
-            let since = std::time::Instant::now();
             PoolStats::add(&entry.stats.client_logins, 1);
             let (local, remote) = client.stream.addrs();
             let reg = shared.cancels.register();
@@ -188,34 +223,27 @@ async fn serve_inner(
                 kill: client.stream.shutdown_handle(),
                 slot: reg.slot.clone(),
             });
-            let mut session = Session::new(shared, &settings, client, entry, params, reg);
-            session.run().await;
-            // Unlisted while the session (and so the socket) still exists: the row's kill
-            // handle never outlives the client it names.
-            drop(listed);
-            if settings.log_disconnections {
-                tracing::info!(duration = ?since.elapsed(), "client closed");
-            }
-            None
+            let session = Session::new(shared, settings, client, entry, params, reg);
+            LoggedIn::Session(Box::new(session), listed)
         }
-        Ok(Login::Admin { user, is_admin }) => Some(AdminLogin {
+        Ok(Login::Admin { user, is_admin }) => LoggedIn::Admin(AdminLogin {
             stream: client.stream,
             buf: client.buf,
             user,
             is_admin,
-            peer: client.peer,
+            peer,
             client_id: client.id,
         }),
-        Ok(Login::Cancelled) => None,
+        Ok(Login::Cancelled) => LoggedIn::Ended,
         Err(LoginEnd::Refuse(err)) => {
             GlobalStats::bump(&shared.stats.login_failures);
             tracing::info!(code = err.code.0, "login refused: {}", err.message);
             client.send_error(&err).await;
-            None
+            LoggedIn::Ended
         }
         Err(LoginEnd::Gone) => {
             tracing::debug!("client left during login");
-            None
+            LoggedIn::Ended
         }
     }
 }

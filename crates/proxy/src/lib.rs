@@ -60,7 +60,7 @@ pub(crate) struct Shared {
     /// database → server user → pool. Nested so that a login looks its pool up by `&str`,
     /// without building a key.
     pools: Mutex<HashMap<String, HashMap<String, Arc<PoolEntry>>>>,
-    cancels: cancel::CancelRegistry,
+    cancels: Arc<cancel::CancelRegistry>,
     pub stats: GlobalStats,
     clients: AtomicUsize,
     next_client_id: AtomicU64,
@@ -71,6 +71,8 @@ pub(crate) struct Shared {
     pub(crate) registry: registry::ClientRegistry,
     /// What operators switched: paused and disabled databases.
     pub(crate) switches: Mutex<control::Switches>,
+    /// Where transactions run, kept between them (see `session::Workspace`).
+    workspaces: session::Workspaces,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS.
@@ -90,7 +92,7 @@ impl Proxy {
                 db_limits: Mutex::new(HashMap::new()),
                 settings: RwLock::new(Arc::new(settings)),
                 pools: Mutex::new(HashMap::new()),
-                cancels: cancel::CancelRegistry::default(),
+                cancels: Arc::default(),
                 stats: GlobalStats::default(),
                 clients: AtomicUsize::new(0),
                 next_client_id: AtomicU64::new(1),
@@ -98,14 +100,22 @@ impl Proxy {
                 scram_cache: Mutex::new(HashMap::new()),
                 registry: registry::ClientRegistry::default(),
                 switches: Mutex::new(control::Switches::default()),
+                workspaces: session::Workspaces::default(),
             }),
         }
     }
 
     /// Serves one client connection to its end. Returns the connection when it logged in to the
     /// admin database, for the caller to run the console on.
-    pub async fn serve(&self, stream: Stream, peer: Peer) -> Option<AdminLogin> {
-        client::serve(&self.shared, stream, peer).await
+    ///
+    /// Not an `async fn`: that would be one more layer of the client's task keeping its own
+    /// copy of the arguments for the life of the connection.
+    pub fn serve(
+        &self,
+        stream: Stream,
+        peer: Peer,
+    ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
+        client::serve(&self.shared, stream, peer)
     }
 
     /// Opens pools whose server login is known without a client (a `user` in the database

@@ -140,14 +140,36 @@ impl Stream {
     }
 
     /// Waits until a read would find something (or the peer closed), without a buffer: an
-    /// idle client then holds no read buffer while it waits. For TLS it returns at once; the
-    /// read itself waits there.
+    /// idle client then holds no read buffer while it waits. For TLS: at once when rustls
+    /// holds plaintext not yet read, else when the socket has ciphertext (which may turn out to
+    /// be less than a record, or no application data; the read then waits on).
+    ///
+    /// Polls the socket's read readiness rather than awaiting tokio's `readable()`, whose
+    /// future carries a waiter node (some 130 bytes) that every idle client's task would hold.
+    /// The read direction's waker slot is the one a read uses too, which is fine for the one
+    /// task that owns the stream.
     pub async fn readable(&self) -> io::Result<()> {
-        match self {
-            Stream::Tcp(s) => s.readable().await,
-            Stream::Unix(s) => s.readable().await,
-            Stream::TlsToServer(_) | Stream::TlsFromClient(_) => Ok(()),
-        }
+        std::future::poll_fn(|cx| match self {
+            Stream::Tcp(s) => s.poll_read_ready(cx),
+            Stream::Unix(s) => s.poll_read_ready(cx),
+            Stream::TlsToServer(s) => {
+                let (tcp, tls) = s.get_ref();
+                if tls.wants_read() {
+                    tcp.poll_read_ready(cx)
+                } else {
+                    Poll::Ready(Ok(()))
+                }
+            }
+            Stream::TlsFromClient(s) => {
+                let (tcp, tls) = s.get_ref();
+                if tls.wants_read() {
+                    tcp.poll_read_ready(cx)
+                } else {
+                    Poll::Ready(Ok(()))
+                }
+            }
+        })
+        .await
     }
 
     /// Writes all of `data` and flushes it to the socket (see the module comment). Not

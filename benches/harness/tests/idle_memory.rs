@@ -1,0 +1,103 @@
+//! CI's guard on what an idle client costs: Breakwater in-process on a real PostgreSQL, a
+//! couple of thousand clients that log in (and, in the second case, run one transaction) and
+//! then sit idle, and a bound on the heap each one holds, by glibc's own count of the bytes in
+//! use (`mallinfo2`, chunk headers included). The harness's memory test (`breakwater-bench
+//! --only memory`) measures the same through RSS against PgBouncer.
+
+#[path = "../common/alloc_probe.rs"]
+mod alloc_probe;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+/// Measured: about 1 900 bytes per idle client in both cases (a 640-byte task, the 464-byte
+/// session, tokio's 256-byte I/O registration, the SHOW CLIENTS row and the cancel slot, a
+/// few short strings). Before idle clients stopped carrying the Active state and read
+/// buffers: 6 300 bytes, and 6 000 more after a transaction. The bound leaves room for
+/// allocator noise, not for a buffer or a transaction's future per client.
+const MAX_BYTES_PER_IDLE_CLIENT: f64 = 2_600.0;
+
+const CLIENTS: usize = 2_000;
+
+fn heap_in_use() -> usize {
+    // SAFETY: mallinfo2 only reads the allocator's counters.
+    unsafe { libc::mallinfo2().uordblks }
+}
+
+/// Sends `packet` and reads until the ReadyForQuery that ends the reply.
+fn round_trip(s: &mut TcpStream, packet: &[u8]) {
+    s.write_all(packet).unwrap();
+    let mut reply = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !(reply.len() >= 6 && reply[reply.len() - 6] == b'Z') {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "the pooler closed the connection");
+        reply.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn idle_client(port: u16, work: bool) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut startup = vec![0, 0, 0, 0, 0, 3, 0, 0];
+    for field in ["user", "app", "database", "app", ""] {
+        startup.extend_from_slice(field.as_bytes());
+        startup.push(0);
+    }
+    let len = startup.len() as u32;
+    startup[..4].copy_from_slice(&len.to_be_bytes());
+    round_trip(&mut s, &startup);
+    if work {
+        let sql = b"SELECT 1\0";
+        let mut query = vec![b'Q'];
+        query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+        query.extend_from_slice(sql);
+        round_trip(&mut s, &query);
+    }
+    s
+}
+
+/// Waits until the pooler has no client left, so what it freed is not counted against the
+/// next ones.
+fn wait_for_no_clients(pooler: &alloc_probe::InProcPooler) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while pooler.clients() > 0 {
+        assert!(std::time::Instant::now() < deadline, "clients never left");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn bytes_per_idle_client(pooler: &alloc_probe::InProcPooler, work: bool) -> f64 {
+    wait_for_no_clients(pooler);
+    let before = heap_in_use();
+    let clients: Vec<TcpStream> = (0..CLIENTS)
+        .map(|_| idle_client(pooler.port, work))
+        .collect();
+    // The last sessions give their login buffers back just after the client has read the
+    // welcome.
+    std::thread::sleep(Duration::from_millis(300));
+    let per_client = (heap_in_use() as f64 - before as f64) / CLIENTS as f64;
+    drop(clients);
+    per_client
+}
+
+#[test]
+fn an_idle_client_holds_no_buffers_and_no_room_for_a_transaction() {
+    let cluster = testkit::PgCluster::start().unwrap();
+    let pooler = alloc_probe::InProcPooler::start(&cluster, 2).unwrap();
+    // Warm-up: the pool's server connection, the runtime, a workspace, the registries.
+    drop(idle_client(pooler.port, true));
+    for work in [false, true] {
+        let per_client = bytes_per_idle_client(&pooler, work);
+        let case = if work {
+            "after one transaction"
+        } else {
+            "after login"
+        };
+        eprintln!("idle {case}: {per_client:.0} bytes of heap per client");
+        assert!(
+            per_client <= MAX_BYTES_PER_IDLE_CLIENT,
+            "idle {case}: {per_client:.0} bytes of heap per client (bound {MAX_BYTES_PER_IDLE_CLIENT})"
+        );
+    }
+}
