@@ -395,6 +395,53 @@ async fn pause_makes_new_transactions_wait_and_resume_releases_them() {
     assert!(msg(&err).contains("not paused"), "{err}");
 }
 
+/// (SHOW DATABASES app, SHOW USERS app, SHOW USERS admin, SHOW LISTS used_clients, SHOW
+/// CLIENTS rows) as the console reports them.
+async fn client_counts(c: &Client) -> (usize, usize, usize, usize, usize) {
+    let n = |row: Option<HashMap<String, String>>, col: &str| -> usize {
+        row.and_then(|r| r.get(col).and_then(|v| v.parse().ok()))
+            .unwrap_or(usize::MAX)
+    };
+    (
+        n(
+            row_where(c, "SHOW DATABASES", "name", "app").await,
+            "current_client_connections",
+        ),
+        n(
+            row_where(c, "SHOW USERS", "name", "app").await,
+            "current_client_connections",
+        ),
+        n(
+            row_where(c, "SHOW USERS", "name", "admin").await,
+            "current_client_connections",
+        ),
+        n(
+            row_where(c, "SHOW LISTS", "list", "used_clients").await,
+            "items",
+        ),
+        show(c, "SHOW CLIENTS").await.1.len(),
+    )
+}
+
+/// SHOW DATABASES, USERS and LISTS count clients without listing them (only SHOW CLIENTS
+/// lists): the counts must still agree with the list, and follow a client that leaves.
+#[tokio::test]
+async fn databases_users_and_lists_count_the_clients_that_show_clients_lists() {
+    let env = start("", "");
+    let mut clients = Vec::new();
+    for _ in 0..3 {
+        clients.push(env.client().await);
+    }
+    let c = admin(&env).await;
+    assert_eq!(client_counts(&c).await, (3, 3, 0, 3, 3));
+    drop(clients.pop());
+    testkit::wait_until("the counts to drop to 2", WAIT, || async {
+        client_counts(&c).await == (2, 2, 0, 2, 2)
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn kill_client_disconnects_that_client_only() {
     let env = start("", "");

@@ -197,7 +197,7 @@ pub async fn run_query<C: Control>(
                 backend::write_command_complete(out, "SHOW");
             }
             Command::Show(what) => {
-                let view = control.view();
+                let view = control.view(&what);
                 write_result(out, &show::result(what, &view));
                 backend::write_command_complete(out, "SHOW");
             }
@@ -258,7 +258,7 @@ mod tests {
     struct Fake;
 
     impl Control for Fake {
-        fn view(&self) -> View {
+        fn view(&self, _: &Show) -> View {
             View {
                 version: "Breakwater test".into(),
                 ..View::default()

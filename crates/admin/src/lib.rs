@@ -110,7 +110,10 @@ pub struct View {
     pub period_secs: f64,
     pub pools: Vec<PoolView>,
     pub databases: Vec<DatabaseView>,
+    /// Filled for SHOW CLIENTS only.
     pub clients: Vec<ConnView>,
+    /// Logged-in clients, counted for SHOW LISTS (0 for other commands).
+    pub used_clients: u64,
     pub servers: Vec<ConnView>,
     pub users: Vec<UserView>,
     pub config: Vec<ConfigItem>,
@@ -133,6 +136,7 @@ impl Default for View {
             pools: Vec::new(),
             databases: Vec::new(),
             clients: Vec::new(),
+            used_clients: 0,
             servers: Vec::new(),
             users: Vec::new(),
             config: Vec::new(),
@@ -146,8 +150,10 @@ impl Default for View {
 
 /// What the console can ask of the running pooler. The binary implements it over the proxy.
 pub trait Control: Send + Sync {
-    /// A fresh read-only copy of everything SHOW reads.
-    fn view(&self) -> View;
+    /// A fresh read-only copy of what `SHOW what` reads. Only SHOW CLIENTS lists the clients
+    /// (with 50k of them, listing costs tens of milliseconds), and only SHOW DATABASES, USERS
+    /// and LISTS count them; the rest of the view is the same for every command.
+    fn view(&self, what: &Show) -> View;
 
     /// Runs an operator command. `Ok(Some(notice))` adds a NOTICE before the command tag;
     /// `Err(message)` becomes an ERROR naming what went wrong.

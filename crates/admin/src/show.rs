@@ -460,7 +460,7 @@ fn lists(view: &View) -> ResultSet {
         ("pools", view.pools.len() as u64),
         ("peer_pools", 0),
         ("free_clients", 0),
-        ("used_clients", view.clients.len() as u64),
+        ("used_clients", view.used_clients),
         ("login_clients", view.login_clients),
         ("free_servers", 0),
         ("used_servers", view.servers.len() as u64),

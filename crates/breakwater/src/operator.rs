@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use admin::{
-    Action, ConfigItem, ConnView, Control, DatabaseView, PoolView, ShutdownMode, UserView, View,
+    Action, ConfigItem, ConnView, Control, DatabaseView, PoolView, Show, ShutdownMode, UserView,
+    View,
 };
 use proxy::Proxy;
 use stats::PoolSnapshot;
@@ -193,7 +194,7 @@ fn addr_port(a: Option<std::net::SocketAddr>) -> (String, u16) {
 }
 
 impl Control for Daemon {
-    fn view(&self) -> View {
+    fn view(&self, what: &Show) -> View {
         let config = self.config();
         let settings = self.proxy.settings();
         let (older, newer, period_secs) = {
@@ -208,7 +209,15 @@ impl Control for Daemon {
                 secs,
             )
         };
-        let clients = self.proxy.clients();
+        let clients = match what {
+            Show::Clients => self.proxy.clients(),
+            _ => Vec::new(),
+        };
+        let counts = match what {
+            Show::Databases | Show::Users | Show::Lists => self.proxy.client_counts(),
+            _ => proxy::ClientCounts::default(),
+        };
+        let count = |m: &HashMap<String, u64>, key: &str| m.get(key).copied().unwrap_or(0);
         let mut servers = Vec::new();
         let mut pools = Vec::new();
         for p in self.proxy.pools() {
@@ -269,8 +278,7 @@ impl Control for Daemon {
                 pool_mode: d.pool_mode.as_str().into(),
                 current_connections: servers.iter().filter(|s| s.database == d.name).count() as u64,
                 max_client_connections: 0,
-                current_client_connections: clients.iter().filter(|c| c.database == d.name).count()
-                    as u64,
+                current_client_connections: count(&counts.by_database, &d.name),
                 paused: self.proxy.is_paused(Some(&d.name)),
                 disabled: self.proxy.is_disabled(&d.name),
             })
@@ -281,7 +289,7 @@ impl Control for Daemon {
             .map(|u| UserView {
                 name: u.to_owned(),
                 current_connections: servers.iter().filter(|s| s.user == u).count() as u64,
-                current_client_connections: clients.iter().filter(|c| c.user == u).count() as u64,
+                current_client_connections: count(&counts.by_user, u),
             })
             .collect();
         users.sort_by(|a, b| a.name.cmp(&b.name));
@@ -312,7 +320,14 @@ impl Control for Daemon {
             now: SystemTime::now(),
             paused: self.proxy.is_paused(None),
             period_secs,
-            login_clients: self.proxy.client_count().saturating_sub(clients.len()) as u64,
+            login_clients: match what {
+                Show::Lists => self
+                    .proxy
+                    .client_count()
+                    .saturating_sub(counts.total as usize) as u64,
+                _ => 0,
+            },
+            used_clients: counts.total,
             pools,
             databases,
             clients,

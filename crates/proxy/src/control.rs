@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use crate::registry::ClientInfo;
+use crate::registry::{ClientCounts, ClientInfo};
 use crate::settings::{DatabaseRoute, ProxySettings};
 use crate::{PoolEntry, Proxy, Shared};
 
@@ -211,6 +211,11 @@ impl Proxy {
     /// SHOW CLIENTS rows.
     pub fn clients(&self) -> Vec<Arc<ClientInfo>> {
         self.shared.registry.list()
+    }
+
+    /// Logged-in clients counted per database and per user, without listing them.
+    pub fn client_counts(&self) -> ClientCounts {
+        self.shared.registry.counts()
     }
 
     /// Swaps in new settings: pool sizes, minimums and server timeouts change in place; new

@@ -27,7 +27,7 @@ use upstream::{ServerPool, ServerTarget, Stream};
 
 pub use client::AdminLogin;
 pub use control::{ControlError, ReloadReport};
-pub use registry::ClientInfo;
+pub use registry::{ClientCounts, ClientInfo};
 pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
 pub use tls::{ClientTls, ClientTlsFiles};
 
