@@ -38,6 +38,10 @@ pub struct MemPoint {
     /// A new client's login + `SELECT 1` while the idle ones are held: is the pooler responsive?
     /// None when it got no answer within PROBE_TIMEOUT.
     pub login_select_ms: Option<f64>,
+    /// `SHOW POOLS` on the admin console (database `pgbouncer`, a new connection) while the idle
+    /// clients are held: the operator's view must stay quick. None when it got no answer
+    /// within PROBE_TIMEOUT.
+    pub admin_show_ms: Option<f64>,
     /// File descriptors the pooler holds with these clients connected (from /proc/PID/fd).
     pub pooler_fds: Option<usize>,
     pub open_secs: f64,
@@ -91,6 +95,7 @@ pub async fn measure(
                     rss_kib: rss,
                     kib_per_client: rss.saturating_sub(baseline) as f64 / reached as f64,
                     login_select_ms: None,
+                    admin_show_ms: None,
                     pooler_fds: procfs::open_fds(pid),
                     open_secs: started.elapsed().as_secs_f64(),
                     error: None,
@@ -110,6 +115,7 @@ pub async fn measure(
         let rss = procfs::rss_kib(pid).unwrap_or(0);
         let pooler_fds = procfs::open_fds(pid);
         let login_select_ms = login_and_select(port).await.ok().map(|(_, ms)| ms);
+        let admin_show_ms = admin_show_pools(port).await.ok();
         points.push(MemPoint {
             target: target.to_owned(),
             clients: n,
@@ -117,6 +123,7 @@ pub async fn measure(
             rss_kib: rss,
             kib_per_client: rss.saturating_sub(baseline) as f64 / n as f64,
             login_select_ms,
+            admin_show_ms,
             pooler_fds,
             open_secs,
             error: None,
@@ -135,6 +142,7 @@ fn failed(target: &str, clients: usize, baseline: u64, error: String) -> MemPoin
         rss_kib: 0,
         kib_per_client: 0.0,
         login_select_ms: None,
+        admin_show_ms: None,
         pooler_fds: None,
         open_secs: 0.0,
         error: Some(error),
@@ -250,4 +258,32 @@ async fn login_and_select_unbounded(port: u16) -> anyhow::Result<(tokio_postgres
     });
     client.simple_query("SELECT 1").await?;
     Ok((client, started.elapsed().as_secs_f64() * 1e3))
+}
+
+/// Connects to the admin console and runs `SHOW POOLS`; returns the milliseconds from connect
+/// to the last row.
+async fn admin_show_pools(port: u16) -> anyhow::Result<f64> {
+    let probe = async {
+        let started = Instant::now();
+        let conn =
+            format!("host=127.0.0.1 port={port} user={USER} dbname=pgbouncer connect_timeout=10");
+        let (client, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await?;
+        let connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let rows = client.simple_query("SHOW POOLS").await?;
+        let ms = started.elapsed().as_secs_f64() * 1e3;
+        drop(client);
+        let _ = connection.await;
+        if !rows
+            .iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        {
+            bail!("SHOW POOLS returned no rows");
+        }
+        anyhow::Ok(ms)
+    };
+    tokio::time::timeout(PROBE_TIMEOUT, probe)
+        .await
+        .with_context(|| format!("no answer to SHOW POOLS within {PROBE_TIMEOUT:?}"))?
 }

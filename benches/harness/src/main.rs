@@ -423,10 +423,12 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
                 match &p.error {
                     Some(e) => eprintln!("   {} clients: {e}", p.clients),
                     None => eprintln!(
-                        "   {} clients: RSS {:.1} MiB, {:.2} KiB per client",
+                        "   {} clients: RSS {:.1} MiB, {:.2} KiB per client, admin SHOW POOLS {}",
                         p.clients,
                         p.rss_kib as f64 / 1024.0,
-                        p.kib_per_client
+                        p.kib_per_client,
+                        p.admin_show_ms
+                            .map_or_else(|| "no answer".to_owned(), |ms| format!("{ms:.1} ms")),
                     ),
                 }
             }
@@ -490,7 +492,11 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         eprintln!("wrote {}", path.display());
     }
 
-    let all_ok = runs.iter().all(|r| r.ok()) && memory.iter().all(|m| m.error.is_none());
+    // Holding idle clients, a pooler must still answer a new client and the admin console.
+    let all_ok = runs.iter().all(|r| r.ok())
+        && memory
+            .iter()
+            .all(|m| m.error.is_none() && m.login_select_ms.is_some() && m.admin_show_ms.is_some());
     Ok(!cli.smoke || all_ok)
 }
 

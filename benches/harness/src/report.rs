@@ -168,22 +168,22 @@ pub fn markdown(
     if !memory.is_empty() {
         md.push_str(
             "Idle clients (logged in with trust auth, then silent):\n\n\
-             | pooler | idle clients | RSS MiB (baseline) | RSS MiB | KiB per client | pooler fds | new login + SELECT 1 ms | open time s |\n\
-             |---|--:|--:|--:|--:|--:|--:|--:|\n",
+             | pooler | idle clients | RSS MiB (baseline) | RSS MiB | KiB per client | pooler fds | new login + SELECT 1 ms | admin SHOW POOLS ms | open time s |\n\
+             |---|--:|--:|--:|--:|--:|--:|--:|--:|\n",
         );
         for m in memory {
             match &m.error {
                 Some(e) => {
                     let _ = writeln!(
                         md,
-                        "| {} | {} | — | — | {e} | — | — | — |",
+                        "| {} | {} | — | — | {e} | — | — | — | — |",
                         m.target, m.clients
                     );
                 }
                 None => {
                     let _ = writeln!(
                         md,
-                        "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {:.1} |",
+                        "| {} | {} | {:.1} | {:.1} | {:.2} | {} | {} | {} | {:.1} |",
                         m.target,
                         m.clients,
                         m.baseline_rss_kib as f64 / 1024.0,
@@ -192,6 +192,10 @@ pub fn markdown(
                         m.pooler_fds
                             .map_or_else(|| "—".to_owned(), |n| n.to_string()),
                         m.login_select_ms.map_or_else(
+                            || "no answer in 15 s".to_owned(),
+                            |ms| format!("{ms:.1}")
+                        ),
+                        m.admin_show_ms.map_or_else(
                             || "no answer in 15 s".to_owned(),
                             |ms| format!("{ms:.1}")
                         ),
@@ -324,12 +328,12 @@ pub fn write_csv(
 
     if !memory.is_empty() {
         let mut text = String::from(
-            "target,clients,baseline_rss_kib,rss_kib,kib_per_client,pooler_fds,login_select_ms,open_secs,error\n",
+            "target,clients,baseline_rss_kib,rss_kib,kib_per_client,pooler_fds,login_select_ms,admin_show_ms,open_secs,error\n",
         );
         for m in memory {
             let _ = writeln!(
                 text,
-                "{},{},{},{},{:.3},{},{},{:.2},{}",
+                "{},{},{},{},{:.3},{},{},{},{:.2},{}",
                 m.target,
                 m.clients,
                 m.baseline_rss_kib,
@@ -337,6 +341,7 @@ pub fn write_csv(
                 m.kib_per_client,
                 m.pooler_fds.map(|n| n.to_string()).unwrap_or_default(),
                 csv_opt(m.login_select_ms),
+                csv_opt(m.admin_show_ms),
                 m.open_secs,
                 csv_field(m.error.as_deref().unwrap_or("")),
             );

@@ -143,6 +143,7 @@ pub fn start_breakwater(
          default_pool_size = {POOL_SIZE}\n\
          auth_type = \"{auth_type}\"\n\
          auth_file = \"userlist.txt\"\n\
+         admin_users = [\"{USER}\"]\n\
          {extra}\
          \n\
          [databases.{DB}]\n\
@@ -190,6 +191,7 @@ pub fn start_pgbouncer(
          unix_socket_dir =\n\
          auth_type = {auth_type}\n\
          auth_file = {d}/userlist.txt\n\
+         admin_users = {USER}\n\
          pool_mode = transaction\n\
          default_pool_size = {POOL_SIZE}\n\
          max_client_conn = {MAX_CLIENT_CONN}\n\
