@@ -199,6 +199,29 @@ async fn query_wait_timeout_fails_a_waiting_client_with_a_message_naming_the_set
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// server_unresponsive_timeout counts from when the server was asked, not from its last
+/// byte: a client that sat in a transaction for longer than the timeout and then sends a
+/// query must get its answer, not have its server declared dead the moment it asks.
+#[tokio::test]
+async fn a_client_idle_in_a_transaction_longer_than_server_unresponsive_timeout_can_commit() {
+    let env = start("server_unresponsive_timeout = \"200ms\"", "");
+    let c = env.client().await;
+    c.batch_execute("CREATE TEMP TABLE t (n int); BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    // The client thinks for a while, as applications do inside a transaction.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for _ in 0..5 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM t", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(n, 1);
+    }
+    c.batch_execute("COMMIT").await.unwrap();
+}
+
 #[tokio::test]
 async fn waiting_clients_are_served_when_a_transaction_ends() {
     let env = start("", "pool_size = 1\n");

@@ -914,10 +914,14 @@ impl Session {
                     s.query_timeout.zip(h.query_since).map(|(d, t)| t + d),
                 ),
             }
+            // Silent since its last byte or since it was asked, whichever is later: a request
+            // sent after the client sat idle in a transaction starts the clock afresh.
+            let quiet_since = h
+                .query_since
+                .map_or(h.last_server_byte, |asked| asked.max(h.last_server_byte));
             consider(
                 Timer::Unresponsive,
-                s.server_unresponsive_timeout
-                    .map(|d| h.last_server_byte + d),
+                s.server_unresponsive_timeout.map(|d| quiet_since + d),
             );
         }
         best
