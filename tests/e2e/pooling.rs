@@ -222,6 +222,46 @@ async fn a_client_idle_in_a_transaction_longer_than_server_unresponsive_timeout_
     c.batch_execute("COMMIT").await.unwrap();
 }
 
+/// A waiting checkout shares its session's alarm, which an earlier transaction may have left
+/// armed for an earlier deadline (server_unresponsive_timeout): when it rings, the checkout
+/// must keep waiting until its own query_wait_timeout, not fail early.
+#[tokio::test]
+async fn a_waiting_client_is_not_failed_early_by_an_alarm_armed_for_another_deadline() {
+    let env = start(
+        "query_wait_timeout = \"1500ms\"\nserver_unresponsive_timeout = \"200ms\"",
+        "pool_size = 1\n",
+    );
+    // Three transactions at once leave three spare workspaces whose alarms are armed for
+    // server_unresponsive_timeout (the wait for each reply), now long past.
+    let mut warm = Vec::new();
+    for _ in 0..3 {
+        let c = env.client().await;
+        warm.push(tokio::spawn(async move {
+            c.simple_query("SELECT pg_sleep(0.05)").await.map(|_| c)
+        }));
+    }
+    let mut warmed = Vec::new();
+    for w in warm {
+        warmed.push(w.await.unwrap().unwrap());
+    }
+    let holder = &warmed[0];
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let waiter = &warmed[1];
+    let started = Instant::now();
+    let err = waiter.simple_query("SELECT 1").await.unwrap_err();
+    let waited = started.elapsed();
+    let msg = err
+        .as_db_error()
+        .map(|d| d.message().to_owned())
+        .unwrap_or_else(|| err.to_string());
+    assert!(msg.contains("query_wait_timeout"), "{msg}");
+    assert!(
+        waited >= Duration::from_millis(1400),
+        "failed before query_wait_timeout: {waited:?}"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+}
+
 #[tokio::test]
 async fn waiting_clients_are_served_when_a_transaction_ends() {
     let env = start("", "pool_size = 1\n");

@@ -21,7 +21,12 @@ pub struct CancelSlot {
 impl CancelSlot {
     pub async fn set(&self, target: Option<CancelTarget>) {
         let linked = target.is_some();
-        *self.target.lock().await = target;
+        // Twice per transaction and almost never contended (only while a cancel is being
+        // sent), so try the lock before paying for an await on it.
+        match self.target.try_lock() {
+            Ok(mut slot) => *slot = target,
+            Err(_) => *self.target.lock().await = target,
+        }
         self.linked
             .store(linked, std::sync::atomic::Ordering::Relaxed);
     }

@@ -31,7 +31,7 @@ use proto::frontend;
 use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-use upstream::{discard, CheckoutError, ConnectError, PooledServer, QueryError};
+use upstream::{discard, Alarm, CheckoutError, ConnectError, PooledServer, QueryError};
 
 use crate::cancel::Registration;
 use crate::client::{fmt_duration, ClientConn};
@@ -102,42 +102,6 @@ impl Held {
             && self.client_skip == 0
             && self.server_skip == 0
             && self.expect.is_empty()
-    }
-}
-
-/// One re-armable timer per session. Creating a timer for each wait on the server would insert
-/// and remove a timer-wheel entry at every read (server_unresponsive_timeout applies to every
-/// wait); this one is armed no later than the earliest deadline that applies and stays armed
-/// while later deadlines come and go. It may therefore ring early, and the session re-checks
-/// which deadline is due. Allocated on first use, so idle clients do not carry it.
-#[derive(Default)]
-struct Alarm {
-    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-    armed: Option<Instant>,
-}
-
-impl Alarm {
-    /// Makes sure the alarm rings at `at` or earlier.
-    fn arm(&mut self, at: Instant) {
-        if self.armed.is_some_and(|armed| armed <= at) {
-            return;
-        }
-        match &mut self.sleep {
-            Some(sleep) => sleep.as_mut().reset(at.into()),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at.into()))),
-        }
-        self.armed = Some(at);
-    }
-
-    /// Rings once per arming; pending forever when not armed.
-    async fn fired(&mut self) {
-        match (&mut self.sleep, self.armed) {
-            (Some(sleep), Some(_)) => {
-                sleep.as_mut().await;
-                self.armed = None;
-            }
-            _ => std::future::pending().await,
-        }
     }
 }
 
@@ -705,26 +669,31 @@ impl Session {
         let stats = &entry.stats;
         PoolStats::gauge(&stats.cl_waiting, 1);
         let start = Instant::now();
-        let mut checkout = std::pin::pin!(entry.pool.checkout(self.settings.query_wait_timeout));
-        let result = match self.settings.query_wait_notify {
-            None => checkout.await,
-            Some(notify) => {
-                tokio::select! {
-                    r = checkout.as_mut() => r,
-                    _ = tokio::time::sleep(notify) => {
-                        // Outside the select: tell the client why it waits, then keep waiting.
-                        let status = entry.pool.status();
-                        PgError::notice(format!(
-                            "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
-                            entry.route.name,
-                            status.size.saturating_sub(status.available),
-                            status.max_size,
-                            status.waiting,
-                            fmt_duration(notify),
-                        ))
-                        .write(&mut self.client.out);
-                        let _ = self.client.flush().await;
-                        checkout.await
+        // In a block: the checkout borrows the alarm, and must be gone before `self` is used.
+        let result = {
+            let mut checkout = std::pin::pin!(entry
+                .pool
+                .checkout(self.settings.query_wait_timeout, &mut self.scratch.alarm));
+            match self.settings.query_wait_notify {
+                None => checkout.await,
+                Some(notify) => {
+                    tokio::select! {
+                        r = checkout.as_mut() => r,
+                        _ = tokio::time::sleep(notify) => {
+                            // Outside the select: tell the client why it waits, then keep waiting.
+                            let status = entry.pool.status();
+                            PgError::notice(format!(
+                                "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
+                                entry.route.name,
+                                status.size.saturating_sub(status.available),
+                                status.max_size,
+                                status.waiting,
+                                fmt_duration(notify),
+                            ))
+                            .write(&mut self.client.out);
+                            let _ = self.client.flush().await;
+                            checkout.await
+                        }
                     }
                 }
             }

@@ -2,6 +2,7 @@
 //! warm connections per (database, user), and notice connections that died while idle.
 //! This crate never reads from clients and never decides when a transaction ends.
 
+pub mod alarm;
 pub mod conn;
 pub mod dns;
 pub mod failover;
@@ -12,6 +13,7 @@ pub mod registry;
 pub mod stream;
 pub mod tls;
 
+pub use alarm::Alarm;
 pub use conn::{
     CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
 };

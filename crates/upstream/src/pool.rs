@@ -20,6 +20,7 @@ use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleErro
 use stats::PoolStats;
 use tokio::sync::{watch, Semaphore};
 
+use crate::alarm::Alarm;
 use crate::conn::{ConnectError, ServerConn, ServerSettings, ServerTarget};
 use crate::failover::{HostList, TargetSessionAttrs};
 use crate::host::Host;
@@ -267,32 +268,57 @@ pub struct ServerPool {
     waiters: Waiters,
 }
 
+/// When each waiting checkout started, in slots reused as checkouts come and go: taking and
+/// freeing a slot allocates nothing (a map keyed by a counter allocated and freed nodes as
+/// waiters came and went, on the path of every checkout that waits). Only `max_wait` reads
+/// them all, for SHOW POOLS.
 #[derive(Default)]
-struct Waiters {
-    next: AtomicU64,
-    list: std::sync::Mutex<std::collections::BTreeMap<u64, Instant>>,
+struct Waiters(std::sync::Mutex<WaiterSlots>);
+
+#[derive(Default)]
+struct WaiterSlots {
+    since: Vec<Option<Instant>>,
+    free: Vec<usize>,
+}
+
+impl Waiters {
+    fn slots(&self) -> std::sync::MutexGuard<'_, WaiterSlots> {
+        match self.0.lock() {
+            Ok(s) => s,
+            Err(p) => p.into_inner(),
+        }
+    }
 }
 
 /// Lists a waiting checkout for as long as it waits, however it ends (cancellation included).
 struct Waiter<'a> {
     waiters: &'a Waiters,
-    id: u64,
+    slot: usize,
 }
 
 impl<'a> Waiter<'a> {
     fn new(waiters: &'a Waiters, since: Instant) -> Waiter<'a> {
-        let id = waiters.next.fetch_add(1, Ordering::Relaxed);
-        if let Ok(mut l) = waiters.list.lock() {
-            l.insert(id, since);
-        }
-        Waiter { waiters, id }
+        let mut s = waiters.slots();
+        let slot = match s.free.pop() {
+            Some(i) => {
+                s.since[i] = Some(since);
+                i
+            }
+            None => {
+                s.since.push(Some(since));
+                s.since.len() - 1
+            }
+        };
+        Waiter { waiters, slot }
     }
 }
 
 impl Drop for Waiter<'_> {
     fn drop(&mut self) {
-        if let Ok(mut l) = self.waiters.list.lock() {
-            l.remove(&self.id);
+        let mut s = self.waiters.slots();
+        if let Some(since) = s.since.get_mut(self.slot) {
+            *since = None;
+            s.free.push(self.slot);
         }
     }
 }
@@ -363,9 +389,15 @@ impl ServerPool {
     /// `wait` expires; errors that waiting cannot fix (wrong password, breaker open) return at
     /// once.
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
-    pub async fn checkout(&self, wait: Option<Duration>) -> Result<PooledServer, CheckoutError> {
+    /// Checks out a server, waiting at most `wait`. `alarm` is the caller's re-armable timer:
+    /// a checkout that has to wait uses it instead of a timer of its own.
+    pub async fn checkout(
+        &self,
+        wait: Option<Duration>,
+        alarm: &mut Alarm,
+    ) -> Result<PooledServer, CheckoutError> {
         let started = Instant::now();
-        let mut work = std::pin::pin!(self.checkout_inner(started, wait));
+        let mut work = std::pin::pin!(self.checkout_inner(started, wait, alarm));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -380,11 +412,11 @@ impl ServerPool {
 
     /// How long the longest-waiting checkout has waited (PgBouncer's maxwait).
     pub fn max_wait(&self) -> Duration {
-        let w = match self.waiters.list.lock() {
-            Ok(w) => w,
-            Err(p) => p.into_inner(),
-        };
-        w.values()
+        self.waiters
+            .slots()
+            .since
+            .iter()
+            .flatten()
             .min()
             .map(|oldest| oldest.elapsed())
             .unwrap_or_default()
@@ -394,6 +426,7 @@ impl ServerPool {
         &self,
         started: Instant,
         wait: Option<Duration>,
+        alarm: &mut Alarm,
     ) -> Result<PooledServer, CheckoutError> {
         let deadline = wait.map(|w| started + w);
         let wait_timeout = |last| {
@@ -423,10 +456,21 @@ impl ServerPool {
         loop {
             let get = self.pool.get();
             let result = match deadline {
-                Some(d) => match tokio::time::timeout_at(d.into(), get).await {
-                    Ok(r) => r,
-                    Err(_) => return Err(wait_timeout(last)),
-                },
+                Some(d) => {
+                    let mut get = std::pin::pin!(get);
+                    loop {
+                        alarm.arm(d);
+                        tokio::select! {
+                            // The pool first: a checkout served at once never polls the alarm.
+                            biased;
+                            r = get.as_mut() => break r,
+                            // The alarm may ring for an earlier deadline than ours.
+                            _ = alarm.fired() => if Instant::now() >= d {
+                                return Err(wait_timeout(last));
+                            },
+                        }
+                    }
+                }
                 None => get.await,
             };
             match result {
