@@ -795,7 +795,7 @@ async fn shutdown_wait_for_clients_exits_once_the_last_client_leaves() {
 
 #[tokio::test]
 async fn show_clients_says_which_clients_hold_a_server() {
-    let env = start("", "");
+    let env = start("", "pool_size = 1\n");
     let app = env.client().await;
     let c = admin(&env).await;
     let state = || async {
@@ -807,7 +807,19 @@ async fn show_clients_says_which_clients_hold_a_server() {
     assert_eq!(state().await, ["idle"]);
     app.simple_query("BEGIN").await.unwrap();
     assert_eq!(state().await, ["active"]);
+    // With the only server in that transaction, a second client's query waits, and says so.
+    let conn = env.conn_string();
+    let second = tokio::spawn(async move {
+        let c = connect(&conn).await.unwrap();
+        c.simple_query("SELECT 1").await.map(|_| ())
+    });
+    testkit::wait_until("the second client to be waiting", WAIT, || async {
+        state().await == ["active", "waiting"]
+    })
+    .await
+    .unwrap();
     app.simple_query("COMMIT").await.unwrap();
+    second.await.unwrap().unwrap();
     testkit::wait_until("the server to be released", WAIT, || async {
         state().await == ["idle"]
     })

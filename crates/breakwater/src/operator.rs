@@ -302,7 +302,7 @@ impl Control for Daemon {
                     id: c.id,
                     user: c.user.clone(),
                     database: c.database.clone(),
-                    state: if c.is_linked() { "active" } else { "idle" }.into(),
+                    state: c.state().as_str().into(),
                     addr,
                     port,
                     local_addr,

@@ -14,25 +14,62 @@ use upstream::CancelTarget;
 #[derive(Debug, Default)]
 pub struct CancelSlot {
     target: tokio::sync::Mutex<Option<CancelTarget>>,
-    /// The client holds a server right now (SHOW CLIENTS reads it without the lock).
-    linked: std::sync::atomic::AtomicBool,
+    /// Idle, waiting for a server or holding one: SHOW CLIENTS reads it without the lock.
+    state: std::sync::atomic::AtomicU8,
+}
+
+/// What a client is doing, as SHOW CLIENTS says it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClientState {
+    Idle = 0,
+    Waiting = 1,
+    Active = 2,
+}
+
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Idle => "idle",
+            ClientState::Waiting => "waiting",
+            ClientState::Active => "active",
+        }
+    }
 }
 
 impl CancelSlot {
     pub async fn set(&self, target: Option<CancelTarget>) {
-        let linked = target.is_some();
+        let state = if target.is_some() {
+            ClientState::Active
+        } else {
+            ClientState::Idle
+        };
         // Twice per transaction and almost never contended (only while a cancel is being
         // sent), so try the lock before paying for an await on it.
         match self.target.try_lock() {
             Ok(mut slot) => *slot = target,
             Err(_) => *self.target.lock().await = target,
         }
-        self.linked
-            .store(linked, std::sync::atomic::Ordering::Relaxed);
+        self.state
+            .store(state as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
-    pub fn is_linked(&self) -> bool {
-        self.linked.load(std::sync::atomic::Ordering::Relaxed)
+    /// The client asks the pool for a server (it holds none yet).
+    pub fn set_waiting(&self, waiting: bool) {
+        let state = if waiting {
+            ClientState::Waiting
+        } else {
+            ClientState::Idle
+        };
+        self.state
+            .store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> ClientState {
+        match self.state.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => ClientState::Waiting,
+            2 => ClientState::Active,
+            _ => ClientState::Idle,
+        }
     }
 }
 

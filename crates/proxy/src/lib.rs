@@ -25,6 +25,7 @@ use stats::{GlobalStats, PoolStats};
 use tokio::sync::watch;
 use upstream::{ServerPool, ServerTarget, Stream};
 
+pub use cancel::ClientState;
 pub use client::AdminLogin;
 pub use control::{ControlError, ReloadReport};
 pub use registry::{ClientCounts, ClientInfo};

@@ -10,7 +10,7 @@ use std::os::fd::RawFd;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use crate::cancel::CancelSlot;
+use crate::cancel::{CancelSlot, ClientState};
 
 /// What SHOW CLIENTS says about one client.
 #[derive(Debug)]
@@ -32,9 +32,9 @@ pub struct ClientInfo {
 }
 
 impl ClientInfo {
-    /// Holds a server connection right now (SHOW CLIENTS state `active`, else `idle`).
-    pub fn is_linked(&self) -> bool {
-        self.slot.is_linked()
+    /// Holds a server (`active`), waits for one (`waiting`) or neither (`idle`).
+    pub fn state(&self) -> ClientState {
+        self.slot.state()
     }
 
     /// Disconnects the client: its session sees end-of-stream at its next read. Call only under

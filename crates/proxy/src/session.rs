@@ -712,8 +712,13 @@ impl Session {
     }
 
     async fn checkout(&mut self) -> Result<PooledServer, PgError> {
-        let mut server = self.checkout_raw().await?;
-        self.sync_params(&mut server).await?;
+        self.cancel.slot.set_waiting(true);
+        let server = self.checkout_raw().await;
+        let mut server = server.inspect_err(|_| self.cancel.slot.set_waiting(false))?;
+        if let Err(e) = self.sync_params(&mut server).await {
+            self.cancel.slot.set_waiting(false);
+            return Err(e);
+        }
         self.cancel.slot.set(Some(server.cancel_target())).await;
         Ok(server)
     }
