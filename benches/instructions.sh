@@ -12,6 +12,8 @@
 #   benches/instructions.sh                 # simple protocol, 8 clients, pool size 16
 #   CLIENTS=64 MODE=extended benches/instructions.sh
 #   BUILTIN=tpcb-like EXTRA=-C KEEP=/tmp/cg BREAKWATER=path/to/breakwater benches/instructions.sh
+#   AUTH=trust EXTRA=-C SHORT=20 LONG=120 benches/instructions.sh   # cost of a login, no crypto
+#   VALGRIND_OPTS=--cache-sim=yes KEEP=/tmp/cg ...   # also cache misses (callgrind_annotate)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,6 +24,7 @@ SHORT=${SHORT:-200}
 LONG=${LONG:-1200}
 EXTRA=${EXTRA:-}    # more pgbench arguments, e.g. EXTRA=-C for a new connection per transaction
 KEEP=${KEEP:-}      # a directory to keep the callgrind files in, for callgrind_annotate
+AUTH=${AUTH:-scram-sha-256}   # the clients' auth_type at both poolers, e.g. AUTH=trust for -C
 
 # BREAKWATER=PATH measures another build instead of building this tree's.
 if [ -n "${BREAKWATER:-}" ]; then
@@ -64,6 +67,17 @@ printf '"app" "%s"\n' "$verifier" > "$work/userlist.txt"
 
 wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
 
+# wait_servers N: until PostgreSQL has N client backends in database app (the pooler's).
+wait_servers() {
+  for _ in $(seq 150); do
+    n=$(psql -X -At -h "$work" -p "$pg_port" -U postgres -c \
+      "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend'")
+    [ "$n" -ge "$1" ] && return
+    sleep 0.2
+  done
+  echo "warning: the pooler has $n server connections, not $1; the figure may include logins" >&2
+}
+
 # run_once NAME TXNS_PER_CLIENT -> total instructions
 run_once() {
   local name=$1 t=$2 port out pid
@@ -74,9 +88,10 @@ run_once() {
 [pooler]
 listen_addr = "127.0.0.1"
 listen_port = $port
-auth_type = "scram-sha-256"
+auth_type = "$AUTH"
 auth_file = "$work/userlist.txt"
 default_pool_size = 16
+min_pool_size = 16
 [databases.app]
 host = "127.0.0.1"
 port = $pg_port
@@ -93,10 +108,11 @@ app = host=127.0.0.1 port=$pg_port dbname=app user=app password=app_pw
 listen_addr = 127.0.0.1
 listen_port = $port
 unix_socket_dir =
-auth_type = scram-sha-256
+auth_type = $AUTH
 auth_file = $work/userlist.txt
 pool_mode = transaction
 default_pool_size = 16
+min_pool_size = 16
 log_connections = 0
 log_disconnections = 0
 CONF
@@ -106,6 +122,12 @@ CONF
   fi
   pid=$!
   wait_port "$port"
+  # Both runs start with all 16 server connections open, so the difference between them holds
+  # no server login: a SCRAM login to PostgreSQL (PBKDF2) costs tens of millions of
+  # instructions and would swamp a -C figure. Sixteen busy clients make both poolers grow
+  # their pool to the full size (PgBouncer's min_pool_size alone does not open them).
+  PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -T 2 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
+  wait_servers 16
   # shellcheck disable=SC2086 # EXTRA is a list of arguments
   PGPASSWORD=app_pw pgbench -b "$BUILTIN" -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
     -h 127.0.0.1 -p "$port" -U app app >"$work/$name-$t.pgbench" 2>&1
@@ -116,7 +138,7 @@ CONF
   grep -oP 'summary: \K[0-9]+' "$out"
 }
 
-echo "instructions per transaction (callgrind), pgbench -b $BUILTIN -M $MODE $EXTRA -c $CLIENTS, pool size 16:"
+echo "instructions per transaction (callgrind), pgbench -b $BUILTIN -M $MODE $EXTRA -c $CLIENTS, pool size 16, clients $AUTH:"
 targets=(breakwater)
 [ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
 for name in "${targets[@]}"; do
