@@ -45,6 +45,8 @@ chmod 755 "$work"
 as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" -eq 0 ] && chown postgres "$work"
 cleanup() {
+  # A pooler still under valgrind (the script stopped early) goes too.
+  pkill -KILL -f "callgrind-out-file=$work/" 2>/dev/null || true
   as_pg pg_ctl -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
   rm -rf "$work"
 }
