@@ -8,6 +8,8 @@
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
@@ -192,5 +194,71 @@ fn scram(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, framing, startup, scram);
+/// Checking a warm server out of a pool and back in, against the test kit's PostgreSQL: what
+/// every transaction pays for its server apart from the I/O (deadpool's semaphore and slot
+/// list, the recycle hook's liveness check, the in-use flag). Skipped without PostgreSQL.
+fn pool(c: &mut Criterion) {
+    let pg = match testkit::PgCluster::start() {
+        Ok(pg) => pg,
+        Err(e) => {
+            eprintln!("pool: skipped, no PostgreSQL for the test kit: {e:#}");
+            return;
+        }
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    let hosts = upstream::Hosts::new(upstream::StormSettings::default());
+    let list = Arc::new(upstream::HostList::new(
+        hosts.get("127.0.0.1", pg.port()),
+        Vec::new(),
+        upstream::TargetSessionAttrs::Any,
+        upstream::LoadBalanceHosts::Disable,
+        Duration::from_millis(100),
+    ));
+    let target = upstream::ServerTarget {
+        database: "app".into(),
+        host: "127.0.0.1".into(),
+        port: pg.port(),
+        dbname: "app".into(),
+        user: "app".into(),
+        credential: Some(ServerCredential::Password("app_pw".into())),
+    };
+    let wait = Some(Duration::from_secs(10));
+    let mut alarm = upstream::Alarm::default();
+    let pool = rt.block_on(async {
+        let pool = upstream::ServerPool::new(
+            target,
+            upstream::ServerSettings::default(),
+            2,
+            0,
+            list,
+            upstream::Limits::default(),
+            Arc::new(stats::PoolStats::new("app", "app")),
+        );
+        // The one login happens here, not in the measurement.
+        drop(
+            pool.checkout(wait, &mut alarm)
+                .await
+                .expect("first checkout"),
+        );
+        pool
+    });
+    c.bench_function("pool/checkout + checkin of a warm server", |b| {
+        b.iter(|| {
+            rt.block_on(async {
+                let server = pool.checkout(wait, &mut alarm).await.expect("checkout");
+                drop(server);
+            })
+        })
+    });
+    assert_eq!(
+        pool.status().size,
+        1,
+        "one warm server served every checkout: none was dropped or opened again"
+    );
+}
+
+criterion_group!(benches, framing, startup, scram, pool);
 criterion_main!(benches);
