@@ -299,12 +299,13 @@ struct Waiter<'a> {
 impl<'a> Waiter<'a> {
     fn new(waiters: &'a Waiters, since: Instant) -> Waiter<'a> {
         let mut s = waiters.slots();
+        // A freed slot is always in range; the guard keeps indexing from ever panicking here.
         let slot = match s.free.pop() {
-            Some(i) => {
+            Some(i) if i < s.since.len() => {
                 s.since[i] = Some(since);
                 i
             }
-            None => {
+            _ => {
                 s.since.push(Some(since));
                 s.since.len() - 1
             }
@@ -389,8 +390,8 @@ impl ServerPool {
     /// `wait` expires; errors that waiting cannot fix (wrong password, breaker open) return at
     /// once.
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
-    /// Checks out a server, waiting at most `wait`. `alarm` is the caller's re-armable timer:
-    /// a checkout that has to wait uses it instead of a timer of its own.
+    /// `alarm` is the caller's re-armable timer: a checkout that has to wait uses it instead of
+    /// a timer of its own.
     pub async fn checkout(
         &self,
         wait: Option<Duration>,
