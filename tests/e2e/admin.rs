@@ -838,7 +838,10 @@ async fn show_clients_says_which_clients_hold_a_server() {
     })
     .await
     .unwrap();
-    assert!(env.pooler.log().contains(" login"), "{}", env.pooler.log());
+    let log = env.pooler.log();
+    assert!(log.contains(" login"), "{log}");
+    // The log goes to a file here, not a terminal: no colour escape codes in it.
+    assert!(!log.contains('\x1b'), "escape codes in a log file:\n{log}");
 }
 
 #[tokio::test]

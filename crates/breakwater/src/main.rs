@@ -7,6 +7,7 @@ mod config;
 mod operator;
 mod tail;
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -93,9 +94,12 @@ fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     match config.file.pooler.log_format {
+        // Colour only for a person at a terminal: escape codes in a log file or a container's
+        // log stream make it hard to grep, and every client's span keeps its fields formatted.
         config::LogFormat::Text => tracing_subscriber::fmt()
             .with_env_filter(filter)
             .with_target(false)
+            .with_ansi(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none())
             .init(),
         // One JSON object per line, with the client/server span's fields, for log pipelines.
         config::LogFormat::Json => tracing_subscriber::fmt()

@@ -78,8 +78,6 @@ impl Pooler {
             .arg(&config)
             .current_dir(dir.path())
             .env("RUST_LOG", rust_log)
-            // Escape codes make a log file hard to read.
-            .env("NO_COLOR", "1")
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)
