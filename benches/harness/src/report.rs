@@ -18,6 +18,10 @@ pub struct Summary {
     pub tps: Option<f64>,
     pub latency_ms: Option<f64>,
     pub cpu_us_per_txn: Option<f64>,
+    /// The lowest and highest of this target's CPU per transaction over PgBouncer's in the same
+    /// repetition. Repetitions interleave the targets, so each pair ran within seconds of each
+    /// other: the spread shows how far the machine's noise moves the ratio.
+    pub cpu_vs_pgbouncer_range: Option<(f64, f64)>,
     /// The first failure's message, when any run failed.
     pub error: Option<String>,
 }
@@ -47,6 +51,16 @@ pub fn summarize(scenarios: &[Scenario], targets: &[String], runs: &[RunResult])
                 continue;
             }
             let ok: Vec<&&RunResult> = mine.iter().filter(|r| r.ok()).collect();
+            let paired: Vec<f64> = ok
+                .iter()
+                .filter(|r| r.target != "pgbouncer")
+                .filter_map(|r| {
+                    let bouncer = runs.iter().find(|b| {
+                        b.scenario == s.name && b.target == "pgbouncer" && b.rep == r.rep && b.ok()
+                    })?;
+                    ratio(r.cpu_us_per_txn, bouncer.cpu_us_per_txn)
+                })
+                .collect();
             let med =
                 |f: fn(&RunResult) -> Option<f64>| median(ok.iter().filter_map(|r| f(r)).collect());
             out.push(Summary {
@@ -58,11 +72,18 @@ pub fn summarize(scenarios: &[Scenario], targets: &[String], runs: &[RunResult])
                 tps: med(|r| r.tps),
                 latency_ms: med(|r| r.latency_ms),
                 cpu_us_per_txn: med(|r| r.cpu_us_per_txn),
+                cpu_vs_pgbouncer_range: range(&paired),
                 error: mine.iter().find_map(|r| r.error.clone()),
             });
         }
     }
     out
+}
+
+fn range(values: &[f64]) -> Option<(f64, f64)> {
+    let lo = values.iter().copied().min_by(f64::total_cmp)?;
+    let hi = values.iter().copied().max_by(f64::total_cmp)?;
+    Some((lo, hi))
 }
 
 fn find<'a>(summaries: &'a [Summary], scenario: &str, target: &str) -> Option<&'a Summary> {
@@ -119,7 +140,7 @@ pub fn markdown(
 
     if !summaries.is_empty() {
         md.push_str(
-            "| scenario | pgbench | target | TPS | latency ms | pooler CPU µs/txn | TPS vs direct | TPS vs PgBouncer | CPU vs PgBouncer |\n\
+            "| scenario | pgbench | target | TPS | latency ms | pooler CPU µs/txn | TPS vs direct | TPS vs PgBouncer | CPU vs PgBouncer (per-repetition range) |\n\
              |---|---|---|--:|--:|--:|--:|--:|--:|\n",
         );
         let mut failures = Vec::new();
@@ -151,7 +172,7 @@ pub fn markdown(
                 fmt_opt(s.cpu_us_per_txn, 1),
                 vs(direct, |x| x.tps),
                 vs(bouncer, |x| x.tps),
-                vs(bouncer, |x| x.cpu_us_per_txn),
+                cpu_vs(s, vs(bouncer, |x| x.cpu_us_per_txn)),
             );
         }
         md.push('\n');
@@ -207,6 +228,15 @@ pub fn markdown(
         md.push('\n');
     }
     md
+}
+
+/// The CPU ratio of medians, with the range of the paired per-repetition ratios when there
+/// is more than one repetition.
+fn cpu_vs(s: &Summary, ratio_of_medians: String) -> String {
+    match s.cpu_vs_pgbouncer_range {
+        Some((lo, hi)) if s.ok_runs > 1 => format!("{ratio_of_medians} ({lo:.2}–{hi:.2})"),
+        _ => ratio_of_medians,
+    }
 }
 
 /// Added latency at one client: each pooler's median latency minus direct's, per query mode.
@@ -300,14 +330,14 @@ pub fn write_csv(
     written.push(write(dir, &format!("{prefix}-runs.csv"), &text)?);
 
     let mut text = String::from(
-        "scenario,pgbench_flags,target,runs,ok_runs,tps_median,latency_ms_median,pooler_cpu_us_per_txn_median,tps_vs_direct,tps_vs_pgbouncer,cpu_vs_pgbouncer\n",
+        "scenario,pgbench_flags,target,runs,ok_runs,tps_median,latency_ms_median,pooler_cpu_us_per_txn_median,tps_vs_direct,tps_vs_pgbouncer,cpu_vs_pgbouncer,cpu_vs_pgbouncer_min,cpu_vs_pgbouncer_max\n",
     );
     for s in summaries {
         let direct = find(summaries, &s.scenario, "direct");
         let bouncer = find(summaries, &s.scenario, "pgbouncer");
         let _ = writeln!(
             text,
-            "{},{},{},{},{},{},{},{},{},{},{}",
+            "{},{},{},{},{},{},{},{},{},{},{},{},{}",
             s.scenario,
             csv_field(&s.flags),
             s.target,
@@ -322,6 +352,8 @@ pub fn write_csv(
                 s.cpu_us_per_txn,
                 bouncer.and_then(|b| b.cpu_us_per_txn)
             )),
+            csv_opt(s.cpu_vs_pgbouncer_range.map(|r| r.0)),
+            csv_opt(s.cpu_vs_pgbouncer_range.map(|r| r.1)),
         );
     }
     written.push(write(dir, &format!("{prefix}-summary.csv"), &text)?);
@@ -366,6 +398,41 @@ mod tests {
         assert_eq!(median(vec![3.0, 1.0, 2.0]), Some(2.0));
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), Some(2.5));
         assert_eq!(median(vec![]), None);
+    }
+
+    fn run(target: &str, rep: u32, cpu: f64) -> RunResult {
+        RunResult {
+            scenario: "select-simple-c64".into(),
+            target: target.into(),
+            rep,
+            tps: Some(1000.0),
+            latency_ms: Some(1.0),
+            transactions: 5000,
+            cpu_us_per_txn: Some(cpu),
+            error: None,
+            retried: None,
+        }
+    }
+
+    #[test]
+    fn cpu_ratio_range_pairs_each_repetition_with_pgbouncer_s_own() {
+        let runs = [
+            run("pgbouncer", 1, 10.0),
+            run("breakwater", 1, 12.0),
+            run("pgbouncer", 2, 20.0),
+            run("breakwater", 2, 18.0),
+            run("pgbouncer", 3, 10.0),
+            run("breakwater", 3, 15.0),
+        ];
+        let scenario = crate::pgbench::Scenario::select("simple", 64);
+        let targets = ["pgbouncer".to_owned(), "breakwater".to_owned()];
+        let summaries = summarize(&[scenario], &targets, &runs);
+        let bw = summaries.iter().find(|s| s.target == "breakwater").unwrap();
+        // Pairs 1.2, 0.9, 1.5; the ratio of medians (15 / 10) hides the spread.
+        assert_eq!(bw.cpu_vs_pgbouncer_range, Some((0.9, 1.5)));
+        assert_eq!(cpu_vs(bw, "1.50".into()), "1.50 (0.90–1.50)");
+        let pgb = summaries.iter().find(|s| s.target == "pgbouncer").unwrap();
+        assert_eq!(pgb.cpu_vs_pgbouncer_range, None);
     }
 
     #[test]
