@@ -134,8 +134,6 @@ pub fn start_breakwater(
     let port = testkit::free_port();
     let extra: String = extra.iter().map(|kv| format!("{kv}\n")).collect();
     let auth_type = auth.auth_type();
-    // Quiet like PgBouncer's below: in a -C storm, a line per login and per logout is two
-    // formatted lines and two writes per connection that PgBouncer does not make.
     let config = format!(
         "[pooler]\n\
          listen_addr = \"127.0.0.1\"\n\
@@ -146,8 +144,6 @@ pub fn start_breakwater(
          auth_type = \"{auth_type}\"\n\
          auth_file = \"userlist.txt\"\n\
          admin_users = [\"{USER}\"]\n\
-         log_connections = false\n\
-         log_disconnections = false\n\
          {extra}\
          \n\
          [databases.{DB}]\n\
