@@ -189,7 +189,7 @@ pub(crate) struct Scratch {
 /// Where the Active state runs: the transaction's future on the heap, and its scratch.
 ///
 /// A task's memory is the size of its largest state, and the Active state (checkout, pump,
-/// release: some 3.4 KB) is many times the Idle one. Most clients are idle most of the time,
+/// release: some 2.8 KB) is many times the Idle one. Most clients are idle most of the time,
 /// so the Active state lives in this box instead of in the task, and the box goes back to the
 /// [`Workspaces`] list when the transaction ends. The next transaction of any client restarts
 /// it in place (same future type: no allocation), so an idle client holds no room for a
