@@ -57,3 +57,46 @@ fn steady_state_transactions_allocate_at_most_once_and_never_per_message() {
         );
     }
 }
+
+/// Measured (release, 2026-12-06): 27 allocations and about 10 500 bytes per login plus one
+/// `SELECT 1` and Terminate, one client at a time. Before the client's read buffer went back to
+/// the workspace on Terminate it was 29 and 14 600 (a fresh 4 KiB buffer per login), and 38
+/// before the pool's welcome was shared. The bounds catch either coming back; a connection
+/// storm is made of nothing but logins.
+const MAX_ALLOCATIONS_PER_LOGIN: f64 = 32.0;
+const MAX_BYTES_PER_LOGIN: f64 = 12_500.0;
+
+#[test]
+fn a_login_allocates_a_bounded_few_times_and_reuses_the_read_buffer() {
+    let cluster = testkit::PgCluster::start().unwrap();
+    let pooler = InProcPooler::start(&cluster, 2).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let clients = rt.block_on(alloc_probe::connect(pooler.port, 1)).unwrap();
+    let s = rt
+        .block_on(alloc_probe::measure(
+            &pooler,
+            &clients,
+            Workload::Login,
+            100,
+            500,
+        ))
+        .unwrap();
+    eprintln!(
+        "logins: {} allocations, {} bytes over {} transactions",
+        s.allocations, s.bytes, s.transactions
+    );
+    assert_eq!(s.transactions, 500, "one pooler transaction per login");
+    assert!(
+        s.per_transaction() <= MAX_ALLOCATIONS_PER_LOGIN,
+        "{:.1} allocations per login (bound {MAX_ALLOCATIONS_PER_LOGIN})",
+        s.per_transaction()
+    );
+    assert!(
+        s.bytes_per_transaction() <= MAX_BYTES_PER_LOGIN,
+        "{:.0} bytes allocated per login (bound {MAX_BYTES_PER_LOGIN})",
+        s.bytes_per_transaction()
+    );
+}
