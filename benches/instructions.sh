@@ -14,6 +14,7 @@
 #   BUILTIN=tpcb-like EXTRA=-C KEEP=/tmp/cg BREAKWATER=path/to/breakwater benches/instructions.sh
 #   AUTH=trust EXTRA=-C SHORT=20 LONG=120 benches/instructions.sh   # cost of a login, no crypto
 #   VALGRIND_OPTS=--cache-sim=yes KEEP=/tmp/cg ...   # also cache misses (callgrind_annotate)
+#   PGBOUNCER= BREAKWATER=/tmp/old/breakwater ...    # one Breakwater build, no PgBouncer
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -38,7 +39,8 @@ export PATH="$pg_bin:$PATH"
 for tool in valgrind pgbench initdb; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
-PGBOUNCER=$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)
+# PGBOUNCER= (set and empty) skips PgBouncer, to compare Breakwater builds only.
+PGBOUNCER=${PGBOUNCER-$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)}
 
 work=$(mktemp -d /tmp/breakwater-instructions.XXXXXX)
 chmod 755 "$work"
@@ -127,8 +129,10 @@ CONF
   # Both runs start with all 16 server connections open, so the difference between them holds
   # no server login: a SCRAM login to PostgreSQL (PBKDF2) costs tens of millions of
   # instructions and would swamp a -C figure. Sixteen busy clients make both poolers grow
-  # their pool to the full size (PgBouncer's min_pool_size alone does not open them).
-  PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -T 2 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
+  # their pool to the full size (PgBouncer's min_pool_size alone does not open them). A count,
+  # not a duration: under valgrind a 2 s warm-up ran a different number of transactions in the
+  # short and the long run, and that difference leaked into the per-transaction figure.
+  PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -t 40 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
   wait_servers 16
   # shellcheck disable=SC2086 # EXTRA is a list of arguments
   PGPASSWORD=app_pw pgbench -b "$BUILTIN" -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
