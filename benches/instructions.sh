@@ -36,7 +36,7 @@ else
 fi
 pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
 export PATH="$pg_bin:$PATH"
-for tool in valgrind pgbench initdb; do
+for tool in valgrind callgrind_control pgbench initdb; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
 # PGBOUNCER= (set and empty) skips PgBouncer, to compare Breakwater builds only.
@@ -72,10 +72,14 @@ printf '"app" "%s"\n' "$verifier" > "$work/userlist.txt"
 wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
 
 # wait_servers N: until PostgreSQL has N client backends in database app (the pooler's).
+servers() {
+  psql -X -At -h "$work" -p "$pg_port" -U postgres -c \
+    "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend'"
+}
+
 wait_servers() {
   for _ in $(seq 150); do
-    n=$(psql -X -At -h "$work" -p "$pg_port" -U postgres -c \
-      "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend'")
+    n=$(servers)
     [ "$n" -ge "$1" ] && return
     sleep 0.2
   done
@@ -84,7 +88,7 @@ wait_servers() {
 
 # run_once NAME TXNS_PER_CLIENT -> total instructions
 run_once() {
-  local name=$1 t=$2 port out pid
+  local name=$1 t=$2 port out pid zero
   port=$(free_port)
   out="$work/$name-$t.callgrind"
   if [ "$name" = breakwater ]; then
@@ -129,11 +133,19 @@ CONF
   # Both runs start with all 16 server connections open, so the difference between them holds
   # no server login: a SCRAM login to PostgreSQL (PBKDF2) costs tens of millions of
   # instructions and would swamp a -C figure. Sixteen busy clients make both poolers grow
-  # their pool to the full size (PgBouncer's min_pool_size alone does not open them). A count,
-  # not a duration: under valgrind a 2 s warm-up ran a different number of transactions in the
-  # short and the long run, and that difference leaked into the per-transaction figure.
-  PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -t 40 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
+  # their pool to the full size (PgBouncer's min_pool_size alone does not open them); rounds
+  # until they have. Then callgrind's counters are zeroed: however much the warm-up took, only
+  # the measured run counts (a 2 s warm-up, counted, ran a different number of transactions in
+  # the short and the long run, and the difference leaked into the per-transaction figure).
+  for _ in $(seq 10); do
+    PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -t 40 -h 127.0.0.1 -p "$port" -U app app \
+      >/dev/null 2>&1
+    [ "$(servers)" -ge 16 ] && break
+  done
   wait_servers 16
+  # vgdb talks to a valgrind of its own user only (PgBouncer runs as postgres when we are root).
+  if [ "$name" = breakwater ]; then zero=(callgrind_control -z); else zero=(as_pg callgrind_control -z); fi
+  "${zero[@]}" >/dev/null 2>&1 || echo "warning: could not zero callgrind's counters" >&2
   # shellcheck disable=SC2086 # EXTRA is a list of arguments
   PGPASSWORD=app_pw pgbench -b "$BUILTIN" -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
     -h 127.0.0.1 -p "$port" -U app app >"$work/$name-$t.pgbench" 2>&1
