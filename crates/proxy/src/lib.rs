@@ -46,7 +46,34 @@ pub struct PoolEntry {
 }
 
 /// A server's ParameterStatus pairs, as a fresh connection reports them.
-pub(crate) type Welcome = Arc<[(String, String)]>;
+pub(crate) type Welcome = Arc<WelcomeParams>;
+
+/// The pairs, with each one's place among the tracked parameters (`params::TRACKED`) worked
+/// out once per pool rather than by name at every login.
+pub(crate) struct WelcomeParams {
+    pub params: Box<[(String, String)]>,
+    pub places: Box<[Option<usize>]>,
+}
+
+impl WelcomeParams {
+    pub fn new(params: &[(String, String)]) -> Welcome {
+        Arc::new(WelcomeParams {
+            params: params.into(),
+            places: params
+                .iter()
+                .map(|(k, _)| params::tracked_index(k))
+                .collect(),
+        })
+    }
+
+    /// `(place in TRACKED, value)` of each tracked parameter the server reported.
+    pub fn tracked(&self) -> impl Iterator<Item = (usize, &str)> + '_ {
+        self.places
+            .iter()
+            .zip(self.params.iter())
+            .filter_map(|(place, (_, v))| Some(((*place)?, v.as_str())))
+    }
+}
 
 pub struct Proxy {
     shared: Arc<Shared>,

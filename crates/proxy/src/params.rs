@@ -87,7 +87,7 @@ impl Tracked {
     }
 }
 
-fn tracked_index(name: &str) -> Option<usize> {
+pub(crate) fn tracked_index(name: &str) -> Option<usize> {
     TRACKED.iter().position(|t| t.eq_ignore_ascii_case(name))
 }
 
@@ -182,17 +182,21 @@ impl ClientParams {
         self.reported.get(tracked_index(name)?)
     }
 
+    /// The value of the tracked parameter at `place` in [`TRACKED`].
+    pub fn get_at(&self, place: usize) -> Option<&str> {
+        self.reported.get(place)
+    }
+
     /// Fills in the tracked parameters the client did not set from a server's values, so the
-    /// client keeps what it saw at login even on a server a previous client changed.
-    pub fn complete_from(&mut self, server: &[(String, String)]) {
-        // One pass over the server's list (a login in a connection storm does this, and
-        // looking each tracked name up in the list again was a fifth of a login's work).
+    /// client keeps what it saw at login even on a server a previous client changed. `server`
+    /// gives each tracked parameter the server reported as (its place in [`TRACKED`], value):
+    /// a pool works the places out once (a login in a connection storm does this, and
+    /// finding each tracked name in the server's list by name was a fifth of a login's work).
+    pub fn complete_from<'v>(&mut self, server: impl IntoIterator<Item = (usize, &'v str)>) {
         let mut fill: [Option<&str>; TRACKED.len()] = [None; TRACKED.len()];
-        for (name, value) in server {
-            if let Some(i) = tracked_index(name) {
-                if self.reported.lens[i].is_none() && fill[i].is_none() {
-                    fill[i] = Some(value.as_str());
-                }
+        for (i, value) in server {
+            if self.reported.lens.get(i).is_some_and(Option::is_none) && fill[i].is_none() {
+                fill[i] = Some(value);
             }
         }
         if fill.iter().any(Option::is_some) {
@@ -330,6 +334,14 @@ mod tests {
             .collect()
     }
 
+    /// What a pool's welcome hands `complete_from`: the tracked pairs, by place.
+    fn tracked(server: &[(String, String)]) -> Vec<(usize, &str)> {
+        server
+            .iter()
+            .filter_map(|(k, v)| Some((tracked_index(k)?, v.as_str())))
+            .collect()
+    }
+
     #[test]
     fn startup_parameters_split_into_tracked_and_extra() {
         let p = ClientParams::from_startup(&s(&[
@@ -369,11 +381,11 @@ mod tests {
     #[test]
     fn sync_is_empty_when_the_server_already_matches() {
         let mut p = ClientParams::from_startup(&s(&[("TimeZone", "UTC")])).unwrap();
-        p.complete_from(&s(&[
+        p.complete_from(tracked(&s(&[
             ("TimeZone", "Europe/Paris"),
             ("DateStyle", "ISO, MDY"),
             ("server_version", "15"),
-        ]));
+        ])));
         assert_eq!(p.get("DateStyle"), Some("ISO, MDY"));
         assert_eq!(p.get("server_version"), None);
         let server = s(&[("TimeZone", "UTC"), ("DateStyle", "ISO, MDY")]);
@@ -408,11 +420,11 @@ mod tests {
         .unwrap();
         p.set("TIMEZONE", "Europe/Paris");
         p.set("search_path", "\"b c\", public");
-        p.complete_from(&s(&[
+        p.complete_from(tracked(&s(&[
             ("TimeZone", "UTC"),
             ("client_encoding", "UTF8"),
             ("application_name", "server"),
-        ]));
+        ])));
         assert_eq!(
             p.reported().collect::<Vec<_>>(),
             [
@@ -457,7 +469,7 @@ mod tests {
             "a canonical value is a different value"
         );
         let before = b.fingerprint();
-        b.complete_from(&s(&[("DateStyle", "ISO, MDY")]));
+        b.complete_from(tracked(&s(&[("DateStyle", "ISO, MDY")])));
         assert_ne!(b.fingerprint(), before);
     }
 }

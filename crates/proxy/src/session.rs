@@ -41,7 +41,7 @@ use crate::prepared::{
 };
 use crate::scan;
 use crate::settings::{PoolMode, ProxySettings};
-use crate::{internal_timeout, read_into, PoolEntry, Shared};
+use crate::{internal_timeout, read_into, PoolEntry, Shared, WelcomeParams};
 
 /// A server this client holds, and what the protocol still owes on it.
 struct Held {
@@ -463,17 +463,17 @@ impl Session {
             Err(p) => p.into_inner().clone(),
         };
         let mut held = None;
-        let server_params = match cached.filter(|w| self.resolvable(w)) {
+        let server_params = match cached.filter(|w| self.resolvable(&w.params)) {
             Some(w) => w,
             None => {
                 let mut server = self.checkout_raw().await?;
                 if server.pristine {
                     if let Ok(mut w) = self.entry.welcome.lock() {
-                        *w = Some(server.params().into());
+                        *w = Some(WelcomeParams::new(server.params()));
                     }
                 }
                 self.sync_params(&mut server).await?;
-                let p: crate::Welcome = server.params().into();
+                let p = WelcomeParams::new(server.params());
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
                     held = Some(Held::new(server, Expectations::default()));
@@ -481,11 +481,9 @@ impl Session {
                 p
             }
         };
-        self.params.complete_from(&server_params);
-        for (name, value) in server_params.iter() {
-            let value = tracked_name(name)
-                .and_then(|t| self.params.get(t))
-                .unwrap_or(value);
+        self.params.complete_from(server_params.tracked());
+        for ((name, value), place) in server_params.params.iter().zip(server_params.places.iter()) {
+            let value = place.and_then(|t| self.params.get_at(t)).unwrap_or(value);
             backend::write_parameter_status(&mut self.client.out, name, value);
         }
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
