@@ -11,9 +11,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
-/// Measured: about 1 900 bytes per idle client in both cases (a 640-byte task, the 464-byte
-/// session, tokio's 256-byte I/O registration, the SHOW CLIENTS row and the cancel slot, a
-/// few short strings). Before idle clients stopped carrying the Active state and read
+/// Measured (2026-12-06): 1 796 bytes per idle client after login and 1 722 after a
+/// transaction (a 640-byte task, the 320-byte session, tokio's 256-byte I/O registration, the
+/// SHOW CLIENTS row and the cancel slot, a few short strings); 1 944 and 1 870 while the
+/// session carried an empty transaction scratch inline. Before idle clients stopped carrying the Active state and read
 /// buffers: 6 300 bytes, and 6 000 more after a transaction. The bound leaves room for
 /// allocator noise, not for a buffer or a transaction's future per client.
 const MAX_BYTES_PER_IDLE_CLIENT: f64 = 2_600.0;
