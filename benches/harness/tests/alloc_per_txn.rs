@@ -21,8 +21,14 @@ const MAX_ALLOCATIONS_PER_TRANSACTION: f64 = 0.5;
 const WARMUP: usize = 500;
 const CALLS: usize = 2_000;
 
-#[test]
-fn steady_state_transactions_allocate_at_most_once_and_never_per_message() {
+/// A PostgreSQL, Breakwater in-process in front of it (pool size 2), a runtime for the client
+/// side and one connected client.
+fn start() -> (
+    testkit::PgCluster,
+    InProcPooler,
+    tokio::runtime::Runtime,
+    Vec<alloc_probe::Client>,
+) {
     let cluster = testkit::PgCluster::start().unwrap();
     let pooler = InProcPooler::start(&cluster, 2).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -30,6 +36,12 @@ fn steady_state_transactions_allocate_at_most_once_and_never_per_message() {
         .build()
         .unwrap();
     let clients = rt.block_on(alloc_probe::connect(pooler.port, 1)).unwrap();
+    (cluster, pooler, rt, clients)
+}
+
+#[test]
+fn steady_state_transactions_allocate_at_most_once_and_never_per_message() {
+    let (_cluster, pooler, rt, clients) = start();
     for w in [Workload::Simple, Workload::Rows, Workload::Prepared] {
         let s = rt
             .block_on(alloc_probe::measure(&pooler, &clients, w, WARMUP, CALLS))
@@ -69,13 +81,7 @@ const MAX_BYTES_PER_LOGIN: f64 = 12_500.0;
 
 #[test]
 fn a_login_allocates_a_bounded_few_times_and_reuses_the_read_buffer() {
-    let cluster = testkit::PgCluster::start().unwrap();
-    let pooler = InProcPooler::start(&cluster, 2).unwrap();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    let clients = rt.block_on(alloc_probe::connect(pooler.port, 1)).unwrap();
+    let (_cluster, pooler, rt, clients) = start();
     let s = rt
         .block_on(alloc_probe::measure(
             &pooler,
