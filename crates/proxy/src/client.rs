@@ -304,7 +304,9 @@ async fn open(
             let Stream::Tcp(tcp) = stream else {
                 return (Some(stream), Err(LoginEnd::Gone));
             };
-            stream = match handshake(shared, settings, tcp, config, deadline).await {
+            // Boxed here and below, for TLS clients only: inline, the handshake's future was
+            // 2.7 of the 3.5 KB of every login's future, plaintext logins included.
+            stream = match Box::pin(handshake(shared, settings, tcp, config, deadline)).await {
                 Ok(s) => s,
                 Err(e) => return (None, Err(e)),
             };
@@ -383,7 +385,7 @@ async fn open(
                 let Stream::Tcp(tcp) = tcp_stream else {
                     return (Some(tcp_stream), Err(LoginEnd::Gone));
                 };
-                stream = match handshake(shared, settings, tcp, config, deadline).await {
+                stream = match Box::pin(handshake(shared, settings, tcp, config, deadline)).await {
                     Ok(s) => s,
                     Err(e) => return (None, Err(e)),
                 };
