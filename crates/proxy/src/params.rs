@@ -45,7 +45,7 @@ pub struct ClientParams {
 /// The values of the tracked parameters a client has, by their place in [`TRACKED`], in one
 /// allocation: every logged-in client keeps them for its whole life, and a `String` apiece
 /// cost several times their length (a name-value list of seven was some 500 bytes a client).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 struct Tracked {
     /// The values one after another.
     text: Box<str>,
@@ -127,9 +127,26 @@ impl ClientParams {
         self.fingerprint
     }
 
+    /// A few large writes rather than one per field (as a derived `Hash` makes): SipHash costs
+    /// mostly per call, and a login in a connection storm computes this twice. The lengths go
+    /// first, so two different lists never feed the hasher the same bytes.
     fn refresh(&mut self) {
-        use std::hash::BuildHasher;
-        self.fingerprint = fingerprint_keys().hash_one((&self.reported, &self.extra));
+        use std::hash::{BuildHasher, Hasher};
+        let mut h = fingerprint_keys().build_hasher();
+        let mut lens = [0u8; TRACKED.len() * 4];
+        for (bytes, len) in lens.chunks_exact_mut(4).zip(&self.reported.lens) {
+            // No value and an empty one differ; no value is 4 GiB long.
+            bytes.copy_from_slice(&len.unwrap_or(u32::MAX).to_le_bytes());
+        }
+        h.write(&lens);
+        h.write(self.reported.text.as_bytes());
+        for (k, v) in &self.extra {
+            h.write_usize(k.len());
+            h.write_usize(v.len());
+            h.write(k.as_bytes());
+            h.write(v.as_bytes());
+        }
+        self.fingerprint = h.finish();
     }
 
     /// The tracked parameters this client has a value for, as `(canonical name, value)` in
@@ -471,5 +488,24 @@ mod tests {
         let before = b.fingerprint();
         b.complete_from(tracked(&s(&[("DateStyle", "ISO, MDY")])));
         assert_ne!(b.fingerprint(), before);
+    }
+
+    #[test]
+    fn fingerprints_of_lists_with_the_same_letters_differ() {
+        let fp =
+            |pairs: &[(&str, &str)]| ClientParams::from_startup(&s(pairs)).unwrap().fingerprint();
+        // Where one value ends and the next starts.
+        assert_ne!(
+            fp(&[("search_path", "ab"), ("TimeZone", "c")]),
+            fp(&[("search_path", "a"), ("TimeZone", "bc")])
+        );
+        // An empty value is a value.
+        assert_ne!(fp(&[("search_path", "")]), fp(&[]));
+        assert_ne!(
+            fp(&[("work_mem", "64MB"), ("lock_timeout", "1s")]),
+            fp(&[("work_mem", "64MBlock_timeout"), ("x", "1s")])
+        );
+        assert_ne!(fp(&[("work_mem", "1")]), fp(&[("work_me", "m1")]));
+        assert_eq!(fp(&[("work_mem", "1")]), fp(&[("WORK_MEM", "1")]));
     }
 }
