@@ -321,11 +321,11 @@ impl Listener {
         Ok(match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
-                (Stream::Tcp(s), Peer(addr.to_string()))
+                (Stream::Tcp(s), Peer(Some(addr)))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                (Stream::Unix(s), Peer("unix".into()))
+                (Stream::Unix(s), Peer(None))
             }
         })
     }
@@ -376,7 +376,7 @@ async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
 /// Runs the admin console on a login to the admin database.
 async fn admin_console(daemon: Arc<Daemon>, login: proxy::AdminLogin) {
     stats::GlobalStats::bump(&daemon.proxy.global_stats().admin_logins);
-    let span = tracing::info_span!("admin", id = login.client_id, user = %login.user, addr = %login.peer.0);
+    let span = tracing::info_span!("admin", id = login.client_id, user = %login.user, addr = %login.peer);
     let me = admin::ConsoleUser {
         user: login.user,
         is_admin: login.is_admin,

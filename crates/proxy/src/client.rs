@@ -115,7 +115,7 @@ pub(crate) fn serve(
     peer: Peer,
 ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
-    let span = tracing::info_span!("client", id, addr = %peer.0, db = tracing::field::Empty, user = tracing::field::Empty);
+    let span = tracing::info_span!("client", id, addr = %peer, db = tracing::field::Empty, user = tracing::field::Empty);
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     let slot = ClientSlot(shared);
     GlobalStats::bump(&shared.stats.clients_total);
@@ -211,13 +211,14 @@ async fn log_in(
                 tracing::debug!(tls = client.stream.is_tls(), "login");
             }
             PoolStats::add(&entry.stats.client_logins, 1);
-            let (local, remote) = client.stream.addrs();
+            // The peer's address came with accept(2); only the local one costs a syscall.
+            let local = client.stream.tcp().and_then(|s| s.local_addr().ok());
             let reg = shared.cancels.register();
             let listed = shared.registry.register(NewClient {
                 id: client.id,
                 user: startup.user.clone(),
                 database: startup.database.clone(),
-                remote,
+                remote: peer.0,
                 local,
                 application_name: startup.get("application_name").unwrap_or("").to_owned(),
                 kill: client.stream.shutdown_handle(),
