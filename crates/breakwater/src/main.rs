@@ -376,7 +376,8 @@ async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
 /// Runs the admin console on a login to the admin database.
 async fn admin_console(daemon: Arc<Daemon>, login: proxy::AdminLogin) {
     stats::GlobalStats::bump(&daemon.proxy.global_stats().admin_logins);
-    let span = tracing::info_span!("admin", id = login.client_id, user = %login.user, addr = %login.peer);
+    let span =
+        tracing::info_span!("admin", id = login.client_id, user = %login.user, addr = %login.peer);
     let me = admin::ConsoleUser {
         user: login.user,
         is_admin: login.is_admin,

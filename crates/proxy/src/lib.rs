@@ -53,17 +53,53 @@ pub(crate) type Welcome = Arc<WelcomeParams>;
 pub(crate) struct WelcomeParams {
     pub params: Box<[(String, String)]>,
     pub places: Box<[Option<usize>]>,
+    /// The pairs as ParameterStatus messages, one after another, and where each one ends: a
+    /// login copies them instead of encoding a dozen messages (a twentieth of a login's work
+    /// in a connection storm).
+    encoded: Box<[u8]>,
+    ends: Box<[usize]>,
 }
 
 impl WelcomeParams {
     pub fn new(params: &[(String, String)]) -> Welcome {
+        let mut encoded = BytesMut::new();
+        let ends = params
+            .iter()
+            .map(|(k, v)| {
+                proto::backend::write_parameter_status(&mut encoded, k, v);
+                encoded.len()
+            })
+            .collect();
         Arc::new(WelcomeParams {
             params: params.into(),
             places: params
                 .iter()
                 .map(|(k, _)| params::tracked_index(k))
                 .collect(),
+            encoded: encoded.as_ref().into(),
+            ends,
         })
+    }
+
+    /// Writes the ParameterStatus messages to `out`, with the client's own value of a tracked
+    /// parameter (`mine`, by place in `params::TRACKED`) where it differs from the server's.
+    pub fn write_to<'v>(&self, out: &mut BytesMut, mine: impl Fn(usize) -> Option<&'v str>) {
+        let copy = |out: &mut BytesMut, range: std::ops::Range<usize>| {
+            out.extend_from_slice(self.encoded.get(range).unwrap_or_default());
+        };
+        // encoded[..copied] is in `out` already, or replaced by the client's values.
+        let mut copied = 0;
+        let mut start = 0;
+        for (((name, server), place), &end) in self.params.iter().zip(&self.places).zip(&self.ends)
+        {
+            if let Some(value) = place.and_then(&mine).filter(|v| v != server) {
+                copy(out, copied..start);
+                proto::backend::write_parameter_status(out, name, value);
+                copied = end;
+            }
+            start = end;
+        }
+        copy(out, copied..self.encoded.len());
     }
 
     /// `(place in TRACKED, value)` of each tracked parameter the server reported.
@@ -386,4 +422,52 @@ pub(crate) fn internal_timeout(settings: &ProxySettings) -> Duration {
         .server
         .login_timeout
         .unwrap_or(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the welcome must say: every server pair in order, the client's value where it
+    /// has its own.
+    fn one_by_one(params: &[(String, String)], mine: &[(&str, &str)]) -> BytesMut {
+        let mut out = BytesMut::new();
+        for (k, v) in params {
+            let v = mine
+                .iter()
+                .find(|(m, _)| m == k)
+                .map_or(v.as_str(), |(_, v)| v);
+            proto::backend::write_parameter_status(&mut out, k, v);
+        }
+        out
+    }
+
+    #[test]
+    fn the_copied_welcome_carries_the_clients_own_values() {
+        let server: Vec<(String, String)> = [
+            ("application_name", ""),
+            ("client_encoding", "UTF8"),
+            ("server_version", "15.8"),
+            ("TimeZone", "UTC"),
+            ("search_path", "public"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        let w = WelcomeParams::new(&server);
+        for mine in [
+            vec![],
+            vec![("application_name", "pgbench")],
+            vec![("search_path", "app")],
+            vec![("application_name", "a"), ("TimeZone", "Europe/Paris")],
+            vec![("client_encoding", "UTF8")],
+        ] {
+            let mut out = BytesMut::new();
+            w.write_to(&mut out, |place| {
+                let name = params::TRACKED.get(place)?;
+                mine.iter().find(|(k, _)| k == name).map(|(_, v)| *v)
+            });
+            assert_eq!(out, one_by_one(&server, &mine), "client values {mine:?}");
+        }
+    }
 }

@@ -503,10 +503,7 @@ impl Session {
             }
         };
         self.params.complete_from(server_params.tracked());
-        for ((name, value), place) in server_params.params.iter().zip(server_params.places.iter()) {
-            let value = place.and_then(|t| self.params.get_at(t)).unwrap_or(value);
-            backend::write_parameter_status(&mut self.client.out, name, value);
-        }
+        server_params.write_to(&mut self.client.out, |t| self.params.get_at(t));
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
         backend::write_ready_for_query(&mut self.client.out, b'I');
         if self.client.flush().await.is_err() {
