@@ -180,7 +180,7 @@ impl InProcPooler {
             while let Ok((socket, addr)) = listener.accept().await {
                 let proxy = accepting.clone();
                 tokio::spawn(async move {
-                    let peer = proxy::Peer(addr.to_string());
+                    let peer = proxy::Peer(Some(addr));
                     let _ = proxy.serve(upstream::Stream::Tcp(socket), peer).await;
                 });
             }
