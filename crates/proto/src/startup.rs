@@ -64,8 +64,11 @@ pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupRequest>, FrameE
     if buf.len() < len {
         return Ok(None);
     }
-    let packet = buf.split_to(len);
-    parse_startup(&packet[4..]).map(Some)
+    // Parsed in place, then dropped from the buffer: `split_to` would allocate a shared
+    // header for a packet that is thrown away at once.
+    let parsed = parse_startup(buf.get(4..len).unwrap_or_default());
+    bytes::Buf::advance(buf, len);
+    parsed.map(Some)
 }
 
 fn parse_startup(body: &[u8]) -> Result<StartupRequest, FrameError> {

@@ -188,9 +188,10 @@ async fn log_in(
         shared: shared.clone(),
     };
     let result = match opened {
+        // Not boxed on its own: all of log_in is (see `serve`), and is freed after login.
         Ok(opening) => within(
             deadline,
-            Box::pin(login(shared, &settings, &mut client, count, opening)),
+            login(shared, &settings, &mut client, count, opening),
         )
         .await
         .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),
@@ -214,13 +215,14 @@ async fn log_in(
             // The peer's address came with accept(2); only the local one costs a syscall.
             let local = client.stream.tcp().and_then(|s| s.local_addr().ok());
             let reg = shared.cancels.register();
+            let application_name = startup.get("application_name").unwrap_or("").to_owned();
             let listed = shared.registry.register(NewClient {
                 id: client.id,
-                user: startup.user.clone(),
-                database: startup.database.clone(),
+                user: startup.user,
+                database: startup.database,
                 remote: peer.0,
                 local,
-                application_name: startup.get("application_name").unwrap_or("").to_owned(),
+                application_name,
                 kill: client.stream.shutdown_handle(),
                 slot: reg.slot.clone(),
             });
