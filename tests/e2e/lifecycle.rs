@@ -170,7 +170,13 @@ async fn sigterm_lets_a_running_transaction_finish_then_exits_zero() {
     })
     .await
     .unwrap();
-    // The idle client is told and closed.
+    // The idle client is told and closed without saying anything first: shutdown wakes its
+    // session.
+    testkit::wait_until("the idle client is closed", WAIT, || async {
+        idle.is_closed()
+    })
+    .await
+    .unwrap();
     assert!(idle.query_one("SELECT 1", &[]).await.is_err());
     // The transaction in flight may still finish.
     a.batch_execute("SELECT 2; COMMIT").await.unwrap();

@@ -15,14 +15,13 @@ pub mod settings;
 pub mod tls;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use bytes::BytesMut;
 use proto::auth::{ScramVerifier, ServerCredential};
 use stats::{GlobalStats, PoolStats};
-use tokio::sync::watch;
 use upstream::{ServerPool, ServerTarget, Stream};
 
 pub use cancel::ClientState;
@@ -128,7 +127,8 @@ pub(crate) struct Shared {
     pub stats: GlobalStats,
     clients: AtomicUsize,
     next_client_id: AtomicU64,
-    shutdown: watch::Sender<bool>,
+    /// Set once, by `begin_shutdown`; sessions read it between transactions.
+    pub(crate) shutting_down: AtomicBool,
     /// SCRAM verifiers derived from plaintext auth_file passwords: PBKDF2 once, not per login.
     scram_cache: Mutex<HashMap<String, ScramVerifier>>,
     /// Logged-in clients, for SHOW CLIENTS and KILL.
@@ -156,7 +156,6 @@ impl std::fmt::Display for Peer {
 
 impl Proxy {
     pub fn new(settings: ProxySettings) -> Proxy {
-        let (shutdown, _) = watch::channel(false);
         Proxy {
             shared: Arc::new(Shared {
                 hosts: upstream::Hosts::new(settings.storm.clone())
@@ -171,7 +170,7 @@ impl Proxy {
                 stats: GlobalStats::default(),
                 clients: AtomicUsize::new(0),
                 next_client_id: AtomicU64::new(1),
-                shutdown,
+                shutting_down: AtomicBool::new(false),
                 scram_cache: Mutex::new(HashMap::new()),
                 registry: registry::ClientRegistry::default(),
                 switches: Mutex::new(control::Switches::default()),
@@ -211,7 +210,9 @@ impl Proxy {
     /// Stops accepting work: idle clients are told and closed, active ones finish their
     /// transaction first.
     pub fn begin_shutdown(&self) {
-        let _ = self.shared.shutdown.send(true);
+        // The flag first: a session that registered after the wake-up below reads it set.
+        self.shared.shutting_down.store(true, Ordering::SeqCst);
+        self.shared.registry.wake_for_shutdown();
     }
 
     pub fn client_count(&self) -> usize {

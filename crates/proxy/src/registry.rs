@@ -150,6 +150,18 @@ impl ClientRegistry {
         counts
     }
 
+    /// Wakes every client's session that waits on its client, to see that Breakwater is
+    /// shutting down (see `CancelSlot::shutdown`).
+    pub(crate) fn wake_for_shutdown(&self) {
+        let m = match self.clients.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        for c in m.values() {
+            c.slot.wake_for_shutdown();
+        }
+    }
+
     /// Disconnects client `id`; `false` when there is no such client.
     pub fn kill(&self, id: u64) -> bool {
         let m = match self.clients.lock() {

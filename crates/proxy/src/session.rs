@@ -30,7 +30,6 @@ use proto::frame::{self, HEADER_LEN};
 use proto::frontend;
 use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
-use tokio::sync::watch;
 use upstream::{discard, Alarm, CheckoutError, ConnectError, PooledServer, QueryError};
 
 use crate::cancel::Registration;
@@ -163,7 +162,6 @@ pub(crate) struct Session {
     scratch: LentScratch,
     cancel: Registration,
     mode: PoolMode,
-    shutdown: watch::Receiver<bool>,
     /// client_idle_timeout's timer, re-armed for each idle period. Boxed, and only when the
     /// setting is on: inline, every idle client's task would carry a `Sleep` whether or not.
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
@@ -306,10 +304,15 @@ impl Session {
             scratch: LentScratch::default(),
             cancel,
             mode,
-            shutdown: shared.shutdown.subscribe(),
             idle_timer: None,
             watch_read_only: entry_wants_writer,
         }
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
     }
 
     fn global(&self) -> &GlobalStats {
@@ -442,7 +445,7 @@ impl Session {
             PoolStats::gauge(&stats.cl_idle, 1);
             match step {
                 Step::TxDone => {
-                    let shutting_down = *self.shutdown.borrow();
+                    let shutting_down = self.shutting_down();
                     if self.mode == PoolMode::Session && !shutting_down {
                         continue;
                     }
@@ -542,7 +545,7 @@ impl Session {
             if !self.client.buf.is_empty() {
                 return Work::Readable;
             }
-            if *self.shutdown.borrow() {
+            if self.shutting_down() {
                 return Box::pin(self.send_fatal(shutdown_error())).await;
             }
             let idle = self.arm_idle_timer();
@@ -551,7 +554,7 @@ impl Session {
                     Ok(()) => Work::Readable,
                     Err(_) => Work::Gone,
                 },
-                _ = self.shutdown.changed() => {}
+                () = self.cancel.slot.shutdown(&self.shared.shutting_down) => {}
                 _ = expired(&mut self.idle_timer), if idle.is_some() => {
                     return Box::pin(self.send_fatal(idle_timeout_expired(self.global(), idle))).await;
                 }
@@ -599,7 +602,7 @@ impl Session {
                 Some(Ok(_)) => continue,
                 None => {}
             }
-            if *self.shutdown.borrow() {
+            if self.shutting_down() {
                 return self.send_fatal(shutdown_error()).await;
             }
             let idle = self.arm_idle_timer();
@@ -608,7 +611,7 @@ impl Session {
                     Ok(0) | Err(_) => return Work::Gone,
                     Ok(_) => {}
                 },
-                _ = self.shutdown.changed() => {}
+                () = self.cancel.slot.shutdown(&self.shared.shutting_down) => {}
                 _ = expired(&mut self.idle_timer), if idle.is_some() => {
                     return self.send_fatal(idle_timeout_expired(self.global(), idle)).await;
                 }
