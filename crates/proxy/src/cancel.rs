@@ -1,12 +1,13 @@
 //! Cancel registry: clients get Breakwater's own random BackendKeyData; a CancelRequest with that
 //! key is forwarded to the server serving that client right now, and to nobody else.
 //!
-//! Each client owns a slot holding the cancel target of the server it holds. A cancel holds the
-//! slot's lock while it is sent, and a session clears the slot (taking the same lock) before it
-//! gives its server back, so no server changes hands while a cancel for it is in flight.
+//! Each client owns a slot holding the cancel target of the server it holds. A cancel counts
+//! itself in the slot (under the slot's lock) while it is sent, and a session that clears the
+//! slot before it gives its server back waits for that count to reach zero, so no server
+//! changes hands while a cancel for it is in flight.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -15,7 +16,13 @@ use upstream::CancelTarget;
 
 #[derive(Debug, Default)]
 pub struct CancelSlot {
-    target: tokio::sync::Mutex<Option<CancelTarget>>,
+    /// A plain mutex, held for a copy or a store and never across an await: set twice per
+    /// transaction, where an async mutex cost a trip through its semaphore's waiter list.
+    target: Mutex<Option<CancelTarget>>,
+    /// Cancels on their way to the target, counted under its lock.
+    sending: AtomicUsize,
+    /// Notified when a cancel is sent (or given up).
+    sent: tokio::sync::Notify,
     /// Idle, waiting for a server or holding one: SHOW CLIENTS reads it without the lock.
     state: std::sync::atomic::AtomicU8,
     /// The session's task while it waits on its client, for shutdown to wake (see
@@ -42,20 +49,30 @@ impl ClientState {
 }
 
 impl CancelSlot {
+    /// Sets the server the client holds. Clearing it returns once no cancel for the old one
+    /// is still on its way: the server may then go to another client without a cancel meant
+    /// for this one reaching the other's query.
     pub async fn set(&self, target: Option<CancelTarget>) {
         let state = if target.is_some() {
             ClientState::Active
         } else {
             ClientState::Idle
         };
-        // Twice per transaction and almost never contended (only while a cancel is being
-        // sent), so try the lock before paying for an await on it.
-        match self.target.try_lock() {
-            Ok(mut slot) => *slot = target,
-            Err(_) => *self.target.lock().await = target,
+        let clearing = target.is_none();
+        *lock(&self.target) = target;
+        self.state.store(state as u8, Ordering::Relaxed);
+        // A cancel that saw the old target counted itself before this store took the lock,
+        // and none can see it after.
+        while clearing && self.sending.load(Ordering::SeqCst) > 0 {
+            let sent = self.sent.notified();
+            tokio::pin!(sent);
+            // Listening before the second look: a cancel that ends in between wakes us.
+            sent.as_mut().enable();
+            if self.sending.load(Ordering::SeqCst) == 0 {
+                break;
+            }
+            sent.await;
         }
-        self.state
-            .store(state as u8, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// The client asks the pool for a server (it holds none yet).
@@ -163,15 +180,80 @@ impl CancelRegistry {
         let Some(slot) = slot else {
             return false;
         };
-        let guard = slot.target.lock().await;
-        match guard.as_ref() {
-            Some(target) => {
-                if let Err(e) = target.send(timeout).await {
-                    tracing::warn!(error = %e, "could not forward cancel request to the server");
-                }
-                true
-            }
-            None => false,
+        let target = {
+            let target = lock(&slot.target);
+            let Some(t) = target.as_ref() else {
+                return false;
+            };
+            slot.sending.fetch_add(1, Ordering::SeqCst);
+            t.clone()
+        };
+        // Counted off when sent, failed or dropped (the caller's task ending mid-send).
+        let _sending = Sending(&slot);
+        if let Err(e) = target.send(timeout).await {
+            tracing::warn!(error = %e, "could not forward cancel request to the server");
         }
+        true
+    }
+}
+
+/// One cancel on its way to a slot's target.
+struct Sending<'a>(&'a CancelSlot);
+
+impl Drop for Sending<'_> {
+    fn drop(&mut self) {
+        self.0.sending.fetch_sub(1, Ordering::SeqCst);
+        self.0.sent.notify_waiters();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+    use tokio::io::AsyncReadExt;
+    use upstream::ServerAddr;
+
+    #[tokio::test]
+    async fn a_slot_is_not_cleared_while_a_cancel_for_its_server_is_on_its_way() {
+        // A "server" that takes the cancel's connection and answers when told to.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let registry = Arc::new(CancelRegistry::default());
+        let client = registry.register();
+        let target = CancelTarget {
+            addr: ServerAddr::Tcp(listener.local_addr().unwrap()),
+            pid: 7,
+            key: 8,
+        };
+        client.slot.set(Some(target)).await;
+        let (pid, key) = (client.pid, client.key);
+        let sender = registry.clone();
+        let cancel =
+            tokio::spawn(async move { sender.cancel(pid, key, Duration::from_secs(30)).await });
+        let (mut conn, _) = listener.accept().await.unwrap();
+        let mut request = [0u8; 16];
+        conn.read_exact(&mut request).await.unwrap();
+        assert_eq!(
+            request[8..],
+            [0, 0, 0, 7, 0, 0, 0, 8],
+            "the server's own key"
+        );
+
+        // The cancel is in flight: giving the server back must wait for it.
+        let mut clear = Box::pin(client.slot.set(None));
+        assert!(clear.as_mut().now_or_never().is_none());
+        // A second cancel finds the slot empty and sends nothing.
+        assert!(!registry.cancel(pid, key, Duration::from_secs(1)).await);
+
+        drop(conn);
+        assert!(cancel.await.unwrap(), "the first cancel was sent");
+        tokio::time::timeout(Duration::from_secs(10), clear)
+            .await
+            .expect("the slot clears once the cancel is through");
+        assert_eq!(client.slot.sending.load(Ordering::SeqCst), 0);
     }
 }
