@@ -312,3 +312,43 @@ async fn clients_can_connect_over_the_unix_socket() {
     );
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "42");
 }
+
+#[tokio::test]
+async fn a_client_waiting_for_a_server_is_told_why_after_query_wait_notify() {
+    use futures_util::StreamExt;
+    use tokio_postgres::{AsyncMessage, NoTls};
+
+    let env = start("query_wait_notify = \"100ms\"", "pool_size = 1\n");
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // A client whose notices the test sees.
+    let (waiter, mut connection) = tokio_postgres::connect(&env.conn_string(), NoTls)
+        .await
+        .unwrap();
+    let (tx, mut notices) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(m)) = messages.next().await {
+            if let AsyncMessage::Notice(n) = m {
+                let _ = tx.send(n.message().to_owned());
+            }
+        }
+    });
+    let query = tokio::spawn(async move {
+        waiter
+            .query_one("SELECT 2", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0))
+    });
+    let notice = tokio::time::timeout(WAIT, notices.recv())
+        .await
+        .expect("a notice while waiting")
+        .expect("the connection is open");
+    assert!(
+        notice.contains("waiting for a server connection to database \"app\" (1 of 1 in use"),
+        "{notice}"
+    );
+    assert!(!query.is_finished(), "the query waits for the held server");
+    holder.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(query.await.unwrap().unwrap(), 2);
+}
