@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::BytesMut;
+use bytes::{Buf, BytesMut};
 use futures_util::FutureExt;
 use proto::backend;
 use proto::error::{PgError, SqlState};
@@ -1021,10 +1021,11 @@ impl Session {
         let prepared_cap = self.settings.max_prepared_statements;
         loop {
             if h.client_skip > 0 {
-                let n = h.client_skip.min(self.client.buf.len());
-                self.scratch
-                    .to_server
-                    .extend_from_slice(&self.client.buf.split_to(n));
+                let n = move_bytes(
+                    &mut self.client.buf,
+                    &mut self.scratch.to_server,
+                    h.client_skip,
+                );
                 h.client_skip -= n;
                 if h.client_skip > 0 {
                     return Ok(false);
@@ -1058,21 +1059,35 @@ impl Session {
                 return Ok(false);
             }
             let stream_through = |this: &mut Self, h: &mut Held| {
-                let header = this.client.buf.split_to(HEADER_LEN);
-                this.scratch.to_server.extend_from_slice(&header);
+                move_bytes(
+                    &mut this.client.buf,
+                    &mut this.scratch.to_server,
+                    HEADER_LEN,
+                );
                 h.client_skip = body_len;
             };
             match tag {
                 frontend::TERMINATE => return Ok(true),
                 frontend::QUERY => {
-                    let msg = self.client.buf.split_to(HEADER_LEN + body_len);
+                    // Whole (see needs_whole).
+                    let msg = self
+                        .client
+                        .buf
+                        .get(..HEADER_LEN + body_len)
+                        .unwrap_or_default();
                     h.owed += 1;
                     h.query_since.get_or_insert_with(Instant::now);
                     h.expect.push(Expect::Query);
-                    if !h.dirty && scan::text_may_leave_state(&msg[HEADER_LEN..]) {
+                    if !h.dirty
+                        && scan::text_may_leave_state(msg.get(HEADER_LEN..).unwrap_or_default())
+                    {
                         h.dirty = true;
                     }
-                    self.scratch.to_server.extend_from_slice(&msg);
+                    move_bytes(
+                        &mut self.client.buf,
+                        &mut self.scratch.to_server,
+                        HEADER_LEN + body_len,
+                    );
                 }
                 frontend::SYNC if h.copy_in_open => {
                     // The server ignores Sync during COPY IN; it gets no ReadyForQuery.
@@ -1227,10 +1242,11 @@ impl Session {
         let max = h.server.max_message;
         loop {
             if h.server_skip > 0 {
-                let n = h.server_skip.min(h.server.buf.len());
-                self.scratch
-                    .to_client
-                    .extend_from_slice(&h.server.buf.split_to(n));
+                let n = move_bytes(
+                    &mut h.server.buf,
+                    &mut self.scratch.to_client,
+                    h.server_skip,
+                );
                 h.server_skip -= n;
                 if h.server_skip > 0 {
                     return Ok(false);
@@ -1267,7 +1283,10 @@ impl Session {
             });
             if verdict == Verdict::Hide {
                 // ParseComplete / CloseComplete: a bare header.
-                let _ = h.server.buf.split_to(HEADER_LEN + body_len);
+                if body_len > 0 {
+                    return Err(server_lost("ParseComplete or CloseComplete with a body"));
+                }
+                h.server.buf.advance(HEADER_LEN);
                 h.expect.emit_synthetic(&mut self.scratch.to_client);
                 continue;
             }
@@ -1277,8 +1296,7 @@ impl Session {
                 h.copy_in_open = open;
             }
             if !inspect {
-                let header = h.server.buf.split_to(HEADER_LEN);
-                self.scratch.to_client.extend_from_slice(&header);
+                move_bytes(&mut h.server.buf, &mut self.scratch.to_client, HEADER_LEN);
                 h.server_skip = body_len;
                 if h.server_skip == 0 {
                     h.expect.emit_synthetic(&mut self.scratch.to_client);
@@ -1522,4 +1540,14 @@ fn statement_ref(tag: u8, body: &[u8]) -> Result<(usize, Option<&[u8]>), PgError
         Some(b'P') => Ok((1, None)),
         _ => Err(malformed()),
     }
+}
+
+/// Moves up to `n` bytes from the front of `from` to the end of `to`; returns how many. A copy
+/// and a pointer bump: `split_to` takes and drops a reference on the buffer's shared storage
+/// (two atomic operations) for bytes that are copied at once, several times per transaction.
+fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) -> usize {
+    let n = n.min(from.len());
+    to.extend_from_slice(&from[..n]);
+    from.advance(n);
+    n
 }
