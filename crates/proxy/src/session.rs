@@ -700,18 +700,32 @@ impl Session {
             let mut checkout = std::pin::pin!(entry
                 .pool
                 .checkout(self.settings.query_wait_timeout, &mut self.scratch.alarm));
-            // Most checkouts find a server at once; only one that has to wait sets the notice's
-            // timer (setting one and dropping it is a trip through the timer wheel's lock each
-            // way, some 600 instructions per transaction).
-            let first = std::future::poll_fn(|cx| Poll::Ready(checkout.as_mut().poll(cx))).await;
-            match (first, self.settings.query_wait_notify) {
-                (Poll::Ready(r), _) => r,
-                (Poll::Pending, None) => checkout.await,
-                (Poll::Pending, Some(notify)) => {
-                    tokio::select! {
-                        r = checkout.as_mut() => r,
-                        _ = tokio::time::sleep(notify) => {
-                            // Outside the select: tell the client why it waits, then keep waiting.
+            match self.settings.query_wait_notify {
+                None => checkout.await,
+                Some(notify) => {
+                    // The notice's timer is set only once the checkout has to wait: most find
+                    // a server at once, and setting a timer and dropping it is a trip through
+                    // the timer wheel's lock each way (some 600 instructions per transaction).
+                    // One poll_fn rather than a select, so a waiting checkout is polled once
+                    // per wake-up, not once more for the timer's sake.
+                    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+                    let done = std::future::poll_fn(|cx| {
+                        if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
+                            return Poll::Ready(Some(r));
+                        }
+                        if timer.is_none() {
+                            timer.set(Some(tokio::time::sleep(notify)));
+                        }
+                        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
+                            Some(Poll::Ready(())) => Poll::Ready(None),
+                            _ => Poll::Pending,
+                        }
+                    })
+                    .await;
+                    match done {
+                        Some(r) => r,
+                        None => {
+                            // Tell the client why it waits, then keep waiting.
                             let status = entry.pool.status();
                             PgError::notice(format!(
                                 "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
