@@ -399,6 +399,8 @@ impl Session {
     /// client has nothing unread: a client that worked and went idle again keeps no buffer
     /// (a read buffer grows to a few KiB, more than the rest of an idle client together).
     async fn active(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+        // The scratch's alarm may last have been waited on by another client's task.
+        self.scratch.alarm.new_owner();
         if self.client.buf.is_empty() {
             self.client.buf = std::mem::take(&mut self.scratch.client_buf);
         }
