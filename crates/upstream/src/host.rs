@@ -11,7 +11,7 @@ use std::pin::pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use stats::{Breaker, HostStats};
 
@@ -74,6 +74,9 @@ pub struct Host {
     role_epoch: AtomicU64,
     /// The failure drill in force, and until when.
     drill: Mutex<Option<(DrillMode, Instant)>>,
+    /// Whether `drill` may hold one: every checkout and release asks, and almost never is
+    /// there one, so the answer costs a load rather than a lock.
+    drilling: AtomicBool,
     /// Where host names are resolved; `None` uses the system resolver (bounded by dns_timeout).
     pub dns: Option<Arc<DnsCache>>,
     limiter: Semaphore,
@@ -148,6 +151,7 @@ impl Host {
             role: Mutex::new(None),
             role_epoch: AtomicU64::new(0),
             drill: Mutex::new(None),
+            drilling: AtomicBool::new(false),
             dns,
             limiter: Semaphore::new(settings.connect_concurrency.max(1)),
             name,
@@ -262,6 +266,7 @@ impl Host {
         let until = Instant::now() + duration;
         if let Ok(mut d) = self.drill.lock() {
             *d = Some((mode, until));
+            self.drilling.store(true, Ordering::Release);
         }
         self.stats.set_drill(Some((mode.as_str(), until)));
         stats::GlobalStats::bump(&self.stats.drills);
@@ -271,6 +276,9 @@ impl Host {
 
     /// The drill in force now, if any (an expired one is cleared here).
     pub fn drill(&self) -> Option<DrillMode> {
+        if !self.drilling.load(Ordering::Acquire) {
+            return None;
+        }
         let mut d = match self.drill.lock() {
             Ok(d) => d,
             Err(p) => p.into_inner(),
@@ -279,6 +287,7 @@ impl Host {
             Some((mode, until)) if until > Instant::now() => Some(mode),
             Some((mode, _)) => {
                 *d = None;
+                self.drilling.store(false, Ordering::Release);
                 drop(d);
                 self.stats.set_drill(None);
                 tracing::warn!(host = %self.name, mode = mode.as_str(), "failure drill ended");
