@@ -242,9 +242,9 @@ pub struct ServerConn {
     pub pristine: bool,
     /// Statements prepared on this connection under Breakwater's global names.
     pub prepared: crate::PreparedCache,
-    /// This connection's share (0.8–1.0) of server_lifetime and server_idle_timeout, so a pool
-    /// opened at once is not recycled at once.
-    pub jitter: f64,
+    /// This connection's share of server_lifetime and server_idle_timeout, in thousandths
+    /// (800–1000), so a pool opened at once is not recycled at once. See [`ServerConn::share`].
+    pub jitter_permille: u32,
     /// The host this connection was opened on, and its role epoch then (see `failover`).
     pub origin: Option<crate::failover::Origin>,
     /// Holds a slot of `max_db_connections` / `max_server_connections` while the connection lives.
@@ -365,6 +365,12 @@ impl ServerConn {
             }
         }
         Err(err)
+    }
+
+    /// This connection's share of `d` (server_lifetime, server_idle_timeout). In integers: it
+    /// is checked at every checkout, and `Duration::mul_f64` was a float conversion each time.
+    pub fn share(&self, d: Duration) -> Duration {
+        permille_of(d, self.jitter_permille)
     }
 
     pub fn cancel_target(&self) -> CancelTarget {
@@ -708,7 +714,7 @@ async fn login(
         broken: false,
         pristine: true,
         prepared: crate::PreparedCache::default(),
-        jitter: 0.8 + 0.2 * rand::random::<f64>(),
+        jitter_permille: rand::Rng::gen_range(&mut rand::thread_rng(), 800..=1000),
         origin: None,
         _limits: Vec::new(),
         registration: None,
@@ -860,4 +866,31 @@ fn tcp_info_dead(s: &TcpStream) -> bool {
 #[cfg(not(target_os = "linux"))]
 fn tcp_info_dead(_: &TcpStream) -> bool {
     false
+}
+
+/// `permille` thousandths of `d`; `d` itself if that would overflow (a lifetime of centuries).
+fn permille_of(d: Duration, permille: u32) -> Duration {
+    d.checked_mul(permille).map_or(d, |x| x / 1000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connections_share_of_a_lifetime_is_exact_and_never_overflows() {
+        assert_eq!(
+            permille_of(Duration::from_secs(3600), 800),
+            Duration::from_secs(2880)
+        );
+        assert_eq!(
+            permille_of(Duration::from_millis(10), 1000),
+            Duration::from_millis(10)
+        );
+        assert_eq!(
+            permille_of(Duration::from_secs(1), 875),
+            Duration::from_millis(875)
+        );
+        assert_eq!(permille_of(Duration::MAX, 900), Duration::MAX);
+    }
 }

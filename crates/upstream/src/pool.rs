@@ -163,8 +163,10 @@ impl managed::Manager for ServerManager {
             );
             return Err(RecycleError::message("host changed role"));
         }
+        // One clock read for both checks below (a checkout makes this call).
+        let now = std::time::Instant::now();
         if let Some(lifetime) = settings.lifetime {
-            if metrics.age() > lifetime.mul_f64(conn.jitter) {
+            if now.saturating_duration_since(metrics.created) > conn.share(lifetime) {
                 tracing::debug!(server = conn.id, "server_lifetime reached; closing");
                 return Err(RecycleError::message("server_lifetime reached"));
             }
@@ -178,7 +180,7 @@ impl managed::Manager for ServerManager {
             return Err(RecycleError::message("server closed while idle"));
         }
         if let Some(delay) = settings.check_delay {
-            let idle = metrics.recycled.unwrap_or(metrics.created).elapsed();
+            let idle = now.saturating_duration_since(metrics.recycled.unwrap_or(metrics.created));
             if idle > delay && !settings.check_query.is_empty() {
                 let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
                 // Boxed: every checkout embeds this future, and it is rarely needed.
@@ -602,15 +604,13 @@ impl ServerPool {
         let mut keep = min_size;
         let manager = self.pool.manager();
         self.pool.retain(|conn, m| {
-            let expired = settings
-                .lifetime
-                .is_some_and(|l| m.age() > l.mul_f64(conn.jitter))
+            let expired = settings.lifetime.is_some_and(|l| m.age() > conn.share(l))
                 || !conn.is_healthy_idle()
                 || manager.is_stale(conn)
                 || !manager.still_wanted(conn);
             let idle_too_long = settings
                 .idle_timeout
-                .is_some_and(|t| m.last_used() > t.mul_f64(conn.jitter));
+                .is_some_and(|t| m.last_used() > conn.share(t));
             if expired || (idle_too_long && keep == 0) {
                 return false;
             }
