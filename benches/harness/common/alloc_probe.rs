@@ -177,12 +177,12 @@ impl InProcPooler {
         let accepting = proxy.clone();
         runtime.spawn(async move {
             // As the binary's accept loop does, minus the admin console and shutdown.
+            // The session's future is spawned as it is, as the binary does, so the task (and the
+            // idle-memory test's count) is the size the binary's is.
             while let Ok((socket, addr)) = listener.accept().await {
-                let proxy = accepting.clone();
-                tokio::spawn(async move {
-                    let peer = proxy::Peer(Some(addr));
-                    let _ = proxy.serve(upstream::Stream::Tcp(socket), peer).await;
-                });
+                tokio::spawn(
+                    accepting.serve(upstream::Stream::Tcp(socket), proxy::Peer(Some(addr))),
+                );
             }
         });
         Ok(InProcPooler {

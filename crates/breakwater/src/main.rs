@@ -16,6 +16,7 @@ use std::time::Duration;
 use admin::ShutdownMode;
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use futures_util::FutureExt;
 use proxy::{Peer, Proxy};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::watch;
@@ -361,16 +362,25 @@ async fn drain(mut clients: JoinSet<()>) {
     while clients.join_next().await.is_some() {}
 }
 
-async fn serve(daemon: Arc<Daemon>, stream: Stream, peer: Peer) {
-    // Boxed at once, so that no room for the login it starts from stays in every client's task.
-    let console = daemon
+/// Not an `async fn`: the session's future is made here, taking the stream and the peer, so
+/// the client's task does not keep room for them as well (an `async fn` keeps its arguments
+/// for as long as it runs).
+fn serve(
+    daemon: Arc<Daemon>,
+    stream: Stream,
+    peer: Peer,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    // `then`, not an async block awaiting it: a block would keep the session's future twice,
+    // once as what it captured and once as what it awaits.
+    daemon
         .proxy
         .serve(stream, peer)
-        .await
-        .map(|login| Box::pin(admin_console(daemon, login)));
-    if let Some(console) = console {
-        console.await;
-    }
+        .then(move |login| async move {
+            if let Some(login) = login {
+                // Boxed: no room for the console stays in every client's task.
+                Box::pin(admin_console(daemon, login)).await;
+            }
+        })
 }
 
 /// Runs the admin console on a login to the admin database.

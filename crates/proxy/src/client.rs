@@ -23,7 +23,7 @@ use tracing::Instrument;
 use upstream::{SslMode, Stream};
 
 use crate::params::ClientParams;
-use crate::registry::{ClientRegistration, NewClient};
+use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::tls::ALPN_POSTGRESQL;
@@ -99,56 +99,49 @@ fn protocol_violation(what: String) -> LoginEnd {
 }
 
 /// Holds a `max_client_conn` slot for as long as the connection lives.
-struct ClientSlot<'a>(&'a Shared);
+struct ClientSlot(Arc<Shared>);
 
-impl Drop for ClientSlot<'_> {
+impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
-/// Not an `async fn`: the login future is boxed here, with the arguments moved into it, so
-/// the client's task keeps no copy of them (nor room for the login) while the session runs.
+/// Not an `async fn`, and owning what it needs: the login future is boxed here, with the
+/// arguments moved into it, so the client's task (a tokio task is as large as its future,
+/// rounded up to 128 bytes) keeps no copy of them, nor room for the login, nor a borrow that
+/// would make its caller keep one, while the session runs.
 pub(crate) fn serve(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     stream: Stream,
     peer: Peer,
-) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
+) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + 'static {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("client", id, addr = %peer, db = tracing::field::Empty, user = tracing::field::Empty);
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
-    let slot = ClientSlot(shared);
     GlobalStats::bump(&shared.stats.clients_total);
-    let login = Box::pin(log_in(shared, stream, peer, id, count));
-    serve_inner(shared, slot, login).instrument(span)
-}
-
-async fn serve_inner<'s>(
-    shared: &'s Shared,
-    _slot: ClientSlot<'s>,
-    login: impl std::future::Future<Output = LoggedIn<'s>>,
-) -> Option<AdminLogin> {
-    let (session, listed) = match login.await {
-        LoggedIn::Session(session, listed) => (session, listed),
-        LoggedIn::Admin(login) => return Some(login),
-        LoggedIn::Ended => return None,
-    };
-    let since = std::time::Instant::now();
-    let session = session.run().await;
-    // Unlisted while the session (and so the socket) still exists: the row's kill handle never
-    // outlives the client it names.
-    drop(listed);
-    drop(session);
-    if shared.settings().log_disconnections {
-        tracing::info!(duration = ?since.elapsed(), "client closed");
+    let login = Box::pin(log_in(shared.clone(), stream, peer, id, count));
+    let slot = ClientSlot(shared);
+    async move {
+        // Bound by a `let`, so the login's result (an admin login is large) does not stay in
+        // the task while the session runs.
+        let session = match login.await {
+            LoggedIn::Session(session) => session,
+            LoggedIn::Admin(login) => return Some(login),
+            LoggedIn::Ended => return None,
+        };
+        // Dropping the session unlists the client and closes its socket.
+        drop(session.run().await);
+        drop(slot);
+        None
     }
-    None
+    .instrument(span)
 }
 
 /// How a login ended.
-enum LoggedIn<'s> {
+enum LoggedIn {
     /// A client of a pooled database, listed in SHOW CLIENTS for as long as the row lives.
-    Session(Box<Session>, ClientRegistration<'s>),
+    Session(Box<Session>),
     Admin(AdminLogin),
     /// Refused, cancelled, or gone; whatever there was to say has been said.
     Ended,
@@ -156,12 +149,13 @@ enum LoggedIn<'s> {
 
 /// Everything up to a logged-in session: TLS, startup, authentication, routing, registration.
 async fn log_in(
-    shared: &Arc<Shared>,
+    shared: Arc<Shared>,
     stream: Stream,
     peer: Peer,
     id: u64,
     count: usize,
-) -> LoggedIn<'_> {
+) -> LoggedIn {
+    let shared = &shared;
     let settings = shared.settings();
     stream.set_nodelay();
     let deadline = settings.client_login_timeout.map(|t| Instant::now() + t);
@@ -216,7 +210,7 @@ async fn log_in(
             let local = client.stream.tcp().and_then(|s| s.local_addr().ok());
             let reg = shared.cancels.register();
             let application_name = startup.get("application_name").unwrap_or("").to_owned();
-            let listed = shared.registry.register(NewClient {
+            shared.registry.register(NewClient {
                 id: client.id,
                 user: startup.user,
                 database: startup.database,
@@ -227,7 +221,7 @@ async fn log_in(
                 slot: reg.slot.clone(),
             });
             let session = Session::new(shared, settings, client, entry, params, reg);
-            LoggedIn::Session(Box::new(session), listed)
+            LoggedIn::Session(Box::new(session))
         }
         Ok(Login::Admin { user, is_admin }) => LoggedIn::Admin(AdminLogin {
             stream: client.stream,

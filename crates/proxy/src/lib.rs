@@ -188,8 +188,8 @@ impl Proxy {
         &self,
         stream: Stream,
         peer: Peer,
-    ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + '_ {
-        client::serve(&self.shared, stream, peer)
+    ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + 'static {
+        client::serve(self.shared.clone(), stream, peer)
     }
 
     /// Opens pools whose server login is known without a client (a `user` in the database

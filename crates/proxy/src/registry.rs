@@ -71,24 +71,6 @@ pub struct ClientRegistry {
     clients: Mutex<HashMap<u64, Arc<ClientInfo>>>,
 }
 
-/// Removes the client's row when dropped.
-pub(crate) struct ClientRegistration<'a> {
-    registry: &'a ClientRegistry,
-    id: u64,
-}
-
-impl Drop for ClientRegistration<'_> {
-    fn drop(&mut self) {
-        // Even on a poisoned lock: a row left behind would keep a descriptor number that the
-        // kernel may hand to another socket.
-        let mut m = match self.registry.clients.lock() {
-            Ok(m) => m,
-            Err(p) => p.into_inner(),
-        };
-        m.remove(&self.id);
-    }
-}
-
 pub(crate) struct NewClient {
     pub id: u64,
     pub user: String,
@@ -101,7 +83,8 @@ pub(crate) struct NewClient {
 }
 
 impl ClientRegistry {
-    pub(crate) fn register(&self, c: NewClient) -> ClientRegistration<'_> {
+    /// Lists a client. The session unlists it (see `Session`'s `Drop`) before its socket closes.
+    pub(crate) fn register(&self, c: NewClient) {
         let info = Arc::new(ClientInfo {
             id: c.id,
             user: c.user,
@@ -116,10 +99,16 @@ impl ClientRegistry {
         if let Ok(mut m) = self.clients.lock() {
             m.insert(c.id, info);
         }
-        ClientRegistration {
-            registry: self,
-            id: c.id,
-        }
+    }
+
+    pub(crate) fn unlist(&self, id: u64) {
+        // Even on a poisoned lock: a row left behind would keep a descriptor number that the
+        // kernel may hand to another socket.
+        let mut m = match self.clients.lock() {
+            Ok(m) => m,
+            Err(p) => p.into_inner(),
+        };
+        m.remove(&id);
     }
 
     /// Every logged-in client, ordered by id.

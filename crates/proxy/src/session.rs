@@ -167,6 +167,20 @@ pub(crate) struct Session {
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The pool must write, so a 25006 from its server triggers a role re-check.
     watch_read_only: bool,
+    /// Logged in at, for the disconnection log line.
+    since: Instant,
+}
+
+/// A session ends when it is dropped, however it ended: the client leaves SHOW CLIENTS here,
+/// before the fields drop and its socket closes, so a row's kill handle never outlives the
+/// socket it names.
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.shared.registry.unlist(self.client.id);
+        if self.shared.settings().log_disconnections {
+            tracing::info!(duration = ?self.since.elapsed(), "client closed");
+        }
+    }
 }
 
 /// A session's [`Scratch`] while it is Active, lent by its workspace: one pointer, empty while
@@ -306,6 +320,7 @@ impl Session {
             mode,
             idle_timer: None,
             watch_read_only: entry_wants_writer,
+            since: Instant::now(),
         }
     }
 
