@@ -140,7 +140,7 @@ pub(crate) fn serve(
 
 /// How a login ended.
 enum LoggedIn {
-    /// A client of a pooled database, listed in SHOW CLIENTS for as long as the row lives.
+    /// A client of a pooled database, listed in SHOW CLIENTS until the session is dropped.
     Session(Box<Session>),
     Admin(AdminLogin),
     /// Refused, cancelled, or gone; whatever there was to say has been said.
