@@ -470,9 +470,9 @@ fn run(cli: &Cli) -> anyhow::Result<bool> {
         settings: format!(
             "transaction mode, pool size {}, clients authenticate with SCRAM-SHA-256 against \
              the server's own verifier in the auth_file (md5 scenarios: see the note), poolers \
-             log in to PostgreSQL with a password; pgbench scale {}, `-j 2`, `-n`, `-T {}` per run, {} repetition(s) \
-             interleaved across targets, medians shown; PostgreSQL max_connections {} with \
-             fsync off.",
+             log in to PostgreSQL with a password; pgbench scale {}, `-j 2`, `-n`, `-T {}` per \
+             run (plus 1 s per 125 clients to connect them), {} repetition(s) interleaved \
+             across targets, medians shown; PostgreSQL max_connections {} with fsync off.",
             targets::POOL_SIZE,
             cli.scale,
             plan.duration.as_secs().max(1),
