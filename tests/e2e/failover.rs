@@ -275,24 +275,59 @@ async fn clients_wait_while_the_only_host_is_read_only_and_write_once_it_is_writ
     c.execute("INSERT INTO w VALUES (1)", &[])
         .await
         .expect("first write");
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let servers = show_named(&admin, "SERVERS").await;
+    assert_eq!(servers.len(), 1, "{servers:?}");
+    let idle_pid = servers[0]["remote_pid"].clone();
 
     pg.psql(
         "postgres",
         "ALTER SYSTEM SET default_transaction_read_only = on; SELECT pg_reload_conf();",
     )
     .expect("make the server read-only");
-    // Give the probe time to notice and the idle connection time to be retired.
-    tokio::time::sleep(Duration::from_millis(600)).await;
-    let started = Instant::now();
+    // The probe notices, and the idle connection opened while the host was writable is retired.
+    wait_until("the probe to notice the read-only host", WAIT, || async {
+        pooler.log().contains("upstream host changed role")
+    })
+    .await
+    .unwrap();
+    wait_until("the idle connection to be retired", WAIT, || async {
+        !show_named(&admin, "SERVERS")
+            .await
+            .iter()
+            .any(|r| r["remote_pid"] == idle_pid)
+    })
+    .await
+    .unwrap();
     let write = tokio::spawn(async move {
         let r = c.execute("INSERT INTO w VALUES (2)", &[]).await;
         (r.map_err(|e| e.to_string()), Instant::now())
     });
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The write waits: a new connection found the host read-only, and the client is queued.
+    wait_until(
+        "the write to wait for a read-write server",
+        WAIT,
+        || async {
+            write.is_finished()
+                || (pooler.log().contains("no upstream host can serve the pool")
+                    && show_named(&admin, "POOLS")
+                        .await
+                        .iter()
+                        .any(|r| r["database"] == "app" && r["cl_waiting"] != "0"))
+        },
+    )
+    .await
+    .unwrap();
+    // ...and keeps waiting through a few more searches (server_login_retry is 250 ms).
+    tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(
         !write.is_finished(),
         "the write did not wait for a read-write server"
     );
+    let asked_writable = Instant::now();
     pg.psql(
         "postgres",
         "ALTER SYSTEM RESET default_transaction_read_only; SELECT pg_reload_conf();",
@@ -309,8 +344,31 @@ async fn clients_wait_while_the_only_host_is_read_only_and_write_once_it_is_writ
         "{:?}",
         done - writable
     );
-    assert!(done - started >= Duration::from_millis(1500));
+    assert!(
+        done > asked_writable,
+        "the write finished before the server was made writable"
+    );
     assert_eq!(pg.psql("app", "SELECT count(*) FROM w").unwrap(), "2");
+}
+
+/// The rows of a console SHOW, as column name → text.
+async fn show_named(admin: &Client, what: &str) -> Vec<std::collections::HashMap<String, String>> {
+    admin
+        .simple_query(&format!("SHOW {what}"))
+        .await
+        .expect("SHOW")
+        .into_iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
+                r.columns()
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or_default().to_owned()))
+                    .collect(),
+            ),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The rows of a console SHOW, as text.

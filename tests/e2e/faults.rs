@@ -140,12 +140,16 @@ async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_
     );
     let conn = f.pooler.conn_string("app", "", "app");
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Clients that have had a query answered before the restart.
+    let running = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tasks: Vec<_> = (0..200)
         .map(|i| {
             let conn = conn.clone();
             let stop = stop.clone();
+            let running = running.clone();
             tokio::spawn(async move {
                 let mut done_after_restart = 0;
+                let mut answered = false;
                 let mut c = connect(&conn).await.unwrap();
                 let deadline = Instant::now() + Duration::from_secs(40);
                 while done_after_restart < 3 {
@@ -154,7 +158,12 @@ async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_
                         Ok(_) if stop.load(std::sync::atomic::Ordering::Relaxed) => {
                             done_after_restart += 1
                         }
-                        Ok(_) => {}
+                        Ok(_) => {
+                            if !answered {
+                                answered = true;
+                                running.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
                         // Its server died with the database: reconnect, as an application would.
                         Err(_) => c = connect(&conn).await.unwrap(),
                     }
@@ -162,7 +171,17 @@ async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Every client is logged in and looping through the pool before the database goes away.
+    testkit::wait_until(
+        "every client to have a query answered",
+        Duration::from_secs(30),
+        || async {
+            tasks.iter().any(|t| t.is_finished())
+                || running.load(std::sync::atomic::Ordering::Relaxed) == tasks.len()
+        },
+    )
+    .await
+    .unwrap();
     f.proxy.reset_peak();
     f.pg.restart();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -262,6 +262,22 @@ async fn a_waiting_client_is_not_failed_early_by_an_alarm_armed_for_another_dead
     holder.batch_execute("COMMIT").await.unwrap();
 }
 
+/// SHOW POOLS' cl_waiting for `database`: clients waiting for a server.
+async fn cl_waiting(admin: &tokio_postgres::Client, database: &str) -> i64 {
+    admin
+        .simple_query("SHOW POOLS")
+        .await
+        .expect("SHOW POOLS")
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some(database) => {
+                r.get("cl_waiting").and_then(|v| v.parse::<i64>().ok())
+            }
+            _ => None,
+        })
+        .sum()
+}
+
 #[tokio::test]
 async fn waiting_clients_are_served_when_a_transaction_ends() {
     let env = start("", "pool_size = 1\n");
@@ -272,7 +288,18 @@ async fn waiting_clients_are_served_when_a_transaction_ends() {
         let c = connect(&conn).await.unwrap();
         c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0)
     });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let admin = env
+        .pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    // Until the pool lists the waiter as waiting (or it has finished, which the assertion
+    // below reports).
+    testkit::wait_until("the waiter to wait for a server", WAIT, || async {
+        waiter.is_finished() || cl_waiting(&admin, "app").await >= 1
+    })
+    .await
+    .unwrap();
     assert!(
         !waiter.is_finished(),
         "the waiter must wait while the only server is in a transaction"

@@ -68,16 +68,46 @@ fn wait_for_no_clients(pooler: &alloc_probe::InProcPooler) {
     }
 }
 
+/// Waits until the pooler has settled: the last sessions give their login buffers (and, after
+/// a transaction, their workspace) back just after the client has read the last
+/// ReadyForQuery. Nothing else allocates in this process meanwhile (idle sessions have no
+/// timers; the client side is this thread), so the heap in use holding still across
+/// consecutive reads means they are done.
+fn heap_once_settled() -> usize {
+    const STILL_READS: usize = 3;
+    let mut last = heap_in_use();
+    let mut still = 0;
+    testkit::wait_until_blocking(
+        "the pooler's heap to stop changing",
+        Duration::from_secs(10),
+        || {
+            let now = heap_in_use();
+            still = if now == last { still + 1 } else { 0 };
+            last = now;
+            still >= STILL_READS
+        },
+    )
+    .unwrap();
+    last
+}
+
 fn bytes_per_idle_client(pooler: &alloc_probe::InProcPooler, work: bool) -> f64 {
     wait_for_no_clients(pooler);
-    let before = heap_in_use();
+    let before = heap_once_settled();
+    let xacts = pooler.transactions();
     let clients: Vec<TcpStream> = (0..CLIENTS)
         .map(|_| idle_client(pooler.port, work))
         .collect();
-    // The last sessions give their login buffers back just after the client has read the
-    // welcome.
-    std::thread::sleep(Duration::from_millis(300));
-    let per_client = (heap_in_use() as f64 - before as f64) / CLIENTS as f64;
+    if work {
+        // Every session has given its server back (the workspace follows at once).
+        testkit::wait_until_blocking(
+            "every client's transaction to end",
+            Duration::from_secs(10),
+            || pooler.transactions() - xacts >= CLIENTS as u64,
+        )
+        .unwrap();
+    }
+    let per_client = (heap_once_settled() as f64 - before as f64) / CLIENTS as f64;
     drop(clients);
     per_client
 }
