@@ -146,6 +146,109 @@ async fn the_same_name_can_be_prepared_again_with_other_text_after_close() {
     let _ = s.read(&mut [0u8; 1]).await;
 }
 
+/// A client that logged in over the raw protocol (trust auth).
+async fn raw_client(env: &Env) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.pooler.port()))
+        .await
+        .unwrap();
+    s.write_all(&raw::startup("app", "app")).await.unwrap();
+    raw::read_until_ready(&mut s).await;
+    s
+}
+
+/// Sends `parse` then Sync, as libpq's PQprepare does, and returns the reply's tags.
+async fn prepare(s: &mut tokio::net::TcpStream, name: &str, sql: &str) -> String {
+    use tokio::io::AsyncWriteExt;
+    let mut out = Vec::new();
+    raw::parse(&mut out, name, sql);
+    raw::sync(&mut out);
+    s.write_all(&out).await.unwrap();
+    let replies = tokio::time::timeout(WAIT, raw::read_until_ready(s))
+        .await
+        .expect("no reply to Parse, Sync");
+    replies.iter().map(|(t, _)| *t as char).collect()
+}
+
+/// Bind, Execute, Sync of `name`: the reply's tags and the first column of its first row (or
+/// the error's SQLSTATE).
+async fn execute(s: &mut tokio::net::TcpStream, name: &str) -> (String, String) {
+    use tokio::io::AsyncWriteExt;
+    let mut out = Vec::new();
+    raw::bind_execute(&mut out, name);
+    raw::sync(&mut out);
+    s.write_all(&out).await.unwrap();
+    let replies = raw::read_until_ready(s).await;
+    let tags = replies.iter().map(|(t, _)| *t as char).collect();
+    let value = replies
+        .iter()
+        .find_map(|(t, body)| match t {
+            b'D' => Some(String::from_utf8_lossy(&body[6..]).into_owned()),
+            b'E' => error_code(&[&[b'E', 0, 0, 0, 0][..], body].concat()),
+            _ => None,
+        })
+        .unwrap_or_default();
+    (tags, value)
+}
+
+/// pgbench -M prepared (up to PostgreSQL 15) prepares each client's statements with blocking
+/// PQprepare calls, from a thread that also drives clients with open transactions. When those
+/// hold every server, a Parse that needs a server waits for them, and they for the thread: a
+/// deadlock until query_wait_timeout. A statement a server has already parsed needs none.
+#[tokio::test]
+async fn a_known_statement_is_prepared_while_every_server_is_in_a_transaction() {
+    let env = start("auth_type = \"trust\"", "pool_size = 1\n");
+    let sql = "SELECT 40 + 2";
+    let mut first = raw_client(&env).await;
+    assert_eq!(prepare(&mut first, "a", sql).await, "1Z");
+
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // Another client, another name, the same statement: answered while the only server is
+    // still in the holder's transaction.
+    let mut second = raw_client(&env).await;
+    assert_eq!(prepare(&mut second, "b", sql).await, "1Z");
+    assert_eq!(prepare(&mut first, "a2", sql).await, "1Z");
+    // Running it needs the server, once the holder is done; Breakwater's own Parse of it on
+    // that server (if needed) stays hidden.
+    let run = tokio::spawn(async move { execute(&mut second, "b").await });
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (tags, value) = tokio::time::timeout(WAIT, run).await.unwrap().unwrap();
+    assert_eq!((tags.as_str(), value.as_str()), ("2DCZ", "42"));
+    assert_eq!(execute(&mut first, "a2").await.1, "42");
+}
+
+/// A statement known to parse can stop parsing (DDL). The client then hears it at its Bind,
+/// with PostgreSQL's error (as it would from a statement prepared before the DDL); when the
+/// error came from Breakwater's own Parse of it on a server that lacked it, the statement is
+/// no longer known and the next client's Parse is the server's to answer.
+#[tokio::test]
+async fn a_known_statement_that_no_longer_parses_fails_at_bind_and_is_forgotten() {
+    let env = start("auth_type = \"trust\"", "pool_size = 1\n");
+    let direct = env.direct().await;
+    direct
+        .batch_execute(
+            "CREATE TABLE known_t (n int); INSERT INTO known_t VALUES (7); \
+             GRANT SELECT ON known_t TO app",
+        )
+        .await
+        .unwrap();
+    let sql = "SELECT n FROM known_t";
+    let mut first = raw_client(&env).await;
+    assert_eq!(prepare(&mut first, "s", sql).await, "1Z");
+    assert_eq!(execute(&mut first, "s").await.1, "7");
+
+    direct.batch_execute("DROP TABLE known_t").await.unwrap();
+    // The next server connection is a new one, without the statement.
+    terminate_serving_backend(&env.client().await, &direct).await;
+    let mut second = raw_client(&env).await;
+    assert_eq!(prepare(&mut second, "s", sql).await, "1Z");
+    let (tags, code) = execute(&mut second, "s").await;
+    assert_eq!((tags.as_str(), code.as_str()), ("EZ", "42P01"));
+    let mut third = raw_client(&env).await;
+    assert_eq!(prepare(&mut third, "s", sql).await, "EZ");
+}
+
 /// Just enough of the frontend protocol to send exact message sequences.
 mod raw {
     use tokio::io::AsyncReadExt;

@@ -42,6 +42,9 @@ pub struct PoolEntry {
     /// Reported parameters of a fresh server connection, for answering logins without one;
     /// shared, so a login clones a pointer, not a dozen strings.
     welcome: Mutex<Option<Welcome>>,
+    /// Statements this pool's servers have parsed, so a client's Parse of one outside a
+    /// transaction needs no server.
+    pub(crate) known_statements: prepared::KnownStatements,
 }
 
 /// A server's ParameterStatus pairs, as a fresh connection reports them.
@@ -384,6 +387,7 @@ impl Shared {
             stats,
             route: route.clone(),
             welcome: Mutex::new(None),
+            known_statements: prepared::KnownStatements::default(),
         });
         entry
             .pool

@@ -12,7 +12,7 @@
 //! so synthetic replies (ParseComplete for a Parse the server already had, CloseComplete) are
 //! emitted exactly where the server's would have been.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -96,6 +96,62 @@ impl ClientStatements {
     }
 }
 
+/// Statements a server of one pool has parsed without error, for clients with the same
+/// parameters (their fingerprint: `search_path` and the like decide whether a text parses).
+///
+/// A client that prepares one of these outside a transaction (Parse, Sync) is answered by
+/// Breakwater, and the statement is sent to a server before the client's first Bind or Describe
+/// of it, as for any server that lacks it. That saves a checkout and a round trip per client
+/// and statement; and it keeps a client that prepares synchronously between its transactions
+/// from needing a server while others it multiplexes hold every server in open transactions
+/// (pgbench `-M prepared` up to PostgreSQL 15 deadlocked so until `query_wait_timeout`).
+/// The cost: when DDL has made a known statement invalid since, the client learns it at the
+/// Bind instead of the Parse, and the statement is forgotten here.
+#[derive(Debug, Default)]
+pub struct KnownStatements {
+    inner: std::sync::Mutex<Known>,
+}
+
+#[derive(Debug, Default)]
+struct Known {
+    set: HashSet<(u64, Bytes)>,
+    /// Insertion order, for evicting the oldest when full.
+    order: VecDeque<(u64, Bytes)>,
+}
+
+impl KnownStatements {
+    pub fn contains(&self, fingerprint: u64, global: &Bytes) -> bool {
+        // A poisoned lock only means a panic elsewhere held it: the set is still a valid cache.
+        let known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        known.set.contains(&(fingerprint, global.clone()))
+    }
+
+    /// Records a statement a server parsed, keeping at most `cap`.
+    pub fn insert(&self, fingerprint: u64, global: &Bytes, cap: usize) {
+        let mut known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (fingerprint, global.clone());
+        if cap == 0 || known.set.contains(&key) {
+            return;
+        }
+        while known.order.len() >= cap {
+            if let Some(old) = known.order.pop_front() {
+                known.set.remove(&old);
+            }
+        }
+        known.set.insert(key.clone());
+        known.order.push_back(key);
+    }
+
+    /// Forgets a statement a server refused (rare: DDL since it was known).
+    pub fn forget(&self, fingerprint: u64, global: &Bytes) {
+        let mut known = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (fingerprint, global.clone());
+        if known.set.remove(&key) {
+            known.order.retain(|k| *k != key);
+        }
+    }
+}
+
 /// The reply a request sent to the server (or answered by Breakwater) is waiting for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expect {
@@ -149,6 +205,8 @@ pub enum Verdict {
 #[derive(Debug, Default)]
 pub struct Expectations {
     queue: VecDeque<Expect>,
+    /// The global name of a statement whose ParseComplete just came, until taken.
+    parsed: Option<Bytes>,
 }
 
 impl Expectations {
@@ -162,6 +220,7 @@ impl Expectations {
 
     pub fn clear(&mut self) {
         self.queue.clear();
+        self.parsed = None;
     }
 
     /// Writes the synthetic replies now at the front (and drops spent COPY markers).
@@ -226,8 +285,19 @@ impl Expectations {
             Expect::Parse { hide: true, .. } | Expect::Close { hide: true } => Verdict::Hide,
             _ => Verdict::Forward,
         };
-        self.queue.pop_front();
+        if let Some(Expect::Parse {
+            prepared: Some((_, global)),
+            ..
+        }) = self.queue.pop_front()
+        {
+            self.parsed = Some(global);
+        }
         verdict
+    }
+
+    /// The statement a server has just parsed, if the last message was its ParseComplete.
+    pub fn take_parsed(&mut self) -> Option<Bytes> {
+        self.parsed.take()
     }
 }
 
@@ -252,6 +322,49 @@ mod tests {
         assert_eq!(a.global, b.global);
         assert_ne!(a.global, c.global);
         assert!(a.global.starts_with(b"bw_"));
+    }
+
+    #[test]
+    fn known_statements_are_kept_per_fingerprint_bounded_and_forgotten() {
+        let known = KnownStatements::default();
+        let g = |i: u8| Bytes::from(vec![b'g', i]);
+        known.insert(1, &g(0), 2);
+        assert!(known.contains(1, &g(0)));
+        assert!(!known.contains(2, &g(0)), "other parameters, other answer");
+        known.insert(1, &g(1), 2);
+        known.insert(1, &g(2), 2);
+        assert!(!known.contains(1, &g(0)), "the oldest goes when full");
+        assert!(known.contains(1, &g(1)) && known.contains(1, &g(2)));
+        known.forget(1, &g(1));
+        assert!(!known.contains(1, &g(1)));
+        // Forgetting and learning again does not grow the order past the cap.
+        for _ in 0..100 {
+            known.insert(1, &g(1), 2);
+            known.forget(1, &g(1));
+        }
+        let inner = known.inner.lock().unwrap();
+        assert!(inner.order.len() <= 2 && inner.set.len() <= 2);
+    }
+
+    #[test]
+    fn a_parse_complete_names_the_statement_the_server_parsed() {
+        let mut q = Expectations::default();
+        q.push(Expect::Parse {
+            hide: true,
+            prepared: Some((Bytes::new(), Bytes::from_static(b"bw_1"))),
+        });
+        q.push(Expect::Parse {
+            hide: false,
+            prepared: None,
+        });
+        q.on_server_message(b'1', |_| {});
+        assert_eq!(q.take_parsed(), Some(Bytes::from_static(b"bw_1")));
+        q.on_server_message(b'1', |_| {});
+        assert_eq!(
+            q.take_parsed(),
+            None,
+            "an unnamed statement is nobody's to know"
+        );
     }
 
     #[test]

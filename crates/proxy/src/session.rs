@@ -22,7 +22,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use futures_util::FutureExt;
 use proto::backend;
 use proto::error::{PgError, SqlState};
@@ -135,6 +135,18 @@ enum Local {
     /// The batch so far needs no server, but it is not complete.
     NeedMore,
     NeedServer,
+}
+
+/// A request in a batch answered without a server (see `Session::answer_locally`).
+enum LocalAnswer {
+    /// Close of the statement whose name is at `at..at + len` in the batch.
+    Close { at: usize, len: usize },
+    /// Parse of a known statement, named at `at..at + len`.
+    Parse {
+        at: usize,
+        len: usize,
+        stmt: Arc<Statement>,
+    },
 }
 
 /// What the client did while no server was needed.
@@ -657,22 +669,26 @@ impl Session {
         Work::Gone
     }
 
-    /// Outside a transaction, a batch of only Close (of a named statement), Flush and Sync
-    /// needs no server: drivers send one whenever they drop a statement (tokio-postgres does).
-    /// Answering it here saves a checkout and a round trip, and keeps such housekeeping off
-    /// server connections that may be failing.
+    /// Outside a transaction, a batch of only Close (of a named statement), Parse (of a named
+    /// statement this pool's servers have parsed for clients like this one), Flush and Sync
+    /// needs no server: drivers close a statement whenever they drop it (tokio-postgres does),
+    /// and many prepare each statement on its own round trip before using it (libpq's
+    /// PQprepare). Answering here saves a checkout and a round trip, keeps such housekeeping
+    /// off server connections that may be failing, and a client that prepares while other
+    /// clients hold every server needs none (see [`prepared::KnownStatements`]).
     fn answer_locally(&mut self) -> Local {
         if self.settings.max_prepared_statements == 0 {
             return Local::NeedServer;
         }
         let buf = &self.client.buf;
         let mut pos = 0;
-        let mut closes = Vec::new();
+        // Where each Close's statement name is, and each Parse's statement, in batch order.
+        let mut answers: Vec<LocalAnswer> = Vec::new();
         let end = loop {
             let rest = &buf[pos..];
             let Ok(Some(total)) = frame::message_len(rest, self.settings.max_message) else {
                 // An incomplete message: a real request, or the rest of this batch.
-                return if closes.is_empty() {
+                return if answers.is_empty() {
                     Local::NeedServer
                 } else {
                     Local::NeedMore
@@ -683,7 +699,32 @@ impl Session {
                 frontend::CLOSE
                     if body.first() == Some(&b'S') && body.get(1).is_some_and(|b| *b != 0) =>
                 {
-                    closes.push((pos + HEADER_LEN + 1, total - HEADER_LEN - 2));
+                    answers.push(LocalAnswer::Close {
+                        at: pos + HEADER_LEN + 1,
+                        len: total - HEADER_LEN - 2,
+                    });
+                }
+                frontend::PARSE => {
+                    let Ok((name, _)) = frontend::parse_parse(body) else {
+                        // Malformed: the Active state says so.
+                        return Local::NeedServer;
+                    };
+                    if name.is_empty() {
+                        return Local::NeedServer;
+                    }
+                    let stmt = Statement::new(Bytes::copy_from_slice(&body[name.len() + 1..]));
+                    if !self
+                        .entry
+                        .known_statements
+                        .contains(self.params.fingerprint(), &stmt.global)
+                    {
+                        return Local::NeedServer;
+                    }
+                    answers.push(LocalAnswer::Parse {
+                        at: pos + HEADER_LEN,
+                        len: name.len(),
+                        stmt: Arc::new(stmt),
+                    });
                 }
                 // Flush: the client wants the replies so far, and no ReadyForQuery.
                 frontend::FLUSH => break (pos + total, false),
@@ -696,10 +737,19 @@ impl Session {
             }
         };
         let (end, sync) = end;
-        let batch = self.client.buf.split_to(end);
-        for (at, len) in closes {
-            self.statements.remove(&batch[at..at + len]);
-            backend::write_close_complete(&mut self.client.out);
+        let batch = self.client.buf.split_to(end).freeze();
+        for answer in answers {
+            match answer {
+                LocalAnswer::Close { at, len } => {
+                    self.statements.remove(&batch[at..at + len]);
+                    backend::write_close_complete(&mut self.client.out);
+                }
+                LocalAnswer::Parse { at, len, stmt } => {
+                    PoolStats::add(&self.entry.stats.client_parse_count, 1);
+                    self.statements.insert(batch.slice(at..at + len), stmt);
+                    backend::write_parse_complete(&mut self.client.out);
+                }
+            }
         }
         if sync {
             backend::write_ready_for_query(&mut self.client.out, b'I');
@@ -1302,6 +1352,8 @@ impl Session {
             }
             let statements = &mut self.statements;
             let cache = &mut h.server.prepared;
+            let known = &self.entry.known_statements;
+            let fingerprint = self.params.fingerprint();
             let verdict = h.expect.on_server_message(tag, |e| {
                 if let Expect::Parse {
                     prepared: Some((name, global)),
@@ -1310,8 +1362,12 @@ impl Session {
                 {
                     cache.remove(global);
                     statements.forget_if(name, global);
+                    known.forget(fingerprint, global);
                 }
             });
+            if let Some(global) = h.expect.take_parsed() {
+                known.insert(fingerprint, &global, self.settings.max_prepared_statements);
+            }
             if verdict == Verdict::Hide {
                 // ParseComplete / CloseComplete: a bare header.
                 if body_len > 0 {
