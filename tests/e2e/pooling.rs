@@ -311,6 +311,86 @@ async fn waiting_clients_are_served_when_a_transaction_ends() {
     );
 }
 
+/// A client that leaves while queued for a server is taken out of the queue then, not when a
+/// server frees up: its request must not run for nobody (an application that timed out has
+/// likely retried it elsewhere), nor hold up the clients behind it. Both ways out: closing the
+/// socket, and a Terminate with the socket left open.
+#[tokio::test]
+async fn a_client_that_leaves_while_queued_is_never_served() {
+    use tokio::io::AsyncWriteExt;
+    let env = start("auth_type = \"trust\"", "pool_size = 1\n");
+    env.direct()
+        .await
+        .batch_execute("CREATE TABLE left_t (n int); GRANT ALL ON left_t TO app")
+        .await
+        .unwrap();
+    let admin = env
+        .pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
+
+    for (round, say_goodbye) in [false, true].into_iter().enumerate() {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.pooler.port()))
+            .await
+            .unwrap();
+        s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+            .await
+            .unwrap();
+        // The welcome ends with ReadyForQuery.
+        let mut welcome = Vec::new();
+        while !welcome.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await.unwrap();
+            assert!(n > 0, "closed during login");
+            welcome.extend_from_slice(&chunk[..n]);
+        }
+        let sql = format!("INSERT INTO left_t VALUES ({round})\0");
+        let mut query = vec![b'Q'];
+        query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+        query.extend_from_slice(sql.as_bytes());
+        s.write_all(&query).await.unwrap();
+        testkit::wait_until("the client to queue", WAIT, || async {
+            cl_waiting(&admin, "app").await == 1
+        })
+        .await
+        .unwrap();
+        let kept_open = if say_goodbye {
+            s.write_all(&[b'X', 0, 0, 0, 4]).await.unwrap();
+            Some(s)
+        } else {
+            drop(s);
+            None
+        };
+        // Noticed while the holder still has the only server.
+        testkit::wait_until("the queue to let the client go", WAIT, || async {
+            cl_waiting(&admin, "app").await == 0
+        })
+        .await
+        .unwrap();
+        drop(kept_open);
+    }
+    holder.batch_execute("COMMIT").await.unwrap();
+    // Behind them in the queue, had they stayed: their inserts would have run first.
+    let n: i64 = holder
+        .query_one("SELECT count(*) FROM left_t", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "a request of a client that had left was run");
+    assert_eq!(
+        env.pooler
+            .log()
+            .matches("client left while waiting for a server")
+            .count(),
+        2,
+        "{}",
+        env.pooler.log()
+    );
+}
+
 #[tokio::test]
 async fn clients_can_connect_over_the_unix_socket() {
     let sock_dir = tempfile::tempdir().unwrap();

@@ -137,6 +137,15 @@ enum Local {
     NeedServer,
 }
 
+/// How a wait for a server ended.
+enum Waited {
+    Served(Result<PooledServer, CheckoutError>),
+    /// The client closed its connection while queued.
+    ClientLeft,
+    /// query_wait_notify's time has passed.
+    Notify(Duration),
+}
+
 /// A request in a batch answered without a server (see `Session::answer_locally`).
 enum LocalAnswer {
     /// Close of the statement whose name is at `at..at + len` in the batch.
@@ -767,45 +776,55 @@ impl Session {
             let mut checkout = std::pin::pin!(entry
                 .pool
                 .checkout(self.settings.query_wait_timeout, &mut self.scratch.alarm));
-            match self.settings.query_wait_notify {
-                None => checkout.await,
-                Some(notify) => {
-                    // The notice's timer is set only once the checkout has to wait: most find
-                    // a server at once, and setting a timer and dropping it is a trip through
-                    // the timer wheel's lock each way (some 600 instructions per transaction).
-                    // One poll_fn rather than a select, so a waiting checkout is polled once
-                    // per wake-up, not once more for the timer's sake.
-                    let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
-                    let done = std::future::poll_fn(|cx| {
-                        if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
-                            return Poll::Ready(Some(r));
-                        }
+            // The notice's timer is set only once the checkout has to wait: most find a server
+            // at once, and setting a timer and dropping it is a trip through the timer wheel's
+            // lock each way (some 600 instructions per transaction). One poll_fn rather than a
+            // select, so a waiting checkout is polled once per wake-up, not once more for the
+            // timer's or the client's sake.
+            let mut notify = self.settings.query_wait_notify;
+            let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+            loop {
+                let client = &self.client.stream;
+                let waited = std::future::poll_fn(|cx| {
+                    if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
+                        return Poll::Ready(Waited::Served(r));
+                    }
+                    // A client that left while queued must not be served: its server would run
+                    // a request nobody waits for any more (possibly minutes later, after the
+                    // application retried it elsewhere), and be the next to be discarded.
+                    if client.poll_peer_closed(cx).is_ready() {
+                        return Poll::Ready(Waited::ClientLeft);
+                    }
+                    if let Some(after) = notify {
                         if timer.is_none() {
-                            timer.set(Some(tokio::time::sleep(notify)));
+                            timer.set(Some(tokio::time::sleep(after)));
                         }
-                        match timer.as_mut().as_pin_mut().map(|t| t.poll(cx)) {
-                            Some(Poll::Ready(())) => Poll::Ready(None),
-                            _ => Poll::Pending,
+                        if let Some(Poll::Ready(())) =
+                            timer.as_mut().as_pin_mut().map(|t| t.poll(cx))
+                        {
+                            return Poll::Ready(Waited::Notify(after));
                         }
-                    })
-                    .await;
-                    match done {
-                        Some(r) => r,
-                        None => {
-                            // Tell the client why it waits, then keep waiting.
-                            let status = entry.pool.status();
-                            PgError::notice(format!(
-                                "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
-                                entry.route.name,
-                                status.size.saturating_sub(status.available),
-                                status.max_size,
-                                status.waiting,
-                                fmt_duration(notify),
-                            ))
-                            .write(&mut self.client.out);
-                            let _ = self.client.flush().await;
-                            checkout.await
-                        }
+                    }
+                    Poll::Pending
+                })
+                .await;
+                match waited {
+                    Waited::Served(r) => break Some(r),
+                    Waited::ClientLeft => break None,
+                    Waited::Notify(after) => {
+                        // Tell the client why it waits, then keep waiting.
+                        notify = None;
+                        let status = entry.pool.status();
+                        PgError::notice(format!(
+                            "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
+                            entry.route.name,
+                            status.size.saturating_sub(status.available),
+                            status.max_size,
+                            status.waiting,
+                            fmt_duration(after),
+                        ))
+                        .write(&mut self.client.out);
+                        let _ = self.client.flush().await;
                     }
                 }
             }
@@ -814,6 +833,14 @@ impl Session {
         PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
         PoolStats::add(&stats.wait_count, 1);
         let global = self.global();
+        let Some(result) = result else {
+            GlobalStats::bump(&global.clients_left_waiting);
+            tracing::info!(waited = ?start.elapsed(), "client left while waiting for a server");
+            return Err(PgError::fatal(
+                SqlState::CONNECTION_FAILURE,
+                "client closed the connection while waiting for a server",
+            ));
+        };
         result.map_err(|e| {
             if matches!(e, CheckoutError::WaitTimeout { .. }) {
                 GlobalStats::bump(&global.timeouts_query_wait);

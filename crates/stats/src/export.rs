@@ -175,6 +175,7 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     counter!("breakwater_protocol_errors_total").absolute(g.protocol_errors);
     counter!("breakwater_refused_max_client_conn_total").absolute(g.refused_max_client_conn);
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
+    counter!("breakwater_clients_left_waiting_total").absolute(g.clients_left_waiting);
     counter!("breakwater_admin_logins_total").absolute(g.admin_logins);
     gauge!("breakwater_client_connections").set(clients_current as f64);
     for (kind, n) in [

@@ -302,6 +302,8 @@ pub struct GlobalStats {
     pub protocol_errors: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
     pub cancel_requests: AtomicU64,
+    /// Clients that closed their connection while queued for a server (never served).
+    pub clients_left_waiting: AtomicU64,
     /// Timeouts by setting, each also logged where it fires.
     pub timeouts_query_wait: AtomicU64,
     pub timeouts_client_login: AtomicU64,
@@ -354,6 +356,7 @@ pub struct GlobalSnapshot {
     pub protocol_errors: u64,
     pub refused_max_client_conn: u64,
     pub cancel_requests: u64,
+    pub clients_left_waiting: u64,
     pub admin_logins: u64,
     pub client_errors: Vec<(&'static str, u64)>,
     pub timeouts_query_wait: u64,
@@ -376,6 +379,7 @@ impl GlobalStats {
             protocol_errors: self.protocol_errors.load(Relaxed),
             refused_max_client_conn: self.refused_max_client_conn.load(Relaxed),
             cancel_requests: self.cancel_requests.load(Relaxed),
+            clients_left_waiting: self.clients_left_waiting.load(Relaxed),
             admin_logins: self.admin_logins.load(Relaxed),
             client_errors: self.client_errors.snapshot(),
             timeouts_query_wait: self.timeouts_query_wait.load(Relaxed),

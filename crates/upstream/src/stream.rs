@@ -26,13 +26,17 @@ pub enum Stream {
 /// A non-blocking `MSG_PEEK` of one byte: `Ok(0)` the peer closed, `Ok(1)` it sent something,
 /// `WouldBlock` nothing is there.
 fn peek(fd: std::os::fd::RawFd) -> io::Result<usize> {
-    let mut probe = [0u8; 1];
-    // SAFETY: recv into a one-byte buffer we own; MSG_PEEK leaves the data in place.
+    peek_into(fd, &mut [0u8; 1])
+}
+
+/// A non-blocking `MSG_PEEK` into `buf`: how much is there, `Ok(0)` when the peer closed.
+fn peek_into(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+    // SAFETY: recv into a buffer we own, of its length; MSG_PEEK leaves the data in place.
     let n = unsafe {
         libc::recv(
             fd,
-            probe.as_mut_ptr().cast(),
-            1,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
@@ -40,6 +44,19 @@ fn peek(fd: std::os::fd::RawFd) -> io::Result<usize> {
         Err(io::Error::last_os_error())
     } else {
         Ok(n as usize)
+    }
+}
+
+/// A frontend Terminate message, whole.
+const TERMINATE: [u8; 5] = [b'X', 0, 0, 0, 4];
+
+/// For [`Stream::poll_peer_closed`]: what to return when the socket is not (or no longer)
+/// readable, `None` when it is and the peek decides. An error on the socket is a close.
+fn not_readable(ready: Poll<io::Result<()>>) -> Option<Poll<()>> {
+    match ready {
+        Poll::Pending => Some(Poll::Pending),
+        Poll::Ready(Err(_)) => Some(Poll::Ready(())),
+        Poll::Ready(Ok(())) => None,
     }
 }
 
@@ -84,6 +101,78 @@ impl Stream {
             }
         };
         Self::idle_by_readiness(peek(fd))
+    }
+
+    /// Ready once a client has left: closed its side (FIN or reset), or sent Terminate, with
+    /// nothing unread before it. Pending while the socket is quiet, and while the client has
+    /// sent anything else not read yet: what follows it cannot be seen without reading it,
+    /// which is left to the owner. Over TLS a Terminate is ciphertext and only the close is
+    /// seen. For a client waiting for a server, which has said all it has to say until it is
+    /// answered, either means it is gone.
+    ///
+    /// Uses the read direction's waker slot, like [`Stream::readable`]: for the task that owns
+    /// the stream while it is not reading.
+    pub fn poll_peer_closed(&self, cx: &mut Context<'_>) -> Poll<()> {
+        use std::os::fd::AsRawFd;
+        use tokio::io::Interest;
+        let mut head = [0u8; TERMINATE.len()];
+        loop {
+            // Over TLS the bytes are ciphertext: only a close says anything.
+            let (peeked, plain) = match self {
+                Stream::Tcp(s) => {
+                    if let Some(done) = not_readable(s.poll_read_ready(cx)) {
+                        return done;
+                    }
+                    (
+                        s.try_io(Interest::READABLE, || peek_into(s.as_raw_fd(), &mut head)),
+                        true,
+                    )
+                }
+                Stream::Unix(s) => {
+                    if let Some(done) = not_readable(s.poll_read_ready(cx)) {
+                        return done;
+                    }
+                    (
+                        s.try_io(Interest::READABLE, || peek_into(s.as_raw_fd(), &mut head)),
+                        true,
+                    )
+                }
+                Stream::TlsToServer(s) => {
+                    let (tcp, tls) = s.get_ref();
+                    if !tls.wants_read() {
+                        return Poll::Pending;
+                    }
+                    if let Some(done) = not_readable(tcp.poll_read_ready(cx)) {
+                        return done;
+                    }
+                    (
+                        tcp.try_io(Interest::READABLE, || peek_into(tcp.as_raw_fd(), &mut head)),
+                        false,
+                    )
+                }
+                Stream::TlsFromClient(s) => {
+                    let (tcp, tls) = s.get_ref();
+                    if !tls.wants_read() {
+                        return Poll::Pending;
+                    }
+                    if let Some(done) = not_readable(tcp.poll_read_ready(cx)) {
+                        return done;
+                    }
+                    (
+                        tcp.try_io(Interest::READABLE, || peek_into(tcp.as_raw_fd(), &mut head)),
+                        false,
+                    )
+                }
+            };
+            return match peeked {
+                Ok(0) => Poll::Ready(()),
+                Ok(n) if plain && head[..n] == TERMINATE[..] => Poll::Ready(()),
+                Ok(_) => Poll::Pending,
+                // Stale readiness, now cleared: poll again, which registers the waker.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(_) => Poll::Ready(()),
+            };
+        }
     }
 
     /// `peek`'s answer (or tokio's WouldBlock when it knows of nothing) as "idle and open".
