@@ -77,6 +77,73 @@ async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
     assert!(started.elapsed() < Duration::from_secs(5));
 }
 
+/// A client that vanishes mid-query (an application timing out, a killed process) does not
+/// cost a server connection: its query is cancelled, its transaction rolled back, and the same
+/// backend serves the next client. Closing it would make the pool open another, a fork and a
+/// login on a database that is often slow already when clients give up.
+#[tokio::test]
+async fn a_client_killed_mid_query_hands_its_server_back_rolled_back() {
+    let env = start("", "pool_size = 1\n");
+    let direct = env.direct().await;
+    direct
+        .batch_execute(
+            "CREATE TABLE k (id int primary key); INSERT INTO k VALUES (1); GRANT ALL ON k TO app;",
+        )
+        .await
+        .unwrap();
+    let mut psql = std::process::Command::new(testkit::pg_bin("psql").unwrap())
+        .args([
+            "-X",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &env.pooler.port().to_string(),
+            "-U",
+            "app",
+            "-d",
+            "app",
+        ])
+        .args([
+            "-c",
+            "BEGIN; INSERT INTO k VALUES (2); SELECT pg_sleep(30)",
+        ])
+        .env("PGPASSWORD", "app_pw")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for_active_query(&direct, "%pg_sleep(30)").await;
+    let pid: i32 = direct
+        .query_one(
+            "SELECT pid FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)' AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    psql.kill().unwrap();
+    psql.wait().unwrap();
+    // The same backend, idle outside a transaction: cancelled, rolled back, kept.
+    testkit::wait_until("the backend to be idle again", WAIT, || async {
+        let state: Option<String> = direct
+            .query_opt("SELECT state FROM pg_stat_activity WHERE pid = $1", &[&pid])
+            .await
+            .unwrap()
+            .map(|r| r.get(0));
+        assert!(state.is_some(), "the backend was closed");
+        state.as_deref() == Some("idle")
+    })
+    .await
+    .unwrap();
+    let b = env.client().await;
+    let row = b
+        .query_one("SELECT pg_backend_pid(), count(*) FROM k", &[])
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i32>(0), pid, "the server connection was replaced");
+    assert_eq!(row.get::<_, i64>(1), 1, "the killed client's insert is visible");
+}
+
 #[tokio::test]
 async fn a_terminated_backend_gives_its_client_an_error_and_the_pool_recovers() {
     let env = start("", "pool_size = 1\n");

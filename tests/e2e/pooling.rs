@@ -343,7 +343,9 @@ async fn a_client_that_leaves_while_queued_is_never_served() {
         let mut welcome = Vec::new();
         while !welcome.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
             let mut chunk = [0u8; 1024];
-            let n = tokio::io::AsyncReadExt::read(&mut s, &mut chunk).await.unwrap();
+            let n = tokio::io::AsyncReadExt::read(&mut s, &mut chunk)
+                .await
+                .unwrap();
             assert!(n > 0, "closed during login");
             welcome.extend_from_slice(&chunk[..n]);
         }

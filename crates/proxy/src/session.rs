@@ -1535,12 +1535,10 @@ impl Session {
     /// transaction is rolled back and the server verified idle; anything less certain (a query
     /// still running, a half-sent message) closes the server connection.
     async fn abandon(&mut self, mut h: Held) {
-        if h.owed > 0 {
-            // Stop the running query now rather than when the server next writes to a closed
-            // socket; the server connection is closed either way.
-            let target = h.server.cancel_target();
+        if (h.owed > 0 || h.batch_open || h.server_skip > 0)
+            && !self.finish_for_nobody(&mut h).await
+        {
             self.cancel.slot.set(None).await;
-            let _ = target.send(Duration::from_secs(2)).await;
             discard(h.server);
             return;
         }
@@ -1568,6 +1566,64 @@ impl Session {
             h.status = b'I';
         }
         self.release(h).await;
+    }
+
+    /// The client left while the server still owed it replies. Closing the server connection
+    /// would have the pool open another, a fork and a login on the database, and clients vanish
+    /// mid-query mostly when the database is slow already (applications time out and hang
+    /// up). So: stop the query (a cancel, unless the replies are in already), read what the
+    /// server still sends, for nobody, and keep the connection. Its replies go through the
+    /// same scan as ever, so a SET, a failed Parse or a temp table in them is accounted for.
+    /// `false` when that is not possible (a message half sent, COPY IN) or not done in
+    /// CANCEL_GRACE: then it is closed, as before.
+    async fn finish_for_nobody(&mut self, h: &mut Held) -> bool {
+        if h.client_skip > 0 || h.copy_in_open || self.shutting_down() {
+            return false;
+        }
+        if h.batch_open {
+            // The server waits for the rest of the batch; a Sync ends it.
+            let mut sync = BytesMut::with_capacity(HEADER_LEN);
+            frontend::write_sync(&mut sync);
+            if h.server.write_all(&sync).await.is_err() {
+                return false;
+            }
+            h.batch_open = false;
+            h.owed += 1;
+            h.expect.push(Expect::Sync);
+        }
+        match self.drain_for_nobody(h) {
+            Ok(true) => return true,
+            Ok(false) => {}
+            Err(_) => return false,
+        }
+        // The cancel's wait for the server to close its end means the signal is delivered
+        // before anything else is sent on this connection; arriving at an idle backend, it is
+        // ignored there.
+        let _ = h.server.cancel_target().send(CANCEL_GRACE).await;
+        let drained = tokio::time::timeout(CANCEL_GRACE, async {
+            loop {
+                match self.drain_for_nobody(h) {
+                    Ok(true) => return true,
+                    Ok(false) => {}
+                    Err(_) => return false,
+                }
+                if h.server.read().await.is_err() {
+                    return false;
+                }
+            }
+        })
+        .await;
+        let kept = drained == Ok(true);
+        tracing::debug!(server = h.server.id, kept, "client left mid-query");
+        kept
+    }
+
+    /// Scans what the server has sent, as for a client, and drops it. True once it owes
+    /// nothing more.
+    fn drain_for_nobody(&mut self, h: &mut Held) -> Result<bool, PgError> {
+        let done = self.scan_server(h);
+        self.scratch.to_client.clear();
+        Ok(done? || (h.owed == 0 && h.server_skip == 0 && !h.batch_open && h.expect.is_empty()))
     }
 }
 
