@@ -103,10 +103,7 @@ async fn a_client_killed_mid_query_hands_its_server_back_rolled_back() {
             "-d",
             "app",
         ])
-        .args([
-            "-c",
-            "BEGIN; INSERT INTO k VALUES (2); SELECT pg_sleep(30)",
-        ])
+        .args(["-c", "BEGIN; INSERT INTO k VALUES (2); SELECT pg_sleep(30)"])
         .env("PGPASSWORD", "app_pw")
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
@@ -140,8 +137,16 @@ async fn a_client_killed_mid_query_hands_its_server_back_rolled_back() {
         .query_one("SELECT pg_backend_pid(), count(*) FROM k", &[])
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i32>(0), pid, "the server connection was replaced");
-    assert_eq!(row.get::<_, i64>(1), 1, "the killed client's insert is visible");
+    assert_eq!(
+        row.get::<_, i32>(0),
+        pid,
+        "the server connection was replaced"
+    );
+    assert_eq!(
+        row.get::<_, i64>(1),
+        1,
+        "the killed client's insert is visible"
+    );
 }
 
 #[tokio::test]

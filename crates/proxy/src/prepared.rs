@@ -205,8 +205,6 @@ pub enum Verdict {
 #[derive(Debug, Default)]
 pub struct Expectations {
     queue: VecDeque<Expect>,
-    /// The global name of a statement whose ParseComplete just came, until taken.
-    parsed: Option<Bytes>,
 }
 
 impl Expectations {
@@ -220,7 +218,6 @@ impl Expectations {
 
     pub fn clear(&mut self) {
         self.queue.clear();
-        self.parsed = None;
     }
 
     /// Writes the synthetic replies now at the front (and drops spent COPY markers).
@@ -258,8 +255,14 @@ impl Expectations {
     /// Accounts for one server message with `tag`. On an ErrorResponse in an extended batch
     /// the server skips everything up to the next Sync: those requests get no reply (not even
     /// a synthetic one), and the Parses among them did not create anything, which `failed`
-    /// receives so the caches can forget them.
-    pub fn on_server_message(&mut self, tag: u8, mut failed: impl FnMut(&Expect)) -> Verdict {
+    /// receives so the caches can forget them. `parsed` gets the global name of a named
+    /// statement whose ParseComplete this is.
+    pub fn on_server_message(
+        &mut self,
+        tag: u8,
+        mut failed: impl FnMut(&Expect),
+        parsed: impl FnOnce(Bytes),
+    ) -> Verdict {
         while self.queue.front() == Some(&Expect::CopyEnd) {
             self.queue.pop_front();
         }
@@ -290,14 +293,9 @@ impl Expectations {
             ..
         }) = self.queue.pop_front()
         {
-            self.parsed = Some(global);
+            parsed(global);
         }
         verdict
-    }
-
-    /// The statement a server has just parsed, if the last message was its ParseComplete.
-    pub fn take_parsed(&mut self) -> Option<Bytes> {
-        self.parsed.take()
     }
 }
 
@@ -357,14 +355,11 @@ mod tests {
             hide: false,
             prepared: None,
         });
-        q.on_server_message(b'1', |_| {});
-        assert_eq!(q.take_parsed(), Some(Bytes::from_static(b"bw_1")));
-        q.on_server_message(b'1', |_| {});
-        assert_eq!(
-            q.take_parsed(),
-            None,
-            "an unnamed statement is nobody's to know"
-        );
+        let mut parsed = Vec::new();
+        q.on_server_message(b'1', |_| {}, |g| parsed.push(g));
+        assert_eq!(parsed, [Bytes::from_static(b"bw_1")]);
+        q.on_server_message(b'1', |_| {}, |g| parsed.push(g));
+        assert_eq!(parsed.len(), 1, "an unnamed statement is nobody's to know");
     }
 
     #[test]
@@ -376,10 +371,10 @@ mod tests {
         q.push(Expect::Sync);
         q.emit_synthetic(&mut out);
         assert!(out.is_empty(), "CloseComplete must wait for BindComplete");
-        assert_eq!(q.on_server_message(b'2', |_| {}), Verdict::Forward);
+        assert_eq!(q.on_server_message(b'2', |_| {}, |_| {}), Verdict::Forward);
         q.emit_synthetic(&mut out);
         assert_eq!(&out[..], &[b'3', 0, 0, 0, 4]);
-        assert_eq!(q.on_server_message(b'Z', |_| {}), Verdict::Forward);
+        assert_eq!(q.on_server_message(b'Z', |_| {}, |_| {}), Verdict::Forward);
         assert!(q.is_empty());
     }
 
@@ -396,7 +391,7 @@ mod tests {
         let tags = [b'1', b'2', b'D', b'D', b'C', b'Z'];
         let verdicts: Vec<_> = tags
             .iter()
-            .map(|t| q.on_server_message(*t, |_| {}))
+            .map(|t| q.on_server_message(*t, |_| {}, |_| {}))
             .collect();
         assert_eq!(verdicts[0], Verdict::Hide);
         assert!(verdicts[1..].iter().all(|v| *v == Verdict::Forward));
@@ -416,7 +411,7 @@ mod tests {
         q.push(Expect::Sync);
         let mut failed = Vec::new();
         assert_eq!(
-            q.on_server_message(b'E', |e| failed.push(e.clone())),
+            q.on_server_message(b'E', |e| failed.push(e.clone()), |_| {}),
             Verdict::Forward
         );
         assert_eq!(failed.len(), 3);
@@ -430,7 +425,7 @@ mod tests {
         let mut out = BytesMut::new();
         q.emit_synthetic(&mut out);
         assert!(out.is_empty(), "no synthetic reply after an error");
-        assert_eq!(q.on_server_message(b'Z', |_| {}), Verdict::Forward);
+        assert_eq!(q.on_server_message(b'Z', |_| {}, |_| {}), Verdict::Forward);
         assert!(q.is_empty());
     }
 
@@ -447,11 +442,11 @@ mod tests {
         ] {
             q.push(e);
         }
-        q.on_server_message(b'2', |_| {});
-        assert_eq!(q.on_server_message(b'G', |_| {}), Verdict::Forward);
+        q.on_server_message(b'2', |_| {}, |_| {});
+        assert_eq!(q.on_server_message(b'G', |_| {}, |_| {}), Verdict::Forward);
         assert_eq!(q.on_copy_in(), (1, false));
-        q.on_server_message(b'C', |_| {});
-        q.on_server_message(b'Z', |_| {});
+        q.on_server_message(b'C', |_| {}, |_| {});
+        q.on_server_message(b'Z', |_| {}, |_| {});
         assert!(q.is_empty());
         // The copy still open when CopyInResponse arrives.
         let mut q = Expectations::default();
@@ -465,11 +460,11 @@ mod tests {
         let mut q = Expectations::default();
         q.push(Expect::Query);
         assert_eq!(
-            q.on_server_message(b'E', |_| panic!("nothing fails")),
+            q.on_server_message(b'E', |_| panic!("nothing fails"), |_| {}),
             Verdict::Forward
         );
         assert!(!q.is_empty());
-        q.on_server_message(b'Z', |_| {});
+        q.on_server_message(b'Z', |_| {}, |_| {});
         assert!(q.is_empty());
     }
 }

@@ -713,14 +713,14 @@ impl Session {
                         len: total - HEADER_LEN - 2,
                     });
                 }
+                // The unnamed statement (most extended-protocol queries) is the server's to
+                // parse: its first byte, the name's terminator, says so.
+                frontend::PARSE if body.first() == Some(&0) => return Local::NeedServer,
                 frontend::PARSE => {
                     let Ok((name, _)) = frontend::parse_parse(body) else {
                         // Malformed: the Active state says so.
                         return Local::NeedServer;
                     };
-                    if name.is_empty() {
-                        return Local::NeedServer;
-                    }
                     let stmt = Statement::new(Bytes::copy_from_slice(&body[name.len() + 1..]));
                     if !self
                         .entry
@@ -1380,21 +1380,29 @@ impl Session {
             let statements = &mut self.statements;
             let cache = &mut h.server.prepared;
             let known = &self.entry.known_statements;
-            let fingerprint = self.params.fingerprint();
-            let verdict = h.expect.on_server_message(tag, |e| {
-                if let Expect::Parse {
-                    prepared: Some((name, global)),
-                    ..
-                } = e
-                {
-                    cache.remove(global);
-                    statements.forget_if(name, global);
-                    known.forget(fingerprint, global);
-                }
-            });
-            if let Some(global) = h.expect.take_parsed() {
-                known.insert(fingerprint, &global, self.settings.max_prepared_statements);
-            }
+            let params = &self.params;
+            let settings = &self.settings;
+            let verdict = h.expect.on_server_message(
+                tag,
+                |e| {
+                    if let Expect::Parse {
+                        prepared: Some((name, global)),
+                        ..
+                    } = e
+                    {
+                        cache.remove(global);
+                        statements.forget_if(name, global);
+                        known.forget(params.fingerprint(), global);
+                    }
+                },
+                |global| {
+                    known.insert(
+                        params.fingerprint(),
+                        &global,
+                        settings.max_prepared_statements,
+                    )
+                },
+            );
             if verdict == Verdict::Hide {
                 // ParseComplete / CloseComplete: a bare header.
                 if body_len > 0 {
