@@ -1599,10 +1599,19 @@ impl Session {
             h.owed += 1;
             h.expect.push(Expect::Sync);
         }
-        match self.drain_for_nobody(h) {
-            Ok(true) => return true,
-            Ok(false) => {}
-            Err(_) => return false,
+        // What has arrived already, buffered or in the socket: a cancel costs the database a
+        // process of its own, not worth it for replies that are in.
+        loop {
+            match self.drain_for_nobody(h) {
+                Ok(true) => return true,
+                Ok(false) => {}
+                Err(_) => return false,
+            }
+            match h.server.read().now_or_never() {
+                Some(Ok(_)) => {}
+                Some(Err(_)) => return false,
+                None => break,
+            }
         }
         // The cancel's wait for the server to close its end means the signal is delivered
         // before anything else is sent on this connection; arriving at an idle backend, it is
