@@ -120,24 +120,30 @@ pub fn psql(
     db: &str,
     extra: &[&str],
 ) -> std::process::Output {
-    Command::new(pg_bin("psql").expect("psql"))
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            user,
-            "-d",
-            db,
-        ])
-        .args(extra)
-        .env("PGPASSWORD", password)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .env("PGCLIENTENCODING", "utf-8")
+    psql_command(port, user, password, db, extra)
         .output()
         .expect("run psql")
+}
+
+/// psql through the pooler with `extra` arguments, to run or spawn.
+pub fn psql_command(port: u16, user: &str, password: &str, db: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(pg_bin("psql").expect("psql"));
+    cmd.args([
+        "-X",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        user,
+        "-d",
+        db,
+    ])
+    .args(extra)
+    .env("PGPASSWORD", password)
+    .env("PGCONNECT_TIMEOUT", "10")
+    .env("PGCLIENTENCODING", "utf-8");
+    cmd
 }
 
 pub const WAIT: Duration = Duration::from_secs(10);

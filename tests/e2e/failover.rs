@@ -351,40 +351,44 @@ async fn clients_wait_while_the_only_host_is_read_only_and_write_once_it_is_writ
     assert_eq!(pg.psql("app", "SELECT count(*) FROM w").unwrap(), "2");
 }
 
-/// The rows of a console SHOW, as column name → text.
-async fn show_named(admin: &Client, what: &str) -> Vec<std::collections::HashMap<String, String>> {
+/// The rows of a console SHOW.
+async fn show_rows(admin: &Client, what: &str) -> Vec<tokio_postgres::SimpleQueryRow> {
     admin
         .simple_query(&format!("SHOW {what}"))
         .await
         .expect("SHOW")
         .into_iter()
         .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                r.columns()
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or_default().to_owned()))
-                    .collect(),
-            ),
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some(r),
             _ => None,
+        })
+        .collect()
+}
+
+/// The rows of a console SHOW, as column name → text.
+async fn show_named(admin: &Client, what: &str) -> Vec<std::collections::HashMap<String, String>> {
+    show_rows(admin, what)
+        .await
+        .iter()
+        .map(|r| {
+            r.columns()
+                .iter()
+                .enumerate()
+                .map(|(i, c)| (c.name().to_owned(), r.get(i).unwrap_or_default().to_owned()))
+                .collect()
         })
         .collect()
 }
 
 /// The rows of a console SHOW, as text.
 async fn show(admin: &Client, what: &str) -> Vec<Vec<String>> {
-    admin
-        .simple_query(&format!("SHOW {what}"))
+    show_rows(admin, what)
         .await
-        .expect("SHOW")
-        .into_iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => Some(
-                (0..r.len())
-                    .map(|i| r.get(i).unwrap_or_default().to_owned())
-                    .collect(),
-            ),
-            _ => None,
+        .iter()
+        .map(|r| {
+            (0..r.len())
+                .map(|i| r.get(i).unwrap_or_default().to_owned())
+                .collect()
         })
         .collect()
 }

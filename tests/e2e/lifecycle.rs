@@ -34,6 +34,16 @@ async fn a_client_killed_mid_transaction_leaves_no_rows_and_no_locks_behind() {
     assert_eq!(n, 1, "the killed client's insert is visible");
 }
 
+/// psql running `sql` through the pooler as a real process, to be killed with SIGKILL: its
+/// socket then closes without a Terminate.
+fn killable_psql(env: &Env, sql: &str) -> std::process::Child {
+    psql_command(env.pooler.port(), "app", "app_pw", "app", &["-c", sql])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
     let env = start("", "pool_size = 2\n");
@@ -44,28 +54,10 @@ async fn a_client_killed_during_a_long_query_releases_its_locks_promptly() {
         )
         .await
         .unwrap();
-    // psql as a real process, killed with SIGKILL: its socket closes without a Terminate.
-    let mut psql = std::process::Command::new(testkit::pg_bin("psql").unwrap())
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &env.pooler.port().to_string(),
-            "-U",
-            "app",
-            "-d",
-            "app",
-        ])
-        .args([
-            "-c",
-            "BEGIN; SELECT * FROM l FOR UPDATE; SELECT pg_sleep(30)",
-        ])
-        .env("PGPASSWORD", "app_pw")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut psql = killable_psql(
+        &env,
+        "BEGIN; SELECT * FROM l FOR UPDATE; SELECT pg_sleep(30)",
+    );
     wait_for_active_query(&direct, "%pg_sleep(30)").await;
     psql.kill().unwrap();
     psql.wait().unwrap();
@@ -91,24 +83,7 @@ async fn a_client_killed_mid_query_hands_its_server_back_rolled_back() {
         )
         .await
         .unwrap();
-    let mut psql = std::process::Command::new(testkit::pg_bin("psql").unwrap())
-        .args([
-            "-X",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &env.pooler.port().to_string(),
-            "-U",
-            "app",
-            "-d",
-            "app",
-        ])
-        .args(["-c", "BEGIN; INSERT INTO k VALUES (2); SELECT pg_sleep(30)"])
-        .env("PGPASSWORD", "app_pw")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut psql = killable_psql(&env, "BEGIN; INSERT INTO k VALUES (2); SELECT pg_sleep(30)");
     wait_for_active_query(&direct, "%pg_sleep(30)").await;
     let pid: i32 = direct
         .query_one(

@@ -85,20 +85,10 @@ impl Stream {
                     s.try_io(Interest::READABLE, || peek(s.as_raw_fd())),
                 )
             }
-            Stream::TlsToServer(s) => {
-                let (tcp, tls) = s.get_ref();
-                if !tls.wants_read() {
-                    return false;
-                }
-                tcp.as_raw_fd()
-            }
-            Stream::TlsFromClient(s) => {
-                let (tcp, tls) = s.get_ref();
-                if !tls.wants_read() {
-                    return false;
-                }
-                tcp.as_raw_fd()
-            }
+            Stream::TlsToServer(_) | Stream::TlsFromClient(_) => match self.tls_transport() {
+                Some((tcp, true)) => tcp.as_raw_fd(),
+                _ => return false,
+            },
         };
         Self::idle_by_readiness(peek(fd))
     }
@@ -137,24 +127,11 @@ impl Stream {
                         true,
                     )
                 }
-                Stream::TlsToServer(s) => {
-                    let (tcp, tls) = s.get_ref();
-                    if !tls.wants_read() {
+                Stream::TlsToServer(_) | Stream::TlsFromClient(_) => {
+                    let Some((tcp, true)) = self.tls_transport() else {
+                        // rustls holds plaintext not read yet.
                         return Poll::Pending;
-                    }
-                    if let Some(done) = not_readable(tcp.poll_read_ready(cx)) {
-                        return done;
-                    }
-                    (
-                        tcp.try_io(Interest::READABLE, || peek_into(tcp.as_raw_fd(), &mut head)),
-                        false,
-                    )
-                }
-                Stream::TlsFromClient(s) => {
-                    let (tcp, tls) = s.get_ref();
-                    if !tls.wants_read() {
-                        return Poll::Pending;
-                    }
+                    };
                     if let Some(done) = not_readable(tcp.poll_read_ready(cx)) {
                         return done;
                     }
@@ -172,6 +149,22 @@ impl Stream {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(_) => Poll::Ready(()),
             };
+        }
+    }
+
+    /// A TLS stream's TCP socket, and whether rustls wants to read (holds no plaintext that a
+    /// read would return at once); `None` for plain streams.
+    fn tls_transport(&self) -> Option<(&TcpStream, bool)> {
+        match self {
+            Stream::TlsToServer(s) => {
+                let (tcp, tls) = s.get_ref();
+                Some((tcp, tls.wants_read()))
+            }
+            Stream::TlsFromClient(s) => {
+                let (tcp, tls) = s.get_ref();
+                Some((tcp, tls.wants_read()))
+            }
+            Stream::Tcp(_) | Stream::Unix(_) => None,
         }
     }
 
@@ -241,22 +234,10 @@ impl Stream {
         std::future::poll_fn(|cx| match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
-            Stream::TlsToServer(s) => {
-                let (tcp, tls) = s.get_ref();
-                if tls.wants_read() {
-                    tcp.poll_read_ready(cx)
-                } else {
-                    Poll::Ready(Ok(()))
-                }
-            }
-            Stream::TlsFromClient(s) => {
-                let (tcp, tls) = s.get_ref();
-                if tls.wants_read() {
-                    tcp.poll_read_ready(cx)
-                } else {
-                    Poll::Ready(Ok(()))
-                }
-            }
+            Stream::TlsToServer(_) | Stream::TlsFromClient(_) => match self.tls_transport() {
+                Some((tcp, true)) => tcp.poll_read_ready(cx),
+                _ => Poll::Ready(Ok(())),
+            },
         })
         .await
     }
