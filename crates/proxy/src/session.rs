@@ -1539,9 +1539,10 @@ impl Session {
         // Dropping the object returns it to the pool.
     }
 
-    /// The client left while holding a server. Nothing it started may outlive it: an idle
-    /// transaction is rolled back and the server verified idle; anything less certain (a query
-    /// still running, a half-sent message) closes the server connection.
+    /// The client left while holding a server. Nothing it started may outlive it: a running
+    /// query is stopped and its replies read (see `finish_for_nobody`), an open transaction is
+    /// rolled back, and the server verified idle; anything less certain (a half-sent message,
+    /// COPY IN, a server that does not finish) closes the server connection.
     async fn abandon(&mut self, mut h: Held) {
         if (h.owed > 0 || h.batch_open || h.server_skip > 0)
             && !self.finish_for_nobody(&mut h).await
@@ -1600,8 +1601,9 @@ impl Session {
             h.expect.push(Expect::Sync);
         }
         // What has arrived already, buffered or in the socket: a cancel costs the database a
-        // process of its own, not worth it for replies that are in.
-        loop {
+        // process of its own, not worth it for replies that are in. A few reads at most: a
+        // server streaming a large result always has more.
+        for _ in 0..4 {
             match self.drain_for_nobody(h) {
                 Ok(true) => return true,
                 Ok(false) => {}
