@@ -131,6 +131,53 @@ async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffect
     );
 }
 
+/// A client that gives up while its checkout is opening a server connection (connects are
+/// slow: that is when clients give up) does not take the half-made connection with it: the
+/// database has accepted it and begun a backend. The connect finishes, the server goes to the
+/// pool unused, and the next client is served by it without another attempt.
+#[tokio::test]
+async fn a_connect_in_progress_outlives_the_client_that_gave_up_on_it() {
+    use tokio::io::AsyncWriteExt;
+    let f = faulty(
+        "auth_type = \"trust\"\nquery_wait_timeout = \"20s\"",
+        "user = \"app\"\n",
+    );
+    f.proxy
+        .set_connect(ConnectFault::Latency(Duration::from_millis(1500)));
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.pooler.port()))
+        .await
+        .unwrap();
+    // Logging in needs a server (the pool has none yet, nor its welcome).
+    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+        .await
+        .unwrap();
+    testkit::wait_until("the pooler to be connecting", WAIT, || async {
+        f.proxy.logging_in() == 1
+    })
+    .await
+    .unwrap();
+    drop(s);
+    testkit::wait_until("the connect to finish", WAIT, || async {
+        f.pooler.log().contains("server connection opened")
+    })
+    .await
+    .unwrap();
+    f.proxy.set_connect(ConnectFault::None);
+    let c = f.pooler.connect("app", "", "app").await.unwrap();
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    assert_eq!(f.proxy.attempts(), 1, "the first connection was not reused");
+    assert!(
+        f.pooler
+            .log()
+            .contains("client left while waiting for a server"),
+        "{}",
+        f.pooler.log()
+    );
+}
+
 #[tokio::test]
 async fn a_database_restart_under_200_looping_clients_never_exceeds_the_connect_concurrency() {
     let mut f = faulty(

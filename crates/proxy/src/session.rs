@@ -783,17 +783,30 @@ impl Session {
             // timer's or the client's sake.
             let mut notify = self.settings.query_wait_notify;
             let mut timer = std::pin::pin!(None::<tokio::time::Sleep>);
+            let mut left = false;
             loop {
                 let client = &self.client.stream;
                 let waited = std::future::poll_fn(|cx| {
+                    upstream::took_connect_poll();
                     if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
                         return Poll::Ready(Waited::Served(r));
                     }
+                    let connecting = upstream::took_connect_poll();
                     // A client that left while queued must not be served: its server would run
                     // a request nobody waits for any more (possibly minutes later, after the
-                    // application retried it elsewhere), and be the next to be discarded.
-                    if client.poll_peer_closed(cx).is_ready() {
-                        return Poll::Ready(Waited::ClientLeft);
+                    // application retried it elsewhere). It leaves the queue at once, unless
+                    // its checkout is making a connection: abandoned, that would waste the
+                    // database's work on it (a backend forked, a login begun), when connects
+                    // are slow already. That one is finished and the server given back.
+                    if !left && client.poll_peer_closed(cx).is_ready() {
+                        left = true;
+                    }
+                    if left {
+                        return if connecting {
+                            Poll::Pending
+                        } else {
+                            Poll::Ready(Waited::ClientLeft)
+                        };
                     }
                     if let Some(after) = notify {
                         if timer.is_none() {
@@ -809,6 +822,8 @@ impl Session {
                 })
                 .await;
                 match waited {
+                    // Served after leaving: the server goes back to the pool unused.
+                    Waited::Served(_) if left => break None,
                     Waited::Served(r) => break Some(r),
                     Waited::ClientLeft => break None,
                     Waited::Notify(after) => {

@@ -20,7 +20,7 @@ pub use conn::{
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
 pub use failover::{HostList, LoadBalanceHosts, Origin, Role, TargetSessionAttrs};
 pub use host::{BreakerOpen, DrillMode, Host, Hosts, Refusal, StormSettings};
-pub use pool::{discard, CheckoutError, Limits, PooledServer, ServerPool};
+pub use pool::{discard, took_connect_poll, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
 pub use stream::Stream;

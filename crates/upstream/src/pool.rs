@@ -59,6 +59,35 @@ impl ServerManager {
     }
 }
 
+thread_local! {
+    /// Set while a checkout's poll drives a connection attempt (see [`Connecting`]).
+    static CONNECT_POLLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// A connection attempt made inside a checkout (deadpool creates connections in the future of
+/// the checkout that needs one). Each poll marks the thread, so whoever polls the checkout can
+/// tell with [`took_connect_poll`] that dropping it now would abandon a connect half done:
+/// the database has accepted, forked a backend, perhaps begun the login.
+struct Connecting<F>(F);
+
+impl<F: Future + Unpin> Future for Connecting<F> {
+    type Output = F::Output;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<F::Output> {
+        CONNECT_POLLED.with(|c| c.set(true));
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+/// Whether a connection attempt was polled on this thread since the last call: called right
+/// after polling a checkout that stayed pending, it says whether that checkout is connecting.
+pub fn took_connect_poll() -> bool {
+    CONNECT_POLLED.with(|c| c.replace(false))
+}
+
 impl ServerManager {
     fn target(&self) -> ServerTarget {
         let mut target = self.target.clone();
@@ -85,7 +114,7 @@ impl ServerManager {
         let started = Instant::now();
         // Boxed: connecting (DNS, TLS, login) is a large future, and every checkout embeds
         // this one; unboxed it would sit in every client task's memory even while idle.
-        let conn = Box::pin(self.hosts.connect(&target, &settings)).await;
+        let conn = Connecting(Box::pin(self.hosts.connect(&target, &settings))).await;
         let stats = &self.stats;
         match conn {
             Ok(mut c) => {
