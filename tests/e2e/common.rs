@@ -247,6 +247,33 @@ pub fn startup(params: &[(&str, &str)], version: u32) -> Vec<u8> {
     p
 }
 
+/// A raw connection to the pooler that has sent a v3 startup as user `app` to database `app`
+/// (for trust auth), and read nothing yet.
+pub async fn raw_startup(port: u16) -> TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+        .await
+        .unwrap();
+    s
+}
+
+/// [`raw_startup`], then the welcome read up to its ReadyForQuery (bounded).
+pub async fn raw_login(port: u16) -> TcpStream {
+    let mut s = raw_startup(port).await;
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("the welcome")
+            .unwrap();
+        assert!(n > 0, "closed during login");
+        got.extend_from_slice(&buf[..n]);
+    }
+    s
+}
+
 /// Reads until the peer closes (bounded), returning everything it sent.
 pub async fn read_all(s: &mut TcpStream) -> Vec<u8> {
     let mut out = Vec::new();

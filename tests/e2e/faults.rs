@@ -137,20 +137,14 @@ async fn a_connection_frozen_mid_query_is_dropped_and_other_clients_are_unaffect
 /// pool unused, and the next client is served by it without another attempt.
 #[tokio::test]
 async fn a_connect_in_progress_outlives_the_client_that_gave_up_on_it() {
-    use tokio::io::AsyncWriteExt;
     let f = faulty(
         "auth_type = \"trust\"\nquery_wait_timeout = \"20s\"",
         "user = \"app\"\n",
     );
     f.proxy
         .set_connect(ConnectFault::Latency(Duration::from_millis(1500)));
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", f.pooler.port()))
-        .await
-        .unwrap();
     // Logging in needs a server (the pool has none yet, nor its welcome).
-    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
-        .await
-        .unwrap();
+    let s = raw_startup(f.pooler.port()).await;
     testkit::wait_until("the pooler to be connecting", WAIT, || async {
         f.proxy.logging_in() == 1
     })

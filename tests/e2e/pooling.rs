@@ -333,22 +333,7 @@ async fn a_client_that_leaves_while_queued_is_never_served() {
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
 
     for (round, say_goodbye) in [false, true].into_iter().enumerate() {
-        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.pooler.port()))
-            .await
-            .unwrap();
-        s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
-            .await
-            .unwrap();
-        // The welcome ends with ReadyForQuery.
-        let mut welcome = Vec::new();
-        while !welcome.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
-            let mut chunk = [0u8; 1024];
-            let n = tokio::io::AsyncReadExt::read(&mut s, &mut chunk)
-                .await
-                .unwrap();
-            assert!(n > 0, "closed during login");
-            welcome.extend_from_slice(&chunk[..n]);
-        }
+        let mut s = raw_login(env.pooler.port()).await;
         let sql = format!("INSERT INTO left_t VALUES ({round})\0");
         let mut query = vec![b'Q'];
         query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());

@@ -116,11 +116,7 @@ async fn pipelined_parse_bind_execute_for_several_statements_before_one_sync() {
 async fn the_same_name_can_be_prepared_again_with_other_text_after_close() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let env = start("auth_type = \"trust\"", "pool_size = 2\n");
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.pooler.port()))
-        .await
-        .unwrap();
-    s.write_all(&raw::startup("app", "app")).await.unwrap();
-    raw::read_until_ready(&mut s).await;
+    let mut s = raw_login(env.pooler.port()).await;
     for (round, sql) in [
         "SELECT 'first'::text",
         "SELECT 'second'::text",
@@ -144,17 +140,6 @@ async fn the_same_name_can_be_prepared_again_with_other_text_after_close() {
     }
     let _ = s.shutdown().await;
     let _ = s.read(&mut [0u8; 1]).await;
-}
-
-/// A client that logged in over the raw protocol (trust auth).
-async fn raw_client(env: &Env) -> tokio::net::TcpStream {
-    use tokio::io::AsyncWriteExt;
-    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.pooler.port()))
-        .await
-        .unwrap();
-    s.write_all(&raw::startup("app", "app")).await.unwrap();
-    raw::read_until_ready(&mut s).await;
-    s
 }
 
 /// Sends `parse` then Sync, as libpq's PQprepare does, and returns the reply's tags.
@@ -199,14 +184,14 @@ async fn execute(s: &mut tokio::net::TcpStream, name: &str) -> (String, String) 
 async fn a_known_statement_is_prepared_while_every_server_is_in_a_transaction() {
     let env = start("auth_type = \"trust\"", "pool_size = 1\n");
     let sql = "SELECT 40 + 2";
-    let mut first = raw_client(&env).await;
+    let mut first = raw_login(env.pooler.port()).await;
     assert_eq!(prepare(&mut first, "a", sql).await, "1Z");
 
     let holder = env.client().await;
     holder.batch_execute("BEGIN; SELECT 1").await.unwrap();
     // Another client, another name, the same statement: answered while the only server is
     // still in the holder's transaction.
-    let mut second = raw_client(&env).await;
+    let mut second = raw_login(env.pooler.port()).await;
     assert_eq!(prepare(&mut second, "b", sql).await, "1Z");
     assert_eq!(prepare(&mut first, "a2", sql).await, "1Z");
     // Running it needs the server, once the holder is done; Breakwater's own Parse of it on
@@ -234,18 +219,18 @@ async fn a_known_statement_that_no_longer_parses_fails_at_bind_and_is_forgotten(
         .await
         .unwrap();
     let sql = "SELECT n FROM known_t";
-    let mut first = raw_client(&env).await;
+    let mut first = raw_login(env.pooler.port()).await;
     assert_eq!(prepare(&mut first, "s", sql).await, "1Z");
     assert_eq!(execute(&mut first, "s").await.1, "7");
 
     direct.batch_execute("DROP TABLE known_t").await.unwrap();
     // The next server connection is a new one, without the statement.
     terminate_serving_backend(&env.client().await, &direct).await;
-    let mut second = raw_client(&env).await;
+    let mut second = raw_login(env.pooler.port()).await;
     assert_eq!(prepare(&mut second, "s", sql).await, "1Z");
     let (tags, code) = execute(&mut second, "s").await;
     assert_eq!((tags.as_str(), code.as_str()), ("EZ", "42P01"));
-    let mut third = raw_client(&env).await;
+    let mut third = raw_login(env.pooler.port()).await;
     assert_eq!(prepare(&mut third, "s", sql).await, "EZ");
 }
 
@@ -258,18 +243,6 @@ mod raw {
         out.push(tag);
         out.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
         out.extend_from_slice(body);
-    }
-
-    pub fn startup(user: &str, db: &str) -> Vec<u8> {
-        let mut body = 196_608u32.to_be_bytes().to_vec();
-        for s in ["user", user, "database", db] {
-            body.extend_from_slice(s.as_bytes());
-            body.push(0);
-        }
-        body.push(0);
-        let mut p = ((body.len() + 4) as u32).to_be_bytes().to_vec();
-        p.extend_from_slice(&body);
-        p
     }
 
     pub fn parse(out: &mut Vec<u8>, name: &str, sql: &str) {

@@ -198,23 +198,7 @@ async fn malformed_startups_get_a_clear_error_and_a_close() {
 #[tokio::test]
 async fn an_oversized_message_after_login_is_refused_with_08p01_before_it_is_buffered() {
     let env = start("auth_type = \"trust\"\nmax_packet_size = 65536", "");
-    let mut s = TcpStream::connect(("127.0.0.1", env.pooler.port()))
-        .await
-        .unwrap();
-    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
-        .await
-        .unwrap();
-    // Read the welcome up to ReadyForQuery.
-    let mut got = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'I']) {
-        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
-            .await
-            .unwrap()
-            .unwrap();
-        assert!(n > 0);
-        got.extend_from_slice(&buf[..n]);
-    }
+    let mut s = raw_login(env.pooler.port()).await;
     // A Query announcing 1 GB.
     s.write_all(&[b'Q', 0x40, 0, 0, 0]).await.unwrap();
     let reply = read_all(&mut s).await;
