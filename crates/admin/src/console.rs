@@ -76,7 +76,7 @@ where
         backend::write_parameter_status(&mut out, name, value);
     }
     backend::write_backend_key_data(&mut out, (me.client_id & 0x7fff_ffff) as i32, 0);
-    backend::write_ready_for_query(&mut out, b'I');
+    backend::write_ready_for_query(&mut out, backend::TxStatus::Idle);
     stream.write_all(&out).await?;
     // TLS streams hold ciphertext until flushed.
     stream.flush().await?;
@@ -112,7 +112,7 @@ where
                     Ok(q) => String::from_utf8_lossy(q).into_owned(),
                     Err(e) => {
                         PgError::error(SqlState::PROTOCOL_VIOLATION, e.to_string()).write(&mut out);
-                        backend::write_ready_for_query(&mut out, b'I');
+                        backend::write_ready_for_query(&mut out, backend::TxStatus::Idle);
                         stream.write_all(&out).await?;
                         // TLS streams hold ciphertext until flushed.
                         stream.flush().await?;
@@ -121,7 +121,7 @@ where
                     }
                 };
                 let shutdown = run_query(&sql, &me, control, &mut out).await;
-                backend::write_ready_for_query(&mut out, b'I');
+                backend::write_ready_for_query(&mut out, backend::TxStatus::Idle);
                 stream.write_all(&out).await?;
                 // TLS streams hold ciphertext until flushed.
                 stream.flush().await?;
@@ -132,7 +132,7 @@ where
             }
             frontend::SYNC => {
                 skipping = false;
-                backend::write_ready_for_query(&mut out, b'I');
+                backend::write_ready_for_query(&mut out, backend::TxStatus::Idle);
                 stream.write_all(&out).await?;
                 // TLS streams hold ciphertext until flushed.
                 stream.flush().await?;

@@ -82,14 +82,45 @@ pub fn parse_backend_key_data(body: &[u8]) -> Result<(i32, i32), FrameError> {
     Ok((r.i32()?, r.i32()?))
 }
 
-/// The transaction status byte of a ReadyForQuery: `I`, `T` or `E`.
-pub fn parse_ready_for_query(body: &[u8]) -> Result<u8, FrameError> {
-    match body {
-        [s @ (b'I' | b'T' | b'E')] => Ok(*s),
-        _ => Err(FrameError::Malformed {
-            what: "ReadyForQuery",
-        }),
+/// A session's transaction status, as a ReadyForQuery reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TxStatus {
+    /// `I`: not in a transaction block.
+    Idle,
+    /// `T`: in a transaction block.
+    InTransaction,
+    /// `E`: in a failed transaction block (queries are refused until it ends).
+    Failed,
+}
+
+impl TxStatus {
+    pub fn from_byte(b: u8) -> Option<TxStatus> {
+        match b {
+            b'I' => Some(TxStatus::Idle),
+            b'T' => Some(TxStatus::InTransaction),
+            b'E' => Some(TxStatus::Failed),
+            _ => None,
+        }
     }
+
+    pub fn as_byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InTransaction => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+}
+
+/// The transaction status of a ReadyForQuery.
+pub fn parse_ready_for_query(body: &[u8]) -> Result<TxStatus, FrameError> {
+    match body {
+        [b] => TxStatus::from_byte(*b),
+        _ => None,
+    }
+    .ok_or(FrameError::Malformed {
+        what: "ReadyForQuery",
+    })
 }
 
 /// The column values of a DataRow (`None` for NULL), borrowed from the body.
@@ -166,8 +197,8 @@ pub fn write_backend_key_data(buf: &mut BytesMut, pid: i32, key: i32) {
     });
 }
 
-pub fn write_ready_for_query(buf: &mut BytesMut, status: u8) {
-    write_message(buf, READY_FOR_QUERY, |b| b.put_u8(status));
+pub fn write_ready_for_query(buf: &mut BytesMut, status: TxStatus) {
+    write_message(buf, READY_FOR_QUERY, |b| b.put_u8(status.as_byte()));
 }
 
 pub fn write_command_complete(buf: &mut BytesMut, tag: &str) {
@@ -256,13 +287,16 @@ mod tests {
         let mut b = BytesMut::new();
         write_parameter_status(&mut b, "TimeZone", "UTC");
         write_backend_key_data(&mut b, 42, -7);
-        write_ready_for_query(&mut b, b'T');
+        write_ready_for_query(&mut b, TxStatus::InTransaction);
         assert_eq!(
             parse_parameter_status(&one(&mut b).body).unwrap(),
             ("TimeZone", "UTC")
         );
         assert_eq!(parse_backend_key_data(&one(&mut b).body).unwrap(), (42, -7));
-        assert_eq!(parse_ready_for_query(&one(&mut b).body).unwrap(), b'T');
+        assert_eq!(
+            parse_ready_for_query(&one(&mut b).body).unwrap(),
+            TxStatus::InTransaction
+        );
         assert!(parse_ready_for_query(b"X").is_err());
     }
 

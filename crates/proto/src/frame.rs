@@ -25,48 +25,182 @@ pub struct Message {
     pub body: Bytes,
 }
 
+/// A message's header: its tag, and the length of the body that follows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    pub tag: u8,
+    /// Bytes after the header (the length field minus its own four bytes).
+    pub body_len: usize,
+}
+
+impl Header {
+    /// The header at the front of `buf`, once its five bytes are in. Lengths below 4 or above
+    /// `max` are refused as soon as the header is visible, so a peer that announces a huge
+    /// message is cut off before anything is buffered for it.
+    #[inline]
+    pub fn peek(buf: &[u8], max: usize) -> Result<Option<Header>, FrameError> {
+        let Some(&[tag, a, b, c, d]) = buf.get(..HEADER_LEN) else {
+            return Ok(None);
+        };
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len < 4 {
+            return Err(FrameError::BadLength { len });
+        }
+        if len > max {
+            return Err(FrameError::TooLarge { len, max });
+        }
+        Ok(Some(Header {
+            tag,
+            body_len: len - 4,
+        }))
+    }
+
+    /// Tag, length field and body.
+    #[inline]
+    pub fn total(&self) -> usize {
+        HEADER_LEN + self.body_len
+    }
+}
+
 /// If a whole message starts at `buf[0]`, returns its total size (tag + length + body).
-/// Refuses lengths below 4 or above `max` as soon as the header is visible, so a peer that
-/// announces a huge message is cut off before we buffer it.
+/// Refuses bad lengths as [`Header::peek`] does.
 #[inline]
 pub fn message_len(buf: &[u8], max: usize) -> Result<Option<usize>, FrameError> {
-    let Some(header) = buf.get(..HEADER_LEN) else {
-        return Ok(None);
-    };
-    let len = u32::from_be_bytes([header[1], header[2], header[3], header[4]]) as usize;
-    if len < 4 {
-        return Err(FrameError::BadLength { len });
+    Ok(Header::peek(buf, max)?
+        .map(|h| h.total())
+        .filter(|total| buf.len() >= *total))
+}
+
+/// How a caller wants one message handled by a [`Forwarder`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Want {
+    /// Forward the header now and the body as it arrives, unexamined.
+    Stream,
+    /// Leave the message in the source until all of it is in; the caller takes it.
+    Whole,
+    /// Leave it in the source until its header and the first `n` bytes of its body (or all of a
+    /// shorter body) are in; the caller moves that part itself and streams the rest with
+    /// [`Forwarder::skip`]. For large messages whose start the caller rewrites (a Bind naming a
+    /// prepared statement).
+    Prefix(usize),
+}
+
+/// What a [`Forwarder`] did with the next message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Forwarded {
+    /// Nothing more until more bytes arrive.
+    NeedMore,
+    /// The header went to the destination; the body follows as it arrives.
+    Streamed(Header),
+    /// All of the message is at the front of the source (nothing moved).
+    Whole(Header),
+    /// The header and the wanted prefix are at the front of the source (nothing moved).
+    Prefix(Header),
+}
+
+/// Moves messages from a source buffer to a destination, reading each header once: bodies the
+/// caller does not need stream through before they are whole, so a message's size never decides
+/// how much is buffered. Partial input stays in the source, so a read cancelled at any await
+/// point loses nothing.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Forwarder {
+    /// Bytes of the current message still to forward unexamined.
+    skip: usize,
+}
+
+impl Forwarder {
+    /// Part of a message has been forwarded and the rest has not: the peer on the other side is
+    /// waiting for it.
+    #[inline]
+    pub fn mid_message(&self) -> bool {
+        self.skip > 0
     }
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
+
+    /// Forwards what is owed of a streaming message, then looks at the next header and acts as
+    /// `want` says for it.
+    #[inline]
+    pub fn next(
+        &mut self,
+        src: &mut BytesMut,
+        dst: &mut BytesMut,
+        max: usize,
+        want: impl FnOnce(&Header) -> Want,
+    ) -> Result<Forwarded, FrameError> {
+        if self.skip > 0 {
+            self.skip -= move_bytes(src, dst, self.skip);
+            if self.skip > 0 {
+                return Ok(Forwarded::NeedMore);
+            }
+        }
+        let Some(h) = Header::peek(src, max)? else {
+            return Ok(Forwarded::NeedMore);
+        };
+        Ok(match want(&h) {
+            Want::Stream => {
+                move_bytes(src, dst, HEADER_LEN);
+                self.skip = h.body_len;
+                Forwarded::Streamed(h)
+            }
+            Want::Whole if src.len() >= h.total() => Forwarded::Whole(h),
+            Want::Prefix(n) if src.len() >= HEADER_LEN + n.min(h.body_len) => Forwarded::Prefix(h),
+            Want::Whole | Want::Prefix(_) => Forwarded::NeedMore,
+        })
     }
-    let total = len + 1;
-    Ok((buf.len() >= total).then_some(total))
+
+    /// After the caller forwarded the start of a message itself, the next `n` bytes of the
+    /// source belong to it and stream through.
+    #[inline]
+    pub fn skip(&mut self, n: usize) {
+        self.skip = n;
+    }
+
+    /// Forgets a message in flight (the connection it belonged to is being dropped).
+    pub fn reset(&mut self) {
+        self.skip = 0;
+    }
+}
+
+/// Moves up to `n` bytes from the front of `from` to the end of `to`; returns how many. A copy
+/// and a pointer bump: `split_to` takes and drops a reference on the buffer's shared storage
+/// (two atomic operations) for bytes that are copied at once.
+#[inline]
+pub fn move_bytes(from: &mut BytesMut, to: &mut BytesMut, n: usize) -> usize {
+    let n = n.min(from.len());
+    if let Some(head) = from.get(..n) {
+        to.extend_from_slice(head);
+    }
+    from.advance(n);
+    n
 }
 
 /// Splits the first complete message off `buf`, if there is one.
 pub fn take_message(buf: &mut BytesMut, max: usize) -> Result<Option<Message>, FrameError> {
-    let Some(total) = message_len(buf, max)? else {
-        return Ok(None);
-    };
-    let mut msg = buf.split_to(total);
-    let tag = msg[0];
-    msg.advance(HEADER_LEN);
-    Ok(Some(Message {
-        tag,
+    match Header::peek(buf, max)? {
+        Some(h) if buf.len() >= h.total() => Ok(Some(take_whole(buf, h))),
+        _ => Ok(None),
+    }
+}
+
+/// Splits off the message whose header is `h`; all of it must be in `buf` (see
+/// [`Forwarded::Whole`]).
+pub fn take_whole(buf: &mut BytesMut, h: Header) -> Message {
+    let mut msg = buf.split_to(h.total().min(buf.len()));
+    msg.advance(HEADER_LEN.min(msg.len()));
+    Message {
+        tag: h.tag,
         body: msg.freeze(),
-    }))
+    }
 }
 
 /// Bytes still needed before the first message in `buf` is complete (at least 1 when the header
 /// itself is incomplete). Lets readers reserve exactly what is missing.
 pub fn missing(buf: &[u8]) -> usize {
     match buf.get(..HEADER_LEN) {
-        None => HEADER_LEN - buf.len(),
-        Some(h) => {
-            let total = u32::from_be_bytes([h[1], h[2], h[3], h[4]]) as usize + 1;
+        Some(&[_, a, b, c, d]) => {
+            let total = u32::from_be_bytes([a, b, c, d]) as usize + 1;
             total.saturating_sub(buf.len())
         }
+        _ => HEADER_LEN.saturating_sub(buf.len()),
     }
 }
 
@@ -177,6 +311,111 @@ mod tests {
         for (bytes, err) in cases {
             assert_eq!(message_len(bytes, 1024), Err(err.clone()));
         }
+    }
+
+    fn msg(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut b = BytesMut::new();
+        write_message(&mut b, tag, |b| b.extend_from_slice(body));
+        b.to_vec()
+    }
+
+    #[test]
+    fn header_peek_waits_for_five_bytes_and_checks_the_length_first() {
+        assert_eq!(Header::peek(&[b'Q', 0, 0, 0], 64), Ok(None));
+        assert_eq!(
+            Header::peek(&[b'Q', 0, 0, 0, 9], 64),
+            Ok(Some(Header {
+                tag: b'Q',
+                body_len: 5
+            }))
+        );
+        assert_eq!(
+            Header::peek(&[b'Q', 0, 0, 1, 0], 64),
+            Err(FrameError::TooLarge { len: 256, max: 64 })
+        );
+    }
+
+    #[test]
+    fn a_streamed_message_goes_through_in_pieces_and_the_next_header_is_seen_once() {
+        let mut wire = msg(b'd', &[7; 100]);
+        wire.extend(msg(b'S', b""));
+        let mut fwd = Forwarder::default();
+        let (mut src, mut dst) = (BytesMut::new(), BytesMut::new());
+        let mut seen = Vec::new();
+        // Feed the bytes 13 at a time, as a slow socket would.
+        for chunk in wire.chunks(13) {
+            src.extend_from_slice(chunk);
+            loop {
+                match fwd
+                    .next(&mut src, &mut dst, 1024, |_| Want::Stream)
+                    .unwrap()
+                {
+                    Forwarded::NeedMore => break,
+                    Forwarded::Streamed(h) => seen.push(h.tag),
+                    other => panic!("{other:?}"),
+                }
+            }
+            // Nothing waits in the source but an incomplete header.
+            assert!(src.len() < HEADER_LEN);
+        }
+        assert_eq!(seen, b"dS");
+        assert_eq!(&dst[..], &wire[..]);
+        assert!(src.is_empty() && !fwd.mid_message());
+    }
+
+    #[test]
+    fn a_whole_message_waits_in_the_source_until_all_of_it_is_in() {
+        let wire = msg(b'Q', b"select 1\0");
+        let mut fwd = Forwarder::default();
+        let (mut src, mut dst) = (BytesMut::from(&wire[..8]), BytesMut::new());
+        let r = fwd.next(&mut src, &mut dst, 1024, |_| Want::Whole).unwrap();
+        assert_eq!(r, Forwarded::NeedMore);
+        src.extend_from_slice(&wire[8..]);
+        let Forwarded::Whole(h) = fwd.next(&mut src, &mut dst, 1024, |_| Want::Whole).unwrap()
+        else {
+            panic!("whole")
+        };
+        let m = take_whole(&mut src, h);
+        assert_eq!((m.tag, &m.body[..]), (b'Q', &b"select 1\0"[..]));
+        assert!(dst.is_empty() && src.is_empty());
+    }
+
+    #[test]
+    fn a_prefix_is_offered_once_in_and_the_rest_streams_after_skip() {
+        let wire = msg(b'B', b"\0s1\0------------------------------");
+        let mut fwd = Forwarder::default();
+        let (mut src, mut dst) = (BytesMut::from(&wire[..7]), BytesMut::new());
+        let want = |_: &Header| Want::Prefix(4);
+        assert_eq!(
+            fwd.next(&mut src, &mut dst, 1024, want).unwrap(),
+            Forwarded::NeedMore
+        );
+        src.extend_from_slice(&wire[7..12]);
+        let Forwarded::Prefix(h) = fwd.next(&mut src, &mut dst, 1024, want).unwrap() else {
+            panic!("prefix")
+        };
+        // The caller forwards header and prefix itself, then skips the rest.
+        move_bytes(&mut src, &mut dst, HEADER_LEN + 4);
+        fwd.skip(h.body_len - 4);
+        assert!(fwd.mid_message());
+        src.extend_from_slice(&wire[12..]);
+        assert_eq!(
+            fwd.next(&mut src, &mut dst, 1024, want).unwrap(),
+            Forwarded::NeedMore
+        );
+        assert_eq!(&dst[..], &wire[..]);
+        assert!(!fwd.mid_message());
+    }
+
+    #[test]
+    fn an_oversized_header_is_refused_before_anything_moves() {
+        let mut fwd = Forwarder::default();
+        let mut src = BytesMut::from(&[b'Q', 0x7f, 0, 0, 0][..]);
+        let mut dst = BytesMut::new();
+        assert!(fwd
+            .next(&mut src, &mut dst, 1024, |_| Want::Stream)
+            .is_err());
+        assert!(dst.is_empty() && src.len() == 5);
     }
 
     #[test]

@@ -21,6 +21,90 @@ pub const TERMINATE: u8 = b'X';
 /// PasswordMessage, SASLInitialResponse and SASLResponse share this tag.
 pub const PASSWORD: u8 = b'p';
 
+/// Is `tag` a message a logged-in client may send? Anything else (a server's message type, a
+/// type byte of 0 such as an SSLRequest sent after login, a password after login, garbage) is a
+/// protocol violation that must not reach a server: PostgreSQL would end the whole connection.
+pub fn is_session_message(tag: u8) -> bool {
+    matches!(
+        tag,
+        QUERY
+            | PARSE
+            | BIND
+            | DESCRIBE
+            | EXECUTE
+            | CLOSE
+            | SYNC
+            | FLUSH
+            | FUNCTION_CALL
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | TERMINATE
+    )
+}
+
+/// Where a Bind, Describe or Close body names a prepared statement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StatementRef<'a> {
+    /// Bytes of the body before the name (a Bind's portal name, a Describe's or Close's `S`).
+    pub prefix_len: usize,
+    /// The statement's name; `None` when the message refers to a portal.
+    pub name: Option<&'a [u8]>,
+}
+
+impl StatementRef<'_> {
+    /// Bytes of the body up to and including the name's terminator.
+    pub fn end(&self) -> usize {
+        self.prefix_len + self.name.map_or(0, |n| n.len() + 1)
+    }
+}
+
+/// Finds the statement a Bind (portal name, then statement name), Describe or Close (`S` or
+/// `P`, then a name) refers to. `body` may be only the start of a Bind's body.
+pub fn statement_ref(tag: u8, body: &[u8]) -> Result<StatementRef<'_>, FrameError> {
+    let what = match tag {
+        BIND => "Bind",
+        DESCRIBE => "Describe",
+        _ => "Close",
+    };
+    let mut r = Reader::new(body, what);
+    if tag == BIND {
+        let portal = r.cstr()?;
+        return Ok(StatementRef {
+            prefix_len: portal.len() + 1,
+            name: Some(r.cstr()?),
+        });
+    }
+    match r.u8()? {
+        b'S' => Ok(StatementRef {
+            prefix_len: 1,
+            name: Some(r.cstr()?),
+        }),
+        b'P' => Ok(StatementRef {
+            prefix_len: 1,
+            name: None,
+        }),
+        _ => Err(FrameError::Malformed { what }),
+    }
+}
+
+/// A Parse of statement `name`, with `rest` the body after the name (query text, parameter
+/// count and types) as a client sent it.
+pub fn write_parse(buf: &mut BytesMut, name: &[u8], rest: &[u8]) {
+    write_message(buf, PARSE, |b| {
+        put_cstr(b, name);
+        b.extend_from_slice(rest);
+    });
+}
+
+/// A Close of prepared statement `name`.
+pub fn write_close_statement(buf: &mut BytesMut, name: &[u8]) {
+    write_message(buf, CLOSE, |b| {
+        b.put_u8(b'S');
+        put_cstr(b, name);
+    });
+}
+
 pub fn write_query(buf: &mut BytesMut, sql: &str) {
     write_message(buf, QUERY, |b| put_cstr(b, sql.as_bytes()));
 }
@@ -104,6 +188,53 @@ mod tests {
         body.put_i32(100);
         body.extend_from_slice(b"short");
         assert!(parse_sasl_initial_response(&body.freeze()).is_err());
+    }
+
+    #[test]
+    fn statement_refs_are_found_in_bind_describe_and_close() {
+        let cases: &[(u8, &[u8], Option<(usize, Option<&[u8]>)>)] = &[
+            (BIND, b"portal\0stmt\0\0\0", Some((7, Some(b"stmt")))),
+            (BIND, b"\0\0rest", Some((1, Some(b"")))),
+            (BIND, b"\0stmt", None),
+            (DESCRIBE, b"Sname\0", Some((1, Some(b"name")))),
+            (DESCRIBE, b"Pportal\0", Some((1, None))),
+            (CLOSE, b"S\0", Some((1, Some(b"")))),
+            (CLOSE, b"Xname\0", None),
+            (CLOSE, b"", None),
+        ];
+        for (tag, body, want) in cases {
+            let got = statement_ref(*tag, body)
+                .ok()
+                .map(|r| (r.prefix_len, r.name));
+            assert_eq!(got, *want, "{} {:?}", *tag as char, body);
+        }
+        let r = statement_ref(BIND, b"p\0s1\0rest").unwrap();
+        assert_eq!(r.end(), 5);
+    }
+
+    #[test]
+    fn parse_and_close_are_written_as_a_client_would() {
+        let mut b = BytesMut::new();
+        write_parse(&mut b, b"s1", b"select $1\0\0\0");
+        write_close_statement(&mut b, b"s1");
+        let p = take_message(&mut b, 1024).unwrap().unwrap();
+        assert_eq!(p.tag, PARSE);
+        assert_eq!(
+            parse_parse(&p.body).unwrap(),
+            (&b"s1"[..], &b"select $1"[..])
+        );
+        let c = take_message(&mut b, 1024).unwrap().unwrap();
+        assert_eq!((c.tag, &c.body[..]), (CLOSE, &b"Ss1\0"[..]));
+    }
+
+    #[test]
+    fn only_session_messages_are_valid_after_login() {
+        for tag in *b"QPBDECSHFdcfX" {
+            assert!(is_session_message(tag), "{}", tag as char);
+        }
+        for tag in [0, b'!', b'T', b'Z', b'p', b'R', 0xff] {
+            assert!(!is_session_message(tag), "{tag}");
+        }
     }
 
     #[test]

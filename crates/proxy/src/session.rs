@@ -546,7 +546,7 @@ impl Session {
         self.params.complete_from(server_params.tracked());
         server_params.write_to(&mut self.client.out, |t| self.params.get_at(t));
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
-        backend::write_ready_for_query(&mut self.client.out, b'I');
+        backend::write_ready_for_query(&mut self.client.out, backend::TxStatus::Idle);
         if self.client.flush().await.is_err() {
             return Err(PgError::fatal(
                 SqlState::CONNECTION_FAILURE,
@@ -761,7 +761,7 @@ impl Session {
             }
         }
         if sync {
-            backend::write_ready_for_query(&mut self.client.out, b'I');
+            backend::write_ready_for_query(&mut self.client.out, backend::TxStatus::Idle);
         }
         Local::Answered
     }
@@ -1445,7 +1445,8 @@ impl Session {
             match tag {
                 backend::READY_FOR_QUERY => {
                     h.status = backend::parse_ready_for_query(body)
-                        .map_err(|e| server_lost(&e.to_string()))?;
+                        .map_err(|e| server_lost(&e.to_string()))?
+                        .as_byte();
                     h.owed = h.owed.saturating_sub(1);
                     h.cancel_sent = None;
                     let stats = &self.entry.stats;

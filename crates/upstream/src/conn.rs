@@ -509,8 +509,8 @@ impl ServerConn {
                     let status = backend::parse_ready_for_query(&msg.body)?;
                     return match (error, status) {
                         (Some(e), _) => Err(QueryError::Server(e)),
-                        (None, b'I') => Ok(()),
-                        (None, s) => Err(QueryError::NotIdle(s as char)),
+                        (None, backend::TxStatus::Idle) => Ok(()),
+                        (None, s) => Err(QueryError::NotIdle(s.as_byte() as char)),
                     };
                 }
                 backend::DATA_ROW if row.is_none() => {
