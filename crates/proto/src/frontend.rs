@@ -192,7 +192,8 @@ mod tests {
 
     #[test]
     fn statement_refs_are_found_in_bind_describe_and_close() {
-        let cases: &[(u8, &[u8], Option<(usize, Option<&[u8]>)>)] = &[
+        type Found<'a> = Option<(usize, Option<&'a [u8]>)>;
+        let cases: &[(u8, &[u8], Found)] = &[
             (BIND, b"portal\0stmt\0\0\0", Some((7, Some(b"stmt")))),
             (BIND, b"\0\0rest", Some((1, Some(b"")))),
             (BIND, b"\0stmt", None),
