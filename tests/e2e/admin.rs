@@ -861,3 +861,62 @@ async fn log_format_json_writes_one_object_per_line_with_the_client_span() {
         "{login}"
     );
 }
+
+#[tokio::test]
+async fn a_query_with_two_commands_is_refused_whole_and_the_daemon_keeps_running() {
+    let env = start("", "");
+    let c = admin(&env).await;
+    for q in [
+        "SHOW POOLS; SHUTDOWN",
+        "PAUSE app;SHUTDOWN;",
+        "SHOW VERSION;;",
+    ] {
+        let r = c.simple_query(q).await;
+        assert_eq!(sqlstate(r), "42601", "{q}");
+    }
+    // Nothing ran: the console still answers, the pool is not paused, and new clients get in.
+    c.simple_query("SHOW VERSION;").await.unwrap();
+    let pools = row_where(&c, "SHOW DATABASES", "name", "app")
+        .await
+        .unwrap();
+    assert_eq!(pools["paused"], "0", "{pools:?}");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    // psql -c sends its whole argument as one Query, as a script interpolating a name would.
+    let out = psql(
+        env.pooler.port(),
+        "admin",
+        "admin_pw",
+        "pgbouncer",
+        &["-c", "SHOW POOLS; SHUTDOWN"],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "psql must see the query refused");
+    assert!(stderr.contains("one command per query"), "{stderr}");
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+}
+
+#[tokio::test]
+async fn a_semicolon_inside_quotes_is_part_of_the_value() {
+    let env = start("pool_mode = \"session\"", "pool_size = 1\n");
+    let c = admin(&env).await;
+    c.simple_query("SET server_reset_query = 'DISCARD ALL; SELECT 1'")
+        .await
+        .unwrap();
+    let row = row_where(&c, "SHOW CONFIG", "key", "server_reset_query")
+        .await
+        .unwrap();
+    assert_eq!(row["value"], "DISCARD ALL; SELECT 1");
+    // The whole two-statement reset runs between sessions on the one server connection.
+    let a = env.client().await;
+    a.batch_execute("SET statement_timeout = '12345ms'")
+        .await
+        .unwrap();
+    drop(a);
+    let b = env.client().await;
+    let st: String = b
+        .query_one("SHOW statement_timeout", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(st, "0", "the reset query's DISCARD ALL ran");
+}

@@ -127,6 +127,8 @@ pub enum ParseError {
     Invalid(String),
     UnknownShow(String),
     BadArgument(String),
+    /// More than one command in one Query.
+    MoreThanOneCommand(String),
 }
 
 impl std::fmt::Display for ParseError {
@@ -137,6 +139,10 @@ impl std::fmt::Display for ParseError {
                 write!(f, "unknown SHOW command '{w}', use SHOW HELP;")
             }
             ParseError::BadArgument(m) => f.write_str(m),
+            ParseError::MoreThanOneCommand(q) => write!(
+                f,
+                "the admin console runs one command per query, refusing '{q}'"
+            ),
         }
     }
 }
@@ -152,49 +158,78 @@ const FAKE_PARAMS: &[(&str, &str)] = &[
     ("application_name", ""),
 ];
 
-/// Splits into words, keeping quoted strings whole (quotes removed, doubled quotes unescaped).
-fn words(q: &str) -> Result<Vec<String>, ParseError> {
+/// One lexical piece of console input.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    /// A bare word, as typed.
+    Word(String),
+    /// A `'…'` or `"…"` string, quotes removed and doubled quotes unescaped. A `;` or `=` inside
+    /// it is text, never a separator.
+    Quoted(String),
+    Equals,
+    Semicolon,
+}
+
+impl Token {
+    fn text(&self) -> &str {
+        match self {
+            Token::Word(w) | Token::Quoted(w) => w,
+            Token::Equals => "=",
+            Token::Semicolon => ";",
+        }
+    }
+}
+
+/// Splits console input into tokens. Quotes are honoured so that a `;` inside a value
+/// (`SET server_reset_query = 'DISCARD ALL; SELECT 1'`) is not a command separator; an
+/// unterminated quote is an error.
+pub fn tokenize(q: &str) -> Result<Vec<Token>, ParseError> {
     let mut out = Vec::new();
     let mut chars = q.chars().peekable();
     while let Some(&c) = chars.peek() {
-        if c.is_whitespace() {
-            chars.next();
-            continue;
-        }
-        if c == '=' {
-            chars.next();
-            out.push("=".into());
-            continue;
-        }
-        if c == '"' || c == '\'' {
-            chars.next();
-            let mut w = String::new();
-            loop {
-                match chars.next() {
-                    Some(x) if x == c => {
-                        if chars.peek() == Some(&c) {
-                            chars.next();
-                            w.push(c);
-                        } else {
-                            break;
+        match c {
+            c if c.is_whitespace() => {
+                chars.next();
+            }
+            '=' => {
+                chars.next();
+                out.push(Token::Equals);
+            }
+            ';' => {
+                chars.next();
+                out.push(Token::Semicolon);
+            }
+            '"' | '\'' => {
+                chars.next();
+                let mut w = String::new();
+                loop {
+                    match chars.next() {
+                        Some(x) if x == c => {
+                            if chars.peek() == Some(&c) {
+                                chars.next();
+                                w.push(c);
+                            } else {
+                                break;
+                            }
                         }
+                        Some(x) => w.push(x),
+                        None => return Err(ParseError::Invalid(q.to_owned())),
                     }
-                    Some(x) => w.push(x),
-                    None => return Err(ParseError::Invalid(q.to_owned())),
                 }
+                out.push(Token::Quoted(w));
             }
-            out.push(w);
-            continue;
-        }
-        let mut w = String::new();
-        while let Some(&x) = chars.peek() {
-            if x.is_whitespace() || x == '=' {
-                break;
+            _ => {
+                let mut w = String::new();
+                while let Some(&x) = chars.peek() {
+                    if x.is_whitespace() || matches!(x, '=' | ';' | '"' | '\'') {
+                        break;
+                    }
+                    w.push(x);
+                    chars.next();
+                }
+                out.push(Token::Word(w));
             }
-            w.push(x);
-            chars.next();
         }
-        out.push(w);
     }
     Ok(out)
 }
@@ -213,12 +248,23 @@ fn parse_secs(s: &str) -> Option<u64> {
     (1..=3600).contains(&secs).then_some(secs)
 }
 
+/// Parses one Query message: exactly one command, optionally followed by one `;`. A second
+/// command is refused whole, as PgBouncer does, so that `SHOW POOLS; SHUTDOWN` (or a name
+/// interpolated into `PAUSE $db` by a script) can never run more than the one command asked for.
 pub fn parse(query: &str) -> Result<Command, ParseError> {
-    let q = query.trim().trim_end_matches(';').trim();
-    if q.is_empty() {
+    let q = query.trim();
+    let mut tokens = tokenize(q)?;
+    if tokens.last() == Some(&Token::Semicolon) {
+        tokens.pop();
+    }
+    if tokens.contains(&Token::Semicolon) {
+        return Err(ParseError::MoreThanOneCommand(q.to_owned()));
+    }
+    let q = q.trim_end_matches(';').trim();
+    if tokens.is_empty() {
         return Ok(Command::Empty);
     }
-    let w = words(q)?;
+    let w: Vec<String> = tokens.iter().map(|t| t.text().to_owned()).collect();
     let Some(verb) = w.first().map(|v| v.to_ascii_lowercase()) else {
         return Ok(Command::Empty);
     };
@@ -249,7 +295,9 @@ pub fn parse(query: &str) -> Result<Command, ParseError> {
         }
         "set" => {
             // SET key = value | SET key TO value
-            let ok = w.len() == 4 && (w[2] == "=" || w[2].eq_ignore_ascii_case("to"));
+            let ok = w.len() == 4
+                && (tokens[2] == Token::Equals
+                    || matches!(&tokens[2], Token::Word(t) if t.eq_ignore_ascii_case("to")));
             if !ok {
                 return Err(ParseError::Invalid(q.to_owned()));
             }
@@ -430,5 +478,77 @@ mod tests {
         assert!(parse("PAUSE a b").is_err());
         assert!(parse("RELOAD now").is_err());
         assert!(parse("SHOW 'oops").is_err());
+    }
+
+    #[test]
+    fn the_tokenizer_keeps_quoted_text_whole() {
+        use Token::*;
+        let w = |s: &str| Word(s.into());
+        let qt = |s: &str| Quoted(s.into());
+        let cases: &[(&str, Vec<Token>)] = &[
+            ("", vec![]),
+            ("SHOW POOLS;", vec![w("SHOW"), w("POOLS"), Semicolon]),
+            ("a=b", vec![w("a"), Equals, w("b")]),
+            (
+                "SET server_reset_query = 'DISCARD ALL; SELECT 1'",
+                vec![
+                    w("SET"),
+                    w("server_reset_query"),
+                    Equals,
+                    qt("DISCARD ALL; SELECT 1"),
+                ],
+            ),
+            ("'it''s'", vec![qt("it's")]),
+            ("\"a\"\"b\"", vec![qt("a\"b")]),
+            ("\"x=y\"", vec![qt("x=y")]),
+            ("pause a;b", vec![w("pause"), w("a"), Semicolon, w("b")]),
+            ("pause a';'", vec![w("pause"), w("a"), qt(";")]),
+            ("''", vec![qt("")]),
+        ];
+        for (q, want) in cases {
+            assert_eq!(&tokenize(q).unwrap(), want, "{q}");
+        }
+        for bad in ["'open", "\"open", "SET a = 'x''", "SHOW \"x"] {
+            assert!(tokenize(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn one_query_runs_one_command_and_a_trailing_semicolon() {
+        let refused = [
+            "SHOW POOLS; SHUTDOWN",
+            "SHOW POOLS;SHUTDOWN;",
+            "PAUSE app; RESUME",
+            "PAUSE x;; ",
+            ";;",
+            "SET a = 'b'; SHUTDOWN",
+            "PAUSE \"a\";SHUTDOWN",
+        ];
+        for q in refused {
+            assert!(
+                matches!(parse(q), Err(ParseError::MoreThanOneCommand(_))),
+                "{q}: {:?}",
+                parse(q)
+            );
+        }
+        assert_eq!(
+            parse("SET server_reset_query = 'DISCARD ALL; SELECT 1';").unwrap(),
+            Command::Action(Action::Set {
+                key: "server_reset_query".into(),
+                value: "DISCARD ALL; SELECT 1".into(),
+            })
+        );
+        // A name that contains a semicolon is one quoted argument, not two commands.
+        assert_eq!(
+            parse("PAUSE \"a;SHUTDOWN\"").unwrap(),
+            Command::Action(Action::Pause(Some("a;SHUTDOWN".into())))
+        );
+        // `=` only separates when it is not quoted.
+        assert!(parse("SET a '=' b").is_err());
+        assert_eq!(parse("  ; ").unwrap(), Command::Empty);
+        assert!(parse("SHOW POOLS; SHUTDOWN")
+            .unwrap_err()
+            .to_string()
+            .contains("one command per query"));
     }
 }

@@ -157,7 +157,7 @@ where
     }
 }
 
-/// Answers one Query message (one or more `;`-separated commands) into `out`, without the
+/// Answers one Query message (one command, see [`command::parse`]) into `out`, without the
 /// final ReadyForQuery. Returns `true` after an immediate SHUTDOWN.
 pub async fn run_query<C: Control>(
     sql: &str,
@@ -165,45 +165,39 @@ pub async fn run_query<C: Control>(
     control: &C,
     out: &mut BytesMut,
 ) -> bool {
-    let parts: Vec<&str> = sql.split(';').filter(|p| !p.trim().is_empty()).collect();
-    if parts.is_empty() {
-        backend::write_empty_query_response(out);
-        return false;
-    }
-    for part in parts {
-        let cmd = match command::parse(part) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::info!(user = %me.user, "admin console: {e}");
-                PgError::error(SqlState::SYNTAX_ERROR, e.to_string()).write(out);
-                return false;
-            }
-        };
-        match cmd {
-            Command::Empty => backend::write_empty_query_response(out),
-            Command::ShowParam(name, value) => {
-                backend::write_row_description(out, &[(name, show::TEXT)]);
-                backend::write_data_row(out, [Some(value.as_bytes())]);
-                backend::write_command_complete(out, "SHOW");
-            }
-            Command::SetIgnored => {
-                PgError::notice("SET ignored").write(out);
-                backend::write_command_complete(out, "SET");
-            }
-            Command::Show(Show::Help) => {
-                PgError::notice("Console usage")
-                    .with_detail(HELP)
-                    .write(out);
-                backend::write_command_complete(out, "SHOW");
-            }
-            Command::Show(what) => {
-                let view = control.view(&what);
-                write_result(out, &show::result(what, &view));
-                backend::write_command_complete(out, "SHOW");
-            }
-            Command::Action(action) => {
-                if !me.is_admin {
-                    PgError::error(
+    let cmd = match command::parse(sql) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::info!(user = %me.user, "admin console: {e}");
+            PgError::error(SqlState::SYNTAX_ERROR, e.to_string()).write(out);
+            return false;
+        }
+    };
+    match cmd {
+        Command::Empty => backend::write_empty_query_response(out),
+        Command::ShowParam(name, value) => {
+            backend::write_row_description(out, &[(name, show::TEXT)]);
+            backend::write_data_row(out, [Some(value.as_bytes())]);
+            backend::write_command_complete(out, "SHOW");
+        }
+        Command::SetIgnored => {
+            PgError::notice("SET ignored").write(out);
+            backend::write_command_complete(out, "SET");
+        }
+        Command::Show(Show::Help) => {
+            PgError::notice("Console usage")
+                .with_detail(HELP)
+                .write(out);
+            backend::write_command_complete(out, "SHOW");
+        }
+        Command::Show(what) => {
+            let view = control.view(&what);
+            write_result(out, &show::result(what, &view));
+            backend::write_command_complete(out, "SHOW");
+        }
+        Command::Action(action) => {
+            if !me.is_admin {
+                PgError::error(
                         INSUFFICIENT_PRIVILEGE,
                         format!(
                             "admin access needed: user \"{}\" is in stats_users, which may only run SHOW",
@@ -211,31 +205,29 @@ pub async fn run_query<C: Control>(
                         ),
                     )
                     .write(out);
-                    return false;
+                return false;
+            }
+            let tag = action.tag();
+            let is_shutdown = matches!(action, Action::Shutdown(crate::ShutdownMode::Immediate));
+            let code = match action {
+                Action::Reload | Action::Set { .. } => CONFIG_FILE_ERROR,
+                _ => OBJECT_NOT_IN_STATE,
+            };
+            tracing::info!(user = %me.user, command = %sql.trim(), "admin command");
+            match control.execute(action).await {
+                Ok(notice) => {
+                    if let Some(n) = notice {
+                        PgError::notice(n).write(out);
+                    }
+                    backend::write_command_complete(out, &tag);
+                    if is_shutdown {
+                        return true;
+                    }
                 }
-                let tag = action.tag();
-                let is_shutdown =
-                    matches!(action, Action::Shutdown(crate::ShutdownMode::Immediate));
-                let code = match action {
-                    Action::Reload | Action::Set { .. } => CONFIG_FILE_ERROR,
-                    _ => OBJECT_NOT_IN_STATE,
-                };
-                tracing::info!(user = %me.user, command = %part.trim(), "admin command");
-                match control.execute(action).await {
-                    Ok(notice) => {
-                        if let Some(n) = notice {
-                            PgError::notice(n).write(out);
-                        }
-                        backend::write_command_complete(out, &tag);
-                        if is_shutdown {
-                            return true;
-                        }
-                    }
-                    Err(message) => {
-                        tracing::warn!(user = %me.user, "admin command failed: {message}");
-                        PgError::error(code, message).write(out);
-                        return false;
-                    }
+                Err(message) => {
+                    tracing::warn!(user = %me.user, "admin command failed: {message}");
+                    PgError::error(code, message).write(out);
+                    return false;
                 }
             }
         }
@@ -306,7 +298,12 @@ mod tests {
 
         out.clear();
         run_query("PAUSE; RESUME", &user(true), &Fake, &mut out).await;
-        assert_eq!(tags(&out), "CC");
+        assert_eq!(tags(&out), "E", "a second command refuses the whole query");
+        assert!(String::from_utf8_lossy(&out).contains("42601"));
+
+        out.clear();
+        run_query("PAUSE;", &user(true), &Fake, &mut out).await;
+        assert_eq!(tags(&out), "C");
 
         out.clear();
         run_query("PAUSE nope", &user(true), &Fake, &mut out).await;
