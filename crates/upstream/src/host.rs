@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use stats::{Breaker, HostStats};
 
 use crate::dns::DnsCache;
-use crate::failover::Role;
+use crate::role::Role;
 use tokio::sync::{Notify, Semaphore, SemaphorePermit};
 
 /// Storm-control settings, from `[pooler]`.
@@ -442,6 +442,19 @@ impl Hosts {
             Ok(m) => m.values().cloned().collect(),
             Err(p) => p.into_inner().values().cloned().collect(),
         }
+    }
+}
+
+/// The host a connection was opened on, and the host's role epoch at the time.
+#[derive(Clone)]
+pub struct Origin {
+    pub host: Arc<Host>,
+    pub epoch: u64,
+}
+
+impl std::fmt::Debug for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.host.name, self.epoch)
     }
 }
 

@@ -4,24 +4,29 @@
 
 pub mod alarm;
 pub mod conn;
+pub mod connect;
 pub mod dns;
+pub mod error;
 pub mod failover;
 pub mod host;
 pub mod pool;
 pub mod prepared;
 pub mod registry;
+pub mod role;
+pub mod settings;
 pub mod stream;
 pub mod tls;
 
 pub use alarm::Alarm;
-pub use conn::{
-    CancelTarget, ConnectError, QueryError, ServerAddr, ServerConn, ServerSettings, ServerTarget,
-};
+pub use conn::{CancelTarget, ServerAddr, ServerConn};
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
-pub use failover::{HostList, LoadBalanceHosts, Origin, Role, TargetSessionAttrs};
-pub use host::{BreakerOpen, DrillMode, Host, Hosts, Refusal, StormSettings};
+pub use error::{ConnectError, QueryError};
+pub use failover::HostList;
+pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettings};
 pub use pool::{discard, took_connect_poll, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
+pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};
+pub use settings::{ServerSettings, ServerTarget};
 pub use stream::Stream;
 pub use tls::{ServerTls, ServerTlsFiles, SslMode, TlsConfigError};

@@ -21,10 +21,13 @@ use stats::PoolStats;
 use tokio::sync::{watch, Semaphore};
 
 use crate::alarm::Alarm;
-use crate::conn::{ConnectError, ServerConn, ServerSettings, ServerTarget};
-use crate::failover::{HostList, TargetSessionAttrs};
+use crate::conn::ServerConn;
+use crate::error::ConnectError;
+use crate::failover::HostList;
 use crate::host::Host;
 use crate::registry::{NewServer, ServerInfo, ServerRegistry};
+use crate::role::TargetSessionAttrs;
+use crate::settings::{ServerSettings, ServerTarget};
 
 /// Caps shared between pools: `max_db_connections` (per database) and
 /// `max_server_connections` (all pools). A connection holds a slot of each while it lives.
