@@ -3,7 +3,6 @@
 //! binary itself against a real PostgreSQL.
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::time::Duration;
 
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -623,15 +622,6 @@ async fn set_changes_a_setting_live_and_refuses_restart_only_ones() {
     assert_eq!(pool_size(&c).await, "7");
     let err = c.simple_query("SET listen_port = 1").await.unwrap_err();
     assert!(msg(&err).contains("restart"), "{err}");
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(s, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
 }
 
 /// The value of the series whose line starts with `prefix`.

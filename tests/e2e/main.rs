@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod common;
+mod deploy;
 mod dns;
 mod failover;
 mod faults;

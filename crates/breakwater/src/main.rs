@@ -4,6 +4,8 @@
 //! `breakwater stats` tail.
 
 mod config;
+mod health;
+mod http;
 mod operator;
 mod tail;
 
@@ -24,6 +26,7 @@ use tokio::task::JoinSet;
 use upstream::Stream;
 
 use crate::config::Config;
+use crate::health::Health;
 use crate::operator::Daemon;
 
 /// PostgreSQL connection pooler: transaction pooling over a warm pool, with bounded connects.
@@ -154,18 +157,31 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let daemon = Daemon::new(proxy.clone(), config.clone());
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = JoinSet::new();
+    let health = Health::new();
 
     if let Some(listen) = &config.file.metrics.listen {
         let addr: std::net::SocketAddr = listen
             .parse()
             .with_context(|| format!("metrics.listen = \"{listen}\""))?;
-        metrics_exporter_prometheus::PrometheusBuilder::new()
-            .with_http_listener(addr)
-            .install()
+        let listener = TcpListener::bind(addr)
+            .await
             .with_context(|| format!("cannot serve metrics on {addr}"))?;
-        tracing::info!(%addr, "serving Prometheus metrics at /metrics");
-        tasks.spawn(publish_metrics(daemon.clone(), stop_rx.clone()));
+        let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("cannot install the metrics recorder")?;
+        tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
+        tasks.spawn(health.clone().heartbeat());
+        tasks.spawn(publish_metrics(daemon.clone(), handle.clone()));
+        tasks.spawn(http::serve(
+            listener,
+            Arc::new(http::Endpoints {
+                daemon: daemon.clone(),
+                health: health.clone(),
+                metrics: handle,
+            }),
+        ));
     }
+    health.set_listening();
     tasks.spawn(maintenance(proxy.clone(), stop_rx.clone()));
     tasks.spawn(stats_period(daemon.clone(), stop_rx.clone()));
     tasks.spawn(reload_on_sighup(daemon.clone(), stop_rx.clone()));
@@ -190,6 +206,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
             Err(_) => ShutdownMode::WaitForServers,
         },
     };
+    health.set_shutting_down();
     tracing::info!(
         clients = proxy.client_count(),
         ?mode,
@@ -277,15 +294,19 @@ async fn stats_period(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     }
 }
 
-/// Copies snapshots into the metrics registry; the data path never touches it.
-async fn publish_metrics(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+/// Copies snapshots into the metrics registry; the data path never touches it. Runs until
+/// exit, through shutdown, so a scrape during a drain still sees the clients leave.
+async fn publish_metrics(
+    daemon: Arc<Daemon>,
+    handle: metrics_exporter_prometheus::PrometheusHandle,
+) {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
-        tokio::select! {
-            _ = tick.tick() => daemon.publish_metrics(),
-            _ = stop.changed() => return,
-        }
+        tick.tick().await;
+        daemon.publish_metrics();
+        // The exporter's own listener did this; without it, nothing else would.
+        handle.run_upkeep();
     }
 }
 

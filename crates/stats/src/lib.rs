@@ -48,6 +48,39 @@ impl TimeStat {
     }
 }
 
+/// Orders every [`StampedCounter`] move in the process, so two of them can tell which moved
+/// last without a clock (two moves in the same millisecond are still ordered).
+static MOVES: AtomicU64 = AtomicU64::new(0);
+
+/// A counter that also remembers when, among all stamped counters, it last moved. Readiness
+/// asks of a pool "did its last connect attempt succeed?" by comparing the stamps of its
+/// success and failure counters: no lock, no extra write on the path that counts.
+#[derive(Debug, Default)]
+pub struct StampedCounter {
+    count: AtomicU64,
+    /// 0 until the first move.
+    stamp: AtomicU64,
+}
+
+impl Counter for StampedCounter {
+    #[inline]
+    fn add(&self, n: u64) {
+        self.count.fetch_add(n, Relaxed);
+        self.stamp.store(MOVES.fetch_add(1, Relaxed) + 1, Relaxed);
+    }
+}
+
+impl StampedCounter {
+    pub fn load(&self) -> u64 {
+        self.count.load(Relaxed)
+    }
+
+    /// Larger for a later move; 0 when it never moved.
+    pub fn last_moved(&self) -> u64 {
+        self.stamp.load(Relaxed)
+    }
+}
+
 /// Totals and gauges for one pool (database, user). Times are microseconds, as in PgBouncer.
 #[derive(Debug, Default)]
 pub struct PoolStats {
@@ -71,9 +104,10 @@ pub struct PoolStats {
     /// Parse messages sent to servers (a client's, or one injected before a Bind).
     pub server_parse_count: AtomicU64,
     pub bind_count: AtomicU64,
-    /// Connection attempts to servers that succeeded / failed (any phase).
-    pub server_connects: AtomicU64,
-    pub server_connect_failures: AtomicU64,
+    /// Connection attempts to servers that succeeded / failed (any phase); readiness compares
+    /// when each last moved.
+    pub server_connects: StampedCounter,
+    pub server_connect_failures: StampedCounter,
     /// One sample per successful connect + login.
     pub connect_time_us: TimeStat,
     /// Failed connection attempts by phase.
@@ -145,6 +179,11 @@ impl PoolStats {
         gauge.fetch_add(delta, Relaxed);
     }
 
+    /// Whether the most recent connection attempt of this pool failed (false before any).
+    pub fn last_connect_failed(&self) -> bool {
+        self.server_connect_failures.last_moved() > self.server_connects.last_moved()
+    }
+
     pub fn snapshot(&self) -> PoolSnapshot {
         PoolSnapshot {
             database: self.database.clone(),
@@ -161,8 +200,8 @@ impl PoolStats {
             client_parse_count: self.client_parse_count.load(Relaxed),
             server_parse_count: self.server_parse_count.load(Relaxed),
             bind_count: self.bind_count.load(Relaxed),
-            server_connects: self.server_connects.load(Relaxed),
-            server_connect_failures: self.server_connect_failures.load(Relaxed),
+            server_connects: self.server_connects.load(),
+            server_connect_failures: self.server_connect_failures.load(),
             connect_time_us: self.connect_time_us.total_us(),
             connect_timeouts: self.connect_timeouts.load(Relaxed),
             login_timeouts: self.login_timeouts.load(Relaxed),
@@ -409,6 +448,21 @@ mod tests {
             (3, 100, 1)
         );
         assert_eq!(snap.database, "app");
+    }
+
+    #[test]
+    fn the_last_connect_outcome_is_whichever_counter_moved_last() {
+        let s = PoolStats::new("app", "u");
+        assert!(!s.last_connect_failed(), "no attempt yet");
+        PoolStats::add(&s.server_connects, 1);
+        assert!(!s.last_connect_failed());
+        PoolStats::add(&s.server_connect_failures, 1);
+        PoolStats::add(&s.server_connect_failures, 1);
+        assert!(s.last_connect_failed());
+        PoolStats::add(&s.server_connects, 1);
+        assert!(!s.last_connect_failed());
+        let snap = s.snapshot();
+        assert_eq!((snap.server_connects, snap.server_connect_failures), (2, 2));
     }
 
     #[test]
