@@ -13,5 +13,6 @@ mod pooling;
 mod prepared;
 mod protocol;
 mod session_state;
+mod startup;
 mod storm;
 mod tls;

@@ -21,6 +21,7 @@ pub const BIND_COMPLETE: u8 = b'2';
 pub const CLOSE_COMPLETE: u8 = b'3';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const DATA_ROW: u8 = b'D';
+pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
 
 /// Text type OID, used for every admin console column.
 pub const TEXT_OID: u32 = 25;
@@ -180,6 +181,18 @@ pub fn write_auth_sasl_final(buf: &mut BytesMut, data: &[u8]) {
     write_message(buf, AUTHENTICATION, |b| {
         b.put_i32(12);
         b.extend_from_slice(data);
+    });
+}
+
+/// NegotiateProtocolVersion: the newest minor version of protocol 3 spoken here, and the
+/// `_pq_.*` startup options not understood.
+pub fn write_negotiate_protocol_version(buf: &mut BytesMut, minor: u16, unsupported: &[&str]) {
+    write_message(buf, NEGOTIATE_PROTOCOL_VERSION, |b| {
+        b.put_i32(i32::from(minor));
+        b.put_i32(unsupported.len() as i32);
+        for name in unsupported {
+            put_cstr(b, name.as_bytes());
+        }
     });
 }
 

@@ -27,6 +27,7 @@ impl SqlState {
     pub const ACTIVE_SQL_TRANSACTION: SqlState = SqlState("25001");
     pub const INVALID_PARAMETER_VALUE: SqlState = SqlState("22023");
     pub const SYNTAX_ERROR: SqlState = SqlState("42601");
+    pub const UNDEFINED_OBJECT: SqlState = SqlState("42704");
     pub const INTERNAL_ERROR: SqlState = SqlState("XX000");
 }
 

@@ -6,12 +6,18 @@ use bytes::{BufMut, BytesMut};
 use crate::frame::{put_cstr, FrameError, Reader};
 
 const PROTOCOL_V3: u32 = 196_608;
+/// The protocol's major version, in the high 16 bits of the startup packet's version word.
+const MAJOR_V3: u32 = 3;
 const SSL_REQUEST: u32 = 80_877_103;
 const GSSENC_REQUEST: u32 = 80_877_104;
 const CANCEL_REQUEST: u32 = 80_877_102;
 
-/// Startup packets are small; libpq caps them at 10000 bytes and so do we.
+/// Startup packets are small; PostgreSQL accepts up to 10000 bytes after the length word, and
+/// so do we.
 pub const MAX_STARTUP_LEN: usize = 10_000;
+
+/// Protocol options (`_pq_.name`) are named with this prefix; they ask for protocol extensions.
+pub const PROTOCOL_OPTION_PREFIX: &str = "_pq_.";
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupRequest {
@@ -22,7 +28,9 @@ pub enum StartupRequest {
         key: i32,
     },
     Startup(StartupParams),
-    /// A protocol version we do not speak (v2, or a future major version).
+    /// A protocol version we do not speak (v2, or a future major version). A 3.x startup with
+    /// a higher minor version is a [`StartupRequest::Startup`], to be answered with
+    /// NegotiateProtocolVersion.
     Unsupported {
         version: u32,
     },
@@ -35,6 +43,10 @@ pub struct StartupParams {
     pub database: String,
     /// Every other parameter, in the order the client sent them.
     pub params: Vec<(String, String)>,
+    /// The minor version of protocol 3 the client asked for (0 for 3.0).
+    pub minor_version: u16,
+    /// `_pq_.*` protocol options, with their prefix, in the order sent.
+    pub protocol_options: Vec<(String, String)>,
 }
 
 impl StartupParams {
@@ -55,10 +67,10 @@ pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupRequest>, FrameE
     if len < 8 {
         return Err(FrameError::BadLength { len });
     }
-    if len > MAX_STARTUP_LEN {
+    if len - 4 > MAX_STARTUP_LEN {
         return Err(FrameError::TooLarge {
             len,
-            max: MAX_STARTUP_LEN,
+            max: MAX_STARTUP_LEN + 4,
         });
     }
     if buf.len() < len {
@@ -82,8 +94,11 @@ fn parse_startup(body: &[u8]) -> Result<StartupRequest, FrameError> {
             let key = r.i32()?;
             Ok(StartupRequest::Cancel { pid, key })
         }
-        PROTOCOL_V3 => {
-            let mut p = StartupParams::default();
+        version if version >> 16 == MAJOR_V3 => {
+            let mut p = StartupParams {
+                minor_version: (version & 0xffff) as u16,
+                ..StartupParams::default()
+            };
             loop {
                 let name = r.cstr_utf8()?;
                 if name.is_empty() {
@@ -93,6 +108,9 @@ fn parse_startup(body: &[u8]) -> Result<StartupRequest, FrameError> {
                 match name {
                     "user" => p.user = value,
                     "database" => p.database = value,
+                    _ if name.starts_with(PROTOCOL_OPTION_PREFIX) => {
+                        p.protocol_options.push((name.to_owned(), value))
+                    }
                     _ => p.params.push((name.to_owned(), value)),
                 }
             }
@@ -169,7 +187,25 @@ mod tests {
                     user: "bob".into(),
                     database: "bob".into(),
                     params: vec![("application_name".into(), "x".into())],
+                    ..StartupParams::default()
                 }),
+            ),
+            (
+                packet(
+                    PROTOCOL_V3 + 2,
+                    b"user\0bob\0_pq_.frob\0on\0database\0d\0\0",
+                ),
+                StartupRequest::Startup(StartupParams {
+                    user: "bob".into(),
+                    database: "d".into(),
+                    minor_version: 2,
+                    protocol_options: vec![("_pq_.frob".into(), "on".into())],
+                    ..StartupParams::default()
+                }),
+            ),
+            (
+                packet(4 << 16, b"user\0a\0\0"),
+                StartupRequest::Unsupported { version: 4 << 16 },
             ),
         ];
         for (mut bytes, want) in cases {
@@ -206,5 +242,28 @@ mod tests {
         ));
         let mut partial = BytesMut::from(&[0u8, 0, 0, 20, 0][..]);
         assert_eq!(take_startup(&mut partial).unwrap(), None);
+    }
+
+    #[test]
+    fn a_startup_may_carry_10000_bytes_after_its_length_word_as_in_postgresql() {
+        let sized = |body_len: usize| {
+            // "user\0u\0" + "x\0" + value + "\0" + final "\0", after the 4-byte version.
+            let fixed = 4 + 7 + 2 + 1 + 1;
+            let mut rest = b"user\0u\0x\0".to_vec();
+            rest.extend(std::iter::repeat_n(b'v', body_len - fixed));
+            rest.extend_from_slice(b"\0\0");
+            packet(PROTOCOL_V3, &rest)
+        };
+        let mut max = sized(MAX_STARTUP_LEN);
+        assert_eq!(max.len(), MAX_STARTUP_LEN + 4);
+        assert!(matches!(
+            take_startup(&mut max),
+            Ok(Some(StartupRequest::Startup(_)))
+        ));
+        let mut over = sized(MAX_STARTUP_LEN + 1);
+        assert!(matches!(
+            take_startup(&mut over),
+            Err(FrameError::TooLarge { .. })
+        ));
     }
 }

@@ -325,6 +325,10 @@ async fn open(
             }
         }
     }
+    // PostgreSQL answers one SSLRequest and one GSSENCRequest per connection; a client that
+    // asks again is broken or probing (10,000 GSSENCRequests got 10,000 answers).
+    let mut ssl_asked = false;
+    let mut gss_asked = false;
     loop {
         let req = match startup::take_startup(buf) {
             Ok(Some(r)) => r,
@@ -341,6 +345,20 @@ async fn open(
                 );
             }
         };
+        let again = match req {
+            StartupRequest::Ssl => std::mem::replace(&mut ssl_asked, true),
+            StartupRequest::GssEnc => std::mem::replace(&mut gss_asked, true),
+            _ => false,
+        };
+        if again {
+            GlobalStats::bump(&shared.stats.protocol_errors);
+            return (
+                Some(stream),
+                Err(protocol_violation(
+                    "more than one SSLRequest or GSSENCRequest of a kind on one connection".into(),
+                )),
+            );
+        }
         match req {
             StartupRequest::Ssl if stream.is_tls() => {
                 GlobalStats::bump(&shared.stats.protocol_errors);
@@ -359,6 +377,9 @@ async fn open(
                         stream = other;
                         if stream.send(b"N").await.is_err() {
                             return (Some(stream), Err(LoginEnd::Gone));
+                        }
+                        if let Some(e) = pipelined_after_negotiation(shared, buf, "SSL") {
+                            return (Some(stream), Err(e));
                         }
                         continue;
                     }
@@ -391,6 +412,9 @@ async fn open(
                 // No GSSAPI encryption: the client may go on with SSLRequest or in plaintext.
                 if stream.send(b"N").await.is_err() {
                     return (Some(stream), Err(LoginEnd::Gone));
+                }
+                if let Some(e) = pipelined_after_negotiation(shared, buf, "GSSAPI") {
+                    return (Some(stream), Err(e));
                 }
             }
             StartupRequest::Cancel { pid, key } => {
@@ -428,6 +452,19 @@ async fn open(
             }
         }
     }
+}
+
+/// A client must wait for the answer to its SSLRequest or GSSENCRequest before it goes on, so
+/// bytes already here were sent blind, perhaps by someone in the middle: refused, as
+/// PostgreSQL does, even when the answer was "go on in plaintext".
+fn pipelined_after_negotiation(shared: &Shared, buf: &BytesMut, kind: &str) -> Option<LoginEnd> {
+    if buf.is_empty() {
+        return None;
+    }
+    GlobalStats::bump(&shared.stats.protocol_errors);
+    Some(protocol_violation(format!(
+        "received unencrypted data after {kind} request"
+    )))
 }
 
 /// The TLS handshake with a client, bounded by what is left of client_login_timeout.
@@ -490,14 +527,18 @@ async fn login(
             ),
         )));
     }
-    let params = ClientParams::from_startup(&startup.params).map_err(|e| {
-        let code = if e.0.contains("replication") {
-            SqlState::FEATURE_NOT_SUPPORTED
-        } else {
-            SqlState::PROTOCOL_VIOLATION
-        };
-        LoginEnd::Refuse(PgError::fatal(code, e.to_string()))
-    })?;
+    let params = ClientParams::from_startup(&startup.params)
+        .map_err(|e| LoginEnd::Refuse(PgError::fatal(e.sqlstate(), e.to_string())))?;
+    negotiate_protocol_version(client, &startup);
+
+    // PostgreSQL's clientcert=verify-full: the certificate is the user's, whatever auth_type.
+    if settings.client_tls.mode == SslMode::VerifyFull && client.stream.is_tls() {
+        certificate_names_user(client, &startup.user)?;
+    }
+    // Authentication comes before anything is said about the database, so that names cannot be
+    // enumerated by someone without a password: an unknown or disabled database is only
+    // reported to a client that has proved who it is.
+    let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
 
     let is_admin_db = ADMIN_DATABASES.contains(&startup.database.as_str());
     let route = if is_admin_db {
@@ -513,7 +554,6 @@ async fn login(
             ))
         })?)
     };
-
     if !is_admin_db && shared.switches().is_disabled(&startup.database) {
         return Err(LoginEnd::Refuse(PgError::fatal(
             SqlState::CANNOT_CONNECT_NOW,
@@ -523,11 +563,6 @@ async fn login(
             ),
         )));
     }
-    // PostgreSQL's clientcert=verify-full: the certificate is the user's, whatever auth_type.
-    if settings.client_tls.mode == SslMode::VerifyFull && client.stream.is_tls() {
-        certificate_names_user(client, &startup.user)?;
-    }
-    let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
     backend::write_auth_ok(&mut client.out);
 
     if is_admin_db {
@@ -553,6 +588,26 @@ async fn login(
     let server_user = route.user.as_deref().unwrap_or(&startup.user);
     let entry = shared.pool_for(settings, route, server_user, scram_keys);
     Ok(Login::Session(entry, startup, params))
+}
+
+/// Breakwater speaks protocol 3.0. A client asking for a newer 3.x (libpq 18 with
+/// `max_protocol_version`) or for `_pq_.*` extensions is told so and goes on at 3.0 without
+/// them, as PostgreSQL does; the message leads the first authentication request.
+fn negotiate_protocol_version(client: &mut ClientConn, startup: &StartupParams) {
+    if startup.minor_version == 0 && startup.protocol_options.is_empty() {
+        return;
+    }
+    let unsupported: Vec<&str> = startup
+        .protocol_options
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    tracing::debug!(
+        minor = startup.minor_version,
+        options = ?unsupported,
+        "protocol negotiated down to 3.0"
+    );
+    backend::write_negotiate_protocol_version(&mut client.out, 0, &unsupported);
 }
 
 fn bad_password(user: &str) -> LoginEnd {

@@ -45,6 +45,37 @@ pub struct PoolEntry {
     /// Statements this pool's servers have parsed, so a client's Parse of one outside a
     /// transaction needs no server.
     pub(crate) known_statements: prepared::KnownStatements,
+    /// Sets of unreported startup parameters (`extra_float_digits`, `options=-c …`) a server of
+    /// this pool has accepted. A login with a set not listed here takes a server round trip
+    /// before it is welcomed, so an unknown parameter is refused at login, as PostgreSQL does,
+    /// rather than failing every query after it; clients of one application all send the same
+    /// set, so the list stays short (and is capped).
+    accepted_startup_settings: Mutex<Vec<Vec<(String, String)>>>,
+}
+
+/// Enough distinct startup-parameter sets for the applications of one pool; past it, logins
+/// with a new set each take a server round trip.
+const MAX_ACCEPTED_STARTUP_SETTINGS: usize = 32;
+
+impl PoolEntry {
+    pub(crate) fn startup_settings_accepted(&self, extra: &[(String, String)]) -> bool {
+        extra.is_empty()
+            || match self.accepted_startup_settings.lock() {
+                Ok(known) => known.iter().any(|k| k == extra),
+                Err(_) => false,
+            }
+    }
+
+    pub(crate) fn accept_startup_settings(&self, extra: &[(String, String)]) {
+        if extra.is_empty() {
+            return;
+        }
+        if let Ok(mut known) = self.accepted_startup_settings.lock() {
+            if known.len() < MAX_ACCEPTED_STARTUP_SETTINGS && !known.iter().any(|k| k == extra) {
+                known.push(extra.to_vec());
+            }
+        }
+    }
 }
 
 /// A server's ParameterStatus pairs, as a fresh connection reports them.
@@ -388,6 +419,7 @@ impl Shared {
             route: route.clone(),
             welcome: Mutex::new(None),
             known_statements: prepared::KnownStatements::default(),
+            accepted_startup_settings: Mutex::new(Vec::new()),
         });
         entry
             .pool

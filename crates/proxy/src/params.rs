@@ -97,8 +97,39 @@ fn fingerprint_keys() -> &'static std::hash::RandomState {
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
-#[error("invalid startup parameter: {0}")]
-pub struct ParamError(pub String);
+pub enum ParamError {
+    #[error("invalid startup parameter: {0}")]
+    Invalid(String),
+    #[error("replication connections are not supported")]
+    Replication,
+    /// PostgreSQL takes a boolean or `database` here and refuses anything else with 22023.
+    #[error("invalid value for parameter \"replication\": \"{0}\" (valid values are false, 0, true, 1, database)")]
+    ReplicationValue(String),
+}
+
+impl ParamError {
+    /// The SQLSTATE PostgreSQL sends for the same startup.
+    pub fn sqlstate(&self) -> proto::SqlState {
+        match self {
+            ParamError::Invalid(_) => proto::SqlState::PROTOCOL_VIOLATION,
+            ParamError::Replication => proto::SqlState::FEATURE_NOT_SUPPORTED,
+            ParamError::ReplicationValue(_) => proto::SqlState::INVALID_PARAMETER_VALUE,
+        }
+    }
+}
+
+/// PostgreSQL's `parse_bool`: true/false, yes/no, on/off, 1/0, any unique prefix, any case.
+fn parse_bool(value: &str) -> Option<bool> {
+    let v = value.trim().to_ascii_lowercase();
+    let prefix_of = |word: &str, min: usize| v.len() >= min && word.starts_with(v.as_str());
+    if prefix_of("true", 1) || prefix_of("yes", 1) || prefix_of("on", 2) || v == "1" {
+        Some(true)
+    } else if prefix_of("false", 1) || prefix_of("no", 1) || prefix_of("off", 2) || v == "0" {
+        Some(false)
+    } else {
+        None
+    }
+}
 
 impl ClientParams {
     /// Splits a client's startup parameters. `options` is parsed for `-c name=value` and
@@ -111,9 +142,12 @@ impl ClientParams {
                     out.put(&k, &v);
                 }
             } else if name == "replication" {
-                return Err(ParamError(
-                    "replication connections are not supported".into(),
-                ));
+                // `replication=false` is an ordinary connection; not a setting to pass on.
+                match (value.as_str(), parse_bool(value)) {
+                    (_, Some(false)) => {}
+                    ("database", _) | (_, Some(true)) => return Err(ParamError::Replication),
+                    (_, None) => return Err(ParamError::ReplicationValue(value.clone())),
+                }
             } else {
                 out.put(name, value);
             }
@@ -317,21 +351,23 @@ fn parse_options(options: &str) -> Result<Vec<(String, String)>, ParamError> {
     while let Some(w) = it.next() {
         let setting = if w == "-c" {
             it.next()
-                .ok_or_else(|| ParamError("\"-c\" in options without a setting".into()))?
+                .ok_or_else(|| ParamError::Invalid("\"-c\" in options without a setting".into()))?
         } else if let Some(s) = w.strip_prefix("--") {
             s.to_owned()
         } else if let Some(s) = w.strip_prefix("-c") {
             s.to_owned()
         } else {
-            return Err(ParamError(format!("unsupported option \"{w}\" in options")));
+            return Err(ParamError::Invalid(format!(
+                "unsupported option \"{w}\" in options"
+            )));
         };
         let (k, v) = setting
             .split_once('=')
-            .ok_or_else(|| ParamError(format!("option \"{setting}\" has no value")))?;
+            .ok_or_else(|| ParamError::Invalid(format!("option \"{setting}\" has no value")))?;
         // Postgres accepts `--lock-timeout=1s` for lock_timeout.
         let k = k.replace('-', "_");
         if !valid_name(&k) {
-            return Err(ParamError(format!(
+            return Err(ParamError::Invalid(format!(
                 "invalid parameter name \"{k}\" in options"
             )));
         }
@@ -392,7 +428,21 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(ClientParams::from_startup(&s(&[("replication", "database")])).is_err());
+        let replication = |v: &str| ClientParams::from_startup(&s(&[("replication", v)]));
+        for v in ["database", "true", "on", "1", "YES", "t"] {
+            assert_eq!(replication(v), Err(ParamError::Replication), "{v}");
+        }
+        for v in ["maybe", "o", "", "2", "databases"] {
+            assert_eq!(
+                replication(v).map_err(|e| e.sqlstate()),
+                Err(proto::SqlState::INVALID_PARAMETER_VALUE),
+                "{v}"
+            );
+        }
+        for v in ["false", "off", "0", "no", "F"] {
+            let p = replication(v).unwrap();
+            assert!(p.extra.is_empty(), "replication={v} is not a setting");
+        }
     }
 
     #[test]

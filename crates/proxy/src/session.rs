@@ -525,7 +525,8 @@ impl Session {
             Err(p) => p.into_inner().clone(),
         };
         let mut held = None;
-        let server_params = match cached.filter(|w| self.resolvable(&w.params)) {
+        let checked = self.entry.startup_settings_accepted(&self.params.extra);
+        let server_params = match cached.filter(|w| checked && self.resolvable(&w.params)) {
             Some(w) => w,
             None => {
                 let mut server = self.checkout_raw().await?;
@@ -535,6 +536,7 @@ impl Session {
                     }
                 }
                 self.sync_params(&mut server).await?;
+                self.entry.accept_startup_settings(&self.params.extra);
                 let p = WelcomeParams::new(server.params());
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
@@ -905,8 +907,14 @@ impl Session {
             }
             Ok(Err(QueryError::Server(f))) => {
                 server.broken = true;
+                // An unknown name keeps PostgreSQL's own code, as a direct login would get.
+                let code = if f.code == SqlState::UNDEFINED_OBJECT.0 {
+                    SqlState::UNDEFINED_OBJECT
+                } else {
+                    SqlState::INVALID_PARAMETER_VALUE
+                };
                 Err(PgError::fatal(
-                    SqlState::INVALID_PARAMETER_VALUE,
+                    code,
                     format!("could not apply session parameters: {}", f.message),
                 ))
             }
