@@ -886,21 +886,10 @@ fn password_keys(password: &str, salt: &[u8], iterations: u32) -> ([u8; 32], [u8
     )
 }
 
-/// Hi() of RFC 5802: PBKDF2-HMAC-SHA-256 with one output block.
+/// Hi() of RFC 5802: PBKDF2-HMAC-SHA-256 with one output block (the `pbkdf2` crate, so the
+/// security code to audit is RustCrypto's, not ours).
 fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
-    let prf = hmac_with_key(password);
-    let mut mac = prf.clone();
-    mac.update(salt);
-    mac.update(&1u32.to_be_bytes());
-    let mut u: [u8; 32] = mac.finalize().into_bytes().into();
-    let mut out = u;
-    for _ in 1..iterations {
-        let mut mac = prf.clone();
-        mac.update(&u);
-        u = mac.finalize().into_bytes().into();
-        out = xor(&out, &u);
-    }
-    out
+    pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(password, salt, iterations)
 }
 
 fn hmac_with_key(key: &[u8]) -> HmacSha256 {
@@ -926,17 +915,11 @@ fn xor(a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
     out
 }
 
-/// Compares without an early exit, so timing does not say how much of a guess was right.
+/// Compares in constant time (`subtle`), so timing does not say how much of a guess was right.
 /// The length is not secret.
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    let diff = a
-        .iter()
-        .zip(b)
-        .fold(0u8, |acc, (x, y)| std::hint::black_box(acc | (x ^ y)));
-    diff == 0
+    use subtle::ConstantTimeEq;
+    a.len() == b.len() && bool::from(a.ct_eq(b))
 }
 
 fn random_nonce() -> String {
