@@ -640,6 +640,10 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
     for _ in 0..3 {
         app.simple_query("SELECT 1").await.unwrap();
     }
+    let web = connect(&format!("{} application_name=web", env.conn_string()))
+        .await
+        .unwrap();
+    web.simple_query("SELECT 1").await.unwrap();
     // A refused login counts as an error of class 28.
     assert_eq!(
         sqlstate(connect(&env.pooler.conn_string("app", "wrong", "app")).await),
@@ -655,7 +659,7 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
             &body,
             "breakwater_transactions_total{database=\"app\",user=\"app\"}",
         ) == Some(xacts)
-            && xacts >= 3.0
+            && xacts >= 4.0
     })
     .await
     .unwrap();
@@ -667,32 +671,73 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
         head.starts_with("HTTP/1.") && head.contains(" 200"),
         "{head}"
     );
-    // Prometheus text format: comments, or `name{labels} value`.
+    // Prometheus text format: comments, or `name{labels} value`; every family has HELP.
+    let mut helped = std::collections::HashSet::new();
     for line in text.lines().filter(|l| !l.is_empty()) {
-        if line.starts_with('#') {
-            assert!(
-                line.starts_with("# TYPE ") || line.starts_with("# HELP "),
-                "{line}"
-            );
+        if let Some(rest) = line.strip_prefix("# HELP ") {
+            helped.insert(rest.split(' ').next().unwrap().to_owned());
             continue;
         }
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (family, kind) = rest.split_once(' ').unwrap();
+            assert!(helped.contains(family), "no HELP before {line}");
+            assert!(["counter", "gauge", "histogram"].contains(&kind), "{line}");
+            continue;
+        }
+        assert!(!line.starts_with('#'), "{line}");
         let (name, value) = line.rsplit_once(' ').unwrap();
-        assert!(name.starts_with("breakwater_"), "{line}");
+        assert!(
+            name.starts_with("breakwater_") || name.starts_with("process_"),
+            "{line}"
+        );
         assert!(value.parse::<f64>().is_ok(), "{line}");
+        let family = name.split('{').next().unwrap();
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|s| family.strip_suffix(s).filter(|b| helped.contains(*b)))
+            .unwrap_or(family);
+        assert!(helped.contains(base), "no HELP for {line}");
     }
     for name in [
         "breakwater_clients{database=\"app\",user=\"app\",state=\"idle\"}",
         "breakwater_servers{database=\"app\",user=\"app\",state=\"idle\"}",
+        "breakwater_servers{database=\"app\",user=\"app\",state=\"login\"} 0",
         "breakwater_queries_total{database=\"app\",user=\"app\"}",
-        "breakwater_client_wait_seconds{database=\"app\",user=\"app\",quantile=\"0.99\"}",
         "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
         "breakwater_login_failures_total",
         "breakwater_client_errors_total{class=\"28\"} 1",
         "breakwater_timeouts_total{kind=\"query_timeout\"}",
         "breakwater_host_breaker{host=\"127.0.0.1:",
+        "breakwater_clients_by_application{application_name=\"web\"} 1",
+        "breakwater_build_info{version=\"",
+        "process_resident_memory_bytes",
+        "process_open_fds",
     ] {
         assert!(series(text, name).is_some(), "{name} missing from:\n{text}");
     }
+    // Latency is a real histogram: cumulative buckets ending in +Inf = _count, which counts
+    // every transaction the console counted.
+    let xacts = stat(&c, "SHOW STATS_TOTALS", "xact_count").await as f64;
+    let l = "database=\"app\",user=\"app\"";
+    let count = series(
+        text,
+        &format!("breakwater_transaction_seconds_count{{{l}}}"),
+    )
+    .unwrap();
+    let inf = series(
+        text,
+        &format!("breakwater_transaction_seconds_bucket{{{l},le=\"+Inf\"}}"),
+    );
+    assert_eq!((Some(count), count), (inf, xacts));
+    let buckets: Vec<f64> = text
+        .lines()
+        .filter(|line| line.starts_with("breakwater_transaction_seconds_bucket{database=\"app\""))
+        .map(|line| line.rsplit(' ').next().unwrap().parse().unwrap())
+        .collect();
+    assert!(
+        buckets.len() > 10 && buckets.windows(2).all(|w| w[0] <= w[1]),
+        "{buckets:?}"
+    );
 }
 
 #[tokio::test]

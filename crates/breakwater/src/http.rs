@@ -129,7 +129,8 @@ async fn answer(mut stream: TcpStream, endpoints: &Endpoints) -> std::io::Result
     };
     let (status, content_type, body) = match route {
         Route::Metrics => {
-            let text = endpoints.metrics.render();
+            let mut text = endpoints.metrics.render();
+            crate::scrape::render(&mut text, &endpoints.daemon.proxy);
             ("200 OK", "text/plain; version=0.0.4; charset=utf-8", text)
         }
         Route::Healthz => verdict(endpoints.health.liveness()),

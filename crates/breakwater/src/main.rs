@@ -7,6 +7,7 @@ mod config;
 mod health;
 mod http;
 mod operator;
+mod scrape;
 mod tail;
 
 use std::io::IsTerminal;
@@ -169,6 +170,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
             .install_recorder()
             .context("cannot install the metrics recorder")?;
+        stats::export::describe();
         tracing::info!(%addr, "serving /metrics, /healthz and /readyz");
         tasks.spawn(health.clone().heartbeat());
         tasks.spawn(publish_metrics(daemon.clone(), handle.clone()));

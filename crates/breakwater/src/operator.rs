@@ -95,17 +95,13 @@ impl Daemon {
         ))
     }
 
-    /// Publishes every pool to the metrics registry; quantiles over the current period.
+    /// Publishes every pool to the metrics registry.
     pub fn publish_metrics(&self) {
-        let h = lock(&self.history);
-        let older = h.older.as_ref().or(h.newer.as_ref()).map(|(_, m)| m);
         for p in self.proxy.pools() {
             let s = p.stats.snapshot();
             let status = p.pool.status();
-            let earlier = older.and_then(|m| m.get(&(s.database.clone(), s.user.clone())));
             stats::export::publish_pool(
                 &s,
-                earlier,
                 &stats::export::ServerGauges {
                     active: status.size.saturating_sub(status.available) as u64,
                     idle: status.available as u64,
@@ -249,10 +245,10 @@ impl Control for Daemon {
             pools.push(PoolView {
                 older: older.as_ref().and_then(|m| m.get(&key).cloned()),
                 newer: newer.as_ref().and_then(|m| m.get(&key).cloned()),
+                sv_login: stats.sv_login.max(0) as u64,
                 stats,
                 sv_active: status.size.saturating_sub(status.available) as u64,
                 sv_idle: status.available as u64,
-                sv_login: 0,
                 maxwait_us: p.pool.max_wait().as_micros() as u64,
                 pool_size: status.max_size as u64,
                 min_pool_size: p.pool.min_size() as u64,

@@ -103,6 +103,22 @@ impl HistogramSnapshot {
         }
     }
 
+    /// How many values were below each of `edges` (ascending microseconds, each a power of two
+    /// of at least 16, which are bucket boundaries): Prometheus' cumulative `le` counts, exact.
+    pub fn counts_below(&self, edges: &[u64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(edges.len());
+        let mut seen = 0;
+        let mut buckets = self.counts.iter().enumerate().peekable();
+        for &edge in edges {
+            debug_assert!(edge >= LINEAR as u64 && edge.is_power_of_two());
+            while let Some((_, c)) = buckets.next_if(|(i, _)| upper_bound(*i) < edge) {
+                seen += c;
+            }
+            out.push(seen);
+        }
+        out
+    }
+
     /// The value at quantile `q` (0.0–1.0), as the midpoint of its bucket; 0 when empty.
     pub fn quantile(&self, q: f64) -> u64 {
         let total = self.count();
@@ -171,6 +187,19 @@ mod tests {
             );
         }
         assert_eq!(s.count(), 10_000);
+    }
+
+    #[test]
+    fn counts_below_powers_of_two_are_exact() {
+        let h = Histogram::default();
+        for v in [0, 15, 16, 63, 64, 65, 1_000, 1_023, 1_024, 5_000_000] {
+            h.record(v);
+        }
+        assert_eq!(
+            h.snapshot().counts_below(&[16, 64, 1024, 1 << 20, 1 << 30]),
+            vec![2, 4, 8, 9, 10]
+        );
+        assert_eq!(HistogramSnapshot::default().counts_below(&[16]), vec![0]);
     }
 
     #[test]

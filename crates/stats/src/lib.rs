@@ -81,6 +81,23 @@ impl StampedCounter {
     }
 }
 
+/// Adds one to a gauge for as long as it lives: a connect counted in `sv_login` stops counting
+/// however it ends, including when the checkout driving it is dropped.
+pub struct GaugeGuard<'a>(&'a AtomicI64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(gauge: &'a AtomicI64) -> Self {
+        gauge.fetch_add(1, Relaxed);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_add(-1, Relaxed);
+    }
+}
+
 /// Totals and gauges for one pool (database, user). Times are microseconds, as in PgBouncer.
 #[derive(Debug, Default)]
 pub struct PoolStats {
@@ -124,6 +141,8 @@ pub struct PoolStats {
     pub cl_waiting: AtomicI64,
     /// Clients logged in to this pool and idle.
     pub cl_idle: AtomicI64,
+    /// Server connections being opened: connect, TLS and login (PgBouncer's `sv_login`).
+    pub sv_login: AtomicI64,
 }
 
 /// A consistent-enough copy of one pool's counters for readers.
@@ -154,6 +173,7 @@ pub struct PoolSnapshot {
     pub cl_active: i64,
     pub cl_waiting: i64,
     pub cl_idle: i64,
+    pub sv_login: i64,
     pub xact_hist: HistogramSnapshot,
     pub query_hist: HistogramSnapshot,
     pub wait_hist: HistogramSnapshot,
@@ -211,6 +231,7 @@ impl PoolStats {
             cl_active: self.cl_active.load(Relaxed),
             cl_waiting: self.cl_waiting.load(Relaxed),
             cl_idle: self.cl_idle.load(Relaxed),
+            sv_login: self.sv_login.load(Relaxed),
             xact_hist: self.xact_time_us.hist.snapshot(),
             query_hist: self.query_time_us.hist.snapshot(),
             wait_hist: self.wait_time_us.hist.snapshot(),
@@ -329,6 +350,7 @@ impl PoolSnapshot {
         self.cl_active += o.cl_active;
         self.cl_waiting += o.cl_waiting;
         self.cl_idle += o.cl_idle;
+        self.sv_login += o.sv_login;
     }
 }
 

@@ -115,9 +115,11 @@ impl ServerManager {
         }
         let settings = self.settings();
         let started = Instant::now();
+        let logging_in = stats::GaugeGuard::new(&self.stats.sv_login);
         // Boxed: connecting (DNS, TLS, login) is a large future, and every checkout embeds
         // this one; unboxed it would sit in every client task's memory even while idle.
         let conn = Connecting(Box::pin(self.hosts.connect(&target, &settings))).await;
+        drop(logging_in);
         let stats = &self.stats;
         match conn {
             Ok(mut c) => {
