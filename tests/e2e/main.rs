@@ -8,6 +8,7 @@ mod deploy;
 mod dns;
 mod failover;
 mod faults;
+mod hostile_upstream;
 mod lifecycle;
 mod pooling;
 mod prepared;

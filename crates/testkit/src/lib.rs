@@ -1,7 +1,7 @@
 //! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters (and streaming standbys),
 //! loopback ports that parallel test processes cannot collide on, a running Breakwater process, a
-//! fault-injecting TCP proxy to put between Breakwater and PostgreSQL, a tiny DNS responder, and
-//! waiting for conditions instead of sleeping.
+//! fault-injecting TCP proxy to put between Breakwater and PostgreSQL, a hostile fake server for
+//! the login path, a tiny DNS responder, and waiting for conditions instead of sleeping.
 //!
 //! End-to-end tests run in parallel, one process each (cargo nextest), so everything shared —
 //! ports above all — is coordinated across processes, not just threads. Everything a test starts
@@ -16,6 +16,7 @@ mod pg;
 mod pooler;
 mod port;
 mod process;
+mod upstream;
 mod wait;
 
 pub use dns::{DnsAnswer, DnsServer};
@@ -23,4 +24,5 @@ pub use fault::{ByteFault, ConnectFault, FaultProxy};
 pub use pg::{pg_bin, PgCluster, PgOptions, ROLES, SUPERUSER};
 pub use pooler::Pooler;
 pub use port::{accepts_connections, free_port};
+pub use upstream::{FakeUpstream, Hostility, Outcome};
 pub use wait::{wait_until, wait_until_blocking};
