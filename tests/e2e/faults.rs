@@ -349,3 +349,32 @@ async fn server_lifetime_recycling_of_a_full_pool_is_spread_over_time() {
     );
     let _ = ByteFault::None;
 }
+
+#[tokio::test]
+async fn min_pool_size_warms_server_connect_concurrency_connections_at_a_time() {
+    let pg = PgCluster::start().unwrap();
+    let proxy = FaultProxy::start(SocketAddr::from(([127, 0, 0, 1], pg.port()))).unwrap();
+    // Every connect takes a second from the start, so warming is all slow connects.
+    proxy.set_connect(ConnectFault::Latency(Duration::from_secs(1)));
+    let port = testkit::free_port();
+    let config = format!(
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\nserver_connect_concurrency = 4\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = {}\nuser = \"app\"\npool_size = 8\nmin_pool_size = 8\n",
+        proxy.port()
+    );
+    let started = Instant::now();
+    let _pooler = Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap();
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    testkit::wait_until("8 warm connections", Duration::from_secs(30), || async {
+        app_backends(&direct).await == 8
+    })
+    .await
+    .unwrap();
+    let peak = proxy.peak_logging_in();
+    eprintln!(
+        "measured: 8 warm connections with 1 s connects in {:?}, peak concurrent logins {peak}",
+        started.elapsed()
+    );
+    // Serial warming never has two logins at once; the limit caps them at four.
+    assert!((2..=4).contains(&peak), "peak concurrent logins {peak}");
+}
