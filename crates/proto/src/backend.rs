@@ -22,6 +22,14 @@ pub const CLOSE_COMPLETE: u8 = b'3';
 pub const NOTIFICATION_RESPONSE: u8 = b'A';
 pub const DATA_ROW: u8 = b'D';
 pub const NEGOTIATE_PROTOCOL_VERSION: u8 = b'v';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const NO_DATA: u8 = b'n';
+pub const EMPTY_QUERY_RESPONSE: u8 = b'I';
+pub const PORTAL_SUSPENDED: u8 = b's';
+pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
 
 /// Text type OID, used for every admin console column.
 pub const TEXT_OID: u32 = 25;
@@ -219,7 +227,7 @@ pub fn write_command_complete(buf: &mut BytesMut, tag: &str) {
 }
 
 pub fn write_empty_query_response(buf: &mut BytesMut) {
-    write_message(buf, b'I', |_| {});
+    write_message(buf, EMPTY_QUERY_RESPONSE, |_| {});
 }
 
 pub fn write_parse_complete(buf: &mut BytesMut) {
@@ -232,7 +240,7 @@ pub fn write_close_complete(buf: &mut BytesMut) {
 
 /// RowDescription with one column per `(name, type oid)`, all in text format.
 pub fn write_row_description(buf: &mut BytesMut, columns: &[(&str, u32)]) {
-    write_message(buf, b'T', |b| {
+    write_message(buf, ROW_DESCRIPTION, |b| {
         b.put_i16(columns.len() as i16);
         for (name, oid) in columns {
             put_cstr(b, name.as_bytes());

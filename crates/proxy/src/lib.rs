@@ -6,6 +6,7 @@
 pub mod cancel;
 mod client;
 mod control;
+mod ledger;
 pub mod params;
 pub mod prepared;
 pub mod registry;
