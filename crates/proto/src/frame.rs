@@ -81,7 +81,7 @@ pub enum Want {
     /// Leave it in the source until its header and the first `n` bytes of its body (or all of a
     /// shorter body) are in; the caller moves that part itself and streams the rest with
     /// [`Forwarder::skip`]. For large messages whose start the caller rewrites (a Bind naming a
-    /// prepared statement).
+    /// prepared statement). `Prefix(0)` hands the caller the header alone, moving nothing.
     Prefix(usize),
 }
 
@@ -90,6 +90,9 @@ pub enum Want {
 pub enum Forwarded {
     /// Nothing more until more bytes arrive.
     NeedMore,
+    /// The last of a streamed message went to the destination: what comes after that
+    /// message (a reply the caller owes in its place) may be written now.
+    Finished,
     /// The header went to the destination; the body follows as it arrives.
     Streamed(Header),
     /// All of the message is at the front of the source (nothing moved).
@@ -117,25 +120,29 @@ impl Forwarder {
     }
 
     /// Forwards what is owed of a streaming message, then looks at the next header and acts as
-    /// `want` says for it.
+    /// `want` says for it; `want` also sees as much of the body as has arrived.
     #[inline]
     pub fn next(
         &mut self,
         src: &mut BytesMut,
         dst: &mut BytesMut,
         max: usize,
-        want: impl FnOnce(&Header) -> Want,
+        want: impl FnOnce(&Header, &[u8]) -> Want,
     ) -> Result<Forwarded, FrameError> {
         if self.skip > 0 {
             self.skip -= move_bytes(src, dst, self.skip);
-            if self.skip > 0 {
-                return Ok(Forwarded::NeedMore);
-            }
+            return Ok(if self.skip > 0 {
+                Forwarded::NeedMore
+            } else {
+                Forwarded::Finished
+            });
         }
         let Some(h) = Header::peek(src, max)? else {
             return Ok(Forwarded::NeedMore);
         };
-        Ok(match want(&h) {
+        let body = src.get(HEADER_LEN..).unwrap_or_default();
+        let body = body.get(..h.body_len).unwrap_or(body);
+        Ok(match want(&h, body) {
             Want::Stream => {
                 move_bytes(src, dst, HEADER_LEN);
                 self.skip = h.body_len;
@@ -347,10 +354,11 @@ mod tests {
             src.extend_from_slice(chunk);
             loop {
                 match fwd
-                    .next(&mut src, &mut dst, 1024, |_| Want::Stream)
+                    .next(&mut src, &mut dst, 1024, |_, _| Want::Stream)
                     .unwrap()
                 {
                     Forwarded::NeedMore => break,
+                    Forwarded::Finished => seen.push(b'.'),
                     Forwarded::Streamed(h) => seen.push(h.tag),
                     other => panic!("{other:?}"),
                 }
@@ -358,7 +366,10 @@ mod tests {
             // Nothing waits in the source but an incomplete header.
             assert!(src.len() < HEADER_LEN);
         }
-        assert_eq!(seen, b"dS");
+        assert_eq!(
+            seen, b"d.S",
+            "the end of the body is reported before the next header"
+        );
         assert_eq!(&dst[..], &wire[..]);
         assert!(src.is_empty() && !fwd.mid_message());
     }
@@ -368,10 +379,14 @@ mod tests {
         let wire = msg(b'Q', b"select 1\0");
         let mut fwd = Forwarder::default();
         let (mut src, mut dst) = (BytesMut::from(&wire[..8]), BytesMut::new());
-        let r = fwd.next(&mut src, &mut dst, 1024, |_| Want::Whole).unwrap();
+        let r = fwd
+            .next(&mut src, &mut dst, 1024, |_, _| Want::Whole)
+            .unwrap();
         assert_eq!(r, Forwarded::NeedMore);
         src.extend_from_slice(&wire[8..]);
-        let Forwarded::Whole(h) = fwd.next(&mut src, &mut dst, 1024, |_| Want::Whole).unwrap()
+        let Forwarded::Whole(h) = fwd
+            .next(&mut src, &mut dst, 1024, |_, _| Want::Whole)
+            .unwrap()
         else {
             panic!("whole")
         };
@@ -385,7 +400,7 @@ mod tests {
         let wire = msg(b'B', b"\0s1\0------------------------------");
         let mut fwd = Forwarder::default();
         let (mut src, mut dst) = (BytesMut::from(&wire[..7]), BytesMut::new());
-        let want = |_: &Header| Want::Prefix(4);
+        let want = |_: &Header, _: &[u8]| Want::Prefix(4);
         assert_eq!(
             fwd.next(&mut src, &mut dst, 1024, want).unwrap(),
             Forwarded::NeedMore
@@ -401,7 +416,7 @@ mod tests {
         src.extend_from_slice(&wire[12..]);
         assert_eq!(
             fwd.next(&mut src, &mut dst, 1024, want).unwrap(),
-            Forwarded::NeedMore
+            Forwarded::Finished
         );
         assert_eq!(&dst[..], &wire[..]);
         assert!(!fwd.mid_message());
@@ -413,7 +428,7 @@ mod tests {
         let mut src = BytesMut::from(&[b'Q', 0x7f, 0, 0, 0][..]);
         let mut dst = BytesMut::new();
         assert!(fwd
-            .next(&mut src, &mut dst, 1024, |_| Want::Stream)
+            .next(&mut src, &mut dst, 1024, |_, _| Want::Stream)
             .is_err());
         assert!(dst.is_empty() && src.len() == 5);
     }

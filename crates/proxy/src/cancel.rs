@@ -53,14 +53,8 @@ impl CancelSlot {
     /// is still on its way: the server may then go to another client without a cancel meant
     /// for this one reaching the other's query.
     pub async fn set(&self, target: Option<CancelTarget>) {
-        let state = if target.is_some() {
-            ClientState::Active
-        } else {
-            ClientState::Idle
-        };
         let clearing = target.is_none();
         *lock(&self.target) = target;
-        self.state.store(state as u8, Ordering::Relaxed);
         // A cancel that saw the old target counted itself before this store took the lock,
         // and none can see it after.
         while clearing && self.sending.load(Ordering::SeqCst) > 0 {
@@ -75,15 +69,9 @@ impl CancelSlot {
         }
     }
 
-    /// The client asks the pool for a server (it holds none yet).
-    pub fn set_waiting(&self, waiting: bool) {
-        let state = if waiting {
-            ClientState::Waiting
-        } else {
-            ClientState::Idle
-        };
-        self.state
-            .store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    /// What SHOW CLIENTS says the client is doing (the session's `enter` sets it).
+    pub fn set_state(&self, state: ClientState) {
+        self.state.store(state as u8, Ordering::Relaxed);
     }
 
     /// Ready once `shutting_down` is set; [`CancelSlot::wake_for_shutdown`] wakes the waiting

@@ -14,7 +14,7 @@ use bytes::BytesMut;
 use proto::auth::{md5_salt, md5_verify, ScramServer, ScramVerifier, Secret, ServerCredential};
 use proto::backend;
 use proto::error::{PgError, SqlState};
-use proto::frame::{self, Message};
+use proto::frame::Message;
 use proto::frontend;
 use proto::startup::{self, StartupParams, StartupRequest};
 use stats::{GlobalStats, PoolStats};
@@ -22,12 +22,13 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use upstream::{SslMode, Stream};
 
+use crate::client_conn::ClientConn;
 use crate::params::ClientParams;
 use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::tls::ALPN_POSTGRESQL;
-use crate::{read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
+use crate::{fmt_duration, read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
 
 /// A client that logged in to the admin database; the binary runs the console on it.
 pub struct AdminLogin {
@@ -52,45 +53,12 @@ pub(crate) enum LoginEnd {
     Gone,
 }
 
-pub(crate) struct ClientConn {
-    pub id: u64,
-    pub stream: Stream,
-    pub buf: BytesMut,
-    pub out: BytesMut,
-    /// For counting the errors this connection is sent, by SQLSTATE class.
-    shared: Arc<Shared>,
-}
-
-impl ClientConn {
-    pub async fn flush(&mut self) -> std::io::Result<()> {
-        if !self.out.is_empty() {
-            self.stream.send(&self.out).await?;
-            self.out.clear();
-        }
-        Ok(())
-    }
-
-    /// Reads one whole message during login.
-    async fn read_message(&mut self) -> Result<Message, LoginEnd> {
-        loop {
-            match frame::take_message(&mut self.buf, MAX_LOGIN_MESSAGE) {
-                Ok(Some(m)) => return Ok(m),
-                Ok(None) => {}
-                Err(e) => return Err(protocol_violation(e.to_string())),
-            }
-            match read_into(&mut self.stream, &mut self.buf).await {
-                Ok(0) | Err(_) => return Err(LoginEnd::Gone),
-                Ok(_) => {}
-            }
-        }
-    }
-
-    /// Sends an error (the caller closes afterwards for FATAL ones). Best effort: the client
-    /// may already be gone.
-    pub async fn send_error(&mut self, err: &PgError) {
-        self.shared.stats.client_errors.record(err.code.0);
-        err.write(&mut self.out);
-        let _ = self.flush().await;
+/// One whole message during login.
+async fn read_login_message(client: &mut ClientConn) -> Result<Message, LoginEnd> {
+    match client.read_message(MAX_LOGIN_MESSAGE).await {
+        Ok(Ok(m)) => Ok(m),
+        Ok(Err(e)) => Err(protocol_violation(e.to_string())),
+        Err(_) => Err(LoginEnd::Gone),
     }
 }
 
@@ -643,7 +611,7 @@ async fn authenticate(
                 let salt = md5_salt();
                 backend::write_auth_md5(&mut client.out, salt);
                 client.flush().await.map_err(|_| LoginEnd::Gone)?;
-                let msg = client.read_message().await?;
+                let msg = read_login_message(client).await?;
                 let response = expect_password(&msg)?;
                 match other {
                     Some(s) if md5_verify(user, s, salt, response) => Ok(None),
@@ -713,7 +681,7 @@ async fn scram(
     backend::write_auth_sasl(&mut client.out, &["SCRAM-SHA-256"]);
     client.flush().await.map_err(|_| LoginEnd::Gone)?;
 
-    let msg = client.read_message().await?;
+    let msg = read_login_message(client).await?;
     if msg.tag != frontend::PASSWORD {
         return Err(protocol_violation("expected SASLInitialResponse".into()));
     }
@@ -730,7 +698,7 @@ async fn scram(
     backend::write_auth_sasl_continue(&mut client.out, &first);
     client.flush().await.map_err(|_| LoginEnd::Gone)?;
 
-    let msg = client.read_message().await?;
+    let msg = read_login_message(client).await?;
     if msg.tag != frontend::PASSWORD {
         return Err(protocol_violation("expected SASLResponse".into()));
     }
@@ -745,17 +713,4 @@ async fn scram(
             client_key,
             server_key,
         }))
-}
-
-pub(crate) fn fmt_duration(d: Duration) -> String {
-    humanize(d)
-}
-
-fn humanize(d: Duration) -> String {
-    let ms = d.as_millis();
-    if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
-    }
 }

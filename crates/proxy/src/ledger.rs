@@ -349,8 +349,12 @@ impl TxLedger {
     }
 
     /// Writes the replies Breakwater answers itself that are now at the front, in order after
-    /// the server's (and drops spent COPY markers).
+    /// the server's (and drops spent COPY markers). Nothing while a server message is half
+    /// forwarded: its remaining bytes come first.
     pub fn emit_synthetic(&mut self, out: &mut BytesMut) {
+        if self.server.mid_message() {
+            return;
+        }
         loop {
             match self.expect.front() {
                 Some(Expect::Synthetic(tag)) => write_message(out, *tag, |_| {}),

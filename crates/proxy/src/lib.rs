@@ -5,6 +5,7 @@
 
 pub mod cancel;
 mod client;
+mod client_conn;
 mod control;
 mod ledger;
 pub mod params;
@@ -452,6 +453,16 @@ pub(crate) async fn read_into(stream: &mut Stream, buf: &mut BytesMut) -> std::i
         buf.reserve(4096);
     }
     stream.read_buf(buf).await
+}
+
+/// A duration as a setting is written: whole seconds as `5s`, anything else in milliseconds.
+pub(crate) fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if ms.is_multiple_of(1000) {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
 }
 
 /// A bound on waits Breakwater makes on its own account (parameter sync, resets).

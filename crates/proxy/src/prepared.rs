@@ -8,16 +8,15 @@
 //! ParseComplete hidden from the client; a client's Close is answered by Breakwater and never
 //! closes the shared statement.
 //!
-//! Replies are matched to requests with [`Expect`], one per request still awaiting its reply,
-//! so synthetic replies (ParseComplete for a Parse the server already had, CloseComplete) are
-//! emitted exactly where the server's would have been.
+//! Replies are matched to requests by the transaction ledger (`crate::ledger`), so synthetic
+//! replies (ParseComplete for a Parse the server already had, CloseComplete) are emitted
+//! exactly where the server's would have been.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use proto::frame::write_message;
+use bytes::Bytes;
 
 /// A statement as a client prepared it.
 #[derive(Debug, PartialEq, Eq)]
@@ -36,15 +35,6 @@ impl Statement {
         rest.hash(&mut h);
         let global = Bytes::from(format!("bw_{:016x}_{}", h.finish(), rest.len()));
         Statement { global, rest }
-    }
-
-    /// Writes a Parse of this statement under its global name.
-    pub fn write_parse(&self, out: &mut BytesMut) {
-        write_message(out, b'P', |b| {
-            b.extend_from_slice(&self.global);
-            b.put_u8(0);
-            b.extend_from_slice(&self.rest);
-        });
     }
 }
 
@@ -152,162 +142,6 @@ impl KnownStatements {
     }
 }
 
-/// The reply a request sent to the server (or answered by Breakwater) is waiting for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Expect {
-    /// A Parse the server will answer with ParseComplete. `hide` when Breakwater injected it;
-    /// `prepared` names the statement to forget if the server refuses it.
-    Parse {
-        hide: bool,
-        prepared: Option<(Bytes, Bytes)>,
-    },
-    Bind,
-    Describe,
-    Execute,
-    /// A Close the server will answer; hidden when Breakwater closed an evicted statement.
-    Close {
-        hide: bool,
-    },
-    Sync,
-    /// A simple Query or a FunctionCall: everything up to ReadyForQuery belongs to it.
-    Query,
-    /// Answered by Breakwater: this message goes to the client when it reaches the front.
-    Synthetic(u8),
-    /// The client ended a COPY IN (CopyDone or CopyFail). No reply of its own; it marks where
-    /// the server stops ignoring Syncs (see [`Expectations::on_copy_in`]).
-    CopyEnd,
-}
-
-impl Expect {
-    /// Does `tag` end the reply to this request?
-    fn ends_with(&self, tag: u8) -> bool {
-        match self {
-            Expect::Parse { .. } => tag == b'1',
-            Expect::Bind => tag == b'2',
-            Expect::Describe => matches!(tag, b'T' | b'n'),
-            Expect::Execute => matches!(tag, b'C' | b'I' | b's'),
-            Expect::Close { .. } => tag == b'3',
-            Expect::Sync | Expect::Query => tag == b'Z',
-            Expect::Synthetic(_) | Expect::CopyEnd => false,
-        }
-    }
-}
-
-/// What to do with one server message.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    Forward,
-    /// Breakwater's own request: the client never asked, so it must not see the reply.
-    Hide,
-}
-
-/// Requests awaiting replies, oldest first.
-#[derive(Debug, Default)]
-pub struct Expectations {
-    queue: VecDeque<Expect>,
-}
-
-impl Expectations {
-    pub fn push(&mut self, e: Expect) {
-        self.queue.push_back(e);
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.queue.clear();
-    }
-
-    /// Writes the synthetic replies now at the front (and drops spent COPY markers).
-    pub fn emit_synthetic(&mut self, out: &mut BytesMut) {
-        loop {
-            match self.queue.front() {
-                Some(Expect::Synthetic(tag)) => write_message(out, *tag, |_| {}),
-                Some(Expect::CopyEnd) => {}
-                _ => return,
-            }
-            self.queue.pop_front();
-        }
-    }
-
-    /// The server entered COPY IN mode (CopyInResponse). It ignores Sync (and Flush) until the
-    /// copy ends, so Syncs the client pipelined behind the COPY get no ReadyForQuery.
-    /// Removes them and returns how many; `copy_still_open` is true when the client has not
-    /// ended the copy yet, so Syncs it sends until then must not be counted either.
-    pub fn on_copy_in(&mut self) -> (u32, bool) {
-        let mut removed = 0;
-        let mut i = 1;
-        while i < self.queue.len() {
-            match self.queue.get(i) {
-                Some(Expect::CopyEnd) => return (removed, false),
-                Some(Expect::Sync) => {
-                    self.queue.remove(i);
-                    removed += 1;
-                }
-                _ => i += 1,
-            }
-        }
-        (removed, true)
-    }
-
-    /// Accounts for one server message with `tag`. On an ErrorResponse in an extended batch
-    /// the server skips everything up to the next Sync: those requests get no reply (not even
-    /// a synthetic one), and the Parses among them did not create anything, which `failed`
-    /// receives so the caches can forget them. `parsed` gets the global name of a named
-    /// statement whose ParseComplete this is.
-    pub fn on_server_message(
-        &mut self,
-        tag: u8,
-        mut failed: impl FnMut(&Expect),
-        parsed: impl FnOnce(Bytes),
-    ) -> Verdict {
-        while self.queue.front() == Some(&Expect::CopyEnd) {
-            self.queue.pop_front();
-        }
-        let Some(front) = self.queue.front() else {
-            return Verdict::Forward;
-        };
-        if tag == b'E' && !matches!(front, Expect::Query | Expect::Sync) {
-            while let Some(e) = self.queue.front() {
-                if *e == Expect::Sync {
-                    break;
-                }
-                failed(e);
-                self.queue.pop_front();
-            }
-            // Even an error from Breakwater's own injected Parse goes to the client: it is why
-            // the client's Bind fails.
-            return Verdict::Forward;
-        }
-        if !front.ends_with(tag) {
-            return Verdict::Forward;
-        }
-        let verdict = match front {
-            Expect::Parse { hide: true, .. } | Expect::Close { hide: true } => Verdict::Hide,
-            _ => Verdict::Forward,
-        };
-        if let Some(Expect::Parse {
-            prepared: Some((_, global)),
-            ..
-        }) = self.queue.pop_front()
-        {
-            parsed(global);
-        }
-        verdict
-    }
-}
-
-/// A Close of a statement, for evictions.
-pub fn write_close_statement(out: &mut BytesMut, global: &[u8]) {
-    write_message(out, b'C', |b| {
-        b.put_u8(b'S');
-        b.extend_from_slice(global);
-        b.put_u8(0);
-    });
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -342,129 +176,5 @@ mod tests {
         }
         let inner = known.inner.lock().unwrap();
         assert!(inner.order.len() <= 2 && inner.set.len() <= 2);
-    }
-
-    #[test]
-    fn a_parse_complete_names_the_statement_the_server_parsed() {
-        let mut q = Expectations::default();
-        q.push(Expect::Parse {
-            hide: true,
-            prepared: Some((Bytes::new(), Bytes::from_static(b"bw_1"))),
-        });
-        q.push(Expect::Parse {
-            hide: false,
-            prepared: None,
-        });
-        let mut parsed = Vec::new();
-        q.on_server_message(b'1', |_| {}, |g| parsed.push(g));
-        assert_eq!(parsed, [Bytes::from_static(b"bw_1")]);
-        q.on_server_message(b'1', |_| {}, |g| parsed.push(g));
-        assert_eq!(parsed.len(), 1, "an unnamed statement is nobody's to know");
-    }
-
-    #[test]
-    fn synthetic_replies_wait_for_earlier_requests() {
-        let mut q = Expectations::default();
-        let mut out = BytesMut::new();
-        q.push(Expect::Bind);
-        q.push(Expect::Synthetic(b'3'));
-        q.push(Expect::Sync);
-        q.emit_synthetic(&mut out);
-        assert!(out.is_empty(), "CloseComplete must wait for BindComplete");
-        assert_eq!(q.on_server_message(b'2', |_| {}, |_| {}), Verdict::Forward);
-        q.emit_synthetic(&mut out);
-        assert_eq!(&out[..], &[b'3', 0, 0, 0, 4]);
-        assert_eq!(q.on_server_message(b'Z', |_| {}, |_| {}), Verdict::Forward);
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn injected_parse_replies_are_hidden_and_rows_pass() {
-        let mut q = Expectations::default();
-        q.push(Expect::Parse {
-            hide: true,
-            prepared: None,
-        });
-        q.push(Expect::Bind);
-        q.push(Expect::Execute);
-        q.push(Expect::Sync);
-        let tags = [b'1', b'2', b'D', b'D', b'C', b'Z'];
-        let verdicts: Vec<_> = tags
-            .iter()
-            .map(|t| q.on_server_message(*t, |_| {}, |_| {}))
-            .collect();
-        assert_eq!(verdicts[0], Verdict::Hide);
-        assert!(verdicts[1..].iter().all(|v| *v == Verdict::Forward));
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn an_error_skips_to_sync_and_reports_the_parses_that_did_not_happen() {
-        let mut q = Expectations::default();
-        let g = (Bytes::from_static(b"s1"), Bytes::from_static(b"bw_x"));
-        q.push(Expect::Parse {
-            hide: false,
-            prepared: Some(g.clone()),
-        });
-        q.push(Expect::Synthetic(b'1'));
-        q.push(Expect::Bind);
-        q.push(Expect::Sync);
-        let mut failed = Vec::new();
-        assert_eq!(
-            q.on_server_message(b'E', |e| failed.push(e.clone()), |_| {}),
-            Verdict::Forward
-        );
-        assert_eq!(failed.len(), 3);
-        assert_eq!(
-            failed[0],
-            Expect::Parse {
-                hide: false,
-                prepared: Some(g)
-            }
-        );
-        let mut out = BytesMut::new();
-        q.emit_synthetic(&mut out);
-        assert!(out.is_empty(), "no synthetic reply after an error");
-        assert_eq!(q.on_server_message(b'Z', |_| {}, |_| {}), Verdict::Forward);
-        assert!(q.is_empty());
-    }
-
-    #[test]
-    fn syncs_sent_during_copy_in_are_not_awaited() {
-        // tokio-postgres: Bind, Execute, Sync, CopyData…, CopyDone, Sync.
-        let mut q = Expectations::default();
-        for e in [
-            Expect::Bind,
-            Expect::Execute,
-            Expect::Sync,
-            Expect::CopyEnd,
-            Expect::Sync,
-        ] {
-            q.push(e);
-        }
-        q.on_server_message(b'2', |_| {}, |_| {});
-        assert_eq!(q.on_server_message(b'G', |_| {}, |_| {}), Verdict::Forward);
-        assert_eq!(q.on_copy_in(), (1, false));
-        q.on_server_message(b'C', |_| {}, |_| {});
-        q.on_server_message(b'Z', |_| {}, |_| {});
-        assert!(q.is_empty());
-        // The copy still open when CopyInResponse arrives.
-        let mut q = Expectations::default();
-        q.push(Expect::Execute);
-        q.push(Expect::Sync);
-        assert_eq!(q.on_copy_in(), (1, true));
-    }
-
-    #[test]
-    fn errors_inside_a_simple_query_do_not_end_it() {
-        let mut q = Expectations::default();
-        q.push(Expect::Query);
-        assert_eq!(
-            q.on_server_message(b'E', |_| panic!("nothing fails"), |_| {}),
-            Verdict::Forward
-        );
-        assert!(!q.is_empty());
-        q.on_server_message(b'Z', |_| {}, |_| {});
-        assert!(q.is_empty());
     }
 }

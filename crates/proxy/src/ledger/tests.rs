@@ -5,7 +5,8 @@
 //! `>Pn` a named Parse (statement `s1`), `>p` a Parse Breakwater injected, `>c` a Close
 //! Breakwater injected, `>1`/`>3` a ParseComplete/CloseComplete Breakwater answers itself,
 //! `>x` CopyDone, `>half`/`>rest` a client message half forwarded and then finished,
-//! `<half`/`<rest` the same for a server message, `<Z:I`/`<Z:T`/`<Z:E` ReadyForQuery.
+//! `<half`/`<rest` the same for a server message, `<X~` a server message whose header went ahead
+//! of its body, `<Z:I`/`<Z:T`/`<Z:E` ReadyForQuery.
 
 use super::*;
 use proptest::prelude::*;
@@ -69,6 +70,11 @@ fn run_on(mut ledger: TxLedger, script: &str) -> Run {
                 "Z:I" => Received::Ready(TxStatus::Idle),
                 "Z:T" => Received::Ready(TxStatus::InTransaction),
                 "Z:E" => Received::Ready(TxStatus::Failed),
+                // `<T~`: a message whose header went ahead of its body.
+                t if t.ends_with('~') => {
+                    ledger.server.skip(10);
+                    Received::Other(t.as_bytes()[0])
+                }
                 t => Received::Other(t.as_bytes()[0]),
             };
             let verdict = ledger.on_server(msg, |_| failed += 1, |g| parsed.push(g));

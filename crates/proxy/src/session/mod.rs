@@ -1,0 +1,375 @@
+//! The state machine of one logged-in client.
+//!
+//! ```text
+//!          readable            needs a server          idle ReadyForQuery, nothing owed
+//!   Idle ───────────► Active ──────────────► (checkout, sync) ── pump ──► release ──► Idle
+//!    │                  │ answered locally (Close/Parse/Sync), nothing unread ─────────► Idle
+//!    │                  │ client gone or broke the protocol: abandon (roll back, or close)
+//!    │                  │ server gone / timeout: close the server, FATAL to the client
+//!    └─ EOF / timeout / shutdown ──► end
+//! ```
+//! Where each part lives: `idle.rs` waits for the client and answers what needs no server;
+//! `checkout.rs` gets a server and makes its parameters the client's; `pump.rs` streams both
+//! ways, telling the transaction ledger (`crate::ledger`) every message; `leave.rs` gives the
+//! server back, or abandons it for a client that left, by the ledger's `handover()`;
+//! `timers.rs` says which timeout comes next; `workspace.rs` lends the Active state its memory.
+//!
+//! What a client is doing is one [`ClientState`], changed only by [`Session::enter`], which
+//! moves the pool's gauges and the SHOW CLIENTS row together.
+
+mod checkout;
+mod idle;
+mod leave;
+mod pump;
+mod timers;
+mod workspace;
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::BytesMut;
+use proto::error::{PgError, SqlState};
+use stats::{GlobalStats, PoolStats};
+use tokio::io::AsyncWriteExt;
+use upstream::PooledServer;
+
+use crate::cancel::{ClientState, Registration};
+use crate::client_conn::ClientConn;
+use crate::ledger::TxLedger;
+use crate::params::ClientParams;
+use crate::prepared::ClientStatements;
+use crate::settings::{PoolMode, ProxySettings};
+use crate::{PoolEntry, Shared};
+use timers::Clock;
+pub(crate) use workspace::{LentScratch, Workspaces};
+
+/// A server this client holds, what the protocol still owes on it, and when things happened.
+struct Held {
+    server: PooledServer,
+    ledger: TxLedger,
+    clock: Clock,
+}
+
+impl Held {
+    /// `ledger` is a clear one handed down from the last transaction, so that a steady stream
+    /// of transactions does not allocate a reply queue each.
+    fn new(server: PooledServer, ledger: TxLedger) -> Held {
+        Held {
+            server,
+            ledger,
+            clock: Clock::new(Instant::now()),
+        }
+    }
+}
+
+/// How the pump ended.
+enum Step {
+    /// The transaction ended; the server is idle and owes nothing.
+    TxDone,
+    /// The client disconnected (or sent Terminate).
+    ClientGone,
+    /// The client broke the protocol: tell it and close; the server did nothing wrong and is
+    /// abandoned as for a client that left.
+    ClientError(PgError),
+    /// Tell the client this and close; the server (if held) is not reusable.
+    Fatal(PgError),
+}
+
+/// What the client did while no server was needed.
+enum Work {
+    /// Sent something (Idle returns here, before reading: reading is the Active state's).
+    Readable,
+    /// Sent a request that needs a server.
+    Message,
+    /// Sent only what Breakwater answered itself, and nothing more yet.
+    Answered,
+    /// Left, or was told why it must (the error is sent already).
+    Gone,
+}
+
+/// Where a session goes after its Active state.
+pub(crate) enum Next {
+    /// Back to Idle: the transaction ended and the server went back to the pool.
+    Idle,
+    /// The client is gone, or was told why it must go.
+    End,
+}
+
+pub(crate) struct Session {
+    shared: Arc<Shared>,
+    settings: Arc<ProxySettings>,
+    client: ClientConn,
+    entry: Arc<PoolEntry>,
+    params: ClientParams,
+    /// This client's named prepared statements.
+    statements: ClientStatements,
+    /// The Active state's buffers and timer, lent by a workspace for one transaction;
+    /// nothing while the client is idle.
+    scratch: LentScratch,
+    cancel: Registration,
+    mode: PoolMode,
+    /// What the client is doing; see [`Session::enter`].
+    state: ClientState,
+    /// client_idle_timeout's timer, re-armed for each idle period. Boxed, and only when the
+    /// setting is on: inline, every idle client's task would carry a `Sleep` whether or not.
+    idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The pool must write, so a 25006 from its server triggers a role re-check.
+    watch_read_only: bool,
+    /// Logged in at, for the disconnection log line.
+    since: Instant,
+}
+
+/// A session ends when it is dropped, however it ended: the client leaves the pool's gauges
+/// and SHOW CLIENTS here, before the fields drop and its socket closes, so a row's kill handle
+/// never outlives the socket it names.
+impl Drop for Session {
+    fn drop(&mut self) {
+        PoolStats::gauge(gauge(&self.entry.stats, self.state), -1);
+        self.shared.registry.unlist(self.client.id);
+        if self.shared.settings().log_disconnections {
+            tracing::info!(duration = ?self.since.elapsed(), "client closed");
+        }
+    }
+}
+
+/// The pool gauge that counts clients in `state`.
+fn gauge(stats: &PoolStats, state: ClientState) -> &std::sync::atomic::AtomicI64 {
+    match state {
+        ClientState::Idle => &stats.cl_idle,
+        ClientState::Waiting => &stats.cl_waiting,
+        ClientState::Active => &stats.cl_active,
+    }
+}
+
+impl Session {
+    pub fn new(
+        shared: &Arc<Shared>,
+        settings: Arc<ProxySettings>,
+        client: ClientConn,
+        entry: Arc<PoolEntry>,
+        params: ClientParams,
+        cancel: Registration,
+    ) -> Self {
+        let mode = entry.route.pool_mode;
+        let watch_read_only = entry.route.target_session_attrs.wants_writer();
+        PoolStats::gauge(&entry.stats.cl_idle, 1);
+        cancel.slot.set_state(ClientState::Idle);
+        Session {
+            shared: shared.clone(),
+            settings,
+            client,
+            entry,
+            params,
+            statements: ClientStatements::default(),
+            scratch: LentScratch::default(),
+            cancel,
+            mode,
+            state: ClientState::Idle,
+            idle_timer: None,
+            watch_read_only,
+            since: Instant::now(),
+        }
+    }
+
+    /// The one place a client's state changes: the pool's gauges and the SHOW CLIENTS row
+    /// move with it.
+    fn enter(&mut self, next: ClientState) {
+        if next == self.state {
+            return;
+        }
+        let stats = &self.entry.stats;
+        PoolStats::gauge(gauge(stats, self.state), -1);
+        PoolStats::gauge(gauge(stats, next), 1);
+        self.cancel.slot.set_state(next);
+        self.state = next;
+    }
+
+    fn shutting_down(&self) -> bool {
+        self.shared
+            .shutting_down
+            .load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn global(&self) -> &GlobalStats {
+        &self.shared.stats
+    }
+
+    /// Idle ⇄ Active until the client leaves. Idle runs here, in the client's task; Active
+    /// runs in a workspace. Gives the session back so the caller decides when its socket
+    /// closes.
+    pub async fn run(self: Box<Self>) -> Box<Self> {
+        // Boxed, like every rarely taken await that holds a large future: a task's memory is
+        // its largest state, and an idle client should not carry the login path's.
+        let (mut this, mut next) = Box::pin(self.start()).await;
+        while let Next::Idle = next {
+            if let Work::Gone = this.wait_for_client().await {
+                break;
+            }
+            (this, next) = this.activate(None).await;
+        }
+        // TLS says goodbye with close_notify. A plain socket's close sends the FIN by itself, so
+        // it gets no shutdown(2): one syscall less per connection in a connection storm.
+        if this.client.stream.is_tls() {
+            let _ = this.client.stream.shutdown().await;
+        }
+        this
+    }
+
+    /// The welcome, then Idle; or in session mode, when a server answered the welcome, Active
+    /// with that server.
+    async fn start(mut self: Box<Self>) -> (Box<Self>, Next) {
+        match self.welcome().await {
+            Ok(held) => {
+                // The login buffers go back: many clients log in and then sit idle, and the
+                // first read or reply allocates what a working client keeps from then on.
+                if self.client.buf.is_empty() {
+                    self.client.buf = BytesMut::new();
+                }
+                if self.client.out.is_empty() {
+                    self.client.out = BytesMut::new();
+                }
+                match held {
+                    None => (self, Next::Idle),
+                    Some(h) => self.activate(Some(Box::new(h))).await,
+                }
+            }
+            Err(e) => {
+                self.client.send_error(&e).await;
+                (self, Next::End)
+            }
+        }
+    }
+
+    /// Runs the Active state in a spare workspace (or a new one) and gives the workspace back.
+    /// `held` is boxed (it is rare: a server kept from the welcome in session mode) so that this
+    /// future, which the Idle task holds, stays small.
+    async fn activate(mut self: Box<Self>, held: Option<Box<Held>>) -> (Box<Self>, Next) {
+        let held = held.map(|h| *h);
+        // The scratch trades places with the session's empty one (no drop, no new one).
+        let mut ws = match self.shared.workspaces.take() {
+            Some(mut ws) => {
+                self.scratch.swap(&mut ws.scratch);
+                ws.future.restart(self, held);
+                ws
+            }
+            None => Box::new(workspace::Workspace {
+                future: Box::new(workspace::Restartable {
+                    future: Box::pin(self.active(held)),
+                    make: Session::active,
+                }),
+                scratch: LentScratch::default(),
+            }),
+        };
+        let (mut session, next) = std::future::poll_fn(|cx| ws.future.poll_active(cx)).await;
+        session.scratch.swap(&mut ws.scratch);
+        session.shared.workspaces.give_back(ws);
+        (session, next)
+    }
+
+    /// The future a workspace holds: owns the session for the length of the Active state.
+    ///
+    /// The client's read buffer comes with the workspace and goes back with it once the
+    /// client has nothing unread: a client that worked and went idle again keeps no buffer
+    /// (a read buffer grows to a few KiB, more than the rest of an idle client together).
+    async fn active(mut self: Box<Self>, held: Option<Held>) -> (Box<Self>, Next) {
+        // The scratch's alarm may last have been waited on by another client's task.
+        self.scratch.alarm.new_owner();
+        if self.client.buf.is_empty() {
+            self.client.buf = std::mem::take(&mut self.scratch.client_buf);
+        }
+        let next = self.transaction(held).await;
+        if self.client.buf.is_empty() {
+            let buf = std::mem::take(&mut self.client.buf);
+            if buf.capacity() > self.scratch.client_buf.capacity() {
+                self.scratch.client_buf = buf;
+            }
+        } else if self.client.buf.capacity() > workspace::KEEP_CAPACITY {
+            // Grown for a large message, with a little left unread: keep only that.
+            self.client.buf = BytesMut::from(&self.client.buf[..]);
+        }
+        self.scratch.reset();
+        (self, next)
+    }
+
+    /// Active: get a server (unless one is held already), stream until the transaction ends,
+    /// give the server back. In session mode the server stays until the client leaves.
+    async fn transaction(&mut self, mut held: Option<Held>) -> Next {
+        if held.is_none() {
+            match self.wait_for_work().await {
+                Work::Message => {}
+                Work::Answered | Work::Readable => return Next::Idle,
+                Work::Gone => return Next::End,
+            }
+        }
+        loop {
+            let h = match held.as_mut() {
+                Some(h) => h,
+                None => match self.checkout().await {
+                    Ok(server) => {
+                        let ledger = std::mem::take(&mut self.scratch.spare_ledger);
+                        held.insert(Held::new(server, ledger))
+                    }
+                    Err(e) => {
+                        self.client.send_error(&e).await;
+                        return Next::End;
+                    }
+                },
+            };
+            let step = self.pump(h).await;
+            match step {
+                Step::TxDone => {
+                    let shutting_down = self.shutting_down();
+                    if self.mode == PoolMode::Session && !shutting_down {
+                        continue;
+                    }
+                    if let Some(h) = held.take() {
+                        self.release(h).await;
+                    }
+                    if shutting_down {
+                        self.client.send_error(&shutdown_error()).await;
+                        return Next::End;
+                    }
+                    return Next::Idle;
+                }
+                Step::ClientGone => {
+                    if let Some(h) = held.take() {
+                        self.abandon(h).await;
+                    }
+                    return Next::End;
+                }
+                Step::ClientError(e) => {
+                    tracing::warn!(code = e.code.0, "closing client: {}", e.message);
+                    self.client.send_error(&e).await;
+                    if let Some(h) = held.take() {
+                        self.abandon(h).await;
+                    }
+                    return Next::End;
+                }
+                Step::Fatal(e) => {
+                    if let Some(h) = held.take() {
+                        self.close_server(h, &e.message).await;
+                    }
+                    tracing::warn!(code = e.code.0, "closing client: {}", e.message);
+                    self.client.send_error(&e).await;
+                    return Next::End;
+                }
+            }
+        }
+    }
+}
+
+fn shutdown_error() -> PgError {
+    PgError::fatal(SqlState::ADMIN_SHUTDOWN, "Breakwater is shutting down")
+}
+
+fn server_lost(detail: &str) -> PgError {
+    PgError::fatal(
+        SqlState::CONNECTION_FAILURE,
+        format!("server connection lost: {detail}"),
+    )
+}
+
+fn protocol_violation(detail: impl Into<String>) -> PgError {
+    PgError::fatal(SqlState::PROTOCOL_VIOLATION, detail)
+}

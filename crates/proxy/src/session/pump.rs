@@ -1,0 +1,632 @@
+//! The Active state with a server: stream both ways until the transaction ends or something
+//! breaks. Only I/O and the rewriting of prepared-statement names happen here; every message
+//! forwarded is told to the ledger, which decides where the transaction ends.
+//!
+//! Messages stream through before they are whole, both ways, except the few the pooler must
+//! read: ReadyForQuery, ParameterStatus, CommandComplete, ParseComplete and CloseComplete from
+//! the server (and ErrorResponse in pools that must write); Describe, Close and small Query and
+//! Parse messages from the client, and the start of each Bind. A client's large Query or Parse
+//! streams too, so a 40 MiB query costs no 40 MiB buffer (its text is not scanned for session
+//! state, so the server is reset after it, as if it had left some).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, BytesMut};
+use proto::backend;
+use proto::error::{PgError, SqlState};
+use proto::frame::{self, move_bytes, Forwarded, Header, Want, HEADER_LEN};
+use proto::frontend;
+use stats::{GlobalStats, PoolStats};
+
+use super::idle::{unexpected_message, WHOLE_LIMIT};
+use super::timers::{self, Timer, TimerSettings, CANCEL_GRACE};
+use super::{protocol_violation, server_lost, Held, Session, Step};
+use crate::fmt_duration;
+use crate::ledger::{Expect, Handover, Received, Sent, Verdict};
+use crate::params::tracked_name;
+use crate::prepared::Statement;
+use crate::read_into;
+use crate::scan;
+use crate::settings::PoolMode;
+
+/// SQLSTATE of "cannot execute … in a read-only transaction".
+const READ_ONLY_SQL_TRANSACTION: &str = "25006";
+
+/// How much of a Bind's body is read before it is forwarded: enough for its portal and
+/// statement names (PostgreSQL's names are at most 63 bytes).
+const BIND_PREFIX: usize = 4096;
+
+/// How the pump handles each client message type: see the module comment.
+fn want_from_client(h: &Header, body: &[u8], prepared: bool) -> Want {
+    let small = h.body_len <= WHOLE_LIMIT;
+    match h.tag {
+        frontend::QUERY if small => Want::Whole,
+        frontend::PARSE if small => Want::Whole,
+        // A large Parse: its first byte says whether it names a statement (kept, so whole).
+        frontend::PARSE => match body.first() {
+            None => Want::Prefix(1),
+            Some(0) => Want::Stream,
+            Some(_) if prepared => Want::Whole,
+            Some(_) => Want::Stream,
+        },
+        frontend::BIND => Want::Prefix(h.body_len.min(BIND_PREFIX)),
+        frontend::DESCRIBE | frontend::CLOSE => Want::Whole,
+        // Terminate, and what no client may send: the header is enough to act.
+        t if t == frontend::TERMINATE || !frontend::is_session_message(t) => Want::Prefix(0),
+        _ => Want::Stream,
+    }
+}
+
+/// How the pump handles each server message type: see the module comment.
+fn want_from_server(h: &Header, watch_read_only: bool) -> Want {
+    match h.tag {
+        backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::COMMAND_COMPLETE => {
+            Want::Whole
+        }
+        // Bare headers; one with a body is a broken server (see `scan_server`).
+        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE if h.body_len == 0 => Want::Whole,
+        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => Want::Prefix(0),
+        // Its SQLSTATE may say the host was demoted (25006).
+        backend::ERROR_RESPONSE if watch_read_only => Want::Whole,
+        _ => Want::Stream,
+    }
+}
+
+impl Session {
+    /// Active: stream both ways until the transaction ends or something breaks.
+    pub(super) async fn pump(&mut self, h: &mut Held) -> Step {
+        let timer_settings = TimerSettings::of(&self.settings, self.mode == PoolMode::Session);
+        loop {
+            // Client → server. What was scanned before a malformed message still goes: the
+            // ledger counts it as sent. Whatever happens, nothing is left in the scratch
+            // buffers, which the next transaction (of any client) reuses.
+            let scanned = self.scan_client(h);
+            if !self.scratch.to_server.is_empty() {
+                PoolStats::add(
+                    &self.entry.stats.bytes_received,
+                    self.scratch.to_server.len() as u64,
+                );
+                let written = h.server.write_all(&self.scratch.to_server).await;
+                self.scratch.to_server.clear();
+                if let Err(e) = written {
+                    self.scratch.to_client.clear();
+                    h.server.broken = true;
+                    return Step::Fatal(server_lost(&e.to_string()));
+                }
+            }
+            match scanned {
+                Ok(true) => {
+                    self.scratch.to_client.clear();
+                    return Step::ClientGone;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    self.scratch.to_client.clear();
+                    return Step::ClientError(e);
+                }
+            }
+
+            // Server → client: what came before a broken message still goes to the client.
+            let scanned = self.scan_server(h);
+            if !self.scratch.to_client.is_empty() {
+                PoolStats::add(
+                    &self.entry.stats.bytes_sent,
+                    self.scratch.to_client.len() as u64,
+                );
+                let written = self.client.stream.send(&self.scratch.to_client).await;
+                self.scratch.to_client.clear();
+                if written.is_err() {
+                    return Step::ClientGone;
+                }
+            }
+            let done = match scanned {
+                Ok(d) => d,
+                Err(e) => return Step::Fatal(e),
+            };
+            if done {
+                if self.mode == PoolMode::Statement && h.ledger.status() != backend::TxStatus::Idle
+                {
+                    return Step::Fatal(PgError::fatal(
+                        SqlState::FEATURE_NOT_SUPPORTED,
+                        "transaction blocks are not allowed in statement pooling mode (pool_mode = statement)",
+                    ));
+                }
+                return Step::TxDone;
+            }
+
+            // Wait for more from either side, or for the first timer that applies.
+            let (_, deadline) = timers::next_timer(&h.ledger, &h.clock, &timer_settings);
+            if let Some(d) = deadline {
+                self.scratch.alarm.arm(d);
+            }
+            tokio::select! {
+                r = h.server.read() => {
+                    if let Err(e) = r {
+                        h.server.broken = true;
+                        return Step::Fatal(server_lost(&e.to_string()));
+                    }
+                    h.clock.last_server_byte = Instant::now();
+                }
+                r = read_into(&mut self.client.stream, &mut self.client.buf) => {
+                    match r {
+                        Ok(0) | Err(_) => return Step::ClientGone,
+                        Ok(_) => {}
+                    }
+                    h.clock.last_client_byte = Instant::now();
+                }
+                _ = self.scratch.alarm.fired(), if deadline.is_some() => {
+                    // The alarm may ring early (it was armed for a deadline that has since
+                    // moved on): act only on a timer that is really due.
+                    let (timer, deadline) = timers::next_timer(&h.ledger, &h.clock, &timer_settings);
+                    if deadline.is_some_and(|d| d <= Instant::now()) {
+                        if let Some(step) = self.on_timer(h, timer).await {
+                            return step;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Handles a fired timer; `Some` ends the transaction.
+    async fn on_timer(&mut self, h: &mut Held, timer: Timer) -> Option<Step> {
+        let s = self.settings.clone();
+        let fatal = |code, setting: &str, d: Option<Duration>, what: &str| {
+            Some(Step::Fatal(PgError::fatal(
+                code,
+                format!(
+                    "{setting} ({}) expired{what}",
+                    fmt_duration(d.unwrap_or_default())
+                ),
+            )))
+        };
+        match timer {
+            Timer::None => None,
+            Timer::IdleTransaction => {
+                GlobalStats::bump(&self.global().timeouts_idle_transaction);
+                tracing::info!("idle_transaction_timeout expired");
+                fatal(
+                    SqlState::IDLE_IN_TRANSACTION_TIMEOUT,
+                    "idle_transaction_timeout",
+                    s.idle_transaction_timeout,
+                    "",
+                )
+            }
+            Timer::ClientIdle => {
+                GlobalStats::bump(&self.global().timeouts_client_idle);
+                tracing::info!("client_idle_timeout expired");
+                fatal(
+                    SqlState::IDLE_SESSION_TIMEOUT,
+                    "client_idle_timeout",
+                    s.client_idle_timeout,
+                    "",
+                )
+            }
+            Timer::Query => {
+                GlobalStats::bump(&self.global().timeouts_query);
+                tracing::warn!(
+                    server = h.server.id,
+                    "query_timeout expired; cancelling the query"
+                );
+                PgError::notice(format!(
+                    "query_timeout ({}) expired: Breakwater is cancelling the query",
+                    fmt_duration(s.query_timeout.unwrap_or_default())
+                ))
+                .write(&mut self.scratch.to_client);
+                let target = h.server.cancel_target();
+                h.clock.cancel_sent = Some(Instant::now());
+                let _ = target.send(CANCEL_GRACE).await;
+                None
+            }
+            Timer::CancelGrace => {
+                h.server.broken = true;
+                fatal(
+                    SqlState::QUERY_CANCELED,
+                    "query_timeout",
+                    s.query_timeout,
+                    " and the server did not answer the cancel; closing the server connection",
+                )
+            }
+            Timer::Unresponsive => {
+                if h.server.socket_looks_dead() {
+                    GlobalStats::bump(&self.global().timeouts_server_unresponsive);
+                    h.server.broken = true;
+                    tracing::warn!(
+                        server = h.server.id,
+                        "server unresponsive with a dead socket; dropping it"
+                    );
+                    return fatal(
+                        SqlState::CONNECTION_FAILURE,
+                        "server_unresponsive_timeout",
+                        s.server_unresponsive_timeout,
+                        ": the server stopped answering and its socket looks dead",
+                    );
+                }
+                // A healthy long query: everything acknowledged. Look again later.
+                h.clock.last_server_byte = Instant::now();
+                None
+            }
+        }
+    }
+
+    /// Moves what the client sent from its buffer to `to_server`, rewriting named prepared
+    /// statements, and tells the ledger. Returns whether the client sent Terminate.
+    fn scan_client(&mut self, h: &mut Held) -> Result<bool, PgError> {
+        let max = self.settings.max_message;
+        let prepared = self.settings.max_prepared_statements > 0;
+        loop {
+            let next = h.ledger.client.next(
+                &mut self.client.buf,
+                &mut self.scratch.to_server,
+                max,
+                |hdr, body| want_from_client(hdr, body, prepared),
+            );
+            let sent = match next.map_err(|e| protocol_violation(e.to_string()))? {
+                Forwarded::NeedMore => return Ok(false),
+                Forwarded::Finished => continue,
+                Forwarded::Streamed(hdr) => {
+                    if matches!(hdr.tag, frontend::QUERY | frontend::PARSE) {
+                        // Too large to scan before it goes: assume the worst.
+                        h.ledger.mark_session_state();
+                    }
+                    match Sent::from_tag(hdr.tag) {
+                        Some(sent) => sent,
+                        None => return Err(unexpected_message(hdr.tag)),
+                    }
+                }
+                Forwarded::Prefix(hdr) => match hdr.tag {
+                    frontend::TERMINATE => return Ok(true),
+                    frontend::BIND => self.forward_bind(h, hdr)?,
+                    // A large Parse whose first byte is in now: decide again.
+                    frontend::PARSE => continue,
+                    tag => return Err(unexpected_message(tag)),
+                },
+                Forwarded::Whole(hdr) => {
+                    let msg = frame::take_whole(&mut self.client.buf, hdr);
+                    match hdr.tag {
+                        frontend::QUERY => {
+                            if scan::text_may_leave_state(&msg.body) {
+                                h.ledger.mark_session_state();
+                            }
+                            frame::write_message(&mut self.scratch.to_server, hdr.tag, |b| {
+                                b.extend_from_slice(&msg.body)
+                            });
+                            Sent::Query
+                        }
+                        frontend::PARSE => self.forward_parse(h, &msg.body)?,
+                        frontend::DESCRIBE => self.forward_describe(h, &msg.body)?,
+                        _ => self.forward_close(&msg.body)?,
+                    }
+                }
+            };
+            if matches!(sent, Sent::Query | Sent::Sync | Sent::FunctionCall) {
+                h.clock.query_since.get_or_insert_with(Instant::now);
+            }
+            if let Some(skipped) = h.ledger.on_client(sent) {
+                self.forget(h, &skipped);
+            }
+            h.ledger.emit_synthetic(&mut self.scratch.to_client);
+        }
+    }
+
+    /// A whole Parse: a named one is recorded for this client and sent under its global name,
+    /// unless the server has it already (then Breakwater answers ParseComplete itself).
+    fn forward_parse(&mut self, h: &mut Held, body: &bytes::Bytes) -> Result<Sent, PgError> {
+        let (name, sql) =
+            frontend::parse_parse(body).map_err(|e| protocol_violation(e.to_string()))?;
+        if scan::text_may_leave_state(sql) {
+            h.ledger.mark_session_state();
+        }
+        if name.is_empty() || self.settings.max_prepared_statements == 0 {
+            frame::write_message(&mut self.scratch.to_server, frontend::PARSE, |b| {
+                b.extend_from_slice(body)
+            });
+            return Ok(Sent::Parse {
+                hide: false,
+                prepared: None,
+            });
+        }
+        let client_name = body.slice(..name.len());
+        let stmt = Arc::new(Statement::new(body.slice(name.len() + 1..)));
+        PoolStats::add(&self.entry.stats.client_parse_count, 1);
+        self.statements.insert(client_name.clone(), stmt.clone());
+        if h.server.prepared.contains(&stmt.global) {
+            return Ok(Sent::Answered(backend::PARSE_COMPLETE));
+        }
+        Ok(self.prepare_on_server(h, &stmt, Some(client_name)))
+    }
+
+    /// The start of a Bind (at least its portal and statement names): a statement this client
+    /// prepared is bound under its global name, parsed on this server first if it lacks it; the
+    /// rest of the message (the parameters) streams.
+    fn forward_bind(&mut self, h: &mut Held, hdr: Header) -> Result<Sent, PgError> {
+        PoolStats::add(&self.entry.stats.bind_count, 1);
+        let available = self.client.buf.len().saturating_sub(HEADER_LEN);
+        let prefix = self
+            .client
+            .buf
+            .get(HEADER_LEN..HEADER_LEN + available.min(hdr.body_len))
+            .unwrap_or_default();
+        let r = frontend::statement_ref(frontend::BIND, prefix)
+            .map_err(|e| protocol_violation(e.to_string()))?;
+        let stmt = match r.name {
+            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
+                self.statements.get(n).cloned()
+            }
+            _ => None,
+        };
+        let (prefix_len, end) = (r.prefix_len, r.end());
+        match stmt {
+            Some(stmt) => {
+                self.ensure_prepared(h, &stmt);
+                let name_len = end - prefix_len - 1;
+                let len = hdr.body_len - name_len + stmt.global.len() + 4;
+                let out = &mut self.scratch.to_server;
+                out.put_u8(frontend::BIND);
+                out.put_u32(u32::try_from(len).map_err(|_| protocol_violation("Bind too large"))?);
+                out.extend_from_slice(
+                    self.client
+                        .buf
+                        .get(HEADER_LEN..HEADER_LEN + prefix_len)
+                        .unwrap_or_default(),
+                );
+                frame::put_cstr(out, &stmt.global);
+                bytes::Buf::advance(&mut self.client.buf, HEADER_LEN + end);
+            }
+            // Unnamed, or a name this client never prepared: the server answers.
+            None => {
+                move_bytes(
+                    &mut self.client.buf,
+                    &mut self.scratch.to_server,
+                    HEADER_LEN + end,
+                );
+            }
+        }
+        h.ledger.client.skip(hdr.body_len - end);
+        Ok(Sent::Bind)
+    }
+
+    /// A Describe of a statement this client prepared asks under its global name (parsed on
+    /// this server first if it lacks it).
+    fn forward_describe(&mut self, h: &mut Held, body: &[u8]) -> Result<Sent, PgError> {
+        let r = frontend::statement_ref(frontend::DESCRIBE, body)
+            .map_err(|e| protocol_violation(e.to_string()))?;
+        let stmt = match r.name {
+            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
+                self.statements.get(n).cloned()
+            }
+            _ => None,
+        };
+        match stmt {
+            Some(stmt) => {
+                self.ensure_prepared(h, &stmt);
+                frame::write_message(&mut self.scratch.to_server, frontend::DESCRIBE, |b| {
+                    b.extend_from_slice(body.get(..r.prefix_len).unwrap_or_default());
+                    frame::put_cstr(b, &stmt.global);
+                });
+            }
+            None => frame::write_message(&mut self.scratch.to_server, frontend::DESCRIBE, |b| {
+                b.extend_from_slice(body)
+            }),
+        }
+        Ok(Sent::Describe)
+    }
+
+    /// A Close of a statement this client prepared is answered by Breakwater: the shared
+    /// server statement stays, only this client's name for it goes.
+    fn forward_close(&mut self, body: &[u8]) -> Result<Sent, PgError> {
+        let r = frontend::statement_ref(frontend::CLOSE, body)
+            .map_err(|e| protocol_violation(e.to_string()))?;
+        match r.name {
+            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
+                self.statements.remove(n);
+                Ok(Sent::Answered(backend::CLOSE_COMPLETE))
+            }
+            _ => {
+                frame::write_message(&mut self.scratch.to_server, frontend::CLOSE, |b| {
+                    b.extend_from_slice(body)
+                });
+                Ok(Sent::Close { hide: false })
+            }
+        }
+    }
+
+    /// Before a Bind or Describe of `stmt`: parses it on this server first if it lacks it.
+    fn ensure_prepared(&mut self, h: &mut Held, stmt: &Arc<Statement>) {
+        if !h.server.prepared.contains(&stmt.global) {
+            let parse = self.prepare_on_server(h, stmt, None);
+            if let Some(e) = h.ledger.on_client(parse) {
+                self.forget(h, &e);
+            }
+        }
+    }
+
+    /// Writes a Parse of `stmt` under its global name, closing the least recently used statement
+    /// first when the connection is at `max_prepared_statements`, and returns it for the
+    /// ledger. `client_name` is set when the client itself sent this Parse (its ParseComplete is
+    /// the client's); otherwise it is injected before a Bind or Describe and its reply hidden.
+    fn prepare_on_server(
+        &mut self,
+        h: &mut Held,
+        stmt: &Arc<Statement>,
+        client_name: Option<bytes::Bytes>,
+    ) -> Sent {
+        if let Some(evicted) = h
+            .server
+            .prepared
+            .insert(stmt.global.clone(), self.settings.max_prepared_statements)
+        {
+            frontend::write_close_statement(&mut self.scratch.to_server, &evicted);
+            if let Some(e) = h.ledger.on_client(Sent::Close { hide: true }) {
+                self.forget(h, &e);
+            }
+        }
+        frontend::write_parse(&mut self.scratch.to_server, &stmt.global, &stmt.rest);
+        PoolStats::add(&self.entry.stats.server_parse_count, 1);
+        let hide = client_name.is_none();
+        Sent::Parse {
+            hide,
+            prepared: Some((client_name.unwrap_or_default(), stmt.global.clone())),
+        }
+    }
+
+    /// A Parse the server did not run (refused, or skipped after an error): it holds no such
+    /// statement, and the client's name for it means nothing.
+    fn forget(&mut self, h: &mut Held, e: &Expect) {
+        if let Expect::Parse {
+            prepared: Some((name, global)),
+            ..
+        } = e
+        {
+            h.server.prepared.remove(global);
+            self.statements.forget_if(name, global);
+            self.entry
+                .known_statements
+                .forget(self.params.fingerprint(), global);
+        }
+    }
+
+    /// Moves what the server sent to `to_client`, hiding replies to Breakwater's own requests
+    /// and adding synthetic ones, and returns whether the transaction ended: an idle
+    /// ReadyForQuery with nothing owed. It stops right after that ReadyForQuery; anything
+    /// behind it is not this client's.
+    pub(super) fn scan_server(&mut self, h: &mut Held) -> Result<bool, PgError> {
+        let max = h.server.max_message;
+        let watch = self.watch_read_only;
+        loop {
+            let next = h.ledger.server.next(
+                &mut h.server.buf,
+                &mut self.scratch.to_client,
+                max,
+                |hdr, _| want_from_server(hdr, watch),
+            );
+            let hdr = match next.map_err(|e| server_lost(&e.to_string()))? {
+                Forwarded::NeedMore => return Ok(false),
+                Forwarded::Finished => {
+                    // Replies Breakwater owes after this message go now.
+                    h.ledger.emit_synthetic(&mut self.scratch.to_client);
+                    continue;
+                }
+                Forwarded::Streamed(hdr) => {
+                    // Never hidden: only ParseComplete and CloseComplete are, and they are read
+                    // whole.
+                    self.on_server(h, Received::Other(hdr.tag));
+                    h.ledger.emit_synthetic(&mut self.scratch.to_client);
+                    continue;
+                }
+                Forwarded::Prefix(hdr) => {
+                    return Err(server_lost(&format!(
+                        "a '{}' message with a body of {} bytes",
+                        hdr.tag as char, hdr.body_len
+                    )))
+                }
+                Forwarded::Whole(hdr) => hdr,
+            };
+            let msg = frame::take_whole(&mut h.server.buf, hdr);
+            let received = match hdr.tag {
+                backend::READY_FOR_QUERY => Received::Ready(
+                    backend::parse_ready_for_query(&msg.body)
+                        .map_err(|e| server_lost(&e.to_string()))?,
+                ),
+                tag => Received::Other(tag),
+            };
+            if self.on_server(h, received) == Verdict::Hide {
+                h.ledger.emit_synthetic(&mut self.scratch.to_client);
+                continue;
+            }
+            match hdr.tag {
+                backend::READY_FOR_QUERY => {
+                    h.clock.cancel_sent = None;
+                    let stats = &self.entry.stats;
+                    PoolStats::add(&stats.query_count, 1);
+                    if let Some(t) = h.clock.query_since.take() {
+                        PoolStats::add(&stats.query_time_us, t.elapsed().as_micros() as u64);
+                    }
+                    if h.ledger.ready_owed() > 0 {
+                        h.clock.query_since = Some(Instant::now());
+                    }
+                    let statement_mode_done = self.mode == PoolMode::Statement
+                        && h.ledger.ready_owed() == 0
+                        && !h.ledger.batch_open();
+                    if statement_mode_done && h.ledger.status() != backend::TxStatus::Idle {
+                        // Hold back this ReadyForQuery: the client must see the refusal as the
+                        // answer to the statement that opened a transaction.
+                        return Ok(true);
+                    }
+                    write_whole(&mut self.scratch.to_client, &msg);
+                    h.ledger.emit_synthetic(&mut self.scratch.to_client);
+                    if h.ledger.handover() == Handover::Clean || statement_mode_done {
+                        return Ok(true);
+                    }
+                    continue;
+                }
+                backend::PARAMETER_STATUS => {
+                    let (k, v) = backend::parse_parameter_status(&msg.body)
+                        .map_err(|e| server_lost(&e.to_string()))?;
+                    if let Some(t) = tracked_name(k) {
+                        self.params.set(t, v);
+                    }
+                    if k == "in_hot_standby" || k == "default_transaction_read_only" {
+                        // The server's role may have changed under us (a promotion, a reload).
+                        self.entry.pool.role_suspect();
+                    }
+                    let (k, v) = (k.to_owned(), v.to_owned());
+                    h.server.set_param(&k, &v);
+                    h.server.pristine = false;
+                }
+                backend::ERROR_RESPONSE
+                    if proto::error::parse_error_fields(&msg.body)
+                        .is_ok_and(|f| f.code == READ_ONLY_SQL_TRANSACTION) =>
+                {
+                    tracing::info!(server = h.server.id, "server refused a write (25006) in a read-write pool; re-checking host roles");
+                    self.entry.pool.role_suspect();
+                }
+                backend::COMMAND_COMPLETE => {
+                    let tag = backend::command_tag(&msg.body);
+                    if scan::tag_leaves_state(tag) {
+                        h.ledger.mark_session_state();
+                    }
+                    if tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL" {
+                        // The server dropped every prepared statement, ours included.
+                        h.server.prepared.clear();
+                        self.statements.clear();
+                    }
+                }
+                _ => {}
+            }
+            write_whole(&mut self.scratch.to_client, &msg);
+            h.ledger.emit_synthetic(&mut self.scratch.to_client);
+        }
+    }
+
+    /// Tells the ledger of a server message, forgetting the statements an error undid and
+    /// learning the ones a ParseComplete made.
+    fn on_server(&mut self, h: &mut Held, received: Received) -> Verdict {
+        let statements = &mut self.statements;
+        let cache = &mut h.server.prepared;
+        let known = &self.entry.known_statements;
+        let fingerprint = self.params.fingerprint();
+        let cap = self.settings.max_prepared_statements;
+        h.ledger.on_server(
+            received,
+            |e| {
+                if let Expect::Parse {
+                    prepared: Some((name, global)),
+                    ..
+                } = e
+                {
+                    cache.remove(global);
+                    statements.forget_if(name, global);
+                    known.forget(fingerprint, global);
+                }
+            },
+            |global| known.insert(fingerprint, &global, cap),
+        )
+    }
+}
+
+/// Writes a message taken whole back out, as it came.
+fn write_whole(out: &mut BytesMut, msg: &frame::Message) {
+    frame::write_message(out, msg.tag, |b| b.extend_from_slice(&msg.body));
+}
