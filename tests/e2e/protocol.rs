@@ -225,3 +225,141 @@ async fn a_silent_client_is_dropped_after_client_login_timeout() {
     );
     assert_eq!(error_code(&got).as_deref(), Some("08P01"));
 }
+
+/// The pids of the pool's server connections, as PostgreSQL sees them, with their states.
+async fn app_backend_states(direct: &tokio_postgres::Client) -> Vec<(i32, String)> {
+    let rows = direct
+        .query(
+            "SELECT pid, coalesce(state, '') FROM pg_stat_activity WHERE datname = 'app' AND usename = 'app' AND backend_type = 'client backend' ORDER BY pid",
+            &[],
+        )
+        .await
+        .unwrap();
+    rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+}
+
+#[tokio::test]
+async fn messages_no_client_may_send_get_08p01_and_never_reach_a_server() {
+    let env = start("auth_type = \"trust\"\ndefault_pool_size = 1", "");
+    let direct = env.direct().await;
+    // One server, warm, that every test client below would be given.
+    env.client().await.simple_query("SELECT 1").await.unwrap();
+    let before = app_backend_states(&direct).await;
+    assert_eq!(before.len(), 1);
+    let bad: [&[u8]; 5] = [
+        &[b'!', 0, 0, 0, 4],
+        // A server's message type (RowDescription).
+        &[b'T', 0, 0, 0, 6, 0, 0],
+        // An SSLRequest after login: its type byte is 0.
+        &[0, 0, 0, 8, 4, 210, 22, 47],
+        // A password after login.
+        &[b'p', 0, 0, 0, 7, b'p', b'w', 0],
+        &[b'Z', 0, 0, 0, 5, b'I'],
+    ];
+    for round in 0..16 {
+        for msg in bad {
+            let mut s = raw_login(env.pooler.port()).await;
+            s.write_all(msg).await.unwrap();
+            let reply = read_all(&mut s).await;
+            assert_eq!(
+                error_code(&reply).as_deref(),
+                Some("08P01"),
+                "round {round}, {msg:?}: {:?}",
+                String::from_utf8_lossy(&reply)
+            );
+        }
+    }
+    // The same server, never handed any of it (PostgreSQL would have ended it).
+    assert_eq!(app_backend_states(&direct).await, before);
+    let log = env.pooler.log();
+    assert!(log.contains("invalid frontend message type"), "{log}");
+}
+
+#[tokio::test]
+async fn a_malformed_message_inside_a_transaction_rolls_it_back_and_keeps_the_server() {
+    let env = start("auth_type = \"trust\"\ndefault_pool_size = 1", "");
+    let direct = env.direct().await;
+    let mut s = raw_login(env.pooler.port()).await;
+    let mut begin = BytesMut::new();
+    begin.put_u8(b'Q');
+    begin.put_i32(4 + 6);
+    begin.extend_from_slice(b"BEGIN\0");
+    s.write_all(&begin).await.unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    while !got.ends_with(&[b'Z', 0, 0, 0, 5, b'T']) {
+        let n = tokio::time::timeout(WAIT, s.read(&mut buf))
+            .await
+            .expect("BEGIN's reply")
+            .unwrap();
+        assert!(n > 0);
+        got.extend_from_slice(&buf[..n]);
+    }
+    let inside = app_backend_states(&direct).await;
+    assert_eq!(inside.len(), 1);
+    assert_eq!(inside[0].1, "idle in transaction");
+    s.write_all(&[b'!', 0, 0, 0, 4]).await.unwrap();
+    let reply = read_all(&mut s).await;
+    assert_eq!(error_code(&reply).as_deref(), Some("08P01"));
+    // Rolled back and kept: the same backend, idle, serves the next client.
+    testkit::wait_until("the server to be rolled back", WAIT, || async {
+        app_backend_states(&direct).await == vec![(inside[0].0, "idle".to_owned())]
+    })
+    .await;
+    let c = env.client().await;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(pid, inside[0].0);
+}
+
+/// VmRSS or VmHWM of a process, in KiB.
+fn memory_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn large_queries_stream_through_without_the_pooler_holding_them() {
+    const MIB: usize = 1024 * 1024;
+    let env = start("", "");
+    // Warm: the pool's servers and the clients' first buffers exist before the baseline.
+    let clients = join_all((0..4).map(|_| env.client())).await;
+    for c in &clients {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    let pid = env.pooler.pid();
+    let baseline = memory_kib(pid, "VmRSS:");
+    let literal = "x".repeat(40 * MIB);
+    let sql = format!("SELECT length('{literal}')");
+    let results = join_all(clients.iter().map(|c| c.simple_query(&sql))).await;
+    for r in results {
+        let rows = r.unwrap();
+        let row = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(row) => Some(row),
+                _ => None,
+            })
+            .expect("a row");
+        assert_eq!(row.get(0), Some("41943040"));
+    }
+    // Four 40 MiB queries buffered whole would have taken 160 MiB or more at their peak.
+    let peak = memory_kib(pid, "VmHWM:");
+    assert!(
+        peak < baseline + 48 * 1024,
+        "peak RSS {peak} KiB against a baseline of {baseline} KiB"
+    );
+    // And nothing of them is kept.
+    let after = memory_kib(pid, "VmRSS:");
+    assert!(
+        after < baseline + 16 * 1024,
+        "RSS {after} KiB after, {baseline} KiB before"
+    );
+}

@@ -147,13 +147,13 @@ fn yes_no(b: bool) -> Option<String> {
 }
 
 fn pools(view: &View) -> ResultSet {
-    // The data path counts a waiting client as idle too; PgBouncer's cl_active is every
-    // logged-in client that is not waiting (linked to a server or not).
+    // PgBouncer's cl_active is every logged-in client that is not waiting (linked to a
+    // server or not); the data path counts each client in one of three states.
     fn waiting(p: &PoolView) -> i64 {
         p.stats.cl_waiting.max(0)
     }
     fn idle(p: &PoolView) -> i64 {
-        (p.stats.cl_idle - waiting(p)).max(0)
+        p.stats.cl_idle.max(0)
     }
     fn linked(p: &PoolView) -> i64 {
         p.stats.cl_active.max(0)
@@ -549,7 +549,7 @@ mod tests {
             database: "app".into(),
             user: "u1".into(),
             xact_count: 5,
-            cl_idle: 3,
+            cl_idle: 2,
             cl_waiting: 1,
             cl_active: 2,
             ..Default::default()
@@ -588,7 +588,7 @@ mod tests {
                 "load_balance_hosts"
             ]
         );
-        // 2 linked + (3 idle - 1 waiting) = 4 active in PgBouncer's sense.
+        // 2 linked + 2 idle = 4 active in PgBouncer's sense.
         assert_eq!(p.rows[0][2].as_deref(), Some("4"));
         assert_eq!(p.rows[0][3].as_deref(), Some("1"));
         let st = result(Show::Stats, &view);

@@ -53,11 +53,10 @@ pub fn publish_pool(s: &PoolSnapshot, servers: &ServerGauges) {
             counter!($name, &l).absolute($v)
         }};
     }
-    // The data path counts a waiting client as idle too; here every client is in one state.
-    let waiting = s.cl_waiting.max(0);
+    // Every client is in exactly one of the three (the session's `enter` moves it).
     g!("breakwater_clients", s.cl_active.max(0), "state" => "active");
-    g!("breakwater_clients", waiting, "state" => "waiting");
-    g!("breakwater_clients", (s.cl_idle - waiting).max(0), "state" => "idle");
+    g!("breakwater_clients", s.cl_waiting.max(0), "state" => "waiting");
+    g!("breakwater_clients", s.cl_idle.max(0), "state" => "idle");
     g!("breakwater_servers", servers.active, "state" => "active");
     g!("breakwater_servers", servers.idle, "state" => "idle");
     g!("breakwater_servers", s.sv_login.max(0), "state" => "login");

@@ -139,7 +139,8 @@ pub struct PoolStats {
     pub cl_active: AtomicI64,
     /// Clients waiting for a server.
     pub cl_waiting: AtomicI64,
-    /// Clients logged in to this pool and idle.
+    /// Clients logged in to this pool, holding no server and not waiting for one. A client
+    /// is in exactly one of cl_active, cl_waiting and cl_idle.
     pub cl_idle: AtomicI64,
     /// Server connections being opened: connect, TLS and login (PgBouncer's `sv_login`).
     pub sv_login: AtomicI64,
