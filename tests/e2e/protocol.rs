@@ -305,7 +305,8 @@ async fn a_malformed_message_inside_a_transaction_rolls_it_back_and_keeps_the_se
     testkit::wait_until("the server to be rolled back", WAIT, || async {
         app_backend_states(&direct).await == vec![(inside[0].0, "idle".to_owned())]
     })
-    .await;
+    .await
+    .unwrap();
     let c = env.client().await;
     let pid: i32 = c
         .query_one("SELECT pg_backend_pid()", &[])
