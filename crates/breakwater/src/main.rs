@@ -88,6 +88,9 @@ fn main() -> ExitCode {
         }
     };
     if cli.check {
+        for w in &config.warnings {
+            println!("warning: {w}");
+        }
         println!(
             "{}: ok ({} databases, {} users in auth_file)",
             cli.config.display(),
@@ -114,6 +117,9 @@ fn main() -> ExitCode {
             .with_current_span(true)
             .with_span_list(false)
             .init(),
+    }
+    for w in &config.warnings {
+        tracing::warn!("config: {w}");
     }
     raise_fd_limit();
     let mut rt = tokio::runtime::Builder::new_multi_thread();

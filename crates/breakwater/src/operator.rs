@@ -333,7 +333,7 @@ impl Control for Daemon {
                 .show()
                 .into_iter()
                 .map(|(key, value, default, changeable)| ConfigItem {
-                    key: key.into(),
+                    key,
                     value,
                     default,
                     changeable,

@@ -1,8 +1,11 @@
 //! Typed settings the proxy takes from the binary's config. No TOML here.
 
+use std::fmt;
+use std::str::FromStr;
 use std::time::Duration;
 
 use proto::auth::Userlist;
+use upstream::UnknownName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolMode {
@@ -15,6 +18,12 @@ pub enum PoolMode {
 }
 
 impl PoolMode {
+    pub const ALL: [PoolMode; 3] = [
+        PoolMode::Session,
+        PoolMode::Transaction,
+        PoolMode::Statement,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             PoolMode::Session => "session",
@@ -32,6 +41,51 @@ pub enum AuthType {
     /// The client certificate's CN must be the user name (needs client_tls_sslmode verify-ca
     /// or verify-full).
     Cert,
+}
+
+impl AuthType {
+    pub const ALL: [AuthType; 4] = [
+        AuthType::Trust,
+        AuthType::Md5,
+        AuthType::ScramSha256,
+        AuthType::Cert,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthType::Trust => "trust",
+            AuthType::Md5 => "md5",
+            AuthType::ScramSha256 => "scram-sha-256",
+            AuthType::Cert => "cert",
+        }
+    }
+}
+
+// The spelling in config files, SHOW CONFIG and SET; upstream's enums do the same in `names`.
+impl FromStr for PoolMode {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        UnknownName::find(s, &PoolMode::ALL, PoolMode::as_str)
+    }
+}
+
+impl fmt::Display for PoolMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for AuthType {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
+        UnknownName::find(s, &AuthType::ALL, AuthType::as_str)
+    }
+}
+
+impl fmt::Display for AuthType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// One `[databases.NAME]` entry.

@@ -287,9 +287,9 @@ mod tests {
             SslMode::VerifyCa,
             SslMode::VerifyFull,
         ] {
-            assert_eq!(SslMode::parse(m.as_str()), Some(m));
+            assert_eq!(m.as_str().parse::<SslMode>().ok(), Some(m));
         }
-        assert_eq!(SslMode::parse("verify_full"), None);
+        assert!("verify_full".parse::<SslMode>().is_err());
         assert!(SslMode::Require.requires_tls() && !SslMode::Prefer.requires_tls());
     }
 }

@@ -52,18 +52,6 @@ impl SslMode {
         }
     }
 
-    pub fn parse(s: &str) -> Option<SslMode> {
-        Some(match s {
-            "disable" => SslMode::Disable,
-            "allow" => SslMode::Allow,
-            "prefer" => SslMode::Prefer,
-            "require" => SslMode::Require,
-            "verify-ca" => SslMode::VerifyCa,
-            "verify-full" => SslMode::VerifyFull,
-            _ => return None,
-        })
-    }
-
     /// Encryption is mandatory (require and the verify modes).
     pub fn requires_tls(self) -> bool {
         self >= SslMode::Require
