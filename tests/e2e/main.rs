@@ -4,6 +4,7 @@
 mod admin;
 mod auth;
 mod common;
+mod config;
 mod deploy;
 mod dns;
 mod failover;

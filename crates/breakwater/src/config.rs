@@ -6,6 +6,8 @@
 
 mod value;
 
+use crate::pgbouncer;
+
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -246,6 +248,8 @@ section! {
         dbname: Option<String> = None, reload;
         user: Option<String> = None, reload;
         password: Option<String> = None, reload;
+        /// A file holding the server password (a mounted secret); instead of `password`.
+        password_file: Option<PathBuf> = None, reload;
         pool_size: Option<usize> = None, reload;
         min_pool_size: Option<usize> = None, reload;
         pool_mode: Option<PoolMode> = None, reload;
@@ -325,10 +329,85 @@ pub struct ConfigFile {
     pub databases: BTreeMap<String, Database>,
 }
 
+/// Where settings come from, in the order they apply: defaults < file < environment < flags.
+/// Kept with the config so that RELOAD applies the same layers again over the re-read file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Layers {
+    /// The TOML file, if there is one.
+    pub file: Option<PathBuf>,
+    /// `BREAKWATER_*` variables (name, value), as read at start.
+    pub env: Vec<(String, String)>,
+    /// A `postgres://` URL for one database, and what gave it (`--upstream`,
+    /// `BREAKWATER_UPSTREAM` or `DATABASE_URL`).
+    pub upstream: Option<(String, &'static str)>,
+    /// `--set key=value` flags, in order.
+    pub flags: Vec<(String, String)>,
+}
+
+/// The config file used when neither `--config` nor `BREAKWATER_CONFIG` names one.
+pub const DEFAULT_FILE: &str = "pooler.toml";
+
+impl Layers {
+    /// The layers for a command line: `config` and `upstream` from flags, `sets` from `--set`,
+    /// and the process environment `env` (passed in, so this is testable). `DATABASE_URL` is
+    /// used only when there is no config file: in a sidecar's pod it often points at the
+    /// pooler itself, and a file is the stronger statement of intent.
+    pub fn gather(
+        config: Option<PathBuf>,
+        upstream: Option<String>,
+        sets: &[String],
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Layers, String> {
+        let env: Vec<(String, String)> = env.into_iter().collect();
+        let var = |name: &str| env.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+        let file = config
+            .or_else(|| var("BREAKWATER_CONFIG").map(PathBuf::from))
+            .or_else(|| {
+                let default = PathBuf::from(DEFAULT_FILE);
+                // Without a URL the default file is required (and its absence reported).
+                let no_url = upstream.is_none()
+                    && var("BREAKWATER_UPSTREAM").is_none()
+                    && var("DATABASE_URL").is_none();
+                (no_url || default.exists()).then_some(default)
+            });
+        let upstream = match (upstream, var("BREAKWATER_UPSTREAM"), var("DATABASE_URL")) {
+            (Some(url), ..) => Some((url, "--upstream")),
+            (None, Some(url), _) => Some((url, "BREAKWATER_UPSTREAM")),
+            (None, None, Some(url)) if file.is_none() => Some((url, "DATABASE_URL")),
+            _ => None,
+        };
+        let flags = sets
+            .iter()
+            .map(|s| {
+                s.split_once('=')
+                    .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                    .ok_or_else(|| format!("--set {s}: write --set key=value"))
+            })
+            .collect::<Result<_, _>>()?;
+        let env = env
+            .into_iter()
+            .filter(|(k, _)| {
+                k.starts_with(ENV_PREFIX)
+                    && !matches!(k.as_str(), "BREAKWATER_UPSTREAM" | "BREAKWATER_CONFIG")
+            })
+            .collect();
+        Ok(Layers {
+            file,
+            env,
+            upstream,
+            flags,
+        })
+    }
+}
+
+const ENV_PREFIX: &str = "BREAKWATER_";
+
 /// A loaded, validated configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
+    /// The config file, or [`NO_FILE`] when everything came from flags and the environment.
     pub path: PathBuf,
+    pub layers: Layers,
     pub file: ConfigFile,
     pub userlist: Userlist,
     /// Built from the `client_tls_*` files at load; swappable by a reload.
@@ -337,51 +416,116 @@ pub struct Config {
     pub server_tls: upstream::ServerTls,
     /// Accepted, but worth a look: printed by `--check` and logged at start.
     pub warnings: Vec<String>,
+    /// Where each key that was set came from (`pooler.toml line 3`, `BREAKWATER_LISTEN_PORT`,
+    /// `--set`, `--upstream`), by key path.
+    pub origins: BTreeMap<String, String>,
+    extras: Extras,
 }
 
+/// What the layers add besides settings: login entries from the upstream URL (user,
+/// password), and database passwords read from `password_file`.
+#[derive(Debug, Clone, Default)]
+struct Extras {
+    users: Vec<(String, String)>,
+    file_passwords: BTreeMap<String, String>,
+}
+
+/// `Config::path` when there is no config file.
+pub const NO_FILE: &str = "(none: flags and environment)";
+
 impl Config {
-    pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_owned(),
-            source,
-        })?;
-        Self::parse(path, &text)
+    /// Reads the file (if any) and applies the environment and flags over it.
+    pub fn load(layers: &Layers) -> Result<Config, ConfigError> {
+        let text = match &layers.file {
+            Some(path) => {
+                Some(
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                        path: path.to_owned(),
+                        source,
+                    })?,
+                )
+            }
+            None => None,
+        };
+        Self::build(layers, text.as_deref())
     }
 
+    /// A file's text with no other layers (tests).
+    #[cfg(test)]
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
-        let doc = toml_edit::ImDocument::parse(text).map_err(|e| ConfigError::Syntax {
-            path: path.to_owned(),
-            message: e.to_string().trim_end().to_owned(),
-        })?;
+        let layers = Layers {
+            file: Some(path.to_owned()),
+            ..Layers::default()
+        };
+        Self::build(&layers, Some(text))
+    }
+
+    fn build(layers: &Layers, text: Option<&str>) -> Result<Config, ConfigError> {
+        let path = layers
+            .file
+            .clone()
+            .unwrap_or_else(|| PathBuf::from(NO_FILE));
         let mut reader = Reader {
-            text,
+            text: text.unwrap_or_default(),
+            file_name: path.display().to_string(),
             lines: HashMap::new(),
+            origins: BTreeMap::new(),
             problems: Vec::new(),
             warnings: Vec::new(),
         };
-        let file = reader.document(doc.as_table());
+        let mut file = ConfigFile::default();
+        if let Some(text) = text {
+            let doc = toml_edit::ImDocument::parse(text).map_err(|e| ConfigError::Syntax {
+                path: path.clone(),
+                message: match looks_like_ini(text) {
+                    true => format!("{PGBOUNCER_INI}\n{}", e.to_string().trim_end()),
+                    false => e.to_string().trim_end().to_owned(),
+                },
+            })?;
+            file = reader.document(doc.as_table());
+        }
+        let mut extras = Extras::default();
+        reader.environment(&layers.env, &mut file);
+        if let Some((url, from)) = &layers.upstream {
+            reader.upstream(url, from, &mut file, &mut extras);
+        }
+        reader.flags(&layers.flags, &mut file);
         let Reader {
             lines,
+            origins,
             mut problems,
             warnings,
             ..
         } = reader;
-        let mut config = Self::validate(path, file, &lines, &mut problems);
-        if let Some(c) = &mut config {
-            c.warnings = warnings;
-        }
+        let config = Self::validate(&path, file, extras, &lines, &mut problems);
         match config {
-            Some(c) if problems.is_empty() => Ok(c),
-            _ => Err(Self::invalid(path, problems)),
+            Some(mut c) if problems.is_empty() => {
+                c.layers = layers.clone();
+                c.warnings = warnings;
+                c.origins = origins;
+                Ok(c)
+            }
+            _ => Err(Self::invalid(&path, problems)),
         }
     }
 
-    /// Validates settings that did not come from a file (SET), with no line numbers.
-    pub fn from_file(path: &Path, file: ConfigFile) -> Result<Config, ConfigError> {
+    /// Re-reads the file and applies the same environment and flags (RELOAD, SIGHUP).
+    pub fn reload(&self) -> Result<Config, ConfigError> {
+        Config::load(&self.layers)
+    }
+
+    /// Validates a changed copy of this config (SET), with no line numbers.
+    fn revalidate(&self, file: ConfigFile) -> Result<Config, ConfigError> {
         let mut problems = Vec::new();
-        match Self::validate(path, file, &HashMap::new(), &mut problems) {
-            Some(c) if problems.is_empty() => Ok(c),
-            _ => Err(Self::invalid(path, problems)),
+        let extras = self.extras.clone();
+        match Self::validate(&self.path, file, extras, &HashMap::new(), &mut problems) {
+            Some(mut c) if problems.is_empty() => {
+                c.layers = self.layers.clone();
+                c.warnings = self.warnings.clone();
+                c.origins = self.origins.clone();
+                Ok(c)
+            }
+            _ => Err(Self::invalid(&self.path, problems)),
         }
     }
 
@@ -400,6 +544,7 @@ impl Config {
     fn validate(
         path: &Path,
         file: ConfigFile,
+        mut extras: Extras,
         lines: &HashMap<String, usize>,
         problems: &mut Vec<Problem>,
     ) -> Option<Config> {
@@ -450,10 +595,13 @@ impl Config {
                 bad(key, format!("cannot be \"0\"{why}"));
             }
         }
-        if !matches!(p.auth_type, AuthType::Trust | AuthType::Cert) && p.auth_file.is_none() {
+        if !matches!(p.auth_type, AuthType::Trust | AuthType::Cert)
+            && p.auth_file.is_none()
+            && extras.users.is_empty()
+        {
             bad(
                 "pooler.auth_file",
-                "is required unless auth_type = \"trust\" or \"cert\"".into(),
+                "is required unless auth_type = \"trust\" or \"cert\" (or an upstream URL with a password gives the one user)".into(),
             );
         }
         if p.auth_type == AuthType::Cert
@@ -488,6 +636,36 @@ impl Config {
             if let Err(message) = db.host_list() {
                 bad(&format!("databases.{name}.hosts"), message);
             }
+            if let Some(f) = &db.password_file {
+                let key = format!("databases.{name}.password_file");
+                if db.password.is_some() {
+                    bad(&key, "cannot be combined with password".into());
+                }
+                let f = path.parent().unwrap_or(Path::new(".")).join(f);
+                match std::fs::read_to_string(&f) {
+                    // A trailing newline from `echo secret > file` is not part of the password.
+                    Ok(text) => {
+                        let password = text.trim_end_matches(['\n', '\r']).to_owned();
+                        extras.file_passwords.insert(name.clone(), password);
+                    }
+                    Err(e) => bad(&key, format!("cannot read {}: {e}", f.display())),
+                }
+            }
+            // In a sidecar's pod DATABASE_URL names the pooler itself: that loops.
+            let own_port = db.port == Some(p.listen_port) && db.hosts.is_none();
+            let loopback = matches!(
+                db.host.as_deref(),
+                Some("127.0.0.1" | "localhost" | "::1") | None
+            );
+            if own_port && loopback {
+                bad(
+                    &format!("databases.{name}.port"),
+                    format!(
+                        "{} is Breakwater's own listen_port: the database would be this pooler",
+                        p.listen_port
+                    ),
+                );
+            }
             if db.pool_size == Some(0) {
                 bad(
                     &format!("databases.{name}.pool_size"),
@@ -521,6 +699,13 @@ impl Config {
             }
             None => Some(Userlist::default()),
         };
+        // The upstream URL's user logs in with the URL's password, over the auth_file's entry.
+        let userlist = userlist.map(|mut u| {
+            for (user, password) in &extras.users {
+                u.insert(user.clone(), proto::auth::Secret::Plain(password.clone()));
+            }
+            u
+        });
         // Relative TLS file names are relative to the config file, like auth_file.
         let file_at = |f: &Option<PathBuf>| f.as_ref().map(|f| base.join(f));
         let client_tls = proxy::ClientTls::new(
@@ -545,11 +730,14 @@ impl Config {
         .ok();
         Some(Config {
             path: path.to_owned(),
+            layers: Layers::default(),
             file,
             userlist: userlist?,
             client_tls: client_tls?,
             server_tls: server_tls?,
             warnings: Vec::new(),
+            origins: BTreeMap::new(),
+            extras,
         })
     }
 
@@ -567,8 +755,8 @@ impl Config {
         }
         let mut file = self.file.clone();
         (setting.set)(&mut file.pooler, value).map_err(|e| format!("{key}: {e}"))?;
-        let mut next = Config::from_file(&self.path, file).map_err(|e| e.to_string())?;
-        next.warnings = self.warnings.clone();
+        let mut next = self.revalidate(file).map_err(|e| e.to_string())?;
+        next.origins.insert(format!("pooler.{key}"), "SET".into());
         Ok(next)
     }
 
@@ -591,6 +779,42 @@ impl Config {
     pub fn show(&self) -> Vec<(String, String, String, bool)> {
         let mut rows = show_rows("", SETTINGS, &self.file.pooler);
         rows.extend(show_rows("metrics.", METRICS_SETTINGS, &self.file.metrics));
+        rows
+    }
+
+    /// Every value that is not the default, with where it came from, for `--check`:
+    /// (key path, value, origin). Passwords are not shown.
+    pub fn non_default(&self) -> Vec<(String, String, String)> {
+        let origin = |key: &str| {
+            self.origins
+                .get(key)
+                .cloned()
+                .unwrap_or_else(|| "default".into())
+        };
+        let mut rows: Vec<_> = self
+            .show()
+            .into_iter()
+            .filter(|(_, value, default, _)| value != default)
+            .map(|(key, value, ..)| {
+                let path = match key.contains('.') {
+                    true => key.clone(),
+                    false => format!("pooler.{key}"),
+                };
+                (key, value, origin(&path))
+            })
+            .collect();
+        for (name, db) in &self.file.databases {
+            let key = format!("databases.{name}");
+            let hosts = db
+                .host_list()
+                .unwrap_or_default()
+                .iter()
+                .map(|(h, p)| format!("{h}:{p}"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let dbname = db.dbname.as_deref().unwrap_or(name);
+            rows.push((key.clone(), format!("{hosts}/{dbname}"), origin(&key)));
+        }
         rows
     }
 
@@ -658,7 +882,10 @@ impl Config {
                     load_balance_hosts: d.load_balance_hosts.unwrap_or_default(),
                     dbname: d.dbname.clone().unwrap_or_else(|| name.clone()),
                     user: d.user.clone(),
-                    password: d.password.clone(),
+                    password: d
+                        .password
+                        .clone()
+                        .or_else(|| self.extras.file_passwords.get(name).cloned()),
                     pool_size: d.pool_size.unwrap_or(p.default_pool_size),
                     min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
                     pool_mode: d.pool_mode.unwrap_or(p.pool_mode),
@@ -743,8 +970,11 @@ fn show_rows<S: Default>(
 /// collecting every problem instead of stopping at the first.
 struct Reader<'a> {
     text: &'a str,
+    file_name: String,
     /// Key path → line, for problems found later by validation.
     lines: HashMap<String, usize>,
+    /// Key path → where its value came from.
+    origins: BTreeMap<String, String>,
     problems: Vec<Problem>,
     warnings: Vec<String>,
 }
@@ -774,6 +1004,10 @@ impl Reader<'_> {
                         let line = self.line_of(t.key(db).and_then(|k| k.span()));
                         match item.as_table_like() {
                             Some(entry) => {
+                                if let Some(line) = line {
+                                    let origin = format!("{} line {line}", self.file_name);
+                                    self.origins.insert(key.clone(), origin);
+                                }
                                 let mut d = Database::default();
                                 self.section(&key, entry, DATABASE_SETTINGS, &mut d);
                                 file.databases.insert(db.to_owned(), d);
@@ -802,6 +1036,8 @@ impl Reader<'_> {
                     let message = if SETTINGS.iter().any(|s| s.key == name) {
                         "must be inside the [pooler] section (it sits before any section header)"
                             .to_owned()
+                    } else if name == "pgbouncer" || name == "users" || name == "peers" {
+                        PGBOUNCER_INI.to_owned()
                     } else {
                         format!(
                             "unknown section{}",
@@ -827,8 +1063,19 @@ impl Reader<'_> {
             let line = self.line_of(table.key(name).and_then(|k| k.span()));
             if let Some(line) = line {
                 self.lines.insert(path.clone(), line);
+                let origin = format!("{} line {line}", self.file_name);
+                self.origins.insert(path.clone(), origin);
             }
             let Some(setting) = keys.iter().find(|s| s.key == name) else {
+                if let (Some(pgbouncer::Fate::NoOp(why)), "pooler") =
+                    (pgbouncer::fate(name), prefix)
+                {
+                    let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+                    self.warnings.push(format!(
+                        "{at}{path} (a PgBouncer setting) is ignored: {why}"
+                    ));
+                    continue;
+                }
                 let message = unknown_key(prefix, name, keys);
                 self.problem(path, line, message);
                 continue;
@@ -844,6 +1091,183 @@ impl Reader<'_> {
     }
 }
 
+impl Reader<'_> {
+    /// `BREAKWATER_<KEY>` for every `[pooler]` key, `BREAKWATER_METRICS_<KEY>` for `[metrics]`.
+    fn environment(&mut self, env: &[(String, String)], file: &mut ConfigFile) {
+        for (var, value) in env {
+            let name = var
+                .strip_prefix(ENV_PREFIX)
+                .unwrap_or(var)
+                .to_ascii_lowercase();
+            let result = match name.strip_prefix("metrics_") {
+                Some(key) => self.set_text(&format!("metrics.{key}"), value, var, file),
+                None => self.set_text(&format!("pooler.{name}"), value, var, file),
+            };
+            if let Err(message) = result {
+                let message = match message {
+                    Unset::Unknown => {
+                        let vars = SETTINGS
+                            .iter()
+                            .map(|s| format!("{ENV_PREFIX}{}", s.key.to_ascii_uppercase()))
+                            .chain(["BREAKWATER_UPSTREAM".into(), "BREAKWATER_CONFIG".into()])
+                            .chain(METRICS_SETTINGS.iter().map(|s| {
+                                format!("BREAKWATER_METRICS_{}", s.key.to_ascii_uppercase())
+                            }))
+                            .collect::<Vec<_>>();
+                        format!(
+                            "no setting has this variable{}",
+                            did_you_mean(var, vars.iter().map(String::as_str))
+                        )
+                    }
+                    Unset::Invalid(m) => m,
+                };
+                self.problem(format!("environment {var}"), None, message);
+            }
+        }
+    }
+
+    /// `--set key=value`: a `[pooler]` key, or `metrics.<key>`.
+    fn flags(&mut self, flags: &[(String, String)], file: &mut ConfigFile) {
+        for (key, value) in flags {
+            let path = match key.split_once('.') {
+                Some(_) => key.clone(),
+                None => format!("pooler.{key}"),
+            };
+            if let Err(e) = self.set_text(&path, value, "--set", file) {
+                let message = match e {
+                    Unset::Unknown => format!(
+                        "unknown setting{}",
+                        did_you_mean(key, SETTINGS.iter().map(|s| s.key))
+                    ),
+                    Unset::Invalid(m) => m,
+                };
+                self.problem(format!("--set {key}"), None, message);
+            }
+        }
+    }
+
+    /// Sets `section.key` from text, recording `origin`.
+    fn set_text(
+        &mut self,
+        path: &str,
+        value: &str,
+        origin: &str,
+        file: &mut ConfigFile,
+    ) -> Result<(), Unset> {
+        fn set<S>(table: &[Setting<S>], key: &str, into: &mut S, value: &str) -> Result<(), Unset> {
+            let s = table.iter().find(|s| s.key == key).ok_or(Unset::Unknown)?;
+            (s.set)(into, value).map_err(Unset::Invalid)
+        }
+        match path.split_once('.') {
+            Some(("pooler", key)) => set(SETTINGS, key, &mut file.pooler, value)?,
+            Some(("metrics", key)) => set(METRICS_SETTINGS, key, &mut file.metrics, value)?,
+            _ => return Err(Unset::Unknown),
+        }
+        // The file's line no longer says where the value is from.
+        self.lines.remove(path);
+        self.origins.insert(path.to_owned(), origin.to_owned());
+        Ok(())
+    }
+
+    /// One database from a `postgres://user:password@host:port/dbname` URL; clients log in as
+    /// the URL's user with its password.
+    fn upstream(&mut self, url: &str, from: &str, file: &mut ConfigFile, extras: &mut Extras) {
+        match upstream_url(url) {
+            Ok(u) => {
+                let key = format!("databases.{}", u.name);
+                self.origins.insert(key, from.to_owned());
+                if let Some(mode) = u.sslmode {
+                    file.pooler.server_tls_sslmode = mode;
+                    self.origins.insert(
+                        "pooler.server_tls_sslmode".into(),
+                        format!("{from} sslmode"),
+                    );
+                }
+                if let Some(password) = &u.database.password {
+                    extras.users.push((u.user.clone(), password.clone()));
+                }
+                file.databases.insert(u.name, u.database);
+            }
+            Err(message) => self.problem(from.to_owned(), None, message),
+        }
+    }
+}
+
+enum Unset {
+    Unknown,
+    Invalid(String),
+}
+
+/// What a `postgres://` URL says.
+#[derive(Debug, PartialEq)]
+struct UpstreamUrl {
+    /// The database name clients use: the URL's.
+    name: String,
+    user: String,
+    database: Database,
+    sslmode: Option<SslMode>,
+}
+
+fn upstream_url(text: &str) -> Result<UpstreamUrl, String> {
+    // The URL itself may hold a password: never repeat it in a message.
+    let url = url::Url::parse(text).map_err(|e| format!("not a postgres:// URL ({e})"))?;
+    if !matches!(url.scheme(), "postgres" | "postgresql") {
+        return Err(format!(
+            "the URL starts with {}://; write postgres://user:password@host:port/dbname",
+            url.scheme()
+        ));
+    }
+    let decode = |s: &str| {
+        percent_encoding::percent_decode_str(s)
+            .decode_utf8()
+            .map(|s| s.into_owned())
+            .map_err(|_| "the URL's user name, password or database is not UTF-8".to_owned())
+    };
+    let user = decode(url.username())?;
+    if user.is_empty() {
+        return Err("the URL names no user: write postgres://user:password@host/dbname".into());
+    }
+    let password = url.password().map(decode).transpose()?;
+    let name = match decode(url.path().trim_start_matches('/'))? {
+        // libpq's default: the database named after the user.
+        d if d.is_empty() => user.clone(),
+        d => d,
+    };
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .unwrap_or("localhost")
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let mut sslmode = None;
+    for (k, v) in url.query_pairs() {
+        match &*k {
+            "sslmode" => sslmode = Some(v.parse::<SslMode>().map_err(|e| format!("sslmode: {e}"))?),
+            // Client-side settings of the app's driver: nothing for the pooler to do.
+            "application_name" | "connect_timeout" => {}
+            other => {
+                return Err(format!(
+                    "the URL parameter {other} is not supported (sslmode is); set other keys with BREAKWATER_<KEY>"
+                ))
+            }
+        }
+    }
+    Ok(UpstreamUrl {
+        database: Database {
+            host: Some(host),
+            port: Some(url.port().unwrap_or(DEFAULT_PORT)),
+            dbname: Some(name.clone()),
+            user: Some(user.clone()),
+            password,
+            ..Database::default()
+        },
+        name,
+        user,
+        sslmode,
+    })
+}
+
 /// The message for a key no setting of its section has: where it belongs if it is another
 /// section's key, else the nearest key of this section.
 fn unknown_key<S>(section: &str, key: &str, keys: &[Setting<S>]) -> String {
@@ -856,6 +1280,11 @@ fn unknown_key<S>(section: &str, key: &str, keys: &[Setting<S>]) -> String {
     } else {
         None
     };
+    if section == "pooler" {
+        if let Some(pgbouncer::Fate::Unsupported(why)) = pgbouncer::fate(key) {
+            return format!("a PgBouncer setting Breakwater has no equivalent of: {why}");
+        }
+    }
     match elsewhere {
         // The shipped example once had TLS keys after the [metrics] header: TOML gives every
         // key after a header to that section, whatever the author meant.
@@ -868,6 +1297,21 @@ fn unknown_key<S>(section: &str, key: &str, keys: &[Setting<S>]) -> String {
             did_you_mean(key, keys.iter().map(|s| s.key))
         ),
     }
+}
+
+const PGBOUNCER_INI: &str = "this looks like a pgbouncer.ini, not TOML: run `breakwater import-pgbouncer pgbouncer.ini [userlist.txt]` to write an equivalent pooler.toml";
+
+/// PgBouncer's INI: a `[pgbouncer]` section, `%include`, or an unquoted value TOML cannot read
+/// that PgBouncer writes (`listen_addr = *`, `app = host=db dbname=app`).
+fn looks_like_ini(text: &str) -> bool {
+    text.lines().map(str::trim).any(|l| {
+        l.eq_ignore_ascii_case("[pgbouncer]")
+            || l.starts_with("%include")
+            || l.split_once('=').is_some_and(|(_, v)| {
+                let v = v.trim();
+                v == "*" || (!v.starts_with(['"', '\'', '[', '{']) && v.contains('='))
+            })
+    })
 }
 
 /// `; did you mean `admin_users`?` when one candidate is close enough to be a typo.
@@ -964,7 +1408,9 @@ mod tests {
         let doc = toml_edit::ImDocument::parse(text).unwrap();
         let mut reader = Reader {
             text,
+            file_name: "pooler.toml.example".into(),
             lines: HashMap::new(),
+            origins: BTreeMap::new(),
             problems: Vec::new(),
             warnings: Vec::new(),
         };
@@ -1015,6 +1461,140 @@ mod tests {
         ] {
             assert!(err.contains(want), "{want}\n{err}");
         }
+    }
+
+    #[test]
+    fn layers_take_database_url_only_without_a_file_and_flags_first() {
+        let env = |pairs: &[(&str, &str)]| {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect::<Vec<_>>()
+        };
+        let db_url = env(&[("DATABASE_URL", "postgres://a@h/d"), ("HOME", "/root")]);
+        let l = Layers::gather(None, None, &[], db_url.clone()).unwrap();
+        assert_eq!(
+            l.upstream,
+            Some(("postgres://a@h/d".into(), "DATABASE_URL"))
+        );
+        assert_eq!(l.file, None);
+        assert!(l.env.is_empty(), "{l:?}");
+        // With a file, DATABASE_URL is the app's business, not the pooler's.
+        let l = Layers::gather(Some("p.toml".into()), None, &[], db_url.clone()).unwrap();
+        assert_eq!(l.upstream, None);
+        let both = env(&[
+            ("DATABASE_URL", "postgres://a@h/d"),
+            ("BREAKWATER_UPSTREAM", "postgres://b@h/d"),
+            ("BREAKWATER_LISTEN_PORT", "7000"),
+        ]);
+        let l = Layers::gather(
+            None,
+            Some("postgres://c@h/d".into()),
+            &["pool_mode=session".into()],
+            both.clone(),
+        )
+        .unwrap();
+        assert_eq!(l.upstream, Some(("postgres://c@h/d".into(), "--upstream")));
+        assert_eq!(
+            l.env,
+            vec![("BREAKWATER_LISTEN_PORT".to_string(), "7000".to_string())]
+        );
+        assert_eq!(
+            l.flags,
+            vec![("pool_mode".to_string(), "session".to_string())]
+        );
+        let l = Layers::gather(None, None, &[], both).unwrap();
+        assert_eq!(
+            l.upstream,
+            Some(("postgres://b@h/d".into(), "BREAKWATER_UPSTREAM"))
+        );
+        assert!(Layers::gather(None, None, &["pool_mode".into()], vec![]).is_err());
+        // No URL and no file named: the default file, whose absence load() reports.
+        let l = Layers::gather(None, None, &[], vec![]).unwrap();
+        assert_eq!(l.file, Some(PathBuf::from(DEFAULT_FILE)));
+    }
+
+    #[test]
+    fn upstream_urls_decode_and_default_like_libpq() {
+        let u = upstream_url("postgresql://app:p%40ss%20w@[::1]:5433/my%20db?sslmode=verify-full")
+            .unwrap();
+        assert_eq!(u.name, "my db");
+        assert_eq!(u.user, "app");
+        assert_eq!(u.database.password.as_deref(), Some("p@ss w"));
+        assert_eq!(u.database.host.as_deref(), Some("::1"));
+        assert_eq!(u.database.port, Some(5433));
+        assert_eq!(u.sslmode, Some(SslMode::VerifyFull));
+        let u = upstream_url("postgres://app@db").unwrap();
+        assert_eq!((u.name.as_str(), u.database.port), ("app", Some(5432)));
+        for (bad, want) in [
+            ("mysql://a@h/d", "starts with mysql://"),
+            ("postgres://h/d", "names no user"),
+            ("postgres://a:secret@h/d?foo=1", "foo is not supported"),
+            ("postgres://a:secret@h/d?sslmode=on", "sslmode"),
+        ] {
+            let err = upstream_url(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+            assert!(!err.contains("secret"), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_upstream_url_gives_clients_its_login_and_the_file_still_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("pooler.toml");
+        std::fs::write(&file, "[pooler]\ndefault_pool_size = 3\n").unwrap();
+        let layers = Layers {
+            file: Some(file),
+            upstream: Some(("postgres://app:pw@db:6000/appdb".into(), "--upstream")),
+            ..Layers::default()
+        };
+        let c = Config::load(&layers).unwrap();
+        assert!(c.userlist.get("app").is_some());
+        let s = c.proxy_settings();
+        let route = s.route("appdb").unwrap();
+        assert_eq!(
+            (route.host.as_str(), route.port, route.pool_size),
+            ("db", 6000, 3)
+        );
+        assert_eq!(route.user.as_deref(), Some("app"));
+        assert_eq!(
+            c.origins.get("databases.appdb").map(String::as_str),
+            Some("--upstream")
+        );
+        // RELOAD applies the URL again over the re-read file.
+        assert!(c.reload().unwrap().file.databases.contains_key("appdb"));
+    }
+
+    #[test]
+    fn password_file_is_read_without_its_newline_and_excludes_password() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("secret"), "s3cret\n").unwrap();
+        let path = dir.path().join("pooler.toml");
+        let c = Config::parse(
+            &path,
+            "[pooler]\nauth_type = \"trust\"\n[databases.app]\npassword_file = \"secret\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c.proxy_settings().route("app").unwrap().password.as_deref(),
+            Some("s3cret")
+        );
+        let err = Config::parse(
+            &path,
+            "[pooler]\nauth_type = \"trust\"\n[databases.app]\npassword = \"x\"\npassword_file = \"nope\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("cannot be combined with password"), "{err}");
+        assert!(err.contains("cannot read"), "{err}");
+    }
+
+    #[test]
+    fn a_database_on_the_pooler_s_own_port_is_refused() {
+        let err = parse("[pooler]\nauth_type = \"trust\"\n[databases.app]\nport = 6432\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("own listen_port"), "{err}");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 mod config;
 mod health;
 mod http;
+mod listen;
 mod operator;
+mod pgbouncer;
 mod scrape;
 mod tail;
 
@@ -26,7 +28,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use upstream::Stream;
 
-use crate::config::Config;
+use crate::config::{Config, Layers};
 use crate::health::Health;
 use crate::operator::Daemon;
 
@@ -34,10 +36,21 @@ use crate::operator::Daemon;
 #[derive(Debug, Parser)]
 #[command(name = "breakwater", version, about)]
 struct Cli {
-    /// Config file (TOML).
-    #[arg(short = 'c', long = "config", default_value = "pooler.toml")]
-    config: PathBuf,
-    /// Validate the config (and auth_file) and exit.
+    /// Config file (TOML) [default: pooler.toml in the working directory; with an upstream URL,
+    /// only if it exists; also BREAKWATER_CONFIG].
+    #[arg(short = 'c', long = "config")]
+    config: Option<PathBuf>,
+    /// Pool one database with no config file: postgres://user:password@host:port/dbname.
+    /// Clients log in as that user with that password, to that database name. Also
+    /// BREAKWATER_UPSTREAM, or DATABASE_URL when there is no config file.
+    #[arg(long, value_name = "URL")]
+    upstream: Option<String>,
+    /// Set a [pooler] key (or metrics.listen) over the file and BREAKWATER_<KEY> variables;
+    /// repeatable.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    set: Vec<String>,
+    /// Validate the config (files it names, and the listen address) and exit; shows every
+    /// setting that is not the default and where it came from.
     #[arg(long)]
     check: bool,
     #[command(subcommand)]
@@ -80,7 +93,14 @@ fn main() -> ExitCode {
             }
         };
     }
-    let config = match Config::load(&cli.config) {
+    let layers = match Layers::gather(cli.config, cli.upstream, &cli.set, std::env::vars()) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("breakwater: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let config = match Config::load(&layers) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("breakwater: {e}");
@@ -91,12 +111,41 @@ fn main() -> ExitCode {
         for w in &config.warnings {
             println!("warning: {w}");
         }
+        // A busy port or an address this host does not have fails here, not at start.
+        let p = &config.file.pooler;
+        let bound = listen::addresses(&p.listen_addr, p.listen_port).and_then(|addrs| {
+            addrs
+                .iter()
+                .map(|a| listen::bind(*a).map_err(|e| format!("cannot listen on {a}: {e}")))
+                .collect::<Result<Vec<_>, _>>()
+        });
+        if let Err(e) = bound {
+            eprintln!(
+                "breakwater: {}: pooler.listen_addr / listen_port: {e}",
+                config.path.display()
+            );
+            return ExitCode::from(2);
+        }
         println!(
-            "{}: ok ({} databases, {} users in auth_file)",
-            cli.config.display(),
+            "{}: ok ({} databases, {} users)",
+            config.path.display(),
             config.file.databases.len(),
             config.userlist.len()
         );
+        // Layering order: defaults < file < BREAKWATER_* < --upstream and --set.
+        let rows = config.non_default();
+        if !rows.is_empty() {
+            println!("not default:");
+            let width = rows
+                .iter()
+                .map(|(k, v, _)| k.len() + v.len())
+                .max()
+                .unwrap_or(0);
+            for (key, value, origin) in rows {
+                let pad = width.saturating_sub(key.len() + value.len());
+                println!("  {key} = {value}{:pad$}   ({origin})", "");
+            }
+        }
         return ExitCode::SUCCESS;
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -144,10 +193,13 @@ fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let p = &config.file.pooler;
-    let addr = format!("{}:{}", p.listen_addr, p.listen_port);
-    let tcp = TcpListener::bind(&addr)
-        .await
-        .with_context(|| format!("cannot listen on {addr}"))?;
+    let addrs = listen::addresses(&p.listen_addr, p.listen_port)
+        .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
+    let mut tcp = Vec::with_capacity(addrs.len());
+    for addr in &addrs {
+        let l = listen::bind(*addr).with_context(|| format!("cannot listen on {addr}"))?;
+        tcp.push(TcpListener::from_std(l).with_context(|| format!("cannot listen on {addr}"))?);
+    }
     let unix = match config.unix_socket_path() {
         Some(path) => {
             let _ = std::fs::remove_file(&path);
@@ -158,6 +210,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let addr = addrs
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
     tracing::info!(%addr, databases = config.file.databases.len(), version = env!("CARGO_PKG_VERSION"), "breakwater listening");
 
     let proxy = Arc::new(Proxy::new(config.proxy_settings()));
@@ -193,11 +250,13 @@ async fn run(config: Config) -> anyhow::Result<()> {
     tasks.spawn(maintenance(proxy.clone(), stop_rx.clone()));
     tasks.spawn(stats_period(daemon.clone(), stop_rx.clone()));
     tasks.spawn(reload_on_sighup(daemon.clone(), stop_rx.clone()));
-    tasks.spawn(accept_loop(
-        Listener::Tcp(tcp),
-        daemon.clone(),
-        stop_rx.clone(),
-    ));
+    for l in tcp {
+        tasks.spawn(accept_loop(
+            Listener::Tcp(l),
+            daemon.clone(),
+            stop_rx.clone(),
+        ));
+    }
     if let Some((l, _)) = unix {
         tasks.spawn(accept_loop(
             Listener::Unix(l),

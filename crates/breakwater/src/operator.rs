@@ -123,8 +123,7 @@ impl Daemon {
 
     /// Re-reads the config file and auth_file and applies what may change while running.
     pub fn reload(&self) -> Result<String, String> {
-        let path = self.config().path;
-        let next = Config::load(&path).map_err(|e| {
+        let next = self.config().reload().map_err(|e| {
             tracing::error!("reload rejected, keeping the running config: {e}");
             format!("RELOAD failed, keeping the running config: {e}")
         })?;

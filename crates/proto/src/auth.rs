@@ -144,6 +144,11 @@ impl Userlist {
         Ok(Userlist { users })
     }
 
+    /// Adds or replaces one user (a login given outside the file, such as an upstream URL's).
+    pub fn insert(&mut self, user: String, secret: Secret) {
+        self.users.insert(user, secret);
+    }
+
     pub fn get(&self, user: &str) -> Option<&Secret> {
         self.users.get(user)
     }

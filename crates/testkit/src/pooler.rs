@@ -41,6 +41,21 @@ impl Pooler {
         config_toml: &str,
         files: &[(&str, &str)],
     ) -> anyhow::Result<Pooler> {
+        let mut all = files.to_vec();
+        all.push(("pooler.toml", config_toml));
+        Self::start_with(bin, port, &["--config", "pooler.toml"], &[], &all)
+    }
+
+    /// As [`Pooler::start`], but with the command line `args` and the extra environment `env`
+    /// instead of a config file: for configurations from flags and `BREAKWATER_*` variables.
+    /// `files` are written first; the pooler runs in their directory.
+    pub fn start_with(
+        bin: impl AsRef<Path>,
+        port: u16,
+        args: &[&str],
+        env: &[(&str, &str)],
+        files: &[(&str, &str)],
+    ) -> anyhow::Result<Pooler> {
         let bin = bin.as_ref();
         let dir = tempfile::Builder::new()
             .prefix("bw-pooler-")
@@ -62,9 +77,6 @@ impl Pooler {
             std::fs::write(&path, content)
                 .with_context(|| format!("writing {}", path.display()))?;
         }
-        let config = dir.path().join("pooler.toml");
-        std::fs::write(&config, config_toml)
-            .with_context(|| format!("writing {}", config.display()))?;
 
         let log_file = dir.path().join("breakwater.log");
         let stdout =
@@ -74,10 +86,10 @@ impl Pooler {
             .context("duplicating the log file handle")?;
         let rust_log = std::env::var_os("RUST_LOG").unwrap_or_else(|| OsString::from("info"));
         let child = Command::new(bin)
-            .arg("--config")
-            .arg(&config)
+            .args(args)
             .current_dir(dir.path())
             .env("RUST_LOG", rust_log)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(stdout)
             .stderr(stderr)

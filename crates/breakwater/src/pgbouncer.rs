@@ -1,0 +1,148 @@
+//! What each PgBouncer setting becomes in Breakwater: the same key, another key, nothing
+//! (Breakwater already behaves that way), or no equivalent and why. One table serves the config
+//! reader (a PgBouncer key in pooler.toml gets a specific answer instead of "unknown key") and
+//! `breakwater import-pgbouncer`. Nothing here reads a file.
+
+/// How a PgBouncer value is written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unit {
+    /// Text, kept as a string.
+    Text,
+    /// A whole number.
+    Int,
+    /// Seconds without a unit (PgBouncer's default for durations).
+    Secs,
+    /// Milliseconds without a unit (`tcp_user_timeout`).
+    Millis,
+    /// `0`/`1` (also on/off, yes/no, true/false).
+    Bool,
+    /// A comma-separated list.
+    List,
+}
+
+/// What a `[pgbouncer]` key becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fate {
+    /// The `[pooler]` key of the same name means the same.
+    Same(Unit),
+    /// The same name, with a difference worth knowing.
+    Differs(Unit, &'static str),
+    /// Breakwater already does what this asks (or needs no such knob); accepted with a warning.
+    NoOp(&'static str),
+    /// No equivalent yet.
+    Unsupported(&'static str),
+}
+
+use Fate::*;
+use Unit::*;
+
+const REPLACED_BY_LOGS: &str =
+    "Breakwater logs to stdout/stderr (text or JSON, log_format): let systemd, the container runtime or a shell redirect keep the log";
+const REVERSE_PROXY_ONLY: &str = "no auth_query/auth_user yet: list users in auth_file";
+const USERS_LATER: &str = "no per-user limits or [users] section yet";
+
+/// Every `[pgbouncer]` key of PgBouncer 1.25, in the order of its documentation.
+pub const KEYS: &[(&str, Fate)] = &[
+    ("logfile", Unsupported(REPLACED_BY_LOGS)),
+    ("pidfile", Unsupported("Breakwater runs in the foreground; the service manager keeps its pid")),
+    ("listen_addr", Differs(Text, "\"*\" and comma lists work; a host name listens on each of its addresses")),
+    ("listen_port", Same(Int)),
+    ("unix_socket_dir", Differs(Text, "PgBouncer listens on /tmp unless told otherwise; Breakwater opens no Unix socket unless this is set")),
+    ("unix_socket_mode", Unsupported("the socket gets the process umask")),
+    ("unix_socket_group", Unsupported("the socket gets the process's group")),
+    ("user", Unsupported("Breakwater does not switch users: start it as the user it should run as")),
+    ("pool_mode", Same(Text)),
+    ("max_client_conn", Same(Int)),
+    ("default_pool_size", Same(Int)),
+    ("min_pool_size", Same(Int)),
+    ("reserve_pool_size", Unsupported("no reserve pool yet: raise default_pool_size, or rely on query_wait_timeout")),
+    ("reserve_pool_timeout", Unsupported("no reserve pool yet")),
+    ("max_db_connections", Differs(Int, "per database only: the importer writes it into each [databases] entry; max_server_connections caps all pools together")),
+    ("max_db_client_connections", Unsupported("no per-database client cap yet; max_client_conn caps all clients")),
+    ("max_user_connections", Unsupported(USERS_LATER)),
+    ("max_user_client_connections", Unsupported(USERS_LATER)),
+    ("server_round_robin", Unsupported("a pool reuses its most recently released server; use load_balance_hosts for hosts")),
+    ("track_extra_parameters", Unsupported("Breakwater tracks the parameters PostgreSQL reports (ParameterStatus) and replays client SETs; others are not tracked")),
+    ("ignore_startup_parameters", NoOp("Breakwater forwards every startup parameter to the server, so none needs ignoring")),
+    ("peer_id", Unsupported("no peering: use one Breakwater per host, with all cores (workers)")),
+    ("disable_pqexec", Unsupported("multi-statement simple queries cannot be refused")),
+    ("application_name_add_host", Unsupported("application_name is passed through unchanged")),
+    ("conffile", NoOp("SHOW CONFIG shows the file it was started with")),
+    ("service_name", NoOp("Windows service names do not apply")),
+    ("job_name", NoOp("Windows service names do not apply")),
+    ("stats_period", Same(Secs)),
+    ("max_prepared_statements", Differs(Int, "named statements are kept per server connection (LRU); 0 passes names through")),
+    ("scram_iterations", NoOp("SCRAM verifiers made from plaintext auth_file passwords use 4096 iterations")),
+    ("auth_type", Differs(Text, "trust, md5, scram-sha-256 and cert work; plain, any, hba, pam and ldap do not")),
+    ("auth_hba_file", Unsupported("no pg_hba.conf-style rules: use client_tls_sslmode and auth_type")),
+    ("auth_ident_file", Unsupported("no ident maps")),
+    ("auth_file", Differs(Text, "the same format; a relative path is relative to pooler.toml")),
+    ("auth_user", Unsupported(REVERSE_PROXY_ONLY)),
+    ("auth_query", Unsupported(REVERSE_PROXY_ONLY)),
+    ("auth_dbname", Unsupported(REVERSE_PROXY_ONLY)),
+    ("syslog", Unsupported(REPLACED_BY_LOGS)),
+    ("syslog_ident", Unsupported(REPLACED_BY_LOGS)),
+    ("syslog_facility", Unsupported(REPLACED_BY_LOGS)),
+    ("log_connections", Same(Bool)),
+    ("log_disconnections", Same(Bool)),
+    ("log_pooler_errors", NoOp("refused logins and closed clients are logged with their SQLSTATE")),
+    ("log_stats", Same(Bool)),
+    ("verbose", Unsupported("set the log level with RUST_LOG (for example RUST_LOG=debug)")),
+    ("admin_users", Same(List)),
+    ("stats_users", Same(List)),
+    ("server_reset_query", Differs(Text, "also run in transaction mode after a client left session state (SET, temp tables), as PgBouncer's server_reset_query_always would")),
+    ("server_reset_query_always", NoOp("the reset runs whenever a client left session state behind, in every pool mode")),
+    ("server_check_delay", Same(Secs)),
+    ("server_check_query", Same(Text)),
+    ("server_fast_close", Unsupported("PAUSE, RECONNECT and RELOAD close servers when their clients release them")),
+    ("server_lifetime", Differs(Secs, "spread with jitter so connections do not all reconnect at once")),
+    ("server_idle_timeout", Same(Secs)),
+    ("server_connect_timeout", Differs(Secs, "TCP connect and TLS only; login has its own server_login_timeout (the importer sets both)")),
+    ("server_login_retry", Differs(Secs, "the base of an exponential back-off with full jitter (capped by server_login_retry_max), not a fixed wait")),
+    ("client_login_timeout", Same(Secs)),
+    ("autodb_idle_timeout", Unsupported("no automatic databases (\"*\") yet: issue 17")),
+    ("dns_max_ttl", Same(Secs)),
+    ("dns_nxdomain_ttl", Same(Secs)),
+    ("dns_zone_check_period", NoOp("names are looked up again when their TTL (clamped by dns_min_ttl/dns_max_ttl) runs out")),
+    ("resolv_conf", Unsupported("use dns_nameservers to name the resolvers")),
+    ("client_tls_sslmode", Same(Text)),
+    ("client_tls_key_file", Same(Text)),
+    ("client_tls_cert_file", Same(Text)),
+    ("client_tls_ca_file", Same(Text)),
+    ("client_tls_protocols", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("client_tls_ciphers", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("client_tls13_ciphers", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("client_tls_ecdhcurve", Unsupported("rustls chooses the key exchange")),
+    ("client_tls_dheparams", Unsupported("rustls does not use finite-field Diffie-Hellman")),
+    ("server_tls_sslmode", Same(Text)),
+    ("server_tls_ca_file", Same(Text)),
+    ("server_tls_key_file", Same(Text)),
+    ("server_tls_cert_file", Same(Text)),
+    ("server_tls_protocols", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("server_tls_ciphers", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("server_tls13_ciphers", Unsupported("TLS 1.2 and 1.3 with rustls's safe cipher suites, fixed")),
+    ("query_timeout", Same(Secs)),
+    ("query_wait_timeout", Same(Secs)),
+    ("cancel_wait_timeout", Unsupported("cancel requests are forwarded at once, with a fixed bound")),
+    ("client_idle_timeout", Same(Secs)),
+    ("idle_transaction_timeout", Same(Secs)),
+    ("transaction_timeout", Unsupported("no cap on a whole transaction yet: use query_timeout and idle_transaction_timeout")),
+    ("suspend_timeout", Unsupported("no SUSPEND / online restart")),
+    ("pkt_buf", NoOp("buffers grow as messages need, up to max_packet_size")),
+    ("max_packet_size", Differs(Int, "Breakwater's default is 64 MiB rather than 2 GiB")),
+    ("listen_backlog", NoOp("the listen backlog is 1024")),
+    ("sbuf_loopcnt", NoOp("each client is its own task; the runtime keeps turns fair")),
+    ("so_reuseport", Unsupported("not yet: a second process cannot share the port")),
+    ("tcp_defer_accept", NoOp("not needed: a client costs a task, not a thread")),
+    ("tcp_socket_buffer", NoOp("the kernel's socket buffer sizes are used")),
+    ("tcp_keepalive", Differs(Bool, "on server sockets, with Breakwater's own keepidle/keepintvl/keepcnt defaults (15s/5s/3) rather than the OS's")),
+    ("tcp_keepcnt", Differs(Int, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 3")),
+    ("tcp_keepidle", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 15s")),
+    ("tcp_keepintvl", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 5s")),
+    ("tcp_user_timeout", Differs(Millis, "PgBouncer's default 0 leaves it off; Breakwater's default is 30s")),
+];
+
+/// The fate of a PgBouncer `[pgbouncer]` key, if it is one.
+pub fn fate(key: &str) -> Option<Fate> {
+    KEYS.iter().find(|(k, _)| *k == key).map(|(_, f)| *f)
+}
