@@ -32,6 +32,15 @@ if ! command -v cargo >/dev/null 2>&1; then
   exit 1
 fi
 
+# The house rules (no unwrap/expect/panic/unchecked indexing on the data path, see the
+# `deny` at the top of proto's, upstream's and proxy's lib.rs) are compiler errors here.
+if cargo clippy --version >/dev/null 2>&1; then
+  echo "== cargo clippy"
+  cargo clippy --workspace --all-targets --quiet -- -D warnings
+else
+  echo "== cargo clippy is not installed (rustup component add clippy): lints not checked" >&2
+fi
+
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"
 else

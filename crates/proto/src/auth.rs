@@ -897,8 +897,9 @@ fn hi(password: &[u8], salt: &[u8], iterations: u32) -> [u8; 32] {
     pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(password, salt, iterations)
 }
 
+// HMAC hashes or pads the key to the block size, so every length is valid: this cannot fail.
+#[allow(clippy::expect_used)]
 fn hmac_with_key(key: &[u8]) -> HmacSha256 {
-    // HMAC hashes or pads the key to the block size, so every length is valid: this cannot fail.
     <HmacSha256 as Mac>::new_from_slice(key).expect("HMAC accepts keys of any length")
 }
 
@@ -995,10 +996,8 @@ fn hex(bytes: &[u8; 16]) -> [u8; 32] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     let mut out = [0u8; 32];
     for (pair, byte) in out.chunks_exact_mut(2).zip(bytes) {
-        pair.copy_from_slice(&[
-            DIGITS[usize::from(byte >> 4)],
-            DIGITS[usize::from(byte & 0x0f)],
-        ]);
+        let digit = |nibble: u8| DIGITS.get(usize::from(nibble)).copied().unwrap_or(b'0');
+        pair.copy_from_slice(&[digit(byte >> 4), digit(byte & 0x0f)]);
     }
     out
 }

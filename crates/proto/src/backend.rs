@@ -59,10 +59,7 @@ pub fn parse_auth(body: &Bytes) -> Result<AuthRequest, FrameError> {
         0 => AuthRequest::Ok,
         3 => AuthRequest::Cleartext,
         5 => {
-            let s = r.bytes(4)?;
-            AuthRequest::Md5 {
-                salt: [s[0], s[1], s[2], s[3]],
-            }
+            AuthRequest::Md5 { salt: r.array()? }
         }
         10 => {
             let mut mechanisms = Vec::new();
@@ -270,7 +267,9 @@ pub fn write_data_row<'a>(buf: &mut BytesMut, values: impl IntoIterator<Item = O
             }
             n += 1;
         }
-        b[count_at..count_at + 2].copy_from_slice(&n.to_be_bytes());
+        if let Some(field) = b.get_mut(count_at..count_at + 2) {
+            field.copy_from_slice(&n.to_be_bytes());
+        }
     });
 }
 

@@ -218,7 +218,9 @@ pub fn write_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMu
     let start = buf.len() - 4;
     body(buf);
     let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    if let Some(field) = buf.get_mut(start..start + 4) {
+        field.copy_from_slice(&len.to_be_bytes());
+    }
 }
 
 /// Appends a NUL-terminated string.
@@ -246,7 +248,7 @@ impl<'a> Reader<'a> {
     pub fn cstr(&mut self) -> Result<&'a [u8], FrameError> {
         let end = memchr::memchr(0, self.buf).ok_or_else(|| self.malformed())?;
         let (s, rest) = self.buf.split_at(end);
-        self.buf = &rest[1..];
+        self.buf = rest.get(1..).unwrap_or_default();
         Ok(s)
     }
 
@@ -256,17 +258,22 @@ impl<'a> Reader<'a> {
     }
 
     pub fn i16(&mut self) -> Result<i16, FrameError> {
-        let b = self.bytes(2)?;
-        Ok(i16::from_be_bytes([b[0], b[1]]))
+        Ok(i16::from_be_bytes(self.array()?))
     }
 
     pub fn i32(&mut self) -> Result<i32, FrameError> {
-        let b = self.bytes(4)?;
-        Ok(i32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+        Ok(i32::from_be_bytes(self.array()?))
     }
 
     pub fn u8(&mut self) -> Result<u8, FrameError> {
-        Ok(self.bytes(1)?[0])
+        let [b] = self.array()?;
+        Ok(b)
+    }
+
+    /// The next `N` bytes, by value.
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], FrameError> {
+        let b = self.bytes(N)?;
+        b.try_into().map_err(|_| self.malformed())
     }
 
     pub fn bytes(&mut self, n: usize) -> Result<&'a [u8], FrameError> {

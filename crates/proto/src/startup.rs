@@ -60,10 +60,10 @@ impl StartupParams {
 
 /// Takes one startup packet off `buf` if it is complete.
 pub fn take_startup(buf: &mut BytesMut) -> Result<Option<StartupRequest>, FrameError> {
-    let Some(head) = buf.get(..4) else {
+    let Some(&[a, b, c, d]) = buf.get(..4) else {
         return Ok(None);
     };
-    let len = u32::from_be_bytes([head[0], head[1], head[2], head[3]]) as usize;
+    let len = u32::from_be_bytes([a, b, c, d]) as usize;
     if len < 8 {
         return Err(FrameError::BadLength { len });
     }
@@ -139,7 +139,9 @@ pub fn write_startup(buf: &mut BytesMut, params: &[(&str, &str)]) {
     }
     buf.put_u8(0);
     let len = (buf.len() - start) as u32;
-    buf[start..start + 4].copy_from_slice(&len.to_be_bytes());
+    if let Some(field) = buf.get_mut(start..start + 4) {
+        field.copy_from_slice(&len.to_be_bytes());
+    }
 }
 
 /// CancelRequest, sent on a fresh connection to the server.

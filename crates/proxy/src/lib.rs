@@ -1,3 +1,5 @@
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+
 //! Client sessions for Breakwater: login, routing to a pool, and the per-connection state machine
 //! that moves a client's transactions onto pooled server connections. This crate never opens a
 //! server socket itself (that is `upstream`) and never implements the admin console: a login to

@@ -56,7 +56,7 @@ struct Tracked {
 impl Tracked {
     fn get(&self, i: usize) -> Option<&str> {
         let len = (*self.lens.get(i)?)? as usize;
-        let start: usize = self.lens[..i].iter().flatten().map(|l| *l as usize).sum();
+        let start: usize = self.lens.iter().take(i).flatten().map(|l| *l as usize).sum();
         self.text.get(start..start + len)
     }
 
@@ -246,12 +246,14 @@ impl ClientParams {
     pub fn complete_from<'v>(&mut self, server: impl IntoIterator<Item = (usize, &'v str)>) {
         let mut fill: [Option<&str>; TRACKED.len()] = [None; TRACKED.len()];
         for (i, value) in server {
-            if self.reported.lens.get(i).is_some_and(Option::is_none) && fill[i].is_none() {
-                fill[i] = Some(value);
+            if self.reported.lens.get(i).is_some_and(Option::is_none) {
+                if let Some(slot @ None) = fill.get_mut(i) {
+                    *slot = Some(value);
+                }
             }
         }
         if fill.iter().any(Option::is_some) {
-            self.reported.update(|i| fill[i]);
+            self.reported.update(|i| fill.get(i).copied().flatten());
         }
         self.refresh();
     }
