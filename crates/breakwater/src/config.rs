@@ -109,6 +109,7 @@ pub struct Setting<S> {
     pub get: fn(&S) -> String,
     pub set: fn(&mut S, &str) -> Result<(), String>,
     set_toml: fn(&mut S, &toml_edit::Value) -> Result<(), String>,
+    pub to_toml: fn(&S) -> Option<toml_edit::Value>,
 }
 
 /// Declares a section once: the struct, its `Default` (the only place defaults live) and the
@@ -148,6 +149,7 @@ macro_rules! section {
                     s.$key = SettingValue::from_toml(v)?;
                     Ok(())
                 },
+                to_toml: |s| SettingValue::to_toml(&s.$key),
             },
         )*];
     };
@@ -450,8 +452,7 @@ impl Config {
         Self::build(layers, text.as_deref())
     }
 
-    /// A file's text with no other layers (tests).
-    #[cfg(test)]
+    /// A file's text with no other layers (tests, and checking what import-pgbouncer writes).
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
         let layers = Layers {
             file: Some(path.to_owned()),

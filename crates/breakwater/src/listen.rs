@@ -58,6 +58,36 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Binds every address. The IPv6 half of `*` (`::`) is skipped with a warning on a host without
+/// IPv6, as long as something else was bound; any other failure is an error.
+pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, String> {
+    let mut bound = Vec::new();
+    let mut skipped = None;
+    for a in addrs {
+        match bind(*a) {
+            Ok(l) => bound.push(l),
+            Err(e)
+                if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+                    && (matches!(
+                        e.kind(),
+                        std::io::ErrorKind::Unsupported | std::io::ErrorKind::AddrNotAvailable
+                    ) || e.raw_os_error() == Some(libc::EAFNOSUPPORT)) =>
+            {
+                skipped = Some(format!("{a}: {e}"));
+            }
+            Err(e) => return Err(format!("cannot listen on {a}: {e}")),
+        }
+    }
+    match (bound.is_empty(), skipped) {
+        (true, Some(e)) => Err(format!("cannot listen on {e}")),
+        (false, Some(e)) => {
+            tracing::warn!("no IPv6 on this host, listening on IPv4 only ({e})");
+            Ok(bound)
+        }
+        _ => Ok(bound),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

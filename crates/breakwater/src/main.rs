@@ -6,6 +6,7 @@
 mod config;
 mod health;
 mod http;
+mod import;
 mod listen;
 mod operator;
 mod pgbouncer;
@@ -62,6 +63,54 @@ enum Command {
     /// Print live stats from a running Breakwater's admin console, one line per pool per
     /// interval, until Ctrl-C (connection options as psql: -h -p -U -d, PGPASSWORD).
     Stats(tail::TailArgs),
+    /// Convert a pgbouncer.ini (and its userlist.txt) into a pooler.toml, and report key by key
+    /// what was mapped, what behaves differently and what has no equivalent.
+    ImportPgbouncer {
+        /// PgBouncer's config file; %include is followed.
+        ini: PathBuf,
+        /// The auth_file to use (default: the one pgbouncer.ini names).
+        userlist: Option<PathBuf>,
+        /// Where to write the TOML.
+        #[arg(short = 'o', long, default_value = "pooler.toml")]
+        output: PathBuf,
+        /// Overwrite the output file if it exists.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn import_pgbouncer(
+    ini: &std::path::Path,
+    userlist: Option<&std::path::Path>,
+    output: &std::path::Path,
+    force: bool,
+) -> ExitCode {
+    if output.exists() && !force {
+        eprintln!(
+            "breakwater import-pgbouncer: {} exists; use --force to overwrite it or -o to write elsewhere",
+            output.display()
+        );
+        return ExitCode::from(2);
+    }
+    let imported = match import::import(ini, userlist, output) {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("breakwater import-pgbouncer: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if let Err(e) = std::fs::write(output, &imported.toml) {
+        eprintln!(
+            "breakwater import-pgbouncer: cannot write {}: {e}",
+            output.display()
+        );
+        return ExitCode::from(2);
+    }
+    print!("{}", imported.report);
+    match imported.valid {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(1),
+    }
 }
 
 /// `HH:MM:SS` in UTC, for the stats tail.
@@ -93,6 +142,15 @@ fn main() -> ExitCode {
             }
         };
     }
+    if let Some(Command::ImportPgbouncer {
+        ini,
+        userlist,
+        output,
+        force,
+    }) = &cli.command
+    {
+        return import_pgbouncer(ini, userlist.as_deref(), output, *force);
+    }
     let layers = match Layers::gather(cli.config, cli.upstream, &cli.set, std::env::vars()) {
         Ok(l) => l,
         Err(e) => {
@@ -113,12 +171,8 @@ fn main() -> ExitCode {
         }
         // A busy port or an address this host does not have fails here, not at start.
         let p = &config.file.pooler;
-        let bound = listen::addresses(&p.listen_addr, p.listen_port).and_then(|addrs| {
-            addrs
-                .iter()
-                .map(|a| listen::bind(*a).map_err(|e| format!("cannot listen on {a}: {e}")))
-                .collect::<Result<Vec<_>, _>>()
-        });
+        let bound = listen::addresses(&p.listen_addr, p.listen_port)
+            .and_then(|addrs| listen::bind_all(&addrs));
         if let Err(e) = bound {
             eprintln!(
                 "breakwater: {}: pooler.listen_addr / listen_port: {e}",
@@ -196,9 +250,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let addrs = listen::addresses(&p.listen_addr, p.listen_port)
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
     let mut tcp = Vec::with_capacity(addrs.len());
-    for addr in &addrs {
-        let l = listen::bind(*addr).with_context(|| format!("cannot listen on {addr}"))?;
-        tcp.push(TcpListener::from_std(l).with_context(|| format!("cannot listen on {addr}"))?);
+    for l in listen::bind_all(&addrs).map_err(anyhow::Error::msg)? {
+        tcp.push(TcpListener::from_std(l).context("cannot listen")?);
     }
     let unix = match config.unix_socket_path() {
         Some(path) => {

@@ -58,6 +58,10 @@ pub trait SettingValue: Sized {
             None => Err(format!("expected a string, found {}", describe(v))),
         }
     }
+    /// As a TOML file writes it (`import-pgbouncer`); `None` for an unset optional value.
+    fn to_toml(&self) -> Option<Value> {
+        Some(Value::from(self.show()))
+    }
 }
 
 /// `an integer 120` and the like, for messages.
@@ -111,6 +115,9 @@ macro_rules! number_setting {
                     other => Err(format!("expected a whole number, found {}", describe(other))),
                 }
             }
+            fn to_toml(&self) -> Option<Value> {
+                i64::try_from(*self).ok().map(Value::from)
+            }
         }
     )*};
 }
@@ -138,6 +145,9 @@ impl SettingValue for bool {
             Value::String(s) => Self::parse(s.value()),
             other => Err(format!("expected true or false, found {}", describe(other))),
         }
+    }
+    fn to_toml(&self) -> Option<Value> {
+        Some(Value::from(*self))
     }
 }
 
@@ -200,6 +210,9 @@ impl SettingValue for Vec<String> {
             )),
         }
     }
+    fn to_toml(&self) -> Option<Value> {
+        Some(Value::Array(self.iter().map(String::as_str).collect()))
+    }
 }
 
 /// Unset is shown as an empty string, and an empty string unsets.
@@ -215,6 +228,9 @@ impl<T: SettingValue> SettingValue for Option<T> {
     }
     fn from_toml(v: &Value) -> Result<Self, String> {
         T::from_toml(v).map(Some)
+    }
+    fn to_toml(&self) -> Option<Value> {
+        self.as_ref().and_then(T::to_toml)
     }
 }
 
