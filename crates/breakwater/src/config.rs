@@ -125,9 +125,24 @@ macro_rules! section {
         }
     ) => {
         $(#[$meta])*
-        #[derive(Debug, Clone, PartialEq)]
+        #[derive(Clone, PartialEq)]
         pub struct $name {
             $( $(#[$fmeta])* pub $key: $ty, )*
+        }
+
+        /// As SHOW CONFIG spells each value; passwords are not shown.
+        impl fmt::Debug for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                let mut d = f.debug_struct(stringify!($name));
+                for s in $table {
+                    let v = (s.get)(self);
+                    match s.key == "password" && !v.is_empty() {
+                        true => d.field(s.key, &"<redacted>"),
+                        false => d.field(s.key, &v),
+                    };
+                }
+                d.finish()
+            }
         }
 
         impl Default for $name {
@@ -333,7 +348,7 @@ pub struct ConfigFile {
 
 /// Where settings come from, in the order they apply: defaults < file < environment < flags.
 /// Kept with the config so that RELOAD applies the same layers again over the re-read file.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct Layers {
     /// The TOML file, if there is one.
     pub file: Option<PathBuf>,
@@ -344,6 +359,29 @@ pub struct Layers {
     pub upstream: Option<(String, &'static str)>,
     /// `--set key=value` flags, in order.
     pub flags: Vec<(String, String)>,
+}
+
+/// The upstream URL's password stays out of logs and panics.
+impl fmt::Debug for Layers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let upstream = self.upstream.as_ref().map(|(url, from)| {
+            let shown = match url::Url::parse(url) {
+                Ok(mut u) if u.password().is_some() => {
+                    let _ = u.set_password(Some("redacted"));
+                    u.to_string()
+                }
+                Ok(u) => u.to_string(),
+                Err(_) => "(not a URL)".into(),
+            };
+            (shown, *from)
+        });
+        f.debug_struct("Layers")
+            .field("file", &self.file)
+            .field("env", &self.env.iter().map(|(k, _)| k).collect::<Vec<_>>())
+            .field("upstream", &upstream)
+            .field("flags", &self.flags)
+            .finish()
+    }
 }
 
 /// The config file used when neither `--config` nor `BREAKWATER_CONFIG` names one.
@@ -426,10 +464,25 @@ pub struct Config {
 
 /// What the layers add besides settings: login entries from the upstream URL (user,
 /// password), and database passwords read from `password_file`.
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 struct Extras {
     users: Vec<(String, String)>,
     file_passwords: BTreeMap<String, String>,
+}
+
+impl fmt::Debug for Extras {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Extras")
+            .field(
+                "users",
+                &self.users.iter().map(|(u, _)| u).collect::<Vec<_>>(),
+            )
+            .field(
+                "file_passwords",
+                &self.file_passwords.keys().collect::<Vec<_>>(),
+            )
+            .finish()
+    }
 }
 
 /// `Config::path` when there is no config file.
@@ -1513,6 +1566,18 @@ mod tests {
         // No URL and no file named: the default file, whose absence load() reports.
         let l = Layers::gather(None, None, &[], vec![]).unwrap();
         assert_eq!(l.file, Some(PathBuf::from(DEFAULT_FILE)));
+    }
+
+    #[test]
+    fn the_upstream_password_stays_out_of_debug_output() {
+        let layers = Layers {
+            upstream: Some(("postgres://app:hunter2@db/app".into(), "--upstream")),
+            ..Layers::default()
+        };
+        let c = Config::load(&layers).unwrap();
+        let shown = format!("{c:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("redacted"), "{shown}");
     }
 
     #[test]

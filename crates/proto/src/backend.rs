@@ -58,9 +58,7 @@ pub fn parse_auth(body: &Bytes) -> Result<AuthRequest, FrameError> {
     Ok(match r.i32()? {
         0 => AuthRequest::Ok,
         3 => AuthRequest::Cleartext,
-        5 => {
-            AuthRequest::Md5 { salt: r.array()? }
-        }
+        5 => AuthRequest::Md5 { salt: r.array()? },
         10 => {
             let mut mechanisms = Vec::new();
             loop {

@@ -1,4 +1,12 @@
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 //! The PostgreSQL wire format as Breakwater needs it: find message boundaries with a size cap
 //! checked *before* anything is allocated, parse the few messages the pooler must understand, and

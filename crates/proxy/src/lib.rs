@@ -1,4 +1,12 @@
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic, clippy::indexing_slicing))]
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
 
 //! Client sessions for Breakwater: login, routing to a pool, and the per-connection state machine
 //! that moves a client's transactions onto pooled server connections. This crate never opens a

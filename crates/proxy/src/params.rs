@@ -56,7 +56,13 @@ struct Tracked {
 impl Tracked {
     fn get(&self, i: usize) -> Option<&str> {
         let len = (*self.lens.get(i)?)? as usize;
-        let start: usize = self.lens.iter().take(i).flatten().map(|l| *l as usize).sum();
+        let start: usize = self
+            .lens
+            .iter()
+            .take(i)
+            .flatten()
+            .map(|l| *l as usize)
+            .sum();
         self.text.get(start..start + len)
     }
 
