@@ -162,6 +162,14 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             eprintln!("breakwater: {e}");
+            // A first run with nothing configured: say what would be enough.
+            if matches!(&e, config::ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound)
+                && layers.upstream.is_none()
+            {
+                eprintln!(
+                    "breakwater: give a config file with -c FILE (pooler.toml.example shows every key), or pool one database with --upstream postgres://user:password@host:5432/dbname"
+                );
+            }
             return ExitCode::from(2);
         }
     };
