@@ -3,6 +3,7 @@
 //! [`PoolSnapshot`]. Nothing here ever locks a pool or reaches into a session. This is the only
 //! crate that calls the `metrics` macros ([`export`]).
 
+pub mod close;
 pub mod export;
 pub mod histogram;
 
@@ -10,6 +11,7 @@ pub mod host;
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
+pub use close::{CloseCounts, CloseReason};
 pub use host::{Breaker, HostSnapshot, HostStats, Phase};
 
 pub use histogram::{Histogram, HistogramSnapshot};

@@ -17,6 +17,7 @@ use tokio::net::{TcpStream, UnixStream};
 
 use crate::error::QueryError;
 use crate::stream::Stream;
+use stats::CloseReason;
 
 /// Where a CancelRequest for this connection goes.
 #[derive(Debug, Clone)]
@@ -72,35 +73,38 @@ impl CancelTarget {
 
 static NEXT_SERVER_ID: AtomicU64 = AtomicU64::new(1);
 
-/// A logged-in server connection.
+/// A logged-in server connection. Its fields are private: the proxy says what happened
+/// (`mark_broken`, `record_params_synced`, `after_reset`, …) and the connection keeps its own
+/// bookkeeping consistent, in one place.
 #[derive(Debug)]
 pub struct ServerConn {
     /// Matches the `server{id}` tracing span and SHOW SERVERS.
-    pub id: u64,
+    id: u64,
     stream: Stream,
     /// Bytes read from the server and not yet consumed. The proxy scans and forwards from here.
-    pub buf: BytesMut,
+    buf: BytesMut,
     /// Reported parameters (ParameterStatus), as the server last told us.
     params: Vec<(String, String)>,
     /// Parameters the server does not report that Breakwater SET on a client's behalf.
-    pub applied: Vec<(String, String)>,
+    applied: Vec<(String, String)>,
     /// The fingerprint of the client parameters this connection was last made to match;
-    /// `None` once anything changed since. Breakwater's own bookkeeping (the proxy sets it).
-    pub params_synced_for: Option<u64>,
+    /// `None` once anything changed since (a ParameterStatus, a SET on its way, a reset).
+    params_synced_for: Option<u64>,
     cancel: CancelTarget,
-    pub created: Instant,
-    pub max_message: usize,
-    /// Set when the connection must not be reused (an error mid-stream, a timeout, a cut write).
-    pub broken: bool,
+    created: Instant,
+    max_message: usize,
+    /// Why the connection must not be reused (an error mid-stream, a timeout, a cut write);
+    /// `None` while it may.
+    broken: Option<CloseReason>,
     /// No session parameter changed since login: its parameters are the server's defaults.
-    pub pristine: bool,
+    pristine: bool,
     /// Statements prepared on this connection under Breakwater's global names.
-    pub prepared: crate::PreparedCache,
+    prepared: crate::PreparedCache,
     /// This connection's share of server_lifetime and server_idle_timeout, in thousandths
     /// (800–1000), so a pool opened at once is not recycled at once. See [`ServerConn::share`].
-    pub jitter_permille: u32,
+    jitter_permille: u32,
     /// The host this connection was opened on, and its role epoch then (see `failover`).
-    pub origin: Option<crate::host::Origin>,
+    pub(crate) origin: Option<crate::host::Origin>,
     /// Holds a slot of `max_db_connections` / `max_server_connections` while the connection lives.
     pub(crate) _limits: Vec<tokio::sync::OwnedSemaphorePermit>,
     /// This connection's row in SHOW SERVERS; removed when the connection is dropped.
@@ -124,7 +128,7 @@ impl ServerConn {
             },
             created: Instant::now(),
             max_message,
-            broken: false,
+            broken: None,
             pristine: true,
             prepared: crate::PreparedCache::default(),
             jitter_permille: rand::Rng::gen_range(&mut rand::thread_rng(), 800..=1000),
@@ -138,6 +142,106 @@ impl ServerConn {
     pub(crate) fn set_backend_key(&mut self, pid: i32, key: i32) {
         self.cancel.pid = pid;
         self.cancel.key = key;
+    }
+
+    /// Matches the `server{id}` tracing span and SHOW SERVERS.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// When the login finished.
+    pub fn created(&self) -> Instant {
+        self.created
+    }
+
+    /// `max_packet_size`: the largest message accepted from this server.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// Bytes read from the server and not yet consumed.
+    pub fn buf(&self) -> &BytesMut {
+        &self.buf
+    }
+
+    /// The read buffer, for the proxy to scan and forward from (it consumes what it forwards).
+    pub fn buf_mut(&mut self) -> &mut BytesMut {
+        &mut self.buf
+    }
+
+    /// Statements prepared on this connection under Breakwater's global names.
+    pub fn prepared(&self) -> &crate::PreparedCache {
+        &self.prepared
+    }
+
+    pub fn prepared_mut(&mut self) -> &mut crate::PreparedCache {
+        &mut self.prepared
+    }
+
+    /// The connection must not be reused, for `reason`. A later call replaces the reason:
+    /// callers mark after the inner step that failed, so the latest is the most specific.
+    pub fn mark_broken(&mut self, reason: CloseReason) {
+        self.broken = Some(reason);
+    }
+
+    pub fn is_broken(&self) -> bool {
+        self.broken.is_some()
+    }
+
+    /// Why the connection must not be reused, if it must not.
+    pub fn broken_reason(&self) -> Option<CloseReason> {
+        self.broken
+    }
+
+    /// No session parameter changed since login: its parameters are the server's defaults.
+    pub fn is_pristine(&self) -> bool {
+        self.pristine
+    }
+
+    /// Parameters the server does not report that Breakwater SET on a client's behalf.
+    pub fn applied(&self) -> &[(String, String)] {
+        &self.applied
+    }
+
+    /// Was this connection last made to match the client parameters with `fingerprint`, with
+    /// nothing changed since?
+    pub fn params_match(&self, fingerprint: u64) -> bool {
+        self.params_synced_for == Some(fingerprint)
+    }
+
+    /// Breakwater is about to SET session parameters: the connection no longer has the
+    /// server's defaults, and matches no client until the SET is recorded.
+    pub fn begin_params_sync(&mut self) {
+        self.pristine = false;
+        self.params_synced_for = None;
+    }
+
+    /// The connection now matches the client parameters with `fingerprint`. `applied` are the
+    /// unreported parameters a SET just gave it (`None`: nothing was SET, they stay).
+    pub fn record_params_synced(
+        &mut self,
+        fingerprint: u64,
+        applied: Option<Vec<(String, String)>>,
+    ) {
+        if let Some(a) = applied {
+            self.applied = a;
+        }
+        self.params_synced_for = Some(fingerprint);
+    }
+
+    /// `server_reset_query` succeeded: DISCARD ALL (the default) drops what Breakwater SET and
+    /// prepared, so none of it is assumed any more.
+    pub fn after_reset(&mut self) {
+        self.applied.clear();
+        self.params_synced_for = None;
+        self.prepared.clear();
+    }
+
+    /// A ParameterStatus arrived while a client used the connection: recorded, and the
+    /// connection no longer has the server's defaults.
+    pub fn client_changed_param(&mut self, name: &str, value: &str) {
+        self.set_param(name, value);
+        self.pristine = false;
     }
 
     /// This connection's share of `d` (server_lifetime, server_idle_timeout). In integers: it
@@ -174,8 +278,8 @@ impl ServerConn {
             .map(|(_, v)| v.as_str())
     }
 
-    /// Records a ParameterStatus the server sent.
-    pub fn set_param(&mut self, name: &str, value: &str) {
+    /// Records a ParameterStatus the server sent (at login or during an internal query).
+    pub(crate) fn set_param(&mut self, name: &str, value: &str) {
         match self.params.iter_mut().find(|(k, _)| k == name) {
             Some((_, v)) => {
                 if v != value {
@@ -216,7 +320,7 @@ impl ServerConn {
     /// Is the socket still open with nothing unexpected waiting? An idle server that sent
     /// something (typically a FATAL before closing) or closed is not usable.
     pub fn is_healthy_idle(&self) -> bool {
-        if self.broken || !self.buf.is_empty() {
+        if self.broken.is_some() || !self.buf.is_empty() {
             return false;
         }
         self.stream.is_idle_and_open()
@@ -225,38 +329,33 @@ impl ServerConn {
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, keeping ParameterStatus
     /// up to date. Used for parameter sync and resets, never for client queries.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), QueryError> {
-        let mut out = BytesMut::with_capacity(sql.len() + 6);
-        frontend::write_query(&mut out, sql);
-        if let Err(e) = self.write_all(&out).await {
-            self.broken = true;
-            return Err(e.into());
-        }
-        let result = self.read_until_ready().await;
-        if result.is_err() {
-            self.broken = true;
-        }
-        result
+        self.internal_query(sql, &mut None).await
     }
 
     /// Runs `sql` like [`ServerConn::simple_query`] and returns the first row's values as text.
     pub async fn query_first_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, QueryError> {
-        let mut out = BytesMut::with_capacity(sql.len() + 6);
-        frontend::write_query(&mut out, sql);
-        if let Err(e) = self.write_all(&out).await {
-            self.broken = true;
-            return Err(e.into());
-        }
         let mut row = None;
-        let result = self.read_until_ready_capturing(&mut row).await;
-        if result.is_err() {
-            self.broken = true;
-        }
-        result?;
+        self.internal_query(sql, &mut row).await?;
         row.ok_or(QueryError::NoRow)
     }
 
-    async fn read_until_ready(&mut self) -> Result<(), QueryError> {
-        self.read_until_ready_capturing(&mut None).await
+    /// Any failure leaves the connection broken: the caller cannot know where in the exchange
+    /// it stopped. Callers that know why they asked mark a more specific reason after this.
+    async fn internal_query(
+        &mut self,
+        sql: &str,
+        row: &mut Option<Vec<Option<String>>>,
+    ) -> Result<(), QueryError> {
+        let mut out = BytesMut::with_capacity(sql.len() + 6);
+        frontend::write_query(&mut out, sql);
+        let result = match self.write_all(&out).await {
+            Ok(()) => self.read_until_ready_capturing(row).await,
+            Err(e) => Err(e.into()),
+        };
+        if let Err(e) = &result {
+            self.mark_broken(e.close_reason());
+        }
+        result
     }
 
     async fn read_until_ready_capturing(
@@ -346,6 +445,50 @@ fn permille_of(d: Duration, permille: u32) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn conn() -> ServerConn {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        a.set_nonblocking(true).unwrap();
+        let stream = Stream::Unix(UnixStream::from_std(a).unwrap());
+        ServerConn::new(stream, ServerAddr::Unix("/tmp/x".into()), 1024)
+    }
+
+    #[tokio::test]
+    async fn a_synced_connection_matches_until_anything_changes_its_parameters() {
+        let mut c = conn();
+        assert!(c.is_pristine() && !c.params_match(7));
+        c.record_params_synced(7, None);
+        assert!(c.params_match(7) && !c.params_match(8));
+
+        // The server reporting a new value ends the match; the same value does not.
+        c.set_param("TimeZone", "UTC");
+        assert!(!c.params_match(7), "a new parameter");
+        c.record_params_synced(7, None);
+        c.set_param("TimeZone", "UTC");
+        assert!(c.params_match(7), "an unchanged value");
+        c.client_changed_param("TimeZone", "Europe/Paris");
+        assert!(!c.params_match(7) && !c.is_pristine());
+
+        // A SET on its way matches no one until recorded; a reset forgets what was SET.
+        c.record_params_synced(7, None);
+        c.begin_params_sync();
+        assert!(!c.params_match(7));
+        c.record_params_synced(9, Some(vec![("search_path".into(), "app".into())]));
+        assert!(c.params_match(9));
+        assert_eq!(c.applied().len(), 1);
+        c.after_reset();
+        assert!(!c.params_match(9) && c.applied().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_broken_connection_says_why_and_the_latest_reason_wins() {
+        let mut c = conn();
+        assert!(!c.is_broken() && c.broken_reason().is_none());
+        c.mark_broken(CloseReason::ServerLost);
+        c.mark_broken(CloseReason::ParamSyncFailed);
+        assert_eq!(c.broken_reason(), Some(CloseReason::ParamSyncFailed));
+        assert!(!c.is_healthy_idle());
+    }
 
     #[test]
     fn a_connections_share_of_a_lifetime_is_exact_and_never_overflows() {

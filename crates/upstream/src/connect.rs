@@ -275,6 +275,7 @@ async fn login(
 }
 
 async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), ConnectError> {
+    let max_message = conn.max_message();
     let addr = conn.addr().to_string();
     let io_err = |source| ConnectError::Io {
         addr: addr.clone(),
@@ -299,7 +300,7 @@ async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), C
     let mut scram: Option<ScramClient> = None;
     loop {
         let msg = loop {
-            match frame::take_message(&mut conn.buf, conn.max_message).map_err(proto_err)? {
+            match frame::take_message(conn.buf_mut(), max_message).map_err(proto_err)? {
                 Some(m) => break m,
                 None => {
                     conn.read().await.map_err(io_err)?;

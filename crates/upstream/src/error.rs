@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use proto::error::ErrorFields;
 use proto::FrameError;
-use stats::Phase;
+use stats::{CloseReason, Phase};
 
 use crate::role::{Role, TargetSessionAttrs};
 
@@ -118,6 +118,19 @@ impl ConnectError {
             ConnectError::Auth { .. } | ConnectError::BreakerOpen(_) => true,
             ConnectError::Tls { source, .. } => source.is_permanent(),
             _ => false,
+        }
+    }
+}
+
+impl QueryError {
+    /// Why a connection whose internal query failed this way is not reused.
+    pub fn close_reason(&self) -> CloseReason {
+        match self {
+            QueryError::Io(_) => CloseReason::ServerLost,
+            QueryError::Server(_)
+            | QueryError::Protocol(_)
+            | QueryError::NotIdle(_)
+            | QueryError::NoRow => CloseReason::ServerProtocolError,
         }
     }
 }

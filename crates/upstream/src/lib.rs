@@ -30,5 +30,6 @@ pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
 pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};
 pub use settings::{ServerSettings, ServerTarget};
+pub use stats::CloseReason;
 pub use stream::Stream;
 pub use tls::{ServerTls, ServerTlsFiles, SslMode, TlsConfigError};

@@ -129,7 +129,7 @@ impl ServerManager {
                 PoolStats::add(&stats.connect_time_us, started.elapsed().as_micros() as u64);
                 let (local, remote) = c.socket_addrs();
                 c.registration = Some(self.registry.register(NewServer {
-                    id: c.id,
+                    id: c.id(),
                     database: self.target.database.clone(),
                     user: self.target.user.clone(),
                     addr: c.addr().to_string(),
@@ -138,7 +138,7 @@ impl ServerManager {
                     pid: c.backend_pid(),
                     epoch: self.epoch.load(Ordering::Relaxed),
                 }));
-                tracing::info!(server = c.id, addr = %c.addr(), pid = c.backend_pid(),
+                tracing::info!(server = c.id(), addr = %c.addr(), pid = c.backend_pid(),
                     database = %self.target.database, user = %self.target.user, "server connection opened");
                 Ok(Box::new(c))
             }
@@ -192,7 +192,7 @@ impl managed::Manager for ServerManager {
         }
         if !self.still_wanted(conn) {
             tracing::info!(
-                server = conn.id,
+                server = conn.id(),
                 pid = conn.backend_pid(),
                 "server's host changed role since the connection was opened; closing it"
             );
@@ -202,13 +202,13 @@ impl managed::Manager for ServerManager {
         let now = std::time::Instant::now();
         if let Some(lifetime) = settings.lifetime {
             if now.saturating_duration_since(metrics.created) > conn.share(lifetime) {
-                tracing::debug!(server = conn.id, "server_lifetime reached; closing");
+                tracing::debug!(server = conn.id(), "server_lifetime reached; closing");
                 return Err(RecycleError::message("server_lifetime reached"));
             }
         }
         if !conn.is_healthy_idle() {
             tracing::info!(
-                server = conn.id,
+                server = conn.id(),
                 pid = conn.backend_pid(),
                 "idle server connection was closed by the server; dropping it"
             );
@@ -226,7 +226,7 @@ impl managed::Manager for ServerManager {
                 .await;
                 if !matches!(check, Ok(Ok(()))) {
                     tracing::warn!(
-                        server = conn.id,
+                        server = conn.id(),
                         pid = conn.backend_pid(),
                         "server_check_query failed on an idle connection; dropping it"
                     );

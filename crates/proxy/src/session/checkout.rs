@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use proto::backend::{self, TxStatus};
 use proto::error::{PgError, SqlState};
 use stats::{GlobalStats, PoolStats};
-use upstream::{CheckoutError, ConnectError, PooledServer, QueryError};
+use upstream::{CheckoutError, CloseReason, ConnectError, PooledServer, QueryError};
 
 use super::{Held, Session};
 use crate::cancel::ClientState;
@@ -44,7 +44,7 @@ impl Session {
                 self.enter(ClientState::Waiting);
                 let server = self.checkout_raw().await;
                 let mut server = server.inspect_err(|_| self.enter(ClientState::Idle))?;
-                if server.pristine {
+                if server.is_pristine() {
                     if let Ok(mut w) = self.entry.welcome.lock() {
                         *w = Some(WelcomeParams::new(server.params()));
                     }
@@ -212,15 +212,14 @@ impl Session {
     /// already do.
     async fn sync_params(&mut self, server: &mut PooledServer) -> Result<(), PgError> {
         let wanted = self.params.fingerprint();
-        if server.params_synced_for == Some(wanted) {
+        if server.params_match(wanted) {
             return Ok(());
         }
-        let Some(sql) = self.params.sync_sql(server.params(), &server.applied) else {
-            server.params_synced_for = Some(wanted);
+        let Some(sql) = self.params.sync_sql(server.params(), server.applied()) else {
+            server.record_params_synced(wanted, None);
             return Ok(());
         };
-        server.pristine = false;
-        server.params_synced_for = None;
+        server.begin_params_sync();
         let result = Box::pin(tokio::time::timeout(
             internal_timeout(&self.settings),
             server.simple_query(&sql),
@@ -228,14 +227,14 @@ impl Session {
         .await;
         match result {
             Ok(Ok(())) => {
-                server.applied = self.params.unreported(server.params());
+                let applied = self.params.unreported(server.params());
                 self.params
                     .adopt_canonical(|name| server.param(name).map(str::to_owned));
-                server.params_synced_for = Some(self.params.fingerprint());
+                server.record_params_synced(self.params.fingerprint(), Some(applied));
                 Ok(())
             }
             Ok(Err(QueryError::Server(f))) => {
-                server.broken = true;
+                server.mark_broken(CloseReason::ParamSyncFailed);
                 // An unknown name keeps PostgreSQL's own code, as a direct login would get.
                 let code = if f.code == SqlState::UNDEFINED_OBJECT.0 {
                     SqlState::UNDEFINED_OBJECT
@@ -248,14 +247,14 @@ impl Session {
                 ))
             }
             Ok(Err(e)) => {
-                server.broken = true;
+                server.mark_broken(CloseReason::ParamSyncFailed);
                 Err(PgError::fatal(
                     SqlState::CONNECTION_FAILURE,
                     format!("server connection failed while applying session parameters: {e}"),
                 ))
             }
             Err(_) => {
-                server.broken = true;
+                server.mark_broken(CloseReason::ParamSyncFailed);
                 Err(PgError::fatal(
                     SqlState::CONNECTION_FAILURE,
                     "server did not answer while applying session parameters",

@@ -41,18 +41,16 @@ impl Session {
             match reset {
                 Ok(Ok(())) => {
                     // DISCARD ALL (the default) also drops prepared statements.
-                    h.server.applied.clear();
-                    h.server.params_synced_for = None;
-                    h.server.prepared.clear();
+                    h.server.after_reset();
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(server = h.server.id, error = %e, "server_reset_query failed; closing the server connection");
+                    tracing::warn!(server = h.server.id(), error = %e, "server_reset_query failed; closing the server connection");
                     discard(h.server);
                     return;
                 }
                 Err(_) => {
                     tracing::warn!(
-                        server = h.server.id,
+                        server = h.server.id(),
                         "server_reset_query timed out; closing the server connection"
                     );
                     discard(h.server);
@@ -60,7 +58,10 @@ impl Session {
                 }
             }
         }
-        if h.server.broken || !h.server.buf.is_empty() || !self.entry.pool.still_wanted(&h.server) {
+        if h.server.is_broken()
+            || !h.server.buf().is_empty()
+            || !self.entry.pool.still_wanted(&h.server)
+        {
             discard(h.server);
         }
         // Dropping the object returns it to the pool.
@@ -101,7 +102,7 @@ impl Session {
                 return self.close_server(h, "client left during COPY IN").await;
             }
         }
-        if !h.server.buf.is_empty() {
+        if !h.server.buf().is_empty() {
             return self
                 .close_server(h, "server sent more than its replies")
                 .await;
@@ -113,7 +114,7 @@ impl Session {
     pub(super) async fn close_server(&mut self, h: Held, why: &str) {
         self.cancel.slot.set(None).await;
         tracing::info!(
-            server = h.server.id,
+            server = h.server.id(),
             reason = why,
             "closing the server connection"
         );
@@ -173,7 +174,7 @@ impl Session {
         })
         .await;
         let kept = drained == Ok(true);
-        tracing::debug!(server = h.server.id, kept, "client left mid-query");
+        tracing::debug!(server = h.server.id(), kept, "client left mid-query");
         kept
     }
 

@@ -18,6 +18,7 @@ use proto::error::{PgError, SqlState};
 use proto::frame::{self, move_bytes, Forwarded, Header, Want, HEADER_LEN};
 use proto::frontend;
 use stats::{GlobalStats, PoolStats};
+use upstream::CloseReason;
 
 use super::idle::{unexpected_message, WHOLE_LIMIT};
 use super::timers::{self, Timer, TimerSettings, CANCEL_GRACE};
@@ -91,7 +92,7 @@ impl Session {
                 self.scratch.to_server.clear();
                 if let Err(e) = written {
                     self.scratch.to_client.clear();
-                    h.server.broken = true;
+                    h.server.mark_broken(CloseReason::ServerLost);
                     return Step::Fatal(server_lost(&e.to_string()));
                 }
             }
@@ -143,7 +144,7 @@ impl Session {
             tokio::select! {
                 r = h.server.read() => {
                     if let Err(e) = r {
-                        h.server.broken = true;
+                        h.server.mark_broken(CloseReason::ServerLost);
                         return Step::Fatal(server_lost(&e.to_string()));
                     }
                     h.clock.last_server_byte = Instant::now();
@@ -206,7 +207,7 @@ impl Session {
             Timer::Query => {
                 GlobalStats::bump(&self.global().timeouts_query);
                 tracing::warn!(
-                    server = h.server.id,
+                    server = h.server.id(),
                     "query_timeout expired; cancelling the query"
                 );
                 PgError::notice(format!(
@@ -220,7 +221,7 @@ impl Session {
                 None
             }
             Timer::CancelGrace => {
-                h.server.broken = true;
+                h.server.mark_broken(CloseReason::QueryTimeout);
                 fatal(
                     SqlState::QUERY_CANCELED,
                     "query_timeout",
@@ -231,9 +232,9 @@ impl Session {
             Timer::Unresponsive => {
                 if h.server.socket_looks_dead() {
                     GlobalStats::bump(&self.global().timeouts_server_unresponsive);
-                    h.server.broken = true;
+                    h.server.mark_broken(CloseReason::Unresponsive);
                     tracing::warn!(
-                        server = h.server.id,
+                        server = h.server.id(),
                         "server unresponsive with a dead socket; dropping it"
                     );
                     return fatal(
@@ -331,7 +332,7 @@ impl Session {
         let stmt = Arc::new(Statement::new(body.slice(name.len() + 1..)));
         PoolStats::add(&self.entry.stats.client_parse_count, 1);
         self.statements.insert(client_name.clone(), stmt.clone());
-        if h.server.prepared.contains(&stmt.global) {
+        if h.server.prepared_mut().contains(&stmt.global) {
             return Ok(Sent::Answered(backend::PARSE_COMPLETE));
         }
         Ok(self.prepare_on_server(h, &stmt, Some(client_name)))
@@ -434,7 +435,7 @@ impl Session {
 
     /// Before a Bind or Describe of `stmt`: parses it on this server first if it lacks it.
     fn ensure_prepared(&mut self, h: &mut Held, stmt: &Arc<Statement>) {
-        if !h.server.prepared.contains(&stmt.global) {
+        if !h.server.prepared_mut().contains(&stmt.global) {
             let parse = self.prepare_on_server(h, stmt, None);
             if let Some(e) = h.ledger.on_client(parse) {
                 self.forget(h, &e);
@@ -454,7 +455,7 @@ impl Session {
     ) -> Sent {
         if let Some(evicted) = h
             .server
-            .prepared
+            .prepared_mut()
             .insert(stmt.global.clone(), self.settings.max_prepared_statements)
         {
             frontend::write_close_statement(&mut self.scratch.to_server, &evicted);
@@ -479,7 +480,7 @@ impl Session {
             ..
         } = e
         {
-            h.server.prepared.remove(global);
+            h.server.prepared_mut().remove(global);
             self.statements.forget_if(name, global);
             self.entry
                 .known_statements
@@ -492,11 +493,11 @@ impl Session {
     /// ReadyForQuery with nothing owed. It stops right after that ReadyForQuery; anything
     /// behind it is not this client's.
     pub(super) fn scan_server(&mut self, h: &mut Held) -> Result<bool, PgError> {
-        let max = h.server.max_message;
+        let max = h.server.max_message();
         let watch = self.watch_read_only;
         loop {
             let next = h.ledger.server.next(
-                &mut h.server.buf,
+                h.server.buf_mut(),
                 &mut self.scratch.to_client,
                 max,
                 |hdr, _| want_from_server(hdr, watch),
@@ -523,7 +524,7 @@ impl Session {
                 }
                 Forwarded::Whole(hdr) => hdr,
             };
-            let msg = frame::take_whole(&mut h.server.buf, hdr);
+            let msg = frame::take_whole(h.server.buf_mut(), hdr);
             let received = match hdr.tag {
                 backend::READY_FOR_QUERY => Received::Ready(
                     backend::parse_ready_for_query(&msg.body)
@@ -572,14 +573,13 @@ impl Session {
                         self.entry.pool.role_suspect();
                     }
                     let (k, v) = (k.to_owned(), v.to_owned());
-                    h.server.set_param(&k, &v);
-                    h.server.pristine = false;
+                    h.server.client_changed_param(&k, &v);
                 }
                 backend::ERROR_RESPONSE
                     if proto::error::parse_error_fields(&msg.body)
                         .is_ok_and(|f| f.code == READ_ONLY_SQL_TRANSACTION) =>
                 {
-                    tracing::info!(server = h.server.id, "server refused a write (25006) in a read-write pool; re-checking host roles");
+                    tracing::info!(server = h.server.id(), "server refused a write (25006) in a read-write pool; re-checking host roles");
                     self.entry.pool.role_suspect();
                 }
                 backend::COMMAND_COMPLETE => {
@@ -589,7 +589,7 @@ impl Session {
                     }
                     if tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL" {
                         // The server dropped every prepared statement, ours included.
-                        h.server.prepared.clear();
+                        h.server.prepared_mut().clear();
                         self.statements.clear();
                     }
                 }
@@ -604,7 +604,7 @@ impl Session {
     /// learning the ones a ParseComplete made.
     fn on_server(&mut self, h: &mut Held, received: Received) -> Verdict {
         let statements = &mut self.statements;
-        let cache = &mut h.server.prepared;
+        let cache = h.server.prepared_mut();
         let known = &self.entry.known_statements;
         let fingerprint = self.params.fingerprint();
         let cap = self.settings.max_prepared_statements;
