@@ -259,6 +259,10 @@ async fn every_show_command_answers_with_pgbouncers_columns_first() {
             &["database", "user", "wait_p50_us", "wait_p99_us"],
         ),
         ("SHOW HOSTS", &["host", "breaker", "attempts", "successes"]),
+        (
+            "SHOW SERVER_CLOSES",
+            &["database", "user", "reason", "closes"],
+        ),
     ];
     for (q, cols) in expect {
         let (got, _) = show(&c, q).await;
@@ -510,6 +514,48 @@ async fn reconnect_replaces_server_connections_as_they_are_released() {
     assert_ne!(before, after, "RECONNECT kept the old server connection");
 }
 
+/// `closes` of `reason` for the app pool in SHOW SERVER_CLOSES (0 when it has no row).
+async fn closes(c: &Client, reason: &str) -> u64 {
+    show(c, "SHOW SERVER_CLOSES")
+        .await
+        .1
+        .into_iter()
+        .find(|r| r["database"] == "app" && r["reason"] == reason)
+        .and_then(|r| r["closes"].parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn show_server_closes_counts_each_closed_server_under_its_reason() {
+    let env = start("idle_transaction_timeout = \"300ms\"\n", "");
+    let c = admin(&env).await;
+    assert!(
+        show(&c, "SHOW SERVER_CLOSES").await.1.is_empty(),
+        "nothing closed yet"
+    );
+
+    // RECONNECT closes the idle server connection at once, as opened before the new epoch.
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    c.simple_query("RECONNECT app").await.unwrap();
+    assert_eq!(closes(&c, "stale_epoch").await, 1);
+
+    // A client idle in a transaction past idle_transaction_timeout loses its server with it.
+    app.simple_query("BEGIN").await.unwrap();
+    testkit::wait_until(
+        "the idle transaction's server to be closed",
+        WAIT,
+        || async { closes(&c, "idle_transaction_timeout").await == 1 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        closes(&c, "stale_epoch").await,
+        1,
+        "no other close was counted"
+    );
+}
+
 #[tokio::test]
 async fn disable_refuses_new_logins_and_enable_lifts_it() {
     let env = start("", "");
@@ -704,6 +750,7 @@ async fn metrics_serve_breakwater_series_that_match_the_console() {
         "breakwater_servers{database=\"app\",user=\"app\",state=\"login\"} 0",
         "breakwater_queries_total{database=\"app\",user=\"app\"}",
         "breakwater_server_connects_total{database=\"app\",user=\"app\",outcome=\"ok\"}",
+        "breakwater_server_closes_total{database=\"app\",user=\"app\",reason=\"server_lifetime\"} 0",
         "breakwater_login_failures_total",
         "breakwater_client_errors_total{class=\"28\"} 1",
         "breakwater_timeouts_total{kind=\"query_timeout\"}",

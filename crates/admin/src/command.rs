@@ -26,6 +26,8 @@ pub enum Show {
     Latency,
     /// Breakwater's own: connect attempts by outcome and phase, and the breaker, per host.
     Hosts,
+    /// Breakwater's own: server connections closed, per pool and reason.
+    ServerCloses,
 }
 
 impl Show {
@@ -49,6 +51,7 @@ impl Show {
             "dns_zones" => Show::DnsZones,
             "latency" => Show::Latency,
             "hosts" => Show::Hosts,
+            "server_closes" => Show::ServerCloses,
             _ => return None,
         })
     }

@@ -139,6 +139,7 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         Show::DnsZones => ResultSet::new(&[("zonename", TEXT), ("serial", INT8), ("count", INT4)]),
         Show::Latency => latency(view),
         Show::Hosts => hosts(view),
+        Show::ServerCloses => server_closes(view),
     }
 }
 
@@ -506,6 +507,22 @@ fn latency(view: &View) -> ResultSet {
         .pools
         .iter()
         .map(|p| (p, p.stats.percentiles(p.older.as_ref())));
+    ResultSet::table(columns, rows)
+}
+
+/// One row per pool and reason that closed at least one server connection: why servers went
+/// away (an operator's first question when server_connects climbs).
+fn server_closes(view: &View) -> ResultSet {
+    let columns: &[Column<(&PoolView, stats::CloseReason, u64)>] = &[
+        ("database", TEXT, |(p, _, _)| s(&p.stats.database)),
+        ("user", TEXT, |(p, _, _)| s(&p.stats.user)),
+        ("reason", TEXT, |(_, r, _)| s(r.as_str())),
+        ("closes", INT8, |(_, _, count)| n(count)),
+    ];
+    let rows = view
+        .pools
+        .iter()
+        .flat_map(|p| p.stats.closes().map(move |(r, n)| (p, r, n)));
     ResultSet::table(columns, rows)
 }
 

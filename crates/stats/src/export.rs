@@ -88,6 +88,12 @@ pub fn publish_pool(s: &PoolSnapshot, servers: &ServerGauges) {
     c!("breakwater_pool_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
     c!("breakwater_pool_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
     c!("breakwater_pool_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
+    // Every reason, zeros included, so a rate over any reason is defined from the start.
+    for (reason, n) in crate::CloseReason::ALL.into_iter().zip(s.server_closes) {
+        let mut l = labels.to_vec();
+        l.push(("reason", reason.as_str().to_string()));
+        counter!("breakwater_server_closes_total", &l).absolute(n);
+    }
 }
 
 /// Sets one upstream host's storm series.
@@ -232,6 +238,11 @@ pub fn describe() {
             "breakwater_server_connect_failures_total",
             Count,
             "Server connection attempts that failed, in any phase.",
+        ),
+        (
+            "breakwater_server_closes_total",
+            Count,
+            "Server connections closed, by reason (as SHOW SERVER_CLOSES).",
         ),
         (
             "breakwater_pool_timeouts_total",

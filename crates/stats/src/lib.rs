@@ -146,6 +146,8 @@ pub struct PoolStats {
     pub cl_idle: AtomicI64,
     /// Server connections being opened: connect, TLS and login (PgBouncer's `sv_login`).
     pub sv_login: AtomicI64,
+    /// Server connections closed, by reason.
+    pub server_closes: CloseCounts,
 }
 
 /// A consistent-enough copy of one pool's counters for readers.
@@ -177,6 +179,8 @@ pub struct PoolSnapshot {
     pub cl_waiting: i64,
     pub cl_idle: i64,
     pub sv_login: i64,
+    /// Server connections closed, by reason, in [`CloseReason::ALL`]'s order.
+    pub server_closes: [u64; CloseReason::ALL.len()],
     pub xact_hist: HistogramSnapshot,
     pub query_hist: HistogramSnapshot,
     pub wait_hist: HistogramSnapshot,
@@ -235,6 +239,7 @@ impl PoolStats {
             cl_waiting: self.cl_waiting.load(Relaxed),
             cl_idle: self.cl_idle.load(Relaxed),
             sv_login: self.sv_login.load(Relaxed),
+            server_closes: self.server_closes.snapshot(),
             xact_hist: self.xact_time_us.hist.snapshot(),
             query_hist: self.query_time_us.hist.snapshot(),
             wait_hist: self.wait_time_us.hist.snapshot(),
@@ -354,6 +359,17 @@ impl PoolSnapshot {
         self.cl_waiting += o.cl_waiting;
         self.cl_idle += o.cl_idle;
         self.sv_login += o.sv_login;
+        for (a, b) in self.server_closes.iter_mut().zip(o.server_closes) {
+            *a += b;
+        }
+    }
+
+    /// `(reason, count)` for every reason that closed at least one connection.
+    pub fn closes(&self) -> impl Iterator<Item = (CloseReason, u64)> + '_ {
+        CloseReason::ALL
+            .into_iter()
+            .zip(self.server_closes)
+            .filter(|(_, n)| *n > 0)
     }
 }
 

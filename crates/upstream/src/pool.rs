@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult};
 use futures_util::stream::{FuturesUnordered, StreamExt};
-use stats::PoolStats;
+use stats::{CloseReason, PoolStats};
 use tokio::sync::{watch, Semaphore};
 
 use crate::alarm::Alarm;
@@ -54,6 +54,13 @@ impl ServerManager {
             Ok(s) => s.clone(),
             Err(p) => p.into_inner().clone(),
         }
+    }
+
+    /// Logs and counts a close; every way a pooled connection ends goes through here, with
+    /// one reason (as PgBouncer's `disconnect_server(…, reason)`).
+    fn closing(&self, conn: &ServerConn, reason: CloseReason) {
+        self.stats.server_closes.record(reason);
+        log_close(conn, &self.target.database, &self.target.user, reason);
     }
 
     fn is_stale(&self, conn: &ServerConn) -> bool {
@@ -186,33 +193,37 @@ impl managed::Manager for ServerManager {
         conn: &mut Box<ServerConn>,
         metrics: &Metrics,
     ) -> RecycleResult<ConnectError> {
+        let reason = self.recycle_check(conn, metrics).await;
+        match reason {
+            None => Ok(()),
+            Some(r) => {
+                // deadpool drops the connection after this error.
+                self.closing(conn, r);
+                Err(RecycleError::message(r.as_str()))
+            }
+        }
+    }
+}
+
+impl ServerManager {
+    /// Why a connection coming out of the idle list may not be handed out, if it may not.
+    async fn recycle_check(&self, conn: &mut ServerConn, metrics: &Metrics) -> Option<CloseReason> {
         let settings = self.settings();
         if self.is_stale(conn) {
-            return Err(RecycleError::message("opened before RECONNECT"));
+            return Some(CloseReason::StaleEpoch);
         }
         if !self.still_wanted(conn) {
-            tracing::info!(
-                server = conn.id(),
-                pid = conn.backend_pid(),
-                "server's host changed role since the connection was opened; closing it"
-            );
-            return Err(RecycleError::message("host changed role"));
+            return Some(CloseReason::RoleChanged);
         }
         // One clock read for both checks below (a checkout makes this call).
         let now = std::time::Instant::now();
         if let Some(lifetime) = settings.lifetime {
             if now.saturating_duration_since(metrics.created) > conn.share(lifetime) {
-                tracing::debug!(server = conn.id(), "server_lifetime reached; closing");
-                return Err(RecycleError::message("server_lifetime reached"));
+                return Some(CloseReason::Lifetime);
             }
         }
         if !conn.is_healthy_idle() {
-            tracing::info!(
-                server = conn.id(),
-                pid = conn.backend_pid(),
-                "idle server connection was closed by the server; dropping it"
-            );
-            return Err(RecycleError::message("server closed while idle"));
+            return Some(CloseReason::ClosedWhileIdle);
         }
         if let Some(delay) = settings.check_delay {
             let idle = now.saturating_duration_since(metrics.recycled.unwrap_or(metrics.created));
@@ -225,16 +236,33 @@ impl managed::Manager for ServerManager {
                 ))
                 .await;
                 if !matches!(check, Ok(Ok(()))) {
-                    tracing::warn!(
-                        server = conn.id(),
-                        pid = conn.backend_pid(),
-                        "server_check_query failed on an idle connection; dropping it"
-                    );
-                    return Err(RecycleError::message("server_check_query failed"));
+                    return Some(CloseReason::CheckFailed);
                 }
             }
         }
-        Ok(())
+        None
+    }
+}
+
+fn log_close(conn: &ServerConn, database: &str, user: &str, reason: CloseReason) {
+    if reason.is_routine() {
+        tracing::info!(
+            server = conn.id(),
+            pid = conn.backend_pid(),
+            database,
+            user,
+            reason = reason.as_str(),
+            "closing server connection"
+        );
+    } else {
+        tracing::warn!(
+            server = conn.id(),
+            pid = conn.backend_pid(),
+            database,
+            user,
+            reason = reason.as_str(),
+            "closing server connection"
+        );
     }
 }
 
@@ -271,16 +299,29 @@ impl Drop for PooledServer {
         if let Some(r) = &obj.registration {
             r.info.set_in_use(false);
         }
-        let stale = Object::pool(&obj).is_some_and(|p| p.manager().is_stale(&obj));
+        let stale = Object::pool(&obj).is_some_and(|p| {
+            let m = p.manager();
+            let stale = m.is_stale(&obj);
+            if stale {
+                m.closing(&obj, CloseReason::StaleEpoch);
+            }
+            stale
+        });
         if stale {
             Object::take(obj).terminate();
         }
     }
 }
 
-/// Closes a checked-out connection instead of returning it.
-pub fn discard(mut server: PooledServer) {
+/// Closes a checked-out connection instead of returning it, for `reason`: logged with the
+/// server's id and counted per reason (SHOW SERVER_CLOSES, `breakwater_server_closes_total`).
+pub fn discard(mut server: PooledServer, reason: CloseReason) {
     if let Some(obj) = server.obj.take() {
+        match Object::pool(&obj) {
+            Some(p) => p.manager().closing(&obj, reason),
+            // The pool is gone (its database removed): nothing to count it in.
+            None => log_close(&obj, "", "", reason),
+        }
         Object::take(obj).terminate();
     }
 }
@@ -576,7 +617,13 @@ impl ServerPool {
             .probe(&target, &settings, settings.role_check_timeout)
             .await;
         if changed {
-            self.pool.retain(|c, _| manager.still_wanted(c));
+            self.pool.retain(|c, _| {
+                let keep = manager.still_wanted(c);
+                if !keep {
+                    manager.closing(c, CloseReason::RoleChanged);
+                }
+                keep
+            });
         }
     }
 
@@ -612,12 +659,26 @@ impl ServerPool {
     pub fn reconnect(&self) {
         let m = self.pool.manager();
         m.epoch.fetch_add(1, Ordering::Relaxed);
-        self.pool.retain(|conn, _| !m.is_stale(conn));
+        self.pool.retain(|conn, _| {
+            let stale = m.is_stale(conn);
+            if stale {
+                m.closing(conn, CloseReason::StaleEpoch);
+            }
+            !stale
+        });
     }
 
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).
     pub fn close_idle(&self) {
-        self.pool.retain(|_, _| false);
+        self.close_all_idle(CloseReason::Paused);
+    }
+
+    fn close_all_idle(&self, reason: CloseReason) {
+        let m = self.pool.manager();
+        self.pool.retain(|conn, _| {
+            m.closing(conn, reason);
+            false
+        });
     }
 
     /// Server connections opened before the last [`reconnect`](Self::reconnect), still open.
@@ -639,14 +700,27 @@ impl ServerPool {
         let mut keep = min_size;
         let manager = self.pool.manager();
         self.pool.retain(|conn, m| {
-            let expired = settings.lifetime.is_some_and(|l| m.age() > conn.share(l))
-                || !conn.is_healthy_idle()
-                || manager.is_stale(conn)
-                || !manager.still_wanted(conn);
+            let expired = if settings.lifetime.is_some_and(|l| m.age() > conn.share(l)) {
+                Some(CloseReason::Lifetime)
+            } else if !conn.is_healthy_idle() {
+                Some(CloseReason::ClosedWhileIdle)
+            } else if manager.is_stale(conn) {
+                Some(CloseReason::StaleEpoch)
+            } else if !manager.still_wanted(conn) {
+                Some(CloseReason::RoleChanged)
+            } else {
+                None
+            };
             let idle_too_long = settings
                 .idle_timeout
                 .is_some_and(|t| m.last_used() > conn.share(t));
-            if expired || (idle_too_long && keep == 0) {
+            let reason = match expired {
+                Some(r) => Some(r),
+                None if idle_too_long && keep == 0 => Some(CloseReason::IdleTimeout),
+                None => None,
+            };
+            if let Some(r) = reason {
+                manager.closing(conn, r);
                 return false;
             }
             keep = keep.saturating_sub(1);
@@ -682,6 +756,7 @@ impl ServerPool {
     }
 
     pub fn close(&self) {
+        self.close_all_idle(CloseReason::PoolClosed);
         self.pool.close();
     }
 }

@@ -6,7 +6,7 @@ use bytes::BytesMut;
 use futures_util::FutureExt;
 use proto::frontend;
 use stats::PoolStats;
-use upstream::discard;
+use upstream::{discard, CloseReason};
 
 use super::timers::CANCEL_GRACE;
 use super::{Held, Session};
@@ -44,25 +44,23 @@ impl Session {
                     h.server.after_reset();
                 }
                 Ok(Err(e)) => {
-                    tracing::warn!(server = h.server.id(), error = %e, "server_reset_query failed; closing the server connection");
-                    discard(h.server);
+                    tracing::warn!(server = h.server.id(), error = %e, "server_reset_query failed");
+                    discard(h.server, CloseReason::ResetFailed);
                     return;
                 }
                 Err(_) => {
-                    tracing::warn!(
-                        server = h.server.id(),
-                        "server_reset_query timed out; closing the server connection"
-                    );
-                    discard(h.server);
+                    discard(h.server, CloseReason::ResetTimedOut);
                     return;
                 }
             }
         }
-        if h.server.is_broken()
-            || !h.server.buf().is_empty()
-            || !self.entry.pool.still_wanted(&h.server)
-        {
-            discard(h.server);
+        if let Some(reason) = h.server.broken_reason() {
+            discard(h.server, reason);
+        } else if !h.server.buf().is_empty() {
+            // The server sent something after the ReadyForQuery that ended the transaction.
+            discard(h.server, CloseReason::ServerProtocolError);
+        } else if !self.entry.pool.still_wanted(&h.server) {
+            discard(h.server, CloseReason::RoleChanged);
         }
         // Dropping the object returns it to the pool.
     }
@@ -73,7 +71,7 @@ impl Session {
     /// (a half-sent message, COPY IN, a server that does not finish) closes the connection.
     pub(super) async fn abandon(&mut self, mut h: Held) {
         if h.ledger.handover() == Handover::Owes && !self.finish_for_nobody(&mut h).await {
-            return self.close_server(h, "client left mid-query").await;
+            return self.close_server(h, CloseReason::ClientGone).await;
         }
         match h.ledger.handover() {
             Handover::Clean => {}
@@ -84,41 +82,30 @@ impl Session {
                 ))
                 .await;
                 if !matches!(rollback, Ok(Ok(()))) {
-                    return self
-                        .close_server(h, "rollback for a departed client failed")
-                        .await;
+                    return self.close_server(h, CloseReason::RollbackFailed).await;
                 }
                 h.ledger.rolled_back();
             }
             Handover::Owes => {
-                return self.close_server(h, "client left mid-query").await;
+                return self.close_server(h, CloseReason::ClientGone).await;
             }
             Handover::HalfMessage => {
-                return self
-                    .close_server(h, "client left in the middle of a message")
-                    .await;
+                return self.close_server(h, CloseReason::ClientGone).await;
             }
             Handover::CopyIn => {
-                return self.close_server(h, "client left during COPY IN").await;
+                return self.close_server(h, CloseReason::ClientGone).await;
             }
         }
         if !h.server.buf().is_empty() {
-            return self
-                .close_server(h, "server sent more than its replies")
-                .await;
+            return self.close_server(h, CloseReason::ServerProtocolError).await;
         }
         self.release(h).await;
     }
 
-    /// Closes a server that cannot be given to anyone else.
-    pub(super) async fn close_server(&mut self, h: Held, why: &str) {
+    /// Closes a server that cannot be given to anyone else; `discard` logs and counts why.
+    pub(super) async fn close_server(&mut self, h: Held, reason: CloseReason) {
         self.cancel.slot.set(None).await;
-        tracing::info!(
-            server = h.server.id(),
-            reason = why,
-            "closing the server connection"
-        );
-        discard(h.server);
+        discard(h.server, reason);
     }
 
     /// The client left while the server still owed it replies. Closing the server connection

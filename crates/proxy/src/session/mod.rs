@@ -32,7 +32,7 @@ use bytes::BytesMut;
 use proto::error::{PgError, SqlState};
 use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
-use upstream::PooledServer;
+use upstream::{CloseReason, PooledServer};
 
 use crate::cancel::{ClientState, Registration};
 use crate::client_conn::ClientConn;
@@ -348,7 +348,13 @@ impl Session {
                 }
                 Step::Fatal(e) => {
                     if let Some(h) = held.take() {
-                        self.close_server(h, &e.message).await;
+                        // A fatal error that did not break the server is the client's doing
+                        // (a transaction block in statement mode).
+                        let reason = h
+                            .server
+                            .broken_reason()
+                            .unwrap_or(CloseReason::ClientProtocolError);
+                        self.close_server(h, reason).await;
                     }
                     tracing::warn!(code = e.code.0, "closing client: {}", e.message);
                     self.client.send_error(&e).await;

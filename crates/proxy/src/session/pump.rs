@@ -123,7 +123,10 @@ impl Session {
             }
             let done = match scanned {
                 Ok(d) => d,
-                Err(e) => return Step::Fatal(e),
+                Err(e) => {
+                    h.server.mark_broken(CloseReason::ServerProtocolError);
+                    return Step::Fatal(e);
+                }
             };
             if done {
                 if self.mode == PoolMode::Statement && h.ledger.status() != backend::TxStatus::Idle
@@ -185,6 +188,7 @@ impl Session {
         match timer {
             Timer::None => None,
             Timer::IdleTransaction => {
+                h.server.mark_broken(CloseReason::IdleTransactionTimeout);
                 GlobalStats::bump(&self.global().timeouts_idle_transaction);
                 tracing::info!("idle_transaction_timeout expired");
                 fatal(
@@ -195,6 +199,7 @@ impl Session {
                 )
             }
             Timer::ClientIdle => {
+                h.server.mark_broken(CloseReason::ClientIdleTimeout);
                 GlobalStats::bump(&self.global().timeouts_client_idle);
                 tracing::info!("client_idle_timeout expired");
                 fatal(
