@@ -25,7 +25,7 @@ pub use error::{ConnectError, QueryError};
 pub use failover::HostList;
 pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettings};
 pub use names::UnknownName;
-pub use pool::{discard, took_connect_poll, CheckoutError, Limits, PooledServer, ServerPool};
+pub use pool::{discard, Checkout, CheckoutError, Limits, PooledServer, ServerPool};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
 pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};

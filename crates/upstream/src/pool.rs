@@ -71,14 +71,17 @@ impl ServerManager {
 }
 
 thread_local! {
-    /// Set while a checkout's poll drives a connection attempt (see [`Connecting`]).
+    /// Set while a connection attempt is polled (see [`Connecting`]); read and cleared by the
+    /// [`Checkout`] polling on this thread. deadpool starts connection attempts inside the
+    /// checkout that needs one and gives `create` no way to know which checkout that is, so the
+    /// attempt reports to whoever is polling it, within that one synchronous poll. Nothing
+    /// outside this module sees it.
     static CONNECT_POLLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// A connection attempt made inside a checkout (deadpool creates connections in the future of
-/// the checkout that needs one). Each poll marks the thread, so whoever polls the checkout can
-/// tell with [`took_connect_poll`] that dropping it now would abandon a connect half done:
-/// the database has accepted, forked a backend, perhaps begun the login.
+/// A connection attempt made inside a checkout. Each poll marks the thread, so the
+/// [`Checkout`] around it can tell that dropping it now would abandon a connect half done: the
+/// database has accepted, forked a backend, perhaps begun the login.
 struct Connecting<F>(F);
 
 impl<F: Future + Unpin> Future for Connecting<F> {
@@ -93,10 +96,36 @@ impl<F: Future + Unpin> Future for Connecting<F> {
     }
 }
 
-/// Whether a connection attempt was polled on this thread since the last call: called right
-/// after polling a checkout that stayed pending, it says whether that checkout is connecting.
-pub fn took_connect_poll() -> bool {
-    CONNECT_POLLED.with(|c| c.replace(false))
+pin_project_lite::pin_project! {
+    /// A checkout in progress ([`ServerPool::checkout`]). Besides its result it says whether
+    /// it is making a connection right now ([`Checkout::is_connecting`]): a caller that
+    /// wants to give up (its client left) should then let it finish and give the server back,
+    /// rather than waste a backend the database is already forking.
+    pub struct Checkout<F> {
+        #[pin]
+        inner: F,
+        connecting: bool,
+    }
+}
+
+impl<F> Checkout<F> {
+    /// Did the last poll, which left the checkout pending, drive a connection attempt?
+    pub fn is_connecting(&self) -> bool {
+        self.connecting
+    }
+}
+
+impl<F: Future> Future for Checkout<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        CONNECT_POLLED.with(|c| c.set(false));
+        let result = this.inner.poll(cx);
+        let polled = CONNECT_POLLED.with(|c| c.replace(false));
+        *this.connecting = result.is_pending() && polled;
+        result
+    }
 }
 
 impl ServerManager {
@@ -478,7 +507,18 @@ impl ServerPool {
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
     /// `alarm` is the caller's re-armable timer: a checkout that has to wait uses it instead of
     /// a timer of its own.
-    pub async fn checkout(
+    pub fn checkout<'a>(
+        &'a self,
+        wait: Option<Duration>,
+        alarm: &'a mut Alarm,
+    ) -> Checkout<impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
+        Checkout {
+            inner: self.checkout_listed(wait, alarm),
+            connecting: false,
+        }
+    }
+
+    async fn checkout_listed(
         &self,
         wait: Option<Duration>,
         alarm: &mut Alarm,

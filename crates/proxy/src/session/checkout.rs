@@ -117,11 +117,10 @@ impl Session {
             loop {
                 let client = &self.client.stream;
                 let waited = std::future::poll_fn(|cx| {
-                    upstream::took_connect_poll();
                     if let Poll::Ready(r) = checkout.as_mut().poll(cx) {
                         return Poll::Ready(Waited::Served(r));
                     }
-                    let connecting = upstream::took_connect_poll();
+                    let connecting = checkout.is_connecting();
                     // A client that left while queued must not be served: its server would run
                     // a request nobody waits for any more (possibly minutes later, after the
                     // application retried it elsewhere). It leaves the queue at once, unless
