@@ -231,11 +231,14 @@ fn pool(c: &mut Criterion) {
         let pool = upstream::ServerPool::new(
             target,
             upstream::ServerSettings::default(),
-            2,
-            0,
+            upstream::PoolSizes {
+                size: 2,
+                min_size: 0,
+            },
             list,
             upstream::Limits::default(),
             Arc::new(stats::PoolStats::new("app", "app")),
+            Arc::default(),
         );
         // The one login happens here, not in the measurement.
         drop(

@@ -341,11 +341,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         "shutting down: no new clients"
     );
     let _ = stop_tx.send(true);
-    let drained = async {
-        while proxy.client_count() > 0 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    };
+    let drained = proxy.wait_clients_gone();
     match mode {
         // Clients leave by themselves; nobody is told to go.
         ShutdownMode::WaitForClients => drained.await,

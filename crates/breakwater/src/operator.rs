@@ -103,11 +103,11 @@ impl Daemon {
             stats::export::publish_pool(
                 &s,
                 &stats::export::ServerGauges {
-                    active: status.size.saturating_sub(status.available) as u64,
-                    idle: status.available as u64,
+                    active: status.active as u64,
+                    idle: status.idle as u64,
                     size: status.size as u64,
                     max_size: status.max_size as u64,
-                    paused: p.pool.is_paused(),
+                    paused: status.paused,
                     maxwait_us: p.pool.max_wait().as_micros() as u64,
                 },
             );
@@ -159,25 +159,6 @@ impl Daemon {
 
     fn db_arg(db: &Option<String>) -> Option<&str> {
         db.as_deref()
-    }
-
-    /// Waits until no server of `db` is checked out (PAUSE), polling the pool gauges.
-    async fn wait_servers_released(&self, db: Option<&str>) {
-        loop {
-            let busy: usize = self
-                .proxy
-                .pools_of(db)
-                .iter()
-                .map(|p| {
-                    let s = p.pool.status();
-                    s.size.saturating_sub(s.available)
-                })
-                .sum();
-            if busy == 0 {
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
     }
 }
 
@@ -246,13 +227,13 @@ impl Control for Daemon {
                 newer: newer.as_ref().and_then(|m| m.get(&key).cloned()),
                 sv_login: stats.sv_login.max(0) as u64,
                 stats,
-                sv_active: status.size.saturating_sub(status.available) as u64,
-                sv_idle: status.available as u64,
+                sv_active: status.active as u64,
+                sv_idle: status.idle as u64,
                 maxwait_us: p.pool.max_wait().as_micros() as u64,
                 pool_size: status.max_size as u64,
-                min_pool_size: p.pool.min_size() as u64,
+                min_pool_size: status.min_size as u64,
                 pool_mode: p.route.pool_mode.as_str().into(),
-                paused: p.pool.is_paused(),
+                paused: status.paused,
             });
         }
         pools.sort_by(|a, b| {
@@ -366,7 +347,7 @@ impl Control for Daemon {
                 self.proxy.pause(Self::db_arg(db)).map_err(e)?;
                 // As PgBouncer: the command returns once running transactions have finished;
                 // then idle server connections are closed.
-                self.wait_servers_released(Self::db_arg(db)).await;
+                self.proxy.wait_servers_released(Self::db_arg(db)).await;
                 for p in self.proxy.pools_of(Self::db_arg(db)) {
                     p.pool.close_idle();
                 }
@@ -394,18 +375,8 @@ impl Control for Daemon {
                         return Err(format!("no such database: {d}"));
                     }
                 }
-                loop {
-                    let stale: usize = self
-                        .proxy
-                        .pools_of(Self::db_arg(db))
-                        .iter()
-                        .map(|p| p.pool.stale_count())
-                        .sum();
-                    if stale == 0 {
-                        return Ok(None);
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
+                self.proxy.wait_stale_closed(Self::db_arg(db)).await;
+                Ok(None)
             }
             Action::Reload => self.reload().map(Some),
             Action::Shutdown(mode) => {

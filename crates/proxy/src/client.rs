@@ -72,6 +72,7 @@ struct ClientSlot(Arc<Shared>);
 impl Drop for ClientSlot {
     fn drop(&mut self) {
         self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        self.0.clients_changed.changed();
     }
 }
 

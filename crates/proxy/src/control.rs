@@ -9,19 +9,16 @@ use std::sync::Arc;
 use crate::registry::{ClientCounts, ClientInfo};
 use crate::settings::{DatabaseRoute, ProxySettings};
 use crate::{PoolEntry, Proxy, Shared};
+use upstream::Reconfigure;
 
+/// What operators switched that only logins read: disabled databases. (Pauses live in the
+/// pool set, with the pools they gate.)
 #[derive(Debug, Default)]
 pub(crate) struct Switches {
-    paused_all: bool,
-    paused: HashSet<String>,
     disabled: HashSet<String>,
 }
 
 impl Switches {
-    pub(crate) fn is_paused(&self, db: &str) -> bool {
-        self.paused_all || self.paused.contains(db)
-    }
-
     pub(crate) fn is_disabled(&self, db: &str) -> bool {
         self.disabled.contains(db)
     }
@@ -68,14 +65,6 @@ impl Shared {
             Err(p) => p.into_inner(),
         }
     }
-
-    fn apply_pause(&self) {
-        let pools = self.all_pools();
-        let sw = self.switches();
-        for p in pools {
-            p.pool.set_paused(sw.is_paused(&p.route.name));
-        }
-    }
 }
 
 impl Proxy {
@@ -93,61 +82,52 @@ impl Proxy {
 
     /// Pools of `db` (every pool with `None`).
     pub fn pools_of(&self, db: Option<&str>) -> Vec<Arc<PoolEntry>> {
-        self.pools()
-            .into_iter()
-            .filter(|p| db.is_none_or(|d| d == p.route.name))
-            .collect()
+        self.shared.pools.of(db)
     }
 
     /// New transactions of `db` (all with `None`) wait before checkout until resumed; running
     /// ones finish. The caller waits for them and closes idle servers if it wants PgBouncer's
     /// full PAUSE.
     pub fn pause(&self, db: Option<&str>) -> Result<(), ControlError> {
-        {
-            let mut sw = self.shared.switches();
+        if let Some(d) = db {
+            self.known(d)?;
+        }
+        self.shared.pools.update_pause(|p| {
             match db {
-                None if sw.paused_all => return Err(ControlError::AlreadyPaused),
-                None => sw.paused_all = true,
+                None if p.all => return Err(ControlError::AlreadyPaused),
+                None => p.all = true,
                 Some(d) => {
-                    self.known(d)?;
-                    sw.paused.insert(d.to_owned());
+                    p.databases.insert(d.to_owned());
                 }
             }
-        }
-        self.shared.apply_pause();
-        Ok(())
+            Ok(())
+        })
     }
 
     pub fn resume(&self, db: Option<&str>) -> Result<(), ControlError> {
-        {
-            let mut sw = self.shared.switches();
+        if let Some(d) = db {
+            self.known(d)?;
+        }
+        self.shared.pools.update_pause(|p| {
             match db {
-                None if !sw.paused_all && sw.paused.is_empty() => {
-                    return Err(ControlError::NotPausedAll)
-                }
+                None if !p.all && p.databases.is_empty() => return Err(ControlError::NotPausedAll),
                 // RESUME without a name lifts every pause, global and per database.
                 None => {
-                    sw.paused_all = false;
-                    sw.paused.clear();
+                    p.all = false;
+                    p.databases.clear();
                 }
                 Some(d) => {
-                    self.known(d)?;
-                    if !sw.paused.remove(d) && !sw.paused_all {
+                    if !p.databases.remove(d) && !p.all {
                         return Err(ControlError::NotPaused(d.to_owned()));
                     }
                 }
             }
-        }
-        self.shared.apply_pause();
-        Ok(())
+            Ok(())
+        })
     }
 
     pub fn is_paused(&self, db: Option<&str>) -> bool {
-        let sw = self.shared.switches();
-        match db {
-            None => sw.paused_all,
-            Some(d) => sw.is_paused(d),
-        }
+        self.shared.pools.is_paused(db)
     }
 
     /// New logins to `db` are refused (existing clients stay).
@@ -171,9 +151,7 @@ impl Proxy {
         if let Some(d) = db {
             self.known(d)?;
         }
-        for p in self.pools_of(db) {
-            p.pool.reconnect();
-        }
+        self.shared.pools.reconnect(db);
         Ok(())
     }
 
@@ -183,20 +161,14 @@ impl Proxy {
         if let Some(d) = db {
             self.known(d)?;
         }
-        {
-            let mut sw = self.shared.switches();
-            match db {
-                Some(d) => {
-                    sw.paused.insert(d.to_owned());
-                }
-                None => sw.paused_all = true,
+        self.shared.pools.update_pause(|p| match db {
+            Some(d) => {
+                p.databases.insert(d.to_owned());
             }
-        }
-        self.shared.apply_pause();
+            None => p.all = true,
+        });
         let n = self.shared.registry.kill_database(db);
-        for p in self.pools_of(db) {
-            p.pool.reconnect();
-        }
+        self.shared.pools.reconnect(db);
         Ok(n)
     }
 
@@ -239,32 +211,21 @@ impl Proxy {
                 report.removed.push(o.name.clone());
             }
         }
-        {
-            let mut pools = match self.shared.pools.lock() {
-                Ok(p) => p,
-                Err(p) => p.into_inner(),
-            };
-            for users in pools.values_mut() {
-                users.retain(|_, e| match new.route(&e.route.name) {
-                    Some(r) if same_target(&e.route, r) => {
-                        e.pool.resize(r.pool_size);
-                        e.pool.set_min_size(r.min_pool_size);
-                        e.pool.set_settings(new.server.clone());
-                        true
-                    }
-                    _ => {
-                        e.pool.reconnect();
-                        false
-                    }
-                });
-            }
-            pools.retain(|_, users| !users.is_empty());
-        }
-        {
-            let mut sw = self.shared.switches();
-            sw.paused.retain(|d| new.route(d).is_some());
-            sw.disabled.retain(|d| new.route(d).is_some());
-        }
+        self.shared.pools.reconfigure(
+            new.server.clone(),
+            |e| match new.route(&e.route.name) {
+                Some(r) if same_target(&e.route, r) => Reconfigure::Keep {
+                    size: r.pool_size,
+                    min_size: r.min_pool_size,
+                },
+                _ => Reconfigure::Retire,
+            },
+            |db| new.route(db).is_some(),
+        );
+        self.shared
+            .switches()
+            .disabled
+            .retain(|d| new.route(d).is_some());
         match self.shared.settings.write() {
             Ok(mut s) => *s = Arc::new(new),
             Err(p) => *p.into_inner() = Arc::new(new),

@@ -34,7 +34,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use proto::auth::{ScramVerifier, ServerCredential};
 use stats::{GlobalStats, PoolStats};
-use upstream::{ServerPool, ServerTarget, Stream};
+use upstream::{PoolSet, PoolSpec, ServerPool, ServerTarget, Stream};
 
 pub use cancel::ClientState;
 pub use client::AdminLogin;
@@ -63,6 +63,12 @@ pub struct PoolEntry {
     /// rather than failing every query after it; clients of one application all send the same
     /// set, so the list stays short (and is capped).
     accepted_startup_settings: Mutex<Vec<Vec<(String, String)>>>,
+}
+
+impl AsRef<ServerPool> for PoolEntry {
+    fn as_ref(&self) -> &ServerPool {
+        &self.pool
+    }
 }
 
 /// Enough distinct startup-parameter sets for the applications of one pool; past it, logins
@@ -162,16 +168,14 @@ pub struct Proxy {
 
 pub(crate) struct Shared {
     settings: RwLock<Arc<ProxySettings>>,
-    hosts: upstream::Hosts,
-    /// `max_server_connections` and each database's `max_db_connections`.
-    total_limit: Option<Arc<tokio::sync::Semaphore>>,
-    db_limits: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
-    /// database → server user → pool. Nested so that a login looks its pool up by `&str`,
-    /// without building a key.
-    pools: Mutex<HashMap<String, HashMap<String, Arc<PoolEntry>>>>,
+    /// The pools, with their hosts, caps, pause and epochs; each pool's proxy-side data
+    /// (route, welcome, known statements) rides beside it.
+    pools: PoolSet<PoolEntry>,
     cancels: Arc<cancel::CancelRegistry>,
     pub stats: GlobalStats,
     clients: AtomicUsize,
+    /// Signalled when a client leaves, for a shutdown that waits for the last one.
+    clients_changed: upstream::Changes,
     next_client_id: AtomicU64,
     /// Set once, by `begin_shutdown`; sessions read it between transactions.
     pub(crate) shutting_down: AtomicBool,
@@ -204,17 +208,17 @@ impl Proxy {
     pub fn new(settings: ProxySettings) -> Proxy {
         Proxy {
             shared: Arc::new(Shared {
-                hosts: upstream::Hosts::new(settings.storm.clone())
-                    .with_dns(Arc::new(upstream::DnsCache::new(settings.dns.clone()))),
-                total_limit: settings
-                    .max_server_connections
-                    .map(|n| Arc::new(tokio::sync::Semaphore::new(n))),
-                db_limits: Mutex::new(HashMap::new()),
+                pools: PoolSet::new(
+                    settings.storm.clone(),
+                    settings.dns.clone(),
+                    settings.max_server_connections,
+                    settings.server.clone(),
+                ),
                 settings: RwLock::new(Arc::new(settings)),
-                pools: Mutex::new(HashMap::new()),
                 cancels: Arc::default(),
                 stats: GlobalStats::default(),
                 clients: AtomicUsize::new(0),
+                clients_changed: upstream::Changes::default(),
                 next_client_id: AtomicU64::new(1),
                 shutting_down: AtomicBool::new(false),
                 scram_cache: Mutex::new(HashMap::new()),
@@ -265,14 +269,35 @@ impl Proxy {
         self.shared.clients.load(Ordering::Relaxed)
     }
 
+    /// Returns once no client is connected (a shutdown waiting for clients to leave).
+    pub async fn wait_clients_gone(&self) {
+        let shared = &self.shared;
+        shared
+            .clients_changed
+            .wait_until(|| shared.clients.load(Ordering::SeqCst) == 0)
+            .await;
+    }
+
     pub fn pools(&self) -> Vec<Arc<PoolEntry>> {
         self.shared.all_pools()
+    }
+
+    /// Returns once no server of `db` (any with `None`) is checked out (PAUSE).
+    pub async fn wait_servers_released(&self, db: Option<&str>) {
+        self.shared.pools.wait_released(db).await;
+    }
+
+    /// Returns once every server of `db` (any with `None`) opened before the last RECONNECT,
+    /// KILL or re-pointing RELOAD is closed (WAIT_CLOSE).
+    pub async fn wait_stale_closed(&self, db: Option<&str>) {
+        self.shared.pools.wait_closed(db).await;
     }
 
     /// Storm counters and breaker state per upstream host.
     pub fn hosts(&self) -> Vec<stats::HostSnapshot> {
         self.shared
-            .hosts
+            .pools
+            .hosts()
             .all()
             .iter()
             .map(|h| h.stats.snapshot())
@@ -305,14 +330,19 @@ impl Proxy {
                 None => format!("{host} is not a configured upstream host (host:port)"),
             });
         };
-        self.shared.hosts.get(&h, p).start_drill(mode, duration);
+        self.shared
+            .pools
+            .hosts()
+            .get(&h, p)
+            .start_drill(mode, duration);
         Ok(())
     }
 
     /// Names in the DNS cache: addresses, TTL left, last error.
     pub fn dns_hosts(&self) -> Vec<upstream::DnsEntrySnapshot> {
         self.shared
-            .hosts
+            .pools
+            .hosts()
             .dns()
             .map(|d| d.snapshot())
             .unwrap_or_default()
@@ -324,9 +354,7 @@ impl Proxy {
 
     /// Closes every pool: idle connections now, busy ones when released.
     pub fn close_pools(&self) {
-        for p in self.shared.all_pools() {
-            p.pool.close();
-        }
+        self.shared.pools.close_all();
     }
 }
 
@@ -339,17 +367,7 @@ impl Shared {
     }
 
     fn all_pools(&self) -> Vec<Arc<PoolEntry>> {
-        match self.pools.lock() {
-            Ok(p) => p
-                .values()
-                .flat_map(|users| users.values().cloned())
-                .collect(),
-            Err(poisoned) => poisoned
-                .into_inner()
-                .values()
-                .flat_map(|users| users.values().cloned())
-                .collect(),
-        }
+        self.pools.all()
     }
 
     /// The pool for (database, server user), created on first use.
@@ -360,86 +378,56 @@ impl Shared {
         server_user: &str,
         login_credential: Option<ServerCredential>,
     ) -> Arc<PoolEntry> {
-        let mut pools = match self.pools.lock() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(e) = pools
-            .get(&route.name)
-            .and_then(|users| users.get(server_user))
-        {
+        if let Some(e) = self.pools.get(&route.name, server_user) {
             if let Some(cred) = login_credential {
                 e.pool.offer_credential(cred);
             }
-            return e.clone();
+            return e;
         }
-        let credential = route
-            .password
-            .clone()
-            .map(ServerCredential::Password)
-            .or_else(|| match settings.userlist.get(server_user) {
-                Some(proto::auth::Secret::Plain(p)) => Some(ServerCredential::Password(p.clone())),
-                _ => None,
-            })
-            .or(login_credential);
-        let target = ServerTarget {
-            database: route.name.clone(),
-            host: route.host.clone(),
-            port: route.port,
-            dbname: route.dbname.clone(),
-            user: server_user.to_owned(),
-            credential,
+        // Offered again below in case another login opened the pool in the meantime.
+        let offer = login_credential.clone();
+        let spec = || {
+            let credential = route
+                .password
+                .clone()
+                .map(ServerCredential::Password)
+                .or_else(|| match settings.userlist.get(server_user) {
+                    Some(proto::auth::Secret::Plain(p)) => {
+                        Some(ServerCredential::Password(p.clone()))
+                    }
+                    _ => None,
+                })
+                .or(login_credential);
+            PoolSpec {
+                target: ServerTarget {
+                    database: route.name.clone(),
+                    host: route.host.clone(),
+                    port: route.port,
+                    dbname: route.dbname.clone(),
+                    user: server_user.to_owned(),
+                    credential,
+                },
+                hosts: route.hosts.clone(),
+                attrs: route.target_session_attrs,
+                load_balance: route.load_balance_hosts,
+                size: route.pool_size,
+                min_size: route.min_pool_size,
+                max_db_connections: route.max_db_connections,
+            }
         };
-        let mut limits = upstream::Limits::default();
-        if let Some(n) = route.max_db_connections {
-            let mut dbs = match self.db_limits.lock() {
-                Ok(d) => d,
-                Err(p) => p.into_inner(),
-            };
-            limits.0.push(
-                dbs.entry(route.name.clone())
-                    .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(n)))
-                    .clone(),
-            );
+        let entry = self
+            .pools
+            .get_or_open(&route.name, server_user, spec, |pool| PoolEntry {
+                stats: pool.stats().clone(),
+                pool,
+                route: route.clone(),
+                welcome: Mutex::new(None),
+                known_statements: prepared::KnownStatements::default(),
+                accepted_startup_settings: Mutex::new(Vec::new()),
+            });
+        if let Some(cred) = offer {
+            entry.pool.offer_credential(cred);
         }
-        if let Some(total) = &self.total_limit {
-            limits.0.push(total.clone());
-        }
-        let mut hosts = route.hosts.iter().map(|(h, p)| self.hosts.get(h, *p));
-        let first = hosts
-            .next()
-            .unwrap_or_else(|| self.hosts.get(&route.host, route.port));
-        let hosts = Arc::new(upstream::HostList::new(
-            first,
-            hosts.collect(),
-            route.target_session_attrs,
-            route.load_balance_hosts,
-            settings.storm.retry_base,
-        ));
-        let stats = Arc::new(PoolStats::new(&route.name, server_user));
-        let entry = Arc::new(PoolEntry {
-            pool: ServerPool::new(
-                target,
-                settings.server.clone(),
-                route.pool_size,
-                route.min_pool_size,
-                hosts,
-                limits,
-                stats.clone(),
-            ),
-            stats,
-            route: route.clone(),
-            welcome: Mutex::new(None),
-            known_statements: prepared::KnownStatements::default(),
-            accepted_startup_settings: Mutex::new(Vec::new()),
-        });
-        entry
-            .pool
-            .set_paused(self.switches().is_paused(&route.name));
-        pools
-            .entry(route.name.clone())
-            .or_default()
-            .insert(server_user.to_owned(), entry.clone());
         entry
     }
 

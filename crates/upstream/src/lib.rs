@@ -3,6 +3,7 @@
 //! This crate never reads from clients and never decides when a transaction ends.
 
 pub mod alarm;
+pub mod changes;
 pub mod conn;
 pub mod connect;
 pub mod dns;
@@ -11,6 +12,7 @@ pub mod failover;
 pub mod host;
 pub mod names;
 pub mod pool;
+pub mod pool_set;
 pub mod prepared;
 pub mod registry;
 pub mod role;
@@ -19,13 +21,15 @@ pub mod stream;
 pub mod tls;
 
 pub use alarm::Alarm;
+pub use changes::Changes;
 pub use conn::{CancelTarget, ServerAddr, ServerConn};
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
 pub use error::{ConnectError, QueryError};
 pub use failover::HostList;
 pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettings};
 pub use names::UnknownName;
-pub use pool::{discard, Checkout, CheckoutError, Limits, PooledServer, ServerPool};
+pub use pool::{discard, Checkout, CheckoutError, Limits, PoolSizes, PooledServer, ServerPool};
+pub use pool_set::{Paused, PoolKey, PoolSet, PoolSpec, PoolStatus, Reconfigure};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
 pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};

@@ -22,10 +22,12 @@ use stats::{CloseReason, PoolStats};
 use tokio::sync::{watch, Semaphore};
 
 use crate::alarm::Alarm;
+use crate::changes::Changes;
 use crate::conn::ServerConn;
 use crate::error::ConnectError;
 use crate::failover::HostList;
 use crate::host::Host;
+use crate::pool_set::PoolStatus;
 use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 use crate::role::TargetSessionAttrs;
 use crate::settings::{ServerSettings, ServerTarget};
@@ -46,6 +48,8 @@ pub struct ServerManager {
     stats: Arc<PoolStats>,
     registry: Arc<ServerRegistry>,
     epoch: AtomicU64,
+    /// Signalled whenever a server is released or closed (see [`crate::PoolSet`]).
+    changes: Arc<Changes>,
 }
 
 impl ServerManager {
@@ -328,17 +332,19 @@ impl Drop for PooledServer {
         if let Some(r) = &obj.registration {
             r.info.set_in_use(false);
         }
-        let stale = Object::pool(&obj).is_some_and(|p| {
-            let m = p.manager();
-            let stale = m.is_stale(&obj);
-            if stale {
-                m.closing(&obj, CloseReason::StaleEpoch);
-            }
-            stale
-        });
-        if stale {
+        // No pool left (its database was removed): the connection just closes.
+        let Some(pool) = Object::pool(&obj) else {
+            return;
+        };
+        let m = pool.manager();
+        if m.is_stale(&obj) {
+            m.closing(&obj, CloseReason::StaleEpoch);
             Object::take(obj).terminate();
+        } else {
+            // Back to the pool.
+            drop(obj);
         }
+        m.changes.changed();
     }
 }
 
@@ -346,12 +352,16 @@ impl Drop for PooledServer {
 /// server's id and counted per reason (SHOW SERVER_CLOSES, `breakwater_server_closes_total`).
 pub fn discard(mut server: PooledServer, reason: CloseReason) {
     if let Some(obj) = server.obj.take() {
-        match Object::pool(&obj) {
+        let pool = Object::pool(&obj);
+        match &pool {
             Some(p) => p.manager().closing(&obj, reason),
             // The pool is gone (its database removed): nothing to count it in.
             None => log_close(&obj, "", "", reason),
         }
         Object::take(obj).terminate();
+        if let Some(p) = pool {
+            p.manager().changes.changed();
+        }
     }
 }
 
@@ -439,15 +449,22 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// `pool_size` and `min_pool_size`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolSizes {
+    pub size: usize,
+    pub min_size: usize,
+}
+
 impl ServerPool {
     pub fn new(
         target: ServerTarget,
         settings: ServerSettings,
-        size: usize,
-        min_size: usize,
+        PoolSizes { size, min_size }: PoolSizes,
         hosts: Arc<HostList>,
         limits: Limits,
         stats: Arc<PoolStats>,
+        changes: Arc<Changes>,
     ) -> Arc<Self> {
         let role_check_interval = settings.role_check_interval;
         let database = target.database.clone();
@@ -462,6 +479,7 @@ impl ServerPool {
             stats,
             registry: Arc::new(ServerRegistry::default()),
             epoch: AtomicU64::new(0),
+            changes,
         })
         .max_size(size.max(1))
         // LIFO keeps the most recently used connections warm and lets the rest age out.
@@ -618,8 +636,23 @@ impl ServerPool {
         }
     }
 
-    pub fn status(&self) -> deadpool::Status {
-        self.pool.status()
+    /// Servers in use and idle, clients waiting, and the switches, for readers.
+    pub fn status(&self) -> PoolStatus {
+        let s = self.pool.status();
+        PoolStatus {
+            max_size: s.max_size,
+            size: s.size,
+            active: s.size.saturating_sub(s.available),
+            idle: s.available,
+            waiting: s.waiting,
+            min_size: self.min_size(),
+            paused: self.is_paused(),
+        }
+    }
+
+    /// The pool's counters, written by the data path.
+    pub fn stats(&self) -> &Arc<PoolStats> {
+        &self.pool.manager().stats
     }
 
     /// The first configured host.
@@ -664,6 +697,7 @@ impl ServerPool {
                 }
                 keep
             });
+            manager.changes.changed();
         }
     }
 
@@ -706,6 +740,7 @@ impl ServerPool {
             }
             !stale
         });
+        m.changes.changed();
     }
 
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).
@@ -719,6 +754,7 @@ impl ServerPool {
             m.closing(conn, reason);
             false
         });
+        m.changes.changed();
     }
 
     /// Server connections opened before the last [`reconnect`](Self::reconnect), still open.
@@ -766,6 +802,7 @@ impl ServerPool {
             keep = keep.saturating_sub(1);
             true
         });
+        manager.changes.changed();
         let status = self.pool.status();
         if self.is_paused() || min_size.min(status.max_size) <= status.size {
             return;

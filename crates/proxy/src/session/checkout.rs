@@ -162,7 +162,7 @@ impl Session {
                         PgError::notice(format!(
                             "waiting for a server connection to database \"{}\" ({} of {} in use, {} clients waiting; query_wait_notify = {})",
                             entry.route.name,
-                            status.size.saturating_sub(status.available),
+                            status.active,
                             status.max_size,
                             status.waiting,
                             fmt_duration(after),
