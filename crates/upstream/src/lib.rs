@@ -2,6 +2,16 @@
 //! warm connections per (database, user), and notice connections that died while idle.
 //! This crate never reads from clients and never decides when a transaction ends.
 
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        clippy::panic,
+        clippy::indexing_slicing
+    )
+)]
+
 pub mod alarm;
 pub mod changes;
 pub mod conn;

@@ -424,13 +424,14 @@ struct Waiter<'a> {
 impl<'a> Waiter<'a> {
     fn new(waiters: &'a Waiters, since: Instant) -> Waiter<'a> {
         let mut s = waiters.slots();
-        // A freed slot is always in range; the guard keeps indexing from ever panicking here.
-        let slot = match s.free.pop() {
-            Some(i) if i < s.since.len() => {
-                s.since[i] = Some(since);
+        // A freed slot is always in range; should one not be, a new slot is taken instead.
+        let free = s.free.pop();
+        let slot = match free.and_then(|i| Some((i, s.since.get_mut(i)?))) {
+            Some((i, cell)) => {
+                *cell = Some(since);
                 i
             }
-            _ => {
+            None => {
                 s.since.push(Some(since));
                 s.since.len() - 1
             }

@@ -143,7 +143,7 @@ impl Stream {
             };
             return match peeked {
                 Ok(0) => Poll::Ready(()),
-                Ok(n) if plain && head[..n] == TERMINATE[..] => Poll::Ready(()),
+                Ok(n) if plain && head.get(..n) == Some(&TERMINATE[..]) => Poll::Ready(()),
                 Ok(_) => Poll::Pending,
                 // Stale readiness, now cleared: poll again, which registers the waker.
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
