@@ -278,24 +278,23 @@ impl ServerManager {
 }
 
 fn log_close(conn: &ServerConn, database: &str, user: &str, reason: CloseReason) {
+    // tracing's level is part of each call site, so one site per level.
+    macro_rules! close {
+        ($level:ident) => {
+            tracing::$level!(
+                server = conn.id(),
+                pid = conn.backend_pid(),
+                database,
+                user,
+                reason = reason.as_str(),
+                "closing server connection"
+            )
+        };
+    }
     if reason.is_routine() {
-        tracing::info!(
-            server = conn.id(),
-            pid = conn.backend_pid(),
-            database,
-            user,
-            reason = reason.as_str(),
-            "closing server connection"
-        );
+        close!(info);
     } else {
-        tracing::warn!(
-            server = conn.id(),
-            pid = conn.backend_pid(),
-            database,
-            user,
-            reason = reason.as_str(),
-            "closing server connection"
-        );
+        close!(warn);
     }
 }
 
