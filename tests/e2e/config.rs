@@ -234,7 +234,11 @@ fn upstream_url_serves_psql_and_pgbench_without_a_config_file() {
         BIN,
         port,
         &["--upstream", &url],
-        &[("BREAKWATER_LISTEN_PORT", &listen_port)],
+        &[
+            ("BREAKWATER_LISTEN_PORT", &listen_port),
+            ("BREAKWATER_ADMIN_USERS", "app"),
+            ("BREAKWATER_DEFAULT_POOL_SIZE", "3"),
+        ],
         &[],
     )
     .expect("start breakwater with --upstream");
@@ -266,6 +270,32 @@ fn upstream_url_serves_psql_and_pgbench_without_a_config_file() {
     assert!(
         all.contains("number of transactions actually processed: 200/200"),
         "{all}"
+    );
+
+    // RELOAD with no file applies the same URL and environment again.
+    let console = |sql: &str| {
+        let out = psql(
+            port,
+            "app",
+            "app pw@1",
+            "breakwater",
+            &["-tA", "-F", "|", "-c", sql],
+        );
+        assert!(out.status.success(), "{sql}: {}", text(&out));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    console("RELOAD");
+    let config = console("SHOW CONFIG");
+    assert!(
+        config
+            .lines()
+            .any(|l| l.starts_with("default_pool_size|3|")),
+        "{config}"
+    );
+    let databases = console("SHOW DATABASES");
+    assert!(
+        databases.lines().any(|l| l.starts_with("app|127.0.0.1|")),
+        "{databases}"
     );
 }
 
