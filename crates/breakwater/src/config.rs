@@ -11,12 +11,11 @@ use crate::pgbouncer;
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::Duration;
 
 use proto::auth::Userlist;
 use proxy::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
-use upstream::{LoadBalanceHosts, SslMode, TargetSessionAttrs, UnknownName};
+use upstream::{LoadBalanceHosts, SslMode, TargetSessionAttrs};
 
 pub use value::{parse_timeout, SettingValue, Timeout};
 
@@ -87,18 +86,7 @@ impl LogFormat {
     }
 }
 
-impl FromStr for LogFormat {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &LogFormat::ALL, LogFormat::as_str)
-    }
-}
-
-impl fmt::Display for LogFormat {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+upstream::setting_names!(LogFormat);
 
 /// One key of a section: how SHOW CONFIG reads it, how SET and the environment write it, how the
 /// file writes it, and whether a running pooler can take a new value (RELOAD keeps the old value

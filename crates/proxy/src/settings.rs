@@ -1,11 +1,8 @@
 //! Typed settings the proxy takes from the binary's config. No TOML here.
 
-use std::fmt;
-use std::str::FromStr;
 use std::time::Duration;
 
 use proto::auth::Userlist;
-use upstream::UnknownName;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PoolMode {
@@ -61,32 +58,8 @@ impl AuthType {
     }
 }
 
-// The spelling in config files, SHOW CONFIG and SET; upstream's enums do the same in `names`.
-impl FromStr for PoolMode {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &PoolMode::ALL, PoolMode::as_str)
-    }
-}
-
-impl fmt::Display for PoolMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for AuthType {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &AuthType::ALL, AuthType::as_str)
-    }
-}
-
-impl fmt::Display for AuthType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
+// The spelling in config files, SHOW CONFIG and SET, as upstream's setting enums.
+upstream::setting_names!(PoolMode, AuthType);
 
 /// One `[databases.NAME]` entry.
 #[derive(Debug, Clone)]

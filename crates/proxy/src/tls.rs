@@ -279,14 +279,7 @@ mod tests {
 
     #[test]
     fn ssl_modes_parse_with_libpq_names() {
-        for m in [
-            SslMode::Disable,
-            SslMode::Allow,
-            SslMode::Prefer,
-            SslMode::Require,
-            SslMode::VerifyCa,
-            SslMode::VerifyFull,
-        ] {
+        for m in SslMode::ALL {
             assert_eq!(m.as_str().parse::<SslMode>().ok(), Some(m));
         }
         assert!("verify_full".parse::<SslMode>().is_err());

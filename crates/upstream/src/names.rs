@@ -2,9 +2,6 @@
 //! `FromStr` and `Display` for each setting enum, from one list of names per enum, so the
 //! binary's config never keeps a mirror of these types. Nothing here reads a file.
 
-use std::fmt;
-use std::str::FromStr;
-
 use crate::{LoadBalanceHosts, SslMode, TargetSessionAttrs};
 
 /// A setting value that is none of the names the setting accepts.
@@ -41,6 +38,32 @@ impl UnknownName {
     }
 }
 
+/// `FromStr` through [`UnknownName`] (and, unless the type has one, `Display`) for a setting
+/// enum with an `ALL` list and an `as_str` name, so each name is written once, in `as_str`.
+#[macro_export]
+macro_rules! setting_names {
+    (from_str: $($t:ty),*) => {$(
+        impl ::std::str::FromStr for $t {
+            type Err = $crate::UnknownName;
+            fn from_str(s: &str) -> ::std::result::Result<Self, $crate::UnknownName> {
+                $crate::UnknownName::find(s, &<$t>::ALL, <$t>::as_str)
+            }
+        }
+    )*};
+    ($($t:ty),*) => {$(
+        $crate::setting_names!(from_str: $t);
+        impl ::std::fmt::Display for $t {
+            fn fmt(&self, f: &mut ::std::fmt::Formatter<'_>) -> ::std::fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    )*};
+}
+
+// SslMode and TargetSessionAttrs have their Display beside them.
+setting_names!(from_str: SslMode, TargetSessionAttrs);
+setting_names!(LoadBalanceHosts);
+
 impl SslMode {
     pub const ALL: [SslMode; 6] = [
         SslMode::Disable,
@@ -50,13 +73,6 @@ impl SslMode {
         SslMode::VerifyCa,
         SslMode::VerifyFull,
     ];
-}
-
-impl FromStr for SslMode {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &SslMode::ALL, SslMode::as_str)
-    }
 }
 
 impl TargetSessionAttrs {
@@ -70,13 +86,6 @@ impl TargetSessionAttrs {
     ];
 }
 
-impl FromStr for TargetSessionAttrs {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &TargetSessionAttrs::ALL, TargetSessionAttrs::as_str)
-    }
-}
-
 impl LoadBalanceHosts {
     pub const ALL: [LoadBalanceHosts; 2] =
         [LoadBalanceHosts::Disable, LoadBalanceHosts::RoundRobin];
@@ -86,19 +95,6 @@ impl LoadBalanceHosts {
             LoadBalanceHosts::Disable => "disable",
             LoadBalanceHosts::RoundRobin => "round-robin",
         }
-    }
-}
-
-impl FromStr for LoadBalanceHosts {
-    type Err = UnknownName;
-    fn from_str(s: &str) -> Result<Self, UnknownName> {
-        UnknownName::find(s, &LoadBalanceHosts::ALL, LoadBalanceHosts::as_str)
-    }
-}
-
-impl fmt::Display for LoadBalanceHosts {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
     }
 }
 
