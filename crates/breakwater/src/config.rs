@@ -699,7 +699,13 @@ impl Config {
                 db.host.as_deref(),
                 Some("127.0.0.1" | "localhost" | "::1") | None
             );
-            if own_port && loopback {
+            let listens_on_loopback = p.listen_addr.split(',').map(str::trim).any(|a| {
+                matches!(
+                    a,
+                    "*" | "127.0.0.1" | "localhost" | "::1" | "0.0.0.0" | "::"
+                )
+            });
+            if own_port && loopback && listens_on_loopback {
                 bad(
                     &format!("databases.{name}.port"),
                     format!(
@@ -1649,6 +1655,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("own listen_port"), "{err}");
+        // Another pooler on loopback is fine when this one listens elsewhere.
+        parse("[pooler]\nauth_type = \"trust\"\nlisten_addr = \"10.1.2.3\"\n[databases.app]\nport = 6432\n")
+            .unwrap();
     }
 
     #[test]
