@@ -350,11 +350,21 @@ impl TxLedger {
 
     /// Writes the replies Breakwater answers itself that are now at the front, in order after
     /// the server's (and drops spent COPY markers). Nothing while a server message is half
-    /// forwarded: its remaining bytes come first.
+    /// forwarded: its remaining bytes come first. Called after every message, so the common
+    /// case (nothing to write) is a check inlined at the caller.
+    #[inline]
     pub fn emit_synthetic(&mut self, out: &mut BytesMut) {
-        if self.server.mid_message() {
-            return;
+        if matches!(
+            self.expect.front(),
+            Some(Expect::Synthetic(_) | Expect::CopyEnd)
+        ) && !self.server.mid_message()
+        {
+            self.emit_synthetic_now(out);
         }
+    }
+
+    #[cold]
+    fn emit_synthetic_now(&mut self, out: &mut BytesMut) {
         loop {
             match self.expect.front() {
                 Some(Expect::Synthetic(tag)) => write_message(out, *tag, |_| {}),

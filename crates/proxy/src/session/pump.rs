@@ -12,7 +12,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BufMut;
 use proto::backend;
 use proto::error::{PgError, SqlState};
 use proto::frame::{self, move_bytes, Forwarded, Header, Want, HEADER_LEN};
@@ -288,18 +288,21 @@ impl Session {
                     frontend::PARSE => continue,
                     tag => return Err(unexpected_message(tag)),
                 },
+                Forwarded::Whole(hdr) if hdr.tag == frontend::QUERY => {
+                    let text = self
+                        .client
+                        .buf
+                        .get(HEADER_LEN..hdr.total())
+                        .unwrap_or_default();
+                    if scan::text_may_leave_state(text) {
+                        h.ledger.mark_session_state();
+                    }
+                    move_bytes(&mut self.client.buf, &mut self.scratch.to_server, hdr.total());
+                    Sent::Query
+                }
                 Forwarded::Whole(hdr) => {
                     let msg = frame::take_whole(&mut self.client.buf, hdr);
                     match hdr.tag {
-                        frontend::QUERY => {
-                            if scan::text_may_leave_state(&msg.body) {
-                                h.ledger.mark_session_state();
-                            }
-                            frame::write_message(&mut self.scratch.to_server, hdr.tag, |b| {
-                                b.extend_from_slice(&msg.body)
-                            });
-                            Sent::Query
-                        }
                         frontend::PARSE => self.forward_parse(h, &msg.body)?,
                         frontend::DESCRIBE => self.forward_describe(h, &msg.body)?,
                         _ => self.forward_close(&msg.body)?,
@@ -529,20 +532,26 @@ impl Session {
                 }
                 Forwarded::Whole(hdr) => hdr,
             };
-            let msg = frame::take_whole(h.server.buf_mut(), hdr);
-            let received = match hdr.tag {
-                backend::READY_FOR_QUERY => Received::Ready(
-                    backend::parse_ready_for_query(&msg.body)
-                        .map_err(|e| server_lost(&e.to_string()))?,
-                ),
-                tag => Received::Other(tag),
+            // Read in place: the message is copied to the client (or dropped) only once.
+            let body = h
+                .server
+                .buf_mut()
+                .get(HEADER_LEN..hdr.total())
+                .unwrap_or_default();
+            let seen = inspect(hdr.tag, body, watch)?;
+            let received = match seen {
+                Inspected::Ready(status) => Received::Ready(status),
+                _ => Received::Other(hdr.tag),
             };
             if self.on_server(h, received) == Verdict::Hide {
+                bytes::Buf::advance(h.server.buf_mut(), hdr.total());
                 h.ledger.emit_synthetic(&mut self.scratch.to_client);
                 continue;
             }
-            match hdr.tag {
-                backend::READY_FOR_QUERY => {
+            let mut boundary = false;
+            let ready = matches!(seen, Inspected::Ready(_));
+            match seen {
+                Inspected::Ready(status) => {
                     h.clock.cancel_sent = None;
                     let stats = &self.entry.stats;
                     PoolStats::add(&stats.query_count, 1);
@@ -555,53 +564,49 @@ impl Session {
                     let statement_mode_done = self.mode == PoolMode::Statement
                         && h.ledger.ready_owed() == 0
                         && !h.ledger.batch_open();
-                    if statement_mode_done && h.ledger.status() != backend::TxStatus::Idle {
+                    if statement_mode_done && status != backend::TxStatus::Idle {
                         // Hold back this ReadyForQuery: the client must see the refusal as the
                         // answer to the statement that opened a transaction.
+                        bytes::Buf::advance(h.server.buf_mut(), hdr.total());
                         return Ok(true);
                     }
-                    write_whole(&mut self.scratch.to_client, &msg);
-                    h.ledger.emit_synthetic(&mut self.scratch.to_client);
-                    if h.ledger.handover() == Handover::Clean || statement_mode_done {
-                        return Ok(true);
-                    }
-                    continue;
+                    boundary = statement_mode_done;
                 }
-                backend::PARAMETER_STATUS => {
-                    let (k, v) = backend::parse_parameter_status(&msg.body)
-                        .map_err(|e| server_lost(&e.to_string()))?;
-                    if let Some(t) = tracked_name(k) {
-                        self.params.set(t, v);
+                Inspected::Param(k, v) => {
+                    if let Some(t) = tracked_name(&k) {
+                        self.params.set(t, &v);
                     }
                     if k == "in_hot_standby" || k == "default_transaction_read_only" {
                         // The server's role may have changed under us (a promotion, a reload).
                         self.entry.pool.role_suspect();
                     }
-                    let (k, v) = (k.to_owned(), v.to_owned());
                     h.server.client_changed_param(&k, &v);
                 }
-                backend::ERROR_RESPONSE
-                    if proto::error::parse_error_fields(&msg.body)
-                        .is_ok_and(|f| f.code == READ_ONLY_SQL_TRANSACTION) =>
-                {
+                Inspected::ReadOnlyRefused => {
                     tracing::info!(server = h.server.id(), "server refused a write (25006) in a read-write pool; re-checking host roles");
                     self.entry.pool.role_suspect();
                 }
-                backend::COMMAND_COMPLETE => {
-                    let tag = backend::command_tag(&msg.body);
-                    if scan::tag_leaves_state(tag) {
+                Inspected::Command {
+                    leaves_state,
+                    drops_statements,
+                } => {
+                    if leaves_state {
                         h.ledger.mark_session_state();
                     }
-                    if tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL" {
+                    if drops_statements {
                         // The server dropped every prepared statement, ours included.
                         h.server.prepared_mut().clear();
                         self.statements.clear();
                     }
                 }
-                _ => {}
+                Inspected::Other => {}
             }
-            write_whole(&mut self.scratch.to_client, &msg);
+            move_bytes(h.server.buf_mut(), &mut self.scratch.to_client, hdr.total());
             h.ledger.emit_synthetic(&mut self.scratch.to_client);
+            if ready && (boundary || h.ledger.handover() == Handover::Clean)
+            {
+                return Ok(true);
+            }
         }
     }
 
@@ -631,7 +636,44 @@ impl Session {
     }
 }
 
-/// Writes a message taken whole back out, as it came.
-fn write_whole(out: &mut BytesMut, msg: &frame::Message) {
-    frame::write_message(out, msg.tag, |b| b.extend_from_slice(&msg.body));
+/// What the pump learnt from a server message it read whole.
+enum Inspected {
+    Ready(backend::TxStatus),
+    /// A ParameterStatus: name and value.
+    Param(String, String),
+    /// An ErrorResponse saying the server is read-only (25006), in a pool that must write.
+    ReadOnlyRefused,
+    Command {
+        leaves_state: bool,
+        drops_statements: bool,
+    },
+    Other,
+}
+
+fn inspect(tag: u8, body: &[u8], watch_read_only: bool) -> Result<Inspected, PgError> {
+    Ok(match tag {
+        backend::READY_FOR_QUERY => Inspected::Ready(
+            backend::parse_ready_for_query(body).map_err(|e| server_lost(&e.to_string()))?,
+        ),
+        backend::PARAMETER_STATUS => {
+            let (k, v) = backend::parse_parameter_status(body)
+                .map_err(|e| server_lost(&e.to_string()))?;
+            Inspected::Param(k.to_owned(), v.to_owned())
+        }
+        backend::ERROR_RESPONSE
+            if watch_read_only
+                && proto::error::parse_error_fields(body)
+                    .is_ok_and(|f| f.code == READ_ONLY_SQL_TRANSACTION) =>
+        {
+            Inspected::ReadOnlyRefused
+        }
+        backend::COMMAND_COMPLETE => {
+            let tag = backend::command_tag(body);
+            Inspected::Command {
+                leaves_state: scan::tag_leaves_state(tag),
+                drops_statements: tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL",
+            }
+        }
+        _ => Inspected::Other,
+    })
 }
