@@ -353,6 +353,7 @@ async fn large_queries_stream_through_without_the_pooler_holding_them() {
     }
     // Four 40 MiB queries buffered whole would have taken 160 MiB or more at their peak.
     let peak = memory_kib(pid, "VmHWM:");
+    eprintln!("pooler RSS: {baseline} KiB before, peak {peak} KiB");
     assert!(
         peak < baseline + 48 * 1024,
         "peak RSS {peak} KiB against a baseline of {baseline} KiB"
