@@ -1002,3 +1002,27 @@ async fn a_semicolon_inside_quotes_is_part_of_the_value() {
         .get(0);
     assert_eq!(st, "0", "the reset query's DISCARD ALL ran");
 }
+
+#[tokio::test]
+async fn reload_with_a_fixed_server_password_serves_the_next_client_at_once() {
+    let env = start("", "password = \"rotated_away\"\n");
+    let c = admin(&env).await;
+    // Each failed login adds to the host's back-off, as a rotated password would.
+    for _ in 0..4 {
+        let err = env
+            .pooler
+            .connect("app", "app_pw", "app")
+            .await
+            .expect_err("the server refuses the old password");
+        assert_eq!(err.code().map(|c| c.code()), Some("28P01"), "{err}");
+    }
+    write_config(&env, "password = \"app_pw\"\n", "");
+    c.simple_query("RELOAD").await.unwrap();
+    let started = std::time::Instant::now();
+    let app = env.client().await;
+    app.simple_query("SELECT 1").await.unwrap();
+    let took = started.elapsed();
+    eprintln!("measured: first client served {took:?} after RELOAD fixed the password");
+    // No back-off is left from the failures: the first attempt after RELOAD is made at once.
+    assert!(took < Duration::from_secs(2), "{took:?}");
+}

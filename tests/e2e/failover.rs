@@ -533,3 +533,41 @@ async fn a_host_that_stops_answering_tcp_costs_one_connect_timeout_then_is_skipp
     assert_eq!(row[3], "0", "{row:?}");
     assert_eq!(row[8], "1", "one connect attempt timed out: {row:?}");
 }
+
+#[tokio::test]
+async fn service_resumes_within_a_second_of_a_drills_end_with_the_default_back_off() {
+    let pg = PgCluster::start().expect("start postgres");
+    // The default server_login_retry / _max and breaker threshold: nothing shortened.
+    let pooler = pooler_for(&[pg.port()], "allow_drills = true");
+    let client = pooler
+        .connect("app", "app_pw", "app_any")
+        .await
+        .expect("connect");
+    client.simple_query("SELECT 1").await.expect("served");
+    let admin = pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .expect("admin console");
+    admin
+        .simple_query(&format!("DRILL 127.0.0.1:{} refuse FOR 5s", pg.port()))
+        .await
+        .expect("DRILL");
+    let drill_started = Instant::now();
+    // The pooled connection is not reused during the drill, and every connect is refused; the
+    // client has query_wait_timeout left, so it waits rather than fails.
+    client
+        .simple_query("SELECT 1")
+        .await
+        .expect("served once the drill ended");
+    let served = drill_started.elapsed();
+    let after_end = served.saturating_sub(Duration::from_secs(5));
+    eprintln!("measured: served {after_end:?} after the drill's end");
+    assert!(
+        served >= Duration::from_millis(4900),
+        "served during the drill: {served:?}"
+    );
+    assert!(
+        after_end < Duration::from_millis(1500),
+        "the drill's refusals left back-off behind: served {after_end:?} after its end"
+    );
+}

@@ -40,16 +40,28 @@ fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
 #[tokio::test]
 async fn a_blackholed_connect_is_abandoned_at_server_connect_timeout() {
     let (port, _listener, _fillers) = blackholed_port();
-    // One failure opens the breaker, so the client's wait is exactly one attempt.
-    let pooler = pooler_for_port(port, "server_connect_timeout = \"1s\"\nserver_breaker_threshold = 1\nquery_wait_timeout = \"10s\"");
+    // One failure opens the breaker; a client with query_wait_timeout left waits for its probes
+    // (each abandoned at server_connect_timeout) and is then told why no server came.
+    let pooler = pooler_for_port(port, "server_connect_timeout = \"1s\"\nserver_breaker_threshold = 1\nquery_wait_timeout = \"3s\"");
     let started = Instant::now();
-    let code = sqlstate(pooler.connect("app", "app_pw", "app").await);
+    let err = pooler
+        .connect("app", "app_pw", "app")
+        .await
+        .expect_err("nothing answers");
     let took = started.elapsed();
-    eprintln!("measured: blackholed connect abandoned after {took:?} (server_connect_timeout 1s)");
-    assert_eq!(code, "57P03");
+    eprintln!(
+        "measured: client told after {took:?} (query_wait_timeout 3s, server_connect_timeout 1s)"
+    );
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "08001");
     assert!(
-        took >= Duration::from_millis(750) && took <= Duration::from_millis(1500),
-        "attempt took {took:?}"
+        db.message().contains("server_connect_timeout (1s) expired"),
+        "the timeout names the last connect error: {}",
+        db.message()
+    );
+    assert!(
+        took >= Duration::from_millis(2900) && took <= Duration::from_millis(4500),
+        "client waited {took:?}"
     );
     assert!(
         pooler.log().contains("server_connect_timeout (1s) expired"),

@@ -226,6 +226,25 @@ impl Proxy {
             .switches()
             .disabled
             .retain(|d| new.route(d).is_some());
+        // New server credentials are a reason to try again now: a host backing off (or with its
+        // breaker open) after `28P01` would otherwise keep clients waiting out that back-off.
+        let userlist_changed = old.userlist != new.userlist;
+        for r in &new.databases {
+            let credentials_changed = old
+                .route(&r.name)
+                .is_some_and(|o| o.password != r.password || o.user != r.user);
+            if credentials_changed || userlist_changed {
+                let hosts = std::iter::once((r.host.as_str(), r.port))
+                    .chain(r.hosts.iter().map(|(h, p)| (h.as_str(), *p)));
+                for (host, port) in hosts {
+                    self.shared
+                        .pools
+                        .hosts()
+                        .get(host, port)
+                        .reset_failures("RELOAD changed the server credentials");
+                }
+            }
+        }
         match self.shared.settings.write() {
             Ok(mut s) => *s = Arc::new(new),
             Err(p) => *p.into_inner() = Arc::new(new),

@@ -70,7 +70,11 @@ impl ServerConn {
                 if let Some((phase, timed_out)) = e.phase() {
                     host.stats.failed(phase, timed_out);
                 }
-                attempt.failed();
+                if e.server_is_busy() {
+                    attempt.server_busy(e);
+                } else {
+                    attempt.failed(e);
+                }
             }
         }
         result

@@ -108,6 +108,12 @@ impl ConnectError {
         })
     }
 
+    /// Did the server answer that it is up but full or not yet ready (53300 too many
+    /// connections, 57P03 cannot connect now)? That asks for back-off, not for failing clients.
+    pub fn server_is_busy(&self) -> bool {
+        matches!(self, ConnectError::Refused { fields, .. } if fields.code == "53300" || fields.code == "57P03")
+    }
+
     /// Will trying again soon not help? (Wrong password, no such database: the client should
     /// hear it now rather than wait out query_wait_timeout.)
     pub fn is_permanent(&self) -> bool {

@@ -1,7 +1,11 @@
 //! Storm controls per upstream host: at most `server_connect_concurrency` connection attempts in
 //! flight, exponential back-off with full jitter after failures (one trial at a time until a
 //! connect succeeds again), and a circuit breaker that makes clients fail fast once a host has
-//! failed `server_breaker_threshold` times in a row, with a half-open probe to close it.
+//! failed `server_breaker_threshold` times in a row, spread over time, with half-open probes to
+//! close it. A restart must cost a blip: attempts in flight when a failure is seen count as
+//! one, a busy server (53300, 57P03) means back off but never opens the breaker, a fresh
+//! breaker still lets patient clients wait for its first (quick) probes, and a drill's failures
+//! end with the drill.
 //!
 //! A host is shared by every pool that connects to it, so a thousand waiting clients still
 //! produce at most a handful of connection attempts.
@@ -9,7 +13,10 @@
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock, so that unit tests can run the back-off and breaker on paused time.
+use tokio::time::Instant;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
@@ -26,7 +33,8 @@ pub struct StormSettings {
     pub connect_concurrency: usize,
     /// `server_login_retry`: base of the exponential back-off after a failed attempt.
     pub retry_base: Duration,
-    /// `server_login_retry_max`: cap of the back-off, and the breaker's probe interval.
+    /// `server_login_retry_max`: cap of the back-off; how long a freshly opened breaker still
+    /// lets patient clients wait; how often clients that can fail over probe an open breaker.
     pub retry_max: Duration,
     /// `server_breaker_threshold`: consecutive failures that open the breaker; 0 never opens it.
     pub breaker_threshold: u32,
@@ -54,12 +62,40 @@ pub struct BreakerOpen {
 
 #[derive(Debug, Default)]
 struct State {
+    /// Failures in the current streak. Attempts that were already in flight when a failure was
+    /// counted fail from the same event (a restart refuses them all at once) and add nothing.
     failures: u32,
+    /// When the streak's first failure was counted: the breaker opens only on failures spread
+    /// over time (see `Host::breaker_span`), never on one burst.
+    first_failure: Option<Instant>,
+    /// Bumped at every counted failure, and never reset; an attempt remembers the value it was
+    /// admitted under, so a failure counted since marks it as part of that event.
+    failure_mark: u64,
     /// No attempt before this instant (back-off, or the breaker's next probe).
     not_before: Option<Instant>,
     breaker: Option<Breaker>,
+    /// When the breaker opened: clients with time left wait for its first probes rather than
+    /// fail fast, until it has been open for `server_login_retry_max`.
+    opened_at: Option<Instant>,
+    /// Probes that failed since the breaker opened: their back-off starts again from
+    /// `server_login_retry`, so the first probes come quickly.
+    failed_probes: u32,
+    /// When the breaker last went (back) to open: the opening, or the last failed probe.
+    last_open: Option<Instant>,
     /// After a failure only one attempt at a time, until one succeeds.
     trial_in_flight: bool,
+    /// The last failed attempt's error, for clients whose own wait timed out without one.
+    last_error: Option<String>,
+}
+
+impl State {
+    /// Forgets the streak, the back-off and the breaker (keeping the failure mark monotonic).
+    fn reset(&mut self) {
+        *self = State {
+            failure_mark: self.failure_mark,
+            ..State::default()
+        };
+    }
 }
 
 pub struct Host {
@@ -132,13 +168,16 @@ pub enum Refusal {
     },
 }
 
-/// Permission to make one attempt. Report its outcome with [`Attempt::succeeded`] or
-/// [`Attempt::failed`]; dropping it (the client gave up) counts as neither.
+/// Permission to make one attempt. Report its outcome with [`Attempt::succeeded`],
+/// [`Attempt::failed`] or [`Attempt::server_busy`]; dropping it (the client gave up) counts as
+/// none of them.
 pub struct Attempt<'a> {
     host: &'a Host,
     _permit: SemaphorePermit<'a>,
     trial: bool,
     reported: bool,
+    /// The host's failure mark when this attempt was admitted.
+    mark: u64,
 }
 
 impl Host {
@@ -195,37 +234,58 @@ impl Host {
     }
 
     async fn admit_inner(&self, patient: bool) -> Result<Attempt<'_>, Refusal> {
-        let trial = loop {
+        let (trial, mark) = loop {
             let mut notified = pin!(self.changed.notified());
             notified.as_mut().enable();
+            // An expired drill ends here, and its failures with it.
+            let drill_ends_in = self.drill_ends_in();
             let wait = {
                 let mut st = self.lock();
                 let now = Instant::now();
                 match st.breaker.unwrap_or(Breaker::Closed) {
                     Breaker::Open | Breaker::HalfOpen => {
-                        let due = st.not_before.is_none_or(|t| t <= now);
+                        // Quick probes are for clients that would wait anyway; one that has
+                        // other hosts to try (failover) probes only every retry_max, so a dead
+                        // host costs it a connect timeout that rarely.
+                        let due = st.not_before.is_none_or(|t| t <= now)
+                            && (patient
+                                || st.last_open.is_none_or(|t| {
+                                    now.saturating_duration_since(t) >= self.settings.retry_max
+                                }));
                         if due && !st.trial_in_flight {
                             st.breaker = Some(Breaker::HalfOpen);
                             self.stats.set_breaker(Breaker::HalfOpen);
                             st.trial_in_flight = true;
                             tracing::info!(host = %self.name, "circuit breaker half-open: probing");
-                            break true;
+                            break (true, st.failure_mark);
                         }
-                        stats::GlobalStats::bump(&self.stats.fast_failures);
-                        return Err(Refusal::Breaker(BreakerOpen {
-                            host: self.name.clone(),
-                            failures: st.failures,
-                            retry_in: st
-                                .not_before
-                                .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
-                        }));
+                        // Freshly open: a client with time left waits for the next probe (its
+                        // own query_wait_timeout bounds it) instead of failing at once.
+                        let young = st.opened_at.is_some_and(|t| {
+                            now.saturating_duration_since(t) < self.settings.retry_max
+                        });
+                        if !(patient && young) {
+                            stats::GlobalStats::bump(&self.stats.fast_failures);
+                            return Err(Refusal::Breaker(BreakerOpen {
+                                host: self.name.clone(),
+                                failures: st.failures,
+                                retry_in: st
+                                    .not_before
+                                    .map_or(Duration::ZERO, |t| t.saturating_duration_since(now)),
+                            }));
+                        }
+                        if st.trial_in_flight {
+                            None
+                        } else {
+                            st.not_before.map(|t| t.saturating_duration_since(now))
+                        }
                     }
                     Breaker::Closed => match st.not_before {
                         Some(t) if t > now => Some(t - now),
-                        _ if st.failures == 0 => break false,
+                        _ if st.failures == 0 => break (false, st.failure_mark),
                         _ if !st.trial_in_flight => {
                             st.trial_in_flight = true;
-                            break true;
+                            break (true, st.failure_mark);
                         }
                         // A trial is running: wait for its outcome.
                         _ => None,
@@ -237,6 +297,11 @@ impl Host {
                     retry_in: wait.unwrap_or(self.settings.retry_base),
                 });
             }
+            // Never past a drill's end: its failures end with it.
+            let wait = match (wait, drill_ends_in) {
+                (Some(w), Some(d)) => Some(w.min(d)),
+                (w, d) => w.or(d),
+            };
             match wait {
                 Some(d) => {
                     tokio::select! {
@@ -258,7 +323,37 @@ impl Host {
             _permit: permit,
             trial,
             reported: false,
+            mark,
         })
+    }
+
+    /// Forgets failures, back-off and breaker: the operator changed what made them fail (RELOAD
+    /// with new credentials), or a drill that caused them ended.
+    pub fn reset_failures(&self, why: &str) {
+        let mut st = self.lock();
+        let had = st.failures > 0 || st.breaker.is_some();
+        st.reset();
+        drop(st);
+        if had {
+            tracing::info!(host = %self.name, "{why}: back-off and circuit breaker reset");
+        }
+        self.stats.set_breaker(Breaker::Closed);
+        self.changed.notify_waiters();
+    }
+
+    /// The error of the last failed attempt of the current streak, if any.
+    pub fn last_error(&self) -> Option<String> {
+        self.lock().last_error.clone()
+    }
+
+    /// How long the drill in force has left (ending an expired one).
+    fn drill_ends_in(&self) -> Option<Duration> {
+        self.drill()?;
+        let d = match self.drill.lock() {
+            Ok(d) => *d,
+            Err(p) => *p.into_inner(),
+        };
+        d.map(|(_, until)| until.saturating_duration_since(Instant::now()))
     }
 
     /// Starts a failure drill that ends by itself after `duration`.
@@ -268,7 +363,8 @@ impl Host {
             *d = Some((mode, until));
             self.drilling.store(true, Ordering::Release);
         }
-        self.stats.set_drill(Some((mode.as_str(), until)));
+        self.stats
+            .set_drill(Some((mode.as_str(), until.into_std())));
         stats::GlobalStats::bump(&self.stats.drills);
         tracing::warn!(host = %self.name, mode = mode.as_str(), ?duration,
             "failure drill started: treating this upstream host as failing");
@@ -291,6 +387,9 @@ impl Host {
                 drop(d);
                 self.stats.set_drill(None);
                 tracing::warn!(host = %self.name, mode = mode.as_str(), "failure drill ended");
+                // The drill's refusals said nothing about the host: service resumes now, not
+                // after the back-off they built up.
+                self.reset_failures("failure drill ended");
                 None
             }
             None => None,
@@ -326,6 +425,16 @@ impl Host {
         }
     }
 
+    /// How long a streak must last before it may open the breaker: as long as its failures
+    /// would take one `server_login_retry` apart (capped at `server_login_retry_max`), so only
+    /// failures spread over time open it, never a burst; a threshold of 1 opens at once.
+    fn breaker_span(&self) -> Duration {
+        let s = &self.settings;
+        s.retry_base
+            .saturating_mul(s.breaker_threshold.saturating_sub(1))
+            .min(s.retry_max)
+    }
+
     /// Full jitter: a random delay up to min(max, base · 2^(failures-1)).
     fn backoff(&self, failures: u32) -> Duration {
         let exp = failures.saturating_sub(1).min(20);
@@ -346,34 +455,70 @@ impl Attempt<'_> {
         if st.failures > 0 || st.breaker.is_some() {
             tracing::info!(host = %host.name, failures = st.failures, "upstream reachable again");
         }
-        *st = State::default();
+        st.reset();
         drop(st);
         host.stats.set_breaker(Breaker::Closed);
         stats::GlobalStats::bump(&host.stats.successes);
         host.changed.notify_waiters();
     }
 
-    pub fn failed(mut self) {
+    /// The attempt failed with `error`. Counts toward back-off and the breaker unless another
+    /// failure was counted while it was in flight (then it is the same event).
+    pub fn failed(mut self, error: &dyn std::fmt::Display) {
         self.reported = true;
         let host = self.host;
         let mut st = host.lock();
+        st.last_error = Some(error.to_string());
+        if self.trial {
+            st.trial_in_flight = false;
+        }
+        if self.mark != st.failure_mark {
+            drop(st);
+            host.changed.notify_waiters();
+            return;
+        }
+        st.failure_mark += 1;
         st.failures = st.failures.saturating_add(1);
-        st.trial_in_flight = false;
         let now = Instant::now();
+        let first = *st.first_failure.get_or_insert(now);
         let threshold = host.settings.breaker_threshold;
+        let spread = now.saturating_duration_since(first) >= host.breaker_span();
         let was = st.breaker;
-        if was == Some(Breaker::HalfOpen) || (threshold > 0 && st.failures >= threshold) {
+        if was == Some(Breaker::HalfOpen) || (threshold > 0 && st.failures >= threshold && spread) {
+            if was == Some(Breaker::HalfOpen) {
+                st.failed_probes = st.failed_probes.saturating_add(1);
+            }
             st.breaker = Some(Breaker::Open);
-            st.not_before = Some(now + host.settings.retry_max);
+            st.opened_at.get_or_insert(now);
+            st.last_open = Some(now);
+            st.not_before = Some(now + host.backoff(st.failed_probes + 1));
             drop(st);
             host.stats.set_breaker(Breaker::Open);
-            if was != Some(Breaker::Open) {
+            if was != Some(Breaker::Open) && was != Some(Breaker::HalfOpen) {
                 tracing::warn!(host = %host.name, threshold, "circuit breaker open: failing clients fast until a probe succeeds");
             }
         } else {
             st.not_before = Some(now + host.backoff(st.failures));
             drop(st);
         }
+        host.changed.notify_waiters();
+    }
+
+    /// The server answered "too many connections" (53300) or "cannot connect now" (57P03): it
+    /// is up and asks for patience. Back off as after a failure, but never toward the breaker:
+    /// pooled connections may still serve the clients in turn.
+    pub fn server_busy(mut self, error: &dyn std::fmt::Display) {
+        self.reported = true;
+        let host = self.host;
+        let mut st = host.lock();
+        st.last_error = Some(error.to_string());
+        if self.trial {
+            st.trial_in_flight = false;
+        }
+        let retry = host.backoff(st.failures.saturating_add(1));
+        let now = Instant::now();
+        st.not_before = Some(st.not_before.map_or(now + retry, |t| t.max(now + retry)));
+        drop(st);
         host.changed.notify_waiters();
     }
 }
@@ -476,35 +621,133 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn the_breaker_opens_after_the_threshold_and_a_successful_probe_closes_it() {
-        let h = host(3);
-        for _ in 0..3 {
-            h.admit().await.unwrap().failed();
+    /// Stands for the error of a failed attempt.
+    const REFUSED: &str = "connection refused";
+
+    /// Fails one attempt at a time, as many times as it takes for the breaker to open.
+    async fn fail_until_open(h: &Host) -> u32 {
+        let mut n = 0;
+        while h.breaker() != Breaker::Open {
+            h.admit().await.unwrap().failed(&REFUSED);
+            n += 1;
+            assert!(n < 1000, "the breaker never opened");
         }
-        assert_eq!(h.breaker(), Breaker::Open);
-        let err = h.admit().await.err().expect("fails fast while open");
-        assert_eq!(err.failures, 3);
-        assert_eq!(
-            h.stats
-                .fast_failures
-                .load(std::sync::atomic::Ordering::Relaxed),
-            1
-        );
-        // After retry_max a single probe is let through; others still fail fast.
-        tokio::time::sleep(Duration::from_millis(60)).await;
+        n
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_breaker_opens_only_on_failures_spread_over_retry_max_and_a_probe_closes_it() {
+        let h = host(3);
+        let started = Instant::now();
+        let failures = fail_until_open(&h).await;
+        // Three failures in a burst are not enough: they must span two retry_base.
+        assert!(failures >= 3);
+        assert!(started.elapsed() >= Duration::from_millis(20));
+        assert_eq!(h.last_error().as_deref(), Some(REFUSED));
+        // Freshly open, a patient client waits for the probe rather than failing.
         let probe = h.admit().await.unwrap();
         assert_eq!(h.breaker(), Breaker::HalfOpen);
-        assert!(h.admit().await.is_err());
+        probe.failed(&REFUSED);
+        // Open for longer than retry_max: clients fail fast, and are told why.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        let mut err = None;
+        while err.is_none() {
+            match h.admit().await {
+                Ok(probe) => probe.failed(&REFUSED),
+                Err(e) => err = Some(e),
+            }
+        }
+        assert!(err.unwrap().failures >= 3);
+        assert!(
+            h.stats
+                .fast_failures
+                .load(std::sync::atomic::Ordering::Relaxed)
+                >= 1
+        );
+        // The next probe comes within the back-off; a success closes the breaker.
+        let probe = loop {
+            if let Ok(p) = h.admit().await {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
         probe.succeeded();
         assert_eq!(h.breaker(), Breaker::Closed);
         assert!(h.admit().await.is_ok());
     }
 
-    #[tokio::test]
+    #[tokio::test(start_paused = true)]
+    async fn attempts_in_flight_when_a_failure_is_seen_count_as_one() {
+        let h = host(2);
+        // A restart refuses every attempt in flight at once.
+        let a = h.admit().await.unwrap();
+        let b = h.admit().await.unwrap();
+        a.failed(&REFUSED);
+        b.failed(&REFUSED);
+        assert_eq!(h.lock().failures, 1, "one event, one failure");
+        // Even long after (spread), a burst never opens the breaker by itself.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(h.breaker(), Breaker::Closed);
+        // The database is back: the next attempt comes within the first back-off and succeeds.
+        let before = Instant::now();
+        h.admit().await.unwrap().succeeded();
+        assert!(before.elapsed() <= Duration::from_millis(10));
+        assert_eq!(h.lock().failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_busy_server_means_back_off_never_the_breaker() {
+        let h = host(1);
+        for _ in 0..50 {
+            h.admit()
+                .await
+                .unwrap()
+                .server_busy(&"53300 too many connections");
+        }
+        assert_eq!(h.breaker(), Breaker::Closed);
+        assert_eq!(h.lock().failures, 0);
+        assert_eq!(
+            h.last_error().as_deref(),
+            Some("53300 too many connections")
+        );
+        // It did back off: the attempt after one busy answer waits up to retry_base.
+        h.admit().await.unwrap().server_busy(&"53300");
+        assert!(h.lock().not_before.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_drills_failures_end_with_the_drill() {
+        let h = host(2);
+        h.start_drill(DrillMode::Refuse, Duration::from_secs(5));
+        fail_until_open(&h).await;
+        // While the drill lasts the breaker stays open (its probes fail too).
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_ne!(h.breaker(), Breaker::Closed);
+        // At the drill's end, a waiting client is admitted at once, with nothing left over.
+        tokio::time::sleep_until(Instant::now() + Duration::from_secs(4)).await;
+        let admitted = tokio::time::timeout(Duration::from_millis(1), h.admit()).await;
+        assert!(
+            matches!(admitted, Ok(Ok(_))),
+            "admitted when the drill ended"
+        );
+        assert_eq!(h.breaker(), Breaker::Closed);
+        assert_eq!(h.lock().failures, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn reset_failures_forgets_back_off_and_breaker() {
+        let h = host(2);
+        fail_until_open(&h).await;
+        h.reset_failures("RELOAD changed the server credentials");
+        assert_eq!(h.breaker(), Breaker::Closed);
+        let admitted = tokio::time::timeout(Duration::ZERO, h.admit()).await;
+        assert!(matches!(admitted, Ok(Ok(_))));
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn after_a_failure_attempts_are_spaced_and_one_at_a_time() {
         let h = host(0);
-        h.admit().await.unwrap().failed();
+        h.admit().await.unwrap().failed(&REFUSED);
         let trial = h.admit().await.unwrap();
         // A second caller waits for the trial's outcome instead of attempting too.
         let second = tokio::time::timeout(Duration::from_millis(100), h.admit()).await;

@@ -371,7 +371,9 @@ pub enum CheckoutError {
     WaitTimeout {
         database: String,
         timeout: Duration,
-        last: Option<ConnectError>,
+        /// The client's own last failed attempt, or else the host's: a timeout always says why
+        /// no server came when one failed.
+        last: Option<String>,
     },
     #[error(transparent)]
     Connect(#[from] ConnectError),
@@ -574,12 +576,14 @@ impl ServerPool {
         alarm: &mut Alarm,
     ) -> Result<PooledServer, CheckoutError> {
         let deadline = wait.map(|w| started + w);
-        let wait_timeout = |last| {
+        let wait_timeout = |last: Option<ConnectError>| {
             PoolStats::add(&self.pool.manager().stats.wait_timeouts, 1);
             CheckoutError::WaitTimeout {
                 database: self.database.clone(),
                 timeout: wait.unwrap_or_default(),
-                last,
+                last: last
+                    .map(|e| e.to_string())
+                    .or_else(|| self.host().last_error()),
             }
         };
         if *self.paused.borrow() {
