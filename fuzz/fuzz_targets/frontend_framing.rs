@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
         src.extend_from_slice(chunk);
         fed += chunk.len();
         loop {
-            let r = fwd.next(&mut src, &mut dst, MAX, |h| match h.tag {
+            let r = fwd.next(&mut src, &mut dst, MAX, |h, _body| match h.tag {
                 frontend::BIND => Want::Prefix(64),
                 frontend::QUERY
                 | frontend::PARSE
@@ -36,6 +36,7 @@ fuzz_target!(|data: &[u8]| {
             });
             match r {
                 Ok(Forwarded::NeedMore) => break,
+                Ok(Forwarded::Finished) => {}
                 Ok(Forwarded::Streamed(h)) => assert!(h.body_len + 4 <= MAX),
                 Ok(Forwarded::Whole(h)) => {
                     assert!(h.body_len + 4 <= MAX);
