@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs Breakwater's whole test suite on a fresh Debian/Ubuntu machine: installs what is missing
-# (PostgreSQL server binaries, psql, pgbench; cargo-nextest if cargo can install it), builds, and
-# runs every unit and end-to-end test against real PostgreSQL started by the test kit.
+# (PostgreSQL server binaries, psql, pgbench, podman and runc), builds, and runs every unit and
+# end-to-end test against real PostgreSQL started by the test kit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,6 +27,13 @@ if ! python3 -m venv --help >/dev/null 2>&1; then
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq python3 python3-venv >/dev/null
 fi
 
+# The container test builds examples/container's image and runs it with podman (runc runtime).
+if ! command -v podman >/dev/null 2>&1 || ! command -v runc >/dev/null 2>&1; then
+  echo "== installing podman and runc (apt-get)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq podman runc >/dev/null
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   echo "cargo not found: install Rust (https://rustup.rs) and re-run" >&2
   exit 1
@@ -40,6 +47,13 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "== cargo clippy is not installed (rustup component add clippy): lints not checked" >&2
 fi
+
+# The image's static binary, once per run and before the tests, so its build time shows here
+# and not inside the container test's time limit (the test's own build.sh call is then a no-op).
+echo "== building the static binary for the container image"
+started=$SECONDS
+BUILD_ONLY=1 examples/container/build.sh >/dev/null
+echo "   took $((SECONDS - started)) s"
 
 if cargo nextest --version >/dev/null 2>&1; then
   cargo nextest run --workspace --no-fail-fast "$@"

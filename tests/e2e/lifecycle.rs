@@ -205,12 +205,12 @@ async fn client_idle_timeout_closes_clients_idle_since_login_or_since_their_last
 }
 
 #[tokio::test]
-async fn sigterm_lets_a_running_transaction_finish_then_exits_zero() {
+async fn sigint_lets_a_running_transaction_finish_tells_idle_clients_and_exits_zero() {
     let mut env = start("shutdown_timeout = \"20s\"", "pool_size = 2\n");
     let a = env.client().await;
     let idle = env.client().await;
     a.batch_execute("BEGIN; SELECT 1").await.unwrap();
-    env.pooler.signal(libc::SIGTERM);
+    env.pooler.signal(libc::SIGINT);
     // New clients are refused once shutdown began.
     testkit::wait_until("new connections are refused", WAIT, || async {
         env.pooler.connect("app", "app_pw", "app").await.is_err()

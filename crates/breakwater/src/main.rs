@@ -8,9 +8,11 @@ mod health;
 mod http;
 mod import;
 mod listen;
+mod notify;
 mod operator;
 mod pgbouncer;
 mod scrape;
+mod shutdown;
 mod tail;
 
 use std::io::IsTerminal;
@@ -263,6 +265,8 @@ async fn run(config: Config) -> anyhow::Result<()> {
     }
     let unix = match config.unix_socket_path() {
         Some(path) => {
+            // A stale file from a crash, or the socket of a process we are taking over from:
+            // either way new clients should reach us.
             let _ = std::fs::remove_file(&path);
             let l = UnixListener::bind(&path)
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
@@ -276,6 +280,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ");
+    let unix_socket = unix.as_ref().map(|(_, path)| {
+        use std::os::unix::fs::MetadataExt;
+        let id = std::fs::symlink_metadata(path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        (path.clone(), id)
+    });
+    // Now, not at the first signal: a signal before this would kill the process outright.
+    let mut signals = shutdown::Signals::install();
     tracing::info!(%addr, databases = config.file.databases.len(), version = env!("CARGO_PKG_VERSION"), "breakwater listening");
 
     let proxy = Arc::new(Proxy::new(config.proxy_settings()));
@@ -310,7 +323,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
     health.set_listening();
     tasks.spawn(maintenance(proxy.clone(), stop_rx.clone()));
     tasks.spawn(stats_period(daemon.clone(), stop_rx.clone()));
-    tasks.spawn(reload_on_sighup(daemon.clone(), stop_rx.clone()));
+    // Installed here, not in the task: a SIGHUP between READY=1 and the task's first poll
+    // would otherwise meet the default action and end the process.
+    let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+    tasks.spawn(reload_on_sighup(hup, daemon.clone(), stop_rx.clone()));
     for l in tcp {
         tasks.spawn(accept_loop(
             Listener::Tcp(l),
@@ -325,66 +341,81 @@ async fn run(config: Config) -> anyhow::Result<()> {
             stop_rx.clone(),
         ));
     }
+    notify::ready();
 
     let mut shutdown_cmd = daemon.shutdown.subscribe();
-    let mode = tokio::select! {
-        _ = wait_for_stop_signal() => ShutdownMode::WaitForServers,
+    let mut mode = tokio::select! {
+        sig = signals.next() => sig.first_mode(),
         m = shutdown_cmd.wait_for(Option::is_some) => match m {
             Ok(m) => m.unwrap_or(ShutdownMode::WaitForServers),
             Err(_) => ShutdownMode::WaitForServers,
         },
     };
     health.set_shutting_down();
+    notify::stopping();
+    let deadline = config
+        .shutdown_timeout()
+        .map(|d| tokio::time::Instant::now() + d);
     tracing::info!(
         clients = proxy.client_count(),
         ?mode,
         "shutting down: no new clients"
     );
     let _ = stop_tx.send(true);
-    let drained = proxy.wait_clients_gone();
-    match mode {
-        // Clients leave by themselves; nobody is told to go.
-        ShutdownMode::WaitForClients => drained.await,
-        ShutdownMode::Immediate => proxy.begin_shutdown(),
-        // Idle clients are told at once; running transactions may finish within
-        // shutdown_timeout.
-        ShutdownMode::WaitForServers => {
-            proxy.begin_shutdown();
-            match config.shutdown_timeout() {
-                Some(d) => {
-                    if tokio::time::timeout(d, drained).await.is_err() {
-                        tracing::warn!(
-                            clients = proxy.client_count(),
-                            "shutdown_timeout expired; closing remaining clients"
-                        );
-                    }
-                }
-                None => drained.await,
+    loop {
+        match mode {
+            ShutdownMode::Immediate => break,
+            // Idle clients are told at once; running transactions may finish.
+            ShutdownMode::WaitForServers => proxy.begin_shutdown(),
+            // Clients leave by themselves; nobody is told to go.
+            ShutdownMode::WaitForClients => {}
+        }
+        if proxy.client_count() == 0 {
+            break;
+        }
+        let expired = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = proxy.wait_clients_gone() => break,
+            sig = signals.next() => {
+                mode = shutdown::escalate(mode, sig);
+                tracing::info!(?mode, clients = proxy.client_count(), "shutdown tightened");
+            }
+            _ = expired => {
+                tracing::warn!(
+                    clients = proxy.client_count(),
+                    "shutdown_timeout expired; closing remaining clients"
+                );
+                break;
             }
         }
     }
+    // Whoever is left is disconnected: their tasks end with the accept loops below, and
+    // their servers are closed, not returned.
+    proxy.begin_shutdown();
     proxy.close_pools();
     tasks.abort_all();
     while tasks.join_next().await.is_some() {}
-    if let Some(path) = config.unix_socket_path() {
-        let _ = std::fs::remove_file(path);
+    if let Some((path, ours)) = unix_socket {
+        remove_socket_if_ours(&path, ours);
     }
     tracing::info!("bye");
     Ok(())
 }
 
-async fn wait_for_stop_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return std::future::pending().await;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = int.recv() => tracing::info!("SIGINT received"),
+/// Removes our Unix socket file, unless a process that took over the port (so_reuseport, a
+/// rolling restart) has bound a new one at the same path since.
+fn remove_socket_if_ours(path: &std::path::Path, ours: Option<(u64, u64)>) {
+    use std::os::unix::fs::MetadataExt;
+    let now = std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()));
+    if now.is_some() && now == ours {
+        let _ = std::fs::remove_file(path);
     }
 }
 
@@ -435,9 +466,12 @@ async fn publish_metrics(
 }
 
 /// SIGHUP re-reads the config file and auth_file, as RELOAD does.
-async fn reload_on_sighup(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let Ok(mut hup) = signal(SignalKind::hangup()) else {
+async fn reload_on_sighup(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    daemon: Arc<Daemon>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let Ok(mut hup) = hup else {
         tracing::error!("cannot install the SIGHUP handler; use RELOAD in the admin console");
         return;
     };
@@ -448,8 +482,10 @@ async fn reload_on_sighup(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) 
                     return;
                 }
                 tracing::info!("SIGHUP received: reloading config");
+                notify::reloading();
                 // Errors are logged by reload and the running config stays.
                 let _ = daemon.reload();
+                notify::ready();
             }
             _ = stop.changed() => return,
         }
