@@ -406,3 +406,77 @@ impl Drop for Kill {
         }
     }
 }
+
+#[tokio::test]
+async fn sigterm_keeps_accepting_for_shutdown_accept_delay_while_not_ready() {
+    let (mut env, mport) =
+        start_sidecar("shutdown_accept_delay = \"3s\"\nshutdown_timeout = \"30s\"");
+    let app = env.client().await;
+    let signalled = std::time::Instant::now();
+    signal_and_see_shutdown(&env, mport, libc::SIGTERM).await;
+    // Not ready, yet still letting apps in: a Service that still routes here loses nothing.
+    let late = env.client().await;
+    late.simple_query("SELECT 1").await.unwrap();
+    testkit::wait_until("new logins are refused", WAIT, || async {
+        env.pooler.connect("app", "app_pw", "app").await.is_err()
+    })
+    .await
+    .unwrap();
+    let refused_after = signalled.elapsed();
+    assert!(
+        refused_after >= Duration::from_secs(3),
+        "refused after {refused_after:?}, before shutdown_accept_delay"
+    );
+    // Both clients still work until they leave.
+    app.simple_query("SELECT 2").await.unwrap();
+    late.simple_query("SELECT 3").await.unwrap();
+    drop((app, late));
+    assert!(exited(&mut env.pooler).await.success());
+}
+
+#[tokio::test]
+async fn with_so_reuseport_a_new_process_takes_over_the_port_while_the_old_one_drains() {
+    let (mut old, mport) = start_sidecar("so_reuseport = true\nshutdown_timeout = \"30s\"");
+    let port = old.pooler.port();
+    let app = old.client().await;
+    app.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // The new version binds the same port. Pooler::start sees the port listening already,
+    // so look for the new process's own line in its log.
+    let config = std::fs::read_to_string(old.pooler.dir().join("pooler.toml"))
+        .unwrap()
+        .replace(
+            &format!("127.0.0.1:{mport}"),
+            &format!("127.0.0.1:{}", testkit::free_port()),
+        );
+    let mut new = testkit::Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)])
+        .expect("start the new breakwater");
+    testkit::wait_until("the new process to listen", WAIT, || {
+        std::future::ready(new.log().contains("breakwater listening"))
+    })
+    .await
+    .unwrap();
+    assert!(new.exit_status().unwrap().is_none(), "{}", new.log());
+    signal_and_see_shutdown(&old, mport, libc::SIGTERM).await;
+    // The old process closed its listener: every new login is the new process's.
+    testkit::wait_until("a login after the old listener closed", WAIT, || async {
+        old.pooler.connect("app", "app_pw", "app").await.is_ok()
+    })
+    .await
+    .unwrap();
+    let logins = |log: &str| log.matches(": login ").count();
+    let (old_before, new_before) = (logins(&old.pooler.log()), logins(&new.log()));
+    for _ in 0..5 {
+        let c = old.pooler.connect("app", "app_pw", "app").await.unwrap();
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    assert_eq!(
+        logins(&old.pooler.log()),
+        old_before,
+        "the old process took a login"
+    );
+    assert_eq!(logins(&new.log()), new_before + 5);
+    // Its own client finishes its transaction there, and then it goes.
+    app.batch_execute("SELECT 2; COMMIT").await.unwrap();
+    drop(app);
+    assert!(exited(&mut old.pooler).await.success());
+}

@@ -209,6 +209,10 @@ section! {
         max_packet_size: usize = proto::DEFAULT_MAX_MESSAGE, reload;
         max_prepared_statements: usize = 200, reload;
         shutdown_timeout: Timeout = Timeout::secs(30), reload;
+        /// After SIGTERM, how long new logins are still accepted (readiness is already 503).
+        shutdown_accept_delay: Timeout = Timeout(None), reload;
+        /// Lets a new process bind the listen port while this one drains (rolling restart).
+        so_reuseport: bool = false, restart;
         tcp_keepalive: bool = true, reload;
         tcp_keepidle: Timeout = Timeout::secs(15), reload;
         tcp_keepintvl: Timeout = Timeout::secs(5), reload;
@@ -881,6 +885,10 @@ impl Config {
 
     pub fn shutdown_timeout(&self) -> Option<Duration> {
         self.file.pooler.shutdown_timeout.0
+    }
+
+    pub fn shutdown_accept_delay(&self) -> Option<Duration> {
+        self.file.pooler.shutdown_accept_delay.0
     }
 
     pub fn proxy_settings(&self) -> ProxySettings {

@@ -43,7 +43,11 @@ pub fn addresses(listen_addr: &str, port: u16) -> Result<Vec<SocketAddr>, String
 
 /// A listening socket on `addr`. IPv6 sockets take IPv6 only, so `*` can bind `0.0.0.0` and
 /// `::` on the same port (as PgBouncer does).
-pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+///
+/// With `reuseport` (`so_reuseport`), another process may bind the same address too: a new
+/// version takes over the port while this one drains, and the kernel spreads new connections
+/// over every process listening.
+pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
@@ -51,6 +55,9 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     }
     // A restarted pooler must not wait for the old one's TIME_WAIT sockets.
     socket.set_reuse_address(true)?;
+    if reuseport {
+        socket.set_reuse_port(true)?;
+    }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
     // Bursts of logins (a fleet restarting) queue in the kernel rather than being refused.
@@ -60,11 +67,14 @@ pub fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 
 /// Binds every address. The IPv6 half of `*` (`::`) is skipped with a warning on a host without
 /// IPv6, as long as something else was bound; any other failure is an error.
-pub fn bind_all(addrs: &[SocketAddr]) -> Result<Vec<std::net::TcpListener>, String> {
+pub fn bind_all(
+    addrs: &[SocketAddr],
+    reuseport: bool,
+) -> Result<Vec<std::net::TcpListener>, String> {
     let mut bound = Vec::new();
     let mut skipped = None;
     for a in addrs {
-        match bind(*a) {
+        match bind(*a, reuseport) {
             Ok(l) => bound.push(l),
             Err(e)
                 if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -112,11 +122,11 @@ mod tests {
 
     #[test]
     fn a_busy_port_is_reported_and_star_binds_both_families() {
-        let first = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let taken = first.local_addr().unwrap();
-        let err = bind(taken).unwrap_err();
+        let err = bind(taken, false).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
-        let port = bind("0.0.0.0:0".parse().unwrap())
+        let port = bind("0.0.0.0:0".parse().unwrap(), false)
             .unwrap()
             .local_addr()
             .unwrap()
@@ -125,10 +135,23 @@ mod tests {
         let both: Vec<_> = addresses("*", port)
             .unwrap()
             .into_iter()
-            .map(bind)
+            .map(|a| bind(a, false))
             .collect();
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
             assert!(both.iter().all(Result::is_ok), "{both:?}");
         }
+    }
+
+    #[test]
+    fn with_so_reuseport_two_listeners_share_a_port_and_without_it_they_do_not() {
+        let first = bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = first.local_addr().unwrap();
+        let second = bind(addr, true).expect("a second so_reuseport listener");
+        assert_eq!(second.local_addr().unwrap(), addr);
+        // Both must ask for it: a listener without the option is refused.
+        assert_eq!(
+            bind(addr, false).unwrap_err().kind(),
+            std::io::ErrorKind::AddrInUse
+        );
     }
 }

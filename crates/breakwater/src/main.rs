@@ -182,7 +182,7 @@ fn main() -> ExitCode {
         // A busy port or an address this host does not have fails here, not at start.
         let p = &config.file.pooler;
         let bound = listen::addresses(&p.listen_addr, p.listen_port)
-            .and_then(|addrs| listen::bind_all(&addrs));
+            .and_then(|addrs| listen::bind_all(&addrs, config.file.pooler.so_reuseport));
         if let Err(e) = bound {
             eprintln!(
                 "breakwater: {}: pooler.listen_addr / listen_port: {e}",
@@ -260,7 +260,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let addrs = listen::addresses(&p.listen_addr, p.listen_port)
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
     let mut tcp = Vec::with_capacity(addrs.len());
-    for l in listen::bind_all(&addrs).map_err(anyhow::Error::msg)? {
+    for l in listen::bind_all(&addrs, p.so_reuseport).map_err(anyhow::Error::msg)? {
         tcp.push(TcpListener::from_std(l).context("cannot listen")?);
     }
     let unix = match config.unix_socket_path() {
@@ -344,11 +344,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
     notify::ready();
 
     let mut shutdown_cmd = daemon.shutdown.subscribe();
-    let mut mode = tokio::select! {
-        sig = signals.next() => sig.first_mode(),
+    let (mut mode, signalled) = tokio::select! {
+        sig = signals.next() => (sig.first_mode(), true),
         m = shutdown_cmd.wait_for(Option::is_some) => match m {
-            Ok(m) => m.unwrap_or(ShutdownMode::WaitForServers),
-            Err(_) => ShutdownMode::WaitForServers,
+            Ok(m) => (m.unwrap_or(ShutdownMode::WaitForServers), false),
+            Err(_) => (ShutdownMode::WaitForServers, false),
         },
     };
     health.set_shutting_down();
@@ -356,6 +356,20 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let deadline = config
         .shutdown_timeout()
         .map(|d| tokio::time::Instant::now() + d);
+    // SIGTERM keeps the door open a little longer: whatever still routes here (a Service that
+    // has not yet seen /readyz fail, an app reconnecting) gets in rather than refused.
+    if let (ShutdownMode::WaitForClients, true, Some(delay)) =
+        (mode, signalled, config.shutdown_accept_delay())
+    {
+        tracing::info!(
+            ?delay,
+            "shutting down: still accepting for shutdown_accept_delay"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            sig = signals.next() => mode = shutdown::escalate(mode, sig),
+        }
+    }
     tracing::info!(
         clients = proxy.client_count(),
         ?mode,

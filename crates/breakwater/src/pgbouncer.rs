@@ -132,7 +132,7 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("max_packet_size", Differs(Int, "Breakwater's default is 64 MiB rather than 2 GiB")),
     ("listen_backlog", NoOp("the listen backlog is 1024")),
     ("sbuf_loopcnt", NoOp("each client is its own task; the runtime keeps turns fair")),
-    ("so_reuseport", Unsupported("not yet: a second process cannot share the port")),
+    ("so_reuseport", Same(Bool)),
     ("tcp_defer_accept", NoOp("not needed: a client costs a task, not a thread")),
     ("tcp_socket_buffer", NoOp("the kernel's socket buffer sizes are used")),
     ("tcp_keepalive", Differs(Bool, "on server sockets, with Breakwater's own keepidle/keepintvl/keepcnt defaults (15s/5s/3) rather than the OS's")),

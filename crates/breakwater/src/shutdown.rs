@@ -1,6 +1,7 @@
 //! How the daemon stops, as PgBouncer 1.23+ does, for pods and rolling restarts:
 //!
-//! - SIGTERM: wait for clients. The listeners close; connected clients keep working,
+//! - SIGTERM: wait for clients. After `shutdown_accept_delay` (new logins still accepted) the
+//!   listeners close; connected clients keep working,
 //!   transactions and all, until they disconnect, bounded by `shutdown_timeout`. Kubernetes
 //!   sends SIGTERM to an app and a plain sidecar together: the app's own drain needs its
 //!   database until its last request.

@@ -297,7 +297,11 @@ impl Session {
                     if scan::text_may_leave_state(text) {
                         h.ledger.mark_session_state();
                     }
-                    move_bytes(&mut self.client.buf, &mut self.scratch.to_server, hdr.total());
+                    move_bytes(
+                        &mut self.client.buf,
+                        &mut self.scratch.to_server,
+                        hdr.total(),
+                    );
                     Sent::Query
                 }
                 Forwarded::Whole(hdr) => {
@@ -603,8 +607,7 @@ impl Session {
             }
             move_bytes(h.server.buf_mut(), &mut self.scratch.to_client, hdr.total());
             h.ledger.emit_synthetic(&mut self.scratch.to_client);
-            if ready && (boundary || h.ledger.handover() == Handover::Clean)
-            {
+            if ready && (boundary || h.ledger.handover() == Handover::Clean) {
                 return Ok(true);
             }
         }
@@ -656,8 +659,8 @@ fn inspect(tag: u8, body: &[u8], watch_read_only: bool) -> Result<Inspected, PgE
             backend::parse_ready_for_query(body).map_err(|e| server_lost(&e.to_string()))?,
         ),
         backend::PARAMETER_STATUS => {
-            let (k, v) = backend::parse_parameter_status(body)
-                .map_err(|e| server_lost(&e.to_string()))?;
+            let (k, v) =
+                backend::parse_parameter_status(body).map_err(|e| server_lost(&e.to_string()))?;
             Inspected::Param(k.to_owned(), v.to_owned())
         }
         backend::ERROR_RESPONSE
