@@ -627,7 +627,7 @@ fn ssl_request() -> Vec<u8> {
     v
 }
 
-/// The TLS overhead measurement behind the README's numbers, run by hand (it takes about a
+/// The TLS overhead measurement behind benches/README.md's numbers, run by hand (it takes about a
 /// minute and its numbers depend on the machine):
 ///
 /// ```sh
