@@ -363,12 +363,7 @@ impl Session {
             .unwrap_or_default();
         let r = frontend::statement_ref(frontend::BIND, prefix)
             .map_err(|e| protocol_violation(e.to_string()))?;
-        let stmt = match r.name {
-            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
-                self.statements.get(n).cloned()
-            }
-            _ => None,
-        };
+        let stmt = self.client_statement(r.name);
         let (prefix_len, end) = (r.prefix_len, r.end());
         match stmt {
             Some(stmt) => {
@@ -405,12 +400,7 @@ impl Session {
     fn forward_describe(&mut self, h: &mut Held, body: &[u8]) -> Result<Sent, PgError> {
         let r = frontend::statement_ref(frontend::DESCRIBE, body)
             .map_err(|e| protocol_violation(e.to_string()))?;
-        let stmt = match r.name {
-            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
-                self.statements.get(n).cloned()
-            }
-            _ => None,
-        };
+        let stmt = self.client_statement(r.name);
         match stmt {
             Some(stmt) => {
                 self.ensure_prepared(h, &stmt);
@@ -442,6 +432,18 @@ impl Session {
                 });
                 Ok(Sent::Close { hide: false })
             }
+        }
+    }
+
+    /// The statement a Bind, Describe or Close names, if this client prepared it under that
+    /// name (the unnamed statement, and every name while prepared statements are off, are the
+    /// server's own).
+    fn client_statement(&self, name: Option<&[u8]>) -> Option<Arc<Statement>> {
+        match name {
+            Some(n) if !n.is_empty() && self.settings.max_prepared_statements > 0 => {
+                self.statements.get(n).cloned()
+            }
+            _ => None,
         }
     }
 
