@@ -388,7 +388,7 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         "[users] app = …: per-user settings are not supported yet",
         "logfile = /var/log/pgbouncer/pgbouncer.log: Breakwater logs to stdout",
         "ignore_startup_parameters = extra_float_digits,search_path: Breakwater forwards every startup parameter",
-        "extra.ini:1  verbose = 0: set the log level with RUST_LOG",
+        "extra.ini:1  verbose = 0: 0 is the default log level",
         "extra.ini:2  dns_max_ttl = 15 → dns_max_ttl = \"15s\"",
         "followed %include",
         "the result passes the config checks",

@@ -11,6 +11,7 @@ mod failover;
 mod faults;
 mod hostile_upstream;
 mod lifecycle;
+mod limits;
 mod pooling;
 mod prepared;
 mod protocol;

@@ -1132,6 +1132,22 @@ impl Reader<'_> {
                     ));
                     continue;
                 }
+                let text = item.as_value().and_then(|v| match v {
+                    toml_edit::Value::String(s) => Some(s.value().clone()),
+                    toml_edit::Value::Integer(i) => Some(i.value().to_string()),
+                    toml_edit::Value::Boolean(b) => Some(if *b.value() { "1" } else { "0" }.into()),
+                    _ => None,
+                });
+                if let (Some(why), "pooler") = (
+                    text.as_deref().and_then(|t| pgbouncer::harmless(name, t)),
+                    prefix,
+                ) {
+                    let at = line.map(|l| format!("line {l}: ")).unwrap_or_default();
+                    self.warnings.push(format!(
+                        "{at}{path} (a PgBouncer setting) is ignored: {why}"
+                    ));
+                    continue;
+                }
                 let message = unknown_key(prefix, name, keys);
                 self.problem(path, line, message);
                 continue;
@@ -1425,6 +1441,38 @@ mod tests {
             (other.dbname.as_str(), other.pool_size, other.pool_mode),
             ("x", 2, PoolMode::Statement)
         );
+    }
+
+    #[test]
+    fn pgbouncer_keys_that_ask_for_nothing_are_warnings_not_errors() {
+        let c = parse(
+            "[pooler]\nauth_type = \"trust\"\nignore_startup_parameters = \"extra_float_digits\"\n\
+             server_round_robin = 0\nlogfile = \"\"\ntrack_extra_parameters = \"IntervalStyle\"\n\
+             disable_pqexec = false\n",
+        )
+        .unwrap();
+        for key in [
+            "line 3: pooler.ignore_startup_parameters",
+            "line 4: pooler.server_round_robin",
+            "line 5: pooler.logfile",
+            "line 6: pooler.track_extra_parameters",
+            "line 7: pooler.disable_pqexec",
+        ] {
+            assert!(
+                c.warnings.iter().any(|w| w.starts_with(key)),
+                "{key}: {:?}",
+                c.warnings
+            );
+        }
+        // The same keys asking for something Breakwater does not do are still refused.
+        let err = parse(
+            "[pooler]\nauth_type = \"trust\"\nserver_round_robin = 1\nlogfile = \"/var/log/pgbouncer.log\"\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.contains("2 problems"), "{err}");
+        assert!(err.contains("line 3: pooler.server_round_robin"), "{err}");
+        assert!(err.contains("line 4: pooler.logfile"), "{err}");
     }
 
     #[test]

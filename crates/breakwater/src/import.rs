@@ -168,7 +168,10 @@ pub fn import(ini: &Path, userlist: Option<&Path>, output: &Path) -> Result<Impo
                 continue;
             }
             Some(Fate::Unsupported(why)) => {
-                missing.push(format!("{line}: {why}"));
+                match pgbouncer::harmless(&e.key, &e.value) {
+                    Some(harmless) => ignored.push(format!("{line}: {harmless}")),
+                    None => missing.push(format!("{line}: {why}")),
+                }
                 continue;
             }
             Some(Fate::Same(unit)) => (unit, None),

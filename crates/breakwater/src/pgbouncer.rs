@@ -62,7 +62,7 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("max_user_connections", Unsupported(USERS_LATER)),
     ("max_user_client_connections", Unsupported(USERS_LATER)),
     ("server_round_robin", Unsupported("a pool reuses its most recently released server; use load_balance_hosts for hosts")),
-    ("track_extra_parameters", Unsupported("Breakwater tracks the parameters PostgreSQL reports (ParameterStatus) and replays client SETs; others are not tracked")),
+    ("track_extra_parameters", NoOp("every startup parameter and every parameter PostgreSQL reports that a client may set (IntervalStyle and search_path too) already follows the client from server to server")),
     ("ignore_startup_parameters", NoOp("Breakwater forwards every startup parameter to the server, so none needs ignoring")),
     ("peer_id", Unsupported("no peering: use one Breakwater per host, with all cores (workers)")),
     ("disable_pqexec", Unsupported("multi-statement simple queries cannot be refused")),
@@ -127,7 +127,7 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("client_idle_timeout", Same(Secs)),
     ("idle_transaction_timeout", Same(Secs)),
     ("transaction_timeout", Unsupported("no cap on a whole transaction yet: use query_timeout and idle_transaction_timeout")),
-    ("suspend_timeout", Unsupported("no SUSPEND / online restart")),
+    ("suspend_timeout", NoOp("there is no SUSPEND (online restart) for it to time out; so_reuseport and shutdown_accept_delay do rolling restarts")),
     ("pkt_buf", NoOp("buffers grow as messages need, up to max_packet_size")),
     ("max_packet_size", Differs(Int, "Breakwater's default is 64 MiB rather than 2 GiB")),
     ("listen_backlog", NoOp("the listen backlog is 1024")),
@@ -142,7 +142,70 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("tcp_user_timeout", Differs(Millis, "PgBouncer's default 0 leaves it off; Breakwater's default is 30s")),
 ];
 
+/// Keys with no equivalent whose value asks for nothing Breakwater does not already do: off
+/// (PgBouncer's default, which generated configs write out) or empty. Such a line is accepted
+/// with a warning instead of refused: (key, the harmless values, why).
+const HARMLESS_VALUES: &[(&str, &[&str], &str)] = &[
+    ("server_round_robin", &["0"], "0 reuses the most recently released server, as Breakwater's pools do"),
+    ("disable_pqexec", &["0"], "0 allows multi-statement simple queries, as Breakwater does"),
+    ("application_name_add_host", &["0"], "0 passes application_name through unchanged, as Breakwater does"),
+    ("server_fast_close", &["0"], "0 lets servers finish their transaction before PAUSE, RECONNECT or RELOAD closes them, as Breakwater does"),
+    ("transaction_timeout", &["0"], "0 means no cap on a whole transaction, as in Breakwater"),
+    ("verbose", &["0"], "0 is the default log level (RUST_LOG sets another)"),
+    ("syslog", &["0"], "0 means no syslog; Breakwater logs to stdout"),
+    ("peer_id", &["0"], "0 means no peering"),
+    ("logfile", &[""], "empty means no log file; Breakwater logs to stdout"),
+    ("pidfile", &[""], "empty means no pid file"),
+    ("user", &[""], "empty means no user switch"),
+    ("auth_hba_file", &[""], "empty means no HBA file"),
+    ("auth_ident_file", &[""], "empty means no ident map"),
+    ("resolv_conf", &[""], "empty means the system resolver configuration"),
+];
+
+/// Why a key with no equivalent is harmless at `value` (see [`HARMLESS_VALUES`]); PgBouncer's
+/// spellings of off (`off`, `no`, `false`) count as `0`.
+pub fn harmless(key: &str, value: &str) -> Option<&'static str> {
+    let v = value.trim();
+    let v = match v.to_ascii_lowercase().as_str() {
+        "off" | "no" | "false" => "0",
+        _ => v,
+    };
+    HARMLESS_VALUES
+        .iter()
+        .find(|(k, values, _)| *k == key && values.contains(&v))
+        .map(|(_, _, why)| *why)
+}
+
 /// The fate of a PgBouncer `[pgbouncer]` key, if it is one.
 pub fn fate(key: &str) -> Option<Fate> {
     KEYS.iter().find(|(k, _)| *k == key).map(|(_, f)| *f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn off_values_of_keys_without_an_equivalent_are_harmless() {
+        let cases = [
+            ("server_round_robin", "0", true),
+            ("server_round_robin", "off", true),
+            ("server_round_robin", "1", false),
+            ("logfile", "", true),
+            ("logfile", "/var/log/pgbouncer.log", false),
+            ("transaction_timeout", "0", true),
+            ("transaction_timeout", "30", false),
+            ("listen_port", "0", false),
+        ];
+        for (key, value, want) in cases {
+            assert_eq!(harmless(key, value).is_some(), want, "{key} = {value:?}");
+        }
+        // Every harmless key is one PgBouncer has and Breakwater otherwise refuses.
+        for (key, ..) in HARMLESS_VALUES {
+            assert!(
+                matches!(fate(key), Some(Fate::Unsupported(_))),
+                "{key} is not an unsupported PgBouncer key"
+            );
+        }
+    }
 }
