@@ -124,6 +124,123 @@ async fn a_client_killed_mid_query_hands_its_server_back_rolled_back() {
     );
 }
 
+/// A client host that vanishes without a FIN or RST (power lost, cable pulled) while its
+/// transaction holds a lock: client keepalive and client_tcp_user_timeout make the kernel give
+/// up on the socket, and the server is rolled back and reused. Without them the transaction
+/// (and its lock) would stay until the database's own timeouts, by default never. The client
+/// runs in a network namespace whose link is then cut with DROP rules, so nothing at all
+/// reaches Breakwater; the settings are shortened from the defaults (10 s idle, 20 s) to keep
+/// the test short.
+#[tokio::test]
+async fn a_client_host_that_vanishes_mid_transaction_has_its_locks_released_by_keepalive() {
+    if let Some(why) = testkit::NetNs::unavailable() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let ns = testkit::NetNs::create().expect("network namespace");
+    let pg = testkit::PgCluster::start().expect("start postgres");
+    let pooler = start_pooler(
+        &pg,
+        &format!(
+            "listen_addr = \"127.0.0.1,{}\"\nclient_tcp_keepidle = \"1s\"\n\
+             client_tcp_keepintvl = \"1s\"\nclient_tcp_user_timeout = \"3s\"\n",
+            ns.host_ip()
+        ),
+        "pool_size = 1\n",
+        USERLIST,
+    );
+    let env = Env { pooler, pg };
+    let direct = env.direct().await;
+    direct
+        .batch_execute("CREATE TABLE gone (id int); GRANT ALL ON gone TO app;")
+        .await
+        .unwrap();
+
+    let mut psql = tokio::process::Command::from({
+        let mut cmd = ns.command(testkit::pg_bin("psql").unwrap());
+        cmd.args(["-X", "-At", "-h", &ns.host_ip().to_string()])
+            .args([
+                "-p",
+                &env.pooler.port().to_string(),
+                "-U",
+                "app",
+                "-d",
+                "app",
+            ])
+            .env("PGPASSWORD", "app_pw")
+            .env("PGCONNECT_TIMEOUT", "10");
+        cmd
+    })
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .stderr(std::process::Stdio::null())
+    .kill_on_drop(true)
+    .spawn()
+    .unwrap();
+    // Kept open: psql waits on it for more, as an application between statements.
+    let mut stdin = psql.stdin.take().unwrap();
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    stdin
+        .write_all(
+            b"BEGIN;\nINSERT INTO gone VALUES (1);\nLOCK TABLE gone;\nSELECT pg_backend_pid();\n",
+        )
+        .await
+        .unwrap();
+    let mut lines = tokio::io::BufReader::new(psql.stdout.take().unwrap()).lines();
+    let pid: i32 = tokio::time::timeout(WAIT, async {
+        loop {
+            let line = lines.next_line().await.unwrap().expect("psql's output");
+            if let Ok(pid) = line.trim().parse() {
+                return pid;
+            }
+        }
+    })
+    .await
+    .expect("psql to take the lock");
+    let quiet_since = Instant::now();
+    ns.cut().unwrap();
+
+    let locks = "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation \
+                 WHERE c.relname = 'gone' AND l.mode = 'AccessExclusiveLock'";
+    testkit::wait_until(
+        "the vanished client's lock to be released",
+        WAIT * 2,
+        || async { direct.query_one(locks, &[]).await.unwrap().get::<_, i64>(0) == 0 },
+    )
+    .await
+    .unwrap();
+    let took = quiet_since.elapsed();
+    // Not before the socket can have given up (three 1 s probes unanswered under a 3 s user
+    // timeout), and the WAIT bound above is the "not much after".
+    assert!(
+        took >= Duration::from_secs(2),
+        "released after {took:?}: by what?"
+    );
+
+    // Rolled back, and the same backend serves the next client.
+    let b = env.client().await;
+    let row = b
+        .query_one("SELECT pg_backend_pid(), count(*) FROM gone", &[])
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i32>(0),
+        pid,
+        "the server connection was replaced"
+    );
+    assert_eq!(
+        row.get::<_, i64>(1),
+        0,
+        "the vanished client's insert is visible"
+    );
+    let log = env.pooler.log();
+    assert!(
+        log.contains("client connection lost while holding a server") && log.contains("timed out"),
+        "no log line names why the client went:\n{log}"
+    );
+    let _ = psql.kill().await;
+}
+
 #[tokio::test]
 async fn a_terminated_backend_gives_its_client_an_error_and_the_pool_recovers() {
     let env = start("", "pool_size = 1\n");

@@ -271,6 +271,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         server: Default::default(),
         dns: Default::default(),
         client_tls: Default::default(),
+        client_liveness: Default::default(),
         databases: vec![route],
         log_connections: false,
         log_disconnections: false,

@@ -217,6 +217,14 @@ section! {
         tcp_keepidle: Timeout = Timeout::secs(15), reload;
         tcp_keepintvl: Timeout = Timeout::secs(5), reload;
         tcp_keepcnt: u32 = 3, reload;
+        /// The same for client sockets, so that a client host that vanished mid-transaction
+        /// gives its server (and its locks) back. Applied at accept: RELOAD affects new
+        /// clients only.
+        client_tcp_keepalive: bool = true, reload;
+        client_tcp_keepidle: Timeout = Timeout::secs(10), reload;
+        client_tcp_keepintvl: Timeout = Timeout::secs(5), reload;
+        client_tcp_keepcnt: u32 = 3, reload;
+        client_tcp_user_timeout: Timeout = Timeout::secs(20), reload;
         /// How often averages (SHOW STATS avg_*) are taken and the stats line is logged.
         stats_period: Timeout = Timeout::secs(60), reload;
         log_stats: bool = true, reload;
@@ -609,6 +617,7 @@ impl Config {
                 p.server_connect_concurrency,
             ),
             ("pooler.tcp_keepcnt", p.tcp_keepcnt as usize),
+            ("pooler.client_tcp_keepcnt", p.client_tcp_keepcnt as usize),
         ];
         for (key, n) in at_least_one {
             if n == 0 {
@@ -631,9 +640,15 @@ impl Config {
             never_zero.push(("pooler.tcp_keepidle", p.tcp_keepidle));
             never_zero.push(("pooler.tcp_keepintvl", p.tcp_keepintvl));
         }
+        if p.client_tcp_keepalive {
+            never_zero.push(("pooler.client_tcp_keepidle", p.client_tcp_keepidle));
+            never_zero.push(("pooler.client_tcp_keepintvl", p.client_tcp_keepintvl));
+        }
         for (key, t) in never_zero {
             if t.0.is_none() {
-                let why = if key.contains("keep") {
+                let why = if key.contains("client_tcp_keep") {
+                    " while client_tcp_keepalive = true"
+                } else if key.contains("keep") {
                     " while tcp_keepalive = true"
                 } else {
                     ""
@@ -901,14 +916,11 @@ impl Config {
             login_timeout: p.server_login_timeout.0,
             lifetime: p.server_lifetime.0,
             idle_timeout: p.server_idle_timeout.0,
-            keepalive: p.tcp_keepalive.then(|| {
-                (
-                    p.tcp_keepidle.0.unwrap_or_default(),
-                    p.tcp_keepintvl.0.unwrap_or_default(),
-                    p.tcp_keepcnt,
-                )
-            }),
-            tcp_user_timeout: p.tcp_user_timeout.0,
+            liveness: liveness(
+                p.tcp_keepalive,
+                (p.tcp_keepidle, p.tcp_keepintvl, p.tcp_keepcnt),
+                p.tcp_user_timeout,
+            ),
             check_delay: p.server_check_delay.0,
             check_query: p.server_check_query.clone(),
             max_message: p.max_packet_size,
@@ -985,8 +997,36 @@ impl Config {
                 nameservers: nameservers(&p.dns_nameservers).unwrap_or_default(),
             },
             client_tls: self.client_tls.clone(),
+            client_liveness: liveness(
+                p.client_tcp_keepalive,
+                (
+                    p.client_tcp_keepidle,
+                    p.client_tcp_keepintvl,
+                    p.client_tcp_keepcnt,
+                ),
+                p.client_tcp_user_timeout,
+            ),
             databases,
         }
+    }
+}
+
+/// One side's `*tcp_keep*` and `*tcp_user_timeout` settings as socket options. Validation
+/// rejects `"0"` for idle and interval while keepalive is on, so the defaults are unreachable.
+fn liveness(
+    on: bool,
+    (idle, interval, count): (Timeout, Timeout, u32),
+    user_timeout: Timeout,
+) -> upstream::TcpLiveness {
+    upstream::TcpLiveness {
+        keepalive: on.then(|| {
+            (
+                idle.0.unwrap_or_default(),
+                interval.0.unwrap_or_default(),
+                count,
+            )
+        }),
+        user_timeout: user_timeout.0,
     }
 }
 
@@ -1412,6 +1452,31 @@ mod tests {
         assert_eq!(s.query_wait_timeout, Some(Duration::from_secs(120)));
         assert_eq!(s.idle_transaction_timeout, None);
         assert_eq!(s.server_reset_query, "DISCARD ALL");
+        // A client host that vanished is given up on after client_tcp_user_timeout (20 s): the
+        // third unanswered probe, at 10 + 2 × 5 s, finds it expired.
+        assert_eq!(
+            s.client_liveness,
+            upstream::TcpLiveness {
+                keepalive: Some((Duration::from_secs(10), Duration::from_secs(5), 3)),
+                user_timeout: Some(Duration::from_secs(20)),
+            }
+        );
+    }
+
+    #[test]
+    fn client_keepalive_can_be_turned_off_but_not_its_intervals_zeroed() {
+        let c = parse("[pooler]\nauth_type = \"trust\"\nclient_tcp_keepalive = false\nclient_tcp_user_timeout = \"0\"\n").unwrap();
+        assert_eq!(
+            c.proxy_settings().client_liveness,
+            upstream::TcpLiveness::default()
+        );
+        let err = parse("[pooler]\nauth_type = \"trust\"\nclient_tcp_keepidle = \"0\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("client_tcp_keepidle") && err.contains("client_tcp_keepalive = true"),
+            "{err}"
+        );
     }
 
     #[test]

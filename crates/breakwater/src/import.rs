@@ -224,6 +224,13 @@ pub fn import(ini: &Path, userlist: Option<&Path>, output: &Path) -> Result<Impo
                         let _ = (login.set)(&mut pooler, &text);
                     }
                 }
+                if e.key.starts_with("tcp_keep") || e.key == "tcp_user_timeout" {
+                    // PgBouncer's tcp_* apply to client and server sockets alike; Breakwater
+                    // has a client_tcp_* twin of each.
+                    if let Some(client) = setting(&format!("client_{}", e.key)) {
+                        let _ = (client.set)(&mut pooler, &text);
+                    }
+                }
             }
             Err(why) => missing.push(format!("{line}: not imported: {why}")),
         }
@@ -541,6 +548,34 @@ mod tests {
                 (got, want) => panic!("{key} = {value}: {got:?}, wanted {want:?}"),
             }
         }
+    }
+
+    #[test]
+    fn pgbouncer_tcp_settings_apply_to_client_sockets_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let ini = dir.path().join("pgbouncer.ini");
+        std::fs::write(
+            &ini,
+            "[databases]\napp = host=db\n[pgbouncer]\nauth_type = trust\n\
+             tcp_keepidle = 7\ntcp_keepintvl = 2\ntcp_keepcnt = 4\ntcp_user_timeout = 9000\n",
+        )
+        .unwrap();
+        let out = import(&ini, None, &dir.path().join("pooler.toml")).unwrap();
+        for key in ["", "client_"] {
+            for line in [
+                format!("{key}tcp_keepidle = \"7s\""),
+                format!("{key}tcp_keepintvl = \"2s\""),
+                format!("{key}tcp_keepcnt = 4"),
+                format!("{key}tcp_user_timeout = \"9s\""),
+            ] {
+                assert!(
+                    out.toml.contains(&line),
+                    "{line} missing from\n{}",
+                    out.toml
+                );
+            }
+        }
+        assert!(out.valid, "{}", out.report);
     }
 
     #[test]

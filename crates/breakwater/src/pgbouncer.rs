@@ -135,11 +135,11 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("so_reuseport", Same(Bool)),
     ("tcp_defer_accept", NoOp("not needed: a client costs a task, not a thread")),
     ("tcp_socket_buffer", NoOp("the kernel's socket buffer sizes are used")),
-    ("tcp_keepalive", Differs(Bool, "on server sockets, with Breakwater's own keepidle/keepintvl/keepcnt defaults (15s/5s/3) rather than the OS's")),
-    ("tcp_keepcnt", Differs(Int, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 3")),
-    ("tcp_keepidle", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 15s")),
-    ("tcp_keepintvl", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 5s")),
-    ("tcp_user_timeout", Differs(Millis, "PgBouncer's default 0 leaves it off; Breakwater's default is 30s")),
+    ("tcp_keepalive", Differs(Bool, "server sockets; the importer sets client_tcp_keepalive too (PgBouncer's applies to both sides); Breakwater's keepidle/keepintvl/keepcnt defaults are its own, not the OS's")),
+    ("tcp_keepcnt", Differs(Int, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 3; the importer sets client_tcp_keepcnt too")),
+    ("tcp_keepidle", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 15s (clients: 10s); the importer sets client_tcp_keepidle too")),
+    ("tcp_keepintvl", Differs(Secs, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 5s; the importer sets client_tcp_keepintvl too")),
+    ("tcp_user_timeout", Differs(Millis, "PgBouncer's default 0 leaves it off; Breakwater's default is 30s (clients: 20s); the importer sets client_tcp_user_timeout too")),
 ];
 
 /// Keys with no equivalent whose value asks for nothing Breakwater does not already do: off

@@ -127,6 +127,7 @@ async fn log_in(
     let shared = &shared;
     let settings = shared.settings();
     stream.set_nodelay();
+    stream.set_liveness(&settings.client_liveness);
     let deadline = settings.client_login_timeout.map(|t| Instant::now() + t);
 
     // Small to start: most clients sit idle most of the time, and buffers grow on demand.

@@ -120,6 +120,9 @@ pub struct ProxySettings {
     pub dns: upstream::DnsSettings,
     /// `client_tls_sslmode` and the acceptor built from the `client_tls_*` files.
     pub client_tls: crate::tls::ClientTls,
+    /// `client_tcp_*`: keepalive and TCP_USER_TIMEOUT on client sockets, so a client host
+    /// that vanished without a FIN or RST is noticed and its server given back.
+    pub client_liveness: upstream::TcpLiveness,
     pub databases: Vec<DatabaseRoute>,
     /// Log each client login / disconnection at info (else debug).
     pub log_connections: bool,

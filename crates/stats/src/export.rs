@@ -147,6 +147,7 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     counter!("breakwater_refused_max_client_conn_total").absolute(g.refused_max_client_conn);
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
     counter!("breakwater_clients_left_waiting_total").absolute(g.clients_left_waiting);
+    counter!("breakwater_clients_lost_total").absolute(g.clients_lost);
     counter!("breakwater_admin_logins_total").absolute(g.admin_logins);
     gauge!("breakwater_client_connections").set(clients_current as f64);
     for (kind, n) in [
@@ -313,6 +314,11 @@ pub fn describe() {
             "breakwater_clients_left_waiting_total",
             Count,
             "Clients that closed their connection while queued for a server.",
+        ),
+        (
+            "breakwater_clients_lost_total",
+            Count,
+            "Client connections that broke (reset, or keepalive gave up) while holding a server.",
         ),
         (
             "breakwater_admin_logins_total",

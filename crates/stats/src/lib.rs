@@ -384,6 +384,9 @@ pub struct GlobalStats {
     pub cancel_requests: AtomicU64,
     /// Clients that closed their connection while queued for a server (never served).
     pub clients_left_waiting: AtomicU64,
+    /// Client connections that broke (a read or write error: reset, or keepalive or
+    /// client_tcp_user_timeout gave up on a vanished host) while the client held a server.
+    pub clients_lost: AtomicU64,
     /// Timeouts by setting, each also logged where it fires.
     pub timeouts_query_wait: AtomicU64,
     pub timeouts_client_login: AtomicU64,
@@ -437,6 +440,7 @@ pub struct GlobalSnapshot {
     pub refused_max_client_conn: u64,
     pub cancel_requests: u64,
     pub clients_left_waiting: u64,
+    pub clients_lost: u64,
     pub admin_logins: u64,
     pub client_errors: Vec<(&'static str, u64)>,
     pub timeouts_query_wait: u64,
@@ -460,6 +464,7 @@ impl GlobalStats {
             refused_max_client_conn: self.refused_max_client_conn.load(Relaxed),
             cancel_requests: self.cancel_requests.load(Relaxed),
             clients_left_waiting: self.clients_left_waiting.load(Relaxed),
+            clients_lost: self.clients_lost.load(Relaxed),
             admin_logins: self.admin_logins.load(Relaxed),
             client_errors: self.client_errors.snapshot(),
             timeouts_query_wait: self.timeouts_query_wait.load(Relaxed),

@@ -1,7 +1,7 @@
 //! Breakwater's test kit (dev-only): throwaway PostgreSQL clusters (and streaming standbys),
 //! loopback ports that parallel test processes cannot collide on, a running Breakwater process, a
 //! fault-injecting TCP proxy to put between Breakwater and PostgreSQL, a hostile fake server for
-//! the login path, a tiny DNS responder, and waiting for conditions instead of sleeping.
+//! the login path, a tiny DNS responder, a network namespace whose link can be cut silently, and waiting for conditions instead of sleeping.
 //!
 //! End-to-end tests run in parallel, one process each (cargo nextest), so everything shared —
 //! ports above all — is coordinated across processes, not just threads. Everything a test starts
@@ -12,6 +12,7 @@
 mod conn;
 mod dns;
 mod fault;
+mod netns;
 mod pg;
 mod pooler;
 mod port;
@@ -21,6 +22,7 @@ mod wait;
 
 pub use dns::{DnsAnswer, DnsServer};
 pub use fault::{ByteFault, ConnectFault, FaultProxy};
+pub use netns::NetNs;
 pub use pg::{pg_bin, PgCluster, PgOptions, ROLES, SUPERUSER};
 pub use pooler::Pooler;
 pub use port::{accepts_connections, free_port};

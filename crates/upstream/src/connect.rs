@@ -224,17 +224,7 @@ async fn connect_one(
         })?;
     if let Stream::Tcp(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
-        if let Some((idle, interval, count)) = settings.keepalive {
-            let ka = socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(interval)
-                .with_retries(count);
-            let _ = socket2::SockRef::from(tcp).set_tcp_keepalive(&ka);
-        }
-        #[cfg(target_os = "linux")]
-        if let Some(t) = settings.tcp_user_timeout {
-            let _ = socket2::SockRef::from(tcp).set_tcp_user_timeout(Some(t));
-        }
+        settings.liveness.apply(tcp);
     }
     if !tls {
         return Ok(stream);

@@ -45,5 +45,5 @@ pub use registry::ServerInfo;
 pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};
 pub use settings::{ServerSettings, ServerTarget};
 pub use stats::CloseReason;
-pub use stream::Stream;
+pub use stream::{Stream, TcpLiveness};
 pub use tls::{ServerTls, ServerTlsFiles, SslMode, TlsConfigError};

@@ -31,10 +31,9 @@ pub struct ServerSettings {
     pub lifetime: Option<Duration>,
     /// `server_idle_timeout`: idle connections unused this long are closed (above min_pool_size).
     pub idle_timeout: Option<Duration>,
-    /// `tcp_keepalive`: keepalive probes on server sockets (idle, interval, count).
-    pub keepalive: Option<(Duration, Duration, u32)>,
-    /// `tcp_user_timeout`: unacknowledged data older than this kills the socket (Linux).
-    pub tcp_user_timeout: Option<Duration>,
+    /// `tcp_keepalive`, `tcp_keepidle/intvl/cnt` and `tcp_user_timeout`: how a server socket
+    /// notices a server host that vanished.
+    pub liveness: crate::stream::TcpLiveness,
     /// `server_check_delay`: a connection idle longer than this is checked before reuse.
     pub check_delay: Option<Duration>,
     /// `server_check_query`: the check; empty disables it.
@@ -58,8 +57,10 @@ impl Default for ServerSettings {
             login_timeout: Some(Duration::from_secs(5)),
             lifetime: Some(Duration::from_secs(3600)),
             idle_timeout: Some(Duration::from_secs(600)),
-            keepalive: Some((Duration::from_secs(15), Duration::from_secs(5), 3)),
-            tcp_user_timeout: Some(Duration::from_secs(30)),
+            liveness: crate::stream::TcpLiveness {
+                keepalive: Some((Duration::from_secs(15), Duration::from_secs(5), 3)),
+                user_timeout: Some(Duration::from_secs(30)),
+            },
             check_delay: Some(Duration::from_secs(30)),
             check_query: "SELECT 1".into(),
             max_message: proto::DEFAULT_MAX_MESSAGE,

@@ -23,6 +23,38 @@ pub enum Stream {
     TlsFromClient(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
+/// How a TCP socket notices a peer that vanished without a FIN or RST (a host powered off, a
+/// cable or a NAT entry gone): keepalive probes once the socket has been quiet, and
+/// TCP_USER_TIMEOUT. Both sides have one: `tcp_*` for server sockets, `client_tcp_*` for
+/// client sockets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct TcpLiveness {
+    /// Probes after `idle` of silence, every `interval`, `count` unanswered ones kill it.
+    pub keepalive: Option<(std::time::Duration, std::time::Duration, u32)>,
+    /// Data (or, with keepalive, probes) unacknowledged this long kills the socket (Linux). With
+    /// keepalive on, this rather than `count` decides when probing gives up (tcp(7)).
+    pub user_timeout: Option<std::time::Duration>,
+}
+
+impl TcpLiveness {
+    /// Best effort: a socket option the platform refuses leaves the socket as it was, which is
+    /// what it would be without the setting.
+    pub fn apply(&self, tcp: &TcpStream) {
+        let sock = socket2::SockRef::from(tcp);
+        if let Some((idle, interval, count)) = self.keepalive {
+            let ka = socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(count);
+            let _ = sock.set_tcp_keepalive(&ka);
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(t) = self.user_timeout {
+            let _ = sock.set_tcp_user_timeout(Some(t));
+        }
+    }
+}
+
 /// A non-blocking `MSG_PEEK` of one byte: `Ok(0)` the peer closed, `Ok(1)` it sent something,
 /// `WouldBlock` nothing is there.
 fn peek(fd: std::os::fd::RawFd) -> io::Result<usize> {
@@ -218,6 +250,13 @@ impl Stream {
     pub fn set_nodelay(&self) {
         if let Some(s) = self.tcp() {
             let _ = s.set_nodelay(true);
+        }
+    }
+
+    /// Applies keepalive and TCP_USER_TIMEOUT to a TCP stream (nothing for a Unix socket).
+    pub fn set_liveness(&self, liveness: &TcpLiveness) {
+        if let Some(s) = self.tcp() {
+            liveness.apply(s);
         }
     }
 

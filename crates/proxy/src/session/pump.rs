@@ -75,6 +75,18 @@ fn want_from_server(h: &Header, watch_read_only: bool) -> Want {
 }
 
 impl Session {
+    /// The client's socket broke while it held a server (not a close: an error, such as a
+    /// reset, or ETIMEDOUT when keepalive or client_tcp_user_timeout gave up on a host that
+    /// vanished). Said at warn, because the transaction it had open is about to be rolled back.
+    fn client_lost(&self, h: &Held, e: &std::io::Error) {
+        GlobalStats::bump(&self.global().clients_lost);
+        tracing::warn!(
+            server = h.server.id(),
+            transaction = ?h.ledger.status(),
+            "client connection lost while holding a server ({e}); its work is abandoned"
+        );
+    }
+
     /// Active: stream both ways until the transaction ends or something breaks.
     pub(super) async fn pump(&mut self, h: &mut Held) -> Step {
         let timer_settings = TimerSettings::of(&self.settings, self.mode == PoolMode::Session);
@@ -117,7 +129,8 @@ impl Session {
                 );
                 let written = self.client.stream.send(&self.scratch.to_client).await;
                 self.scratch.to_client.clear();
-                if written.is_err() {
+                if let Err(e) = written {
+                    self.client_lost(h, &e);
                     return Step::ClientGone;
                 }
             }
@@ -154,7 +167,11 @@ impl Session {
                 }
                 r = read_into(&mut self.client.stream, &mut self.client.buf) => {
                     match r {
-                        Ok(0) | Err(_) => return Step::ClientGone,
+                        Ok(0) => return Step::ClientGone,
+                        Err(e) => {
+                            self.client_lost(h, &e);
+                            return Step::ClientGone;
+                        }
                         Ok(_) => {}
                     }
                     h.clock.last_client_byte = Instant::now();
