@@ -671,13 +671,6 @@ async fn set_changes_a_setting_live_and_refuses_restart_only_ones() {
 }
 
 /// The value of the series whose line starts with `prefix`.
-fn series(body: &str, prefix: &str) -> Option<f64> {
-    body.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-}
-
 #[tokio::test]
 async fn metrics_serve_breakwater_series_that_match_the_console() {
     let mport = testkit::free_port();

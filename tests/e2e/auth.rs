@@ -97,7 +97,10 @@ async fn breakwater_logs_in_to_servers_that_ask_for_md5_cleartext_or_nothing() {
     ] {
         pg.psql("app", &format!("GRANT CONNECT ON DATABASE app TO {user}"))
             .unwrap();
-        let db_extra = format!("user = \"{user}\"\npassword = \"{password}\"\n");
+        // Cleartext over TCP without verified TLS must be allowed explicitly.
+        let db_extra = format!(
+            "user = \"{user}\"\npassword = \"{password}\"\nserver_require_auth = \"password,md5,none\"\n"
+        );
         let pooler = start_pooler(&pg, "auth_type = \"scram-sha-256\"", &db_extra, USERLIST);
         let c = pooler
             .connect("app", "app_pw", "app")
@@ -109,6 +112,39 @@ async fn breakwater_logs_in_to_servers_that_ask_for_md5_cleartext_or_nothing() {
             .unwrap()
             .get(0);
         assert_eq!(who, user, "server login as {user}");
+    }
+}
+
+/// PostgreSQL with pg_hba `password` (plainuser) or `md5` (md5user): by default the cleartext
+/// request is refused, as is md5 where only SCRAM is allowed; the client is told why.
+#[tokio::test]
+async fn server_require_auth_refuses_real_servers_asking_for_weaker_methods() {
+    let pg = PgCluster::start().unwrap();
+    for (user, password, require, method) in [
+        ("plainuser", "plain_pw", "", "password"),
+        ("md5user", "md5_pw", "scram-sha-256", "md5"),
+        ("trustuser", "", "!none", "none"),
+    ] {
+        pg.psql("app", &format!("GRANT CONNECT ON DATABASE app TO {user}"))
+            .unwrap();
+        let db_extra = format!(
+            "user = \"{user}\"\npassword = \"{password}\"\nserver_require_auth = \"{require}\"\n"
+        );
+        let pooler = start_pooler(&pg, "auth_type = \"scram-sha-256\"", &db_extra, USERLIST);
+        let err = match pooler.connect("app", "app_pw", "app").await {
+            Ok(c) => c.simple_query("SELECT 1").await.expect_err("refused"),
+            Err(e) => e,
+        };
+        let msg = err
+            .as_db_error()
+            .map(|d| d.message().to_owned())
+            .unwrap_or_default();
+        assert!(
+            msg.contains(&format!(
+                "asked for {method} authentication, which server_require_auth"
+            )),
+            "{user}: {err}"
+        );
     }
 }
 

@@ -292,6 +292,14 @@ pub fn error_code(bytes: &[u8]) -> Option<String> {
 }
 
 /// The whole response (status line, headers, body) to `GET path` on 127.0.0.1:`port`.
+/// The value of the first Prometheus series line starting with `prefix`.
+pub fn series(body: &str, prefix: &str) -> Option<f64> {
+    body.lines()
+        .find(|l| l.starts_with(prefix))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
 pub fn http_get(port: u16, path: &str) -> String {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();

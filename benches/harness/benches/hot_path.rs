@@ -224,6 +224,7 @@ fn pool(c: &mut Criterion) {
         dbname: "app".into(),
         user: "app".into(),
         credential: Some(ServerCredential::Password("app_pw".into())),
+        require_auth: Default::default(),
     };
     let wait = Some(Duration::from_secs(10));
     let mut alarm = upstream::Alarm::default();

@@ -249,6 +249,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         min_pool_size: 0,
         pool_mode: PoolMode::Transaction,
         max_db_connections: None,
+        require_auth: Default::default(),
     };
     ProxySettings {
         auth_type: AuthType::Trust,

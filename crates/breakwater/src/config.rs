@@ -241,6 +241,9 @@ section! {
         server_tls_ca_file: Option<PathBuf> = None, reload;
         server_tls_cert_file: Option<PathBuf> = None, reload;
         server_tls_key_file: Option<PathBuf> = None, reload;
+        /// libpq's `require_auth` for server logins; empty: anything but a cleartext password
+        /// over a connection whose certificate was not verified.
+        server_require_auth: String = String::new(), reload;
     }
 }
 
@@ -271,6 +274,8 @@ section! {
         min_pool_size: Option<usize> = None, reload;
         pool_mode: Option<PoolMode> = None, reload;
         max_db_connections: Option<usize> = None, reload;
+        /// Defaults to the `[pooler]` one.
+        server_require_auth: Option<String> = None, reload;
     }
 }
 
@@ -687,7 +692,17 @@ impl Config {
         if let Err(message) = nameservers(&p.dns_nameservers) {
             bad("pooler.dns_nameservers", message);
         }
+        if let Err(message) = upstream::RequireAuth::parse(&p.server_require_auth) {
+            bad("pooler.server_require_auth", message);
+        }
         for (name, db) in &file.databases {
+            if let Some(Err(message)) = db
+                .server_require_auth
+                .as_deref()
+                .map(upstream::RequireAuth::parse)
+            {
+                bad(&format!("databases.{name}.server_require_auth"), message);
+            }
             if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
                 bad(
                     &format!("databases.{name}"),
@@ -958,6 +973,13 @@ impl Config {
                     min_pool_size: d.min_pool_size.unwrap_or(p.min_pool_size),
                     pool_mode: d.pool_mode.unwrap_or(p.pool_mode),
                     max_db_connections: d.max_db_connections.filter(|n| *n > 0),
+                    // Validated in `parse`.
+                    require_auth: upstream::RequireAuth::parse(
+                        d.server_require_auth
+                            .as_deref()
+                            .unwrap_or(&p.server_require_auth),
+                    )
+                    .unwrap_or_default(),
                 }
             })
             .collect();

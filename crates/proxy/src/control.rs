@@ -56,6 +56,7 @@ fn same_target(a: &DatabaseRoute, b: &DatabaseRoute) -> bool {
         && a.user == b.user
         && a.password == b.password
         && a.pool_mode == b.pool_mode
+        && a.require_auth == b.require_auth
 }
 
 impl Shared {

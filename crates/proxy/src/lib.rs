@@ -406,6 +406,7 @@ impl Shared {
                     dbname: route.dbname.clone(),
                     user: server_user.to_owned(),
                     credential,
+                    require_auth: route.require_auth.clone(),
                 },
                 hosts: route.hosts.clone(),
                 attrs: route.target_session_attrs,

@@ -84,6 +84,8 @@ pub struct DatabaseRoute {
     pub pool_mode: PoolMode,
     /// Cap on server connections to this database across all its pools.
     pub max_db_connections: Option<usize>,
+    /// `server_require_auth` (the database's, else the pooler's).
+    pub require_auth: upstream::RequireAuth,
 }
 
 #[derive(Debug, Clone)]

@@ -128,6 +128,11 @@ pub fn publish_host(h: &HostSnapshot) {
         std::slice::from_ref(&host)
     )
     .absolute(h.breaker_opens);
+    counter!(
+        "breakwater_host_auth_refused_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.auth_refused);
     for state in ["closed", "open", "half-open"] {
         let l = [host.clone(), ("state", state.to_string())];
         gauge!("breakwater_host_breaker", &l).set(f64::from(u8::from(h.breaker == state)));
@@ -279,6 +284,11 @@ pub fn describe() {
             "breakwater_host_breaker_opens_total",
             Count,
             "Times the upstream host's circuit breaker opened.",
+        ),
+        (
+            "breakwater_host_auth_refused_total",
+            Count,
+            "Server logins abandoned because the server asked for a method server_require_auth refuses.",
         ),
         (
             "breakwater_host_drills_total",

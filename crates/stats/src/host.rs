@@ -42,6 +42,8 @@ pub struct HostStats {
     /// Attempts refused at once because the breaker was open.
     pub fast_failures: AtomicU64,
     pub breaker_opens: AtomicU64,
+    /// Logins abandoned because the server asked for a method server_require_auth refuses.
+    pub auth_refused: AtomicU64,
     breaker: AtomicU8,
     /// Failure drills started on this host.
     pub drills: AtomicU64,
@@ -62,6 +64,7 @@ pub struct HostSnapshot {
     pub timeouts_login: u64,
     pub fast_failures: u64,
     pub breaker_opens: u64,
+    pub auth_refused: u64,
     pub breaker: &'static str,
     pub drills: u64,
     /// The failure drill in force ("" when none) and its seconds left.
@@ -132,6 +135,7 @@ impl HostStats {
             timeouts_login: self.timeouts_login.load(Relaxed),
             fast_failures: self.fast_failures.load(Relaxed),
             breaker_opens: self.breaker_opens.load(Relaxed),
+            auth_refused: self.auth_refused.load(Relaxed),
             breaker: self.breaker().as_str(),
         }
     }

@@ -23,6 +23,12 @@ pub enum Hostility {
     WrongServerSignature,
     /// A message header announcing about 2 GB, then a trickle of bytes.
     OversizedMessage,
+    /// AuthenticationCleartextPassword, as a server downgrading authentication (or someone in
+    /// the middle) would ask; [`Outcome::password_sent`] says whether the pooler answered.
+    AsksCleartext,
+    /// A SCRAM exchange that ends in AuthenticationOk without the server's signature
+    /// (SASLFinal): a server that never proves it knows the password.
+    ScramWithoutProof,
 }
 
 /// How one login against the fake went, from the fake's side.
@@ -31,6 +37,8 @@ pub struct Outcome {
     /// From the bad step to the pooler closing the connection; `None` if it did not close within
     /// the fake's 10 s read timeout.
     pub cut_after: Option<Duration>,
+    /// The pooler sent a password message in answer to the bad step.
+    pub password_sent: bool,
 }
 
 pub struct FakeUpstream {
@@ -118,6 +126,18 @@ fn serve(mut conn: TcpStream, hostility: Hostility) -> anyhow::Result<Option<Out
             _ => break,
         }
     }
+    if hostility == Hostility::AsksCleartext {
+        write_auth(&mut conn, 3, b"")?;
+        // Either a PasswordMessage or the end of the connection.
+        let start = Instant::now();
+        let mut tag = [0u8; 1];
+        let password_sent = matches!(conn.read(&mut tag), Ok(1) if tag[0] == b'p');
+        let closed = wait_for_close(&mut conn, false);
+        return Ok(Some(Outcome {
+            cut_after: closed.cut_after.map(|_| start.elapsed()),
+            password_sent,
+        }));
+    }
     if hostility == Hostility::OversizedMessage {
         conn.write_all(&[b'R', 0x7f, 0xff, 0xff, 0xff, 0, 0, 0, 0])?;
         return Ok(Some(wait_for_close(&mut conn, true)));
@@ -138,6 +158,10 @@ fn serve(mut conn: TcpStream, hostility: Hostility) -> anyhow::Result<Option<Out
         return Ok(Some(wait_for_close(&mut conn, false)));
     }
     read_packet(&mut conn, Some(b'p'))?;
+    if hostility == Hostility::ScramWithoutProof {
+        write_auth(&mut conn, 0, b"")?;
+        return Ok(Some(wait_for_close(&mut conn, false)));
+    }
     // 32 zero bytes: no key signs to that.
     let fin = format!("v={}=", "A".repeat(43));
     write_auth(&mut conn, 12, fin.as_bytes())?;
@@ -154,12 +178,14 @@ fn wait_for_close(conn: &mut TcpStream, trickle: bool) -> Outcome {
         if trickle && conn.write_all(&[0]).is_err() {
             return Outcome {
                 cut_after: Some(start.elapsed()),
+                password_sent: false,
             };
         }
         match conn.read(&mut buf) {
             Ok(0) => {
                 return Outcome {
                     cut_after: Some(start.elapsed()),
+                    password_sent: false,
                 }
             }
             Ok(_) => {}
@@ -171,11 +197,15 @@ fn wait_for_close(conn: &mut TcpStream, trickle: bool) -> Outcome {
             Err(_) => {
                 return Outcome {
                     cut_after: Some(start.elapsed()),
+                    password_sent: false,
                 }
             }
         }
     }
-    Outcome { cut_after: None }
+    Outcome {
+        cut_after: None,
+        password_sent: false,
+    }
 }
 
 fn write_auth(conn: &mut TcpStream, code: i32, data: &[u8]) -> std::io::Result<()> {

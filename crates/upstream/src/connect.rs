@@ -17,6 +17,7 @@ use crate::conn::{ServerAddr, ServerConn};
 use crate::dns::{DnsCache, DnsError};
 use crate::error::ConnectError;
 use crate::host::{DrillMode, Host};
+use crate::require_auth::AuthMethod;
 use crate::settings::{ServerSettings, ServerTarget};
 use crate::stream::Stream;
 
@@ -69,6 +70,9 @@ impl ServerConn {
             Err(e) => {
                 if let Some((phase, timed_out)) = e.phase() {
                     host.stats.failed(phase, timed_out);
+                }
+                if matches!(e, ConnectError::AuthNotAllowed { .. }) {
+                    stats::GlobalStats::bump(&host.stats.auth_refused);
                 }
                 if e.server_is_busy() {
                     attempt.server_busy(e);
@@ -251,9 +255,19 @@ async fn login(
     target: &ServerTarget,
     settings: &ServerSettings,
 ) -> Result<ServerConn, ConnectError> {
+    // Could someone other than the server be asking for the password? Not over a Unix
+    // socket, nor under TLS whose certificate was checked against a CA.
+    let verified = match &stream {
+        Stream::Unix(_) => true,
+        Stream::TlsToServer(_) => matches!(
+            settings.tls.mode,
+            crate::tls::SslMode::VerifyCa | crate::tls::SslMode::VerifyFull
+        ),
+        Stream::Tcp(_) | Stream::TlsFromClient(_) => false,
+    };
     let mut conn = ServerConn::new(stream, addr, settings.max_message);
     let addr_s = conn.addr().to_string();
-    let work = run_login(&mut conn, target);
+    let work = run_login(&mut conn, target, verified);
     match settings.login_timeout {
         Some(t) => {
             tokio::time::timeout(t, work)
@@ -268,7 +282,11 @@ async fn login(
     Ok(conn)
 }
 
-async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), ConnectError> {
+async fn run_login(
+    conn: &mut ServerConn,
+    target: &ServerTarget,
+    verified: bool,
+) -> Result<(), ConnectError> {
     let max_message = conn.max_message();
     let addr = conn.addr().to_string();
     let io_err = |source| ConnectError::Io {
@@ -291,7 +309,21 @@ async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), C
         &[("user", &target.user), ("database", &target.dbname)],
     );
     conn.write_all(&out).await.map_err(io_err)?;
+    // Checked before anything is sent in answer: a refused method costs the server nothing.
+    let allowed = |method: AuthMethod| {
+        target
+            .require_auth
+            .check(method, verified)
+            .map_err(|why| ConnectError::AuthNotAllowed {
+                addr: addr.clone(),
+                method,
+                policy: target.require_auth.clone(),
+                why,
+            })
+    };
     let mut scram: Option<ScramClient> = None;
+    let mut asked = false;
+    let mut scram_verified = false;
     loop {
         let msg = loop {
             match frame::take_message(conn.buf_mut(), max_message).map_err(proto_err)? {
@@ -304,7 +336,24 @@ async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), C
         out.clear();
         match msg.tag {
             backend::AUTHENTICATION => {
-                match backend::parse_auth(&msg.body).map_err(proto_err)? {
+                let request = backend::parse_auth(&msg.body).map_err(proto_err)?;
+                let method = match &request {
+                    AuthRequest::Ok if !asked => Some(AuthMethod::None),
+                    AuthRequest::Cleartext => Some(AuthMethod::Password),
+                    AuthRequest::Md5 { .. } => Some(AuthMethod::Md5),
+                    AuthRequest::Sasl { .. } => Some(AuthMethod::ScramSha256),
+                    _ => None,
+                };
+                if let Some(method) = method {
+                    allowed(method)?;
+                    asked = true;
+                }
+                match request {
+                    // A server that began SCRAM must prove it knows the password (its
+                    // signature, in SASLFinal) before it may say Ok; PostgreSQL always does.
+                    AuthRequest::Ok if scram.is_some() && !scram_verified => {
+                        return Err(auth_err("server ended SCRAM without proving it knows the password (no server signature)"));
+                    }
                     AuthRequest::Ok => continue,
                     AuthRequest::Cleartext => match &target.credential {
                         Some(ServerCredential::Password(p)) => {
@@ -346,6 +395,7 @@ async fn run_login(conn: &mut ServerConn, target: &ServerTarget) -> Result<(), C
                         client
                             .server_final(&data)
                             .map_err(|e| auth_err(&format!("SCRAM: {e}")))?;
+                        scram_verified = true;
                         continue;
                     }
                     AuthRequest::Unsupported(code) => {

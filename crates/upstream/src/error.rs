@@ -45,6 +45,14 @@ pub enum ConnectError {
         user: String,
         reason: String,
     },
+    /// The server asked for a method `server_require_auth` does not allow: nothing was sent.
+    #[error("server {addr} asked for {method} authentication, which server_require_auth = \"{policy}\" does not allow: {why}")]
+    AuthNotAllowed {
+        addr: String,
+        method: crate::AuthMethod,
+        policy: crate::RequireAuth,
+        why: &'static str,
+    },
     #[error("protocol error from server {addr}: {source}")]
     Protocol { addr: String, source: FrameError },
     #[error("server {addr} closed the connection during login: {source}")]
@@ -98,6 +106,7 @@ impl ConnectError {
             ConnectError::LoginTimeout { .. } => (Phase::Login, true),
             ConnectError::Refused { .. }
             | ConnectError::Auth { .. }
+            | ConnectError::AuthNotAllowed { .. }
             | ConnectError::Protocol { .. }
             | ConnectError::Io { .. }
             | ConnectError::RoleCheck { .. } => (Phase::Login, false),
@@ -121,7 +130,9 @@ impl ConnectError {
             ConnectError::Refused { fields, .. } => {
                 fields.code.starts_with("28") || fields.code == "3D000"
             }
-            ConnectError::Auth { .. } | ConnectError::BreakerOpen(_) => true,
+            ConnectError::Auth { .. }
+            | ConnectError::AuthNotAllowed { .. }
+            | ConnectError::BreakerOpen(_) => true,
             ConnectError::Tls { source, .. } => source.is_permanent(),
             _ => false,
         }

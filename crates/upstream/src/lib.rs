@@ -25,6 +25,7 @@ pub mod pool;
 pub mod pool_set;
 pub mod prepared;
 pub mod registry;
+pub mod require_auth;
 pub mod role;
 pub mod settings;
 pub mod stream;
@@ -42,6 +43,7 @@ pub use pool::{discard, Checkout, CheckoutError, Limits, PoolSizes, PooledServer
 pub use pool_set::{Paused, PoolKey, PoolSet, PoolSpec, PoolStatus, Reconfigure};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;
+pub use require_auth::{AuthMethod, RequireAuth};
 pub use role::{LoadBalanceHosts, Role, TargetSessionAttrs};
 pub use settings::{ServerSettings, ServerTarget};
 pub use stats::CloseReason;

@@ -373,6 +373,7 @@ mod tests {
                 dbname: db.into(),
                 user: user.into(),
                 credential: None,
+                require_auth: Default::default(),
             },
             hosts: Vec::new(),
             attrs: TargetSessionAttrs::Any,

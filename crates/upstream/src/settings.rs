@@ -16,6 +16,8 @@ pub struct ServerTarget {
     pub dbname: String,
     pub user: String,
     pub credential: Option<ServerCredential>,
+    /// `server_require_auth`: the methods this server may ask for.
+    pub require_auth: crate::RequireAuth,
 }
 
 /// Timeouts and limits for server connections.
