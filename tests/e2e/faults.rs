@@ -390,3 +390,107 @@ async fn min_pool_size_warms_server_connect_concurrency_connections_at_a_time() 
     // Serial warming never has two logins at once; the limit caps them at four.
     assert!((2..=4).contains(&peak), "peak concurrent logins {peak}");
 }
+
+/// Issue 20's restart drill, small: `pg_ctl restart -m immediate` under 50 looping clients,
+/// with the default storm settings (no shortened back-off). Only transactions in flight at the
+/// crash fail — at most one per server connection — every client is served again, a new client
+/// is served once PostgreSQL is back, and no more than server_connect_concurrency (4) logins
+/// are ever in flight. The timings are benches/ business (`restart-drill`); the deadlines here
+/// are only there so that nothing can hang.
+#[tokio::test]
+async fn a_crash_restart_under_50_looping_clients_fails_only_the_transactions_in_flight() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
+    use std::sync::Arc;
+    let Faulty { pooler, proxy, pg } = faulty(
+        "auth_type = \"trust\"\nlog_connections = false\nlog_disconnections = false",
+        "pool_size = 10\n",
+    );
+    let conn = pooler.conn_string("app", "", "app");
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let crashed = Arc::new(AtomicBool::new(false));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let answered = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..50)
+        .map(|i| {
+            let (conn, crashed, failed, answered) = (
+                conn.clone(),
+                crashed.clone(),
+                failed.clone(),
+                answered.clone(),
+            );
+            tokio::spawn(async move {
+                let mut c = connect(&conn).await.unwrap();
+                let mut counted = false;
+                let mut after_crash = 0;
+                let deadline = Instant::now() + Duration::from_secs(60);
+                while after_crash < 3 {
+                    assert!(Instant::now() < deadline, "client {i} never recovered");
+                    match c.simple_query("SELECT 1").await {
+                        Ok(_) if crashed.load(Relaxed) => after_crash += 1,
+                        Ok(_) if !counted => {
+                            counted = true;
+                            answered.fetch_add(1, Relaxed);
+                        }
+                        Ok(_) => {}
+                        // Its server died with the database: a new connection, as
+                        // applications make.
+                        Err(_) => {
+                            failed.fetch_add(1, Relaxed);
+                            c = connect(&conn).await.unwrap();
+                        }
+                    }
+                }
+            })
+        })
+        .collect();
+    testkit::wait_until("every client to be served", WAIT * 3, || async {
+        answered.load(Relaxed) == tasks.len() || tasks.iter().any(|t| t.is_finished())
+    })
+    .await
+    .unwrap();
+    let servers: i64 = direct
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' AND backend_type = 'client backend'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(failed.load(Relaxed), 0, "failures before the crash");
+    proxy.reset_peak();
+    crashed.store(true, Relaxed);
+    // The clients keep looping on this runtime while the restart blocks another thread.
+    let pg = tokio::task::spawn_blocking(move || {
+        let mut pg = pg;
+        pg.try_restart_immediate().map(|()| pg)
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // PostgreSQL accepts connections: a new client is served, waiting for a server if need be.
+    let new_client = tokio::time::timeout(WAIT, async {
+        let c = connect(&conn).await?;
+        c.simple_query("SELECT 1").await
+    })
+    .await
+    .expect("a new client waited 10 s after PostgreSQL was back");
+    assert!(new_client.is_ok(), "{new_client:?}");
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(90), t)
+            .await
+            .expect("a client hung")
+            .unwrap();
+    }
+    let (failed, peak) = (failed.load(Relaxed), proxy.peak_logging_in());
+    eprintln!(
+        "measured: {failed} failed transactions with {servers} server connections at the crash; \
+         peak logins in flight {peak}; connect attempts {}",
+        proxy.attempts()
+    );
+    assert!(
+        failed as i64 <= servers,
+        "{failed} transactions failed, more than the {servers} server connections at the crash"
+    );
+    assert!((1..=4).contains(&peak), "{peak} logins in flight at once");
+    drop(pg);
+}

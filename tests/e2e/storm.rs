@@ -173,3 +173,62 @@ async fn clients_wait_through_a_database_restart_and_all_succeed_afterwards() {
         1
     );
 }
+
+/// A full database (`53300 too many connections`, here the role's CONNECTION LIMIT) means
+/// "back off", not "fail every client": the servers the pool has serve the clients in turn,
+/// and the breaker stays closed — with the default settings.
+#[tokio::test]
+async fn a_database_answering_53300_serves_every_client_through_the_connections_it_allows() {
+    let env = start(
+        "log_connections = false\nlog_disconnections = false",
+        "pool_size = 8\n",
+    );
+    let direct = env.direct().await;
+    direct
+        .batch_execute("ALTER ROLE app CONNECTION LIMIT 2")
+        .await
+        .unwrap();
+    let clients: Vec<_> = logged_in_clients(16, &env).await;
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                for _ in 0..5 {
+                    c.simple_query("SELECT pg_sleep(0.05)").await?;
+                }
+                Ok::<_, tokio_postgres::Error>(())
+            })
+        })
+        .collect();
+    for t in tasks {
+        let r = tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("a client hung")
+            .unwrap();
+        assert!(r.is_ok(), "a client failed: {r:?}");
+    }
+    let log = env.pooler.log();
+    assert!(
+        log.contains("53300"),
+        "the database never said it was full:\n{log}"
+    );
+    let admin = connect(&env.pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    let mut opens = None;
+    for m in admin.simple_query("SHOW HOSTS").await.unwrap() {
+        if let tokio_postgres::SimpleQueryMessage::Row(r) = m {
+            opens = r.try_get("breaker_opens").ok().flatten().map(str::to_owned);
+        }
+    }
+    assert_eq!(opens.as_deref(), Some("0"), "the breaker opened");
+}
+
+/// `n` clients logged in through the pooler.
+async fn logged_in_clients(n: usize, env: &Env) -> Vec<tokio_postgres::Client> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(env.client().await);
+    }
+    clients
+}

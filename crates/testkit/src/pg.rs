@@ -344,6 +344,14 @@ impl PgCluster {
         self.start_server()
     }
 
+    /// `pg_ctl restart -m immediate`: the server stops as in a crash (backends killed, no
+    /// checkpoint), then starts again and replays WAL, as after a database host's failure.
+    /// Returns once it accepts connections again.
+    pub fn try_restart_immediate(&mut self) -> anyhow::Result<()> {
+        self.stop_server("immediate")?;
+        self.start_server()
+    }
+
     fn program(&self, name: &str) -> anyhow::Result<PathBuf> {
         let path = self.bin_dir.join(name);
         if path.is_file() {
