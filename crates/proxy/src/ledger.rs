@@ -407,6 +407,16 @@ impl TxLedger {
         self.leaves_state
     }
 
+    /// Panics if the ledger's own counts disagree: for the fuzz targets (`crate::fuzzing`).
+    pub(crate) fn check_invariants(&self) {
+        let owed = self.expect.iter().filter(|e| e.owes_ready()).count();
+        assert_eq!(
+            owed, self.ready_owed as usize,
+            "ready_owed is out of step with the reply queue: {:?}",
+            self.expect
+        );
+    }
+
     /// A ROLLBACK Breakwater ran on its own account ended the transaction.
     pub fn rolled_back(&mut self) {
         self.status = TxStatus::Idle;

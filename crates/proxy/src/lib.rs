@@ -17,6 +17,8 @@ pub mod cancel;
 mod client;
 mod client_conn;
 mod control;
+#[doc(hidden)]
+pub mod fuzzing;
 mod ledger;
 pub mod params;
 pub mod prepared;

@@ -11,6 +11,8 @@
 use super::*;
 use proptest::prelude::*;
 
+use crate::fuzzing::{ModelServer, Req};
+
 /// What a script did: what the client saw (tags, in order), and the ledger after it.
 struct Run {
     sees: String,
@@ -462,28 +464,6 @@ fn only_messages_a_client_may_send_are_known() {
 
 // A model server, to check the ledger against random legal conversations.
 
-/// A client request in the random conversations.
-#[derive(Debug, Clone, Copy)]
-enum Req {
-    Query {
-        fails: bool,
-        opens: bool,
-        closes: bool,
-    },
-    Parse {
-        fails: bool,
-    },
-    InjectedParse,
-    Bind,
-    Describe,
-    Execute {
-        rows: u8,
-    },
-    AnsweredClose,
-    Flush,
-    Sync,
-}
-
 fn req() -> impl Strategy<Value = Req> {
     prop_oneof![
         (any::<bool>(), any::<bool>(), any::<bool>()).prop_map(|(fails, opens, closes)| {
@@ -504,80 +484,13 @@ fn req() -> impl Strategy<Value = Req> {
     ]
 }
 
-/// What PostgreSQL answers to `reqs`, in order, as (reply, hidden from the client?): an error
-/// in an extended batch skips to the next Sync, as the server does.
+/// What the model PostgreSQL answers to `reqs`, in order.
 fn server_replies(reqs: &[Req]) -> Vec<Received> {
-    let mut out = Vec::new();
-    let mut skipping = false;
-    let mut in_tx = false;
-    let ready = |in_tx: bool| {
-        Received::Ready(if in_tx {
-            TxStatus::InTransaction
-        } else {
-            TxStatus::Idle
-        })
-    };
+    let mut server = ModelServer::default();
     for r in reqs {
-        if skipping && !matches!(r, Req::Sync) {
-            continue;
-        }
-        match *r {
-            Req::Query {
-                fails,
-                opens,
-                closes,
-            } => {
-                if fails {
-                    out.push(Received::Other(backend::ERROR_RESPONSE));
-                } else {
-                    in_tx = (in_tx || opens) && !closes;
-                    out.push(Received::Other(backend::COMMAND_COMPLETE));
-                }
-                out.push(ready(in_tx));
-            }
-            Req::Parse { fails: true } => {
-                out.push(Received::Other(backend::ERROR_RESPONSE));
-                skipping = true;
-            }
-            Req::Parse { fails: false } | Req::InjectedParse => {
-                out.push(Received::Other(backend::PARSE_COMPLETE))
-            }
-            Req::Bind => out.push(Received::Other(backend::BIND_COMPLETE)),
-            Req::Describe => out.push(Received::Other(backend::NO_DATA)),
-            Req::Execute { rows } => {
-                for _ in 0..rows {
-                    out.push(Received::Other(backend::DATA_ROW));
-                }
-                out.push(Received::Other(backend::COMMAND_COMPLETE));
-            }
-            Req::AnsweredClose | Req::Flush => {}
-            Req::Sync => {
-                skipping = false;
-                out.push(ready(in_tx));
-            }
-        }
+        server.receive(*r);
     }
-    out
-}
-
-fn sent(r: Req) -> Sent {
-    match r {
-        Req::Query { .. } => Sent::Query,
-        Req::Parse { .. } => Sent::Parse {
-            hide: false,
-            prepared: None,
-        },
-        Req::InjectedParse => Sent::Parse {
-            hide: true,
-            prepared: None,
-        },
-        Req::Bind => Sent::Bind,
-        Req::Describe => Sent::Describe,
-        Req::Execute { .. } => Sent::Execute,
-        Req::AnsweredClose => Sent::Answered(backend::CLOSE_COMPLETE),
-        Req::Flush => Sent::Flush,
-        Req::Sync => Sent::Sync,
-    }
+    server.replies.into_iter().collect()
 }
 
 proptest! {
@@ -608,7 +521,7 @@ proptest! {
             }
             let send = can_send && (!can_recv || steps.next().unwrap_or(true));
             if send {
-                let _ = ledger.on_client(sent(reqs[sent_n]));
+                let _ = ledger.on_client(reqs[sent_n].sent());
                 sent_n += 1;
             } else {
                 ledger.on_server(replies[recv_n], |_| {}, |_| {});
