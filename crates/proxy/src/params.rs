@@ -34,6 +34,10 @@ pub struct ClientParams {
     reported: Tracked,
     /// Unreported parameters from the startup packet, applied with SET.
     pub extra: Vec<(String, String)>,
+    /// The tracked parameters the startup packet set, as the first server spelled them: what
+    /// RESET gives back (PostgreSQL makes startup parameters the session's defaults; a pooled
+    /// server's defaults are its own). `None`, and not allocated, for a client that set none.
+    startup: Option<Box<Tracked>>,
     /// A hash of both. A server connection remembers the fingerprint it was last synced to, so
     /// the check at each checkout is one comparison instead of a walk of both lists against
     /// the server's. Keyed per process (`RandomState`): a client cannot pick parameters whose
@@ -158,8 +162,54 @@ impl ClientParams {
                 out.put(name, value);
             }
         }
+        if out.reported.lens.iter().any(Option::is_some) {
+            out.startup = Some(Box::new(out.reported.clone()));
+        }
         out.refresh();
         Ok(out)
+    }
+
+    /// Takes the values of the tracked parameters the startup packet set, once the login has
+    /// made them canonical: these are what RESET gives back.
+    pub fn remember_startup(&mut self) {
+        if let Some(startup) = &mut self.startup {
+            let current = &self.reported;
+            let mut now = Tracked::default();
+            now.update(|i| startup.get(i).and(current.get(i)));
+            **startup = now;
+        }
+    }
+
+    /// Does a reset of `target` take away something the startup packet set?
+    pub fn reset_touches_startup(&self, target: &crate::scan::Reset) -> bool {
+        match target {
+            crate::scan::Reset::All => self.startup.is_some() || !self.extra.is_empty(),
+            crate::scan::Reset::One(name) => {
+                self.startup_value(name).is_some()
+                    || self.extra.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
+            }
+        }
+    }
+
+    /// The tracked parameters the startup packet set, by their canonical names.
+    pub fn startup_names(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.startup
+            .iter()
+            .flat_map(|s| s.iter().map(|(name, _)| name))
+    }
+
+    /// The startup value of tracked parameter `name`, if the startup packet set it.
+    pub fn startup_value(&self, name: &str) -> Option<&str> {
+        self.startup.as_ref()?.get(tracked_index(name)?)
+    }
+
+    /// A reset on the server took tracked parameter `name` to the server's default: the client
+    /// keeps its startup value, which is returned, as PostgreSQL would have it. `None` when the
+    /// startup packet did not set it (then the server's default is the right answer).
+    pub fn restore_startup(&mut self, name: &str) -> Option<String> {
+        let value = self.startup_value(name)?.to_owned();
+        self.set(name, &value);
+        Some(value)
     }
 
     /// See [`ClientParams::fingerprint`] (the field).
@@ -565,5 +615,34 @@ mod tests {
         );
         assert_ne!(fp(&[("work_mem", "1")]), fp(&[("work_me", "m1")]));
         assert_eq!(fp(&[("work_mem", "1")]), fp(&[("WORK_MEM", "1")]));
+    }
+
+    #[test]
+    fn reset_gives_back_what_the_startup_packet_set_and_nothing_else() {
+        use crate::scan::Reset;
+        let mut p = ClientParams::from_startup(&s(&[
+            ("DateStyle", "german"),
+            ("options", "-c statement_timeout=5s"),
+        ]))
+        .unwrap();
+        // The login's server spells it canonically; that is what PostgreSQL would report.
+        p.adopt_canonical(|n| (n == "DateStyle").then(|| "German, DMY".to_owned()));
+        p.complete_from(tracked(&s(&[("TimeZone", "UTC")])));
+        p.remember_startup();
+        p.set("DateStyle", "ISO, MDY");
+        p.set("TimeZone", "Europe/Paris");
+        assert!(p.reset_touches_startup(&Reset::One("datestyle".into())));
+        assert!(p.reset_touches_startup(&Reset::One("statement_timeout".into())));
+        assert!(!p.reset_touches_startup(&Reset::One("timezone".into())));
+        assert!(p.reset_touches_startup(&Reset::All));
+        assert_eq!(
+            p.restore_startup("datestyle").as_deref(),
+            Some("German, DMY")
+        );
+        assert_eq!(p.get("DateStyle"), Some("German, DMY"));
+        // Filled in from the server, not the client's: the server's default is right.
+        assert_eq!(p.restore_startup("TimeZone"), None);
+        let plain = ClientParams::from_startup(&[]).unwrap();
+        assert!(!plain.reset_touches_startup(&Reset::All));
     }
 }

@@ -42,6 +42,76 @@ fn around(hay: &[u8], letter: u8, offset: usize, word: &[u8]) -> bool {
     })
 }
 
+/// What a statement puts back to its session default: one parameter (lower case, as
+/// PostgreSQL folds an unquoted name) or all of them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reset {
+    One(String),
+    All,
+}
+
+impl Reset {
+    /// Does this reset take parameter `name` back to its default?
+    pub fn covers(&self, name: &str) -> bool {
+        match self {
+            Reset::All => true,
+            Reset::One(n) => n.eq_ignore_ascii_case(name),
+        }
+    }
+}
+
+/// Is this SQL text exactly one statement that puts parameters back to their session defaults
+/// (`RESET name`, `RESET ALL`, `SET [SESSION] name {TO | =} DEFAULT`, `DISCARD ALL`)? On a
+/// pooled server the default is the server's, where PostgreSQL would give back what the client's
+/// startup packet said; the session uses this to put that back. Anything more (two statements,
+/// a comment) is not recognised and keeps the server's default. Costs a look at the first
+/// letter for every other query.
+pub fn reset_target(sql: &[u8]) -> Option<Reset> {
+    let start = sql.iter().position(|b| !b.is_ascii_whitespace())?;
+    let head = sql.get(start..)?;
+    let starts = |word: &[u8]| {
+        head.get(..word.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(word))
+            && head.get(word.len()).is_some_and(u8::is_ascii_whitespace)
+    };
+    if !(starts(b"reset") || starts(b"set") || starts(b"discard")) {
+        return None;
+    }
+    // A Query's text ends in its NUL terminator; a Parse's is followed by its parameter types.
+    let sql = head.split(|b| *b == 0).next().unwrap_or_default();
+    let text = std::str::from_utf8(sql).ok()?;
+    let text = text.trim_end_matches(|c: char| c.is_whitespace() || c == ';');
+    if text.contains(';') || text.contains("--") || text.contains("/*") {
+        return None;
+    }
+    let words: Vec<&str> = text.split_whitespace().collect();
+    let lower = |w: &str| w.to_ascii_lowercase();
+    let name = |w: &str| -> Option<String> {
+        let n = match w.strip_prefix('"').and_then(|w| w.strip_suffix('"')) {
+            Some(quoted) => quoted.to_owned(),
+            None => w.to_ascii_lowercase(),
+        };
+        let ok = !n.is_empty()
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        ok.then_some(n)
+    };
+    match words.as_slice() {
+        [r, all] if lower(r) == "reset" && lower(all) == "all" => Some(Reset::All),
+        [d, all] if lower(d) == "discard" && lower(all) == "all" => Some(Reset::All),
+        [r, n] if lower(r) == "reset" => name(n).map(Reset::One),
+        [s, n, to, default] | [s, _, n, to, default]
+            if lower(s) == "set"
+                && (words.len() == 4 || lower(words.get(1)?) == "session")
+                && (lower(to) == "to" || *to == "=")
+                && lower(default) == "default" =>
+        {
+            name(n).map(Reset::One)
+        }
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -91,6 +161,36 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(sql)
             );
+        }
+    }
+
+    #[test]
+    fn statements_that_put_parameters_back_to_their_defaults() {
+        let one = |n: &str| Some(Reset::One(n.into()));
+        let cases: &[(&str, Option<Reset>)] = &[
+            ("RESET DateStyle", one("datestyle")),
+            ("  reset \"DateStyle\" ; ", one("DateStyle")),
+            ("RESET ALL;", Some(Reset::All)),
+            ("RESET ALL\0", Some(Reset::All)),
+            ("RESET DateStyle\0\0\0", one("datestyle")),
+            ("discard all", Some(Reset::All)),
+            ("SET TimeZone TO DEFAULT", one("timezone")),
+            (
+                "set session statement_timeout = default",
+                one("statement_timeout"),
+            ),
+            ("SET search_path = DEFAULT;", one("search_path")),
+            ("SET TimeZone TO 'UTC'", None),
+            ("SET LOCAL TimeZone TO DEFAULT", None),
+            ("RESET ROLE; SELECT 1", None),
+            ("RESET DateStyle -- why", None),
+            ("DISCARD PLANS", None),
+            ("SELECT 1", None),
+            ("reset x\"; drop", None),
+            ("", None),
+        ];
+        for (sql, want) in cases {
+            assert_eq!(&reset_target(sql.as_bytes()), want, "{sql}");
         }
     }
 }

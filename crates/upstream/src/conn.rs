@@ -237,6 +237,22 @@ impl ServerConn {
         self.prepared.clear();
     }
 
+    /// A client's RESET (or `SET … TO DEFAULT`, `DISCARD ALL`) put parameters `names` (and,
+    /// with `all`, every one) back to the server's defaults. Their values here are forgotten:
+    /// PostgreSQL reports a reported one only if it changed, so the value is not known, and
+    /// what Breakwater SET is gone. The connection matches no client until it is synced again.
+    pub fn client_reset_params(&mut self, all: bool, names: &[&str]) {
+        if all {
+            self.applied.clear();
+        }
+        for name in names {
+            self.applied.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            self.params.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        }
+        self.params_synced_for = None;
+        self.pristine = false;
+    }
+
     /// A ParameterStatus arrived while a client used the connection: recorded, and the
     /// connection no longer has the server's defaults.
     pub fn client_changed_param(&mut self, name: &str, value: &str) {
@@ -291,6 +307,9 @@ impl ServerConn {
             None => {
                 self.params.push((name.to_owned(), value.to_owned()));
                 self.params_synced_for = None;
+                // Reported again after a client's reset made it unknown (see
+                // `client_reset_params`): the report, not a remembered SET, says what it is.
+                self.applied.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
             }
         }
     }
@@ -329,13 +348,22 @@ impl ServerConn {
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, keeping ParameterStatus
     /// up to date. Used for parameter sync and resets, never for client queries.
     pub async fn simple_query(&mut self, sql: &str) -> Result<(), QueryError> {
-        self.internal_query(sql, &mut None).await
+        self.internal_query(sql, &mut None, backend::TxStatus::Idle)
+            .await
+    }
+
+    /// [`ServerConn::simple_query`] inside a client's transaction: the transaction must still
+    /// be open after it (a parameter SET that is part of the client's transaction).
+    pub async fn simple_query_in_transaction(&mut self, sql: &str) -> Result<(), QueryError> {
+        self.internal_query(sql, &mut None, backend::TxStatus::InTransaction)
+            .await
     }
 
     /// Runs `sql` like [`ServerConn::simple_query`] and returns the first row's values as text.
     pub async fn query_first_row(&mut self, sql: &str) -> Result<Vec<Option<String>>, QueryError> {
         let mut row = None;
-        self.internal_query(sql, &mut row).await?;
+        self.internal_query(sql, &mut row, backend::TxStatus::Idle)
+            .await?;
         row.ok_or(QueryError::NoRow)
     }
 
@@ -345,11 +373,12 @@ impl ServerConn {
         &mut self,
         sql: &str,
         row: &mut Option<Vec<Option<String>>>,
+        expect: backend::TxStatus,
     ) -> Result<(), QueryError> {
         let mut out = BytesMut::with_capacity(sql.len() + 6);
         frontend::write_query(&mut out, sql);
         let result = match self.write_all(&out).await {
-            Ok(()) => self.read_until_ready_capturing(row).await,
+            Ok(()) => self.read_until_ready_capturing(row, expect).await,
             Err(e) => Err(e.into()),
         };
         if let Err(e) = &result {
@@ -361,6 +390,7 @@ impl ServerConn {
     async fn read_until_ready_capturing(
         &mut self,
         row: &mut Option<Vec<Option<String>>>,
+        expect: backend::TxStatus,
     ) -> Result<(), QueryError> {
         let mut error = None;
         loop {
@@ -381,7 +411,7 @@ impl ServerConn {
                     let status = backend::parse_ready_for_query(&msg.body)?;
                     return match (error, status) {
                         (Some(e), _) => Err(QueryError::Server(e)),
-                        (None, backend::TxStatus::Idle) => Ok(()),
+                        (None, s) if s == expect => Ok(()),
                         (None, s) => Err(QueryError::NotIdle(s.as_byte() as char)),
                     };
                 }

@@ -64,6 +64,7 @@ impl Session {
             }
         };
         self.params.complete_from(server_params.tracked());
+        self.params.remember_startup();
         server_params.write_to(&mut self.client.out, |t| self.params.get_at(t));
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
         backend::write_ready_for_query(&mut self.client.out, TxStatus::Idle);
@@ -209,7 +210,17 @@ impl Session {
 
     /// Makes the server's session parameters match this client's; no round trip when they
     /// already do.
-    async fn sync_params(&mut self, server: &mut PooledServer) -> Result<(), PgError> {
+    pub(super) async fn sync_params(&mut self, server: &mut PooledServer) -> Result<(), PgError> {
+        self.sync_params_in(server, TxStatus::Idle).await
+    }
+
+    /// [`Session::sync_params`] on a server whose transaction status is `status` (a client's
+    /// open transaction, after a RESET in it).
+    pub(super) async fn sync_params_in(
+        &mut self,
+        server: &mut PooledServer,
+        status: TxStatus,
+    ) -> Result<(), PgError> {
         let wanted = self.params.fingerprint();
         if server.params_match(wanted) {
             return Ok(());
@@ -221,7 +232,12 @@ impl Session {
         server.begin_params_sync();
         let result = Box::pin(tokio::time::timeout(
             internal_timeout(&self.settings),
-            server.simple_query(&sql),
+            async {
+                match status {
+                    TxStatus::InTransaction => server.simple_query_in_transaction(&sql).await,
+                    _ => server.simple_query(&sql).await,
+                }
+            },
         ))
         .await;
         match result {

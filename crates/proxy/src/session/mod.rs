@@ -49,6 +49,12 @@ struct Held {
     server: PooledServer,
     ledger: TxLedger,
     clock: Clock,
+    /// The statement in flight puts parameters the startup packet set back to the server's
+    /// defaults; its replies are corrected to the startup values (see `pump`).
+    reset: Option<crate::scan::Reset>,
+    /// A reset left this server with defaults where the client has startup values: SET them
+    /// before the client's next statement goes to it.
+    restore_due: bool,
 }
 
 impl Held {
@@ -59,6 +65,8 @@ impl Held {
             server,
             ledger,
             clock: Clock::new(Instant::now()),
+            reset: None,
+            restore_due: false,
         }
     }
 }

@@ -91,6 +91,20 @@ impl Session {
     pub(super) async fn pump(&mut self, h: &mut Held) -> Step {
         let timer_settings = TimerSettings::of(&self.settings, self.mode == PoolMode::Session);
         loop {
+            if h.restore_due
+                && h.ledger.ready_owed() == 0
+                && !h.ledger.batch_open()
+                && h.ledger.status() != backend::TxStatus::Failed
+            {
+                // The server owes nothing and has the client's next statement not yet: put the
+                // startup values a RESET took away back before it runs. Inside a transaction
+                // the SET is part of it, as the RESET was.
+                h.restore_due = false;
+                let status = h.ledger.status();
+                if let Err(e) = self.sync_params_in(&mut h.server, status).await {
+                    return Step::Fatal(e);
+                }
+            }
             // Client → server. What was scanned before a malformed message still goes: the
             // ledger counts it as sent. Whatever happens, nothing is left in the scratch
             // buffers, which the next transaction (of any client) reuses.
@@ -314,6 +328,7 @@ impl Session {
                     if scan::text_may_leave_state(text) {
                         h.ledger.mark_session_state();
                     }
+                    self.watch_reset(h, text);
                     move_bytes(
                         &mut self.client.buf,
                         &mut self.scratch.to_server,
@@ -340,6 +355,41 @@ impl Session {
         }
     }
 
+    /// A statement that reset parameters the startup packet set has completed. The server now
+    /// has its own defaults; PostgreSQL would have the startup values, so the client is told
+    /// those (as the ParameterStatus PostgreSQL would send) and the server gets them before
+    /// the client's next statement. Unreported parameters (statement_timeout from `options`,
+    /// search_path before PostgreSQL 18) say nothing when reset, and a reported one whose
+    /// default happens to equal its last value says nothing either: the server's value of
+    /// each is forgotten, so the sync SETs it whatever it is.
+    fn reset_done(&mut self, target: scan::Reset, h: &mut Held) {
+        let names: Vec<&'static str> = self
+            .params
+            .startup_names()
+            .filter(|n| target.covers(n))
+            .collect();
+        match &target {
+            scan::Reset::All => h.server.client_reset_params(true, &names),
+            scan::Reset::One(name) => h.server.client_reset_params(false, &[name.as_str()]),
+        }
+        for name in names {
+            if let Some(value) = self.params.restore_startup(name) {
+                backend::write_parameter_status(&mut self.scratch.to_client, name, &value);
+            }
+        }
+        h.restore_due = true;
+    }
+
+    /// Notes a statement that puts parameters the client's startup packet set back to their
+    /// defaults, so that its replies can be corrected (see `scan_server`).
+    fn watch_reset(&self, h: &mut Held, sql: &[u8]) {
+        if let Some(target) = scan::reset_target(sql) {
+            if self.params.reset_touches_startup(&target) {
+                h.reset = Some(target);
+            }
+        }
+    }
+
     /// A whole Parse: a named one is recorded for this client and sent under its global name,
     /// unless the server has it already (then Breakwater answers ParseComplete itself).
     fn forward_parse(&mut self, h: &mut Held, body: &bytes::Bytes) -> Result<Sent, PgError> {
@@ -348,6 +398,7 @@ impl Session {
         if scan::text_may_leave_state(sql) {
             h.ledger.mark_session_state();
         }
+        self.watch_reset(h, sql);
         if name.is_empty() || self.settings.max_prepared_statements == 0 {
             frame::write_message(&mut self.scratch.to_server, frontend::PARSE, |b| {
                 b.extend_from_slice(body)
@@ -384,6 +435,8 @@ impl Session {
         let (prefix_len, end) = (r.prefix_len, r.end());
         match stmt {
             Some(stmt) => {
+                // A prepared RESET runs at each Execute, long after its Parse.
+                self.watch_reset(h, &stmt.rest);
                 self.ensure_prepared(h, &stmt);
                 let name_len = end - prefix_len - 1;
                 let len = hdr.body_len - name_len + stmt.global.len() + 4;
@@ -420,6 +473,9 @@ impl Session {
         let stmt = self.client_statement(r.name);
         match stmt {
             Some(stmt) => {
+                // A prepared RESET runs at each Execute, long after its Parse.
+                let sql = stmt.rest.split(|b| *b == 0).next().unwrap_or_default();
+                self.watch_reset(h, sql);
                 self.ensure_prepared(h, &stmt);
                 frame::write_message(&mut self.scratch.to_server, frontend::DESCRIBE, |b| {
                     b.extend_from_slice(body.get(..r.prefix_len).unwrap_or_default());
@@ -576,6 +632,9 @@ impl Session {
             match seen {
                 Inspected::Ready(status) => {
                     h.clock.cancel_sent = None;
+                    // PostgreSQL reports changed parameters just before ReadyForQuery, after
+                    // the CommandComplete: the reset is over only here.
+                    h.reset = None;
                     let stats = &self.entry.stats;
                     PoolStats::add(&stats.query_count, 1);
                     if let Some(t) = h.clock.query_since.take() {
@@ -596,6 +655,19 @@ impl Session {
                     boundary = statement_mode_done;
                 }
                 Inspected::Param(k, v) => {
+                    let reset = match (&h.reset, tracked_name(&k)) {
+                        (Some(r), Some(t)) => r.covers(t) && self.params.startup_value(t).is_some(),
+                        _ => false,
+                    };
+                    if reset {
+                        // The reset's report of the server's default: the client was told its
+                        // startup value at the CommandComplete, and the server is made to
+                        // match before the client's next statement.
+                        h.server.client_changed_param(&k, &v);
+                        bytes::Buf::advance(h.server.buf_mut(), hdr.total());
+                        h.ledger.emit_synthetic(&mut self.scratch.to_client);
+                        continue;
+                    }
                     if let Some(t) = tracked_name(&k) {
                         self.params.set(t, &v);
                     }
@@ -615,6 +687,9 @@ impl Session {
                 } => {
                     if leaves_state {
                         h.ledger.mark_session_state();
+                    }
+                    if let Some(target) = &h.reset {
+                        self.reset_done(target.clone(), h);
                     }
                     if drops_statements {
                         // The server dropped every prepared statement, ours included.
