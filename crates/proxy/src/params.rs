@@ -34,9 +34,13 @@ pub struct ClientParams {
     reported: Tracked,
     /// Unreported parameters from the startup packet, applied with SET.
     pub extra: Vec<(String, String)>,
-    /// The tracked parameters the startup packet set, as the first server spelled them: what
-    /// RESET gives back (PostgreSQL makes startup parameters the session's defaults; a pooled
-    /// server's defaults are its own). `None`, and not allocated, for a client that set none.
+    /// Which tracked parameters the startup packet set, by place in [`TRACKED`]: what RESET
+    /// gives back (PostgreSQL makes startup parameters the session's defaults; a pooled
+    /// server's defaults are its own). Until one of them changes, their values are the
+    /// current ones.
+    from_startup: u8,
+    /// Their values as the login's server spelled them, kept only once one changes: most
+    /// clients never change one, and a copy at every login cost allocations in a storm.
     startup: Option<Box<Tracked>>,
     /// A hash of both. A server connection remembers the fingerprint it was last synced to, so
     /// the check at each checkout is one comparison instead of a walk of both lists against
@@ -162,28 +166,21 @@ impl ClientParams {
                 out.put(name, value);
             }
         }
-        if out.reported.lens.iter().any(Option::is_some) {
-            out.startup = Some(Box::new(out.reported.clone()));
-        }
+        out.from_startup = (0..TRACKED.len())
+            .filter(|i| out.reported.get(*i).is_some())
+            .fold(0, |mask, i| mask | 1 << i);
         out.refresh();
         Ok(out)
     }
 
-    /// Takes the values of the tracked parameters the startup packet set, once the login has
-    /// made them canonical: these are what RESET gives back.
-    pub fn remember_startup(&mut self) {
-        if let Some(startup) = &mut self.startup {
-            let current = &self.reported;
-            let mut now = Tracked::default();
-            now.update(|i| startup.get(i).and(current.get(i)));
-            **startup = now;
-        }
+    fn set_at_startup(&self, place: usize) -> bool {
+        self.from_startup & (1 << place) != 0
     }
 
     /// Does a reset of `target` take away something the startup packet set?
     pub fn reset_touches_startup(&self, target: &crate::scan::Reset) -> bool {
         match target {
-            crate::scan::Reset::All => self.startup.is_some() || !self.extra.is_empty(),
+            crate::scan::Reset::All => self.from_startup != 0 || !self.extra.is_empty(),
             crate::scan::Reset::One(name) => {
                 self.startup_value(name).is_some()
                     || self.extra.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -193,14 +190,23 @@ impl ClientParams {
 
     /// The tracked parameters the startup packet set, by their canonical names.
     pub fn startup_names(&self) -> impl Iterator<Item = &'static str> + '_ {
-        self.startup
+        TRACKED
             .iter()
-            .flat_map(|s| s.iter().map(|(name, _)| name))
+            .enumerate()
+            .filter(|(i, _)| self.set_at_startup(*i))
+            .map(|(_, name)| *name)
     }
 
     /// The startup value of tracked parameter `name`, if the startup packet set it.
     pub fn startup_value(&self, name: &str) -> Option<&str> {
-        self.startup.as_ref()?.get(tracked_index(name)?)
+        let i = tracked_index(name)?;
+        if !self.set_at_startup(i) {
+            return None;
+        }
+        match &self.startup {
+            Some(kept) => kept.get(i),
+            None => self.reported.get(i),
+        }
     }
 
     /// A reset on the server took tracked parameter `name` to the server's default: the client
@@ -264,8 +270,21 @@ impl ClientParams {
     }
 
     pub fn set(&mut self, name: &str, value: &str) {
+        self.keep_startup_before_changing(name, value);
         self.put(name, value);
         self.refresh();
+    }
+
+    /// A startup value is about to change for the first time: keep all of them as they are.
+    /// Only a session past its login calls `set`, so they are the login's canonical values.
+    fn keep_startup_before_changing(&mut self, name: &str, value: &str) {
+        let Some(i) = tracked_index(name) else { return };
+        if self.startup.is_none() && self.set_at_startup(i) && self.reported.get(i) != Some(value) {
+            let mut kept = Tracked::default();
+            let (current, mask) = (&self.reported, self.from_startup);
+            kept.update(|i| current.get(i).filter(|_| mask & (1 << i) != 0));
+            self.startup = Some(Box::new(kept));
+        }
     }
 
     /// [`ClientParams::set`] without the fingerprint, for a caller that sets several.
@@ -628,7 +647,7 @@ mod tests {
         // The login's server spells it canonically; that is what PostgreSQL would report.
         p.adopt_canonical(|n| (n == "DateStyle").then(|| "German, DMY".to_owned()));
         p.complete_from(tracked(&s(&[("TimeZone", "UTC")])));
-        p.remember_startup();
+        assert_eq!(p.startup_value("DateStyle"), Some("German, DMY"));
         p.set("DateStyle", "ISO, MDY");
         p.set("TimeZone", "Europe/Paris");
         assert!(p.reset_touches_startup(&Reset::One("datestyle".into())));
@@ -642,6 +661,9 @@ mod tests {
         assert_eq!(p.get("DateStyle"), Some("German, DMY"));
         // Filled in from the server, not the client's: the server's default is right.
         assert_eq!(p.restore_startup("TimeZone"), None);
+        // SET again after a RESET: the kept startup value stays.
+        p.set("DateStyle", "SQL, DMY");
+        assert_eq!(p.startup_value("DateStyle"), Some("German, DMY"));
         let plain = ClientParams::from_startup(&[]).unwrap();
         assert!(!plain.reset_touches_startup(&Reset::All));
     }

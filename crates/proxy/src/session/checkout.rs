@@ -64,7 +64,6 @@ impl Session {
             }
         };
         self.params.complete_from(server_params.tracked());
-        self.params.remember_startup();
         server_params.write_to(&mut self.client.out, |t| self.params.get_at(t));
         backend::write_backend_key_data(&mut self.client.out, self.cancel.pid, self.cancel.key);
         backend::write_ready_for_query(&mut self.client.out, TxStatus::Idle);
