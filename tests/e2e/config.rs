@@ -385,7 +385,8 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         "reserve_pool=5: not imported",
         "*: not imported: the \"*\" fallback database is not supported yet (issue 17)",
         "auth_query = SELECT",
-        "[users] app = …: per-user settings are not supported yet",
+        "app → [users.app] pool_mode=\"transaction\"",
+        "max_user_connections = 50 → max_user_connections = 50",
         "logfile = /var/log/pgbouncer/pgbouncer.log: Breakwater logs to stdout",
         "ignore_startup_parameters = extra_float_digits,search_path: Breakwater forwards every startup parameter",
         "extra.ini:1  verbose = 0: 0 is the default log level",
@@ -397,6 +398,10 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
     }
     let toml = std::fs::read_to_string(dir.path().join("pooler.toml")).unwrap();
     assert!(toml.contains("max_db_connections = 50"), "{toml}");
+    assert!(
+        toml.contains("[users.app]\npool_mode = \"transaction\""),
+        "{toml}"
+    );
 
     let out = check(&["-c", "pooler.toml"], &[], dir.path());
     assert!(out.status.success(), "{}\n{toml}", text(&out));

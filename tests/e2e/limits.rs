@@ -172,3 +172,204 @@ async fn reset_gives_back_the_startup_values_in_transaction_mode_as_postgresql_d
 async fn reset_gives_back_the_startup_values_in_session_mode_as_postgresql_does() {
     reset_restores_startup_values("session").await;
 }
+
+/// A pooler in front of `pg` with `body` after the common `[pooler]` lines (listen port,
+/// auth_file, admin) — the rest of `[pooler]`, then any sections.
+fn pooler_with(pg: &testkit::PgCluster, body: &str) -> testkit::Pooler {
+    let port = testkit::free_port();
+    let config = format!(
+        "[pooler]\nlisten_port = {port}\nauth_file = \"userlist.txt\"\nadmin_users = [\"admin\"]\nauth_type = \"md5\"\n{}\n",
+        body.replace("PGPORT", &pg.port().to_string())
+    );
+    testkit::Pooler::start(
+        common::BIN,
+        port,
+        &config,
+        &[("userlist.txt", common::USERLIST)],
+    )
+    .expect("start breakwater")
+}
+
+/// Server backends of role `app`, seen from PostgreSQL.
+async fn app_backends(pg: &testkit::PgCluster) -> i64 {
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    common::app_backends(&direct).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_users_section_sets_its_pools_mode_and_size_and_caps_its_servers_across_databases() {
+    let pg = testkit::PgCluster::start().expect("start postgres");
+    let pooler = pooler_with(
+        &pg,
+        "query_wait_timeout = \"1s\"\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = PGPORT\n\
+         [databases.app2]\nhost = \"127.0.0.1\"\nport = PGPORT\ndbname = \"app\"\n\
+         [users.app]\npool_mode = \"session\"\npool_size = 3\nmax_user_connections = 2\n",
+    );
+    let on = |db: &str| pooler.conn_string("app", "app_pw", db);
+    // Session mode (the user's, over the pooler's transaction): each client keeps its server.
+    let first = connect(&on("app")).await.expect("first client");
+    let second = connect(&on("app2"))
+        .await
+        .expect("second client, other database");
+    first.batch_execute("SET work_mem = '7MB'").await.unwrap();
+    let kept: String = first.query_one("SHOW work_mem", &[]).await.unwrap().get(0);
+    assert_eq!(kept, "7MB", "a session-mode server stays with its client");
+    let admin = connect(&pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    let pools = admin.simple_query("SHOW POOLS").await.unwrap();
+    let row = pools
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+                Some((
+                    r.get("pool_mode").unwrap_or("").to_owned(),
+                    r.get("pool_size").unwrap_or("").to_owned(),
+                ))
+            }
+            _ => None,
+        })
+        .expect("a SHOW POOLS row for app");
+    assert_eq!(row, ("session".to_owned(), "3".to_owned()));
+
+    // Two servers of user app are open, one in each database's pool: a third client waits for
+    // one (max_user_connections = 2) although its pool has room (pool_size = 3).
+    // (A session-mode login answered from the cached welcome takes its server at its first
+    // query.)
+    let third = connect(&on("app")).await.expect("third client logs in");
+    let err = third
+        .simple_query("SELECT 1")
+        .await
+        .expect_err("over max_user_connections");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("08001"),
+        "{err}"
+    );
+    let message = err.as_db_error().map(|e| e.message()).unwrap_or_default();
+    assert!(message.contains("query_wait_timeout"), "{message}");
+    assert_eq!(app_backends(&pg).await, 2);
+    // When a client leaves, its server (idle in the app pool) serves the next client of app.
+    drop(first);
+    testkit::wait_until("a client of app to get the freed server", WAIT, || async {
+        match connect(&on("app")).await {
+            Ok(c) => c.simple_query("SELECT 1").await.is_ok(),
+            Err(_) => false,
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(app_backends(&pg).await, 2);
+    drop(second);
+}
+
+/// Value of the Prometheus series `name` (with its labels) in an exposition `body`.
+fn series(body: &str, name: &str) -> Option<f64> {
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_storm_of_a_thousand_logins_of_one_user_gets_exactly_its_cap_and_costs_no_server_work() {
+    common::raise_fd_limit();
+    const CLIENTS: usize = 1000;
+    const CAP: usize = 100;
+    let pg = testkit::PgCluster::start().expect("start postgres");
+    let mport = testkit::free_port();
+    let pooler = pooler_with(
+        &pg,
+        &format!(
+            "max_client_conn = 5000\ndefault_pool_size = 2\n\
+             [metrics]\nlisten = \"127.0.0.1:{mport}\"\n\
+             [databases.app]\nhost = \"127.0.0.1\"\nport = PGPORT\n\
+             [users.app]\nmax_user_client_connections = {CAP}\n"
+        ),
+    );
+    let conn = pooler.conn_string("app", "app_pw", "app");
+    // Bounded: at most 64 logins in flight, as a busy application's pool would open them.
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(64));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..CLIENTS {
+        let (conn, gate) = (conn.clone(), gate.clone());
+        tasks.spawn(async move {
+            let _permit = gate.acquire_owned().await.unwrap();
+            connect(&conn).await
+        });
+    }
+    let (mut admitted, mut refused) = (Vec::new(), 0);
+    while let Some(r) = tasks.join_next().await {
+        match r.unwrap() {
+            Ok(client) => admitted.push(client),
+            Err(e) => {
+                let db = e.as_db_error().unwrap_or_else(|| panic!("{e}"));
+                assert_eq!(db.code().code(), "53300", "{e}");
+                assert_eq!(
+                    db.message(),
+                    format!(
+                        "no more connections allowed for user \"app\" (max_user_client_connections = {CAP})"
+                    )
+                );
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((admitted.len(), refused), (CAP, CLIENTS - CAP));
+    // Every admitted client works; the database saw the pool, not the storm.
+    for c in &admitted {
+        c.simple_query("SELECT 1").await.unwrap();
+    }
+    assert!(app_backends(&pg).await <= 2);
+    let log = pooler.log();
+    assert_eq!(
+        log.matches("login refused: no more connections allowed for user")
+            .count(),
+        CLIENTS - CAP
+    );
+    // The exporter publishes on its own tick.
+    testkit::wait_until("the refusals to be counted in /metrics", WAIT, || async {
+        let body = tokio::task::spawn_blocking(move || common::http_get(mport, "/metrics"))
+            .await
+            .unwrap();
+        series(
+            &body,
+            "breakwater_refused_client_limit_total{limit=\"max_user_client_connections\"}",
+        ) == Some((CLIENTS - CAP) as f64)
+    })
+    .await
+    .unwrap();
+    // Places come free as clients leave.
+    drop(admitted);
+    testkit::wait_until("a new login after the others left", WAIT, || async {
+        connect(&conn).await.is_ok()
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_db_client_connections_refuses_the_client_over_it_with_53300_naming_it() {
+    let env = common::start(
+        "auth_type = \"md5\"\nmax_db_client_connections = 1\n",
+        "max_db_client_connections = 2\n",
+    );
+    let a = env.client().await;
+    let _b = env.client().await;
+    let err = connect(&env.conn_string())
+        .await
+        .expect_err("a third client");
+    let db = err.as_db_error().unwrap_or_else(|| panic!("{err}"));
+    assert_eq!(
+        (db.code().code(), db.message()),
+        (
+            "53300",
+            "no more connections allowed to database \"app\" (max_db_client_connections = 2)"
+        )
+    );
+    drop(a);
+    testkit::wait_until("the freed place to be taken", WAIT, || async {
+        connect(&env.conn_string()).await.is_ok()
+    })
+    .await
+    .unwrap();
+}

@@ -250,6 +250,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         pool_mode: PoolMode::Transaction,
         max_db_connections: None,
         require_auth: Default::default(),
+        max_db_client_connections: 0,
     };
     ProxySettings {
         auth_type: AuthType::Trust,
@@ -276,6 +277,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         databases: vec![route],
         log_connections: false,
         log_disconnections: false,
+        users: Default::default(),
     }
 }
 

@@ -188,6 +188,13 @@ section! {
         server_login_retry_max: Timeout = Timeout::secs(15), restart;
         server_breaker_threshold: u32 = 10, restart;
         max_server_connections: usize = 0, restart;
+        /// Server connections of one user across all its pools (PgBouncer's); 0 = no cap.
+        /// `[users.NAME]` may set its own. Each user's cap is made when its first pool opens.
+        max_user_connections: usize = 0, restart;
+        /// Clients logged in as one user; 0 = no cap. `[users.NAME]` may set its own.
+        max_user_client_connections: usize = 0, reload;
+        /// Clients of one database; 0 = no cap. `[databases.NAME]` may set its own.
+        max_db_client_connections: usize = 0, reload;
         server_check_delay: Timeout = Timeout::secs(30), reload;
         server_check_query: String = "SELECT 1".into(), reload;
         /// A pool's role probe keeps the interval it started with; the timeout is read per
@@ -276,6 +283,19 @@ section! {
         max_db_connections: Option<usize> = None, reload;
         /// Defaults to the `[pooler]` one.
         server_require_auth: Option<String> = None, reload;
+        max_db_client_connections: Option<usize> = None, reload;
+    }
+}
+
+section! {
+    /// One `[users.NAME]` entry (PgBouncer's `[users]`): for the pools whose server user is
+    /// NAME, and for the clients that log in as NAME. Unset keys take the database's value,
+    /// then `[pooler]`'s.
+    pub struct User, keys USER_SETTINGS {
+        pool_mode: Option<PoolMode> = None, reload;
+        pool_size: Option<usize> = None, reload;
+        max_user_connections: Option<usize> = None, reload;
+        max_user_client_connections: Option<usize> = None, reload;
     }
 }
 
@@ -349,6 +369,7 @@ pub struct ConfigFile {
     pub pooler: Pooler,
     pub metrics: Metrics,
     pub databases: BTreeMap<String, Database>,
+    pub users: BTreeMap<String, User>,
 }
 
 /// Where settings come from, in the order they apply: defaults < file < environment < flags.
@@ -755,6 +776,14 @@ impl Config {
                 );
             }
         }
+        for (name, user) in &file.users {
+            if user.pool_size == Some(0) {
+                bad(
+                    &format!("users.{name}.pool_size"),
+                    "must be at least 1".into(),
+                );
+            }
+        }
         let base = path.parent().unwrap_or(Path::new("."));
         let userlist = match &p.auth_file {
             Some(f) => {
@@ -980,6 +1009,9 @@ impl Config {
                             .unwrap_or(&p.server_require_auth),
                     )
                     .unwrap_or_default(),
+                    max_db_client_connections: d
+                        .max_db_client_connections
+                        .unwrap_or(p.max_db_client_connections),
                 }
             })
             .collect();
@@ -1029,6 +1061,22 @@ impl Config {
                 p.client_tcp_user_timeout,
             ),
             databases,
+            users: proxy::UserSettings {
+                routes: self
+                    .file
+                    .users
+                    .iter()
+                    .map(|(name, u)| proxy::UserRoute {
+                        name: name.clone(),
+                        pool_mode: u.pool_mode,
+                        pool_size: u.pool_size,
+                        max_user_connections: u.max_user_connections,
+                        max_user_client_connections: u.max_user_client_connections,
+                    })
+                    .collect(),
+                max_user_connections: p.max_user_connections,
+                max_user_client_connections: p.max_user_client_connections,
+            },
         }
     }
 }
@@ -1145,7 +1193,32 @@ impl Reader<'_> {
                         }
                     }
                 }
-                ("pooler" | "metrics" | "databases", None) => self.problem(
+                ("users", Some(t)) => {
+                    for (user, item) in t.iter() {
+                        let key = format!("users.{user}");
+                        let line = self.line_of(t.key(user).and_then(|k| k.span()));
+                        match item.as_table_like() {
+                            Some(entry) => {
+                                let mut u = User::default();
+                                self.section(&key, entry, USER_SETTINGS, &mut u);
+                                file.users.insert(user.to_owned(), u);
+                            }
+                            None if item.is_str() => self.problem(
+                                key,
+                                line,
+                                format!(
+                                    "looks like a PgBouncer [users] line; write a [users.{user}] table with pool_mode, pool_size, max_user_connections, max_user_client_connections (`breakwater import-pgbouncer` converts a pgbouncer.ini)"
+                                ),
+                            ),
+                            None => self.problem(
+                                key,
+                                line,
+                                format!("expected a [users.{user}] table"),
+                            ),
+                        }
+                    }
+                }
+                ("pooler" | "metrics" | "databases" | "users", None) => self.problem(
                     name.to_owned(),
                     line,
                     format!("expected a [{name}] section"),
@@ -1154,12 +1227,12 @@ impl Reader<'_> {
                     let message = if SETTINGS.iter().any(|s| s.key == name) {
                         "must be inside the [pooler] section (it sits before any section header)"
                             .to_owned()
-                    } else if name == "pgbouncer" || name == "users" || name == "peers" {
+                    } else if name == "pgbouncer" || name == "peers" {
                         PGBOUNCER_INI.to_owned()
                     } else {
                         format!(
                             "unknown section{}",
-                            did_you_mean(name, ["pooler", "metrics", "databases"])
+                            did_you_mean(name, ["pooler", "metrics", "databases", "users"])
                         )
                     };
                     self.problem(name.to_owned(), line, message)
@@ -1563,6 +1636,44 @@ mod tests {
     }
 
     #[test]
+    fn users_sections_override_the_database_and_the_pooler_wide_caps() {
+        let c = parse(
+            "[pooler]\nauth_type = \"trust\"\nmax_user_client_connections = 50\nmax_db_client_connections = 7\n\
+             [databases.app]\npool_size = 4\n[databases.big]\nmax_db_client_connections = 0\n\
+             [users.batch]\npool_mode = \"session\"\npool_size = 2\nmax_user_connections = 3\n\
+             max_user_client_connections = 0\n",
+        )
+        .unwrap();
+        let s = c.proxy_settings();
+        let app = s.route("app").unwrap();
+        assert_eq!(app.max_db_client_connections, 7);
+        assert_eq!(s.route("big").unwrap().max_db_client_connections, 0);
+        let batch = s.users.route_for(app, "batch");
+        assert_eq!((batch.pool_size, batch.pool_mode), (2, PoolMode::Session));
+        let web = s.users.route_for(app, "web");
+        assert_eq!((web.pool_size, web.pool_mode), (4, PoolMode::Transaction));
+        assert_eq!(s.users.max_user_connections("batch"), Some(3));
+        assert_eq!(s.users.max_user_connections("web"), None);
+        assert_eq!(
+            s.users.max_user_client_connections("batch"),
+            None,
+            "0 lifts it"
+        );
+        assert_eq!(s.users.max_user_client_connections("web"), Some(50));
+
+        let err = parse("[pooler]\nauth_type = \"trust\"\n[users]\napp = \"pool_mode=session\"\n[users.x]\npool_size = 0\nmax_db_connections = 1\n")
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "line 4: users.app: looks like a PgBouncer [users] line",
+            "line 7: users.x.max_db_connections: belongs in a [databases.NAME] table",
+            "users.x.pool_size: must be at least 1",
+        ] {
+            assert!(err.contains(want), "{want}\n{err}");
+        }
+    }
+
+    #[test]
     fn auth_file_is_required_unless_trust() {
         let err = parse("[pooler]\nauth_type = \"md5\"\n")
             .unwrap_err()
@@ -1621,6 +1732,7 @@ mod tests {
                 "databases",
                 DATABASE_SETTINGS.iter().map(|s| s.key).collect(),
             ),
+            ("users", USER_SETTINGS.iter().map(|s| s.key).collect()),
         ] {
             for key in keys {
                 let shown = text.lines().any(|l| {

@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::config::{Config, Database, Pooler, Setting, DATABASE_SETTINGS, SETTINGS};
+use crate::config::{
+    Config, Database, Pooler, Setting, User, DATABASE_SETTINGS, SETTINGS, USER_SETTINGS,
+};
 use crate::pgbouncer::{self, Fate, Unit};
 
 /// One `key = value` line of the INI, with where it was.
@@ -287,26 +289,40 @@ pub fn import(ini: &Path, userlist: Option<&Path>, output: &Path) -> Result<Impo
         db_report.extend(notes.into_iter().map(|n| format!("    {n}")));
         databases.insert(e.key.clone(), db);
     }
+    let mut users: BTreeMap<String, User> = BTreeMap::new();
+    for e in entries.iter().filter(|e| e.section == "users") {
+        let line = format!("{}  {}", e.at, e.key);
+        let (user, notes) = user(&e.value);
+        let summary = USER_SETTINGS
+            .iter()
+            .filter_map(|s| {
+                (s.to_toml)(&user).map(|v| format!("{}={}", s.key, v.to_string().trim()))
+            })
+            .collect::<Vec<_>>()
+            .join(" ");
+        db_report.push(format!("{line} → [users.{}] {summary}", e.key));
+        db_report.extend(notes.into_iter().map(|n| format!("    {n}")));
+        users.insert(e.key.clone(), user);
+    }
     for e in entries
         .iter()
-        .filter(|e| e.section != "pgbouncer" && e.section != "databases")
+        .filter(|e| !matches!(e.section.as_str(), "pgbouncer" | "databases" | "users"))
     {
         let why = match e.section.as_str() {
-            "users" => "per-user settings are not supported yet",
             "peers" => "no peering: one Breakwater uses every core (workers)",
             _ => "unknown section",
         };
         missing.push(format!("{}  [{}] {} = …: {why}", e.at, e.section, e.key));
     }
 
-    let toml = render(ini, &pooler, &databases);
+    let toml = render(ini, &pooler, &databases, &users);
     let check = Config::parse(output, &toml);
     let mut report = String::new();
     let _ = writeln!(report, "{} → {}", ini.display(), output.display());
     for (title, lines) in [
         ("mapped (same meaning)", &mapped),
         ("mapped, behaves differently", &differs),
-        ("databases", &db_report),
+        ("databases and users", &db_report),
         ("ignored: Breakwater needs no equivalent", &ignored),
         ("not imported: no equivalent", &missing),
         ("notes", &notes),
@@ -359,11 +375,9 @@ fn absolute(ini: &Path, path: &str) -> String {
         .to_string()
 }
 
-/// A `[databases]` connection string: `host=db port=5432 dbname=app pool_size=40`, values
-/// optionally in single quotes (libpq style).
-fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) {
-    let mut db = Database::default();
-    let mut notes = Vec::new();
+/// `key=value key='quoted value' …` (libpq style, as PgBouncer's `[databases]` and `[users]`
+/// lines), with a note for what is not key=value.
+fn pairs(conn: &str, notes: &mut Vec<String>) -> Vec<(String, String)> {
     let mut pairs = Vec::new();
     let mut rest = conn.trim();
     while !rest.is_empty() {
@@ -404,6 +418,38 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
         pairs.push((key.trim().to_owned(), value));
         rest = next.trim_start();
     }
+    pairs
+}
+
+/// A `[users]` line: `pool_mode=session max_user_connections=10`.
+fn user(conn: &str) -> (User, Vec<String>) {
+    let mut user = User::default();
+    let mut notes = Vec::new();
+    for (key, value) in pairs(conn, &mut notes) {
+        let result = match USER_SETTINGS.iter().find(|s| s.key == key) {
+            Some(s) => (s.set)(&mut user, &value),
+            None => Err(match key.as_str() {
+                "reserve_pool_size" => "no reserve pool per user".into(),
+                "query_timeout"
+                | "idle_transaction_timeout"
+                | "client_idle_timeout"
+                | "transaction_timeout" => "timeouts are pooler-wide in Breakwater".into(),
+                _ => "unknown".into(),
+            }),
+        };
+        if let Err(why) = result {
+            notes.push(format!("{key}={value}: not imported: {why}"));
+        }
+    }
+    (user, notes)
+}
+
+/// A `[databases]` connection string: `host=db port=5432 dbname=app pool_size=40`, values
+/// optionally in single quotes (libpq style).
+fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) {
+    let mut db = Database::default();
+    let mut notes = Vec::new();
+    let pairs = pairs(conn, &mut notes);
     let mut port = None;
     let mut hosts = Vec::new();
     for (key, value) in pairs {
@@ -424,7 +470,7 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
                 port = Some(value.clone());
                 Ok(())
             }
-            "dbname" | "user" | "password" | "pool_size" | "min_pool_size" | "pool_mode" | "max_db_connections" => {
+            "dbname" | "user" | "password" | "pool_size" | "min_pool_size" | "pool_mode" | "max_db_connections" | "max_db_client_connections" => {
                 set(&mut db, &key, &value)
             }
             "reserve_pool" | "reserve_pool_size" => Err("no reserve pool yet".into()),
@@ -433,7 +479,6 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
                 Err("no per-database startup parameters: set them in the role (ALTER ROLE … SET) or the client".into())
             }
             "auth_user" | "auth_query" | "auth_dbname" => Err("no auth_query/auth_user yet".into()),
-            "max_db_client_connections" => Err("no per-database client cap yet".into()),
             "server_lifetime" => Err("server_lifetime is pool-wide in Breakwater".into()),
             _ => Err("unknown".into()),
         };
@@ -479,7 +524,12 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
 }
 
 /// The pooler.toml text: non-default `[pooler]` keys, then the databases.
-fn render(ini: &Path, pooler: &Pooler, databases: &BTreeMap<String, Database>) -> String {
+fn render(
+    ini: &Path,
+    pooler: &Pooler,
+    databases: &BTreeMap<String, Database>,
+    users: &BTreeMap<String, User>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -497,25 +547,34 @@ fn render(ini: &Path, pooler: &Pooler, databases: &BTreeMap<String, Database>) -
         }
     }
     for (name, db) in databases {
-        let bare = !name.is_empty()
-            && name
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
-        let name = match bare {
-            true => name.clone(),
-            false => toml_edit::Value::from(name.as_str())
-                .to_string()
-                .trim()
-                .to_owned(),
-        };
-        let _ = writeln!(out, "\n[databases.{name}]");
+        let _ = writeln!(out, "\n[databases.{}]", table_name(name));
         for s in DATABASE_SETTINGS {
             if let Some(v) = (s.to_toml)(db) {
                 let _ = writeln!(out, "{} = {}", s.key, v.to_string().trim());
             }
         }
     }
+    for (name, user) in users {
+        let _ = writeln!(out, "\n[users.{}]", table_name(name));
+        for s in USER_SETTINGS {
+            if let Some(v) = (s.to_toml)(user) {
+                let _ = writeln!(out, "{} = {}", s.key, v.to_string().trim());
+            }
+        }
+    }
     out
+}
+
+/// A name as a TOML table key: bare when it can be, else quoted.
+fn table_name(name: &str) -> String {
+    let bare = !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+    match bare {
+        true => name.to_owned(),
+        false => toml_edit::Value::from(name).to_string().trim().to_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -597,5 +656,24 @@ mod tests {
         let (db, notes) = database("dbname=app", None);
         assert_eq!((db.host, db.port), (None, None));
         assert!(notes[0].contains("Unix socket"), "{notes:?}");
+    }
+
+    #[test]
+    fn users_lines_become_users_entries() {
+        let (u, notes) = user("pool_mode=session pool_size=3 max_user_connections=10 max_user_client_connections=100 query_timeout=5");
+        assert_eq!(u.pool_mode, Some(proxy::PoolMode::Session));
+        assert_eq!(
+            (
+                u.pool_size,
+                u.max_user_connections,
+                u.max_user_client_connections
+            ),
+            (Some(3), Some(10), Some(100))
+        );
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(
+            notes[0].contains("query_timeout=5: not imported"),
+            "{notes:?}"
+        );
     }
 }

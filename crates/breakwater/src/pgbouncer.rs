@@ -39,7 +39,6 @@ use Unit::*;
 const REPLACED_BY_LOGS: &str =
     "Breakwater logs to stdout/stderr (text or JSON, log_format): let systemd, the container runtime or a shell redirect keep the log";
 const REVERSE_PROXY_ONLY: &str = "no auth_query/auth_user yet: list users in auth_file";
-const USERS_LATER: &str = "no per-user limits or [users] section yet";
 
 /// Every `[pgbouncer]` key of PgBouncer 1.25, in the order of its documentation.
 pub const KEYS: &[(&str, Fate)] = &[
@@ -58,9 +57,9 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("reserve_pool_size", Unsupported("no reserve pool yet: raise default_pool_size, or rely on query_wait_timeout")),
     ("reserve_pool_timeout", Unsupported("no reserve pool yet")),
     ("max_db_connections", Differs(Int, "per database only: the importer writes it into each [databases] entry; max_server_connections caps all pools together")),
-    ("max_db_client_connections", Unsupported("no per-database client cap yet; max_client_conn caps all clients")),
-    ("max_user_connections", Unsupported(USERS_LATER)),
-    ("max_user_client_connections", Unsupported(USERS_LATER)),
+    ("max_db_client_connections", Same(Int)),
+    ("max_user_connections", Differs(Int, "clients wait for a connection of the user's to close; Breakwater does not close the user's idle connections in other pools to make room")),
+    ("max_user_client_connections", Same(Int)),
     ("server_round_robin", Unsupported("a pool reuses its most recently released server; use load_balance_hosts for hosts")),
     ("track_extra_parameters", NoOp("every startup parameter and every parameter PostgreSQL reports that a client may set (IntervalStyle and search_path too) already follows the client from server to server")),
     ("ignore_startup_parameters", NoOp("Breakwater forwards every startup parameter to the server, so none needs ignoring")),

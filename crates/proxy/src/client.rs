@@ -151,11 +151,14 @@ async fn log_in(
         out: BytesMut::with_capacity(512),
         shared: shared.clone(),
     };
+    // Filled by a login that takes places under client caps; an out-parameter rather than part
+    // of `Login`, whose session variant is already the large one.
+    let mut places = None;
     let result = match opened {
         // Not boxed on its own: all of log_in is (see `serve`), and is freed after login.
         Ok(opening) => within(
             deadline,
-            login(shared, &settings, &mut client, count, opening),
+            login(shared, &settings, &mut client, count, opening, &mut places),
         )
         .await
         .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),
@@ -190,7 +193,8 @@ async fn log_in(
                 kill: client.stream.shutdown_handle(),
                 slot: reg.slot.clone(),
             });
-            let session = Session::new(shared, settings, client, entry, params, reg);
+            let mut session = Session::new(shared, settings, client, entry, params, reg);
+            session.places = places;
             LoggedIn::Session(Box::new(session))
         }
         Ok(Login::Admin { user, is_admin }) => LoggedIn::Admin(AdminLogin {
@@ -462,6 +466,9 @@ async fn handshake(
     }
 }
 
+// Made once per login and taken apart at once: boxing the session variant would be one more
+// allocation per login (bounded in benches/harness/tests/alloc_per_txn.rs) to save a move.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum Login {
     Session(Arc<PoolEntry>, StartupParams, ClientParams),
     Admin { user: String, is_admin: bool },
@@ -474,6 +481,7 @@ async fn login(
     client: &mut ClientConn,
     count: usize,
     opening: Opening,
+    places: &mut Option<Box<crate::caps::Places>>,
 ) -> Result<Login, LoginEnd> {
     let startup = match opening {
         Opening::Startup(p) => p,
@@ -555,9 +563,54 @@ async fn login(
     let Some(route) = route else {
         return Err(LoginEnd::Gone);
     };
+    *places = take_places(shared, settings, route, &startup.user)?;
     let server_user = route.user.as_deref().unwrap_or(&startup.user);
     let entry = shared.pool_for(settings, route, server_user, scram_keys);
     Ok(Login::Session(entry, startup, params))
+}
+
+/// A place under each client cap that applies to this login (max_user_client_connections for
+/// its user, max_db_client_connections for its database), or 53300 naming the cap. Checked
+/// before the pool is touched: a refused login costs no server work. `None` when no cap
+/// applies, so that an uncapped login counts nothing.
+fn take_places(
+    shared: &Shared,
+    settings: &ProxySettings,
+    route: &crate::DatabaseRoute,
+    user: &str,
+) -> Result<Option<Box<crate::caps::Places>>, LoginEnd> {
+    let user_cap = settings.users.max_user_client_connections(user);
+    let db_cap = Some(route.max_db_client_connections).filter(|n| *n > 0);
+    if user_cap.is_none() && db_cap.is_none() {
+        return Ok(None);
+    }
+    let refuse = |counter: &std::sync::atomic::AtomicU64, message: String| {
+        GlobalStats::bump(counter);
+        LoginEnd::Refuse(PgError::fatal(SqlState::TOO_MANY_CONNECTIONS, message))
+    };
+    let mut places = crate::caps::Places::default();
+    if let Some(max) = user_cap {
+        places._user = Some(shared.user_clients.take(user, max).ok_or_else(|| {
+            refuse(
+                &shared.stats.refused_max_user_client_connections,
+                format!(
+                    "no more connections allowed for user \"{user}\" (max_user_client_connections = {max})"
+                ),
+            )
+        })?);
+    }
+    if let Some(max) = db_cap {
+        places._db = Some(shared.db_clients.take(&route.name, max).ok_or_else(|| {
+            refuse(
+                &shared.stats.refused_max_db_client_connections,
+                format!(
+                    "no more connections allowed to database \"{}\" (max_db_client_connections = {max})",
+                    route.name
+                ),
+            )
+        })?);
+    }
+    Ok(Some(Box::new(places)))
 }
 
 /// Breakwater speaks protocol 3.0. A client asking for a newer 3.x (libpq 18 with

@@ -215,11 +215,18 @@ impl Proxy {
         self.shared.pools.reconfigure(
             new.server.clone(),
             |e| match new.route(&e.route.name) {
-                Some(r) if same_target(&e.route, r) => Reconfigure::Keep {
-                    size: r.pool_size,
-                    min_size: r.min_pool_size,
-                },
-                _ => Reconfigure::Retire,
+                Some(r) => {
+                    // The pool's own route carries its user's pool_size and pool_mode.
+                    let r = new.users.route_for(r, &e.pool.user);
+                    match same_target(&e.route, &r) {
+                        true => Reconfigure::Keep {
+                            size: r.pool_size,
+                            min_size: r.min_pool_size,
+                        },
+                        false => Reconfigure::Retire,
+                    }
+                }
+                None => Reconfigure::Retire,
             },
             |db| new.route(db).is_some(),
         );

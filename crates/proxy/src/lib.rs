@@ -14,6 +14,7 @@
 //! the admin database is handed back to the caller as an [`AdminLogin`].
 
 pub mod cancel;
+mod caps;
 mod client;
 mod client_conn;
 mod control;
@@ -42,7 +43,7 @@ pub use cancel::ClientState;
 pub use client::AdminLogin;
 pub use control::{ControlError, ReloadReport};
 pub use registry::{ClientCounts, ClientInfo};
-pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
+pub use settings::{AuthType, DatabaseRoute, PoolMode, ProxySettings, UserRoute, UserSettings};
 pub use tls::{ClientTls, ClientTlsFiles};
 
 /// Names of the virtual admin database.
@@ -189,6 +190,10 @@ pub(crate) struct Shared {
     pub(crate) switches: Mutex<control::Switches>,
     /// Where transactions run, kept between them (see `session::Workspace`).
     workspaces: session::Workspaces,
+    /// Clients per login user and per database under max_user_client_connections and
+    /// max_db_client_connections.
+    user_clients: Arc<caps::Headcount>,
+    db_clients: Arc<caps::Headcount>,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS: the address `accept` gave, or `None`
@@ -227,6 +232,8 @@ impl Proxy {
                 registry: registry::ClientRegistry::default(),
                 switches: Mutex::new(control::Switches::default()),
                 workspaces: session::Workspaces::default(),
+                user_clients: Arc::default(),
+                db_clients: Arc::default(),
             }),
         }
     }
@@ -388,6 +395,7 @@ impl Shared {
         }
         // Offered again below in case another login opened the pool in the meantime.
         let offer = login_credential.clone();
+        let route = &settings.users.route_for(route, server_user);
         let spec = || {
             let credential = route
                 .password
@@ -416,6 +424,7 @@ impl Shared {
                 size: route.pool_size,
                 min_size: route.min_pool_size,
                 max_db_connections: route.max_db_connections,
+                max_user_connections: settings.users.max_user_connections(server_user),
             }
         };
         let entry = self

@@ -86,6 +86,66 @@ pub struct DatabaseRoute {
     pub max_db_connections: Option<usize>,
     /// `server_require_auth` (the database's, else the pooler's).
     pub require_auth: upstream::RequireAuth,
+    /// `max_db_client_connections`: cap on clients of this database; 0 = none.
+    pub max_db_client_connections: usize,
+}
+
+/// One `[users.NAME]` entry: unset values fall back to the database's, then the pooler's.
+#[derive(Debug, Clone, Default)]
+pub struct UserRoute {
+    pub name: String,
+    pub pool_mode: Option<PoolMode>,
+    pub pool_size: Option<usize>,
+    /// 0 lifts the pooler-wide cap for this user.
+    pub max_user_connections: Option<usize>,
+    pub max_user_client_connections: Option<usize>,
+}
+
+/// Per-user settings (`[users.NAME]`) and the pooler-wide caps for users without their own.
+#[derive(Debug, Clone, Default)]
+pub struct UserSettings {
+    pub routes: Vec<UserRoute>,
+    /// `max_user_connections`: server connections of one user across its pools; 0 = none.
+    pub max_user_connections: usize,
+    /// `max_user_client_connections`: clients logged in as one user; 0 = none.
+    pub max_user_client_connections: usize,
+}
+
+impl UserSettings {
+    pub fn route(&self, user: &str) -> Option<&UserRoute> {
+        self.routes.iter().find(|u| u.name == user)
+    }
+
+    /// The cap on server connections of `user` across its pools, if any.
+    pub fn max_user_connections(&self, user: &str) -> Option<usize> {
+        Some(
+            self.route(user)
+                .and_then(|u| u.max_user_connections)
+                .unwrap_or(self.max_user_connections),
+        )
+        .filter(|n| *n > 0)
+    }
+
+    /// The cap on clients logged in as `user`, if any.
+    pub fn max_user_client_connections(&self, user: &str) -> Option<usize> {
+        Some(
+            self.route(user)
+                .and_then(|u| u.max_user_client_connections)
+                .unwrap_or(self.max_user_client_connections),
+        )
+        .filter(|n| *n > 0)
+    }
+
+    /// `route` as the pool for server user `user` sees it: the user's own pool_size and
+    /// pool_mode, else the database's (PgBouncer's order).
+    pub fn route_for(&self, route: &DatabaseRoute, user: &str) -> DatabaseRoute {
+        let own = self.route(user);
+        DatabaseRoute {
+            pool_size: own.and_then(|u| u.pool_size).unwrap_or(route.pool_size),
+            pool_mode: own.and_then(|u| u.pool_mode).unwrap_or(route.pool_mode),
+            ..route.clone()
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +189,7 @@ pub struct ProxySettings {
     /// Log each client login / disconnection at info (else debug).
     pub log_connections: bool,
     pub log_disconnections: bool,
+    pub users: UserSettings,
 }
 
 impl ProxySettings {

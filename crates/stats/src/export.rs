@@ -150,6 +150,18 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     counter!("breakwater_login_failures_total").absolute(g.login_failures);
     counter!("breakwater_protocol_errors_total").absolute(g.protocol_errors);
     counter!("breakwater_refused_max_client_conn_total").absolute(g.refused_max_client_conn);
+    for (limit, n) in [
+        (
+            "max_user_client_connections",
+            g.refused_max_user_client_connections,
+        ),
+        (
+            "max_db_client_connections",
+            g.refused_max_db_client_connections,
+        ),
+    ] {
+        counter!("breakwater_refused_client_limit_total", "limit" => limit).absolute(n);
+    }
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
     counter!("breakwater_clients_left_waiting_total").absolute(g.clients_left_waiting);
     counter!("breakwater_clients_lost_total").absolute(g.clients_lost);
@@ -314,6 +326,11 @@ pub fn describe() {
             "breakwater_refused_max_client_conn_total",
             Count,
             "Client connections refused by max_client_conn.",
+        ),
+        (
+            "breakwater_refused_client_limit_total",
+            Count,
+            "Client logins refused by max_user_client_connections or max_db_client_connections (label limit).",
         ),
         (
             "breakwater_cancel_requests_total",

@@ -381,6 +381,8 @@ pub struct GlobalStats {
     pub login_failures: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
+    pub refused_max_user_client_connections: AtomicU64,
+    pub refused_max_db_client_connections: AtomicU64,
     pub cancel_requests: AtomicU64,
     /// Clients that closed their connection while queued for a server (never served).
     pub clients_left_waiting: AtomicU64,
@@ -438,6 +440,8 @@ pub struct GlobalSnapshot {
     pub login_failures: u64,
     pub protocol_errors: u64,
     pub refused_max_client_conn: u64,
+    pub refused_max_user_client_connections: u64,
+    pub refused_max_db_client_connections: u64,
     pub cancel_requests: u64,
     pub clients_left_waiting: u64,
     pub clients_lost: u64,
@@ -462,6 +466,10 @@ impl GlobalStats {
             login_failures: self.login_failures.load(Relaxed),
             protocol_errors: self.protocol_errors.load(Relaxed),
             refused_max_client_conn: self.refused_max_client_conn.load(Relaxed),
+            refused_max_user_client_connections: self
+                .refused_max_user_client_connections
+                .load(Relaxed),
+            refused_max_db_client_connections: self.refused_max_db_client_connections.load(Relaxed),
             cancel_requests: self.cancel_requests.load(Relaxed),
             clients_left_waiting: self.clients_left_waiting.load(Relaxed),
             clients_lost: self.clients_lost.load(Relaxed),

@@ -32,7 +32,8 @@ use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 use crate::role::TargetSessionAttrs;
 use crate::settings::{ServerSettings, ServerTarget};
 
-/// Caps shared between pools: `max_db_connections` (per database) and
+/// Caps shared between pools: `max_db_connections` (per database), `max_user_connections` (per
+/// server user) and
 /// `max_server_connections` (all pools). A connection holds a slot of each while it lives.
 #[derive(Clone, Default)]
 pub struct Limits(pub Vec<Arc<Semaphore>>);

@@ -41,6 +41,8 @@ pub struct PoolSpec {
     pub min_size: usize,
     /// Cap on server connections to this database across all its pools.
     pub max_db_connections: Option<usize>,
+    /// Cap on server connections of this pool's user across all its pools.
+    pub max_user_connections: Option<usize>,
 }
 
 /// What [`PoolSet::reconfigure`] does with one pool.
@@ -73,6 +75,8 @@ pub struct PoolSet<T> {
     total_limit: Option<Arc<Semaphore>>,
     /// `max_db_connections`, per database.
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// `max_user_connections`, per server user; made when the user's first pool opens.
+    user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Settings for pools opened from now on (reconfigure updates the open ones).
     settings: RwLock<Arc<ServerSettings>>,
     /// database → server user → pool. Nested so that a login looks its pool up by `&str`,
@@ -102,6 +106,7 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             hosts: Hosts::new(storm).with_dns(Arc::new(DnsCache::new(dns))),
             total_limit: max_server_connections.map(|n| Arc::new(Semaphore::new(n))),
             db_limits: Mutex::new(HashMap::new()),
+            user_limits: Mutex::new(HashMap::new()),
             settings: RwLock::new(Arc::new(settings)),
             pools: Mutex::new(HashMap::new()),
             paused: Mutex::new(Paused::default()),
@@ -145,6 +150,14 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             limits.0.push(
                 lock(&self.db_limits)
                     .entry(spec.target.database.clone())
+                    .or_insert_with(|| Arc::new(Semaphore::new(n)))
+                    .clone(),
+            );
+        }
+        if let Some(n) = spec.max_user_connections {
+            limits.0.push(
+                lock(&self.user_limits)
+                    .entry(spec.target.user.clone())
                     .or_insert_with(|| Arc::new(Semaphore::new(n)))
                     .clone(),
             );
@@ -381,6 +394,7 @@ mod tests {
             size: 2,
             min_size: 0,
             max_db_connections: None,
+            max_user_connections: None,
         };
         set.get_or_open(db, user, spec, Entry)
     }

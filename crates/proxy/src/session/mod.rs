@@ -126,6 +126,9 @@ pub(crate) struct Session {
     watch_read_only: bool,
     /// Logged in at, for the disconnection log line.
     since: Instant,
+    /// Places under max_user_client_connections / max_db_client_connections, given back
+    /// when the session is dropped.
+    pub(crate) places: Option<Box<crate::caps::Places>>,
 }
 
 /// A session ends when it is dropped, however it ended: the client leaves the pool's gauges
@@ -177,6 +180,7 @@ impl Session {
             idle_timer: None,
             watch_read_only,
             since: Instant::now(),
+            places: None,
         }
     }
 
