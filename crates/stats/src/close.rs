@@ -49,11 +49,13 @@ pub enum CloseReason {
     Paused,
     /// The pool was closed (its database removed by RELOAD, or shutdown).
     PoolClosed,
+    /// The pool's size was lowered (RELOAD, SET) below the connections it had.
+    PoolResized,
 }
 
 impl CloseReason {
     /// Every reason, in the order views list them.
-    pub const ALL: [CloseReason; 20] = [
+    pub const ALL: [CloseReason; 21] = [
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::ResetFailed,
@@ -74,6 +76,7 @@ impl CloseReason {
         CloseReason::CheckFailed,
         CloseReason::Paused,
         CloseReason::PoolClosed,
+        CloseReason::PoolResized,
     ];
 
     /// The label in SHOW SERVER_CLOSES, the metric and the logs.
@@ -99,6 +102,7 @@ impl CloseReason {
             CloseReason::CheckFailed => "check_failed",
             CloseReason::Paused => "paused",
             CloseReason::PoolClosed => "pool_closed",
+            CloseReason::PoolResized => "pool_resized",
         }
     }
 
@@ -113,6 +117,7 @@ impl CloseReason {
                 | CloseReason::RoleChanged
                 | CloseReason::Paused
                 | CloseReason::PoolClosed
+                | CloseReason::PoolResized
         )
     }
 

@@ -28,6 +28,7 @@ pub mod registry;
 pub mod require_auth;
 pub mod role;
 pub mod settings;
+mod slots;
 pub mod stream;
 pub mod tls;
 
@@ -39,7 +40,9 @@ pub use error::{ConnectError, QueryError};
 pub use failover::HostList;
 pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettings};
 pub use names::UnknownName;
-pub use pool::{discard, Checkout, CheckoutError, Limits, PoolSizes, PooledServer, ServerPool};
+pub use pool::{
+    discard, Checkout, CheckoutError, ConnectFlag, Limits, PoolSizes, PooledServer, ServerPool,
+};
 pub use pool_set::{Paused, PoolKey, PoolSet, PoolSpec, PoolStatus, Reconfigure};
 pub use prepared::PreparedCache;
 pub use registry::ServerInfo;

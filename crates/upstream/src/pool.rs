@@ -1,6 +1,6 @@
-//! Server pools: one deadpool per (database, user), with Breakwater's own manager that creates
-//! logged-in [`ServerConn`]s through the host's storm controls and refuses to hand out one that
-//! died while idle.
+//! Server pools: one per (database, user). A pool opens logged-in [`ServerConn`]s through the
+//! host's storm controls, hands them out in turn (see [`crate::slots`] for the bookkeeping) and
+//! refuses to hand out one that died while idle.
 //!
 //! The pool never decides whether a connection is clean: the proxy returns a connection only at
 //! an idle ReadyForQuery with nothing owed, and detaches (closes) it otherwise.
@@ -11,12 +11,11 @@
 
 use std::future::Future;
 use std::ops::{Deref, DerefMut};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
-use deadpool::managed::{self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use stats::{CloseReason, PoolStats};
 use tokio::sync::{watch, Semaphore};
@@ -31,6 +30,7 @@ use crate::pool_set::PoolStatus;
 use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 use crate::role::TargetSessionAttrs;
 use crate::settings::{ServerSettings, ServerTarget};
+use crate::slots::{Idle, Slots, Taken};
 
 /// Caps shared between pools: `max_db_connections` (per database), `max_user_connections` (per
 /// server user) and
@@ -75,29 +75,36 @@ impl ServerManager {
     }
 }
 
-thread_local! {
-    /// Set while a connection attempt is polled (see [`Connecting`]); read and cleared by the
-    /// [`Checkout`] polling on this thread. deadpool starts connection attempts inside the
-    /// checkout that needs one and gives `create` no way to know which checkout that is, so the
-    /// attempt reports to whoever is polling it, within that one synchronous poll. Nothing
-    /// outside this module sees it.
-    static CONNECT_POLLED: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+/// Whether a checkout is making a connection right now. The caller owns it (one per client,
+/// reused by every checkout) and lends it to [`ServerPool::checkout`]; the connection attempt
+/// inside keeps it up to date.
+#[derive(Debug, Default)]
+pub struct ConnectFlag(AtomicBool);
+
+/// A connection attempt made inside a checkout: the flag is up while it is pending, so the
+/// [`Checkout`] around it can tell that dropping it now would abandon a connect half done (the
+/// database has accepted, forked a backend, perhaps begun the login).
+struct Connecting<'a, F> {
+    attempt: F,
+    flag: &'a ConnectFlag,
 }
 
-/// A connection attempt made inside a checkout. Each poll marks the thread, so the
-/// [`Checkout`] around it can tell that dropping it now would abandon a connect half done: the
-/// database has accepted, forked a backend, perhaps begun the login.
-struct Connecting<F>(F);
-
-impl<F: Future + Unpin> Future for Connecting<F> {
+impl<F: Future + Unpin> Future for Connecting<'_, F> {
     type Output = F::Output;
 
     fn poll(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> Poll<F::Output> {
-        CONNECT_POLLED.with(|c| c.set(true));
-        std::pin::Pin::new(&mut self.0).poll(cx)
+        let r = std::pin::Pin::new(&mut self.attempt).poll(cx);
+        self.flag.0.store(r.is_pending(), Ordering::Relaxed);
+        r
+    }
+}
+
+impl<F> Drop for Connecting<'_, F> {
+    fn drop(&mut self) {
+        self.flag.0.store(false, Ordering::Relaxed);
     }
 }
 
@@ -106,30 +113,25 @@ pin_project_lite::pin_project! {
     /// it is making a connection right now ([`Checkout::is_connecting`]): a caller that
     /// wants to give up (its client left) should then let it finish and give the server back,
     /// rather than waste a backend the database is already forking.
-    pub struct Checkout<F> {
+    pub struct Checkout<'a, F> {
         #[pin]
         inner: F,
-        connecting: bool,
+        connecting: &'a ConnectFlag,
     }
 }
 
-impl<F> Checkout<F> {
-    /// Did the last poll, which left the checkout pending, drive a connection attempt?
+impl<F> Checkout<'_, F> {
+    /// Is a connection attempt of this checkout under way (left pending by the last poll)?
     pub fn is_connecting(&self) -> bool {
-        self.connecting
+        self.connecting.0.load(Ordering::Relaxed)
     }
 }
 
-impl<F: Future> Future for Checkout<F> {
+impl<F: Future> Future for Checkout<'_, F> {
     type Output = F::Output;
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
-        let this = self.project();
-        CONNECT_POLLED.with(|c| c.set(false));
-        let result = this.inner.poll(cx);
-        let polled = CONNECT_POLLED.with(|c| c.replace(false));
-        *this.connecting = result.is_pending() && polled;
-        result
+        self.project().inner.poll(cx)
     }
 }
 
@@ -160,7 +162,7 @@ impl ServerManager {
         let logging_in = stats::GaugeGuard::new(&self.stats.sv_login);
         // Boxed: connecting (DNS, TLS, login) is a large future, and every checkout embeds
         // this one; unboxed it would sit in every client task's memory even while idle.
-        let conn = Connecting(Box::pin(self.hosts.connect(&target, &settings))).await;
+        let conn = Box::pin(self.hosts.connect(&target, &settings)).await;
         drop(logging_in);
         let stats = &self.stats;
         match conn {
@@ -208,40 +210,13 @@ impl ServerManager {
     }
 }
 
-impl managed::Manager for ServerManager {
-    /// Boxed: deadpool moves its objects through queues and options at every checkout and
-    /// return; moving a pointer instead of the ~320-byte connection saves about 2 000
-    /// instructions per transaction (callgrind).
-    type Type = Box<ServerConn>;
-    type Error = ConnectError;
-
-    /// Boxed, once per new connection: deadpool nests this future three deep (its timeout
-    /// and `apply_timeout`) inside every checkout's future, and so inside every transaction's,
-    /// which is moved once per transaction. Inline, it was 1 150 of that future's 3 370 bytes.
-    fn create(&self) -> impl Future<Output = Result<Box<ServerConn>, ConnectError>> + Send {
-        Box::pin(self.open())
-    }
-
-    async fn recycle(
-        &self,
-        conn: &mut Box<ServerConn>,
-        metrics: &Metrics,
-    ) -> RecycleResult<ConnectError> {
-        let reason = self.recycle_check(conn, metrics).await;
-        match reason {
-            None => Ok(()),
-            Some(r) => {
-                // deadpool drops the connection after this error.
-                self.closing(conn, r);
-                Err(RecycleError::message(r.as_str()))
-            }
-        }
-    }
-}
-
 impl ServerManager {
     /// Why a connection coming out of the idle list may not be handed out, if it may not.
-    async fn recycle_check(&self, conn: &mut ServerConn, metrics: &Metrics) -> Option<CloseReason> {
+    async fn recycle_check(
+        &self,
+        conn: &mut ServerConn,
+        idle_since: Instant,
+    ) -> Option<CloseReason> {
         let settings = self.settings();
         if self.is_stale(conn) {
             return Some(CloseReason::StaleEpoch);
@@ -252,7 +227,7 @@ impl ServerManager {
         // One clock read for both checks below (a checkout makes this call).
         let now = std::time::Instant::now();
         if let Some(lifetime) = settings.lifetime {
-            if now.saturating_duration_since(metrics.created) > conn.share(lifetime) {
+            if now.saturating_duration_since(conn.created()) > conn.share(lifetime) {
                 return Some(CloseReason::Lifetime);
             }
         }
@@ -260,7 +235,7 @@ impl ServerManager {
             return Some(CloseReason::ClosedWhileIdle);
         }
         if let Some(delay) = settings.check_delay {
-            let idle = now.saturating_duration_since(metrics.recycled.unwrap_or(metrics.created));
+            let idle = now.saturating_duration_since(idle_since);
             if idle > delay && !settings.check_query.is_empty() {
                 let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
                 // Boxed: every checkout embeds this future, and it is rarely needed.
@@ -299,19 +274,60 @@ fn log_close(conn: &ServerConn, database: &str, user: &str, reason: CloseReason)
     }
 }
 
+/// What a pool's servers share with the pool: the manager that opens and checks them, and the
+/// books. A checked-out server holds it, so it can come back even after its pool was dropped
+/// (it is then closed, as the books say the pool is closed).
+struct Core {
+    manager: ServerManager,
+    /// Boxed connections: the idle list moves pointers, not ~320-byte connections.
+    slots: Slots<Box<ServerConn>>,
+}
+
+impl Core {
+    /// A connection counted in the books (checked out, or taken from the idle list) is closed
+    /// for `reason` and its turn given back.
+    fn close_checked_out(&self, conn: Box<ServerConn>, reason: CloseReason) {
+        self.manager.closing(&conn, reason);
+        self.slots.remove();
+        conn.terminate();
+    }
+
+    /// Closes connections the books gave up (idle ones retired, surplus ones coming back).
+    fn close_given_up(&self, gone: Vec<(Box<ServerConn>, CloseReason)>) {
+        for (conn, reason) in gone {
+            self.manager.closing(&conn, reason);
+            conn.terminate();
+        }
+        self.manager.changes.changed();
+    }
+}
+
 /// A server connection checked out of a pool. Dropping it returns it to the pool (or closes it
 /// when the pool was told to reconnect since it was opened); call [`discard`] instead when it is
 /// not clean.
 pub struct PooledServer {
     /// `None` only after [`discard`] or inside `drop`, which both consume the value.
-    obj: Option<Object<ServerManager>>,
+    conn: Option<Box<ServerConn>>,
+    core: Arc<Core>,
+}
+
+impl PooledServer {
+    fn new(conn: Box<ServerConn>, core: Arc<Core>) -> PooledServer {
+        if let Some(r) = &conn.registration {
+            r.info.set_in_use(true);
+        }
+        PooledServer {
+            conn: Some(conn),
+            core,
+        }
+    }
 }
 
 impl Deref for PooledServer {
     type Target = ServerConn;
     fn deref(&self) -> &ServerConn {
-        match &self.obj {
-            Some(o) => o,
+        match &self.conn {
+            Some(c) => c,
             None => unreachable!("PooledServer is only emptied while being consumed"),
         }
     }
@@ -319,8 +335,8 @@ impl Deref for PooledServer {
 
 impl DerefMut for PooledServer {
     fn deref_mut(&mut self) -> &mut ServerConn {
-        match &mut self.obj {
-            Some(o) => o,
+        match &mut self.conn {
+            Some(c) => c,
             None => unreachable!("PooledServer is only emptied while being consumed"),
         }
     }
@@ -328,21 +344,23 @@ impl DerefMut for PooledServer {
 
 impl Drop for PooledServer {
     fn drop(&mut self) {
-        let Some(obj) = self.obj.take() else { return };
-        if let Some(r) = &obj.registration {
+        let Some(conn) = self.conn.take() else { return };
+        if let Some(r) = &conn.registration {
             r.info.set_in_use(false);
         }
-        // No pool left (its database was removed): the connection just closes.
-        let Some(pool) = Object::pool(&obj) else {
-            return;
-        };
-        let m = pool.manager();
-        if m.is_stale(&obj) {
-            m.closing(&obj, CloseReason::StaleEpoch);
-            Object::take(obj).terminate();
-        } else {
-            // Back to the pool.
-            drop(obj);
+        let core = &self.core;
+        let m = &core.manager;
+        if m.is_stale(&conn) {
+            core.close_checked_out(conn, CloseReason::StaleEpoch);
+        } else if let Some(surplus) = core.slots.give_back(conn, Instant::now()) {
+            // The pool closed or shrank while this one was out.
+            let reason = if core.slots.is_closed() {
+                CloseReason::PoolClosed
+            } else {
+                CloseReason::PoolResized
+            };
+            m.closing(&surplus, reason);
+            surplus.terminate();
         }
         m.changes.changed();
     }
@@ -351,17 +369,9 @@ impl Drop for PooledServer {
 /// Closes a checked-out connection instead of returning it, for `reason`: logged with the
 /// server's id and counted per reason (SHOW SERVER_CLOSES, `breakwater_server_closes_total`).
 pub fn discard(mut server: PooledServer, reason: CloseReason) {
-    if let Some(obj) = server.obj.take() {
-        let pool = Object::pool(&obj);
-        match &pool {
-            Some(p) => p.manager().closing(&obj, reason),
-            // The pool is gone (its database removed): nothing to count it in.
-            None => log_close(&obj, "", "", reason),
-        }
-        Object::take(obj).terminate();
-        if let Some(p) = pool {
-            p.manager().changes.changed();
-        }
+    if let Some(conn) = server.conn.take() {
+        server.core.close_checked_out(conn, reason);
+        server.core.manager.changes.changed();
     }
 }
 
@@ -383,7 +393,7 @@ pub enum CheckoutError {
 }
 
 pub struct ServerPool {
-    pool: managed::Pool<ServerManager>,
+    core: Arc<Core>,
     /// Wakes the role probe at once (a 25006 on a read-write pool).
     role_check: Arc<tokio::sync::Notify>,
     pub database: String,
@@ -473,48 +483,40 @@ impl ServerPool {
         let database = target.database.clone();
         let user = target.user.clone();
         let credential = std::sync::Mutex::new(target.credential.clone());
-        let pool = managed::Pool::builder(ServerManager {
-            target,
-            credential,
-            settings: RwLock::new(Arc::new(settings)),
-            hosts,
-            limits,
-            stats,
-            registry: Arc::new(ServerRegistry::default()),
-            epoch: AtomicU64::new(0),
-            changes,
-        })
-        .max_size(size.max(1))
-        // LIFO keeps the most recently used connections warm and lets the rest age out.
-        .queue_mode(QueueMode::Lifo)
-        .runtime(deadpool::Runtime::Tokio1)
-        .build();
-        match pool {
-            Ok(pool) => {
-                let pool = Arc::new(ServerPool {
-                    pool,
-                    role_check: Arc::new(tokio::sync::Notify::new()),
-                    database,
-                    user,
-                    min_size: AtomicUsize::new(min_size),
-                    paused: watch::channel(false).0,
-                    waiters: Waiters::default(),
-                });
-                if let Some(interval) = role_check_interval {
-                    if pool.hosts().attrs != TargetSessionAttrs::Any {
-                        spawn_role_checks(&pool, interval);
-                    }
-                }
-                pool
+        let core = Arc::new(Core {
+            manager: ServerManager {
+                target,
+                credential,
+                settings: RwLock::new(Arc::new(settings)),
+                hosts,
+                limits,
+                stats,
+                registry: Arc::new(ServerRegistry::default()),
+                epoch: AtomicU64::new(0),
+                changes,
+            },
+            slots: Slots::new(size.max(1)),
+        });
+        let pool = Arc::new(ServerPool {
+            core,
+            role_check: Arc::new(tokio::sync::Notify::new()),
+            database,
+            user,
+            min_size: AtomicUsize::new(min_size),
+            paused: watch::channel(false).0,
+            waiters: Waiters::default(),
+        });
+        if let Some(interval) = role_check_interval {
+            if pool.hosts().attrs != TargetSessionAttrs::Any {
+                spawn_role_checks(&pool, interval);
             }
-            // Only fails without a runtime when timeouts are set, and we name the runtime.
-            Err(e) => unreachable!("deadpool build: {e}"),
         }
+        pool
     }
 
     /// Gives the pool a way to log in when it had none (SCRAM keys from a client's login).
     pub fn offer_credential(&self, cred: proto::auth::ServerCredential) {
-        if let Ok(mut c) = self.pool.manager().credential.lock() {
+        if let Ok(mut c) = self.core.manager.credential.lock() {
             if c.is_none() {
                 *c = Some(cred);
             }
@@ -527,15 +529,16 @@ impl ServerPool {
     /// once.
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
     /// `alarm` is the caller's re-armable timer: a checkout that has to wait uses it instead of
-    /// a timer of its own.
+    /// a timer of its own; `connecting` tells [`Checkout::is_connecting`].
     pub fn checkout<'a>(
         &'a self,
         wait: Option<Duration>,
         alarm: &'a mut Alarm,
-    ) -> Checkout<impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
+        connecting: &'a ConnectFlag,
+    ) -> Checkout<'a, impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
         Checkout {
-            inner: self.checkout_listed(wait, alarm),
-            connecting: false,
+            inner: self.checkout_listed(wait, alarm, connecting),
+            connecting,
         }
     }
 
@@ -543,9 +546,10 @@ impl ServerPool {
         &self,
         wait: Option<Duration>,
         alarm: &mut Alarm,
+        connecting: &ConnectFlag,
     ) -> Result<PooledServer, CheckoutError> {
         let started = Instant::now();
-        let mut work = std::pin::pin!(self.checkout_inner(started, wait, alarm));
+        let mut work = std::pin::pin!(self.checkout_inner(started, wait, alarm, connecting));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -575,10 +579,11 @@ impl ServerPool {
         started: Instant,
         wait: Option<Duration>,
         alarm: &mut Alarm,
+        connecting: &ConnectFlag,
     ) -> Result<PooledServer, CheckoutError> {
         let deadline = wait.map(|w| started + w);
         let wait_timeout = |last: Option<ConnectError>| {
-            PoolStats::add(&self.pool.manager().stats.wait_timeouts, 1);
+            PoolStats::add(&self.core.manager.stats.wait_timeouts, 1);
             CheckoutError::WaitTimeout {
                 database: self.database.clone(),
                 timeout: wait.unwrap_or_default(),
@@ -604,7 +609,7 @@ impl ServerPool {
         }
         let mut last = None;
         loop {
-            let get = self.pool.get();
+            let get = self.get(connecting);
             let result = match deadline {
                 Some(d) => {
                     let mut get = std::pin::pin!(get);
@@ -624,15 +629,11 @@ impl ServerPool {
                 None => get.await,
             };
             match result {
-                Ok(obj) => {
-                    if let Some(r) = &obj.registration {
-                        r.info.set_in_use(true);
-                    }
-                    return Ok(PooledServer { obj: Some(obj) });
-                }
-                Err(PoolError::Backend(e)) if e.is_permanent() => return Err(e.into()),
-                Err(PoolError::Backend(e)) => last = Some(e),
-                Err(_) => {
+                Got::Server(s) => return Ok(s),
+                Got::Failed(e) if e.is_permanent() => return Err(e.into()),
+                Got::Failed(e) => last = Some(e),
+                Got::Again => {}
+                Got::Closed => {
                     return Err(CheckoutError::Closed {
                         database: self.database.clone(),
                     })
@@ -641,14 +642,78 @@ impl ServerPool {
         }
     }
 
+    /// One try: waits for a turn, then hands out an idle connection that passes its checks or
+    /// opens a new one.
+    async fn get(&self, connecting: &ConnectFlag) -> Got {
+        let Ok(turn) = self.core.slots.turn().await else {
+            return Got::Closed;
+        };
+        self.serve_turn(turn, connecting).await
+    }
+
+    async fn serve_turn(
+        &self,
+        mut turn: crate::slots::Turn<'_, Box<ServerConn>>,
+        connecting: &ConnectFlag,
+    ) -> Got {
+        let core = &self.core;
+        let m = &core.manager;
+        loop {
+            match turn.take() {
+                Taken::Idle(Idle { item, since }) => {
+                    // Should this future be dropped during the check, the connection goes
+                    // with it and the books must know.
+                    let mut taken = Taken1::new(&core.slots, item);
+                    let reason = m.recycle_check(taken.conn(), since).await;
+                    let conn = taken.keep();
+                    match reason {
+                        None => {
+                            turn.keep();
+                            return Got::Server(PooledServer::new(conn, core.clone()));
+                        }
+                        Some(r) => {
+                            m.closing(&conn, r);
+                            core.slots.gone();
+                            conn.terminate();
+                            m.changes.changed();
+                        }
+                    }
+                }
+                Taken::Room => {
+                    let room = Room(&core.slots, true);
+                    // Boxed, once per new connection: the connect future is large and would
+                    // otherwise sit inside every checkout's future, and so inside every
+                    // transaction's, which is moved once per transaction.
+                    let opened = Connecting {
+                        attempt: Box::pin(m.open()),
+                        flag: connecting,
+                    }
+                    .await;
+                    room.used();
+                    return match opened {
+                        Ok(conn) => {
+                            turn.keep();
+                            Got::Server(PooledServer::new(conn, core.clone()))
+                        }
+                        Err(e) => {
+                            core.slots.gone();
+                            Got::Failed(e)
+                        }
+                    };
+                }
+                Taken::Shrunk => return Got::Again,
+            }
+        }
+    }
+
     /// Servers in use and idle, clients waiting, and the switches, for readers.
     pub fn status(&self) -> PoolStatus {
-        let s = self.pool.status();
+        let s = self.core.slots.status();
         PoolStatus {
             max_size: s.max_size,
             size: s.size,
-            active: s.size.saturating_sub(s.available),
-            idle: s.available,
+            active: s.size.saturating_sub(s.idle),
+            idle: s.idle,
             waiting: s.waiting,
             min_size: self.min_size(),
             paused: self.is_paused(),
@@ -657,22 +722,22 @@ impl ServerPool {
 
     /// The pool's counters, written by the data path.
     pub fn stats(&self) -> &Arc<PoolStats> {
-        &self.pool.manager().stats
+        &self.core.manager.stats
     }
 
     /// The first configured host.
     pub fn host(&self) -> &Arc<Host> {
-        self.pool.manager().hosts.first()
+        self.core.manager.hosts.first()
     }
 
     pub fn hosts(&self) -> &Arc<HostList> {
-        &self.pool.manager().hosts
+        &self.core.manager.hosts
     }
 
     /// May a connection released by a client go back to the pool? Not when its host changed
     /// role while it was checked out.
     pub fn still_wanted(&self, conn: &ServerConn) -> bool {
-        self.pool.manager().still_wanted(conn)
+        self.core.manager.still_wanted(conn)
     }
 
     /// A server of this pool refused to write (SQLSTATE 25006) or reported a new
@@ -687,7 +752,7 @@ impl ServerPool {
     /// Probes every host's role; if one changed, closes idle connections opened under the old
     /// role now (busy ones go when released or next checked out).
     pub async fn check_roles(&self) {
-        let manager = self.pool.manager();
+        let manager = &self.core.manager;
         let target = manager.target();
         let settings = manager.settings();
         let changed = manager
@@ -695,19 +760,20 @@ impl ServerPool {
             .probe(&target, &settings, settings.role_check_timeout)
             .await;
         if changed {
-            self.pool.retain(|c, _| {
-                let keep = manager.still_wanted(c);
-                if !keep {
-                    manager.closing(c, CloseReason::RoleChanged);
-                }
-                keep
+            let gone = self.core.slots.retain(|idle| {
+                (!manager.still_wanted(&idle.item)).then_some(CloseReason::RoleChanged)
             });
-            manager.changes.changed();
+            self.core.close_given_up(gone);
         }
     }
 
     pub fn resize(&self, size: usize) {
-        self.pool.resize(size.max(1));
+        let gone = self.core.slots.resize(size.max(1));
+        self.core.close_given_up(
+            gone.into_iter()
+                .map(|c| (c, CloseReason::PoolResized))
+                .collect(),
+        );
     }
 
     pub fn min_size(&self) -> usize {
@@ -720,7 +786,7 @@ impl ServerPool {
 
     /// New timeouts for connections opened and recycled from now on (RELOAD, SET).
     pub fn set_settings(&self, settings: ServerSettings) {
-        match self.pool.manager().settings.write() {
+        match self.core.manager.settings.write() {
             Ok(mut s) => *s = Arc::new(settings),
             Err(p) => *p.into_inner() = Arc::new(settings),
         }
@@ -736,16 +802,13 @@ impl ServerPool {
 
     /// Retires every connection open now: idle ones close at once, busy ones when released.
     pub fn reconnect(&self) {
-        let m = self.pool.manager();
+        let m = &self.core.manager;
         m.epoch.fetch_add(1, Ordering::Relaxed);
-        self.pool.retain(|conn, _| {
-            let stale = m.is_stale(conn);
-            if stale {
-                m.closing(conn, CloseReason::StaleEpoch);
-            }
-            !stale
-        });
-        m.changes.changed();
+        let gone = self
+            .core
+            .slots
+            .retain(|idle| m.is_stale(&idle.item).then_some(CloseReason::StaleEpoch));
+        self.core.close_given_up(gone);
     }
 
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).
@@ -754,23 +817,19 @@ impl ServerPool {
     }
 
     fn close_all_idle(&self, reason: CloseReason) {
-        let m = self.pool.manager();
-        self.pool.retain(|conn, _| {
-            m.closing(conn, reason);
-            false
-        });
-        m.changes.changed();
+        let gone = self.core.slots.retain(|_| Some(reason));
+        self.core.close_given_up(gone);
     }
 
     /// Server connections opened before the last [`reconnect`](Self::reconnect), still open.
     pub fn stale_count(&self) -> usize {
-        let epoch = self.pool.manager().epoch.load(Ordering::Relaxed);
+        let epoch = self.core.manager.epoch.load(Ordering::Relaxed);
         self.servers().iter().filter(|s| s.epoch < epoch).count()
     }
 
     /// SHOW SERVERS rows for this pool.
     pub fn servers(&self) -> Vec<Arc<ServerInfo>> {
-        self.pool.manager().registry.list()
+        self.core.manager.registry.list()
     }
 
     /// Closes idle connections past `server_idle_timeout` or `server_lifetime` (each with its
@@ -779,9 +838,14 @@ impl ServerPool {
     pub async fn maintain(&self, settings: &ServerSettings) {
         let min_size = self.min_size();
         let mut keep = min_size;
-        let manager = self.pool.manager();
-        self.pool.retain(|conn, m| {
-            let expired = if settings.lifetime.is_some_and(|l| m.age() > conn.share(l)) {
+        let manager = &self.core.manager;
+        let now = Instant::now();
+        let gone = self.core.slots.retain(|idle| {
+            let conn = &idle.item;
+            let expired = if settings
+                .lifetime
+                .is_some_and(|l| now.saturating_duration_since(conn.created()) > conn.share(l))
+            {
                 Some(CloseReason::Lifetime)
             } else if !conn.is_healthy_idle() {
                 Some(CloseReason::ClosedWhileIdle)
@@ -794,21 +858,18 @@ impl ServerPool {
             };
             let idle_too_long = settings
                 .idle_timeout
-                .is_some_and(|t| m.last_used() > conn.share(t));
-            let reason = match expired {
+                .is_some_and(|t| now.saturating_duration_since(idle.since) > conn.share(t));
+            match expired {
                 Some(r) => Some(r),
                 None if idle_too_long && keep == 0 => Some(CloseReason::IdleTimeout),
-                None => None,
-            };
-            if let Some(r) = reason {
-                manager.closing(conn, r);
-                return false;
+                None => {
+                    keep = keep.saturating_sub(1);
+                    None
+                }
             }
-            keep = keep.saturating_sub(1);
-            true
         });
-        manager.changes.changed();
-        let status = self.pool.status();
+        self.core.close_given_up(gone);
+        let status = self.core.slots.status();
         if self.is_paused() || min_size.min(status.max_size) <= status.size {
             return;
         }
@@ -817,29 +878,102 @@ impl ServerPool {
         // `server_connect_concurrency` of them connect together, so eight warm connections to a
         // database whose connects take 3 s cost about two rounds, not eight. Held until all are
         // in; dropping them puts them in the idle list. A failed attempt ends this round, and the
-        // rest with it: the host's back-off paces the next tick's.
-        let timeouts = managed::Timeouts {
-            wait: Some(Duration::ZERO),
-            ..Default::default()
-        };
+        // rest with it: the host's back-off paces the next tick's. Only free turns are taken:
+        // clients waiting come first.
         let missing = min_size.min(status.max_size) - status.size;
-        let mut gets: FuturesUnordered<_> = (0..missing + status.available)
-            .map(|_| self.pool.timeout_get(&timeouts))
+        let connecting = ConnectFlag::default();
+        let connecting = &connecting;
+        let mut gets: FuturesUnordered<_> = (0..missing + status.idle)
+            .map(|_| async {
+                match self.core.slots.try_turn() {
+                    Ok(turn) => self.serve_turn(turn, connecting).await,
+                    Err(_) => Got::Again,
+                }
+            })
             .collect();
         let mut held = Vec::new();
         while let Some(got) = gets.next().await {
             match got {
-                Ok(c) => held.push(c),
-                Err(PoolError::Backend(_)) => break,
+                Got::Server(c) => held.push(c),
+                Got::Failed(_) => break,
                 // Full or busy: clients took what was there, and the others go on.
-                Err(_) => {}
+                Got::Again | Got::Closed => {}
             }
         }
     }
 
     pub fn close(&self) {
-        self.close_all_idle(CloseReason::PoolClosed);
-        self.pool.close();
+        let gone = self.core.slots.close();
+        self.core.close_given_up(
+            gone.into_iter()
+                .map(|c| (c, CloseReason::PoolClosed))
+                .collect(),
+        );
+    }
+}
+
+/// What one try at a checkout came to.
+enum Got {
+    Server(PooledServer),
+    Failed(ConnectError),
+    /// Nothing yet (the pool shrank under this turn, or no turn was free): try again.
+    Again,
+    Closed,
+}
+
+/// Room for a new connection, taken from the books: given back if the attempt is dropped
+/// half-way (the client gave up, its wait expired).
+struct Room<'a>(&'a Slots<Box<ServerConn>>, bool);
+
+impl Room<'_> {
+    fn used(mut self) {
+        self.1 = false;
+    }
+}
+
+impl Drop for Room<'_> {
+    fn drop(&mut self) {
+        if self.1 {
+            self.0.gone();
+        }
+    }
+}
+
+/// An idle connection taken out of the books for its checks: should the check be dropped
+/// half-way, the connection closes and the books are told.
+struct Taken1<'a> {
+    slots: &'a Slots<Box<ServerConn>>,
+    conn: Option<Box<ServerConn>>,
+}
+
+impl<'a> Taken1<'a> {
+    fn new(slots: &'a Slots<Box<ServerConn>>, conn: Box<ServerConn>) -> Self {
+        Taken1 {
+            slots,
+            conn: Some(conn),
+        }
+    }
+
+    fn conn(&mut self) -> &mut ServerConn {
+        match &mut self.conn {
+            Some(c) => c,
+            None => unreachable!("taken only by keep, which consumes it"),
+        }
+    }
+
+    fn keep(mut self) -> Box<ServerConn> {
+        match self.conn.take() {
+            Some(c) => c,
+            None => unreachable!("taken only by keep, which consumes it"),
+        }
+    }
+}
+
+impl Drop for Taken1<'_> {
+    fn drop(&mut self) {
+        if self.conn.is_some() {
+            self.slots.gone();
+        }
     }
 }
 
@@ -858,7 +992,7 @@ fn spawn_role_checks(pool: &Arc<ServerPool>, interval: Duration) {
                 _ = wake.notified() => {}
             }
             let Some(pool) = weak.upgrade() else { break };
-            if pool.pool.is_closed() {
+            if pool.core.slots.is_closed() {
                 break;
             }
             pool.check_roles().await;

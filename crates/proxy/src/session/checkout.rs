@@ -103,9 +103,12 @@ impl Session {
         let start = Instant::now();
         // In a block: the checkout borrows the alarm, and must be gone before `self` is used.
         let result = {
-            let mut checkout = std::pin::pin!(entry
-                .pool
-                .checkout(self.settings.query_wait_timeout, &mut self.scratch.alarm));
+            let scratch = &mut *self.scratch;
+            let mut checkout = std::pin::pin!(entry.pool.checkout(
+                self.settings.query_wait_timeout,
+                &mut scratch.alarm,
+                &scratch.connecting,
+            ));
             // The notice's timer is set only once the checkout has to wait: most find a server
             // at once, and setting a timer and dropping it is a trip through the timer wheel's
             // lock each way (some 600 instructions per transaction). One poll_fn rather than a

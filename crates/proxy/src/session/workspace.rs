@@ -49,6 +49,8 @@ impl std::ops::DerefMut for LentScratch {
 pub(crate) struct Scratch {
     /// The session's timer for the Active state's timeouts.
     pub alarm: Alarm,
+    /// Whether the checkout under way is opening a connection (see `Checkout::is_connecting`).
+    pub connecting: upstream::ConnectFlag,
     /// The ledger of the last transaction, kept (clear) for the next one: its reply queue's
     /// allocation is reused.
     pub spare_ledger: TxLedger,
