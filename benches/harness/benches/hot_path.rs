@@ -228,6 +228,7 @@ fn pool(c: &mut Criterion) {
     };
     let wait = Some(Duration::from_secs(10));
     let mut alarm = upstream::Alarm::default();
+    let connecting = upstream::ConnectFlag::default();
     let pool = rt.block_on(async {
         let pool = upstream::ServerPool::new(
             target,
@@ -243,7 +244,7 @@ fn pool(c: &mut Criterion) {
         );
         // The one login happens here, not in the measurement.
         drop(
-            pool.checkout(wait, &mut alarm)
+            pool.checkout(wait, &mut alarm, &connecting)
                 .await
                 .expect("first checkout"),
         );
@@ -252,7 +253,10 @@ fn pool(c: &mut Criterion) {
     c.bench_function("pool/checkout + checkin of a warm server", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let server = pool.checkout(wait, &mut alarm).await.expect("checkout");
+                let server = pool
+                    .checkout(wait, &mut alarm, &connecting)
+                    .await
+                    .expect("checkout");
                 drop(server);
             })
         })

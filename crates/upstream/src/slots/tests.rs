@@ -233,7 +233,7 @@ proptest! {
                 st.max_size + st.owed,
                 "turns in circulation"
             );
-            prop_assert!(st.owed == 0 || out.len() > 0 || st.max_size == 0, "debts only while connections are out");
+            prop_assert!(st.owed == 0 || !out.is_empty() || st.max_size == 0, "debts only while connections are out");
             drop(st);
         }
         // Everything comes back: the pool is within its size again.
