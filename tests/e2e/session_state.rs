@@ -122,3 +122,87 @@ async fn psql_sees_canonical_session_parameters_at_login() {
     let lines: Vec<_> = text.lines().collect();
     assert_eq!(lines, vec!["UTF8", "psql"]);
 }
+
+/// Issue 17 item 6: in transaction mode a session advisory lock stays with the client that
+/// took it. Its server is pinned to it across transactions (another client cannot get that
+/// server, nor the lock), until the client releases the lock; then the server is reset and
+/// serves others again.
+#[tokio::test]
+async fn a_session_advisory_lock_pins_its_client_to_the_server_until_released() {
+    let env = start("", "pool_size = 2\n");
+    let one = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
+        rows.into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .unwrap()
+    };
+    let a = env.client().await;
+    let b = env.client().await;
+    assert_eq!(
+        one(a
+            .simple_query("SELECT pg_advisory_lock(4242)")
+            .await
+            .unwrap()),
+        ""
+    );
+    let pid_a = one(a.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    // Other clients keep working on the other server, and do not get a's lock.
+    for _ in 0..5 {
+        assert_eq!(
+            one(b
+                .simple_query("SELECT pg_try_advisory_lock(4242)")
+                .await
+                .unwrap()),
+            "f",
+            "a's session advisory lock was released behind its back"
+        );
+        assert_ne!(
+            one(b.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+            pid_a,
+            "another client was handed the server holding a's lock"
+        );
+        // a's transactions stay on the server holding its lock.
+        assert_eq!(
+            one(a.simple_query("SELECT pg_backend_pid()").await.unwrap()),
+            pid_a
+        );
+    }
+    assert_eq!(
+        one(a
+            .simple_query("SELECT pg_advisory_unlock(4242)")
+            .await
+            .unwrap()),
+        "t"
+    );
+    assert_eq!(
+        one(b
+            .simple_query("SELECT pg_try_advisory_lock(4242)")
+            .await
+            .unwrap()),
+        "t",
+        "released: anyone may take it"
+    );
+    assert_eq!(
+        one(b
+            .simple_query("SELECT pg_advisory_unlock(4242)")
+            .await
+            .unwrap()),
+        "t"
+    );
+    // Unpinned, a's server serves others again: with b in a transaction on one server, a
+    // third client gets the other one.
+    b.batch_execute("BEGIN").await.unwrap();
+    let c = env.client().await;
+    let pid_c = one(tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        c.simple_query("SELECT pg_backend_pid()"),
+    )
+    .await
+    .expect("a's server was still pinned after the unlock")
+    .unwrap());
+    let pid_b = one(b.simple_query("SELECT pg_backend_pid()").await.unwrap());
+    assert_ne!(pid_b, pid_c);
+    b.batch_execute("COMMIT").await.unwrap();
+}

@@ -32,6 +32,14 @@ pub fn text_may_leave_state(sql: &[u8]) -> bool {
     around(sql, b'm', 2, b"temp") || around(sql, b'v', 2, b"advisory")
 }
 
+/// Does this SQL text name an advisory lock function? Asked only of text
+/// [`text_may_leave_state`] already flagged: a yes means the server is asked, at the end of the
+/// transaction, whether it holds a session advisory lock for this client (see
+/// `Session::pinned_by_advisory_locks`).
+pub fn text_mentions_advisory(sql: &[u8]) -> bool {
+    around(sql, b'v', 2, b"advisory")
+}
+
 /// Is `word` (lower case) at some occurrence of `letter` (either case), which sits at
 /// `offset` within the word?
 fn around(hay: &[u8], letter: u8, offset: usize, word: &[u8]) -> bool {
@@ -154,6 +162,8 @@ mod tests {
             (b"select pg_advisor(1)", false),
             (b"ADVISORY", true),
         ];
+        assert!(text_mentions_advisory(b"SELECT pg_Advisory_unlock_all()"));
+        assert!(!text_mentions_advisory(b"CREATE TEMP TABLE t (x int)"));
         for (sql, want) in cases {
             assert_eq!(
                 text_may_leave_state(sql),

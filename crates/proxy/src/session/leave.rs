@@ -19,7 +19,9 @@ impl Session {
     /// Gives a server back at a transaction boundary, resetting it first if the client left
     /// session state (or always, in session mode).
     pub(super) async fn release(&mut self, mut h: Held) {
-        let reset = h.ledger.leaves_state() || self.mode == PoolMode::Session;
+        // A server that held the client's advisory locks is reset whatever its last
+        // transaction did: the locks were taken transactions ago.
+        let reset = h.ledger.leaves_state() || self.mode == PoolMode::Session || h.pinned;
         // The ledger (its queue's allocation) stays for the next transaction.
         h.ledger.clear();
         self.scratch.spare_ledger = std::mem::take(&mut h.ledger);

@@ -55,6 +55,12 @@ struct Held {
     /// A reset left this server with defaults where the client has startup values: SET them
     /// before the client's next statement goes to it.
     restore_due: bool,
+    /// The client's statements named an advisory lock function since the server last said
+    /// whether it holds session advisory locks: ask again at the end of the transaction.
+    advisory_unknown: bool,
+    /// The server holds session advisory locks of this client (transaction mode): it stays
+    /// with the client across transactions until they are released.
+    pinned: bool,
 }
 
 impl Held {
@@ -67,6 +73,8 @@ impl Held {
             clock: Clock::new(Instant::now()),
             reset: None,
             restore_due: false,
+            advisory_unknown: false,
+            pinned: false,
         }
     }
 }
@@ -335,6 +343,12 @@ impl Session {
                     if self.mode == PoolMode::Session && !shutting_down {
                         continue;
                     }
+                    // A session advisory lock pins the client to its server until released:
+                    // a reset would release it behind the client's back, and another client
+                    // would be handed a server holding someone else's lock.
+                    if !shutting_down && self.pinned_by_advisory_locks(h).await {
+                        continue;
+                    }
                     if let Some(h) = held.take() {
                         self.release(h).await;
                     }
@@ -374,6 +388,51 @@ impl Session {
                 }
             }
         }
+    }
+}
+
+impl Session {
+    /// Does the server hold a session advisory lock taken by this client? Asked only after a
+    /// transaction whose text named an advisory lock function (one round trip then); the
+    /// answer stands until such text comes again, so a pinned client stays pinned through
+    /// transactions that do not touch its locks.
+    async fn pinned_by_advisory_locks(&mut self, h: &mut Held) -> bool {
+        if !h.advisory_unknown {
+            return h.pinned;
+        }
+        h.advisory_unknown = false;
+        let check = Box::pin(tokio::time::timeout(
+            crate::internal_timeout(&self.settings),
+            h.server.query_first_row(
+                "SELECT count(*) FROM pg_catalog.pg_locks \
+                 WHERE locktype = 'advisory' AND pid = pg_catalog.pg_backend_pid()",
+            ),
+        ))
+        .await;
+        let held = match check {
+            Ok(Ok(row)) => row
+                .first()
+                .and_then(|v| v.as_deref())
+                .is_some_and(|n| n != "0"),
+            // The server is broken now (a failed internal query leaves it so): released, it
+            // is closed, and its locks with it.
+            _ => {
+                tracing::warn!(
+                    server = h.server.id(),
+                    "could not ask the server about advisory locks; closing it"
+                );
+                false
+            }
+        };
+        if held != h.pinned {
+            tracing::info!(
+                server = h.server.id(),
+                "session advisory locks {} the client to its server",
+                if held { "pin" } else { "no longer pin" }
+            );
+        }
+        h.pinned = held;
+        held
     }
 }
 

@@ -306,6 +306,7 @@ impl Session {
                     if matches!(hdr.tag, frontend::QUERY | frontend::PARSE) {
                         // Too large to scan before it goes: assume the worst.
                         h.ledger.mark_session_state();
+                        h.advisory_unknown = true;
                     }
                     match Sent::from_tag(hdr.tag) {
                         Some(sent) => sent,
@@ -327,6 +328,7 @@ impl Session {
                         .unwrap_or_default();
                     if scan::text_may_leave_state(text) {
                         h.ledger.mark_session_state();
+                        h.advisory_unknown |= scan::text_mentions_advisory(text);
                     }
                     self.watch_reset(h, text);
                     move_bytes(
@@ -397,6 +399,7 @@ impl Session {
             frontend::parse_parse(body).map_err(|e| protocol_violation(e.to_string()))?;
         if scan::text_may_leave_state(sql) {
             h.ledger.mark_session_state();
+            h.advisory_unknown |= scan::text_mentions_advisory(sql);
         }
         self.watch_reset(h, sql);
         if name.is_empty() || self.settings.max_prepared_statements == 0 {
