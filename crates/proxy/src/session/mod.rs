@@ -346,7 +346,10 @@ impl Session {
                     // A session advisory lock pins the client to its server until released:
                     // a reset would release it behind the client's back, and another client
                     // would be handed a server holding someone else's lock.
-                    if !shutting_down && self.pinned_by_advisory_locks(h).await {
+                    if !shutting_down
+                        && (h.pinned || h.advisory_unknown)
+                        && self.pinned_by_advisory_locks(h).await
+                    {
                         continue;
                     }
                     if let Some(h) = held.take() {
