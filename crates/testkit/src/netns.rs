@@ -146,7 +146,8 @@ impl NetNs {
         for chain in ["INPUT", "OUTPUT"] {
             run(
                 self.command(system_program("iptables").context("no `iptables` program")?)
-                    .args(["-A", chain, "-j", "DROP"]),
+                    // -w: wait for the xtables lock, which parallel tests may hold.
+                    .args(["-w", "10", "-A", chain, "-j", "DROP"]),
                 "iptables -j DROP in the namespace",
             )?;
         }
