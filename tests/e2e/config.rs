@@ -382,7 +382,7 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         "tcp_keepalive = 1 → tcp_keepalive = true",
         "server_login_retry = 1 → server_login_retry = \"1s\": the base of an exponential back-off",
         "app → [databases.app]",
-        "reserve_pool=5: not imported",
+        "reserve_pool_size=5",
         "*: not imported: the \"*\" fallback database is not supported yet (issue 17)",
         "auth_query = SELECT",
         "app → [users.app] pool_mode=\"transaction\"",

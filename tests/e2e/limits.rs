@@ -232,6 +232,18 @@ async fn a_users_section_sets_its_pools_mode_and_size_and_caps_its_servers_acros
         })
         .expect("a SHOW POOLS row for app");
     assert_eq!(row, ("session".to_owned(), "3".to_owned()));
+    let users = admin.simple_query("SHOW USERS").await.unwrap();
+    let row = users
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("name") == Some("app") => Some(
+                ["pool_size", "pool_mode", "max_user_connections"]
+                    .map(|c| r.get(c).unwrap_or("").to_owned()),
+            ),
+            _ => None,
+        })
+        .expect("a SHOW USERS row for app");
+    assert_eq!(row, ["3", "session", "2"]);
 
     // Two servers of user app are open, one in each database's pool: a third client waits for
     // one (max_user_connections = 2) although its pool has room (pool_size = 3).
@@ -369,6 +381,90 @@ async fn max_db_client_connections_refuses_the_client_over_it_with_53300_naming_
     drop(a);
     testkit::wait_until("the freed place to be taken", WAIT, || async {
         connect(&env.conn_string()).await.is_ok()
+    })
+    .await
+    .unwrap();
+}
+
+/// `reserve_in_use` of the app pool in SHOW POOLS.
+async fn reserve_in_use(admin: &tokio_postgres::Client) -> i64 {
+    let rows = admin.simple_query("SHOW POOLS").await.unwrap();
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+                r.get("reserve_in_use").and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(-1)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_500_clients_gets_the_reserve_only_after_reserve_pool_timeout_and_never_more() {
+    common::raise_fd_limit();
+    const POOL: i64 = 4;
+    const RESERVE: i64 = 3;
+    let pg = testkit::PgCluster::start().expect("start postgres");
+    let pooler = pooler_with(
+        &pg,
+        &format!(
+            "max_client_conn = 1000\ndefault_pool_size = {POOL}\nreserve_pool_size = {RESERVE}\n\
+             reserve_pool_timeout = \"1s\"\n\
+             [databases.app]\nhost = \"127.0.0.1\"\nport = PGPORT\n"
+        ),
+    );
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let admin = connect(&pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    let conn = pooler.conn_string("app", "app_pw", "app");
+    // Everyone logged in first, so that the burst is of transactions, not of logins.
+    let mut clients = Vec::new();
+    for _ in 0..500 {
+        clients.push(connect(&conn).await.expect("login"));
+    }
+    let started = std::time::Instant::now();
+    let burst: Vec<_> = clients
+        .into_iter()
+        .map(|c| {
+            tokio::spawn(async move {
+                c.batch_execute("SELECT pg_sleep(0.05)").await.unwrap();
+            })
+        })
+        .collect();
+    // Sample the database and the console until the burst is over.
+    let (mut most, mut first_over_pool, mut most_reserve) = (0, None, 0);
+    while burst.iter().any(|t| !t.is_finished()) {
+        let n = common::app_backends(&direct).await;
+        if n > POOL && first_over_pool.is_none() {
+            first_over_pool = Some(started.elapsed());
+        }
+        most = most.max(n);
+        most_reserve = most_reserve.max(reserve_in_use(&admin).await);
+    }
+    for t in burst {
+        t.await.unwrap();
+    }
+    let took = started.elapsed();
+    eprintln!(
+        "measured: 500 transactions of 50 ms on pool {POOL} + reserve {RESERVE}: {took:?}, \
+         most server connections {most}, first over the pool at {first_over_pool:?}, \
+         most reserve in use {most_reserve}"
+    );
+    assert!(most <= POOL + RESERVE, "{most} server connections");
+    let first = first_over_pool.expect("the reserve was used");
+    assert!(
+        first >= std::time::Duration::from_secs(1),
+        "the reserve was used after {first:?}, before reserve_pool_timeout"
+    );
+    assert!(
+        first < std::time::Duration::from_secs(5),
+        "the reserve came only after {first:?}"
+    );
+    assert!((1..=RESERVE).contains(&most_reserve), "{most_reserve}");
+    // Idle, nobody waiting: back to pool_size.
+    testkit::wait_until("the reserve to be given back", WAIT, || async {
+        reserve_in_use(&admin).await == 0 && common::app_backends(&direct).await <= POOL
     })
     .await
     .unwrap();

@@ -251,6 +251,8 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         max_db_connections: None,
         require_auth: Default::default(),
         max_db_client_connections: 0,
+        reserve_pool_size: 0,
+        reserve_pool_timeout: None,
     };
     ProxySettings {
         auth_type: AuthType::Trust,

@@ -31,6 +31,9 @@ pub struct PoolView {
     pub maxwait_us: u64,
     pub pool_size: u64,
     pub min_pool_size: u64,
+    /// `reserve_pool_size`, and how many of it the pool has taken now.
+    pub reserve_pool_size: u64,
+    pub reserve_in_use: u64,
     pub pool_mode: String,
     pub paused: bool,
 }
@@ -45,9 +48,13 @@ pub struct DatabaseView {
     pub force_user: Option<String>,
     pub pool_size: u64,
     pub min_pool_size: u64,
+    pub reserve_pool_size: u64,
     pub server_lifetime_secs: u64,
     pub pool_mode: String,
     pub current_connections: u64,
+    /// `max_db_connections`; 0 = none.
+    pub max_connections: u64,
+    /// `max_db_client_connections`; 0 = none.
     pub max_client_connections: u64,
     pub current_client_connections: u64,
     pub paused: bool,
@@ -75,7 +82,13 @@ pub struct ConnView {
 #[derive(Debug, Clone, Default)]
 pub struct UserView {
     pub name: String,
+    /// From `[users.NAME]`; `None` when the user has no value of its own.
+    pub pool_size: Option<u64>,
+    pub pool_mode: Option<String>,
+    /// The cap in force for this user (its own or the pooler-wide one); 0 = none.
+    pub max_user_connections: u64,
     pub current_connections: u64,
+    pub max_user_client_connections: u64,
     pub current_client_connections: u64,
 }
 

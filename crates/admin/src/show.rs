@@ -183,6 +183,8 @@ fn pools(view: &View) -> ResultSet {
         ("pool_size", INT4, |p| n(p.pool_size)),
         ("min_pool_size", INT4, |p| n(p.min_pool_size)),
         ("paused", INT4, |p| n(u8::from(p.paused))),
+        ("reserve_pool_size", INT4, |p| n(p.reserve_pool_size)),
+        ("reserve_in_use", INT4, |p| n(p.reserve_in_use)),
     ];
     ResultSet::table(columns, &view.pools)
 }
@@ -385,11 +387,11 @@ fn databases(view: &View) -> ResultSet {
         ("force_user", TEXT, |d| d.force_user.clone()),
         ("pool_size", INT4, |d| n(d.pool_size)),
         ("min_pool_size", INT4, |d| n(d.min_pool_size)),
-        ("reserve_pool_size", INT4, |_| n(0)),
+        ("reserve_pool_size", INT4, |d| n(d.reserve_pool_size)),
         ("server_lifetime", INT4, |d| n(d.server_lifetime_secs)),
         ("pool_mode", TEXT, |d| s(&d.pool_mode)),
         ("load_balance_hosts", TEXT, |_| None),
-        ("max_connections", INT4, |_| n(0)),
+        ("max_connections", INT4, |d| n(d.max_connections)),
         ("current_connections", INT4, |d| n(d.current_connections)),
         ("max_client_connections", INT4, |d| {
             n(d.max_client_connections)
@@ -439,12 +441,16 @@ fn conns(list: &[ConnView], kind: &'static str) -> ResultSet {
 fn users(view: &View) -> ResultSet {
     let columns: &[Column<&UserView>] = &[
         ("name", TEXT, |u| s(&u.name)),
-        ("pool_size", TEXT, |_| s("")),
+        ("pool_size", TEXT, |u| {
+            s(u.pool_size.map(|n| n.to_string()).unwrap_or_default())
+        }),
         ("reserve_pool_size", TEXT, |_| s("")),
-        ("pool_mode", TEXT, |_| None),
-        ("max_user_connections", INT4, |_| n(0)),
+        ("pool_mode", TEXT, |u| u.pool_mode.clone()),
+        ("max_user_connections", INT4, |u| n(u.max_user_connections)),
         ("current_connections", INT4, |u| n(u.current_connections)),
-        ("max_user_client_connections", INT4, |_| n(0)),
+        ("max_user_client_connections", INT4, |u| {
+            n(u.max_user_client_connections)
+        }),
         ("current_client_connections", INT4, |u| {
             n(u.current_client_connections)
         }),

@@ -195,6 +195,10 @@ section! {
         max_user_client_connections: usize = 0, reload;
         /// Clients of one database; 0 = no cap. `[databases.NAME]` may set its own.
         max_db_client_connections: usize = 0, reload;
+        /// Connections a pool may add beyond pool_size for clients that waited
+        /// reserve_pool_timeout (PgBouncer's); 0 = no reserve.
+        reserve_pool_size: usize = 0, reload;
+        reserve_pool_timeout: Timeout = Timeout::secs(5), reload;
         server_check_delay: Timeout = Timeout::secs(30), reload;
         server_check_query: String = "SELECT 1".into(), reload;
         /// A pool's role probe keeps the interval it started with; the timeout is read per
@@ -284,6 +288,7 @@ section! {
         /// Defaults to the `[pooler]` one.
         server_require_auth: Option<String> = None, reload;
         max_db_client_connections: Option<usize> = None, reload;
+        reserve_pool_size: Option<usize> = None, reload;
     }
 }
 
@@ -1012,6 +1017,8 @@ impl Config {
                     max_db_client_connections: d
                         .max_db_client_connections
                         .unwrap_or(p.max_db_client_connections),
+                    reserve_pool_size: d.reserve_pool_size.unwrap_or(p.reserve_pool_size),
+                    reserve_pool_timeout: p.reserve_pool_timeout.0,
                 }
             })
             .collect();
@@ -1165,58 +1172,20 @@ impl Reader<'_> {
                     self.section("metrics", t, METRICS_SETTINGS, &mut file.metrics)
                 }
                 ("databases", Some(t)) => {
-                    for (db, item) in t.iter() {
-                        let key = format!("databases.{db}");
-                        let line = self.line_of(t.key(db).and_then(|k| k.span()));
-                        match item.as_table_like() {
-                            Some(entry) => {
-                                if let Some(line) = line {
-                                    let origin = format!("{} line {line}", self.file_name);
-                                    self.origins.insert(key.clone(), origin);
-                                }
-                                let mut d = Database::default();
-                                self.section(&key, entry, DATABASE_SETTINGS, &mut d);
-                                file.databases.insert(db.to_owned(), d);
-                            }
-                            None if item.is_str() => self.problem(
-                                key,
-                                line,
-                                format!(
-                                    "looks like a PgBouncer connection string; write a [databases.{db}] table with host, port, dbname, … (`breakwater import-pgbouncer` converts a pgbouncer.ini)"
-                                ),
-                            ),
-                            None => self.problem(
-                                key,
-                                line,
-                                format!("expected a [databases.{db}] table"),
-                            ),
-                        }
-                    }
+                    file.databases = self.named_tables(
+                        "databases",
+                        t,
+                        DATABASE_SETTINGS,
+                        "connection string; write a [databases.NAME] table with host, port, dbname, …",
+                    )
                 }
                 ("users", Some(t)) => {
-                    for (user, item) in t.iter() {
-                        let key = format!("users.{user}");
-                        let line = self.line_of(t.key(user).and_then(|k| k.span()));
-                        match item.as_table_like() {
-                            Some(entry) => {
-                                let mut u = User::default();
-                                self.section(&key, entry, USER_SETTINGS, &mut u);
-                                file.users.insert(user.to_owned(), u);
-                            }
-                            None if item.is_str() => self.problem(
-                                key,
-                                line,
-                                format!(
-                                    "looks like a PgBouncer [users] line; write a [users.{user}] table with pool_mode, pool_size, max_user_connections, max_user_client_connections (`breakwater import-pgbouncer` converts a pgbouncer.ini)"
-                                ),
-                            ),
-                            None => self.problem(
-                                key,
-                                line,
-                                format!("expected a [users.{user}] table"),
-                            ),
-                        }
-                    }
+                    file.users = self.named_tables(
+                        "users",
+                        t,
+                        USER_SETTINGS,
+                        "[users] line; write a [users.NAME] table with pool_mode, pool_size, max_user_connections, max_user_client_connections",
+                    )
                 }
                 ("pooler" | "metrics" | "databases" | "users", None) => self.problem(
                     name.to_owned(),
@@ -1240,6 +1209,43 @@ impl Reader<'_> {
             }
         }
         file
+    }
+
+    /// `[databases.NAME]` or `[users.NAME]` tables, each read as a section; a PgBouncer-style
+    /// `NAME = "…"` line gets `pgbouncer_hint` (what it looks like and what to write instead).
+    fn named_tables<S: Default>(
+        &mut self,
+        kind: &str,
+        t: &dyn toml_edit::TableLike,
+        keys: &[Setting<S>],
+        pgbouncer_hint: &str,
+    ) -> BTreeMap<String, S> {
+        let mut out = BTreeMap::new();
+        for (name, item) in t.iter() {
+            let key = format!("{kind}.{name}");
+            let line = self.line_of(t.key(name).and_then(|k| k.span()));
+            match item.as_table_like() {
+                Some(entry) => {
+                    if let Some(line) = line {
+                        let origin = format!("{} line {line}", self.file_name);
+                        self.origins.insert(key.clone(), origin);
+                    }
+                    let mut value = S::default();
+                    self.section(&key, entry, keys, &mut value);
+                    out.insert(name.to_owned(), value);
+                }
+                None if item.is_str() => self.problem(
+                    key,
+                    line,
+                    format!(
+                        "looks like a PgBouncer {} (`breakwater import-pgbouncer` converts a pgbouncer.ini)",
+                        pgbouncer_hint.replace("NAME", name)
+                    ),
+                ),
+                None => self.problem(key, line, format!("expected a [{kind}.{name}] table")),
+            }
+        }
+        out
     }
 
     fn section<S>(

@@ -473,7 +473,7 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
             "dbname" | "user" | "password" | "pool_size" | "min_pool_size" | "pool_mode" | "max_db_connections" | "max_db_client_connections" => {
                 set(&mut db, &key, &value)
             }
-            "reserve_pool" | "reserve_pool_size" => Err("no reserve pool yet".into()),
+            "reserve_pool" | "reserve_pool_size" => set(&mut db, "reserve_pool_size", &value),
             "connect_query" => Err("no connect_query: set parameters in the role (ALTER ROLE … SET) or the client".into()),
             "client_encoding" | "datestyle" | "timezone" | "application_name" => {
                 Err("no per-database startup parameters: set them in the role (ALTER ROLE … SET) or the client".into())

@@ -107,6 +107,7 @@ impl Daemon {
                     idle: status.idle as u64,
                     size: status.size as u64,
                     max_size: status.max_size as u64,
+                    reserve_in_use: status.reserve_in_use as u64,
                     paused: status.paused,
                     maxwait_us: p.pool.max_wait().as_micros() as u64,
                 },
@@ -232,6 +233,8 @@ impl Control for Daemon {
                 maxwait_us: p.pool.max_wait().as_micros() as u64,
                 pool_size: status.max_size as u64,
                 min_pool_size: status.min_size as u64,
+                reserve_pool_size: status.reserve_size as u64,
+                reserve_in_use: status.reserve_in_use as u64,
                 pool_mode: p.route.pool_mode.as_str().into(),
                 paused: status.paused,
             });
@@ -250,25 +253,41 @@ impl Control for Daemon {
                 force_user: d.user.clone(),
                 pool_size: d.pool_size as u64,
                 min_pool_size: d.min_pool_size as u64,
+                reserve_pool_size: d.reserve_pool_size as u64,
                 server_lifetime_secs: settings.server.lifetime.map(|l| l.as_secs()).unwrap_or(0),
                 pool_mode: d.pool_mode.as_str().into(),
                 current_connections: servers.iter().filter(|s| s.database == d.name).count() as u64,
-                max_client_connections: 0,
+                max_connections: d.max_db_connections.unwrap_or(0) as u64,
+                max_client_connections: d.max_db_client_connections as u64,
                 current_client_connections: count(&counts.by_database, &d.name),
                 paused: self.proxy.is_paused(Some(&d.name)),
                 disabled: self.proxy.is_disabled(&d.name),
             })
             .collect();
-        let mut users: Vec<UserView> = settings
-            .userlist
-            .names()
-            .map(|u| UserView {
-                name: u.to_owned(),
-                current_connections: servers.iter().filter(|s| s.user == u).count() as u64,
-                current_client_connections: count(&counts.by_user, u),
+        // The auth_file's users and those with a [users.NAME] table.
+        let mut names: Vec<&str> = settings.userlist.names().collect();
+        names.extend(settings.users.routes.iter().map(|u| u.name.as_str()));
+        names.sort_unstable();
+        names.dedup();
+        let users: Vec<UserView> = names
+            .into_iter()
+            .map(|u| {
+                let own = settings.users.route(u);
+                UserView {
+                    name: u.to_owned(),
+                    pool_size: own.and_then(|o| o.pool_size).map(|n| n as u64),
+                    pool_mode: own.and_then(|o| o.pool_mode).map(|m| m.as_str().into()),
+                    max_user_connections: settings.users.max_user_connections(u).unwrap_or(0)
+                        as u64,
+                    current_connections: servers.iter().filter(|s| s.user == u).count() as u64,
+                    max_user_client_connections: settings
+                        .users
+                        .max_user_client_connections(u)
+                        .unwrap_or(0) as u64,
+                    current_client_connections: count(&counts.by_user, u),
+                }
             })
             .collect();
-        users.sort_by(|a, b| a.name.cmp(&b.name));
         let clients: Vec<ConnView> = clients
             .iter()
             .map(|c| {

@@ -201,7 +201,11 @@ impl Proxy {
             match old.route(&r.name) {
                 None => report.added.push(r.name.clone()),
                 Some(o) if !same_target(o, r) => report.changed.push(r.name.clone()),
-                Some(o) if o.pool_size != r.pool_size || o.min_pool_size != r.min_pool_size => {
+                Some(o)
+                    if o.pool_size != r.pool_size
+                        || o.min_pool_size != r.min_pool_size
+                        || o.reserve() != r.reserve() =>
+                {
                     report.resized.push(r.name.clone())
                 }
                 Some(_) => {}
@@ -222,6 +226,7 @@ impl Proxy {
                         true => Reconfigure::Keep {
                             size: r.pool_size,
                             min_size: r.min_pool_size,
+                            reserve: r.reserve(),
                         },
                         false => Reconfigure::Retire,
                     }

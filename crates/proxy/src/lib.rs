@@ -425,6 +425,7 @@ impl Shared {
                 min_size: route.min_pool_size,
                 max_db_connections: route.max_db_connections,
                 max_user_connections: settings.users.max_user_connections(server_user),
+                reserve: route.reserve(),
             }
         };
         let entry = self

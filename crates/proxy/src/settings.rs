@@ -88,6 +88,19 @@ pub struct DatabaseRoute {
     pub require_auth: upstream::RequireAuth,
     /// `max_db_client_connections`: cap on clients of this database; 0 = none.
     pub max_db_client_connections: usize,
+    /// `reserve_pool_size` (the database's, else the pooler's) and the pooler's
+    /// `reserve_pool_timeout`.
+    pub reserve_pool_size: usize,
+    pub reserve_pool_timeout: Option<std::time::Duration>,
+}
+
+impl DatabaseRoute {
+    pub fn reserve(&self) -> upstream::ReserveSettings {
+        upstream::ReserveSettings {
+            size: self.reserve_pool_size,
+            timeout: self.reserve_pool_timeout,
+        }
+    }
 }
 
 /// One `[users.NAME]` entry: unset values fall back to the database's, then the pooler's.

@@ -21,6 +21,8 @@ pub struct ServerGauges {
     pub idle: u64,
     pub size: u64,
     pub max_size: u64,
+    /// Connections beyond `pool_size` the reserve lets the pool have now.
+    pub reserve_in_use: u64,
     pub paused: bool,
     /// How long the longest-waiting client has waited, in microseconds.
     pub maxwait_us: u64,
@@ -61,6 +63,7 @@ pub fn publish_pool(s: &PoolSnapshot, servers: &ServerGauges) {
     g!("breakwater_servers", servers.idle, "state" => "idle");
     g!("breakwater_servers", s.sv_login.max(0), "state" => "login");
     g!("breakwater_pool_size", servers.max_size);
+    g!("breakwater_pool_reserve_in_use", servers.reserve_in_use);
     g!("breakwater_pool_paused", u8::from(servers.paused));
     g!(
         "breakwater_client_maxwait_seconds",
@@ -85,6 +88,7 @@ pub fn publish_pool(s: &PoolSnapshot, servers: &ServerGauges) {
         "breakwater_server_connect_failures_total",
         s.server_connect_failures
     );
+    c!("breakwater_pool_reserve_used_total", s.reserve_used);
     c!("breakwater_pool_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
     c!("breakwater_pool_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
     c!("breakwater_pool_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
@@ -192,6 +196,7 @@ pub fn describe() {
         ("breakwater_clients", Count, "Clients logged in to the pool, by state: active (holding or using a server), waiting (queued for one), idle."),
         ("breakwater_servers", Count, "Server connections of the pool, by state: active (checked out), idle (in the pool), login (being opened)."),
         ("breakwater_pool_size", Count, "Most server connections the pool may open (pool_size)."),
+        ("breakwater_pool_reserve_in_use", Count, "Server connections beyond pool_size the reserve (reserve_pool_size) lets the pool have now."),
         ("breakwater_pool_paused", Count, "1 while the pool is paused (PAUSE), else 0."),
         ("breakwater_client_maxwait_seconds", Seconds, "How long the longest-waiting client of the pool has waited for a server."),
         ("breakwater_client_connections", Count, "Client connections open now, logged in or not."),
@@ -266,6 +271,11 @@ pub fn describe() {
             "breakwater_pool_timeouts_total",
             Count,
             "Timeouts of the pool by setting.",
+        ),
+        (
+            "breakwater_pool_reserve_used_total",
+            Count,
+            "Times a client that waited reserve_pool_timeout made the pool one connection larger.",
         ),
         (
             "breakwater_host_connect_attempts_total",

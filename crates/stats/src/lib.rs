@@ -135,6 +135,8 @@ pub struct PoolStats {
     pub connect_refused: AtomicU64,
     /// Checkouts that gave up after `query_wait_timeout`.
     pub wait_timeouts: AtomicU64,
+    /// Times a client that waited `reserve_pool_timeout` made the pool one larger.
+    pub reserve_used: AtomicU64,
     /// Clients that logged in to this pool.
     pub client_logins: AtomicU64,
     /// Clients logged in to this pool that hold a server.
@@ -174,6 +176,7 @@ pub struct PoolSnapshot {
     pub login_timeouts: u64,
     pub connect_refused: u64,
     pub wait_timeouts: u64,
+    pub reserve_used: u64,
     pub client_logins: u64,
     pub cl_active: i64,
     pub cl_waiting: i64,
@@ -234,6 +237,7 @@ impl PoolStats {
             login_timeouts: self.login_timeouts.load(Relaxed),
             connect_refused: self.connect_refused.load(Relaxed),
             wait_timeouts: self.wait_timeouts.load(Relaxed),
+            reserve_used: self.reserve_used.load(Relaxed),
             client_logins: self.client_logins.load(Relaxed),
             cl_active: self.cl_active.load(Relaxed),
             cl_waiting: self.cl_waiting.load(Relaxed),

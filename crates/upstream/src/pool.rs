@@ -399,6 +399,8 @@ pub struct ServerPool {
     pub database: String,
     pub user: String,
     min_size: AtomicUsize,
+    /// `pool_size`, and the connections a long wait may add (see `crate::reserve`).
+    reserve: crate::reserve::Reserve,
     /// `true` while paused: checkouts wait at the gate (still bounded by query_wait_timeout).
     paused: watch::Sender<bool>,
     /// Checkouts that had to wait, and since when.
@@ -503,6 +505,7 @@ impl ServerPool {
             database,
             user,
             min_size: AtomicUsize::new(min_size),
+            reserve: crate::reserve::Reserve::new(size.max(1)),
             paused: watch::channel(false).0,
             waiters: Waiters::default(),
         });
@@ -609,7 +612,7 @@ impl ServerPool {
         }
         let mut last = None;
         loop {
-            let get = self.get(connecting);
+            let get = self.get_or_reserve(started, connecting);
             let result = match deadline {
                 Some(d) => {
                     let mut get = std::pin::pin!(get);
@@ -706,11 +709,71 @@ impl ServerPool {
         }
     }
 
+    /// [`ServerPool::get`], and for a checkout still waiting `reserve_pool_timeout` after it
+    /// started, one connection of the reserve first (see `crate::reserve`). A checkout served
+    /// at once, or a pool without a reserve, sets no timer.
+    async fn get_or_reserve(&self, started: Instant, connecting: &ConnectFlag) -> Got {
+        let mut get = std::pin::pin!(self.get(connecting));
+        let first = std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await;
+        if let Poll::Ready(got) = first {
+            return got;
+        }
+        let Some(at) = self.reserve.due(started) else {
+            return get.await;
+        };
+        // Boxed: only a waiting checkout of a pool with a reserve needs it, and inline it
+        // would grow every checkout's future.
+        let timer = Box::pin(tokio::time::sleep_until(at.into()));
+        tokio::select! {
+            biased;
+            got = get.as_mut() => return got,
+            _ = timer => self.use_reserve(),
+        }
+        get.await
+    }
+
+    fn use_reserve(&self) {
+        let _one = self.reserve.lock();
+        let Some(size) = self.reserve.grown(self.core.slots.status().max_size) else {
+            return;
+        };
+        // Growing gives nothing back to close.
+        let _ = self.core.slots.resize(size);
+        PoolStats::add(&self.stats().reserve_used, 1);
+        tracing::info!(database = %self.database, user = %self.user, size,
+            reserve_in_use = size.saturating_sub(self.reserve.base()),
+            "a client waited reserve_pool_timeout: one more server connection from the reserve");
+    }
+
+    /// Back to `pool_size` once the reserve's connections are idle and nobody waits.
+    fn give_back_reserve(&self) {
+        let _one = self.reserve.lock();
+        let s = self.core.slots.status();
+        let Some(base) = self.reserve.shrunk(s.max_size, s.idle, s.waiting) else {
+            return;
+        };
+        let gone = self.core.slots.resize(base);
+        tracing::info!(database = %self.database, user = %self.user, closed = gone.len(),
+            "reserve connections idle and nobody waiting: back to pool_size");
+        self.core.close_given_up(
+            gone.into_iter()
+                .map(|c| (c, CloseReason::PoolResized))
+                .collect(),
+        );
+    }
+
+    /// `reserve_pool_size` and `reserve_pool_timeout` (at open and on RELOAD).
+    pub fn set_reserve(&self, r: crate::reserve::ReserveSettings) {
+        self.reserve.set(r);
+    }
+
     /// Servers in use and idle, clients waiting, and the switches, for readers.
     pub fn status(&self) -> PoolStatus {
         let s = self.core.slots.status();
         PoolStatus {
-            max_size: s.max_size,
+            max_size: self.reserve.base(),
+            reserve_size: self.reserve.settings().size,
+            reserve_in_use: s.max_size.saturating_sub(self.reserve.base()),
             size: s.size,
             active: s.size.saturating_sub(s.idle),
             idle: s.idle,
@@ -768,6 +831,8 @@ impl ServerPool {
     }
 
     pub fn resize(&self, size: usize) {
+        let _one = self.reserve.lock();
+        self.reserve.set_base(size.max(1));
         let gone = self.core.slots.resize(size.max(1));
         self.core.close_given_up(
             gone.into_iter()
@@ -836,6 +901,7 @@ impl ServerPool {
     /// own jitter, keeping `min_pool_size`), then opens connections up to `min_pool_size`,
     /// `server_connect_concurrency` at a time, paced by the host's storm controls.
     pub async fn maintain(&self, settings: &ServerSettings) {
+        self.give_back_reserve();
         let min_size = self.min_size();
         let mut keep = min_size;
         let manager = &self.core.manager;

@@ -19,6 +19,7 @@ use crate::dns::{DnsCache, DnsSettings};
 use crate::failover::HostList;
 use crate::host::{Hosts, StormSettings};
 use crate::pool::{Limits, PoolSizes, ServerPool};
+use crate::reserve::ReserveSettings;
 use crate::role::{LoadBalanceHosts, TargetSessionAttrs};
 use crate::settings::{ServerSettings, ServerTarget};
 
@@ -43,13 +44,18 @@ pub struct PoolSpec {
     pub max_db_connections: Option<usize>,
     /// Cap on server connections of this pool's user across all its pools.
     pub max_user_connections: Option<usize>,
+    pub reserve: ReserveSettings,
 }
 
 /// What [`PoolSet::reconfigure`] does with one pool.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reconfigure {
-    /// Keep serving, at this size and minimum.
-    Keep { size: usize, min_size: usize },
+    /// Keep serving, at this size, minimum and reserve.
+    Keep {
+        size: usize,
+        min_size: usize,
+        reserve: ReserveSettings,
+    },
     /// Retire it: its servers close as released, and the next login opens a fresh pool.
     Retire,
 }
@@ -177,7 +183,8 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             self.retry,
         ));
         let stats = Arc::new(PoolStats::new(&spec.target.database, &spec.target.user));
-        ServerPool::new(
+        let reserve = spec.reserve;
+        let pool = ServerPool::new(
             spec.target,
             (*self.settings()).clone(),
             PoolSizes {
@@ -188,7 +195,9 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             limits,
             stats,
             self.changes.clone(),
-        )
+        );
+        pool.set_reserve(reserve);
+        pool
     }
 
     fn settings(&self) -> Arc<ServerSettings> {
@@ -268,7 +277,12 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
                 users.retain(|_, e| {
                     let pool = (**e).as_ref();
                     match decide(e) {
-                        Reconfigure::Keep { size, min_size } => {
+                        Reconfigure::Keep {
+                            size,
+                            min_size,
+                            reserve,
+                        } => {
+                            pool.set_reserve(reserve);
                             pool.resize(size);
                             pool.set_min_size(min_size);
                             pool.set_settings(settings.clone());
@@ -344,6 +358,10 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
 pub struct PoolStatus {
     /// The pool's size (`pool_size`).
     pub max_size: usize,
+    /// `reserve_pool_size`.
+    pub reserve_size: usize,
+    /// Connections beyond `pool_size` the reserve lets the pool have now.
+    pub reserve_in_use: usize,
     /// Server connections open (checked out or idle).
     pub size: usize,
     /// Server connections checked out by clients.
@@ -395,6 +413,7 @@ mod tests {
             min_size: 0,
             max_db_connections: None,
             max_user_connections: None,
+            reserve: ReserveSettings::default(),
         };
         set.get_or_open(db, user, spec, Entry)
     }
@@ -446,6 +465,7 @@ mod tests {
                 "app" => Reconfigure::Keep {
                     size: 5,
                     min_size: 1,
+                    reserve: ReserveSettings::default(),
                 },
                 _ => Reconfigure::Retire,
             },
