@@ -383,7 +383,7 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         "server_login_retry = 1 → server_login_retry = \"1s\": the base of an exponential back-off",
         "app → [databases.app]",
         "reserve_pool_size=5",
-        "*: not imported: the \"*\" fallback database is not supported yet (issue 17)",
+        "* → [databases.*] host=\"127.0.0.1\"",
         "auth_query = SELECT",
         "app → [users.app] pool_mode=\"transaction\"",
         "max_user_connections = 50 → max_user_connections = 50",

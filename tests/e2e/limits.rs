@@ -469,3 +469,88 @@ async fn a_burst_of_500_clients_gets_the_reserve_only_after_reserve_pool_timeout
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn any_database_is_served_by_the_star_entry_and_its_pool_closes_after_autodb_idle_timeout() {
+    let pg = testkit::PgCluster::start().expect("start postgres");
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    for db in ["tenant_a", "tenant_b"] {
+        direct
+            .batch_execute(&format!("CREATE DATABASE {db} OWNER app"))
+            .await
+            .unwrap();
+    }
+    let pooler = pooler_with(
+        &pg,
+        "autodb_idle_timeout = \"1s\"\n\
+         [databases.app]\nhost = \"127.0.0.1\"\nport = PGPORT\n\
+         [databases.\"*\"]\nhost = \"127.0.0.1\"\nport = PGPORT\npool_size = 3\n",
+    );
+    let admin = connect(&pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    let pools = || async {
+        let rows = admin.simple_query("SHOW POOLS").await.unwrap();
+        let mut names: Vec<(String, String)> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                    r.get("database").unwrap_or("").to_owned(),
+                    r.get("pool_size").unwrap_or("").to_owned(),
+                )),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let mut clients = Vec::new();
+    for db in ["tenant_a", "tenant_b"] {
+        let c = connect(&pooler.conn_string("app", "app_pw", db))
+            .await
+            .unwrap_or_else(|e| panic!("{db}: {e}"));
+        let got: String = c
+            .query_one("SELECT current_database()::text", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(got, db);
+        clients.push(c);
+    }
+    // A listed database is not the "*" entry's.
+    let app = connect(&pooler.conn_string("app", "app_pw", "app"))
+        .await
+        .unwrap();
+    app.simple_query("SELECT 1").await.unwrap();
+    let listed = |name: &str| (name.to_owned(), "3".to_owned());
+    assert_eq!(
+        pools().await,
+        [
+            ("app".to_owned(), "20".to_owned()),
+            listed("tenant_a"),
+            listed("tenant_b")
+        ]
+    );
+    // A database that does not exist: PostgreSQL's own answer.
+    let err = connect(&pooler.conn_string("app", "app_pw", "no_such_db"))
+        .await
+        .expect_err("no such database");
+    assert_eq!(
+        err.as_db_error().map(|e| e.code().code()),
+        Some("3D000"),
+        "{err}"
+    );
+    // Without clients the automatic pools go; the listed one stays.
+    drop(clients);
+    testkit::wait_until("the automatic pools to close", WAIT, || async {
+        pools().await == [("app".to_owned(), "20".to_owned())]
+    })
+    .await
+    .unwrap();
+    // And come back on the next login.
+    let again = connect(&pooler.conn_string("app", "app_pw", "tenant_a"))
+        .await
+        .unwrap();
+    again.simple_query("SELECT 1").await.unwrap();
+    drop(app);
+}

@@ -253,6 +253,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         max_db_client_connections: 0,
         reserve_pool_size: 0,
         reserve_pool_timeout: None,
+        auto: false,
     };
     ProxySettings {
         auth_type: AuthType::Trust,
@@ -280,6 +281,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         log_connections: false,
         log_disconnections: false,
         users: Default::default(),
+        autodb_idle_timeout: None,
     }
 }
 

@@ -199,6 +199,9 @@ section! {
         /// reserve_pool_timeout (PgBouncer's); 0 = no reserve.
         reserve_pool_size: usize = 0, reload;
         reserve_pool_timeout: Timeout = Timeout::secs(5), reload;
+        /// Pools of databases served by the `[databases."*"]` entry close after this long
+        /// without a client; "0" keeps them.
+        autodb_idle_timeout: Timeout = Timeout::secs(3600), reload;
         server_check_delay: Timeout = Timeout::secs(30), reload;
         server_check_query: String = "SELECT 1".into(), reload;
         /// A pool's role probe keeps the interval it started with; the timeout is read per
@@ -1019,6 +1022,7 @@ impl Config {
                         .unwrap_or(p.max_db_client_connections),
                     reserve_pool_size: d.reserve_pool_size.unwrap_or(p.reserve_pool_size),
                     reserve_pool_timeout: p.reserve_pool_timeout.0,
+                    auto: false,
                 }
             })
             .collect();
@@ -1084,6 +1088,7 @@ impl Config {
                 max_user_connections: p.max_user_connections,
                 max_user_client_connections: p.max_user_client_connections,
             },
+            autodb_idle_timeout: p.autodb_idle_timeout.0,
         }
     }
 }

@@ -268,10 +268,6 @@ pub fn import(ini: &Path, userlist: Option<&Path>, output: &Path) -> Result<Impo
     let mut db_report = Vec::new();
     for e in entries.iter().filter(|e| e.section == "databases") {
         let line = format!("{}  {}", e.at, e.key);
-        if e.key == "*" {
-            db_report.push(format!("{line}: not imported: the \"*\" fallback database is not supported yet (issue 17); list each database"));
-            continue;
-        }
         if proxy::ADMIN_DATABASES.contains(&e.key.as_str()) {
             db_report.push(format!(
                 "{line}: not imported: the name is Breakwater's admin console"

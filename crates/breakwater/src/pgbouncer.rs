@@ -99,7 +99,7 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("server_connect_timeout", Differs(Secs, "TCP connect and TLS only; login has its own server_login_timeout (the importer sets both)")),
     ("server_login_retry", Differs(Secs, "the base of an exponential back-off with full jitter (capped by server_login_retry_max), not a fixed wait")),
     ("client_login_timeout", Same(Secs)),
-    ("autodb_idle_timeout", Unsupported("no automatic databases (\"*\") yet: issue 17")),
+    ("autodb_idle_timeout", Same(Secs)),
     ("dns_max_ttl", Same(Secs)),
     ("dns_nxdomain_ttl", Same(Secs)),
     ("dns_zone_check_period", NoOp("names are looked up again when their TTL (clamped by dns_min_ttl/dns_max_ttl) runs out")),

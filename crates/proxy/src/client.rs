@@ -522,7 +522,7 @@ async fn login(
     let route = if is_admin_db {
         None
     } else {
-        Some(settings.route(&startup.database).ok_or_else(|| {
+        Some(settings.resolve(&startup.database).ok_or_else(|| {
             LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_CATALOG_NAME,
                 format!(
@@ -563,9 +563,9 @@ async fn login(
     let Some(route) = route else {
         return Err(LoginEnd::Gone);
     };
-    *places = take_places(shared, settings, route, &startup.user)?;
+    *places = take_places(shared, settings, &route, &startup.user)?;
     let server_user = route.user.as_deref().unwrap_or(&startup.user);
-    let entry = shared.pool_for(settings, route, server_user, scram_keys);
+    let entry = shared.pool_for(settings, &route, server_user, scram_keys);
     Ok(Login::Session(entry, startup, params))
 }
 

@@ -74,7 +74,7 @@ impl Proxy {
     }
 
     fn known(&self, db: &str) -> Result<(), ControlError> {
-        if self.shared.settings().route(db).is_some() {
+        if self.shared.settings().resolve(db).is_some() {
             Ok(())
         } else {
             Err(ControlError::NoSuchDatabase(db.to_owned()))
@@ -218,10 +218,10 @@ impl Proxy {
         }
         self.shared.pools.reconfigure(
             new.server.clone(),
-            |e| match new.route(&e.route.name) {
+            |e| match new.resolve(&e.route.name) {
                 Some(r) => {
                     // The pool's own route carries its user's pool_size and pool_mode.
-                    let r = new.users.route_for(r, &e.pool.user);
+                    let r = new.users.route_for(&r, &e.pool.user);
                     match same_target(&e.route, &r) {
                         true => Reconfigure::Keep {
                             size: r.pool_size,
@@ -233,12 +233,12 @@ impl Proxy {
                 }
                 None => Reconfigure::Retire,
             },
-            |db| new.route(db).is_some(),
+            |db| new.resolve(db).is_some(),
         );
         self.shared
             .switches()
             .disabled
-            .retain(|d| new.route(d).is_some());
+            .retain(|d| new.resolve(d).is_some());
         // New server credentials are a reason to try again now: a host backing off (or with its
         // breaker open) after `28P01` would otherwise keep clients waiting out that back-off.
         let userlist_changed = old.userlist != new.userlist;

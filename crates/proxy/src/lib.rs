@@ -66,6 +66,9 @@ pub struct PoolEntry {
     /// rather than failing every query after it; clients of one application all send the same
     /// set, so the list stays short (and is capped).
     accepted_startup_settings: Mutex<Vec<Vec<(String, String)>>>,
+    /// For a pool of an automatic database: since when it has had no client (see
+    /// `autodb_idle_timeout`).
+    unused_since: Mutex<Option<std::time::Instant>>,
 }
 
 impl AsRef<ServerPool> for PoolEntry {
@@ -256,14 +259,46 @@ impl Proxy {
     pub async fn maintain(&self) {
         let settings = self.shared.settings();
         for route in &settings.databases {
+            // The "*" entry is a template; its pools open when a client names a database.
+            if route.name == settings::WILDCARD_DATABASE {
+                continue;
+            }
             if let Some(user) = &route.user {
                 let _ = self.shared.pool_for(&settings, route, user, None);
             }
         }
+        self.drop_idle_auto_databases(settings.autodb_idle_timeout);
         // Concurrently: one pool waiting on an unreachable host must not hold up the others.
         let pools = self.shared.all_pools();
         futures_util::future::join_all(pools.iter().map(|p| p.pool.maintain(&settings.server)))
             .await;
+    }
+
+    /// Closes the pools of automatic databases (made from the `"*"` entry) that have had no
+    /// client and no server in use for `autodb_idle_timeout`: a host with many databases keeps
+    /// pools only for those in use. A login that found such a pool just before it closed gets
+    /// 57P03 and may retry (it then opens a fresh one).
+    fn drop_idle_auto_databases(&self, timeout: Option<std::time::Duration>) {
+        let Some(timeout) = timeout else { return };
+        for e in self.shared.all_pools().iter().filter(|e| e.route.auto) {
+            let s = e.stats.snapshot();
+            let unused = s.cl_active.max(0) + s.cl_waiting.max(0) + s.cl_idle.max(0) == 0
+                && e.pool.status().active == 0;
+            let mut since = match e.unused_since.lock() {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+            if !unused {
+                *since = None;
+                continue;
+            }
+            let since = *since.get_or_insert_with(std::time::Instant::now);
+            if since.elapsed() >= timeout {
+                tracing::info!(database = %e.route.name, user = %e.pool.user, "automatic database unused for autodb_idle_timeout: pool closed");
+                self.shared.pools.remove(&e.route.name, &e.pool.user);
+                e.pool.close();
+            }
+        }
     }
 
     /// Stops accepting work: idle clients are told and closed, active ones finish their
@@ -437,6 +472,7 @@ impl Shared {
                 welcome: Mutex::new(None),
                 known_statements: prepared::KnownStatements::default(),
                 accepted_startup_settings: Mutex::new(Vec::new()),
+                unused_since: Mutex::new(None),
             });
         if let Some(cred) = offer {
             entry.pool.offer_credential(cred);

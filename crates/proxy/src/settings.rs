@@ -88,6 +88,9 @@ pub struct DatabaseRoute {
     pub require_auth: upstream::RequireAuth,
     /// `max_db_client_connections`: cap on clients of this database; 0 = none.
     pub max_db_client_connections: usize,
+    /// Made from the `"*"` entry for a database name not listed (PgBouncer's automatic
+    /// database): its pools go after `autodb_idle_timeout` without clients.
+    pub auto: bool,
     /// `reserve_pool_size` (the database's, else the pooler's) and the pooler's
     /// `reserve_pool_timeout`.
     pub reserve_pool_size: usize,
@@ -203,10 +206,37 @@ pub struct ProxySettings {
     pub log_connections: bool,
     pub log_disconnections: bool,
     pub users: UserSettings,
+    /// `autodb_idle_timeout`: pools of automatic databases (the `"*"` entry) with no client
+    /// for this long are closed; `None` keeps them.
+    pub autodb_idle_timeout: Option<std::time::Duration>,
 }
 
+/// The name of the entry that serves every database not listed.
+pub const WILDCARD_DATABASE: &str = "*";
+
 impl ProxySettings {
+    /// The `[databases.NAME]` entry of exactly `name` (the `"*"` entry only for `"*"`).
     pub fn route(&self, name: &str) -> Option<&DatabaseRoute> {
         self.databases.iter().find(|d| d.name == name)
+    }
+
+    /// The route a client asking for database `name` gets: its own entry, else one made from
+    /// the `"*"` entry (its `dbname`, unless set, is the name asked for).
+    pub fn resolve(&self, name: &str) -> Option<std::borrow::Cow<'_, DatabaseRoute>> {
+        if name != WILDCARD_DATABASE {
+            if let Some(r) = self.route(name) {
+                return Some(std::borrow::Cow::Borrowed(r));
+            }
+        }
+        let any = self.route(WILDCARD_DATABASE)?;
+        Some(std::borrow::Cow::Owned(DatabaseRoute {
+            name: name.to_owned(),
+            dbname: match any.dbname.as_str() {
+                WILDCARD_DATABASE => name.to_owned(),
+                d => d.to_owned(),
+            },
+            auto: true,
+            ..any.clone()
+        }))
     }
 }

@@ -207,6 +207,18 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
         }
     }
 
+    /// Forgets the pool for (`db`, `user`): the next login opens a fresh one. The caller
+    /// closes it.
+    pub fn remove(&self, db: &str, user: &str) -> Option<Arc<T>> {
+        let mut pools = lock(&self.pools);
+        let users = pools.get_mut(db)?;
+        let gone = users.remove(user);
+        if users.is_empty() {
+            pools.remove(db);
+        }
+        gone
+    }
+
     /// Every pool.
     pub fn all(&self) -> Vec<Arc<T>> {
         self.of(None)
