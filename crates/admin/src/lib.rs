@@ -137,6 +137,8 @@ pub struct View {
     pub dns_hosts: Vec<DnsHostView>,
     /// Clients connected but not yet logged in (or in the console).
     pub login_clients: u64,
+    /// Source addresses tracked by the per-address limits (SHOW LISTS `client_addrs`).
+    pub client_addrs: u64,
 }
 
 impl Default for View {
@@ -157,6 +159,7 @@ impl Default for View {
             hosts: Vec::new(),
             dns_hosts: Vec::new(),
             login_clients: 0,
+            client_addrs: 0,
         }
     }
 }

@@ -460,7 +460,7 @@ fn users(view: &View) -> ResultSet {
 
 fn lists(view: &View) -> ResultSet {
     let mut r = ResultSet::new(&[("list", TEXT), ("items", INT4)]);
-    let rows: [(&str, u64); 14] = [
+    let rows: [(&str, u64); 15] = [
         ("databases", view.databases.len() as u64),
         ("users", view.users.len() as u64),
         ("peers", 0),
@@ -475,6 +475,8 @@ fn lists(view: &View) -> ResultSet {
         ("dns_zones", 0),
         ("dns_queries", 0),
         ("dns_pending", 0),
+        // Breakwater's: sources the per-address limits remember (capped).
+        ("client_addrs", view.client_addrs),
     ];
     for (name, items) in rows {
         r.row(vec![s(name), n(items)]);

@@ -167,6 +167,8 @@ section! {
         workers: usize = 0, restart;
         pool_mode: PoolMode = PoolMode::Transaction, reload;
         max_client_conn: usize = 10_000, reload;
+        max_client_conn_per_addr: usize = 0, reload;
+        client_login_rate_per_addr: u32 = 0, reload;
         default_pool_size: usize = 20, reload;
         min_pool_size: usize = 0, reload;
         auth_type: AuthType = AuthType::ScramSha256, reload;
@@ -1032,6 +1034,10 @@ impl Config {
             auth_type: p.auth_type,
             userlist: self.userlist.clone(),
             max_client_conn: p.max_client_conn,
+            admission: proxy::admission::AdmissionLimits {
+                max_conn_per_addr: p.max_client_conn_per_addr,
+                login_rate_per_addr: p.client_login_rate_per_addr,
+            },
             admin_users: p.admin_users.clone(),
             stats_users: p.stats_users.clone(),
             client_login_timeout: p.client_login_timeout.0,

@@ -323,6 +323,7 @@ impl Control for Daemon {
                 _ => 0,
             },
             used_clients: counts.total,
+            client_addrs: self.proxy.tracked_sources() as u64,
             pools,
             databases,
             clients,

@@ -22,6 +22,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use upstream::{SslMode, Stream};
 
+use crate::admission::Refusal;
 use crate::client_conn::ClientConn;
 use crate::params::ClientParams;
 use crate::registry::NewClient;
@@ -49,6 +50,8 @@ const MAX_LOGIN_MESSAGE: usize = 16 * 1024;
 pub(crate) enum LoginEnd {
     /// Send this error, then close.
     Refuse(PgError),
+    /// As `Refuse`, but the caller has logged it already, or chose not to (a refusal storm).
+    Quiet(PgError),
     /// The client went away or broke the protocol beyond answering.
     Gone,
 }
@@ -89,7 +92,15 @@ pub(crate) fn serve(
     let span = tracing::info_span!("client", id, addr = %peer, db = tracing::field::Empty, user = tracing::field::Empty);
     let count = shared.clients.fetch_add(1, Ordering::Relaxed) + 1;
     GlobalStats::bump(&shared.stats.clients_total);
-    let login = Box::pin(log_in(shared.clone(), stream, peer, id, count));
+    // Counted at accept, like `count`, and held with it for the connection's life.
+    let addr_slot = shared
+        .admission
+        .connect(peer.0.map(|a| a.ip()), Instant::now());
+    let arrival = Arrival {
+        count,
+        addr_count: addr_slot.count,
+    };
+    let login = Box::pin(log_in(shared.clone(), stream, peer, id, arrival));
     let slot = ClientSlot(shared);
     async move {
         // Bound by a `let`, so the login's result (an admin login is large) does not stay in
@@ -102,9 +113,18 @@ pub(crate) fn serve(
         // Dropping the session unlists the client and closes its socket.
         drop(session.run().await);
         drop(slot);
+        drop(addr_slot);
         None
     }
     .instrument(span)
+}
+
+/// What was counted when the connection was accepted: open client connections in all, and
+/// from this source (0 when the source is not tracked).
+#[derive(Clone, Copy)]
+pub(crate) struct Arrival {
+    count: usize,
+    addr_count: usize,
 }
 
 /// How a login ended.
@@ -122,7 +142,7 @@ async fn log_in(
     stream: Stream,
     peer: Peer,
     id: u64,
-    count: usize,
+    arrival: Arrival,
 ) -> LoggedIn {
     let shared = &shared;
     let settings = shared.settings();
@@ -158,7 +178,15 @@ async fn log_in(
         // Not boxed on its own: all of log_in is (see `serve`), and is freed after login.
         Ok(opening) => within(
             deadline,
-            login(shared, &settings, &mut client, count, opening, &mut places),
+            login(
+                shared,
+                &settings,
+                &mut client,
+                peer,
+                arrival,
+                opening,
+                &mut places,
+            ),
         )
         .await
         .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),
@@ -212,11 +240,46 @@ async fn log_in(
             client.send_error(&err).await;
             LoggedIn::Ended
         }
+        Err(LoginEnd::Quiet(err)) => {
+            GlobalStats::bump(&shared.stats.login_failures);
+            client.send_error(&err).await;
+            LoggedIn::Ended
+        }
         Err(LoginEnd::Gone) => {
             tracing::debug!("client left during login");
             LoggedIn::Ended
         }
     }
+}
+
+/// `max_client_conn_per_addr` and `client_login_rate_per_addr`: decided after the startup
+/// packet (so the refusal can be an ErrorResponse the client shows) and before authentication
+/// or any server work, so a refused login costs a hash lookup.
+fn admit_source(shared: &Shared, peer: Peer, arrival: Arrival) -> Result<(), LoginEnd> {
+    if arrival.addr_count == 0 {
+        return Ok(());
+    }
+    let verdict =
+        shared
+            .admission
+            .login(peer.0.map(|a| a.ip()), arrival.addr_count, Instant::now());
+    let Some(refusal) = verdict.refusal else {
+        return Ok(());
+    };
+    GlobalStats::bump(match refusal {
+        Refusal::Connections { .. } => &shared.stats.refused_client_conn_per_addr,
+        Refusal::Rate { .. } => &shared.stats.refused_client_login_rate,
+    });
+    let source = peer.0.map(|a| a.ip().to_string()).unwrap_or_default();
+    let message = refusal.message(&source);
+    if verdict.log {
+        // At most once a second per source; the counter has every refusal.
+        tracing::warn!("login refused: {message}");
+    }
+    Err(LoginEnd::Quiet(PgError::fatal(
+        SqlState::TOO_MANY_CONNECTIONS,
+        message,
+    )))
 }
 
 /// Runs `f` until `deadline` (client_login_timeout); `Err` when it passed first.
@@ -479,7 +542,8 @@ async fn login(
     shared: &Arc<Shared>,
     settings: &ProxySettings,
     client: &mut ClientConn,
-    count: usize,
+    peer: Peer,
+    arrival: Arrival,
     opening: Opening,
     places: &mut Option<Box<crate::caps::Places>>,
 ) -> Result<Login, LoginEnd> {
@@ -495,7 +559,8 @@ async fn login(
             return Ok(Login::Cancelled);
         }
     };
-    if count > settings.max_client_conn {
+    admit_source(shared, peer, arrival)?;
+    if arrival.count > settings.max_client_conn {
         GlobalStats::bump(&shared.stats.refused_max_client_conn);
         return Err(LoginEnd::Refuse(PgError::fatal(
             SqlState::TOO_MANY_CONNECTIONS,

@@ -13,6 +13,7 @@
 //! server socket itself (that is `upstream`) and never implements the admin console: a login to
 //! the admin database is handed back to the caller as an [`AdminLogin`].
 
+pub mod admission;
 pub mod cancel;
 mod caps;
 mod client;
@@ -197,6 +198,9 @@ pub(crate) struct Shared {
     /// max_db_client_connections.
     user_clients: Arc<caps::Headcount>,
     db_clients: Arc<caps::Headcount>,
+    /// Per-source connection counts and login buckets (`max_client_conn_per_addr`,
+    /// `client_login_rate_per_addr`).
+    pub(crate) admission: Arc<admission::Admission>,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS: the address `accept` gave, or `None`
@@ -216,6 +220,8 @@ impl std::fmt::Display for Peer {
 
 impl Proxy {
     pub fn new(settings: ProxySettings) -> Proxy {
+        let admission = Arc::new(admission::Admission::default());
+        admission.set_limits(settings.admission);
         Proxy {
             shared: Arc::new(Shared {
                 pools: PoolSet::new(
@@ -237,6 +243,7 @@ impl Proxy {
                 workspaces: session::Workspaces::default(),
                 user_clients: Arc::default(),
                 db_clients: Arc::default(),
+                admission,
             }),
         }
     }
@@ -307,6 +314,11 @@ impl Proxy {
         // The flag first: a session that registered after the wake-up below reads it set.
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.registry.wake_for_shutdown();
+    }
+
+    /// Source addresses the per-address limits track now.
+    pub fn tracked_sources(&self) -> usize {
+        self.shared.admission.tracked()
     }
 
     pub fn client_count(&self) -> usize {

@@ -169,6 +169,8 @@ pub struct ProxySettings {
     pub auth_type: AuthType,
     pub userlist: Userlist,
     pub max_client_conn: usize,
+    /// `max_client_conn_per_addr` and `client_login_rate_per_addr`.
+    pub admission: crate::admission::AdmissionLimits,
     pub admin_users: Vec<String>,
     pub stats_users: Vec<String>,
     pub client_login_timeout: Option<Duration>,

@@ -166,6 +166,12 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     ] {
         counter!("breakwater_refused_client_limit_total", "limit" => limit).absolute(n);
     }
+    for (limit, n) in [
+        ("max_client_conn_per_addr", g.refused_client_conn_per_addr),
+        ("client_login_rate_per_addr", g.refused_client_login_rate),
+    ] {
+        counter!("breakwater_refused_per_addr_total", "limit" => limit).absolute(n);
+    }
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
     counter!("breakwater_clients_left_waiting_total").absolute(g.clients_left_waiting);
     counter!("breakwater_clients_lost_total").absolute(g.clients_lost);
@@ -341,6 +347,11 @@ pub fn describe() {
             "breakwater_refused_client_limit_total",
             Count,
             "Client logins refused by max_user_client_connections or max_db_client_connections (label limit).",
+        ),
+        (
+            "breakwater_refused_per_addr_total",
+            Count,
+            "Client logins refused by a per-source-address limit, by limit.",
         ),
         (
             "breakwater_cancel_requests_total",

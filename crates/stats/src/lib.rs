@@ -387,6 +387,9 @@ pub struct GlobalStats {
     pub refused_max_client_conn: AtomicU64,
     pub refused_max_user_client_connections: AtomicU64,
     pub refused_max_db_client_connections: AtomicU64,
+    /// Logins refused by `max_client_conn_per_addr` / `client_login_rate_per_addr`.
+    pub refused_client_conn_per_addr: AtomicU64,
+    pub refused_client_login_rate: AtomicU64,
     pub cancel_requests: AtomicU64,
     /// Clients that closed their connection while queued for a server (never served).
     pub clients_left_waiting: AtomicU64,
@@ -446,6 +449,8 @@ pub struct GlobalSnapshot {
     pub refused_max_client_conn: u64,
     pub refused_max_user_client_connections: u64,
     pub refused_max_db_client_connections: u64,
+    pub refused_client_conn_per_addr: u64,
+    pub refused_client_login_rate: u64,
     pub cancel_requests: u64,
     pub clients_left_waiting: u64,
     pub clients_lost: u64,
@@ -474,6 +479,8 @@ impl GlobalStats {
                 .refused_max_user_client_connections
                 .load(Relaxed),
             refused_max_db_client_connections: self.refused_max_db_client_connections.load(Relaxed),
+            refused_client_conn_per_addr: self.refused_client_conn_per_addr.load(Relaxed),
+            refused_client_login_rate: self.refused_client_login_rate.load(Relaxed),
             cancel_requests: self.cancel_requests.load(Relaxed),
             clients_left_waiting: self.clients_left_waiting.load(Relaxed),
             clients_lost: self.clients_lost.load(Relaxed),
