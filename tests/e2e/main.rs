@@ -2,6 +2,7 @@
 //! clients (tokio-postgres, psql, pgbench). Each test owns its ports, dirs and processes.
 
 mod admin;
+mod admission;
 mod auth;
 mod common;
 mod config;

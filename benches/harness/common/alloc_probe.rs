@@ -259,6 +259,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         auth_type: AuthType::Trust,
         userlist: Default::default(),
         max_client_conn: 10_000,
+        admission: Default::default(),
         admin_users: Vec::new(),
         stats_users: Vec::new(),
         client_login_timeout: secs(60),
