@@ -15,6 +15,9 @@ async fn connect_from(
     conn: &str,
 ) -> Result<Client, tokio_postgres::Error> {
     let socket = tokio::net::TcpSocket::new_v4().expect("socket");
+    // Binding before connecting picks a port without looking at the destination: without
+    // SO_REUSEADDR a port still in TIME_WAIT from the last thousand attempts can be refused.
+    socket.set_reuseaddr(true).expect("SO_REUSEADDR");
     socket
         .bind(
             format!("{source}:0")

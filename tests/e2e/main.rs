@@ -10,6 +10,7 @@ mod deploy;
 mod dns;
 mod failover;
 mod faults;
+mod fleet;
 mod hostile_upstream;
 mod lifecycle;
 mod limits;

@@ -254,6 +254,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         reserve_pool_size: 0,
         reserve_pool_timeout: None,
         auto: false,
+        fleet: None,
     };
     ProxySettings {
         auth_type: AuthType::Trust,

@@ -28,6 +28,7 @@ pub enum Show {
     Hosts,
     /// Breakwater's own: server connections closed, per pool and reason.
     ServerCloses,
+    Fleet,
 }
 
 impl Show {
@@ -52,6 +53,7 @@ impl Show {
             "latency" => Show::Latency,
             "hosts" => Show::Hosts,
             "server_closes" => Show::ServerCloses,
+            "fleet" => Show::Fleet,
             _ => return None,
         })
     }

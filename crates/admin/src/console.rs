@@ -37,6 +37,7 @@ const HELP: &str = "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|V
 \tSHOW LATENCY (Breakwater: p50/p99 wait, transaction, query, connect; connect outcomes)\n\
 \tSHOW HOSTS (Breakwater: connect attempts by phase and outcome, breaker state)\n\
 \tSHOW SERVER_CLOSES (Breakwater: server connections closed, per pool and reason)\n\
+\tSHOW FLEET (Breakwater: fleet budget slots held, wanted and the fleet's total, per database)\n\
 \tSET key = arg\n\
 \tRELOAD\n\
 \tPAUSE [<db>]\n\

@@ -14,7 +14,7 @@ use std::time::SystemTime;
 
 pub use command::{Action, Command, Show, ShutdownMode};
 pub use console::{serve, ConsoleUser};
-use stats::{GlobalSnapshot, HostSnapshot, PoolSnapshot};
+use stats::{FleetSnapshot, GlobalSnapshot, HostSnapshot, PoolSnapshot};
 
 /// One pool (database, user) as SHOW POOLS / STATS / LATENCY see it.
 #[derive(Debug, Clone, Default)]
@@ -139,6 +139,8 @@ pub struct View {
     pub login_clients: u64,
     /// Source addresses tracked by the per-address limits (SHOW LISTS `client_addrs`).
     pub client_addrs: u64,
+    /// Fleet budgets (SHOW FLEET).
+    pub fleets: Vec<FleetSnapshot>,
 }
 
 impl Default for View {
@@ -160,6 +162,7 @@ impl Default for View {
             dns_hosts: Vec::new(),
             login_clients: 0,
             client_addrs: 0,
+            fleets: Vec::new(),
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use stats::{Averages, HostSnapshot, Percentiles, PoolSnapshot};
+use stats::{Averages, FleetSnapshot, HostSnapshot, Percentiles, PoolSnapshot};
 
 use crate::command::Show;
 use crate::{ConfigItem, ConnView, DatabaseView, DnsHostView, PoolView, UserView, View};
@@ -140,6 +140,7 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         Show::Latency => latency(view),
         Show::Hosts => hosts(view),
         Show::ServerCloses => server_closes(view),
+        Show::Fleet => fleet(view),
     }
 }
 
@@ -532,6 +533,23 @@ fn server_closes(view: &View) -> ResultSet {
         .iter()
         .flat_map(|p| p.stats.closes().map(move |(r, n)| (p, r, n)));
     ResultSet::table(columns, rows)
+}
+
+fn fleet(view: &View) -> ResultSet {
+    let columns: &[Column<&FleetSnapshot>] = &[
+        ("database", TEXT, |f| s(&f.database)),
+        ("budget", INT4, |f| n(f.budget as u64)),
+        ("min_share", INT4, |f| n(f.min_share as u64)),
+        ("held", INT4, |f| n(f.held as u64)),
+        ("wanted", INT4, |f| n(f.wanted as u64)),
+        ("allowed", INT4, |f| n(f.allowed as u64)),
+        ("fleet_total", INT4, |f| {
+            f.fleet_total.map(|t| t.to_string())
+        }),
+        ("connected", TEXT, |f| yes_no(f.connected)),
+        ("lock_key", INT4, |f| s(f.key.to_string())),
+    ];
+    ResultSet::table(columns, &view.fleets)
 }
 
 fn hosts(view: &View) -> ResultSet {

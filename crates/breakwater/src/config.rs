@@ -260,6 +260,11 @@ section! {
         /// libpq's `require_auth` for server logins; empty: anything but a cleartext password
         /// over a connection whose certificate was not verified.
         server_require_auth: String = String::new(), reload;
+        /// The fleet budget's control task starts with a database's first pool and keeps its
+        /// settings.
+        fleet_budget: usize = 0, restart;
+        fleet_min_share: usize = 1, restart;
+        fleet_release_delay: Timeout = Timeout::secs(30), restart;
     }
 }
 
@@ -306,6 +311,9 @@ section! {
         pool_size: Option<usize> = None, reload;
         max_user_connections: Option<usize> = None, reload;
         max_user_client_connections: Option<usize> = None, reload;
+        fleet_budget: Option<usize> = None, restart;
+        fleet_min_share: Option<usize> = None, restart;
+        fleet_release_delay: Option<Timeout> = None, restart;
     }
 }
 
@@ -779,6 +787,14 @@ impl Config {
                     ),
                 );
             }
+            let budget = db.fleet_budget.unwrap_or(p.fleet_budget);
+            let min_share = db.fleet_min_share.unwrap_or(p.fleet_min_share);
+            if budget > 0 && min_share > budget {
+                bad(
+                    &format!("databases.{name}.fleet_min_share"),
+                    format!("{min_share} is more than fleet_budget ({budget})"),
+                );
+            }
             if db.pool_size == Some(0) {
                 bad(
                     &format!("databases.{name}.pool_size"),
@@ -1025,6 +1041,17 @@ impl Config {
                     reserve_pool_size: d.reserve_pool_size.unwrap_or(p.reserve_pool_size),
                     reserve_pool_timeout: p.reserve_pool_timeout.0,
                     auto: false,
+                    fleet: Some(d.fleet_budget.unwrap_or(p.fleet_budget))
+                        .filter(|n| *n > 0)
+                        .map(|budget| upstream::FleetSettings {
+                            budget,
+                            min_share: d.fleet_min_share.unwrap_or(p.fleet_min_share).min(budget),
+                            release_delay: d
+                                .fleet_release_delay
+                                .unwrap_or(p.fleet_release_delay)
+                                .0
+                                .unwrap_or_default(),
+                        }),
                 }
             })
             .collect();

@@ -324,6 +324,7 @@ impl Control for Daemon {
             },
             used_clients: counts.total,
             client_addrs: self.proxy.tracked_sources() as u64,
+            fleets: self.proxy.fleets(),
             pools,
             databases,
             clients,

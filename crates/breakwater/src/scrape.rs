@@ -19,6 +19,7 @@ pub fn render(out: &mut String, proxy: &Proxy) {
         .map(|c| c.application_name.as_str())
         .collect();
     export::render_clients_by_application(out, &names, TOP_APPLICATIONS);
+    export::render_fleets(out, &proxy.fleets());
     export::render_process(out, &process_stats(), env!("CARGO_PKG_VERSION"));
 }
 

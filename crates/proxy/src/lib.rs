@@ -316,6 +316,11 @@ impl Proxy {
         self.shared.registry.wake_for_shutdown();
     }
 
+    /// Each fleet budget's slots (SHOW FLEET, metrics).
+    pub fn fleets(&self) -> Vec<stats::FleetSnapshot> {
+        self.shared.pools.fleets()
+    }
+
     /// Source addresses the per-address limits track now.
     pub fn tracked_sources(&self) -> usize {
         self.shared.admission.tracked()
@@ -473,6 +478,7 @@ impl Shared {
                 max_db_connections: route.max_db_connections,
                 max_user_connections: settings.users.max_user_connections(server_user),
                 reserve: route.reserve(),
+                fleet: route.fleet,
             }
         };
         let entry = self

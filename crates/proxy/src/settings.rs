@@ -95,6 +95,9 @@ pub struct DatabaseRoute {
     /// `reserve_pool_timeout`.
     pub reserve_pool_size: usize,
     pub reserve_pool_timeout: Option<std::time::Duration>,
+    /// `fleet_budget` (with `fleet_min_share`, `fleet_release_delay`): slots shared with
+    /// every other process through advisory locks; `None` when the budget is 0.
+    pub fleet: Option<upstream::FleetSettings>,
 }
 
 impl DatabaseRoute {

@@ -51,11 +51,14 @@ pub enum CloseReason {
     PoolClosed,
     /// The pool's size was lowered (RELOAD, SET) below the connections it had.
     PoolResized,
+    /// Idle, and its fleet slot is being given back (`fleet_release_delay`) or the control
+    /// connection was lost (down to `fleet_min_share`).
+    FleetRelease,
 }
 
 impl CloseReason {
     /// Every reason, in the order views list them.
-    pub const ALL: [CloseReason; 21] = [
+    pub const ALL: [CloseReason; 22] = [
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::ResetFailed,
@@ -77,6 +80,7 @@ impl CloseReason {
         CloseReason::Paused,
         CloseReason::PoolClosed,
         CloseReason::PoolResized,
+        CloseReason::FleetRelease,
     ];
 
     /// The label in SHOW SERVER_CLOSES, the metric and the logs.
@@ -103,6 +107,7 @@ impl CloseReason {
             CloseReason::Paused => "paused",
             CloseReason::PoolClosed => "pool_closed",
             CloseReason::PoolResized => "pool_resized",
+            CloseReason::FleetRelease => "fleet_release",
         }
     }
 
@@ -118,6 +123,7 @@ impl CloseReason {
                 | CloseReason::Paused
                 | CloseReason::PoolClosed
                 | CloseReason::PoolResized
+                | CloseReason::FleetRelease
         )
     }
 

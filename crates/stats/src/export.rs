@@ -469,6 +469,46 @@ pub fn render_clients_by_application(out: &mut String, names: &[&str], top: usiz
     }
 }
 
+/// `breakwater_fleet_slots{database,kind}` and `breakwater_fleet_connected{database}`.
+pub fn render_fleets(out: &mut String, fleets: &[crate::FleetSnapshot]) {
+    if fleets.is_empty() {
+        return;
+    }
+    let name = "breakwater_fleet_slots";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Fleet budget slots of a database: held (locked by this process), wanted, allowed (server connections it may open), fleet_total (held by every process, from pg_locks), budget.\n# TYPE {name} gauge"
+    );
+    for f in fleets {
+        let db = escape(&f.database);
+        let kinds = [
+            ("held", Some(f.held)),
+            ("wanted", Some(f.wanted)),
+            ("allowed", Some(f.allowed)),
+            ("fleet_total", f.fleet_total),
+            ("budget", Some(f.budget)),
+        ];
+        for (kind, v) in kinds {
+            if let Some(v) = v {
+                let _ = writeln!(out, "{name}{{database=\"{db}\",kind=\"{kind}\"}} {v}");
+            }
+        }
+    }
+    let name = "breakwater_fleet_connected";
+    let _ = writeln!(
+        out,
+        "# HELP {name} 1 while the fleet's control connection is up.\n# TYPE {name} gauge"
+    );
+    for f in fleets {
+        let _ = writeln!(
+            out,
+            "{name}{{database=\"{}\"}} {}",
+            escape(&f.database),
+            u8::from(f.connected)
+        );
+    }
+}
+
 /// What the process itself uses; `None` where the platform did not say.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct ProcessStats {

@@ -377,6 +377,26 @@ impl PoolSnapshot {
     }
 }
 
+/// One database's fleet budget as this process sees it (SHOW FLEET, `breakwater_fleet_*`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FleetSnapshot {
+    pub database: String,
+    pub budget: usize,
+    pub min_share: usize,
+    /// Slots this process holds advisory locks for.
+    pub held: usize,
+    /// Slots it wants now: what its pools need, at least the min share, at most the budget.
+    pub wanted: usize,
+    /// Server connections it may open now (the slot semaphore's permits, used or not).
+    pub allowed: usize,
+    /// Slots the whole fleet holds, as `pg_locks` last showed them.
+    pub fleet_total: Option<usize>,
+    /// The control connection is up.
+    pub connected: bool,
+    /// The advisory-lock key (`k1`) of the database's slots.
+    pub key: i32,
+}
+
 /// Process-wide counters that belong to no pool (logins are refused before a pool is known).
 #[derive(Debug, Default)]
 pub struct GlobalStats {

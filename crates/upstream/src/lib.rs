@@ -19,6 +19,7 @@ pub mod connect;
 pub mod dns;
 pub mod error;
 pub mod failover;
+pub mod fleet;
 pub mod host;
 pub mod names;
 pub mod pool;
@@ -39,6 +40,7 @@ pub use conn::{CancelTarget, ServerAddr, ServerConn};
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};
 pub use error::{ConnectError, QueryError};
 pub use failover::HostList;
+pub use fleet::{FleetSettings, FleetStatus};
 pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettings};
 pub use names::UnknownName;
 pub use pool::{

@@ -876,6 +876,32 @@ impl ServerPool {
         self.core.close_given_up(gone);
     }
 
+    /// Closes up to `at_most` idle connections, so their fleet slots can be given back.
+    /// Returns how many it closed.
+    pub fn close_idle_for_fleet(&self, at_most: usize) -> usize {
+        let m = self.pool.manager();
+        let mut closed = 0;
+        self.pool.retain(|conn, _| {
+            if closed >= at_most {
+                return true;
+            }
+            closed += 1;
+            m.closing(conn, CloseReason::FleetRelease);
+            false
+        });
+        if closed > 0 {
+            m.changes.changed();
+        }
+        closed
+    }
+
+    /// Opens a connection outside the pool, holding none of its caps: the fleet's control
+    /// connection, which must reach the server the pool does, the same way (hosts, TLS, login).
+    pub async fn open_control(&self) -> Result<ServerConn, ConnectError> {
+        let m = self.pool.manager();
+        m.hosts.connect(&m.target(), &m.settings()).await
+    }
+
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).
     pub fn close_idle(&self) {
         self.close_all_idle(CloseReason::Paused);

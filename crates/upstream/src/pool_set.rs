@@ -17,6 +17,7 @@ use tokio::sync::Semaphore;
 use crate::changes::Changes;
 use crate::dns::{DnsCache, DnsSettings};
 use crate::failover::HostList;
+use crate::fleet::{Fleet, FleetSettings, FleetStatus};
 use crate::host::{Hosts, StormSettings};
 use crate::pool::{Limits, PoolSizes, ServerPool};
 use crate::reserve::ReserveSettings;
@@ -45,6 +46,8 @@ pub struct PoolSpec {
     /// Cap on server connections of this pool's user across all its pools.
     pub max_user_connections: Option<usize>,
     pub reserve: ReserveSettings,
+    /// `fleet_budget` and friends: the database's slots are shared with other processes.
+    pub fleet: Option<FleetSettings>,
 }
 
 /// What [`PoolSet::reconfigure`] does with one pool.
@@ -83,6 +86,9 @@ pub struct PoolSet<T> {
     db_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// `max_user_connections`, per server user; made when the user's first pool opens.
     user_limits: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Fleet budgets, per database; each has its control task, started with the database's
+    /// first pool.
+    fleets: Mutex<HashMap<String, Arc<Fleet>>>,
     /// Settings for pools opened from now on (reconfigure updates the open ones).
     settings: RwLock<Arc<ServerSettings>>,
     /// database → server user → pool. Nested so that a login looks its pool up by `&str`,
@@ -113,6 +119,7 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             total_limit: max_server_connections.map(|n| Arc::new(Semaphore::new(n))),
             db_limits: Mutex::new(HashMap::new()),
             user_limits: Mutex::new(HashMap::new()),
+            fleets: Mutex::new(HashMap::new()),
             settings: RwLock::new(Arc::new(settings)),
             pools: Mutex::new(HashMap::new()),
             paused: Mutex::new(Paused::default()),
@@ -171,6 +178,12 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
         if let Some(total) = &self.total_limit {
             limits.0.push(total.clone());
         }
+        let fleet = spec
+            .fleet
+            .map(|settings| self.fleet(&spec.target.database, &spec.target.dbname, settings));
+        if let Some(f) = &fleet {
+            limits.0.push(f.semaphore());
+        }
         let mut hosts = spec.hosts.iter().map(|(h, p)| self.hosts.get(h, *p));
         let first = hosts
             .next()
@@ -197,7 +210,28 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
             self.changes.clone(),
         );
         pool.set_reserve(reserve);
+        if let Some(f) = fleet {
+            f.add_pool(&pool);
+        }
         pool
+    }
+
+    /// The fleet of `database`, started on first use (the settings of the
+    /// first pool opened for it hold; `fleet_*` keys change on restart only).
+    fn fleet(&self, database: &str, dbname: &str, settings: FleetSettings) -> Arc<Fleet> {
+        lock(&self.fleets)
+            .entry(database.to_owned())
+            .or_insert_with(|| {
+                let fleet = Fleet::new(database, dbname, settings);
+                tokio::spawn(fleet.clone().run());
+                fleet
+            })
+            .clone()
+    }
+
+    /// Every fleet's slots, for SHOW FLEET and the metrics.
+    pub fn fleets(&self) -> Vec<FleetStatus> {
+        crate::fleet::statuses(&lock(&self.fleets))
     }
 
     fn settings(&self) -> Arc<ServerSettings> {
@@ -426,6 +460,7 @@ mod tests {
             max_db_connections: None,
             max_user_connections: None,
             reserve: ReserveSettings::default(),
+            fleet: None,
         };
         set.get_or_open(db, user, spec, Entry)
     }

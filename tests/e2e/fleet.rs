@@ -1,0 +1,212 @@
+//! The fleet budget: four Breakwater processes share one database's connection budget through
+//! advisory locks, against one real PostgreSQL.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use testkit::{PgCluster, Pooler};
+use tokio_postgres::SimpleQueryMessage;
+
+use crate::common::*;
+
+const BUDGET: i64 = 12;
+const PROCESSES: usize = 4;
+
+fn start_fleet(pg: &PgCluster) -> Vec<Pooler> {
+    (0..PROCESSES)
+        .map(|_| {
+            start_pooler(
+                pg,
+                "fleet_budget = 12\nfleet_min_share = 1\nfleet_release_delay = \"1s\"",
+                "pool_size = 12\n",
+                USERLIST,
+            )
+        })
+        .collect()
+}
+
+/// SHOW FLEET's `held` and `fleet_total` for database `app` on one pooler.
+async fn fleet_row(pooler: &Pooler) -> (i64, Option<i64>) {
+    let admin = connect(&pooler.conn_string("admin", "admin_pw", "breakwater"))
+        .await
+        .expect("admin login");
+    let msgs = admin.simple_query("SHOW FLEET").await.expect("SHOW FLEET");
+    for m in msgs {
+        if let SimpleQueryMessage::Row(r) = m {
+            if r.get("database") == Some("app") {
+                let held = r.get("held").and_then(|v| v.parse().ok()).unwrap_or(-1);
+                let total = r.get("fleet_total").and_then(|v| v.parse().ok());
+                return (held, total);
+            }
+        }
+    }
+    (0, None)
+}
+
+/// Clients looping `SELECT pg_sleep(0.02)` through one pooler until `stop`; failures counted.
+struct Load {
+    stop: Arc<AtomicBool>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+    failures: Arc<AtomicU64>,
+    queries: Arc<AtomicU64>,
+}
+
+fn load(pooler: &Pooler, clients: usize) -> Load {
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(AtomicU64::new(0));
+    let queries = Arc::new(AtomicU64::new(0));
+    let conn = pooler.conn_string("app", "app_pw", "app");
+    let tasks = (0..clients)
+        .map(|_| {
+            let (stop, failures, queries, conn) = (
+                stop.clone(),
+                failures.clone(),
+                queries.clone(),
+                conn.clone(),
+            );
+            tokio::spawn(async move {
+                let c = match connect(&conn).await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("load client login failed: {e}");
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        return;
+                    }
+                };
+                while !stop.load(Ordering::Relaxed) {
+                    match c.simple_query("SELECT pg_sleep(0.02)").await {
+                        Ok(_) => queries.fetch_add(1, Ordering::Relaxed),
+                        Err(e) => {
+                            eprintln!("load query failed: {e}");
+                            failures.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                }
+            })
+        })
+        .collect();
+    Load {
+        stop,
+        tasks,
+        failures,
+        queries,
+    }
+}
+
+impl Load {
+    /// Stops the clients; returns (queries, failures).
+    async fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (
+            self.queries.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// Samples the role's backends every 100 ms until stopped; returns the most seen.
+fn sample_backends(pg: &PgCluster) -> (Arc<AtomicBool>, tokio::task::JoinHandle<i64>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn = pg.conn_string("postgres", "postgres", "app");
+    let flag = stop.clone();
+    let task = tokio::spawn(async move {
+        let direct = connect(&conn).await.expect("direct connection");
+        let mut most = 0;
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        while !flag.load(Ordering::Relaxed) {
+            tick.tick().await;
+            let n: i64 = direct
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity WHERE usename = 'app' \
+                     AND backend_type = 'client backend'",
+                    &[],
+                )
+                .await
+                .expect("count backends")
+                .get(0);
+            most = most.max(n);
+        }
+        most
+    });
+    (stop, task)
+}
+
+async fn wait_held(pooler: &Pooler, at_least: i64, what: &str) -> Duration {
+    let t0 = Instant::now();
+    testkit::wait_until(what, Duration::from_secs(15), || async {
+        fleet_row(pooler).await.0 >= at_least
+    })
+    .await
+    .unwrap();
+    t0.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_dead_ones() {
+    let pg = PgCluster::start().expect("start postgres");
+    let mut poolers = start_fleet(&pg);
+    let (sampling, sampler) = sample_backends(&pg);
+
+    // Uneven: 12, 6, 2 and 0 clients.
+    let loads: Vec<Load> = [12, 6, 2, 0]
+        .iter()
+        .zip(&poolers)
+        .map(|(n, p)| load(p, *n))
+        .collect();
+    // Every slot is taken between them, and no more.
+    testkit::wait_until("the fleet to hold its whole budget", WAIT, || async {
+        fleet_row(&poolers[0]).await.1 == Some(BUDGET)
+    })
+    .await
+    .unwrap();
+    let mut uneven = Vec::new();
+    for p in &poolers {
+        uneven.push(fleet_row(p).await.0);
+    }
+    let (mut queries, mut failures) = (0, 0);
+    for l in loads {
+        let (q, f) = l.finish().await;
+        queries += q;
+        failures += f;
+    }
+
+    // A burst on the idle process borrows the slots the others stop using.
+    let burst = load(&poolers[3], 12);
+    let borrowed = wait_held(&poolers[3], 8, "the bursting process to borrow slots").await;
+
+    // kill -9 of the process holding most: PostgreSQL frees its locks; another takes them.
+    let (q, f) = burst.finish().await;
+    queries += q;
+    failures += f;
+    let heir = load(&poolers[0], 12);
+    let killed_at = Instant::now();
+    poolers[3].signal(libc::SIGKILL);
+    let taken = wait_held(&poolers[0], 8, "another process to take a dead one's slots").await;
+    let since_kill = killed_at.elapsed();
+    let (q, f) = heir.finish().await;
+    queries += q;
+    failures += f;
+
+    sampling.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    eprintln!(
+        "fleet: held with 12/6/2/0 clients {uneven:?}; burst borrowed 8 slots in {borrowed:?}; \
+         after kill -9 another held 8 in {taken:?} ({since_kill:?} after the kill); \
+         most backends of the role {most}; {queries} queries, {failures} failures"
+    );
+    assert!(
+        most <= BUDGET + PROCESSES as i64,
+        "{most} backends of the role (budget {BUDGET} + {PROCESSES} control connections)"
+    );
+    assert_eq!(failures, 0, "clients failed");
+    // The three with clients keep at least their min share (the fourth had no pool yet).
+    assert!(
+        uneven.iter().take(3).all(|h| *h >= 1),
+        "every process keeps its min share: {uneven:?}"
+    );
+    poolers.clear();
+}
