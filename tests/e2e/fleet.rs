@@ -163,6 +163,23 @@ async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_de
     })
     .await
     .unwrap();
+    // A process that found the fleet full gets its min share from those over theirs.
+    let shares_at = Instant::now();
+    testkit::wait_until(
+        "every process with clients to hold its min share",
+        WAIT,
+        || async {
+            for p in &poolers[..3] {
+                if fleet_row(p).await.0 < 1 {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await
+    .unwrap();
+    let shares_took = shares_at.elapsed();
     let mut uneven = Vec::new();
     for p in &poolers {
         uneven.push(fleet_row(p).await.0);
@@ -194,7 +211,7 @@ async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_de
     sampling.store(true, Ordering::Relaxed);
     let most = sampler.await.unwrap();
     eprintln!(
-        "fleet: held with 12/6/2/0 clients {uneven:?}; burst borrowed 8 slots in {borrowed:?}; \
+        "fleet: held with 12/6/2/0 clients {uneven:?} (min shares after {shares_took:?}); burst borrowed 8 slots in {borrowed:?}; \
          after kill -9 another held 8 in {taken:?} ({since_kill:?} after the kill); \
          most backends of the role {most}; {queries} queries, {failures} failures"
     );
@@ -203,10 +220,5 @@ async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_de
         "{most} backends of the role (budget {BUDGET} + {PROCESSES} control connections)"
     );
     assert_eq!(failures, 0, "clients failed");
-    // The three with clients keep at least their min share (the fourth had no pool yet).
-    assert!(
-        uneven.iter().take(3).all(|h| *h >= 1),
-        "every process keeps its min share: {uneven:?}"
-    );
     poolers.clear();
 }

@@ -299,6 +299,9 @@ section! {
         server_require_auth: Option<String> = None, reload;
         max_db_client_connections: Option<usize> = None, reload;
         reserve_pool_size: Option<usize> = None, reload;
+        fleet_budget: Option<usize> = None, restart;
+        fleet_min_share: Option<usize> = None, restart;
+        fleet_release_delay: Option<Timeout> = None, restart;
     }
 }
 
@@ -311,9 +314,6 @@ section! {
         pool_size: Option<usize> = None, reload;
         max_user_connections: Option<usize> = None, reload;
         max_user_client_connections: Option<usize> = None, reload;
-        fleet_budget: Option<usize> = None, restart;
-        fleet_min_share: Option<usize> = None, restart;
-        fleet_release_delay: Option<Timeout> = None, restart;
     }
 }
 

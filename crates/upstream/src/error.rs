@@ -77,6 +77,11 @@ pub enum ConnectError {
         wanted: TargetSessionAttrs,
         last: Box<ConnectError>,
     },
+    /// Every slot of a shared cap (`max_db_connections`, `max_server_connections`, the fleet
+    /// budget) was in use while a server of the set came free: the checkout tries again, and
+    /// may take that server instead of waiting for a slot it does not need.
+    #[error("every slot of a connection cap is in use")]
+    CapBusy,
 }
 
 /// An error from a query Breakwater runs on its own account.
@@ -113,7 +118,8 @@ impl ConnectError {
             ConnectError::BreakerOpen(_)
             | ConnectError::WrongRole { .. }
             | ConnectError::Backoff { .. }
-            | ConnectError::NoMatchingHost { .. } => return None,
+            | ConnectError::NoMatchingHost { .. }
+            | ConnectError::CapBusy => return None,
         })
     }
 

@@ -23,7 +23,8 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use rand::Rng;
-use tokio::sync::Semaphore;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
 use crate::conn::ServerConn;
@@ -73,8 +74,22 @@ impl FleetPlan {
         need.max(s.min_share).min(s.budget)
     }
 
-    pub fn step(&mut self, now: Instant, held: usize, need: usize) -> Step {
+    /// `others_short`: another process holds less than its minimum share (the fleet is full).
+    /// Then a process over its own share stops growing and gives back a slot a tick, busy or
+    /// not (a busy one's slot comes free when its transaction ends), until none is short.
+    pub fn step(&mut self, now: Instant, held: usize, need: usize, others_short: bool) -> Step {
         let want = self.wanted(need);
+        let min_share = self.settings.min_share;
+        if others_short {
+            self.surplus = None;
+            return match held.cmp(&min_share.min(want)) {
+                std::cmp::Ordering::Greater if held > min_share => Step::Release(1),
+                std::cmp::Ordering::Less => {
+                    Step::Take((min_share.min(want) - held).min(MAX_TAKE_STEP))
+                }
+                _ => Step::Hold,
+            };
+        }
         if held < want {
             self.surplus = None;
             return Step::Take((want - held).min(MAX_TAKE_STEP));
@@ -115,6 +130,11 @@ pub struct Fleet {
     semaphore: Arc<Semaphore>,
     pools: Mutex<Vec<Weak<ServerPool>>>,
     status: Mutex<FleetStatus>,
+    /// Permits the control task wants back and found no idle server for: the next servers
+    /// reused give theirs ([`Fleet::claim_slot`]).
+    debt: AtomicUsize,
+    /// Permits claimed that way since the control task last looked.
+    claimed: AtomicUsize,
 }
 
 fn lock<U>(m: &Mutex<U>) -> std::sync::MutexGuard<'_, U> {
@@ -124,16 +144,22 @@ fn lock<U>(m: &Mutex<U>) -> std::sync::MutexGuard<'_, U> {
     }
 }
 
+/// The `k2` of the shared lock a process holds while it is below its minimum share: the others
+/// see it in pg_locks and give slots back. Outside the slot numbers `0..fleet_budget`.
+const SHORT_KEY: i32 = i32::MAX;
+
 /// How long one control query may take before the connection is given up as lost.
 const CONTROL_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often the fleet's total is read from pg_locks (also the control connection's liveness
-/// check when nothing else is sent).
-const TOTAL_EVERY: Duration = Duration::from_secs(1);
+/// How often the fleet's total (and who is short) is read from pg_locks; also the control
+/// connection's liveness check when nothing else is sent.
+const TOTAL_EVERY: Duration = Duration::from_millis(500);
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
 
 impl Fleet {
-    /// A fleet that may open `min_share` connections until its control connection is up.
+    /// A fleet that may open no connection until its control connection has taken slots
+    /// (or failed to connect, when it falls back to `min_share` without locks): a process
+    /// starting while the fleet is full must not add to it.
     /// `database` is the pool's name for it, `dbname` the server's (which the key hashes, so
     /// sidecars that name the database differently still share its slots).
     pub fn new(database: &str, dbname: &str, settings: FleetSettings) -> Arc<Fleet> {
@@ -141,18 +167,45 @@ impl Fleet {
         Arc::new(Fleet {
             settings,
             key,
-            semaphore: Arc::new(Semaphore::new(settings.min_share)),
+            semaphore: Arc::new(Semaphore::new(0)),
             pools: Mutex::new(Vec::new()),
+            debt: AtomicUsize::new(0),
+            claimed: AtomicUsize::new(0),
             status: Mutex::new(FleetStatus {
                 database: database.to_owned(),
                 budget: settings.budget,
                 min_share: settings.min_share,
-                allowed: settings.min_share,
                 wanted: settings.min_share,
                 key,
                 ..FleetStatus::default()
             }),
         })
+    }
+
+    /// Takes this fleet's permit out of a server's permits for good, if the fleet wants one
+    /// back; the server is then closed. Called as an idle server is about to be reused.
+    pub(crate) fn claim_slot(&self, permits: &mut Vec<OwnedSemaphorePermit>) -> bool {
+        let claimed = self
+            .debt
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |d| d.checked_sub(1))
+            .is_ok();
+        if !claimed {
+            return false;
+        }
+        match permits
+            .iter()
+            .position(|p| Arc::ptr_eq(p.semaphore(), &self.semaphore))
+        {
+            Some(i) => {
+                permits.swap_remove(i).forget();
+                self.claimed.fetch_add(1, Ordering::SeqCst);
+                true
+            }
+            None => {
+                self.debt.fetch_add(1, Ordering::SeqCst);
+                false
+            }
+        }
     }
 
     pub fn semaphore(&self) -> Arc<Semaphore> {
@@ -196,8 +249,11 @@ impl Fleet {
         tokio::time::sleep(Duration::from_millis(first)).await;
         let mut control = Control {
             fleet: self.clone(),
-            allowed: self.settings.min_share,
+            allowed: 0,
             held: Vec::new(),
+            unlocking: Vec::new(),
+            short: false,
+            owed: 0,
             plan: FleetPlan::new(self.settings),
         };
         let mut backoff = RECONNECT_MIN;
@@ -215,13 +271,18 @@ impl Fleet {
             }
             // Slots went with the session: back to the minimum share, unlocked.
             control.held.clear();
+            control.unlocking.clear();
+            control.short = false;
             control.set_allowed(self.settings.min_share);
             control.publish(false, None);
             let wait = rand::thread_rng().gen_range(backoff / 2..=backoff);
             let until = Instant::now() + wait;
             // Keep paying the shrink debt while waiting to reconnect.
             while Instant::now() < until {
+                control.settle_claims();
+                control.unlocking.clear();
                 control.set_allowed(self.settings.min_share);
+                control.publish_debt();
                 tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
             }
         }
@@ -235,6 +296,14 @@ struct Control {
     allowed: usize,
     /// Slot numbers locked on the control connection.
     held: Vec<i32>,
+    /// Slots whose permits were forgotten (their servers closed) at the last tick, unlocked
+    /// at the next: a closed server's backend takes a moment to exit, and until it has, the
+    /// slot is still in use as far as the database is concerned.
+    unlocking: Vec<i32>,
+    /// Holding the shared `SHORT_KEY` lock: below the minimum share.
+    short: bool,
+    /// Permits wanted back this tick that no idle server could give.
+    owed: usize,
     plan: FleetPlan,
 }
 
@@ -267,10 +336,37 @@ impl Control {
         let key = self.fleet.key;
         let budget = self.fleet.settings.budget;
         let mut total = None;
+        let mut others_short = false;
         let mut total_at = Instant::now() - TOTAL_EVERY;
         loop {
+            if !self.unlocking.is_empty() {
+                let list = self
+                    .unlocking
+                    .iter()
+                    .map(i32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let sql = format!(
+                    "SELECT count(*) FROM unnest('{{{list}}}'::int[]) s \
+                     WHERE pg_advisory_unlock({key}, s)"
+                );
+                if Self::query(&mut conn, &sql).await.is_none() {
+                    conn.terminate();
+                    return;
+                }
+                tracing::debug!(
+                    released = self.unlocking.len(),
+                    held = self.held.len(),
+                    "fleet slots released"
+                );
+                self.unlocking.clear();
+            }
+            self.settle_claims();
             let now = Instant::now();
-            match self.plan.step(now, self.held.len(), self.fleet.need()) {
+            match self
+                .plan
+                .step(now, self.held.len(), self.fleet.need(), others_short)
+            {
                 Step::Take(n) => {
                     let offset = rand::thread_rng().gen_range(0..budget.max(1));
                     let held = self
@@ -304,45 +400,48 @@ impl Control {
                     }
                 }
                 Step::Release(n) => {
-                    // Permits first: only a slot no server uses may be given back.
+                    // Permits first: only a slot no server uses may be given back; its lock
+                    // goes at the next tick (see `unlocking`).
                     let freed = self.forget(n);
-                    let slots: Vec<i32> = (0..freed).filter_map(|_| self.held.pop()).collect();
-                    if !slots.is_empty() {
-                        let list = slots
-                            .iter()
-                            .map(i32::to_string)
-                            .collect::<Vec<_>>()
-                            .join(",");
-                        let sql = format!(
-                            "SELECT count(*) FROM unnest('{{{list}}}'::int[]) s \
-                             WHERE pg_advisory_unlock({key}, s)"
-                        );
-                        if Self::query(&mut conn, &sql).await.is_none() {
-                            conn.terminate();
-                            return;
-                        }
-                        tracing::debug!(
-                            released = slots.len(),
-                            held = self.held.len(),
-                            "fleet slots released"
-                        );
-                    }
+                    let slots = (0..freed).filter_map(|_| self.held.pop());
+                    self.unlocking.extend(slots);
                 }
                 Step::Hold => {}
             }
             // Grow or shrink the semaphore to the slots held.
             self.set_allowed(self.held.len());
+            self.publish_debt();
+            // Say so while under the minimum share, so that others make room.
+            let short = self.held.len() < self.fleet.settings.min_share;
+            if short != self.short {
+                let f = if short {
+                    "pg_try_advisory_lock_shared"
+                } else {
+                    "pg_advisory_unlock_shared"
+                };
+                let sql = format!("SELECT {f}({key}, {SHORT_KEY})::text");
+                if Self::query(&mut conn, &sql).await.is_none() {
+                    conn.terminate();
+                    return;
+                }
+                self.short = short;
+            }
             if now.saturating_duration_since(total_at) >= TOTAL_EVERY {
                 let sql = format!(
-                    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted \
+                    "SELECT (count(*) FILTER (WHERE objid::bigint < {budget}))::text || ',' || \
+                            (count(*) FILTER (WHERE objid::bigint = {SHORT_KEY} \
+                                              AND pid <> pg_backend_pid()))::text \
+                     FROM pg_locks WHERE locktype = 'advisory' AND granted \
                      AND database = (SELECT oid FROM pg_database WHERE datname = current_database()) \
                      AND classid::bigint = {key} AND objsubid = 2"
                 );
-                let Some(n) = Self::query(&mut conn, &sql).await else {
+                let Some(row) = Self::query(&mut conn, &sql).await else {
                     conn.terminate();
                     return;
                 };
-                total = n.parse().ok();
+                let mut parts = row.split(',').map(|n| n.parse::<usize>().ok());
+                total = parts.next().flatten();
+                others_short = parts.next().flatten().is_some_and(|n| n > 0);
                 total_at = now;
             }
             self.publish(true, total);
@@ -378,7 +477,25 @@ impl Control {
             }
         }
         self.allowed -= done;
+        // The rest come back as busy servers are reused (`Fleet::claim_slot`).
+        self.owed += n - done;
         done
+    }
+
+    /// Starts a tick: counts the permits servers gave back since the last one (their slots'
+    /// locks go at the next tick, like any released slot) and forgets what was owed; the tick
+    /// works out what it still wants back.
+    fn settle_claims(&mut self) {
+        let claimed = self.fleet.claimed.swap(0, Ordering::SeqCst);
+        self.allowed = self.allowed.saturating_sub(claimed);
+        let slots: Vec<i32> = (0..claimed).filter_map(|_| self.held.pop()).collect();
+        self.unlocking.extend(slots);
+        self.owed = 0;
+    }
+
+    /// Ends a tick: what the servers should give back from now on.
+    fn publish_debt(&self) {
+        self.fleet.debt.store(self.owed, Ordering::SeqCst);
     }
 
     fn take_free(&self, n: usize) -> usize {
@@ -430,35 +547,41 @@ mod tests {
         let mut p = plan(12, 2, 1000);
         let now = Instant::now();
         // The minimum share even with no clients.
-        assert_eq!(p.step(now, 0, 0), Step::Take(2));
-        assert_eq!(p.step(now, 2, 0), Step::Hold);
+        assert_eq!(p.step(now, 0, 0, false), Step::Take(2));
+        assert_eq!(p.step(now, 2, 0, false), Step::Hold);
         // Ten waiting: four at a time.
-        assert_eq!(p.step(now, 2, 10), Step::Take(4));
-        assert_eq!(p.step(now, 6, 10), Step::Take(4));
-        assert_eq!(p.step(now, 10, 10), Step::Hold);
+        assert_eq!(p.step(now, 2, 10, false), Step::Take(4));
+        assert_eq!(p.step(now, 6, 10, false), Step::Take(4));
+        assert_eq!(p.step(now, 10, 10, false), Step::Hold);
         // Never more than the budget.
-        assert_eq!(p.step(now, 10, 50), Step::Take(2));
-        assert_eq!(p.step(now, 12, 50), Step::Hold);
+        assert_eq!(p.step(now, 10, 50, false), Step::Take(2));
+        assert_eq!(p.step(now, 12, 50, false), Step::Hold);
     }
 
     #[tokio::test(start_paused = true)]
     async fn slots_unused_for_the_release_delay_go_back_down_to_the_peak_need_and_the_min_share() {
         let mut p = plan(12, 2, 1000);
         let t0 = Instant::now();
-        assert_eq!(p.step(t0, 10, 0), Step::Hold);
+        assert_eq!(p.step(t0, 10, 0, false), Step::Hold);
         // Not before the delay...
-        assert_eq!(p.step(t0 + Duration::from_millis(500), 10, 5), Step::Hold);
-        assert_eq!(p.step(t0 + Duration::from_millis(999), 10, 1), Step::Hold);
+        assert_eq!(
+            p.step(t0 + Duration::from_millis(500), 10, 5, false),
+            Step::Hold
+        );
+        assert_eq!(
+            p.step(t0 + Duration::from_millis(999), 10, 1, false),
+            Step::Hold
+        );
         // ...then down to the most wanted meanwhile (5), not to the need now (1).
         assert_eq!(
-            p.step(t0 + Duration::from_millis(1000), 10, 1),
+            p.step(t0 + Duration::from_millis(1000), 10, 1, false),
             Step::Release(5)
         );
         // The next release waits a full delay again, and stops at the min share.
         let t1 = t0 + Duration::from_millis(1000);
-        assert_eq!(p.step(t1, 5, 0), Step::Hold);
+        assert_eq!(p.step(t1, 5, 0, false), Step::Hold);
         assert_eq!(
-            p.step(t1 + Duration::from_millis(1000), 5, 0),
+            p.step(t1 + Duration::from_millis(1000), 5, 0, false),
             Step::Release(3)
         );
     }
@@ -467,15 +590,38 @@ mod tests {
     async fn demand_returning_during_the_delay_cancels_the_release() {
         let mut p = plan(12, 1, 1000);
         let t0 = Instant::now();
-        assert_eq!(p.step(t0, 8, 2), Step::Hold);
-        assert_eq!(p.step(t0 + Duration::from_millis(600), 8, 8), Step::Hold);
-        // The surplus clock starts again from here.
-        assert_eq!(p.step(t0 + Duration::from_millis(700), 8, 2), Step::Hold);
-        assert_eq!(p.step(t0 + Duration::from_millis(1600), 8, 2), Step::Hold);
+        assert_eq!(p.step(t0, 8, 2, false), Step::Hold);
         assert_eq!(
-            p.step(t0 + Duration::from_millis(1700), 8, 2),
+            p.step(t0 + Duration::from_millis(600), 8, 8, false),
+            Step::Hold
+        );
+        // The surplus clock starts again from here.
+        assert_eq!(
+            p.step(t0 + Duration::from_millis(700), 8, 2, false),
+            Step::Hold
+        );
+        assert_eq!(
+            p.step(t0 + Duration::from_millis(1600), 8, 2, false),
+            Step::Hold
+        );
+        assert_eq!(
+            p.step(t0 + Duration::from_millis(1700), 8, 2, false),
             Step::Release(6)
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_process_over_its_share_gives_back_a_slot_a_tick_while_another_is_short() {
+        let mut p = plan(12, 2, 60_000);
+        let now = Instant::now();
+        // Busy (need 10) but another process is short: one slot a tick, down to the share.
+        assert_eq!(p.step(now, 10, 10, true), Step::Release(1));
+        assert_eq!(p.step(now, 3, 10, true), Step::Release(1));
+        assert_eq!(p.step(now, 2, 10, true), Step::Hold);
+        // Not growing meanwhile; a process under its own share still takes it.
+        assert_eq!(p.step(now, 1, 10, true), Step::Take(1));
+        // Once nobody is short, it grows again.
+        assert_eq!(p.step(now, 2, 10, false), Step::Take(4));
     }
 
     #[test]

@@ -51,6 +51,9 @@ pub struct ServerManager {
     epoch: AtomicU64,
     /// Signalled whenever a server is released or closed (see [`crate::PoolSet`]).
     changes: Arc<Changes>,
+    /// The database's fleet budget, if it has one: it may claim a server's slot as the server
+    /// comes out of the idle list.
+    fleet: std::sync::OnceLock<Arc<crate::fleet::Fleet>>,
 }
 
 impl ServerManager {
@@ -149,13 +152,30 @@ impl ServerManager {
     async fn open(&self) -> Result<Box<ServerConn>, ConnectError> {
         let target = self.target();
         // Slots of the shared caps first: waiting for one is bounded by the client's
-        // query_wait_timeout around the whole checkout.
+        // query_wait_timeout around the whole checkout. deadpool decided to create because no
+        // server was idle when it looked; one released meanwhile (its slot still held) would
+        // never be seen by a create waiting for a slot, so any release or close ends the wait
+        // and the checkout looks again.
         let mut permits = Vec::with_capacity(self.limits.0.len());
         for sem in &self.limits.0 {
-            match sem.clone().acquire_owned().await {
-                Ok(p) => permits.push(p),
-                Err(_) => unreachable!("limit semaphores are never closed"),
-            }
+            let permit = match sem.clone().try_acquire_owned() {
+                Ok(p) => p,
+                Err(_) => {
+                    let mut changed = false;
+                    let next_change = self
+                        .changes
+                        .wait_until(|| std::mem::replace(&mut changed, true));
+                    tokio::select! {
+                        biased;
+                        p = sem.clone().acquire_owned() => match p {
+                            Ok(p) => p,
+                            Err(_) => unreachable!("limit semaphores are never closed"),
+                        },
+                        () = next_change => return Err(ConnectError::CapBusy),
+                    }
+                }
+            };
+            permits.push(permit);
         }
         let settings = self.settings();
         let started = Instant::now();
@@ -496,6 +516,7 @@ impl ServerPool {
                 registry: Arc::new(ServerRegistry::default()),
                 epoch: AtomicU64::new(0),
                 changes,
+                fleet: std::sync::OnceLock::new(),
             },
             slots: Slots::new(size.max(1)),
         });
@@ -634,6 +655,8 @@ impl ServerPool {
             match result {
                 Got::Server(s) => return Ok(s),
                 Got::Failed(e) if e.is_permanent() => return Err(e.into()),
+                // Not a failure: a server came free while the open waited for a cap's slot.
+                Got::Failed(ConnectError::CapBusy) => {}
                 Got::Failed(e) => last = Some(e),
                 Got::Again => {}
                 Got::Closed => {
@@ -667,7 +690,14 @@ impl ServerPool {
                     // Should this future be dropped during the check, the connection goes
                     // with it and the books must know.
                     let mut taken = Taken1::new(&core.slots, item);
-                    let reason = m.recycle_check(taken.conn(), since).await;
+                    // A busy pool seldom has a server idle when the fleet's control task
+                    // looks; a slot it wants back is taken here instead, as a server is reused.
+                    let reason = match m.fleet.get() {
+                        Some(f) if f.claim_slot(&mut taken.conn()._limits) => {
+                            Some(CloseReason::FleetRelease)
+                        }
+                        _ => m.recycle_check(taken.conn(), since).await,
+                    };
                     let conn = taken.keep();
                     match reason {
                         None => {
@@ -876,21 +906,24 @@ impl ServerPool {
         self.core.close_given_up(gone);
     }
 
+    /// Joins the database's fleet budget (whose semaphore is among the pool's limits).
+    pub(crate) fn set_fleet(&self, fleet: Arc<crate::fleet::Fleet>) {
+        let _ = self.core.manager.fleet.set(fleet);
+    }
+
     /// Closes up to `at_most` idle connections, so their fleet slots can be given back.
     /// Returns how many it closed.
     pub fn close_idle_for_fleet(&self, at_most: usize) -> usize {
-        let m = self.pool.manager();
-        let mut closed = 0;
-        self.pool.retain(|conn, _| {
-            if closed >= at_most {
-                return true;
-            }
-            closed += 1;
-            m.closing(conn, CloseReason::FleetRelease);
-            false
+        let mut picked = 0;
+        let gone = self.core.slots.retain(|_| {
+            (picked < at_most).then(|| {
+                picked += 1;
+                CloseReason::FleetRelease
+            })
         });
+        let closed = gone.len();
         if closed > 0 {
-            m.changes.changed();
+            self.core.close_given_up(gone);
         }
         closed
     }
@@ -898,7 +931,7 @@ impl ServerPool {
     /// Opens a connection outside the pool, holding none of its caps: the fleet's control
     /// connection, which must reach the server the pool does, the same way (hosts, TLS, login).
     pub async fn open_control(&self) -> Result<ServerConn, ConnectError> {
-        let m = self.pool.manager();
+        let m = &self.core.manager;
         m.hosts.connect(&m.target(), &m.settings()).await
     }
 

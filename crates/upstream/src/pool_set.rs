@@ -212,6 +212,7 @@ impl<T: AsRef<ServerPool>> PoolSet<T> {
         pool.set_reserve(reserve);
         if let Some(f) = fleet {
             f.add_pool(&pool);
+            pool.set_fleet(f);
         }
         pool
     }
