@@ -2,6 +2,8 @@
 //! the clients on others, and costs the database nothing.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::{Client, NoTls};
@@ -68,16 +70,26 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
         .unwrap()
         .get(0);
     let run = Duration::from_secs(3);
-    let until = Instant::now() + run;
+    let began = Instant::now();
+    let until = began + run;
+    // On a loaded machine the loops may not reach the rate at first: they go on (up to 10 s)
+    // until the bucket has refused something.
+    let noisy_limit = began + Duration::from_secs(10);
+    let refused_any = Arc::new(AtomicBool::new(false));
 
-    // The noisy job: two loops on 127.0.0.2, each paced at one login every 2 ms.
-    let noisy = (0..2).map(|_| {
+    // The noisy job: four loops on 127.0.0.2, each paced at one login every 4 ms.
+    let noisy = (0..4).map(|_| {
         let conn = conn.clone();
+        let refused_any = refused_any.clone();
         tokio::spawn(async move {
             let (mut admitted, mut refused, mut other) = (0u32, 0u32, Vec::new());
-            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            let mut tick = tokio::time::interval(Duration::from_millis(4));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-            while Instant::now() < until {
+            let go_on = || {
+                let now = Instant::now();
+                now < until || (now < noisy_limit && !refused_any.load(Ordering::Relaxed))
+            };
+            while go_on() {
                 tick.tick().await;
                 match connect_from("127.0.0.2", port, &conn).await {
                     Ok(c) => {
@@ -89,12 +101,13 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
                             assert!(msg.contains("client_login_rate_per_addr = 200"), "{msg}");
                             assert!(msg.contains("retry in"), "{msg}");
                             refused += 1;
+                            refused_any.store(true, Ordering::Relaxed);
                         }
                         _ => other.push(e.to_string()),
                     },
                 }
             }
-            (admitted, refused, other)
+            (admitted, refused, other, Instant::now())
         })
     });
     let noisy: Vec<_> = noisy.collect();
@@ -123,8 +136,10 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
         .collect();
 
     let (mut admitted, mut refused) = (0, 0);
+    let mut noisy_ran = Duration::ZERO;
     for n in noisy {
-        let (a, r, other) = n.await.unwrap();
+        let (a, r, other, ended) = n.await.unwrap();
+        noisy_ran = noisy_ran.max(ended - began);
         assert!(other.is_empty(), "noisy client saw other errors: {other:?}");
         admitted += a;
         refused += r;
@@ -136,7 +151,7 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
     times.sort();
     let pct = |p: f64| times[((times.len() - 1) as f64 * p) as usize];
     eprintln!(
-        "noisy 127.0.0.2: {} attempts in {run:?} ({} admitted, {refused} refused); \
+        "noisy 127.0.0.2: {} attempts in {noisy_ran:?} ({} admitted, {refused} refused); \
          quiet 127.0.0.1: {} login+query cycles, p50 {:?}, p99 {:?}, max {:?}",
         admitted + refused,
         admitted,
@@ -147,7 +162,8 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
     );
     // The bucket held: one second's burst plus the rate, over the run.
     assert!(refused > 0, "nothing was refused");
-    assert!(admitted <= 200 + 200 * 4, "{admitted} logins admitted");
+    let bucket = 200 + 200 * (noisy_ran.as_secs() as u32 + 1);
+    assert!(admitted <= bucket, "{admitted} logins admitted");
 
     // The database saw no new connection during the storm.
     let started_since: i64 = direct
@@ -166,7 +182,7 @@ async fn a_source_reconnecting_in_a_tight_loop_is_refused_while_other_clients_ke
     let log = env.pooler.log();
     let lines = log.matches("too many logins from 127.0.0.2").count();
     assert!(
-        (1..=run.as_secs() as usize + 2).contains(&lines),
+        (1..=noisy_ran.as_secs() as usize + 2).contains(&lines),
         "{lines} log lines for {refused} refusals"
     );
 }

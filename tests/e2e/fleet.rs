@@ -14,12 +14,18 @@ const BUDGET: i64 = 12;
 const PROCESSES: usize = 4;
 
 fn start_fleet(pg: &PgCluster) -> Vec<Pooler> {
-    (0..PROCESSES)
+    start_processes(pg, PROCESSES, BUDGET)
+}
+
+fn start_processes(pg: &PgCluster, processes: usize, budget: i64) -> Vec<Pooler> {
+    (0..processes)
         .map(|_| {
             start_pooler(
                 pg,
-                "fleet_budget = 12\nfleet_min_share = 1\nfleet_release_delay = \"1s\"",
-                "pool_size = 12\n",
+                &format!(
+                    "fleet_budget = {budget}\nfleet_min_share = 1\nfleet_release_delay = \"1s\""
+                ),
+                &format!("pool_size = {budget}\n"),
                 USERLIST,
             )
         })
@@ -28,6 +34,12 @@ fn start_fleet(pg: &PgCluster) -> Vec<Pooler> {
 
 /// SHOW FLEET's `held` and `fleet_total` for database `app` on one pooler.
 async fn fleet_row(pooler: &Pooler) -> (i64, Option<i64>) {
+    let (held, total, _) = fleet_status(pooler).await;
+    (held, total)
+}
+
+/// SHOW FLEET's `held`, `fleet_total` and `connected` for database `app` on one pooler.
+async fn fleet_status(pooler: &Pooler) -> (i64, Option<i64>, bool) {
     let admin = connect(&pooler.conn_string("admin", "admin_pw", "breakwater"))
         .await
         .expect("admin login");
@@ -37,11 +49,11 @@ async fn fleet_row(pooler: &Pooler) -> (i64, Option<i64>) {
             if r.get("database") == Some("app") {
                 let held = r.get("held").and_then(|v| v.parse().ok()).unwrap_or(-1);
                 let total = r.get("fleet_total").and_then(|v| v.parse().ok());
-                return (held, total);
+                return (held, total, r.get("connected") == Some("yes"));
             }
         }
     }
-    (0, None)
+    (0, None, false)
 }
 
 /// Clients looping `SELECT pg_sleep(0.02)` through one pooler until `stop`; failures counted.
@@ -221,4 +233,53 @@ async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_de
     );
     assert_eq!(failures, 0, "clients failed");
     poolers.clear();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_postgresql_restart_the_fleet_reconnects_and_keeps_its_budget() {
+    const RESTART_BUDGET: i64 = 6;
+    let mut pg = PgCluster::start().expect("start postgres");
+    let poolers = start_processes(&pg, 2, RESTART_BUDGET);
+    let before: Vec<Load> = poolers.iter().map(|p| load(p, 6)).collect();
+    testkit::wait_until("the fleet to hold its budget", WAIT, || async {
+        fleet_row(&poolers[0]).await.1 == Some(RESTART_BUDGET)
+    })
+    .await
+    .unwrap();
+    for l in before {
+        // Clients lose their servers in the restart; only the budget's behaviour after it
+        // is under test.
+        l.finish().await;
+    }
+
+    let restarted_at = Instant::now();
+    tokio::task::block_in_place(|| pg.restart());
+    let (sampling, sampler) = sample_backends(&pg);
+    let after: Vec<Load> = poolers.iter().map(|p| load(p, 6)).collect();
+    testkit::wait_until(
+        "both control connections back and the budget held again",
+        Duration::from_secs(20),
+        || async {
+            let a = fleet_status(&poolers[0]).await;
+            let b = fleet_status(&poolers[1]).await;
+            a.2 && b.2 && a.1 == Some(RESTART_BUDGET)
+        },
+    )
+    .await
+    .unwrap();
+    let recovered = restarted_at.elapsed();
+    let (mut queries, mut failures) = (0, 0);
+    for l in after {
+        let (q, f) = l.finish().await;
+        queries += q;
+        failures += f;
+    }
+    sampling.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    eprintln!(
+        "fleet after a restart: budget held again {recovered:?} after the restart began; \
+         most backends of the role {most}; {queries} queries, {failures} failures"
+    );
+    assert!(most <= RESTART_BUDGET + 2, "{most} backends of the role");
+    assert_eq!(failures, 0, "clients failed after the restart");
 }
