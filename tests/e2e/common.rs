@@ -324,3 +324,11 @@ pub async fn http_status(port: u16, path: &str) -> (u16, String) {
         .unwrap_or(0);
     (code, body.to_owned())
 }
+
+/// The first column of the first row of a simple query's answer, as text.
+pub fn first_value(rows: Vec<tokio_postgres::SimpleQueryMessage>) -> Option<String> {
+    rows.into_iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    })
+}

@@ -21,14 +21,7 @@ async fn set_temp_table_and_advisory_lock_inside_a_transaction_do_not_reach_the_
 
     // Simple protocol only: this test is about session state, not prepared statements.
     let b = env.client().await;
-    let one = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
-        rows.into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .unwrap()
-    };
+    let one = |rows| first_value(rows).unwrap();
     let pid_b = one(b.simple_query("SELECT pg_backend_pid()").await.unwrap());
     assert_eq!(
         pid_a.to_string(),
@@ -130,14 +123,7 @@ async fn psql_sees_canonical_session_parameters_at_login() {
 #[tokio::test]
 async fn a_session_advisory_lock_pins_its_client_to_the_server_until_released() {
     let env = start("", "pool_size = 2\n");
-    let one = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> String {
-        rows.into_iter()
-            .find_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
-                _ => None,
-            })
-            .unwrap()
-    };
+    let one = |rows| first_value(rows).unwrap();
     let a = env.client().await;
     let b = env.client().await;
     assert_eq!(

@@ -689,7 +689,7 @@ impl ServerPool {
                 Taken::Idle(Idle { item, since }) => {
                     // Should this future be dropped during the check, the connection goes
                     // with it and the books must know.
-                    let mut taken = Taken1::new(&core.slots, item);
+                    let mut taken = CheckingIdle::new(&core.slots, item);
                     // A busy pool seldom has a server idle when the fleet's control task
                     // looks; a slot it wants back is taken here instead, as a server is reused.
                     let reason = match m.fleet.get() {
@@ -1066,14 +1066,14 @@ impl Drop for Room<'_> {
 
 /// An idle connection taken out of the books for its checks: should the check be dropped
 /// half-way, the connection closes and the books are told.
-struct Taken1<'a> {
+struct CheckingIdle<'a> {
     slots: &'a Slots<Box<ServerConn>>,
     conn: Option<Box<ServerConn>>,
 }
 
-impl<'a> Taken1<'a> {
+impl<'a> CheckingIdle<'a> {
     fn new(slots: &'a Slots<Box<ServerConn>>, conn: Box<ServerConn>) -> Self {
-        Taken1 {
+        CheckingIdle {
             slots,
             conn: Some(conn),
         }
@@ -1094,7 +1094,7 @@ impl<'a> Taken1<'a> {
     }
 }
 
-impl Drop for Taken1<'_> {
+impl Drop for CheckingIdle<'_> {
     fn drop(&mut self) {
         if self.conn.is_some() {
             self.slots.gone();

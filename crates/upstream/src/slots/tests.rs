@@ -12,6 +12,19 @@ fn checkout(slots: &Slots<u32>) -> Taken<u32> {
     taken
 }
 
+/// A pool of 3 whose connections 1, 2, 3 were opened and given back in that order.
+fn three_idle() -> Slots<u32> {
+    let slots = Slots::new(3);
+    for _ in 0..3 {
+        assert!(matches!(checkout(&slots), Taken::Room));
+    }
+    let now = Instant::now();
+    for i in 1..=3 {
+        assert!(slots.give_back(i, now).is_none());
+    }
+    slots
+}
+
 #[test]
 fn the_most_recently_returned_connection_goes_out_first() {
     let slots = Slots::new(4);
@@ -106,14 +119,7 @@ fn shrinking_while_connections_are_out_closes_them_as_they_come_back() {
 
 #[test]
 fn shrinking_closes_the_oldest_idle_connections_at_once() {
-    let slots = Slots::new(3);
-    for _ in 0..3 {
-        assert!(matches!(checkout(&slots), Taken::Room));
-    }
-    let now = Instant::now();
-    for i in 1..=3 {
-        assert!(slots.give_back(i, now).is_none());
-    }
+    let slots = three_idle();
     assert_eq!(slots.resize(1), vec![1, 2]);
     assert_eq!(
         slots.status(),
@@ -159,14 +165,7 @@ async fn a_waiter_learns_that_the_pool_closed() {
 
 #[test]
 fn retain_drops_what_it_refuses_and_counts_it() {
-    let slots = Slots::new(3);
-    for _ in 0..3 {
-        assert!(matches!(checkout(&slots), Taken::Room));
-    }
-    let now = Instant::now();
-    for i in 1..=3 {
-        assert!(slots.give_back(i, now).is_none());
-    }
+    let slots = three_idle();
     assert_eq!(
         slots.retain(|i| (i.item == 2).then_some("why")),
         vec![(2, "why")]
