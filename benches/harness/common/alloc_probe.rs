@@ -255,6 +255,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         reserve_pool_timeout: None,
         auto: false,
         fleet: None,
+        auth_query: None,
     };
     ProxySettings {
         auth_type: AuthType::Trust,
@@ -284,6 +285,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         log_disconnections: false,
         users: Default::default(),
         autodb_idle_timeout: None,
+        auth_lookup: Default::default(),
     }
 }
 

@@ -173,6 +173,21 @@ section! {
         min_pool_size: usize = 0, reload;
         auth_type: AuthType = AuthType::ScramSha256, reload;
         auth_file: Option<PathBuf> = None, reload;
+        /// auth_query (PgBouncer's): users not in the auth_file are looked up by running
+        /// auth_query as auth_user (its password from the auth_file) on auth_dbname's (else
+        /// the client's) database. Unset auth_user: no lookups.
+        auth_user: Option<String> = None, reload;
+        auth_query: String = proxy::DEFAULT_AUTH_QUERY.into(), reload;
+        auth_dbname: Option<String> = None, reload;
+        /// How long a secret found (a password change waits at most this), and "no such
+        /// user" (a flood of made-up names costs a lookup per name per this), are kept; "0"
+        /// keeps nothing.
+        auth_cache_ttl: Timeout = Timeout::secs(60), reload;
+        auth_negative_cache_ttl: Timeout = Timeout::secs(10), reload;
+        auth_cache_max_entries: usize = 10_000, reload;
+        auth_query_timeout: Timeout = Timeout::secs(5), reload;
+        /// Server connections per (database, auth_user) lookup pool.
+        auth_pool_size: usize = 2, reload;
         admin_users: Vec<String> = Vec::new(), reload;
         stats_users: Vec<String> = Vec::new(), reload;
         dns_timeout: Timeout = Timeout::secs(5), reload;
@@ -299,6 +314,10 @@ section! {
         server_require_auth: Option<String> = None, reload;
         max_db_client_connections: Option<usize> = None, reload;
         reserve_pool_size: Option<usize> = None, reload;
+        /// Default to the `[pooler]` ones.
+        auth_user: Option<String> = None, reload;
+        auth_query: Option<String> = None, reload;
+        auth_dbname: Option<String> = None, reload;
         fleet_budget: Option<usize> = None, restart;
         fleet_min_share: Option<usize> = None, restart;
         fleet_release_delay: Option<Timeout> = None, restart;
@@ -662,6 +681,8 @@ impl Config {
             ),
             ("pooler.tcp_keepcnt", p.tcp_keepcnt as usize),
             ("pooler.client_tcp_keepcnt", p.client_tcp_keepcnt as usize),
+            ("pooler.auth_pool_size", p.auth_pool_size),
+            ("pooler.auth_cache_max_entries", p.auth_cache_max_entries),
         ];
         for (key, n) in at_least_one {
             if n == 0 {
@@ -700,14 +721,35 @@ impl Config {
                 bad(key, format!("cannot be \"0\"{why}"));
             }
         }
+        let any_auth_user =
+            p.auth_user.is_some() || file.databases.values().any(|d| d.auth_user.is_some());
         if !matches!(p.auth_type, AuthType::Trust | AuthType::Cert)
             && p.auth_file.is_none()
             && extras.users.is_empty()
+            && !any_auth_user
         {
             bad(
                 "pooler.auth_file",
-                "is required unless auth_type = \"trust\" or \"cert\" (or an upstream URL with a password gives the one user)".into(),
+                "is required unless auth_type = \"trust\" or \"cert\", an auth_user looks users up, or an upstream URL with a password gives the one user".into(),
             );
+        }
+        // auth_dbname names a [databases] entry (or one the "*" entry serves).
+        let serves = |d: &str| {
+            file.databases.contains_key(d)
+                || file
+                    .databases
+                    .contains_key(proxy::settings::WILDCARD_DATABASE)
+        };
+        let auth_dbnames = std::iter::once(("pooler.auth_dbname".to_owned(), &p.auth_dbname))
+            .chain(
+                file.databases
+                    .iter()
+                    .map(|(n, d)| (format!("databases.{n}.auth_dbname"), &d.auth_dbname)),
+            );
+        for (key, dbname) in auth_dbnames {
+            if let Some(d) = dbname.as_deref().filter(|d| !serves(d)) {
+                bad(&key, format!("\"{d}\" is not in [databases]"));
+            }
         }
         if p.auth_type == AuthType::Cert
             && !matches!(
@@ -1041,6 +1083,13 @@ impl Config {
                     reserve_pool_size: d.reserve_pool_size.unwrap_or(p.reserve_pool_size),
                     reserve_pool_timeout: p.reserve_pool_timeout.0,
                     auto: false,
+                    auth_query: d.auth_user.as_ref().or(p.auth_user.as_ref()).map(|user| {
+                        proxy::AuthQueryRoute {
+                            user: user.clone(),
+                            query: d.auth_query.clone().unwrap_or_else(|| p.auth_query.clone()),
+                            dbname: d.auth_dbname.clone().or_else(|| p.auth_dbname.clone()),
+                        }
+                    }),
                     fleet: Some(d.fleet_budget.unwrap_or(p.fleet_budget))
                         .filter(|n| *n > 0)
                         .map(|budget| upstream::FleetSettings {
@@ -1105,6 +1154,13 @@ impl Config {
                 p.client_tcp_user_timeout,
             ),
             databases,
+            auth_lookup: proxy::AuthLookupSettings {
+                cache_ttl: p.auth_cache_ttl.0.unwrap_or_default(),
+                negative_cache_ttl: p.auth_negative_cache_ttl.0.unwrap_or_default(),
+                cache_max_entries: p.auth_cache_max_entries,
+                timeout: p.auth_query_timeout.0,
+                pool_size: p.auth_pool_size,
+            },
             users: proxy::UserSettings {
                 routes: self
                     .file
@@ -1616,6 +1672,57 @@ mod tests {
             err.contains("client_tcp_keepidle") && err.contains("client_tcp_keepalive = true"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn auth_query_settings_come_from_the_database_else_the_pooler() {
+        let c = parse(
+            "[pooler]\nauth_user = \"lookup\"\nauth_dbname = \"meta\"\nauth_cache_ttl = \"2s\"\n\
+             [databases.app]\n[databases.meta]\n\
+             [databases.other]\nauth_user = \"other_lookup\"\nauth_query = \"SELECT * FROM f($1)\"\n",
+        )
+        .unwrap();
+        let s = c.proxy_settings();
+        let app = s.route("app").unwrap().auth_query.clone().unwrap();
+        assert_eq!(
+            (app.user.as_str(), app.query.as_str(), app.dbname.as_deref()),
+            ("lookup", proxy::DEFAULT_AUTH_QUERY, Some("meta"))
+        );
+        let other = s.route("other").unwrap().auth_query.clone().unwrap();
+        assert_eq!(
+            (other.user.as_str(), other.query.as_str()),
+            ("other_lookup", "SELECT * FROM f($1)")
+        );
+        assert_eq!(s.auth_lookup.cache_ttl, Duration::from_secs(2));
+        assert_eq!(s.auth_lookup.negative_cache_ttl, Duration::from_secs(10));
+        assert_eq!(s.auth_lookup.pool_size, 2);
+        assert_eq!(s.auth_lookup.timeout, Some(Duration::from_secs(5)));
+        // Without an auth_user nothing is looked up, and the auth_file is required.
+        let err = parse("[databases.app]\n").unwrap_err().to_string();
+        assert!(err.contains("auth_file"), "{err}");
+        let plain = parse("[pooler]\nauth_type = \"trust\"\n[databases.app]\n").unwrap();
+        assert!(plain
+            .proxy_settings()
+            .route("app")
+            .unwrap()
+            .auth_query
+            .is_none());
+    }
+
+    #[test]
+    fn auth_dbname_must_name_a_database_entry() {
+        let err =
+            parse("[pooler]\nauth_user = \"lookup\"\nauth_dbname = \"nope\"\n[databases.app]\n")
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("auth_dbname") && err.contains("\"nope\" is not in [databases]"),
+            "{err}"
+        );
+        let err = parse("[pooler]\nauth_user = \"lookup\"\nauth_pool_size = 0\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("auth_pool_size: must be at least 1"), "{err}");
     }
 
     #[test]

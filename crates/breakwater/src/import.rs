@@ -474,7 +474,7 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
             "client_encoding" | "datestyle" | "timezone" | "application_name" => {
                 Err("no per-database startup parameters: set them in the role (ALTER ROLE … SET) or the client".into())
             }
-            "auth_user" | "auth_query" | "auth_dbname" => Err("no auth_query/auth_user yet".into()),
+            "auth_user" | "auth_query" | "auth_dbname" => set(&mut db, &key, &value),
             "server_lifetime" => Err("server_lifetime is pool-wide in Breakwater".into()),
             _ => Err("unknown".into()),
         };

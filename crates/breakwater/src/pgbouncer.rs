@@ -38,7 +38,6 @@ use Unit::*;
 
 const REPLACED_BY_LOGS: &str =
     "Breakwater logs to stdout/stderr (text or JSON, log_format): let systemd, the container runtime or a shell redirect keep the log";
-const REVERSE_PROXY_ONLY: &str = "no auth_query/auth_user yet: list users in auth_file";
 
 /// Every `[pgbouncer]` key of PgBouncer 1.25, in the order of its documentation.
 pub const KEYS: &[(&str, Fate)] = &[
@@ -76,9 +75,9 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("auth_hba_file", Unsupported("no pg_hba.conf-style rules: use client_tls_sslmode and auth_type")),
     ("auth_ident_file", Unsupported("no ident maps")),
     ("auth_file", Differs(Text, "the same format; a relative path is relative to pooler.toml")),
-    ("auth_user", Unsupported(REVERSE_PROXY_ONLY)),
-    ("auth_query", Unsupported(REVERSE_PROXY_ONLY)),
-    ("auth_dbname", Unsupported(REVERSE_PROXY_ONLY)),
+    ("auth_user", Same(Text)),
+    ("auth_query", Same(Text)),
+    ("auth_dbname", Same(Text)),
     ("syslog", Unsupported(REPLACED_BY_LOGS)),
     ("syslog_ident", Unsupported(REPLACED_BY_LOGS)),
     ("syslog_facility", Unsupported(REPLACED_BY_LOGS)),

@@ -59,6 +59,12 @@ impl Secret {
         }
     }
 
+    /// A password as PostgreSQL stores it (`pg_shadow.passwd`, what auth_query returns): an
+    /// md5 hash, a SCRAM verifier, or plaintext. `None` for a malformed md5 or SCRAM entry.
+    pub fn from_stored(password: String) -> Option<Secret> {
+        Secret::from_auth_field(password).ok()
+    }
+
     fn from_auth_field(password: String) -> Result<Secret, BadSecret> {
         if let Some(hex) = password.strip_prefix("md5") {
             return decode_hex16(hex).map(Secret::Md5).ok_or(BadSecret::Md5);
@@ -580,6 +586,9 @@ pub enum ServerCredential {
         client_key: [u8; 32],
         server_key: [u8; 32],
     },
+    /// md5(password || user), as `pg_shadow` keeps it (an auth_query result): enough to answer
+    /// a server's md5 challenge, as PgBouncer does; never for SCRAM.
+    Md5Hash([u8; 16]),
 }
 
 impl fmt::Debug for ServerCredential {
@@ -587,6 +596,7 @@ impl fmt::Debug for ServerCredential {
         match self {
             ServerCredential::Password(_) => f.write_str("Password(<redacted>)"),
             ServerCredential::ScramKeys { .. } => f.write_str("ScramKeys(<redacted>)"),
+            ServerCredential::Md5Hash(_) => f.write_str("Md5Hash(<redacted>)"),
         }
     }
 }
@@ -650,6 +660,12 @@ impl ScramClient {
                 client_key,
                 server_key,
             } => ScramClient::with_keys(*client_key, *server_key, random_nonce()),
+            // An md5 hash holds nothing SCRAM can prove; callers check first (the login refuses
+            // with its own message). Keys of zeros make a proof the server refuses, never a
+            // false success.
+            ServerCredential::Md5Hash(_) => {
+                ScramClient::with_keys([0; 32], [0; 32], random_nonce())
+            }
         }
     }
 
@@ -858,6 +874,11 @@ pub fn md5_verify(user: &str, secret: &Secret, salt: [u8; 4], response: &[u8]) -
 /// adds.
 pub fn md5_password_response(user: &str, password: &str, salt: [u8; 4]) -> Vec<u8> {
     md5_salted_response(&md5_password_hash(user, password), salt)
+}
+
+/// The same answer from the stored hash md5(password || user) instead of the password.
+pub fn md5_hash_response(password_hash: &[u8; 16], salt: [u8; 4]) -> Vec<u8> {
+    md5_salted_response(password_hash, salt)
 }
 
 fn md5_password_hash(user: &str, password: &str) -> [u8; 16] {

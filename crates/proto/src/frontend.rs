@@ -109,6 +109,44 @@ pub fn write_query(buf: &mut BytesMut, sql: &str) {
     write_message(buf, QUERY, |b| put_cstr(b, sql.as_bytes()));
 }
 
+/// A Parse of the unnamed statement from `sql`, parameter types left to the server.
+pub fn write_parse_unnamed(buf: &mut BytesMut, sql: &str) {
+    write_message(buf, PARSE, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, sql.as_bytes());
+        b.put_i16(0);
+    });
+}
+
+/// A Bind of the unnamed portal to the unnamed statement, every parameter and result in text;
+/// `None` is NULL.
+pub fn write_bind_text(buf: &mut BytesMut, params: &[Option<&[u8]>]) {
+    write_message(buf, BIND, |b| {
+        put_cstr(b, b"");
+        put_cstr(b, b"");
+        b.put_i16(0);
+        b.put_i16(i16::try_from(params.len()).unwrap_or(i16::MAX));
+        for p in params.iter().take(i16::MAX as usize) {
+            match p {
+                Some(v) => {
+                    b.put_i32(i32::try_from(v.len()).unwrap_or(i32::MAX));
+                    b.extend_from_slice(v);
+                }
+                None => b.put_i32(-1),
+            }
+        }
+        b.put_i16(0);
+    });
+}
+
+/// An Execute of the unnamed portal, all rows.
+pub fn write_execute_unnamed(buf: &mut BytesMut) {
+    write_message(buf, EXECUTE, |b| {
+        put_cstr(b, b"");
+        b.put_i32(0);
+    });
+}
+
 pub fn write_sync(buf: &mut BytesMut) {
     write_message(buf, SYNC, |_| {});
 }

@@ -581,13 +581,17 @@ async fn login(
     // Authentication comes before anything is said about the database, so that names cannot be
     // enumerated by someone without a password: an unknown or disabled database is only
     // reported to a client that has proved who it is.
-    let scram_keys = authenticate(shared, settings, client, &startup.user).await?;
-
+    // The route is looked for first (its auth_query may be needed) and reported after.
     let is_admin_db = ADMIN_DATABASES.contains(&startup.database.as_str());
+    let route = (!is_admin_db)
+        .then(|| settings.resolve(&startup.database))
+        .flatten();
+    let login_credential =
+        authenticate(shared, settings, client, &startup.user, route.as_deref()).await?;
     let route = if is_admin_db {
         None
     } else {
-        Some(settings.resolve(&startup.database).ok_or_else(|| {
+        Some(route.ok_or_else(|| {
             LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_CATALOG_NAME,
                 format!(
@@ -630,7 +634,15 @@ async fn login(
     };
     *places = take_places(shared, settings, &route, &startup.user)?;
     let server_user = route.user.as_deref().unwrap_or(&startup.user);
-    let entry = shared.pool_for(settings, &route, server_user, scram_keys);
+    let renew = login_credential
+        .looked_up
+        .then(|| login_credential.credential.clone())
+        .flatten()
+        .filter(|_| server_user == startup.user);
+    let entry = shared.pool_for(settings, &route, server_user, login_credential.credential);
+    if let Some(cred) = renew {
+        entry.pool.renew_credential(cred);
+    }
     Ok(Login::Session(entry, startup, params))
 }
 
@@ -705,15 +717,87 @@ fn bad_password(user: &str) -> LoginEnd {
     ))
 }
 
-/// Checks the client's password as `auth_type` says. Returns the SCRAM keys a SCRAM login
-/// yielded, which let Breakwater log in to the server with only a verifier in the auth_file.
+/// What a login proved that lets Breakwater log in to the server as the client's user.
+struct LoginCredential {
+    /// SCRAM keys from a SCRAM login (so an auth_file or auth_query verifier is enough), or
+    /// the looked-up md5 hash or password.
+    credential: Option<ServerCredential>,
+    /// The secret came from auth_query: it replaces what the pool had, since the role's
+    /// password may have changed since.
+    looked_up: bool,
+}
+
+/// Checks the client's password as `auth_type` says, against the auth_file or, for a user
+/// not in it, the secret auth_query finds in `route`'s database.
 async fn authenticate(
     shared: &Shared,
     settings: &ProxySettings,
     client: &mut ClientConn,
     user: &str,
+    route: Option<&crate::DatabaseRoute>,
+) -> Result<LoginCredential, LoginEnd> {
+    let own = settings.userlist.get(user);
+    let looked = match (own, route) {
+        (None, Some(r))
+            if r.auth_query.is_some()
+                && matches!(settings.auth_type, AuthType::Md5 | AuthType::ScramSha256) =>
+        {
+            let looked = shared
+                .auth_lookups
+                .secret(shared, settings, r, user)
+                .await
+                .map_err(|_| lookup_failed(user))?;
+            Some(looked)
+        }
+        _ => None,
+    };
+    let Some(looked) = looked else {
+        let credential = check_password(shared, settings, client, user, own, false).await?;
+        return Ok(LoginCredential {
+            credential,
+            looked_up: false,
+        });
+    };
+    let secret = looked.secret.as_deref();
+    let checked = check_password(shared, settings, client, user, secret, true).await;
+    if let Err(LoginEnd::Refuse(e)) = &checked {
+        if e.code == SqlState::INVALID_PASSWORD {
+            shared.auth_lookups.password_check_failed(&looked, user);
+        }
+    }
+    let keys = checked?;
+    // SCRAM keys when the client proved them; else what the secret itself logs in with.
+    let credential = keys.or_else(|| match secret {
+        Some(Secret::Md5(hash)) => Some(ServerCredential::Md5Hash(*hash)),
+        Some(Secret::Plain(p)) => Some(ServerCredential::Password(p.clone())),
+        _ => None,
+    });
+    Ok(LoginCredential {
+        credential,
+        looked_up: true,
+    })
+}
+
+/// A lookup that found no answer: the client may try again; the log says why.
+fn lookup_failed(user: &str) -> LoginEnd {
+    LoginEnd::Quiet(PgError::fatal(
+        SqlState::CONNECTION_FAILURE,
+        format!("could not look up the password of user \"{user}\" (auth_query failed; the pooler's log says why)"),
+    ))
+}
+
+/// Runs the exchange `auth_type` asks for against `secret` (`None`: no such user, which looks
+/// exactly like a wrong password). `looked_up` secrets change with the database, so they are
+/// never put in the plaintext-verifier cache, and an md5 one under SCRAM is refused like a
+/// wrong password rather than named.
+async fn check_password(
+    shared: &Shared,
+    settings: &ProxySettings,
+    client: &mut ClientConn,
+    user: &str,
+    secret: Option<&Secret>,
+    looked_up: bool,
 ) -> Result<Option<ServerCredential>, LoginEnd> {
-    let secret = settings.userlist.get(user);
     match settings.auth_type {
         AuthType::Trust => {
             if secret.is_none() && !settings.userlist.is_empty() {
@@ -742,7 +826,12 @@ async fn authenticate(
         AuthType::ScramSha256 => {
             let (verifier, known) = match secret {
                 Some(Secret::Scram(v)) => (v.clone(), true),
+                Some(Secret::Plain(p)) if looked_up => (ScramVerifier::from_password(p), true),
                 Some(Secret::Plain(p)) => (shared.scram_verifier_for_plain(user, p), true),
+                Some(Secret::Md5(_)) if looked_up => {
+                    tracing::warn!(user, "auth_query returned an md5 hash, which cannot be used with auth_type = scram-sha-256; refused as a wrong password");
+                    (unknown_user_verifier(), false)
+                }
                 Some(Secret::Md5(_)) => {
                     return Err(LoginEnd::Refuse(PgError::fatal(
                         SqlState::INVALID_PASSWORD,
@@ -751,12 +840,20 @@ async fn authenticate(
                 }
                 // Run the exchange against a throwaway verifier so an unknown user looks exactly
                 // like a wrong password.
-                None => (ScramVerifier::from_password_with(&rand::random::<u64>().to_string(), b"breakwater-nouser", 4096), false),
+                None => (unknown_user_verifier(), false),
             };
             let keys = scram(client, user, verifier, known).await?;
             Ok(keys)
         }
     }
+}
+
+fn unknown_user_verifier() -> ScramVerifier {
+    ScramVerifier::from_password_with(
+        &rand::random::<u64>().to_string(),
+        b"breakwater-nouser",
+        4096,
+    )
 }
 
 /// The client certificate (verified against client_tls_ca_file during the handshake) has the

@@ -259,6 +259,7 @@ impl Proxy {
             }
         }
         self.shared.admission.set_limits(new.admission);
+        self.shared.auth_lookups.clear();
         match self.shared.settings.write() {
             Ok(mut s) => *s = Arc::new(new),
             Err(p) => *p.into_inner() = Arc::new(new),

@@ -14,6 +14,7 @@
 //! the admin database is handed back to the caller as an [`AdminLogin`].
 
 pub mod admission;
+pub mod auth_query;
 pub mod cancel;
 mod caps;
 mod client;
@@ -40,6 +41,7 @@ use proto::auth::{ScramVerifier, ServerCredential};
 use stats::{GlobalStats, PoolStats};
 use upstream::{PoolSet, PoolSpec, ServerPool, ServerTarget, Stream};
 
+pub use auth_query::{AuthLookupSettings, AuthQueryRoute, DEFAULT_AUTH_QUERY};
 pub use cancel::ClientState;
 pub use client::AdminLogin;
 pub use control::{ControlError, ReloadReport};
@@ -201,6 +203,8 @@ pub(crate) struct Shared {
     /// Per-source connection counts and login buckets (`max_client_conn_per_addr`,
     /// `client_login_rate_per_addr`).
     pub(crate) admission: Arc<admission::Admission>,
+    /// auth_query's cache and lookup pools.
+    pub(crate) auth_lookups: auth_query::AuthLookups,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS: the address `accept` gave, or `None`
@@ -244,6 +248,7 @@ impl Proxy {
                 user_clients: Arc::default(),
                 db_clients: Arc::default(),
                 admission,
+                auth_lookups: auth_query::AuthLookups::default(),
             }),
         }
     }

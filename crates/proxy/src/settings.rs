@@ -98,6 +98,9 @@ pub struct DatabaseRoute {
     /// `fleet_budget` (with `fleet_min_share`, `fleet_release_delay`): slots shared with
     /// every other process through advisory locks; `None` when the budget is 0.
     pub fleet: Option<upstream::FleetSettings>,
+    /// `auth_user` / `auth_query` / `auth_dbname` (the database's, else the pooler's): how
+    /// secrets of users not in the auth_file are looked up; `None` without an auth_user.
+    pub auth_query: Option<crate::auth_query::AuthQueryRoute>,
 }
 
 impl DatabaseRoute {
@@ -214,6 +217,9 @@ pub struct ProxySettings {
     /// `autodb_idle_timeout`: pools of automatic databases (the `"*"` entry) with no client
     /// for this long are closed; `None` keeps them.
     pub autodb_idle_timeout: Option<std::time::Duration>,
+    /// `auth_cache_ttl`, `auth_negative_cache_ttl`, `auth_cache_max_entries`,
+    /// `auth_query_timeout`, `auth_pool_size`.
+    pub auth_lookup: crate::auth_query::AuthLookupSettings,
 }
 
 /// The name of the entry that serves every database not listed.

@@ -173,6 +173,9 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
         counter!("breakwater_refused_per_addr_total", "limit" => limit).absolute(n);
     }
     counter!("breakwater_cancel_requests_total").absolute(g.cancel_requests);
+    counter!("breakwater_auth_query_lookups_total").absolute(g.auth_query_lookups);
+    counter!("breakwater_auth_query_cache_hits_total").absolute(g.auth_query_cache_hits);
+    counter!("breakwater_auth_query_failures_total").absolute(g.auth_query_failures);
     counter!("breakwater_clients_left_waiting_total").absolute(g.clients_left_waiting);
     counter!("breakwater_clients_lost_total").absolute(g.clients_lost);
     counter!("breakwater_admin_logins_total").absolute(g.admin_logins);
@@ -372,6 +375,21 @@ pub fn describe() {
             "breakwater_admin_logins_total",
             Count,
             "Logins to the admin console.",
+        ),
+        (
+            "breakwater_auth_query_lookups_total",
+            Count,
+            "auth_query lookups run on the database (cache misses).",
+        ),
+        (
+            "breakwater_auth_query_cache_hits_total",
+            Count,
+            "Logins whose auth_query secret came from the cache or a lookup already running.",
+        ),
+        (
+            "breakwater_auth_query_failures_total",
+            Count,
+            "Logins refused because the auth_query lookup failed (database, query or timeout).",
         ),
         (
             "breakwater_timeouts_total",

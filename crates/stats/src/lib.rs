@@ -424,6 +424,11 @@ pub struct GlobalStats {
     pub timeouts_query: AtomicU64,
     pub timeouts_server_unresponsive: AtomicU64,
     pub admin_logins: AtomicU64,
+    /// auth_query: lookups run on the database, logins answered from the cache (or by a
+    /// lookup another login ran), and lookups that failed (each login that shared one counts).
+    pub auth_query_lookups: AtomicU64,
+    pub auth_query_cache_hits: AtomicU64,
+    pub auth_query_failures: AtomicU64,
     /// ErrorResponses Breakwater itself sent to clients, by SQLSTATE class.
     pub client_errors: ErrorClasses,
 }
@@ -475,6 +480,9 @@ pub struct GlobalSnapshot {
     pub clients_left_waiting: u64,
     pub clients_lost: u64,
     pub admin_logins: u64,
+    pub auth_query_lookups: u64,
+    pub auth_query_cache_hits: u64,
+    pub auth_query_failures: u64,
     pub client_errors: Vec<(&'static str, u64)>,
     pub timeouts_query_wait: u64,
     pub timeouts_client_login: u64,
@@ -505,6 +513,9 @@ impl GlobalStats {
             clients_left_waiting: self.clients_left_waiting.load(Relaxed),
             clients_lost: self.clients_lost.load(Relaxed),
             admin_logins: self.admin_logins.load(Relaxed),
+            auth_query_lookups: self.auth_query_lookups.load(Relaxed),
+            auth_query_cache_hits: self.auth_query_cache_hits.load(Relaxed),
+            auth_query_failures: self.auth_query_failures.load(Relaxed),
             client_errors: self.client_errors.snapshot(),
             timeouts_query_wait: self.timeouts_query_wait.load(Relaxed),
             timeouts_client_login: self.timeouts_client_login.load(Relaxed),

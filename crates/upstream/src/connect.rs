@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use proto::auth::{md5_password_response, ScramClient, ServerCredential};
+use proto::auth::{md5_hash_response, md5_password_response, ScramClient, ServerCredential};
 use proto::backend::{self, AuthRequest};
 use proto::error::parse_error_fields;
 use proto::{frame, frontend, startup, FrameError};
@@ -366,14 +366,19 @@ async fn run_login(
                             let resp = md5_password_response(&target.user, p, salt);
                             frontend::write_password(&mut out, &resp);
                         }
+                        Some(ServerCredential::Md5Hash(hash)) => {
+                            frontend::write_password(&mut out, &md5_hash_response(hash, salt));
+                        }
                         _ => return Err(auth_err("server asks for an md5 password and no plaintext password is configured")),
                     },
                     AuthRequest::Sasl { mechanisms } => {
                         if !mechanisms.iter().any(|m| m == "SCRAM-SHA-256") {
                             return Err(auth_err("server offers no SASL mechanism Breakwater supports"));
                         }
-                        let Some(cred) = &target.credential else {
-                            return Err(auth_err("server asks for SCRAM and no password is configured"));
+                        let cred = match &target.credential {
+                            None => return Err(auth_err("server asks for SCRAM and no password is configured")),
+                            Some(ServerCredential::Md5Hash(_)) => return Err(auth_err("server asks for SCRAM and only an md5 hash of the password is known (auth_query returned md5)")),
+                            Some(cred) => cred,
                         };
                         let client = ScramClient::new(cred);
                         frontend::write_sasl_initial_response(&mut out, "SCRAM-SHA-256", &client.client_first());

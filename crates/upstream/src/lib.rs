@@ -13,6 +13,7 @@
 )]
 
 pub mod alarm;
+pub mod auth_query;
 pub mod changes;
 pub mod conn;
 pub mod connect;
@@ -35,6 +36,7 @@ pub mod stream;
 pub mod tls;
 
 pub use alarm::Alarm;
+pub use auth_query::{LookupError, LookupPool};
 pub use changes::Changes;
 pub use conn::{CancelTarget, ServerAddr, ServerConn};
 pub use dns::{DnsCache, DnsEntrySnapshot, DnsError, DnsSettings};

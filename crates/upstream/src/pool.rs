@@ -547,6 +547,15 @@ impl ServerPool {
         }
     }
 
+    /// Replaces the way the pool logs in with what a client's login just proved (an
+    /// auth_query secret, which changes when the role's password does; the auth_file's only
+    /// at RELOAD). Connections already open keep working; new ones use this.
+    pub fn renew_credential(&self, cred: proto::auth::ServerCredential) {
+        if let Ok(mut c) = self.core.manager.credential.lock() {
+            *c = Some(cred);
+        }
+    }
+
     /// Waits (FIFO) for a connection, creating one when the pool has room. While the server is
     /// unreachable the client keeps waiting — the host's back-off paces the attempts — until
     /// `wait` expires; errors that waiting cannot fix (wrong password, breaker open) return at
