@@ -4,6 +4,7 @@
 mod admin;
 mod admission;
 mod auth;
+mod auth_query;
 mod common;
 mod config;
 mod deploy;
