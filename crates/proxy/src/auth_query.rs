@@ -302,7 +302,18 @@ impl AuthLookups {
                     tracing::warn!(user, database = %auth_route.name, auth_user = %aq.user, "auth_query lookup failed: {why}");
                 }
                 GlobalStats::bump(&shared.stats.auth_query_failures);
+                // A pool that never got a connection goes, so names that never work (a
+                // database the "*" entry serves but the server lacks) leave nothing behind.
+                self.drop_pool_if_unused(&source);
                 Err(LookupFailed)
+            }
+        }
+    }
+
+    fn drop_pool_if_unused(&self, source: &Source) {
+        if let Ok(mut pools) = self.pools.lock() {
+            if pools.get(source).is_some_and(|p| p.idle_count() == 0) {
+                pools.remove(source);
             }
         }
     }

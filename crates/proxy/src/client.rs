@@ -742,9 +742,9 @@ async fn authenticate(
             if r.auth_query.is_some()
                 && matches!(settings.auth_type, AuthType::Md5 | AuthType::ScramSha256) =>
         {
-            let looked = shared
-                .auth_lookups
-                .secret(shared, settings, r, user)
+            // Boxed: the lookup's future (a server connect inside) would otherwise make every
+            // login's future, which is allocated whole per client, several KiB larger.
+            let looked = Box::pin(shared.auth_lookups.secret(shared, settings, r, user))
                 .await
                 .map_err(|_| lookup_failed(user))?;
             Some(looked)
