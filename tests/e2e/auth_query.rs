@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::common::*;
 use testkit::{free_port, PgCluster, Pooler};
@@ -158,6 +159,99 @@ async fn a_changed_password_is_picked_up_after_the_cache_ttl_and_the_old_one_is_
     .await
     .unwrap();
     assert_eq!(current_user(&p, "alice", "alice_new").await, "alice");
+}
+
+#[tokio::test]
+async fn a_wrong_password_against_an_answer_older_than_five_seconds_looks_again_before_the_ttl() {
+    let pg = cluster();
+    let p = pooler(
+        &pg,
+        "auth_type = \"scram-sha-256\"\nauth_user = \"lookup\"\nauth_cache_ttl = \"10m\"",
+        "",
+    );
+    assert_eq!(current_user(&p, "alice", "alice_pw").await, "alice");
+    pg.psql("app", "ALTER ROLE alice PASSWORD 'alice_new';")
+        .unwrap();
+    // The first tries fail against the cached verifier; one made once it is 5 s old drops it,
+    // and the try after that finds the new one, long before the 10 minutes are over.
+    let started = std::time::Instant::now();
+    testkit::wait_until(
+        "the new password to work",
+        Duration::from_secs(30),
+        || async { p.connect("alice", "alice_new", "app").await.is_ok() },
+    )
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+}
+
+#[tokio::test]
+async fn an_md5_login_with_a_just_changed_password_looks_again_and_gets_in_on_that_try() {
+    let pg = cluster();
+    let p = pooler(
+        &pg,
+        "auth_type = \"md5\"\nauth_user = \"lookup\"\nauth_cache_ttl = \"10m\"",
+        "",
+    );
+    assert_eq!(current_user(&p, "md5user", "md5_pw").await, "md5user");
+    // The cached hash is at least this old from here on.
+    let cached_by = std::time::Instant::now();
+    pg.psql(
+        "app",
+        "SET password_encryption = 'md5';\nALTER ROLE md5user PASSWORD 'md5_new';",
+    )
+    .unwrap();
+    // Tries against a hash younger than 5 s fail (no lookup per wrong guess); the first try
+    // once it is older checks the same md5 answer against a fresh lookup and gets in.
+    let late_failures = std::sync::atomic::AtomicUsize::new(0);
+    testkit::wait_until(
+        "the new password to work",
+        Duration::from_secs(30),
+        || async {
+            let tried_at = std::time::Instant::now();
+            let ok = p.connect("md5user", "md5_new", "app").await.is_ok();
+            if !ok && tried_at.duration_since(cached_by) >= Duration::from_secs(5) {
+                late_failures.fetch_add(1, Ordering::Relaxed);
+            }
+            ok
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(late_failures.load(Ordering::Relaxed), 0);
+    assert_eq!(current_user(&p, "md5user", "md5_new").await, "md5user");
+    assert_eq!(
+        sqlstate(p.connect("md5user", "md5_pw", "app").await),
+        "28P01"
+    );
+}
+
+#[tokio::test]
+async fn a_lookup_slower_than_auth_query_timeout_fails_the_login_at_the_timeout() {
+    let pg = cluster();
+    let p = pooler(
+        &pg,
+        "auth_type = \"scram-sha-256\"\nauth_user = \"lookup\"\nauth_query_timeout = \"500ms\"\n\
+         auth_query = \"SELECT usename, passwd FROM pg_shadow WHERE usename=$1 AND (SELECT true FROM pg_sleep(10))\"",
+        "",
+    );
+    let started = std::time::Instant::now();
+    assert_eq!(
+        sqlstate(p.connect("alice", "alice_pw", "app").await),
+        "08006"
+    );
+    let took = started.elapsed();
+    assert!(
+        // The query answers after 10 s: a refusal well before that is the timeout's.
+        took >= Duration::from_millis(500) && took < Duration::from_secs(5),
+        "refused after {took:?}"
+    );
+    assert!(
+        p.log().contains("auth_query_timeout (500ms) expired"),
+        "{}",
+        p.log()
+    );
 }
 
 #[tokio::test]

@@ -179,7 +179,13 @@ impl SecretCache {
     }
 
     /// Drops `user`'s answer if it is at least `older_than` old (see [`RECHECK_AFTER`]).
-    pub(crate) fn forget_if_older(&self, source: &Source, user: &str, older_than: Duration) {
+    /// Whether it was dropped.
+    pub(crate) fn forget_if_older(
+        &self,
+        source: &Source,
+        user: &str,
+        older_than: Duration,
+    ) -> bool {
         let mut slots = match self.slots.lock() {
             Ok(s) => s,
             Err(p) => p.into_inner(),
@@ -192,6 +198,7 @@ impl SecretCache {
         if old {
             slots.remove(&key);
         }
+        old
     }
 
     #[cfg(test)]
@@ -319,9 +326,10 @@ impl AuthLookups {
     }
 
     /// After a failed password check against a looked-up secret (see [`RECHECK_AFTER`]).
-    pub(crate) fn password_check_failed(&self, looked: &Looked, user: &str) {
+    /// Whether the answer was dropped, so that a lookup now would ask the database again.
+    pub(crate) fn password_check_failed(&self, looked: &Looked, user: &str) -> bool {
         self.cache
-            .forget_if_older(&looked.source, user, RECHECK_AFTER);
+            .forget_if_older(&looked.source, user, RECHECK_AFTER)
     }
 
     /// RELOAD: answers and pools were made under the old settings (auth_user's password,
@@ -626,11 +634,11 @@ mod tests {
         let runs = AtomicUsize::new(0);
         get(&cache, "u", &runs, Duration::ZERO, secret("old")).await;
         tokio::time::advance(Duration::from_secs(1)).await;
-        cache.forget_if_older(&source(), "u", RECHECK_AFTER);
+        assert!(!cache.forget_if_older(&source(), "u", RECHECK_AFTER));
         let (_, served) = get(&cache, "u", &runs, Duration::ZERO, secret("new")).await;
         assert_eq!(served, Served::Cached, "a young answer is kept");
         tokio::time::advance(RECHECK_AFTER).await;
-        cache.forget_if_older(&source(), "u", RECHECK_AFTER);
+        assert!(cache.forget_if_older(&source(), "u", RECHECK_AFTER));
         let (a, served) = get(&cache, "u", &runs, Duration::ZERO, secret("new")).await;
         assert_eq!(
             (password(&a).as_deref(), served),

@@ -758,6 +758,13 @@ async fn authenticate(
             looked_up: false,
         });
     };
+    if settings.auth_type == AuthType::Md5
+        && !matches!(looked.secret.as_deref(), Some(Secret::Scram(_)))
+    {
+        if let Some(r) = route {
+            return md5_looked_up(shared, settings, client, user, r, looked).await;
+        }
+    }
     let secret = looked.secret.as_deref();
     let checked = check_password(shared, settings, client, user, secret, true).await;
     if let Err(LoginEnd::Refuse(e)) = &checked {
@@ -776,6 +783,51 @@ async fn authenticate(
         credential,
         looked_up: true,
     })
+}
+
+/// An md5 login against a looked-up secret. The client's answer depends only on the password
+/// and our salt, so when it does not match an answer old enough to be dropped (see
+/// `auth_query::RECHECK_AFTER`) the secret is looked up once more and the same answer checked
+/// against it: a client whose password just changed gets in on its first try. (SCRAM cannot do
+/// this: a new verifier has a new salt, which the client has already used.)
+async fn md5_looked_up(
+    shared: &Shared,
+    settings: &ProxySettings,
+    client: &mut ClientConn,
+    user: &str,
+    route: &crate::DatabaseRoute,
+    looked: crate::auth_query::Looked,
+) -> Result<LoginCredential, LoginEnd> {
+    let salt = md5_salt();
+    backend::write_auth_md5(&mut client.out, salt);
+    client.flush().await.map_err(|_| LoginEnd::Gone)?;
+    let msg = read_login_message(client).await?;
+    let response = expect_password(&msg)?;
+    let verified = |secret: Option<&Secret>| {
+        let credential = match secret? {
+            Secret::Md5(hash) => ServerCredential::Md5Hash(*hash),
+            Secret::Plain(p) => ServerCredential::Password(p.clone()),
+            Secret::Scram(_) => return None,
+        };
+        secret
+            .filter(|s| md5_verify(user, s, salt, response))
+            .map(|_| LoginCredential {
+                credential: Some(credential),
+                looked_up: true,
+            })
+    };
+    if let Some(ok) = verified(looked.secret.as_deref()) {
+        return Ok(ok);
+    }
+    if shared.auth_lookups.password_check_failed(&looked, user) {
+        let again = Box::pin(shared.auth_lookups.secret(shared, settings, route, user))
+            .await
+            .map_err(|_| lookup_failed(user))?;
+        if let Some(ok) = verified(again.secret.as_deref()) {
+            return Ok(ok);
+        }
+    }
+    Err(bad_password(user))
 }
 
 /// A lookup that found no answer: the client may try again; the log says why.
