@@ -129,6 +129,35 @@ async fn the_security_definer_function_pattern_works_per_database_without_a_supe
 }
 
 #[tokio::test]
+async fn lookup_connections_close_after_server_idle_timeout() {
+    let pg = cluster();
+    let p = pooler(
+        &pg,
+        "auth_type = \"scram-sha-256\"\nauth_user = \"lookup\"\nserver_idle_timeout = \"2s\"",
+        "",
+    );
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let started = std::time::Instant::now();
+    assert_eq!(current_user(&p, "alice", "alice_pw").await, "alice");
+    // Kept for the next lookup, then closed by the maintenance tick like any idle server.
+    let kept = backends_of(&direct, "lookup").await;
+    let early = started.elapsed();
+    testkit::wait_until("the idle lookup connection to close", WAIT, || async {
+        backends_of(&direct, "lookup").await == 0
+    })
+    .await
+    .unwrap();
+    if early < Duration::from_millis(1500) {
+        assert_eq!(kept, 1, "the lookup connection stays open while young");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "closed after {:?}, before server_idle_timeout's share",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
 async fn a_changed_password_is_picked_up_after_the_cache_ttl_and_the_old_one_is_refused() {
     let pg = cluster();
     let p = pooler(

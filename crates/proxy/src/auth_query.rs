@@ -317,6 +317,14 @@ impl AuthLookups {
         }
     }
 
+    /// The maintenance tick: lookup connections idle past server_idle_timeout (or past
+    /// server_lifetime) close, and pools left with none go (automatic databases come and go).
+    pub(crate) fn close_idle(&self, server: &upstream::ServerSettings) {
+        if let Ok(mut pools) = self.pools.lock() {
+            pools.retain(|_, pool| !pool.close_idle(server));
+        }
+    }
+
     fn drop_pool_if_unused(&self, source: &Source) {
         if let Ok(mut pools) = self.pools.lock() {
             if pools.get(source).is_some_and(|p| p.idle_count() == 0) {

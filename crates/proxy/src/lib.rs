@@ -280,6 +280,7 @@ impl Proxy {
             }
         }
         self.drop_idle_auto_databases(settings.autodb_idle_timeout);
+        self.shared.auth_lookups.close_idle(&settings.server);
         // Concurrently: one pool waiting on an unreachable host must not hold up the others.
         let pools = self.shared.all_pools();
         futures_util::future::join_all(pools.iter().map(|p| p.pool.maintain(&settings.server)))

@@ -9,6 +9,7 @@
 //! business. This module never caches an answer and never logs one.
 
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use bytes::BytesMut;
 use proto::{backend, frame, frontend};
@@ -44,7 +45,9 @@ pub struct LookupPool {
     /// One permit per connection the pool may have open, idle or in use: the cap on what a
     /// storm of lookups costs the database.
     permits: Semaphore,
-    idle: Mutex<Vec<ServerConn>>,
+    size: usize,
+    /// Idle connections, each with when it was last given back.
+    idle: Mutex<Vec<(ServerConn, Instant)>>,
 }
 
 impl LookupPool {
@@ -55,6 +58,7 @@ impl LookupPool {
             hosts,
             query,
             permits: Semaphore::new(size.max(1)),
+            size: size.max(1),
             idle: Mutex::new(Vec::new()),
         }
     }
@@ -78,9 +82,31 @@ impl LookupPool {
         };
         let answer = run(&mut conn, &self.query, user).await?;
         if let Ok(mut idle) = self.idle.lock() {
-            idle.push(conn);
+            idle.push((conn, Instant::now()));
         }
         Ok(answer)
+    }
+
+    /// Closes idle connections past server_idle_timeout or server_lifetime (the maintenance
+    /// tick calls it, as for client pools). Returns whether the pool is now unused: nothing
+    /// idle and no lookup running, so its owner may drop it.
+    pub fn close_idle(&self, settings: &ServerSettings) -> bool {
+        let Ok(mut idle) = self.idle.lock() else {
+            return false;
+        };
+        let mut kept = Vec::with_capacity(idle.len());
+        for (conn, since) in idle.drain(..) {
+            let idle_too_long = settings
+                .idle_timeout
+                .is_some_and(|t| since.elapsed() >= conn.share(t));
+            if idle_too_long || expired(&conn, settings) || !conn.is_healthy_idle() {
+                conn.terminate();
+            } else {
+                kept.push((conn, since));
+            }
+        }
+        *idle = kept;
+        idle.is_empty() && self.permits.available_permits() == self.size
     }
 
     /// Connections held open now (idle ones; a lookup in flight holds its own).
@@ -90,11 +116,8 @@ impl LookupPool {
 
     fn take_idle(&self, settings: &ServerSettings) -> Option<ServerConn> {
         let mut idle = self.idle.lock().ok()?;
-        while let Some(conn) = idle.pop() {
-            let expired = settings
-                .lifetime
-                .is_some_and(|l| conn.created().elapsed() >= conn.share(l));
-            if conn.is_healthy_idle() && !expired {
+        while let Some((conn, _)) = idle.pop() {
+            if conn.is_healthy_idle() && !expired(&conn, settings) {
                 return Some(conn);
             }
             conn.terminate();
@@ -121,6 +144,12 @@ impl LookupPool {
             None => Err(LookupError::NoHost),
         }
     }
+}
+
+fn expired(conn: &ServerConn, settings: &ServerSettings) -> bool {
+    settings
+        .lifetime
+        .is_some_and(|l| conn.created().elapsed() >= conn.share(l))
 }
 
 /// One extended-protocol round trip: Parse, Bind (the user name as text), Execute, Sync.
