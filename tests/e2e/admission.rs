@@ -212,3 +212,113 @@ async fn a_source_over_its_connection_cap_is_refused_until_one_of_its_connection
     .unwrap();
     two.simple_query("SELECT 1").await.unwrap();
 }
+
+/// SHOW POOLS' cl_waiting for database app.
+async fn cl_waiting(admin: &Client) -> i64 {
+    let rows = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+                r.get("cl_waiting").and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_source_with_five_waiting_clients_is_served_between_the_turns_of_one_with_five_hundred() {
+    use futures_util::StreamExt;
+    raise_fd_limit();
+    // md5 rather than SCRAM: 500 logins of a debug build's PBKDF2 would dominate the test.
+    let env = start("auth_type = \"md5\"", "pool_size = 2\n");
+    let port = env.pooler.port();
+    let conn = env.conn_string();
+    let direct = env.direct().await;
+    // The server hands out numbers in the order it runs the transactions.
+    direct
+        .batch_execute("CREATE SEQUENCE served_order; GRANT USAGE ON SEQUENCE served_order TO app")
+        .await
+        .unwrap();
+    let admin = connect(&env.pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .expect("admin console");
+
+    // Everyone logs in first (a login may need a server), then two clients on a third source
+    // hold both servers in open transactions so that the others queue.
+    let logins = |source: &'static str, n: usize| {
+        let conn = conn.clone();
+        futures_util::stream::iter(0..n)
+            .map(move |_| {
+                let conn = conn.clone();
+                async move { connect_from(source, port, &conn).await.expect("login") }
+            })
+            .buffer_unordered(16)
+            .collect::<Vec<Client>>()
+    };
+    let noisy = logins("127.0.0.2", 500).await;
+    let quiet = logins("127.0.0.3", 5).await;
+    let holders = logins("127.0.0.4", 2).await;
+    for h in &holders {
+        h.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    let serve = |c: Client| {
+        tokio::spawn(async move {
+            // The simple protocol: one round trip, one turn (query_one would take two).
+            let rows = c
+                .simple_query("SELECT nextval('served_order')")
+                .await
+                .expect("a queued client's transaction");
+            drop(c);
+            first_value(rows)
+                .and_then(|v| v.parse::<i64>().ok())
+                .expect("a number")
+        })
+    };
+    // The noisy source's 500 queue first, all of them, and only then the quiet source's 5.
+    let noisy: Vec<_> = noisy.into_iter().map(serve).collect();
+    testkit::wait_until("500 clients waiting", WAIT, || async {
+        cl_waiting(&admin).await == 500
+    })
+    .await
+    .unwrap();
+    let quiet: Vec<_> = quiet.into_iter().map(serve).collect();
+    testkit::wait_until("505 clients waiting", WAIT, || async {
+        cl_waiting(&admin).await == 505
+    })
+    .await
+    .unwrap();
+    for h in &holders {
+        h.batch_execute("COMMIT").await.unwrap();
+    }
+
+    let mut quiet_order = Vec::new();
+    for q in quiet {
+        quiet_order.push(q.await.expect("quiet client"));
+    }
+    let mut noisy_order = Vec::new();
+    for n in noisy {
+        noisy_order.push(n.await.expect("noisy client"));
+    }
+    quiet_order.sort();
+    eprintln!("the quiet source's clients were served as transactions {quiet_order:?} of 505");
+    // Round robin between the two sources: the quiet clients take every other turn, so the
+    // fifth is served within about ten transactions (a little more for the turns already
+    // handed out as the holders committed). First come first served would put them at
+    // 501..=505, behind every noisy client.
+    let last_quiet = *quiet_order.last().expect("five");
+    assert!(
+        last_quiet <= 15,
+        "the quiet source waited behind the noisy one: served at {quiet_order:?}"
+    );
+    let noisy_before = noisy_order.iter().filter(|&&n| n < last_quiet).count();
+    assert!(
+        noisy_before <= 10,
+        "{noisy_before} of the noisy source's clients went before the quiet one's last"
+    );
+    // Every client was served, and nobody is counted as waiting any more.
+    let mut all: Vec<i64> = quiet_order.iter().chain(&noisy_order).copied().collect();
+    all.sort();
+    assert_eq!(all, (1..=505).collect::<Vec<i64>>());
+    assert_eq!(cl_waiting(&admin).await, 0);
+}

@@ -244,7 +244,7 @@ fn pool(c: &mut Criterion) {
         );
         // The one login happens here, not in the measurement.
         drop(
-            pool.checkout(wait, &mut alarm, &connecting)
+            pool.checkout(wait, &mut alarm, &connecting, upstream::Source::default())
                 .await
                 .expect("first checkout"),
         );
@@ -254,7 +254,7 @@ fn pool(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let server = pool
-                    .checkout(wait, &mut alarm, &connecting)
+                    .checkout(wait, &mut alarm, &connecting, upstream::Source::default())
                     .await
                     .expect("checkout");
                 drop(server);

@@ -221,7 +221,9 @@ async fn log_in(
                 kill: client.stream.shutdown_handle(),
                 slot: reg.slot.clone(),
             });
-            let mut session = Session::new(shared, settings, client, entry, params, reg);
+            // Grouped as admission control groups sources (an IPv6 host by its /64).
+            let source = upstream::Source(peer.0.map(|a| crate::admission::source_key(a.ip())));
+            let mut session = Session::new(shared, settings, client, entry, params, reg, source);
             session.places = places;
             LoggedIn::Session(Box::new(session))
         }

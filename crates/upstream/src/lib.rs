@@ -47,6 +47,7 @@ pub use host::{BreakerOpen, DrillMode, Host, Hosts, Origin, Refusal, StormSettin
 pub use names::UnknownName;
 pub use pool::{
     discard, Checkout, CheckoutError, ConnectFlag, Limits, PoolSizes, PooledServer, ServerPool,
+    Source,
 };
 pub use pool_set::{Paused, PoolKey, PoolSet, PoolSpec, PoolStatus, Reconfigure};
 pub use prepared::PreparedCache;

@@ -30,6 +30,7 @@ use crate::pool_set::PoolStatus;
 use crate::registry::{NewServer, ServerInfo, ServerRegistry};
 use crate::role::TargetSessionAttrs;
 use crate::settings::{ServerSettings, ServerTarget};
+pub use crate::slots::Source;
 use crate::slots::{Idle, Slots, Taken};
 
 /// Caps shared between pools: `max_db_connections` (per database), `max_user_connections` (per
@@ -562,15 +563,17 @@ impl ServerPool {
     /// once.
     /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
     /// `alarm` is the caller's re-armable timer: a checkout that has to wait uses it instead of
-    /// a timer of its own; `connecting` tells [`Checkout::is_connecting`].
+    /// a timer of its own; `connecting` tells [`Checkout::is_connecting`]. A checkout that
+    /// has to wait queues in `source`'s line (see [`Source`]).
     pub fn checkout<'a>(
         &'a self,
         wait: Option<Duration>,
         alarm: &'a mut Alarm,
         connecting: &'a ConnectFlag,
+        source: Source,
     ) -> Checkout<'a, impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
         Checkout {
-            inner: self.checkout_listed(wait, alarm, connecting),
+            inner: self.checkout_listed(wait, alarm, connecting, source),
             connecting,
         }
     }
@@ -580,9 +583,11 @@ impl ServerPool {
         wait: Option<Duration>,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
+        source: Source,
     ) -> Result<PooledServer, CheckoutError> {
         let started = Instant::now();
-        let mut work = std::pin::pin!(self.checkout_inner(started, wait, alarm, connecting));
+        let mut work =
+            std::pin::pin!(self.checkout_inner(started, wait, alarm, connecting, source));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -613,6 +618,7 @@ impl ServerPool {
         wait: Option<Duration>,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
+        source: Source,
     ) -> Result<PooledServer, CheckoutError> {
         let deadline = wait.map(|w| started + w);
         let wait_timeout = |last: Option<ConnectError>| {
@@ -642,7 +648,7 @@ impl ServerPool {
         }
         let mut last = None;
         loop {
-            let get = self.get_or_reserve(started, connecting);
+            let get = self.get_or_reserve(started, connecting, source);
             let result = match deadline {
                 Some(d) => {
                     let mut get = std::pin::pin!(get);
@@ -679,8 +685,8 @@ impl ServerPool {
 
     /// One try: waits for a turn, then hands out an idle connection that passes its checks or
     /// opens a new one.
-    async fn get(&self, connecting: &ConnectFlag) -> Got {
-        let Ok(turn) = self.core.slots.turn().await else {
+    async fn get(&self, connecting: &ConnectFlag, source: Source) -> Got {
+        let Ok(turn) = self.core.slots.turn(source).await else {
             return Got::Closed;
         };
         self.serve_turn(turn, connecting).await
@@ -751,8 +757,13 @@ impl ServerPool {
     /// [`ServerPool::get`], and for a checkout still waiting `reserve_pool_timeout` after it
     /// started, one connection of the reserve first (see `crate::reserve`). A checkout served
     /// at once, or a pool without a reserve, sets no timer.
-    async fn get_or_reserve(&self, started: Instant, connecting: &ConnectFlag) -> Got {
-        let mut get = std::pin::pin!(self.get(connecting));
+    async fn get_or_reserve(
+        &self,
+        started: Instant,
+        connecting: &ConnectFlag,
+        source: Source,
+    ) -> Got {
+        let mut get = std::pin::pin!(self.get(connecting, source));
         let first = std::future::poll_fn(|cx| Poll::Ready(get.as_mut().poll(cx))).await;
         if let Poll::Ready(got) = first {
             return got;

@@ -1,25 +1,48 @@
 //! A pool's bookkeeping, without I/O: how many connections exist, which of them are idle, and
 //! whose turn it is to get one.
 //!
-//! A checkout first waits for a *turn* (a permit of a FIFO semaphore, so clients are served in
-//! the order they asked), then takes the most recently returned idle connection or, when none
-//! is idle, room to open a new one. The turn stays with the connection until it is given back
-//! or closed. There are as many turns as connections may exist (`max_size`), so a turn holder
-//! finds either an idle connection or room, never neither (see [`Turn::take`]).
+//! A checkout first waits for a *turn*, then takes the most recently returned idle connection
+//! or, when none is idle, room to open a new one. The turn stays with the connection until it
+//! is given back or closed. There are as many turns as connections may exist (`max_size`), so a
+//! turn holder finds either an idle connection or room, never neither (see [`Turn::take`]).
+//!
+//! Turns are handed out fairly: checkouts that have to wait queue by [`Source`] (the client's
+//! address), first come first served within a source and round robin between sources, so one
+//! noisy source with hundreds of clients waiting cannot take every turn from one with a few.
+//! A free turn with nobody waiting is taken with one atomic operation and no lock; the queue's
+//! map and lists are touched only by checkouts that wait and by turns given back while someone
+//! does.
 //!
 //! This replaced deadpool's managed pool on the hot path: its checkout and return cost about
-//! 1 700 instructions per transaction (hooks, metrics, timeouts, object wrappers), this one a
-//! semaphore permit and one short lock each way (numbers in benches/README.md).
+//! 1 700 instructions per transaction (hooks, metrics, timeouts, object wrappers), this one an
+//! atomic decrement and one short lock each way (numbers in benches/README.md).
 
-use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+use std::collections::{HashMap, VecDeque};
+use std::future::Future;
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
+use std::task::{Context, Poll, Waker};
 use std::time::Instant;
-
-use tokio::sync::{Semaphore, TryAcquireError};
 
 /// The pool was closed: no more turns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Closed;
+
+/// Why [`Slots::try_turn`] found no turn.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum NoTurn {
+    /// Every turn is out (or promised to a checkout that waits).
+    Busy,
+    Closed,
+}
+
+/// Whose checkout it is, for sharing turns fairly: the client's source address (the caller
+/// decides how addresses are grouped, e.g. IPv6 by /64), or `None` for clients on a Unix
+/// socket and the pool's own work, which share one place in the rotation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct Source(pub Option<IpAddr>);
 
 /// An idle connection and when it went idle.
 #[derive(Debug)]
@@ -50,14 +73,120 @@ struct State<T> {
     /// Turns to retire as they come back, after a shrink found them checked out.
     owed: usize,
     closed: bool,
+    queue: Queue,
+}
+
+/// Checkouts waiting for a turn: one FIFO line per source, served round robin.
+///
+/// Invariant (kept under the state lock): while anyone waits, no turn is free — a turn given
+/// back goes straight to the next waiter, and a checkout queues only after finding none free.
+#[derive(Debug, Default)]
+struct Queue {
+    /// Tickets are numbered in arrival order, so each line is sorted.
+    next_ticket: u64,
+    /// Each waiting source's tickets, oldest first; a source leaves when its line empties.
+    lines: HashMap<Source, VecDeque<u64>>,
+    /// The sources with a line, in the order they are served next.
+    ring: VecDeque<Source>,
+    /// Every queued checkout by ticket, until its future ends (granted or not).
+    waiters: HashMap<u64, Waiter>,
+    /// Emptied lines kept for reuse, so a source that comes and goes allocates nothing.
+    spare: Vec<VecDeque<u64>>,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    source: Source,
+    waker: Waker,
+    /// A turn was handed to it and is its to take at its next poll.
+    granted: bool,
+}
+
+/// Spare lines kept: enough for the sources that commonly wait at once.
+const SPARE_LINES: usize = 16;
+
+impl Queue {
+    fn join(&mut self, source: Source, waker: Waker) -> u64 {
+        let ticket = self.next_ticket;
+        self.next_ticket += 1;
+        let line = match self.lines.entry(source) {
+            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                self.ring.push_back(source);
+                e.insert(self.spare.pop().unwrap_or_default())
+            }
+        };
+        line.push_back(ticket);
+        self.waiters.insert(
+            ticket,
+            Waiter {
+                source,
+                waker,
+                granted: false,
+            },
+        );
+        ticket
+    }
+
+    /// Hands a turn to the next waiter in the rotation: the source at the front of the ring
+    /// gives up its oldest ticket and goes to the back. Returns the waker to wake (outside the
+    /// lock), or `None` when nobody waits for a turn.
+    fn grant(&mut self) -> Option<Waker> {
+        while let Some(source) = self.ring.pop_front() {
+            let Some(line) = self.lines.get_mut(&source) else {
+                continue;
+            };
+            let ticket = line.pop_front();
+            if line.is_empty() {
+                self.drop_line(source);
+            } else {
+                self.ring.push_back(source);
+            }
+            if let Some(w) = ticket.and_then(|t| self.waiters.get_mut(&t)) {
+                w.granted = true;
+                return Some(w.waker.clone());
+            }
+        }
+        None
+    }
+
+    /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
+    fn leave(&mut self, ticket: u64) -> bool {
+        let Some(w) = self.waiters.remove(&ticket) else {
+            return false;
+        };
+        if w.granted {
+            return true;
+        }
+        if let Some(line) = self.lines.get_mut(&w.source) {
+            if let Ok(i) = line.binary_search(&ticket) {
+                line.remove(i);
+            }
+            if line.is_empty() {
+                self.drop_line(w.source);
+                self.ring.retain(|s| *s != w.source);
+            }
+        }
+        false
+    }
+
+    fn drop_line(&mut self, source: Source) {
+        if let Some(mut line) = self.lines.remove(&source) {
+            if self.spare.len() < SPARE_LINES {
+                line.clear();
+                self.spare.push(line);
+            }
+        }
+    }
 }
 
 #[derive(Debug)]
 pub(crate) struct Slots<T> {
-    turns: Semaphore,
+    /// Turns nobody holds. Taken without the lock (the fast path); added to only under the
+    /// state lock, and only while nobody waits, so a turn given back cannot slip past a
+    /// checkout that queued for it.
+    free: AtomicUsize,
     state: Mutex<State<T>>,
-    /// Checkouts waiting for a turn (SHOW POOLS' cl_waiting side).
-    waiting: AtomicUsize,
 }
 
 /// A turn held by a checkout. Dropped, it goes back to the queue; [`Turn::keep`] hands it to a
@@ -97,7 +226,7 @@ impl<T> Turn<'_, T> {
 impl<T> Drop for Turn<'_, T> {
     fn drop(&mut self) {
         if self.held {
-            self.slots.release_turn();
+            self.slots.release_turns(1);
         }
     }
 }
@@ -111,18 +240,97 @@ pub(crate) struct Status {
     pub waiting: usize,
 }
 
+/// A checkout waiting in the queue for its turn; see [`Slots::turn`]. Dropped before it is
+/// served, it leaves the line, and a turn it was granted but never took goes to the next.
+pub(crate) struct TurnWait<'a, T> {
+    slots: &'a Slots<T>,
+    source: Source,
+    /// Its place in line once it has one.
+    ticket: Option<u64>,
+}
+
+impl<'a, T> Future for TurnWait<'a, T> {
+    type Output = Result<Turn<'a, T>, Closed>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let slots = self.slots;
+        let mut s = slots.state();
+        if s.closed {
+            if let Some(t) = self.ticket.take() {
+                s.queue.leave(t);
+            }
+            return Poll::Ready(Err(Closed));
+        }
+        let served = || Turn { slots, held: true };
+        match self.ticket {
+            None => {
+                // Under the lock, so a turn given back now is either seen here or granted to
+                // this checkout once it is in line (see `Queue`).
+                if slots.take_free() {
+                    return Poll::Ready(Ok(served()));
+                }
+                self.ticket = Some(s.queue.join(self.source, cx.waker().clone()));
+                Poll::Pending
+            }
+            Some(t) => match s.queue.waiters.get_mut(&t) {
+                Some(w) if w.granted => {
+                    s.queue.waiters.remove(&t);
+                    self.ticket = None;
+                    Poll::Ready(Ok(served()))
+                }
+                Some(w) => {
+                    if !w.waker.will_wake(cx.waker()) {
+                        w.waker = cx.waker().clone();
+                    }
+                    Poll::Pending
+                }
+                // Not listed: only a drop leaves without being served, so never reached.
+                None => {
+                    self.ticket = None;
+                    Poll::Ready(Err(Closed))
+                }
+            },
+        }
+    }
+}
+
+impl<T> Drop for TurnWait<'_, T> {
+    fn drop(&mut self) {
+        let Some(t) = self.ticket.take() else { return };
+        let mut s = self.slots.state();
+        if s.queue.leave(t) {
+            // Granted but never taken: it goes on to the next in line.
+            let next = self.slots.release_locked(&mut s, 1);
+            drop(s);
+            next.wake();
+        }
+    }
+}
+
+/// Waiters to wake once the lock is released.
+#[derive(Default)]
+struct Wake(Vec<Waker>);
+
+impl Wake {
+    fn wake(self) {
+        for w in self.0 {
+            w.wake();
+        }
+    }
+}
+
 impl<T> Slots<T> {
     pub(crate) fn new(max_size: usize) -> Self {
         Slots {
-            turns: Semaphore::new(max_size),
+            free: AtomicUsize::new(max_size),
             state: Mutex::new(State {
                 idle: Vec::with_capacity(max_size),
                 size: 0,
                 max_size,
                 owed: 0,
                 closed: false,
+                queue: Queue::default(),
             }),
-            waiting: AtomicUsize::new(0),
         }
     }
 
@@ -133,45 +341,66 @@ impl<T> Slots<T> {
         }
     }
 
-    /// Waits for a turn, first come first served.
-    pub(crate) async fn turn(&self) -> Result<Turn<'_, T>, Closed> {
-        match self.try_turn() {
-            Ok(t) => return Ok(t),
-            Err(TryAcquireError::Closed) => return Err(Closed),
-            Err(TryAcquireError::NoPermits) => {}
-        }
-        self.waiting.fetch_add(1, Relaxed);
-        let _waiting = Waiting(&self.waiting);
-        match self.turns.acquire().await {
-            Ok(p) => {
-                p.forget();
-                Ok(Turn {
-                    slots: self,
-                    held: true,
-                })
-            }
-            Err(_) => Err(Closed),
-        }
+    /// Takes a free turn if there is one. Never finds one while anyone waits (see `Queue`).
+    fn take_free(&self) -> bool {
+        self.free
+            .fetch_update(Ordering::Acquire, Ordering::Relaxed, |n| n.checked_sub(1))
+            .is_ok()
     }
 
-    /// A turn if one is free now.
-    pub(crate) fn try_turn(&self) -> Result<Turn<'_, T>, TryAcquireError> {
-        let p = self.turns.try_acquire()?;
-        p.forget();
-        Ok(Turn {
+    /// Waits for a turn: at once if one is free, otherwise in `source`'s line, served round
+    /// robin with the other sources' lines.
+    pub(crate) fn turn(&self, source: Source) -> TurnWait<'_, T> {
+        TurnWait {
             slots: self,
-            held: true,
-        })
+            source,
+            ticket: None,
+        }
     }
 
-    fn release_turn(&self) {
-        let mut s = self.state();
-        if s.owed > 0 {
-            s.owed -= 1;
-        } else {
-            drop(s);
-            self.turns.add_permits(1);
+    /// A turn if one is free now. Anyone waiting comes first: then there is none free.
+    pub(crate) fn try_turn(&self) -> Result<Turn<'_, T>, NoTurn> {
+        if self.take_free() {
+            return Ok(Turn {
+                slots: self,
+                held: true,
+            });
         }
+        if self.state().closed {
+            Err(NoTurn::Closed)
+        } else {
+            Err(NoTurn::Busy)
+        }
+    }
+
+    /// Turns come back: debts are paid first, then each goes to the next waiter in the
+    /// rotation, or is free.
+    fn release_turns(&self, n: usize) {
+        let mut s = self.state();
+        let wake = self.release_locked(&mut s, n);
+        drop(s);
+        wake.wake();
+    }
+
+    fn release_locked(&self, s: &mut State<T>, mut n: usize) -> Wake {
+        let paid = n.min(s.owed);
+        s.owed -= paid;
+        n -= paid;
+        let mut wake = Wake::default();
+        if s.closed {
+            return wake;
+        }
+        while n > 0 {
+            match s.queue.grant() {
+                Some(w) => wake.0.push(w),
+                None => break,
+            }
+            n -= 1;
+        }
+        if n > 0 {
+            self.free.fetch_add(n, Ordering::Release);
+        }
+        wake
     }
 
     /// What a turn took is gone while the turn is still held: the room was not used (opening
@@ -194,12 +423,9 @@ impl<T> Slots<T> {
             s.idle.push(Idle { item, since: now });
             None
         };
-        if s.owed > 0 {
-            s.owed -= 1;
-        } else {
-            drop(s);
-            self.turns.add_permits(1);
-        }
+        let wake = self.release_locked(&mut s, 1);
+        drop(s);
+        wake.wake();
         out
     }
 
@@ -207,12 +433,9 @@ impl<T> Slots<T> {
     pub(crate) fn remove(&self) {
         let mut s = self.state();
         s.size = s.size.saturating_sub(1);
-        if s.owed > 0 {
-            s.owed -= 1;
-        } else {
-            drop(s);
-            self.turns.add_permits(1);
-        }
+        let wake = self.release_locked(&mut s, 1);
+        drop(s);
+        wake.wake();
     }
 
     /// Removes the idle connections `why` has a reason to close, visiting the oldest first;
@@ -232,25 +455,26 @@ impl<T> Slots<T> {
         gone
     }
 
-    /// A new maximum. Growing adds turns at once; shrinking retires free turns at once and
-    /// the rest as they come back, and returns the oldest idle connections beyond the new size
-    /// for the caller to close.
+    /// A new maximum. Growing adds turns at once (to the waiters first); shrinking retires free
+    /// turns at once and the rest as they come back, and returns the oldest idle connections
+    /// beyond the new size for the caller to close.
     pub(crate) fn resize(&self, max_size: usize) -> Vec<T> {
         let mut s = self.state();
         let old = s.max_size;
         s.max_size = max_size;
         if max_size > old {
-            let mut more = max_size - old;
             // Debts first: turns still to be retired need not be.
-            let paid = more.min(s.owed);
-            s.owed -= paid;
-            more -= paid;
+            let wake = self.release_locked(&mut s, max_size - old);
             drop(s);
-            self.turns.add_permits(more);
+            wake.wake();
             return Vec::new();
         }
         let fewer = old - max_size;
-        let retired = self.turns.forget_permits(fewer);
+        // Under the lock nothing adds free turns, and the lock-free path only takes them.
+        let mut retired = 0;
+        while retired < fewer && self.take_free() {
+            retired += 1;
+        }
         s.owed += fewer - retired;
         let excess = s.size.saturating_sub(max_size).min(s.idle.len());
         let gone: Vec<T> = s.idle.drain(..excess).map(|i| i.item).collect();
@@ -263,9 +487,12 @@ impl<T> Slots<T> {
     pub(crate) fn close(&self) -> Vec<T> {
         let mut s = self.state();
         s.closed = true;
-        self.turns.close();
+        self.free.store(0, Ordering::Release);
+        let wake = Wake(s.queue.waiters.values().map(|w| w.waker.clone()).collect());
         let gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
         s.size = s.size.saturating_sub(gone.len());
+        drop(s);
+        wake.wake();
         gone
     }
 
@@ -279,17 +506,8 @@ impl<T> Slots<T> {
             max_size: s.max_size,
             size: s.size,
             idle: s.idle.len(),
-            waiting: self.waiting.load(Relaxed),
+            waiting: s.queue.waiters.len(),
         }
-    }
-}
-
-/// Counts a waiting checkout for as long as it waits, however the wait ends.
-struct Waiting<'a>(&'a AtomicUsize);
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
     }
 }
 

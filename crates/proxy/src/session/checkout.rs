@@ -108,6 +108,7 @@ impl Session {
                 self.settings.query_wait_timeout,
                 &mut scratch.alarm,
                 &scratch.connecting,
+                self.source,
             ));
             // The notice's timer is set only once the checkout has to wait: most find a server
             // at once, and setting a timer and dropping it is a trip through the timer wheel's

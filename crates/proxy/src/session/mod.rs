@@ -137,6 +137,8 @@ pub(crate) struct Session {
     /// Places under max_user_client_connections / max_db_client_connections, given back
     /// when the session is dropped.
     pub(crate) places: Option<Box<crate::caps::Places>>,
+    /// The client's source, whose line it waits in when the pool is busy (fair waiting).
+    source: upstream::Source,
 }
 
 /// A session ends when it is dropped, however it ended: the client leaves the pool's gauges
@@ -169,6 +171,7 @@ impl Session {
         entry: Arc<PoolEntry>,
         params: ClientParams,
         cancel: Registration,
+        source: upstream::Source,
     ) -> Self {
         let mode = entry.route.pool_mode;
         let watch_read_only = entry.route.target_session_attrs.wants_writer();
@@ -189,6 +192,7 @@ impl Session {
             watch_read_only,
             since: Instant::now(),
             places: None,
+            source,
         }
     }
 

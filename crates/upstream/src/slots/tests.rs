@@ -1,5 +1,9 @@
 use std::time::Instant;
 
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use proptest::prelude::*;
 
 use super::*;
@@ -53,8 +57,8 @@ fn the_most_recently_returned_connection_goes_out_first() {
 async fn when_every_connection_is_out_checkouts_wait_and_are_served_in_order() {
     let slots = Slots::<u32>::new(1);
     assert!(matches!(checkout(&slots), Taken::Room));
-    let mut first = Box::pin(slots.turn());
-    let mut second = Box::pin(slots.turn());
+    let mut first = Box::pin(slots.turn(Source::default()));
+    let mut second = Box::pin(slots.turn(Source::default()));
     assert!(futures_util::poll!(first.as_mut()).is_pending());
     assert!(futures_util::poll!(second.as_mut()).is_pending());
     assert_eq!(slots.status().waiting, 2);
@@ -144,7 +148,7 @@ fn closing_fails_new_turns_and_returns_connections_for_closing() {
     assert!(slots.give_back(1, Instant::now()).is_none());
     assert_eq!(slots.close(), vec![1]);
     assert!(slots.is_closed());
-    assert!(matches!(slots.try_turn(), Err(TryAcquireError::Closed)));
+    assert!(matches!(slots.try_turn(), Err(NoTurn::Closed)));
     assert_eq!(slots.give_back(2, Instant::now()), Some(2));
     assert_eq!(slots.status().size, 0);
 }
@@ -153,7 +157,7 @@ fn closing_fails_new_turns_and_returns_connections_for_closing() {
 async fn a_waiter_learns_that_the_pool_closed() {
     let slots = Slots::<u32>::new(1);
     assert!(matches!(checkout(&slots), Taken::Room));
-    let mut waiter = Box::pin(slots.turn());
+    let mut waiter = Box::pin(slots.turn(Source::default()));
     assert!(futures_util::poll!(waiter.as_mut()).is_pending());
     slots.close();
     let woke = futures_util::poll!(waiter.as_mut());
@@ -181,9 +185,144 @@ fn retain_drops_what_it_refuses_and_counts_it() {
     );
 }
 
+fn from(last: u8) -> Source {
+    Source(Some(IpAddr::from([127, 0, 0, last])))
+}
+
+/// Polls each waiter once; the served ones leave `waits` for `order`, their turns for `out`.
+fn served<'a>(
+    waits: &mut Vec<(u32, Pin<Box<TurnWait<'a, u32>>>)>,
+    order: &mut Vec<u32>,
+    out: &mut Vec<Turn<'a, u32>>,
+) {
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    waits.retain_mut(|(name, w)| match w.as_mut().poll(&mut cx) {
+        Poll::Ready(r) => {
+            order.push(*name);
+            out.push(r.expect("open"));
+            false
+        }
+        Poll::Pending => true,
+    });
+}
+
+#[test]
+fn a_source_with_few_waiters_takes_turns_with_one_that_has_many() {
+    let slots = Slots::<u32>::new(1);
+    let busy = slots.try_turn().expect("free");
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    // The noisy source queues six first; the quiet one's two arrive after them.
+    let mut waits: Vec<(u32, Pin<Box<TurnWait<'_, u32>>>)> = Vec::new();
+    for n in 1..=6 {
+        waits.push((n, Box::pin(slots.turn(from(2)))));
+    }
+    for n in [101, 102] {
+        waits.push((n, Box::pin(slots.turn(from(3)))));
+    }
+    for (_, w) in &mut waits {
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+    }
+    assert_eq!(slots.status().waiting, 8);
+    let mut order = Vec::new();
+    let mut turns = vec![busy];
+    // Each turn given back goes to the next in the rotation, once at a time.
+    while order.len() < 8 {
+        drop(turns.pop().expect("a turn to give back"));
+        let before = order.len();
+        served(&mut waits, &mut order, &mut turns);
+        assert_eq!(order.len(), before + 1, "one turn, one checkout served");
+    }
+    assert_eq!(order, vec![1, 101, 2, 102, 3, 4, 5, 6]);
+    assert_eq!(slots.status().waiting, 0);
+}
+
+#[test]
+fn a_source_that_starts_waiting_later_is_served_next_after_the_current_one() {
+    let slots = Slots::<u32>::new(1);
+    let mut turns = vec![slots.try_turn().expect("free")];
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut waits: Vec<(u32, Pin<Box<TurnWait<'_, u32>>>)> = Vec::new();
+    for n in 1..=4 {
+        waits.push((n, Box::pin(slots.turn(from(2)))));
+    }
+    for (_, w) in &mut waits {
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+    }
+    let mut order = Vec::new();
+    drop(turns.pop());
+    served(&mut waits, &mut order, &mut turns);
+    // Joins while the noisy source's 2, 3, 4 wait: it goes ahead of 3 and 4.
+    let mut late = Box::pin(slots.turn(from(9)));
+    assert!(late.as_mut().poll(&mut cx).is_pending());
+    waits.push((900, late));
+    while order.len() < 5 {
+        drop(turns.pop());
+        served(&mut waits, &mut order, &mut turns);
+    }
+    assert_eq!(order, vec![1, 2, 900, 3, 4]);
+}
+
+#[test]
+fn a_waiter_that_gives_up_leaves_its_line_and_a_turn_granted_to_it_goes_on() {
+    let slots = Slots::<u32>::new(1);
+    let mut turns = vec![slots.try_turn().expect("free")];
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut gives_up = Box::pin(slots.turn(from(2)));
+    let mut granted_then_gone = Box::pin(slots.turn(from(3)));
+    let mut patient = Box::pin(slots.turn(from(2)));
+    for w in [&mut gives_up, &mut granted_then_gone, &mut patient] {
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+    }
+    drop(gives_up);
+    assert_eq!(slots.status().waiting, 2);
+    // Source 3 is next (source 2's first waiter left); it is granted the turn but goes
+    // before taking it: the turn passes to the patient one instead of being lost.
+    drop(turns.pop());
+    drop(granted_then_gone);
+    match patient.as_mut().poll(&mut cx) {
+        Poll::Ready(Ok(mut t)) => {
+            assert!(matches!(t.take(), Taken::Room));
+            t.keep();
+        }
+        other => panic!("the patient waiter was not served: {:?}", other.is_ready()),
+    }
+    assert_eq!(slots.status().waiting, 0);
+    assert!(
+        slots.try_turn().is_err(),
+        "exactly one turn, with the patient one"
+    );
+}
+
+#[test]
+fn growing_the_pool_serves_waiters_before_anyone_new() {
+    let slots = Slots::<u32>::new(1);
+    assert!(matches!(checkout(&slots), Taken::Room));
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut a = Box::pin(slots.turn(from(2)));
+    let mut b = Box::pin(slots.turn(from(3)));
+    assert!(a.as_mut().poll(&mut cx).is_pending());
+    assert!(b.as_mut().poll(&mut cx).is_pending());
+    // reserve_pool_size's growth: both extra turns go to the two waiters, none is free.
+    assert!(slots.resize(3).is_empty());
+    assert!(matches!(slots.try_turn(), Err(NoTurn::Busy)));
+    assert!(matches!(a.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+    assert!(matches!(b.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Checkout,
+    /// A checkout from source 0..3 that waits if it must.
+    Wait(u8),
+    /// Waiters poll; the served ones take what their turn found.
+    Poll,
+    /// The oldest waiter gives up.
+    GiveUp,
     GiveBack,
     Remove,
     Resize(usize),
@@ -193,6 +332,9 @@ enum Op {
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         4 => Just(Op::Checkout),
+        3 => (0u8..3).prop_map(Op::Wait),
+        3 => Just(Op::Poll),
+        1 => Just(Op::GiveUp),
         3 => Just(Op::GiveBack),
         1 => Just(Op::Remove),
         1 => (0usize..6).prop_map(Op::Resize),
@@ -201,24 +343,46 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 proptest! {
-    /// Whatever the order of checkouts, returns, closes and resizes: connections never exceed
-    /// the size once the surplus is back, every connection is counted exactly once, and a
-    /// free turn always finds a connection or room.
+    /// Whatever the order of checkouts, waits, give-ups, returns, closes and resizes:
+    /// connections never exceed the size once the surplus is back, every connection and every
+    /// turn is counted exactly once, no turn is free while anyone is in line, and a free turn
+    /// always finds a connection or room.
     #[test]
     fn the_books_always_balance(ops in proptest::collection::vec(op(), 1..200)) {
         let slots = Slots::new(3);
         let mut out: Vec<u32> = Vec::new();
+        let mut waits: Vec<Pin<Box<TurnWait<'_, u32>>>> = Vec::new();
         let mut next = 0u32;
         let now = Instant::now();
+        let waker = futures_util::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        // What a served turn does with what it finds.
+        let mut use_turn = |mut turn: Turn<'_, u32>, out: &mut Vec<u32>| match turn.take() {
+            Taken::Idle(i) => { out.push(i.item); turn.keep(); }
+            Taken::Room => { next += 1; out.push(next); turn.keep(); }
+            Taken::Shrunk => {}
+        };
         for op in ops {
             match op {
-                Op::Checkout => if let Ok(mut turn) = slots.try_turn() {
-                    match turn.take() {
-                        Taken::Idle(i) => { out.push(i.item); turn.keep(); }
-                        Taken::Room => { next += 1; out.push(next); turn.keep(); }
-                        Taken::Shrunk => {}
+                Op::Checkout => if let Ok(turn) = slots.try_turn() { use_turn(turn, &mut out) },
+                Op::Wait(n) => {
+                    let mut w = Box::pin(slots.turn(from(n)));
+                    match w.as_mut().poll(&mut cx) {
+                        Poll::Ready(r) => use_turn(r.expect("open"), &mut out),
+                        Poll::Pending => waits.push(w),
                     }
-                },
+                }
+                Op::Poll => {
+                    let mut still = Vec::new();
+                    for mut w in waits.drain(..) {
+                        match w.as_mut().poll(&mut cx) {
+                            Poll::Ready(r) => use_turn(r.expect("open"), &mut out),
+                            Poll::Pending => still.push(w),
+                        }
+                    }
+                    waits = still;
+                }
+                Op::GiveUp => if !waits.is_empty() { drop(waits.remove(0)); },
                 Op::GiveBack => if let Some(c) = out.pop() { let _ = slots.give_back(c, now); },
                 Op::Remove => if out.pop().is_some() { slots.remove(); },
                 Op::Resize(n) => { let _ = slots.resize(n); },
@@ -226,19 +390,31 @@ proptest! {
             }
             let s = slots.status();
             prop_assert_eq!(s.size, s.idle + out.len(), "every connection counted once");
+            prop_assert_eq!(s.waiting, waits.len(), "cl_waiting");
             let st = slots.state();
+            let granted = st.queue.waiters.values().filter(|w| w.granted).count();
+            let free = slots.free.load(Ordering::Relaxed);
             prop_assert_eq!(
-                slots.turns.available_permits() + out.len(),
+                free + out.len() + granted,
                 st.max_size + st.owed,
                 "turns in circulation"
             );
-            prop_assert!(st.owed == 0 || !out.is_empty() || st.max_size == 0, "debts only while connections are out");
+            prop_assert!(free == 0 || waits.len() == granted, "a turn free while someone is in line");
+            prop_assert!(
+                st.owed == 0 || !out.is_empty() || granted > 0 || st.max_size == 0,
+                "debts only while turns are out"
+            );
+            let in_lines: usize = st.queue.lines.values().map(VecDeque::len).sum();
+            prop_assert_eq!(in_lines, waits.len() - granted, "every waiter in exactly one line");
+            prop_assert_eq!(st.queue.ring.len(), st.queue.lines.len(), "every line in the rotation once");
             drop(st);
         }
-        // Everything comes back: the pool is within its size again.
+        // Everyone gives up, everything comes back: the pool is within its size again.
+        drop(waits);
         while let Some(c) = out.pop() { let _ = slots.give_back(c, now); }
         let s = slots.status();
         prop_assert!(s.size <= s.max_size);
-        prop_assert_eq!(slots.turns.available_permits(), s.max_size);
+        prop_assert_eq!(slots.free.load(Ordering::Relaxed), s.max_size);
+        prop_assert_eq!(s.waiting, 0);
     }
 }
