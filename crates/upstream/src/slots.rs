@@ -80,103 +80,176 @@ struct State<T> {
 ///
 /// Invariant (kept under the state lock): while anyone waits, no turn is free — a turn given
 /// back goes straight to the next waiter, and a checkout queues only after finding none free.
+///
+/// Lines and waiters live in vectors reused as they come and go, found by index: the source is
+/// hashed once per checkout that has to wait (to find its line), and handing a turn on hashes
+/// nothing and allocates nothing.
 #[derive(Debug, Default)]
 struct Queue {
-    /// Tickets are numbered in arrival order, so each line is sorted.
-    next_ticket: u64,
-    /// Each waiting source's tickets, oldest first; a source leaves when its line empties.
-    lines: HashMap<Source, VecDeque<u64>>,
-    /// The sources with a line, in the order they are served next.
-    ring: VecDeque<Source>,
-    /// Every queued checkout by ticket, until its future ends (granted or not).
-    waiters: HashMap<u64, Waiter>,
-    /// Emptied lines kept for reuse, so a source that comes and goes allocates nothing.
-    spare: Vec<VecDeque<u64>>,
+    /// Numbers waiters in arrival order, so each line is sorted by it.
+    next_seq: u64,
+    /// The line of each source that has waiters.
+    by_source: HashMap<Source, usize>,
+    /// Lines by index; an empty one is unused (listed in `free_lines`), its buffer kept.
+    lines: Vec<Line>,
+    free_lines: Vec<usize>,
+    /// The lines with waiters, in the order they are served next.
+    ring: VecDeque<usize>,
+    /// Waiters by index, until their futures end (granted or not); `None` is unused.
+    waiters: Vec<Option<Waiter>>,
+    free_waiters: Vec<usize>,
+}
+
+#[derive(Debug)]
+struct Line {
+    source: Source,
+    /// Oldest first: (seq, waiter index).
+    tickets: VecDeque<(u64, usize)>,
 }
 
 #[derive(Debug)]
 struct Waiter {
-    source: Source,
-    waker: Waker,
+    seq: u64,
+    line: usize,
+    /// Taken when the turn is handed to it.
+    waker: Option<Waker>,
     /// A turn was handed to it and is its to take at its next poll.
     granted: bool,
 }
 
-/// Spare lines kept: enough for the sources that commonly wait at once.
-const SPARE_LINES: usize = 16;
+/// A queued checkout's place: its waiter's index and sequence number.
+#[derive(Debug, Clone, Copy)]
+struct Ticket {
+    index: usize,
+    seq: u64,
+}
 
 impl Queue {
-    fn join(&mut self, source: Source, waker: Waker) -> u64 {
-        let ticket = self.next_ticket;
-        self.next_ticket += 1;
-        let line = match self.lines.entry(source) {
-            std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
-            std::collections::hash_map::Entry::Vacant(e) => {
-                self.ring.push_back(source);
-                e.insert(self.spare.pop().unwrap_or_default())
+    fn join(&mut self, source: Source, waker: Waker) -> Ticket {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        let line = match self.by_source.get(&source) {
+            Some(&l) => l,
+            None => {
+                let l = match self.free_lines.pop() {
+                    Some(l) => {
+                        if let Some(line) = self.lines.get_mut(l) {
+                            line.source = source;
+                        }
+                        l
+                    }
+                    None => {
+                        self.lines.push(Line {
+                            source,
+                            tickets: VecDeque::new(),
+                        });
+                        self.lines.len() - 1
+                    }
+                };
+                self.by_source.insert(source, l);
+                self.ring.push_back(l);
+                l
             }
         };
-        line.push_back(ticket);
-        self.waiters.insert(
-            ticket,
-            Waiter {
-                source,
-                waker,
-                granted: false,
-            },
-        );
-        ticket
+        let waiter = Some(Waiter {
+            seq,
+            line,
+            waker: Some(waker),
+            granted: false,
+        });
+        let index = match self.free_waiters.pop() {
+            Some(i) => {
+                if let Some(slot) = self.waiters.get_mut(i) {
+                    *slot = waiter;
+                }
+                i
+            }
+            None => {
+                self.waiters.push(waiter);
+                self.waiters.len() - 1
+            }
+        };
+        if let Some(l) = self.lines.get_mut(line) {
+            l.tickets.push_back((seq, index));
+        }
+        Ticket { index, seq }
     }
 
-    /// Hands a turn to the next waiter in the rotation: the source at the front of the ring
-    /// gives up its oldest ticket and goes to the back. Returns the waker to wake (outside the
-    /// lock), or `None` when nobody waits for a turn.
-    fn grant(&mut self) -> Option<Waker> {
-        while let Some(source) = self.ring.pop_front() {
-            let Some(line) = self.lines.get_mut(&source) else {
+    fn waiter(&mut self, t: Ticket) -> Option<&mut Waiter> {
+        self.waiters
+            .get_mut(t.index)?
+            .as_mut()
+            .filter(|w| w.seq == t.seq)
+    }
+
+    /// Hands a turn to the next waiter in the rotation: the line at the front of the ring gives
+    /// up its oldest ticket and goes to the back. Its waker goes in `wake` (woken outside the
+    /// lock). Returns `false` when nobody waits for a turn.
+    fn grant(&mut self, wake: &mut Wake) -> bool {
+        while let Some(l) = self.ring.pop_front() {
+            let Some(line) = self.lines.get_mut(l) else {
                 continue;
             };
-            let ticket = line.pop_front();
-            if line.is_empty() {
-                self.drop_line(source);
+            let ticket = line.tickets.pop_front();
+            if line.tickets.is_empty() {
+                let source = line.source;
+                self.free_line(l, source);
             } else {
-                self.ring.push_back(source);
+                self.ring.push_back(l);
             }
-            if let Some(w) = ticket.and_then(|t| self.waiters.get_mut(&t)) {
+            let Some((seq, index)) = ticket else { continue };
+            if let Some(w) = self.waiter(Ticket { index, seq }) {
                 w.granted = true;
-                return Some(w.waker.clone());
-            }
-        }
-        None
-    }
-
-    /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
-    fn leave(&mut self, ticket: u64) -> bool {
-        let Some(w) = self.waiters.remove(&ticket) else {
-            return false;
-        };
-        if w.granted {
-            return true;
-        }
-        if let Some(line) = self.lines.get_mut(&w.source) {
-            if let Ok(i) = line.binary_search(&ticket) {
-                line.remove(i);
-            }
-            if line.is_empty() {
-                self.drop_line(w.source);
-                self.ring.retain(|s| *s != w.source);
+                if let Some(waker) = w.waker.take() {
+                    wake.push(waker);
+                }
+                return true;
             }
         }
         false
     }
 
-    fn drop_line(&mut self, source: Source) {
-        if let Some(mut line) = self.lines.remove(&source) {
-            if self.spare.len() < SPARE_LINES {
-                line.clear();
-                self.spare.push(line);
+    /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
+    fn leave(&mut self, t: Ticket) -> bool {
+        if self.waiter(t).is_none() {
+            return false;
+        }
+        let Some(w) = self.take_waiter(t.index) else {
+            return false;
+        };
+        if w.granted {
+            return true;
+        }
+        if let Some(line) = self.lines.get_mut(w.line) {
+            if let Ok(i) = line.tickets.binary_search_by_key(&t.seq, |&(seq, _)| seq) {
+                line.tickets.remove(i);
+            }
+            if line.tickets.is_empty() {
+                let source = line.source;
+                self.free_line(w.line, source);
+                self.ring.retain(|&l| l != w.line);
             }
         }
+        false
+    }
+
+    /// Frees a waiter's slot; returns what it held.
+    fn take_waiter(&mut self, index: usize) -> Option<Waiter> {
+        let w = self.waiters.get_mut(index)?.take();
+        if w.is_some() {
+            self.free_waiters.push(index);
+        }
+        w
+    }
+
+    fn free_line(&mut self, l: usize, source: Source) {
+        self.by_source.remove(&source);
+        self.free_lines.push(l);
+    }
+
+    /// Checkouts whose futures have not ended, granted or not.
+    fn len(&self) -> usize {
+        self.waiters.len() - self.free_waiters.len()
     }
 }
 
@@ -246,7 +319,7 @@ pub(crate) struct TurnWait<'a, T> {
     slots: &'a Slots<T>,
     source: Source,
     /// Its place in line once it has one.
-    ticket: Option<u64>,
+    ticket: Option<Ticket>,
 }
 
 impl<'a, T> Future for TurnWait<'a, T> {
@@ -254,6 +327,11 @@ impl<'a, T> Future for TurnWait<'a, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slots = self.slots;
+        let served = || Turn { slots, held: true };
+        // The fast path: a free turn (so nobody waits), taken without the lock.
+        if self.ticket.is_none() && slots.take_free() {
+            return Poll::Ready(Ok(served()));
+        }
         let mut s = slots.state();
         if s.closed {
             if let Some(t) = self.ticket.take() {
@@ -261,26 +339,26 @@ impl<'a, T> Future for TurnWait<'a, T> {
             }
             return Poll::Ready(Err(Closed));
         }
-        let served = || Turn { slots, held: true };
         match self.ticket {
             None => {
-                // Under the lock, so a turn given back now is either seen here or granted to
-                // this checkout once it is in line (see `Queue`).
+                // Again under the lock, so a turn given back meanwhile is either seen here or
+                // granted to this checkout once it is in line (see `Queue`).
                 if slots.take_free() {
                     return Poll::Ready(Ok(served()));
                 }
                 self.ticket = Some(s.queue.join(self.source, cx.waker().clone()));
                 Poll::Pending
             }
-            Some(t) => match s.queue.waiters.get_mut(&t) {
+            Some(t) => match s.queue.waiter(t) {
                 Some(w) if w.granted => {
-                    s.queue.waiters.remove(&t);
+                    s.queue.take_waiter(t.index);
                     self.ticket = None;
                     Poll::Ready(Ok(served()))
                 }
                 Some(w) => {
-                    if !w.waker.will_wake(cx.waker()) {
-                        w.waker = cx.waker().clone();
+                    match &mut w.waker {
+                        Some(old) if old.will_wake(cx.waker()) => {}
+                        other => *other = Some(cx.waker().clone()),
                     }
                     Poll::Pending
                 }
@@ -307,13 +385,26 @@ impl<T> Drop for TurnWait<'_, T> {
     }
 }
 
-/// Waiters to wake once the lock is released.
+/// Waiters to wake once the lock is released: usually one, so that one needs no allocation.
 #[derive(Default)]
-struct Wake(Vec<Waker>);
+struct Wake {
+    one: Option<Waker>,
+    more: Vec<Waker>,
+}
 
 impl Wake {
+    fn push(&mut self, w: Waker) {
+        match self.one {
+            None => self.one = Some(w),
+            Some(_) => self.more.push(w),
+        }
+    }
+
     fn wake(self) {
-        for w in self.0 {
+        if let Some(w) = self.one {
+            w.wake();
+        }
+        for w in self.more {
             w.wake();
         }
     }
@@ -390,11 +481,7 @@ impl<T> Slots<T> {
         if s.closed {
             return wake;
         }
-        while n > 0 {
-            match s.queue.grant() {
-                Some(w) => wake.0.push(w),
-                None => break,
-            }
+        while n > 0 && s.queue.grant(&mut wake) {
             n -= 1;
         }
         if n > 0 {
@@ -488,7 +575,11 @@ impl<T> Slots<T> {
         let mut s = self.state();
         s.closed = true;
         self.free.store(0, Ordering::Release);
-        let wake = Wake(s.queue.waiters.values().map(|w| w.waker.clone()).collect());
+        let mut wake = Wake::default();
+        let wakers = s.queue.waiters.iter_mut().flatten();
+        for w in wakers.filter_map(|w| w.waker.take()) {
+            wake.push(w);
+        }
         let gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
         s.size = s.size.saturating_sub(gone.len());
         drop(s);
@@ -506,7 +597,7 @@ impl<T> Slots<T> {
             max_size: s.max_size,
             size: s.size,
             idle: s.idle.len(),
-            waiting: s.queue.waiters.len(),
+            waiting: s.queue.len(),
         }
     }
 }

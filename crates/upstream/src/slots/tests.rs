@@ -392,7 +392,7 @@ proptest! {
             prop_assert_eq!(s.size, s.idle + out.len(), "every connection counted once");
             prop_assert_eq!(s.waiting, waits.len(), "cl_waiting");
             let st = slots.state();
-            let granted = st.queue.waiters.values().filter(|w| w.granted).count();
+            let granted = st.queue.waiters.iter().flatten().filter(|w| w.granted).count();
             let free = slots.free.load(Ordering::Relaxed);
             prop_assert_eq!(
                 free + out.len() + granted,
@@ -404,9 +404,18 @@ proptest! {
                 st.owed == 0 || !out.is_empty() || granted > 0 || st.max_size == 0,
                 "debts only while turns are out"
             );
-            let in_lines: usize = st.queue.lines.values().map(VecDeque::len).sum();
+            let in_lines: usize = st.queue.lines.iter().map(|l| l.tickets.len()).sum();
             prop_assert_eq!(in_lines, waits.len() - granted, "every waiter in exactly one line");
-            prop_assert_eq!(st.queue.ring.len(), st.queue.lines.len(), "every line in the rotation once");
+            let mut ring: Vec<usize> = st.queue.ring.iter().copied().collect();
+            ring.sort();
+            let mut used: Vec<usize> = st.queue.by_source.values().copied().collect();
+            used.sort();
+            prop_assert_eq!(&ring, &used, "every line with waiters in the rotation once");
+            for l in &used {
+                let line = &st.queue.lines[*l];
+                prop_assert!(!line.tickets.is_empty(), "a line in use has waiters");
+                prop_assert_eq!(st.queue.by_source.get(&line.source), Some(l));
+            }
             drop(st);
         }
         // Everyone gives up, everything comes back: the pool is within its size again.
