@@ -15,6 +15,7 @@ mod fleet;
 mod hostile_upstream;
 mod lifecycle;
 mod limits;
+mod listen;
 mod pooling;
 mod prepared;
 mod protocol;

@@ -29,6 +29,8 @@ pub enum Show {
     /// Breakwater's own: server connections closed, per pool and reason.
     ServerCloses,
     Fleet,
+    /// Breakwater's own: transaction-mode LISTEN per pool (clients, channels, notifications).
+    Listeners,
 }
 
 impl Show {
@@ -54,6 +56,7 @@ impl Show {
             "hosts" => Show::Hosts,
             "server_closes" => Show::ServerCloses,
             "fleet" => Show::Fleet,
+            "listeners" => Show::Listeners,
             _ => return None,
         })
     }

@@ -38,6 +38,7 @@ const HELP: &str = "\n\tSHOW HELP|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|V
 \tSHOW HOSTS (Breakwater: connect attempts by phase and outcome, breaker state)\n\
 \tSHOW SERVER_CLOSES (Breakwater: server connections closed, per pool and reason)\n\
 \tSHOW FLEET (Breakwater: fleet budget slots held, wanted and the fleet's total, per database)\n\
+\tSHOW LISTENERS (Breakwater: transaction-mode LISTEN per pool: clients, channels, notifications)\n\
 \tSET key = arg\n\
 \tRELOAD\n\
 \tPAUSE [<db>]\n\

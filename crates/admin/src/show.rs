@@ -141,6 +141,7 @@ pub fn result(show: Show, view: &View) -> ResultSet {
         Show::Hosts => hosts(view),
         Show::ServerCloses => server_closes(view),
         Show::Fleet => fleet(view),
+        Show::Listeners => listeners(view),
     }
 }
 
@@ -532,6 +533,27 @@ fn server_closes(view: &View) -> ResultSet {
         .pools
         .iter()
         .flat_map(|p| p.stats.closes().map(move |(r, n)| (p, r, n)));
+    ResultSet::table(columns, rows)
+}
+
+/// One row per pool whose clients LISTEN in transaction or statement mode (or did): how many
+/// listen, to how many channels, and what the fan-out did.
+fn listeners(view: &View) -> ResultSet {
+    let columns: &[Column<&PoolView>] = &[
+        ("database", TEXT, |p| s(&p.stats.database)),
+        ("user", TEXT, |p| s(&p.stats.user)),
+        ("clients", INT8, |p| n(p.stats.listen_clients.max(0) as u64)),
+        ("channels", INT8, |p| {
+            n(p.stats.listen_channels.max(0) as u64)
+        }),
+        ("notifications", INT8, |p| n(p.stats.notifications_sent)),
+        ("dropped", INT8, |p| n(p.stats.notifications_dropped)),
+        ("reconnects", INT8, |p| n(p.stats.listener_reconnects)),
+    ];
+    let rows = view.pools.iter().filter(|p| {
+        let st = &p.stats;
+        st.listen_clients > 0 || st.listen_channels > 0 || st.notifications_sent > 0
+    });
     ResultSet::table(columns, rows)
 }
 

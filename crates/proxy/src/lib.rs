@@ -23,6 +23,7 @@ mod control;
 #[doc(hidden)]
 pub mod fuzzing;
 mod ledger;
+mod listen;
 pub mod params;
 pub mod prepared;
 pub mod registry;
@@ -72,6 +73,8 @@ pub struct PoolEntry {
     /// For a pool of an automatic database: since when it has had no client (see
     /// `autodb_idle_timeout`).
     unused_since: Mutex<Option<std::time::Instant>>,
+    /// Its clients' LISTENs in transaction and statement mode, and its listener connection.
+    pub(crate) listen: listen::Hub,
 }
 
 impl AsRef<ServerPool> for PoolEntry {
@@ -491,6 +494,7 @@ impl Shared {
             .pools
             .get_or_open(&route.name, server_user, spec, |pool| PoolEntry {
                 stats: pool.stats().clone(),
+                listen: listen::Hub::new(pool.clone()),
                 pool,
                 route: route.clone(),
                 welcome: Mutex::new(None),

@@ -89,6 +89,14 @@ pub fn publish_pool(s: &PoolSnapshot, servers: &ServerGauges) {
         s.server_connect_failures
     );
     c!("breakwater_pool_reserve_used_total", s.reserve_used);
+    g!("breakwater_listen_clients", s.listen_clients.max(0));
+    g!("breakwater_listen_channels", s.listen_channels.max(0));
+    c!("breakwater_notifications_total", s.notifications_sent, "outcome" => "queued");
+    c!("breakwater_notifications_total", s.notifications_dropped, "outcome" => "dropped");
+    c!(
+        "breakwater_listener_reconnects_total",
+        s.listener_reconnects
+    );
     c!("breakwater_pool_timeouts_total", s.wait_timeouts, "kind" => "query_wait_timeout");
     c!("breakwater_pool_timeouts_total", s.connect_timeouts, "kind" => "server_connect_timeout");
     c!("breakwater_pool_timeouts_total", s.login_timeouts, "kind" => "server_login_timeout");
@@ -285,6 +293,26 @@ pub fn describe() {
             "breakwater_pool_reserve_used_total",
             Count,
             "Times a client that waited reserve_pool_timeout made the pool one connection larger.",
+        ),
+        (
+            "breakwater_listen_clients",
+            Count,
+            "Clients listening to a channel through the pool's listener connection (transaction and statement mode).",
+        ),
+        (
+            "breakwater_listen_channels",
+            Count,
+            "Channels the pool's listener connection listens to for its clients.",
+        ),
+        (
+            "breakwater_notifications_total",
+            Count,
+            "Notifications fanned out to listening clients: queued for a client, or dropped (the oldest of a full inbox).",
+        ),
+        (
+            "breakwater_listener_reconnects_total",
+            Count,
+            "Times the pool's listener connection was lost (it reconnects and listens again).",
         ),
         (
             "breakwater_host_connect_attempts_total",

@@ -150,6 +150,14 @@ pub struct PoolStats {
     pub sv_login: AtomicI64,
     /// Server connections closed, by reason.
     pub server_closes: CloseCounts,
+    /// Transaction-mode LISTEN (the pool's listener connection): clients listening, channels
+    /// it listens to, notifications put into clients' inboxes, notifications a full inbox
+    /// dropped, and times its connection was lost.
+    pub listen_clients: AtomicI64,
+    pub listen_channels: AtomicI64,
+    pub notifications_sent: AtomicU64,
+    pub notifications_dropped: AtomicU64,
+    pub listener_reconnects: AtomicU64,
 }
 
 /// A consistent-enough copy of one pool's counters for readers.
@@ -182,6 +190,11 @@ pub struct PoolSnapshot {
     pub cl_waiting: i64,
     pub cl_idle: i64,
     pub sv_login: i64,
+    pub listen_clients: i64,
+    pub listen_channels: i64,
+    pub notifications_sent: u64,
+    pub notifications_dropped: u64,
+    pub listener_reconnects: u64,
     /// Server connections closed, by reason, in [`CloseReason::ALL`]'s order.
     pub server_closes: [u64; CloseReason::ALL.len()],
     pub xact_hist: HistogramSnapshot,
@@ -243,6 +256,11 @@ impl PoolStats {
             cl_waiting: self.cl_waiting.load(Relaxed),
             cl_idle: self.cl_idle.load(Relaxed),
             sv_login: self.sv_login.load(Relaxed),
+            listen_clients: self.listen_clients.load(Relaxed),
+            listen_channels: self.listen_channels.load(Relaxed),
+            notifications_sent: self.notifications_sent.load(Relaxed),
+            notifications_dropped: self.notifications_dropped.load(Relaxed),
+            listener_reconnects: self.listener_reconnects.load(Relaxed),
             server_closes: self.server_closes.snapshot(),
             xact_hist: self.xact_time_us.hist.snapshot(),
             query_hist: self.query_time_us.hist.snapshot(),

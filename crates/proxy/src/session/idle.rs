@@ -46,6 +46,11 @@ impl Session {
     /// buffer), or until it must go.
     pub(super) async fn wait_for_client(&mut self) -> Work {
         loop {
+            // Notifications go out between transactions, as PostgreSQL sends them: here, right
+            // after one ended, and whenever one arrives while the client is idle.
+            if self.deliver_notifications().await.is_err() {
+                return Work::Gone;
+            }
             if !self.client.buf.is_empty() {
                 return Work::Readable;
             }
@@ -59,6 +64,7 @@ impl Session {
                     Err(_) => Work::Gone,
                 },
                 () = self.cancel.slot.shutdown(&self.shared.shutting_down) => {}
+                () = super::listen::mail(self.listening.as_deref()), if self.listening.is_some() => {}
                 _ = expired(&mut self.idle_timer), if idle.is_some() => {
                     return Box::pin(self.send_fatal(idle_timeout_expired(self.global(), idle))).await;
                 }
@@ -84,9 +90,9 @@ impl Session {
                 Ok(Some(h)) if !frontend::is_session_message(h.tag) => {
                     return self.send_fatal(unexpected_message(h.tag)).await;
                 }
-                Ok(Some(_)) => match self.answer_locally() {
-                    Local::NeedServer => return Work::Message,
-                    Local::Answered => {
+                Ok(Some(h)) => match self.listen_command(h) {
+                    Some(cmd) => {
+                        Box::pin(self.run_listen(&cmd, TxStatus::Idle)).await;
                         if self.client.flush().await.is_err() {
                             return Work::Gone;
                         }
@@ -95,7 +101,19 @@ impl Session {
                         }
                         continue;
                     }
-                    Local::NeedMore => {}
+                    None => match self.answer_locally() {
+                        Local::NeedServer => return Work::Message,
+                        Local::Answered => {
+                            if self.client.flush().await.is_err() {
+                                return Work::Gone;
+                            }
+                            if self.client.buf.is_empty() {
+                                return Work::Answered;
+                            }
+                            continue;
+                        }
+                        Local::NeedMore => {}
+                    },
                 },
                 Ok(None) => {}
             }

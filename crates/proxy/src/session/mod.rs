@@ -20,6 +20,7 @@
 mod checkout;
 mod idle;
 mod leave;
+mod listen;
 mod pump;
 mod timers;
 mod workspace;
@@ -61,6 +62,9 @@ struct Held {
     /// The server holds session advisory locks of this client (transaction mode): it stays
     /// with the client across transactions until they are released.
     pinned: bool,
+    /// A LISTEN or UNLISTEN the client sent inside its transaction, taken out of the stream
+    /// for Breakwater to answer (see `listen.rs`).
+    listen: Option<crate::listen::Command>,
 }
 
 impl Held {
@@ -75,6 +79,7 @@ impl Held {
             restore_due: false,
             advisory_unknown: false,
             pinned: false,
+            listen: None,
         }
     }
 }
@@ -139,6 +144,10 @@ pub(crate) struct Session {
     pub(crate) places: Option<Box<crate::caps::Places>>,
     /// The client's source, whose line it waits in when the pool is busy (fair waiting).
     source: upstream::Source,
+    /// The channels this client LISTENs to through its pool's listener connection
+    /// (transaction and statement mode), from its first LISTEN on; dropped with the session,
+    /// which takes it off them.
+    listening: Option<Box<crate::listen::Subscription>>,
 }
 
 /// A session ends when it is dropped, however it ended: the client leaves the pool's gauges
@@ -193,6 +202,7 @@ impl Session {
             since: Instant::now(),
             places: None,
             source,
+            listening: None,
         }
     }
 

@@ -133,6 +133,12 @@ impl Session {
                     return Step::ClientError(e);
                 }
             }
+            if let Some(cmd) = h.listen.take() {
+                Box::pin(self.run_listen(&cmd, h.ledger.status())).await;
+                if self.client.flush().await.is_err() {
+                    return Step::ClientGone;
+                }
+            }
 
             // Server → client: what came before a broken message still goes to the client.
             let scanned = self.scan_server(h);
@@ -326,6 +332,11 @@ impl Session {
                         .buf
                         .get(HEADER_LEN..hdr.total())
                         .unwrap_or_default();
+                    if let Some(cmd) = self.listen_in_transaction(h, hdr, text) {
+                        bytes::Buf::advance(&mut self.client.buf, hdr.total());
+                        h.listen = Some(cmd);
+                        return Ok(false);
+                    }
                     if scan::text_may_leave_state(text) {
                         h.ledger.mark_session_state();
                         h.advisory_unknown |= scan::text_mentions_advisory(text);
@@ -687,7 +698,11 @@ impl Session {
                 Inspected::Command {
                     leaves_state,
                     drops_statements,
+                    discards_all,
                 } => {
+                    if discards_all {
+                        self.discarded_all();
+                    }
                     if leaves_state {
                         h.ledger.mark_session_state();
                     }
@@ -746,6 +761,7 @@ enum Inspected {
     Command {
         leaves_state: bool,
         drops_statements: bool,
+        discards_all: bool,
     },
     Other,
 }
@@ -772,6 +788,7 @@ fn inspect(tag: u8, body: &[u8], watch_read_only: bool) -> Result<Inspected, PgE
             Inspected::Command {
                 leaves_state: scan::tag_leaves_state(tag),
                 drops_statements: tag == b"DEALLOCATE ALL" || tag == b"DISCARD ALL",
+                discards_all: tag == b"DISCARD ALL",
             }
         }
         _ => Inspected::Other,
