@@ -232,32 +232,47 @@ impl ServerManager {
 }
 
 impl ServerManager {
+    /// What may be known about an idle connection without a round trip: it may go out, it
+    /// must be closed, or it needs `server_check_query` first.
+    fn reuse_verdict(&self, conn: &ServerConn, idle_since: Instant) -> Reuse {
+        let settings = self.settings();
+        if self.is_stale(conn) {
+            return Reuse::Close(CloseReason::StaleEpoch);
+        }
+        if !self.still_wanted(conn) {
+            return Reuse::Close(CloseReason::RoleChanged);
+        }
+        // Clock reads cost; only the settings that need one take it.
+        let now = (settings.lifetime.is_some() || settings.check_delay.is_some())
+            .then(std::time::Instant::now);
+        if let (Some(lifetime), Some(now)) = (settings.lifetime, now) {
+            if now.saturating_duration_since(conn.created()) > conn.share(lifetime) {
+                return Reuse::Close(CloseReason::Lifetime);
+            }
+        }
+        if !conn.is_healthy_idle() {
+            return Reuse::Close(CloseReason::ClosedWhileIdle);
+        }
+        if let (Some(delay), Some(now)) = (settings.check_delay, now) {
+            if now.saturating_duration_since(idle_since) > delay && !settings.check_query.is_empty()
+            {
+                return Reuse::Check;
+            }
+        }
+        Reuse::Ready
+    }
+
     /// Why a connection coming out of the idle list may not be handed out, if it may not.
     async fn recycle_check(
         &self,
         conn: &mut ServerConn,
         idle_since: Instant,
     ) -> Option<CloseReason> {
-        let settings = self.settings();
-        if self.is_stale(conn) {
-            return Some(CloseReason::StaleEpoch);
-        }
-        if !self.still_wanted(conn) {
-            return Some(CloseReason::RoleChanged);
-        }
-        // One clock read for both checks below (a checkout makes this call).
-        let now = std::time::Instant::now();
-        if let Some(lifetime) = settings.lifetime {
-            if now.saturating_duration_since(conn.created()) > conn.share(lifetime) {
-                return Some(CloseReason::Lifetime);
-            }
-        }
-        if !conn.is_healthy_idle() {
-            return Some(CloseReason::ClosedWhileIdle);
-        }
-        if let Some(delay) = settings.check_delay {
-            let idle = now.saturating_duration_since(idle_since);
-            if idle > delay && !settings.check_query.is_empty() {
+        match self.reuse_verdict(conn, idle_since) {
+            Reuse::Ready => None,
+            Reuse::Close(r) => Some(r),
+            Reuse::Check => {
+                let settings = self.settings();
                 let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
                 // Boxed: every checkout embeds this future, and it is rarely needed.
                 let check = Box::pin(tokio::time::timeout(
@@ -265,13 +280,17 @@ impl ServerManager {
                     conn.simple_query(&settings.check_query),
                 ))
                 .await;
-                if !matches!(check, Ok(Ok(()))) {
-                    return Some(CloseReason::CheckFailed);
-                }
+                (!matches!(check, Ok(Ok(())))).then_some(CloseReason::CheckFailed)
             }
         }
-        None
     }
+}
+
+/// See [`ServerManager::reuse_verdict`].
+enum Reuse {
+    Ready,
+    Close(CloseReason),
+    Check,
 }
 
 fn log_close(conn: &ServerConn, database: &str, user: &str, reason: CloseReason) {
@@ -683,6 +702,49 @@ impl ServerPool {
         }
     }
 
+    /// The common checkout, without a future: a turn free now and an idle server that may go
+    /// out without a round trip. `None` when the pool is paused or busy, has nothing idle, or
+    /// its idle server needs more (a check query): [`ServerPool::checkout`] does the rest.
+    pub fn try_checkout_idle(&self) -> Option<PooledServer> {
+        if self.is_paused() {
+            return None;
+        }
+        let core = &self.core;
+        let m = &core.manager;
+        let (turn, mut idle) = core.slots.try_idle()?;
+        if let Some(f) = m.fleet.get() {
+            if f.claim_slot(&mut idle.item._limits) {
+                drop(turn);
+                self.close_taken(idle.item, CloseReason::FleetRelease);
+                return None;
+            }
+        }
+        match m.reuse_verdict(&idle.item, idle.since) {
+            Reuse::Ready => {
+                turn.keep();
+                Some(PooledServer::new(idle.item, core.clone()))
+            }
+            Reuse::Close(r) => {
+                drop(turn);
+                self.close_taken(idle.item, r);
+                None
+            }
+            Reuse::Check => {
+                core.slots.untake(turn, idle);
+                None
+            }
+        }
+    }
+
+    /// An idle connection taken out of the list that may not go out: closed with its reason.
+    fn close_taken(&self, conn: Box<ServerConn>, reason: CloseReason) {
+        let m = &self.core.manager;
+        m.closing(&conn, reason);
+        self.core.slots.gone();
+        conn.terminate();
+        m.changes.changed();
+    }
+
     /// One try: waits for a turn, then hands out an idle connection that passes its checks or
     /// opens a new one.
     async fn get(&self, connecting: &ConnectFlag, source: Source) -> Got {
@@ -719,12 +781,7 @@ impl ServerPool {
                             turn.keep();
                             return Got::Server(PooledServer::new(conn, core.clone()));
                         }
-                        Some(r) => {
-                            m.closing(&conn, r);
-                            core.slots.gone();
-                            conn.terminate();
-                            m.changes.changed();
-                        }
+                        Some(r) => self.close_taken(conn, r),
                     }
                 }
                 Taken::Room => {

@@ -464,6 +464,22 @@ impl<T> Slots<T> {
         }
     }
 
+    /// A turn and the most recently returned idle connection, when both are there now; `None`
+    /// otherwise (a turn taken goes straight back). The checkout's fast path: no future, one
+    /// lock.
+    pub(crate) fn try_idle(&self) -> Option<(Turn<'_, T>, Idle<T>)> {
+        let turn = self.try_turn().ok()?;
+        let idle = self.state().idle.pop()?;
+        Some((turn, idle))
+    }
+
+    /// Undoes [`Slots::try_idle`]: the connection goes back on top of the idle list, the turn
+    /// back to the queue.
+    pub(crate) fn untake(&self, turn: Turn<'_, T>, idle: Idle<T>) {
+        self.state().idle.push(idle);
+        drop(turn);
+    }
+
     /// Turns come back: debts are paid first, then each goes to the next waiter in the
     /// rotation, or is free.
     fn release_turns(&self, n: usize) {

@@ -427,3 +427,64 @@ proptest! {
         prop_assert_eq!(s.waiting, 0);
     }
 }
+
+#[tokio::test]
+async fn the_fast_path_takes_only_an_idle_connection_and_never_jumps_the_queue() {
+    let slots = three_idle();
+    // Warmest first, as a waiting checkout would get it.
+    let (turn, idle) = slots.try_idle().expect("a turn and an idle connection");
+    assert_eq!(idle.item, 3);
+    // Put back as if never taken: the same connection comes out next, the books unchanged.
+    slots.untake(turn, idle);
+    assert_eq!(
+        slots.status(),
+        Status {
+            max_size: 3,
+            size: 3,
+            idle: 3,
+            waiting: 0
+        }
+    );
+    let (turn, idle) = slots.try_idle().expect("still there");
+    assert_eq!(idle.item, 3);
+    turn.keep();
+    // Everything out: no idle connection, so the fast path declines and leaves no turn taken.
+    let (a, _) = slots.try_idle().expect("second");
+    a.keep();
+    let (b, _) = slots.try_idle().expect("third");
+    b.keep();
+    assert!(slots.try_idle().is_none());
+    // A checkout queued before it is served before the fast path sees anything.
+    let mut queued = Box::pin(slots.turn());
+    assert!(futures_util::poll!(queued.as_mut()).is_pending());
+    assert!(slots.give_back(3, Instant::now()).is_none());
+    assert!(
+        slots.try_idle().is_none(),
+        "the returned turn belongs to the waiting checkout"
+    );
+    let mut turn = match futures_util::poll!(queued.as_mut()) {
+        std::task::Poll::Ready(Ok(t)) => t,
+        other => panic!("{other:?}"),
+    };
+    assert!(matches!(turn.take(), Taken::Idle(Idle { item: 3, .. })));
+    turn.keep();
+}
+
+#[test]
+fn the_fast_path_declines_while_the_pool_has_room_but_nothing_idle() {
+    let slots = Slots::<u32>::new(2);
+    // Room to open a connection is the slow path's work (it connects); the fast path hands
+    // the turn straight back.
+    assert!(slots.try_idle().is_none());
+    assert_eq!(
+        slots.status(),
+        Status {
+            max_size: 2,
+            size: 0,
+            idle: 0,
+            waiting: 0
+        }
+    );
+    assert!(matches!(checkout(&slots), Taken::Room));
+    assert!(matches!(checkout(&slots), Taken::Room));
+}
