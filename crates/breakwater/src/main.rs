@@ -12,6 +12,7 @@ mod notify;
 mod operator;
 mod pgbouncer;
 mod scrape;
+mod shards;
 mod shutdown;
 mod tail;
 
@@ -235,18 +236,29 @@ fn main() -> ExitCode {
         tracing::warn!("config: {w}");
     }
     raise_fd_limit();
-    let mut rt = tokio::runtime::Builder::new_multi_thread();
-    if config.file.pooler.workers > 0 {
-        rt.worker_threads(config.file.pooler.workers);
-    }
-    let rt = match rt.enable_all().build() {
-        Ok(rt) => rt,
+    let workers = match config.file.pooler.workers {
+        0 => std::thread::available_parallelism().map_or(1, usize::from),
+        n => n,
+    };
+    let (rt, shards) = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .and_then(|rt| Ok((rt, shards::Shards::start(workers)?)))
+    {
+        Ok(both) => both,
         Err(e) => {
             eprintln!("breakwater: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match rt.block_on(run(config)) {
+    let shards = Arc::new(shards);
+    let result = rt.block_on(run(config, shards.clone()));
+    // The accept loops have ended every client task; now the threads they ran on.
+    drop(rt);
+    if let Ok(shards) = Arc::try_unwrap(shards) {
+        shards.stop();
+    }
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
@@ -255,7 +267,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> {
     let p = &config.file.pooler;
     let addrs = listen::addresses(&p.listen_addr, p.listen_port)
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
@@ -331,6 +343,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(accept_loop(
             Listener::Tcp(l),
             daemon.clone(),
+            shards.clone(),
             stop_rx.clone(),
         ));
     }
@@ -338,6 +351,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tasks.spawn(accept_loop(
             Listener::Unix(l),
             daemon.clone(),
+            shards.clone(),
             stop_rx.clone(),
         ));
     }
@@ -512,23 +526,45 @@ enum Listener {
     Unix(UnixListener),
 }
 
+/// An accepted connection, not yet registered with any runtime: the shard that serves it
+/// registers it with its own.
+enum Accepted {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+}
+
+impl Accepted {
+    /// Registers the socket with the calling thread's runtime.
+    fn register(self) -> std::io::Result<Stream> {
+        Ok(match self {
+            Accepted::Tcp(s) => Stream::Tcp(tokio::net::TcpStream::from_std(s)?),
+            Accepted::Unix(s) => Stream::Unix(tokio::net::UnixStream::from_std(s)?),
+        })
+    }
+}
+
 impl Listener {
-    async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
+    async fn accept(&self) -> std::io::Result<(Accepted, Peer)> {
         Ok(match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
-                (Stream::Tcp(s), Peer(Some(addr)))
+                (Accepted::Tcp(s.into_std()?), Peer(Some(addr)))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                (Stream::Unix(s), Peer(None))
+                (Accepted::Unix(s.into_std()?), Peer(None))
             }
         })
     }
 }
 
-/// Accepts clients until shutdown and owns their tasks.
-async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+/// Accepts clients until shutdown and owns their tasks, which run on the shards in turn.
+async fn accept_loop(
+    listener: Listener,
+    daemon: Arc<Daemon>,
+    shards: Arc<shards::Shards>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -537,8 +573,20 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
         };
         while clients.try_join_next().is_some() {}
         match accepted {
-            Ok((stream, peer)) => {
-                clients.spawn(serve(daemon.clone(), stream, peer));
+            Ok((socket, peer)) => {
+                let daemon = daemon.clone();
+                let client = async move {
+                    match socket.register() {
+                        Ok(stream) => serve(daemon, stream, peer).await,
+                        Err(e) => {
+                            tracing::warn!(error = %e, %peer, "cannot register a client socket")
+                        }
+                    }
+                };
+                match shards.next() {
+                    Some(rt) => clients.spawn_on(client, rt),
+                    None => clients.spawn(client),
+                };
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.

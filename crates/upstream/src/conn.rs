@@ -92,6 +92,8 @@ pub struct ServerConn {
     params_synced_for: Option<u64>,
     cancel: CancelTarget,
     created: Instant,
+    /// The shard whose reactor the socket is registered with (see `crate::home`).
+    home: u16,
     max_message: usize,
     /// Why the connection must not be reused (an error mid-stream, a timeout, a cut write);
     /// `None` while it may.
@@ -127,6 +129,7 @@ impl ServerConn {
                 key: 0,
             },
             created: Instant::now(),
+            home: crate::home::here(),
             max_message,
             broken: None,
             pristine: true,
@@ -338,6 +341,23 @@ impl ServerConn {
 
     /// Is the socket still open with nothing unexpected waiting? An idle server that sent
     /// something (typically a FATAL before closing) or closed is not usable.
+    /// Is the socket registered with the calling thread's runtime?
+    pub(crate) fn at_home(&self) -> bool {
+        self.home == crate::home::here()
+    }
+
+    /// Moves the socket to the calling thread's runtime, for a client served there. Best effort:
+    /// on an error it stays where it was, and works from there.
+    pub(crate) fn move_here(&mut self) {
+        let here = crate::home::here();
+        match self.stream.rehome() {
+            Ok(()) => self.home = here,
+            Err(e) => {
+                tracing::debug!(server = self.id, error = %e, "server socket stays on its runtime")
+            }
+        }
+    }
+
     pub fn is_healthy_idle(&self) -> bool {
         if self.broken.is_some() || !self.buf.is_empty() {
             return false;

@@ -21,6 +21,7 @@ pub mod dns;
 pub mod error;
 pub mod failover;
 pub mod fleet;
+pub mod home;
 pub mod host;
 pub mod names;
 pub mod pool;

@@ -711,7 +711,7 @@ impl ServerPool {
         }
         let core = &self.core;
         let m = &core.manager;
-        let (turn, mut idle) = core.slots.try_idle()?;
+        let (turn, mut idle) = core.slots.try_idle(|c| c.at_home())?;
         if let Some(f) = m.fleet.get() {
             if f.claim_slot(&mut idle.item._limits) {
                 drop(turn);
@@ -721,6 +721,9 @@ impl ServerPool {
         }
         match m.reuse_verdict(&idle.item, idle.since) {
             Reuse::Ready => {
+                if !idle.item.at_home() {
+                    idle.item.move_here();
+                }
                 turn.keep();
                 Some(PooledServer::new(idle.item, core.clone()))
             }
@@ -775,9 +778,12 @@ impl ServerPool {
                         }
                         _ => m.recycle_check(taken.conn(), since).await,
                     };
-                    let conn = taken.keep();
+                    let mut conn = taken.keep();
                     match reason {
                         None => {
+                            if !conn.at_home() {
+                                conn.move_here();
+                            }
                             turn.keep();
                             return Got::Server(PooledServer::new(conn, core.clone()));
                         }

@@ -467,9 +467,16 @@ impl<T> Slots<T> {
     /// A turn and the most recently returned idle connection, when both are there now; `None`
     /// otherwise (a turn taken goes straight back). The checkout's fast path: no future, one
     /// lock.
-    pub(crate) fn try_idle(&self) -> Option<(Turn<'_, T>, Idle<T>)> {
+    /// Of the idle connections, the most recently returned one `prefer` likes goes first, else
+    /// the most recently returned one.
+    pub(crate) fn try_idle(&self, prefer: impl Fn(&T) -> bool) -> Option<(Turn<'_, T>, Idle<T>)> {
         let turn = self.try_turn().ok()?;
-        let idle = self.state().idle.pop()?;
+        let mut s = self.state();
+        let idle = match s.idle.iter().rposition(|i| prefer(&i.item)) {
+            Some(at) => s.idle.remove(at),
+            None => s.idle.pop()?,
+        };
+        drop(s);
         Some((turn, idle))
     }
 

@@ -200,6 +200,32 @@ impl Stream {
         }
     }
 
+    /// Moves the socket to the calling thread's runtime (see `crate::home`): a duplicate of its
+    /// descriptor is registered with this runtime's reactor and the old one, registered with
+    /// another's, is closed. TLS state stays as it is; only the transport underneath changes.
+    /// On an error the stream is unchanged, and still works (its wake-ups cross threads).
+    /// Only for a stream nobody is waiting on (an idle server connection).
+    pub fn rehome(&mut self) -> io::Result<()> {
+        use std::os::fd::AsFd;
+        fn tcp(old: &mut TcpStream) -> io::Result<()> {
+            let fd = old.as_fd().try_clone_to_owned()?;
+            let new = TcpStream::from_std(std::net::TcpStream::from(fd))?;
+            drop(std::mem::replace(old, new));
+            Ok(())
+        }
+        match self {
+            Stream::Tcp(s) => tcp(s),
+            Stream::TlsToServer(s) => tcp(s.get_mut().0),
+            Stream::TlsFromClient(s) => tcp(s.get_mut().0),
+            Stream::Unix(old) => {
+                let fd = old.as_fd().try_clone_to_owned()?;
+                let new = UnixStream::from_std(std::os::unix::net::UnixStream::from(fd))?;
+                drop(std::mem::replace(old, new));
+                Ok(())
+            }
+        }
+    }
+
     /// `peek`'s answer (or tokio's WouldBlock when it knows of nothing) as "idle and open".
     fn idle_by_readiness(peeked: io::Result<usize>) -> bool {
         matches!(peeked, Err(e) if e.kind() == io::ErrorKind::WouldBlock)
@@ -398,5 +424,58 @@ impl AsyncWrite for Stream {
 
     fn is_write_vectored(&self) -> bool {
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    use super::*;
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    /// A server connection opened on one shard and moved to another keeps working after the
+    /// first shard's runtime is gone: its wake-ups now come from the new runtime's reactor.
+    #[test]
+    fn a_moved_stream_is_served_by_its_new_runtime_alone() {
+        let first = runtime();
+        let (mut ours, peer) = first.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+            (Stream::Tcp(c.unwrap()), a.unwrap().0.into_std().unwrap())
+        });
+        drop(first);
+        let second = runtime();
+        second.block_on(async {
+            ours.rehome().unwrap();
+            let mut peer = TcpStream::from_std(peer).unwrap();
+            // Reads wait for the peer: a readiness only the new reactor can deliver.
+            let echo = async {
+                let mut b = [0u8; 5];
+                peer.read_exact(&mut b).await.unwrap();
+                peer.write_all(&b).await.unwrap();
+            };
+            let ask = async {
+                ours.send(b"hello").await.unwrap();
+                let mut b = [0u8; 5];
+                ours.read_exact(&mut b).await.unwrap();
+                b
+            };
+            let (_, got) = tokio::time::timeout(Duration::from_secs(10), async {
+                tokio::join!(echo, ask)
+            })
+            .await
+            .expect("the moved stream is woken by its new runtime");
+            assert_eq!(&got, b"hello");
+        });
     }
 }

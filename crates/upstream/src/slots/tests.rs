@@ -432,7 +432,9 @@ proptest! {
 async fn the_fast_path_takes_only_an_idle_connection_and_never_jumps_the_queue() {
     let slots = three_idle();
     // Warmest first, as a waiting checkout would get it.
-    let (turn, idle) = slots.try_idle().expect("a turn and an idle connection");
+    let (turn, idle) = slots
+        .try_idle(|_| false)
+        .expect("a turn and an idle connection");
     assert_eq!(idle.item, 3);
     // Put back as if never taken: the same connection comes out next, the books unchanged.
     slots.untake(turn, idle);
@@ -445,21 +447,21 @@ async fn the_fast_path_takes_only_an_idle_connection_and_never_jumps_the_queue()
             waiting: 0
         }
     );
-    let (turn, idle) = slots.try_idle().expect("still there");
+    let (turn, idle) = slots.try_idle(|_| false).expect("still there");
     assert_eq!(idle.item, 3);
     turn.keep();
     // Everything out: no idle connection, so the fast path declines and leaves no turn taken.
-    let (a, _) = slots.try_idle().expect("second");
+    let (a, _) = slots.try_idle(|_| false).expect("second");
     a.keep();
-    let (b, _) = slots.try_idle().expect("third");
+    let (b, _) = slots.try_idle(|_| false).expect("third");
     b.keep();
-    assert!(slots.try_idle().is_none());
+    assert!(slots.try_idle(|_| false).is_none());
     // A checkout queued before it is served before the fast path sees anything.
     let mut queued = Box::pin(slots.turn());
     assert!(futures_util::poll!(queued.as_mut()).is_pending());
     assert!(slots.give_back(3, Instant::now()).is_none());
     assert!(
-        slots.try_idle().is_none(),
+        slots.try_idle(|_| false).is_none(),
         "the returned turn belongs to the waiting checkout"
     );
     let mut turn = match futures_util::poll!(queued.as_mut()) {
@@ -475,7 +477,7 @@ fn the_fast_path_declines_while_the_pool_has_room_but_nothing_idle() {
     let slots = Slots::<u32>::new(2);
     // Room to open a connection is the slow path's work (it connects); the fast path hands
     // the turn straight back.
-    assert!(slots.try_idle().is_none());
+    assert!(slots.try_idle(|_| false).is_none());
     assert_eq!(
         slots.status(),
         Status {
@@ -487,4 +489,28 @@ fn the_fast_path_declines_while_the_pool_has_room_but_nothing_idle() {
     );
     assert!(matches!(checkout(&slots), Taken::Room));
     assert!(matches!(checkout(&slots), Taken::Room));
+}
+
+#[test]
+fn the_fast_path_prefers_the_warmest_connection_the_caller_likes() {
+    // 1, 2, 3 idle, 3 the warmest: a caller that likes odd items gets 3, then 1, then
+    // (nothing it likes left) the warmest of the rest.
+    let slots = three_idle();
+    let odd = |i: &u32| i % 2 == 1;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (turn, idle) = slots.try_idle(odd).expect("a turn and an idle connection");
+        turn.keep();
+        got.push(idle.item);
+    }
+    assert_eq!(got, [3, 1, 2]);
+    assert_eq!(
+        slots.status(),
+        Status {
+            max_size: 3,
+            size: 3,
+            idle: 0,
+            waiting: 0
+        }
+    );
 }
