@@ -457,7 +457,7 @@ async fn the_fast_path_takes_only_an_idle_connection_and_never_jumps_the_queue()
     b.keep();
     assert!(slots.try_idle(|_| false).is_none());
     // A checkout queued before it is served before the fast path sees anything.
-    let mut queued = Box::pin(slots.turn());
+    let mut queued = Box::pin(slots.turn(Source::default()));
     assert!(futures_util::poll!(queued.as_mut()).is_pending());
     assert!(slots.give_back(3, Instant::now()).is_none());
     assert!(
