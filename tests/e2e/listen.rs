@@ -52,6 +52,27 @@ async fn listener_backends(direct: &Client) -> Vec<i32> {
         .collect()
 }
 
+/// The app pool's SHOW LISTENERS row: (clients, channels, notifications, dropped, reconnects).
+async fn listeners_row(env: &Env) -> Option<[u64; 5]> {
+    let admin = connect(&env.pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .expect("admin console login");
+    let rows = admin.simple_query("SHOW LISTENERS").await.unwrap();
+    rows.into_iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+            let n = |c: &str| r.get(c).unwrap().parse::<u64>().unwrap();
+            Some([
+                n("clients"),
+                n("channels"),
+                n("notifications"),
+                n("dropped"),
+                n("reconnects"),
+            ])
+        }
+        _ => None,
+    })
+}
+
 async fn wait_for_listener_backends(direct: &Client, n: usize) -> Vec<i32> {
     let deadline = Instant::now() + WAIT;
     loop {
@@ -117,6 +138,36 @@ async fn clients_listening_in_transaction_mode_share_a_pool_of_one_and_get_every
     c.batch_execute("NOTIFY other, 'last'").await.unwrap();
     assert_eq!(next(&mut rx_a).await, pair("other", "last"));
     assert_eq!(next(&mut rx_b).await, pair("other", "last"));
+    // Two clients on `other`, b on `jobs` too; nine notifications queued, none dropped.
+    assert_eq!(listeners_row(&env).await, Some([2, 2, 9, 0, 0]));
+}
+
+#[tokio::test]
+async fn a_client_busy_in_a_transaction_keeps_its_newest_thousand_notifications() {
+    let env = start("", "pool_size = 2\n");
+    let (a, mut rx_a) = listening_client(&env).await;
+    a.batch_execute("LISTEN jobs").await.unwrap();
+    // Mid-transaction a is sent nothing, so its inbox fills up.
+    a.batch_execute("BEGIN").await.unwrap();
+    let c = env.client().await;
+    c.batch_execute("SELECT pg_notify('jobs', g::text) FROM generate_series(1, 1100) g")
+        .await
+        .unwrap();
+    let deadline = Instant::now() + WAIT;
+    while listeners_row(&env).await != Some([1, 1, 1100, 100, 0]) {
+        assert!(
+            Instant::now() < deadline,
+            "SHOW LISTENERS: {:?}",
+            listeners_row(&env).await
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    a.batch_execute("COMMIT").await.unwrap();
+    for want in 101..=1100 {
+        assert_eq!(next(&mut rx_a).await, pair("jobs", &want.to_string()));
+    }
+    c.batch_execute("NOTIFY jobs, 'marker'").await.unwrap();
+    assert_eq!(next(&mut rx_a).await, pair("jobs", "marker"));
 }
 
 #[tokio::test]
@@ -150,6 +201,8 @@ async fn the_listener_connection_comes_back_after_its_backend_is_killed() {
     b.batch_execute("LISTEN fresh").await.unwrap();
     c.batch_execute("NOTIFY fresh, 'yes'").await.unwrap();
     assert_eq!(next(&mut rx_b).await, pair("fresh", "yes"));
+    let reconnects = listeners_row(&env).await.map(|r| r[4]);
+    assert_eq!(reconnects, Some(1), "the loss is counted");
 }
 
 #[tokio::test]
