@@ -311,7 +311,7 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         ";; PgBouncer config of a web tier\n\
          [databases]\n\
          app = host=127.0.0.1 port={pg} dbname=app pool_size=10 reserve_pool=5\n\
-         app_ro = host=127.0.0.1 port={pg} dbname=app user=app password='app_pw' pool_mode=session connect_query='SET x=1'\n\
+         app_ro = host=127.0.0.1 port={pg} dbname=app user=app password='app_pw' pool_mode=session connect_query='SET search_path = public' timezone=UTC datestyle=ISO\n\
          * = host=127.0.0.1 port={pg} auth_user=pgbouncer\n\
          \n[users]\napp = pool_mode=transaction\n\
          \n[pgbouncer]\n\
@@ -383,6 +383,9 @@ fn a_real_pgbouncer_ini_imports_and_the_result_serves_pgbench() {
         "server_login_retry = 1 → server_login_retry = \"1s\": the base of an exponential back-off",
         "app → [databases.app]",
         "reserve_pool_size=5",
+        "connect_query=\"SET search_path = public\"",
+        "timezone=\"UTC\"",
+        "datestyle=ISO: not imported: no per-database datestyle",
         "* → [databases.*] host=\"127.0.0.1\"",
         "auth_query = SELECT",
         "app → [users.app] pool_mode=\"transaction\"",

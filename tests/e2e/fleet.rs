@@ -175,6 +175,37 @@ async fn four_processes_share_a_budget_of_twelve_borrow_idle_slots_and_take_a_de
     })
     .await
     .unwrap();
+    // Operators can tell the control connections apart in pg_stat_activity: one per process
+    // with clients (a process opens it with its database's first pool), and they are the
+    // sessions that hold the slots' advisory locks.
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let named = || async {
+        let row = direct
+            .query_one(
+                "SELECT (SELECT count(*) FROM pg_stat_activity \
+                         WHERE application_name = 'breakwater fleet'), \
+                        (SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid) \
+                         WHERE l.locktype = 'advisory' \
+                           AND a.application_name IS DISTINCT FROM 'breakwater fleet')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, i64>(0), row.get::<_, i64>(1))
+    };
+    testkit::wait_until(
+        "three control connections named 'breakwater fleet'",
+        WAIT,
+        || async { named().await.0 == 3 },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        named().await.1,
+        0,
+        "advisory locks held by sessions not named 'breakwater fleet'"
+    );
+    drop(direct);
     // A process that found the fleet full gets its min share from those over theirs.
     let shares_at = Instant::now();
     testkit::wait_until(

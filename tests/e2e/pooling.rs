@@ -446,3 +446,110 @@ async fn a_client_waiting_for_a_server_is_told_why_after_query_wait_notify() {
     holder.batch_execute("COMMIT").await.unwrap();
     assert_eq!(query.await.unwrap().unwrap(), 2);
 }
+
+#[tokio::test]
+async fn per_database_server_defaults_and_connect_query_prepare_every_new_server_connection() {
+    let env = start(
+        "",
+        "pool_size = 3\n\
+         application_name = \"orders\"\n\
+         timezone = \"Asia/Tokyo\"\n\
+         client_encoding = \"LATIN1\"\n\
+         connect_query = \"INSERT INTO opened SELECT pg_backend_pid(), \
+           current_setting('application_name'), current_setting('TimeZone'), \
+           current_setting('client_encoding')\"\n",
+    );
+    let direct = env.direct().await;
+    direct
+        .batch_execute(
+            "CREATE TABLE opened (pid int, app text, tz text, enc text); \
+             GRANT INSERT ON opened TO app",
+        )
+        .await
+        .unwrap();
+    // Three clients at once, each holding a server for a moment: three connections opened.
+    let clients = futures_util::future::join_all((0..3).map(|_| env.client())).await;
+    futures_util::future::join_all(
+        clients
+            .iter()
+            .map(|c| c.batch_execute("BEGIN; SELECT pg_sleep(0.2); COMMIT")),
+    )
+    .await
+    .into_iter()
+    .collect::<Result<Vec<_>, _>>()
+    .unwrap();
+    // A client that set none of them sees the database's defaults; its own client_encoding
+    // (tokio-postgres always asks for UTF8) still wins.
+    let show = |what: &'static str| {
+        let c = &clients[0];
+        async move { first_value(c.simple_query(&format!("SHOW {what}")).await.unwrap()) }
+    };
+    assert_eq!(show("TimeZone").await.as_deref(), Some("Asia/Tokyo"));
+    assert_eq!(show("application_name").await.as_deref(), Some("orders"));
+    assert_eq!(show("client_encoding").await.as_deref(), Some("UTF8"));
+
+    // connect_query ran once on each server connection, after login with the startup
+    // parameters, before any client used it.
+    let rows = direct
+        .query(
+            "SELECT o.pid, o.app, o.tz, o.enc, a.pid IS NOT NULL FROM opened o \
+             LEFT JOIN pg_stat_activity a ON a.pid = o.pid AND a.usename = 'app' ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    let backends = app_backends(&direct).await;
+    assert_eq!(rows.len() as i64, backends, "one row per server connection");
+    assert!(backends >= 2, "{backends} server connections");
+    for r in &rows {
+        let (app, tz, enc): (String, String, String) = (r.get(1), r.get(2), r.get(3));
+        assert_eq!(
+            (app.as_str(), tz.as_str(), enc.as_str()),
+            ("orders", "Asia/Tokyo", "LATIN1")
+        );
+        assert!(
+            r.get::<_, bool>(4),
+            "the connection that ran it is the pooled one"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_failing_connect_query_closes_the_new_connection_and_the_client_hears_why() {
+    let env = start("", "connect_query = \"SELECT * FROM no_such_table\"\n");
+    let direct = env.direct().await;
+    let started = Instant::now();
+    let err = connect(&env.conn_string())
+        .await
+        .map(|_| ())
+        .expect_err("the login needs a server, and none can be prepared");
+    let db = err.as_db_error().expect("an ErrorResponse");
+    assert_eq!(db.code().code(), "08001", "{db:?}");
+    assert!(
+        db.message().contains("connect_query") && db.message().contains("no_such_table"),
+        "{}",
+        db.message()
+    );
+    // At once, not after query_wait_timeout: the query will fail on every connection.
+    assert!(started.elapsed() < Duration::from_secs(30));
+    // The connection is gone, and the close was counted and logged with its reason.
+    testkit::wait_until("the server connection to close", WAIT, || async {
+        app_backends(&direct).await == 0
+    })
+    .await
+    .unwrap();
+    let admin = connect(&env.pooler.conn_string("admin", "admin_pw", "pgbouncer"))
+        .await
+        .unwrap();
+    let closes = admin.simple_query("SHOW SERVER_CLOSES").await.unwrap();
+    let counted = closes.iter().any(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => {
+            r.get("database") == Some("app")
+                && r.get("reason") == Some("connect_query_failed")
+                && r.get("closes") == Some("1")
+        }
+        _ => false,
+    });
+    assert!(counted, "SHOW SERVER_CLOSES: {closes:?}");
+    assert!(env.pooler.log().contains("connect_query_failed"));
+}

@@ -225,6 +225,8 @@ fn pool(c: &mut Criterion) {
         user: "app".into(),
         credential: Some(ServerCredential::Password("app_pw".into())),
         require_auth: Default::default(),
+        startup_params: Vec::new(),
+        connect_query: None,
     };
     let wait = Some(Duration::from_secs(10));
     let mut alarm = upstream::Alarm::default();

@@ -256,6 +256,8 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         auto: false,
         fleet: None,
         auth_query: None,
+        startup_params: Vec::new(),
+        connect_query: None,
     };
     ProxySettings {
         auth_type: AuthType::Trust,

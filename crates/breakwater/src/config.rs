@@ -321,6 +321,13 @@ section! {
         fleet_budget: Option<usize> = None, restart;
         fleet_min_share: Option<usize> = None, restart;
         fleet_release_delay: Option<Timeout> = None, restart;
+        /// Sent in every server connection's startup packet: the defaults of clients that set
+        /// none of their own (PgBouncer's per-database `client_encoding`, `timezone`).
+        application_name: Option<String> = None, reload;
+        timezone: Option<String> = None, reload;
+        client_encoding: Option<String> = None, reload;
+        /// Run once on each new server connection after login, before it is pooled.
+        connect_query: Option<String> = None, reload;
     }
 }
 
@@ -1101,6 +1108,15 @@ impl Config {
                                 .0
                                 .unwrap_or_default(),
                         }),
+                    startup_params: [
+                        ("application_name", &d.application_name),
+                        ("timezone", &d.timezone),
+                        ("client_encoding", &d.client_encoding),
+                    ]
+                    .into_iter()
+                    .filter_map(|(k, v)| Some((k.to_owned(), v.clone()?)))
+                    .collect(),
+                    connect_query: d.connect_query.clone().filter(|q| !q.trim().is_empty()),
                 }
             })
             .collect();

@@ -470,10 +470,8 @@ fn database(conn: &str, global_max_db: Option<&str>) -> (Database, Vec<String>) 
                 set(&mut db, &key, &value)
             }
             "reserve_pool" | "reserve_pool_size" => set(&mut db, "reserve_pool_size", &value),
-            "connect_query" => Err("no connect_query: set parameters in the role (ALTER ROLE … SET) or the client".into()),
-            "client_encoding" | "datestyle" | "timezone" | "application_name" => {
-                Err("no per-database startup parameters: set them in the role (ALTER ROLE … SET) or the client".into())
-            }
+            "connect_query" | "client_encoding" | "timezone" | "application_name" => set(&mut db, &key, &value),
+            "datestyle" => Err("no per-database datestyle: set it in the role (ALTER ROLE … SET datestyle) or the client".into()),
             "auth_user" | "auth_query" | "auth_dbname" => set(&mut db, &key, &value),
             "server_lifetime" => Err("server_lifetime is pool-wide in Breakwater".into()),
             _ => Err("unknown".into()),
@@ -636,7 +634,8 @@ mod tests {
     #[test]
     fn connection_strings_become_database_entries() {
         let (db, notes) = database(
-            "host=db1,db2 port=5433 dbname='my app' password='a b\\'c' pool_size=7 timezone=UTC",
+            "host=db1,db2 port=5433 dbname='my app' password='a b\\'c' pool_size=7 timezone=UTC \
+             datestyle=ISO connect_query='SET search_path = app' client_encoding=UTF8",
             Some("40"),
         );
         assert_eq!(
@@ -647,8 +646,14 @@ mod tests {
         assert_eq!(db.pool_size, Some(7));
         assert_eq!(db.max_db_connections, Some(40));
         assert_eq!(db.password.as_deref(), Some("a b'c"));
+        assert_eq!(db.timezone.as_deref(), Some("UTC"));
+        assert_eq!(db.client_encoding.as_deref(), Some("UTF8"));
+        assert_eq!(db.connect_query.as_deref(), Some("SET search_path = app"));
         assert_eq!(notes.len(), 1, "{notes:?}");
-        assert!(notes[0].contains("timezone=UTC: not imported"), "{notes:?}");
+        assert!(
+            notes[0].contains("datestyle=ISO: not imported"),
+            "{notes:?}"
+        );
         let (db, notes) = database("dbname=app", None);
         assert_eq!((db.host, db.port), (None, None));
         assert!(notes[0].contains("Unix socket"), "{notes:?}");

@@ -372,6 +372,9 @@ impl AuthLookups {
             user: aq.user.clone(),
             credential: auth_user_credential(settings, auth_route, &aq.user),
             require_auth: auth_route.require_auth.clone(),
+            // The lookup runs one query of its own: it needs no client's preparation.
+            startup_params: auth_route.startup_params.clone(),
+            connect_query: None,
         };
         let hosts = auth_route
             .hosts

@@ -57,6 +57,8 @@ fn same_target(a: &DatabaseRoute, b: &DatabaseRoute) -> bool {
         && a.password == b.password
         && a.pool_mode == b.pool_mode
         && a.require_auth == b.require_auth
+        && a.startup_params == b.startup_params
+        && a.connect_query == b.connect_query
 }
 
 impl Shared {

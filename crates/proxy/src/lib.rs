@@ -478,6 +478,8 @@ impl Shared {
                     user: server_user.to_owned(),
                     credential,
                     require_auth: route.require_auth.clone(),
+                    startup_params: route.startup_params.clone(),
+                    connect_query: route.connect_query.clone(),
                 },
                 hosts: route.hosts.clone(),
                 attrs: route.target_session_attrs,

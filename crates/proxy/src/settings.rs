@@ -101,6 +101,11 @@ pub struct DatabaseRoute {
     /// `auth_user` / `auth_query` / `auth_dbname` (the database's, else the pooler's): how
     /// secrets of users not in the auth_file are looked up; `None` without an auth_user.
     pub auth_query: Option<crate::auth_query::AuthQueryRoute>,
+    /// `application_name`, `timezone`, `client_encoding`: sent in the startup packet of every
+    /// server connection, so they are the defaults of clients that set none of their own.
+    pub startup_params: Vec<(String, String)>,
+    /// `connect_query`: run once on each new server connection before it is pooled.
+    pub connect_query: Option<String>,
 }
 
 impl DatabaseRoute {

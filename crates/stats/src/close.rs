@@ -54,11 +54,13 @@ pub enum CloseReason {
     /// Idle, and its fleet slot is being given back (`fleet_release_delay`) or the control
     /// connection was lost (down to `fleet_min_share`).
     FleetRelease,
+    /// The database's `connect_query` failed on the new connection.
+    ConnectQueryFailed,
 }
 
 impl CloseReason {
     /// Every reason, in the order views list them.
-    pub const ALL: [CloseReason; 22] = [
+    pub const ALL: [CloseReason; 23] = [
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::ResetFailed,
@@ -81,6 +83,7 @@ impl CloseReason {
         CloseReason::PoolClosed,
         CloseReason::PoolResized,
         CloseReason::FleetRelease,
+        CloseReason::ConnectQueryFailed,
     ];
 
     /// The label in SHOW SERVER_CLOSES, the metric and the logs.
@@ -108,6 +111,7 @@ impl CloseReason {
             CloseReason::PoolClosed => "pool_closed",
             CloseReason::PoolResized => "pool_resized",
             CloseReason::FleetRelease => "fleet_release",
+            CloseReason::ConnectQueryFailed => "connect_query_failed",
         }
     }
 

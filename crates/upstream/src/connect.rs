@@ -304,10 +304,14 @@ async fn run_login(
     };
 
     let mut out = BytesMut::with_capacity(256);
-    startup::write_startup(
-        &mut out,
-        &[("user", &target.user), ("database", &target.dbname)],
+    let mut params = vec![("user", target.user.as_str()), ("database", &target.dbname)];
+    params.extend(
+        target
+            .startup_params
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str())),
     );
+    startup::write_startup(&mut out, &params);
     conn.write_all(&out).await.map_err(io_err)?;
     // Checked before anything is sent in answer: a refused method costs the server nothing.
     let allowed = |method: AuthMethod| {

@@ -82,6 +82,9 @@ pub enum ConnectError {
     /// may take that server instead of waiting for a slot it does not need.
     #[error("every slot of a connection cap is in use")]
     CapBusy,
+    /// The database's `connect_query` failed on a new connection, which was closed.
+    #[error("connect_query failed on {addr}: {source}")]
+    ConnectQuery { addr: String, source: QueryError },
 }
 
 /// An error from a query Breakwater runs on its own account.
@@ -119,7 +122,8 @@ impl ConnectError {
             | ConnectError::WrongRole { .. }
             | ConnectError::Backoff { .. }
             | ConnectError::NoMatchingHost { .. }
-            | ConnectError::CapBusy => return None,
+            | ConnectError::CapBusy
+            | ConnectError::ConnectQuery { .. } => return None,
         })
     }
 
@@ -139,6 +143,9 @@ impl ConnectError {
             ConnectError::Auth { .. }
             | ConnectError::AuthNotAllowed { .. }
             | ConnectError::BreakerOpen(_) => true,
+            // The query itself is wrong (or the server refuses it): every new connection will
+            // fail the same way, so the client hears it now. A lost connection may not recur.
+            ConnectError::ConnectQuery { source, .. } => matches!(source, QueryError::Server(_)),
             ConnectError::Tls { source, .. } => source.is_permanent(),
             _ => false,
         }

@@ -33,6 +33,9 @@ use crate::settings::{ServerSettings, ServerTarget};
 pub use crate::slots::Source;
 use crate::slots::{Idle, Slots, Taken};
 
+/// What the fleet's control connection calls itself in pg_stat_activity.
+pub const FLEET_APPLICATION_NAME: &str = "breakwater fleet";
+
 /// Caps shared between pools: `max_db_connections` (per database), `max_user_connections` (per
 /// server user) and
 /// `max_server_connections` (all pools). A connection holds a slot of each while it lives.
@@ -204,6 +207,13 @@ impl ServerManager {
                 }));
                 tracing::info!(server = c.id(), addr = %c.addr(), pid = c.backend_pid(),
                     database = %self.target.database, user = %self.target.user, "server connection opened");
+                if let Some(sql) = &target.connect_query {
+                    if let Err(e) = self.connect_query(&mut c, sql, &settings).await {
+                        self.closing(&c, CloseReason::ConnectQueryFailed);
+                        c.terminate();
+                        return Err(e);
+                    }
+                }
                 Ok(Box::new(c))
             }
             Err(e) => {
@@ -220,6 +230,26 @@ impl ServerManager {
                 Err(e)
             }
         }
+    }
+
+    /// `connect_query` on a connection just logged in, bounded by `server_login_timeout` (it
+    /// is part of getting the connection ready). It must leave the server idle.
+    async fn connect_query(
+        &self,
+        conn: &mut ServerConn,
+        sql: &str,
+        settings: &ServerSettings,
+    ) -> Result<(), ConnectError> {
+        let addr = conn.addr().to_string();
+        let run = conn.simple_query(sql);
+        let result = match settings.login_timeout {
+            Some(t) => match tokio::time::timeout(t, run).await {
+                Ok(r) => r,
+                Err(_) => return Err(ConnectError::LoginTimeout { addr, timeout: t }),
+            },
+            None => run.await,
+        };
+        result.map_err(|source| ConnectError::ConnectQuery { addr, source })
     }
 
     /// Not once the host it was opened on changed role (see `failover`), nor while a failure
@@ -1013,9 +1043,18 @@ impl ServerPool {
 
     /// Opens a connection outside the pool, holding none of its caps: the fleet's control
     /// connection, which must reach the server the pool does, the same way (hosts, TLS, login).
+    /// It says what it is in pg_stat_activity (`application_name`), and runs no
+    /// `connect_query`: that prepares connections for clients.
     pub async fn open_control(&self) -> Result<ServerConn, ConnectError> {
         let m = &self.core.manager;
-        m.hosts.connect(&m.target(), &m.settings()).await
+        let mut target = m.target();
+        target
+            .startup_params
+            .retain(|(k, _)| !k.eq_ignore_ascii_case("application_name"));
+        target
+            .startup_params
+            .push(("application_name".into(), FLEET_APPLICATION_NAME.into()));
+        m.hosts.connect(&target, &m.settings()).await
     }
 
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).

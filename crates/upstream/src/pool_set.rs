@@ -452,6 +452,8 @@ mod tests {
                 user: user.into(),
                 credential: None,
                 require_auth: Default::default(),
+                startup_params: Vec::new(),
+                connect_query: None,
             },
             hosts: Vec::new(),
             attrs: TargetSessionAttrs::Any,

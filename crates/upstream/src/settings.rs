@@ -18,6 +18,13 @@ pub struct ServerTarget {
     pub credential: Option<ServerCredential>,
     /// `server_require_auth`: the methods this server may ask for.
     pub require_auth: crate::RequireAuth,
+    /// Startup parameters sent at login besides `user` and `database` (the database's
+    /// `application_name`, `timezone`, `client_encoding`): the server's defaults, so clients
+    /// that set none of their own see these.
+    pub startup_params: Vec<(String, String)>,
+    /// `connect_query`: run once on each new pooled connection after login, before any client
+    /// gets it; `None` runs nothing.
+    pub connect_query: Option<String>,
 }
 
 /// Timeouts and limits for server connections.
