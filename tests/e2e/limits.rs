@@ -531,6 +531,34 @@ async fn any_database_is_served_by_the_star_entry_and_its_pool_closes_after_auto
             listed("tenant_b")
         ]
     );
+    // SHOW DATABASES lists the automatic databases while they have pools, as PgBouncer does,
+    // each with the name it serves and the "*" entry's settings.
+    let databases = || async {
+        let rows = admin.simple_query("SHOW DATABASES").await.unwrap();
+        let mut names: Vec<(String, String, String)> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                    r.get("name").unwrap_or("").to_owned(),
+                    r.get("database").unwrap_or("").to_owned(),
+                    r.get("pool_size").unwrap_or("").to_owned(),
+                )),
+                _ => None,
+            })
+            .collect();
+        names.sort();
+        names
+    };
+    let row = |name: &str, db: &str, size: &str| (name.to_owned(), db.to_owned(), size.to_owned());
+    assert_eq!(
+        databases().await,
+        [
+            row("*", "*", "3"),
+            row("app", "app", "20"),
+            row("tenant_a", "tenant_a", "3"),
+            row("tenant_b", "tenant_b", "3"),
+        ]
+    );
     // A database that does not exist: PostgreSQL's own answer.
     let err = connect(&pooler.conn_string("app", "app_pw", "no_such_db"))
         .await
@@ -547,6 +575,11 @@ async fn any_database_is_served_by_the_star_entry_and_its_pool_closes_after_auto
     })
     .await
     .unwrap();
+    assert_eq!(
+        databases().await,
+        [row("*", "*", "3"), row("app", "app", "20")],
+        "an automatic database is listed only while it has pools"
+    );
     // And come back on the next login.
     let again = connect(&pooler.conn_string("app", "app_pw", "tenant_a"))
         .await

@@ -197,7 +197,13 @@ impl Control for Daemon {
         let count = |m: &HashMap<String, u64>, key: &str| m.get(key).copied().unwrap_or(0);
         let mut servers = Vec::new();
         let mut pools = Vec::new();
+        // Databases the "*" entry serves that have pools now, listed in SHOW DATABASES as
+        // PgBouncer lists its automatic databases.
+        let mut auto = Vec::new();
         for p in self.proxy.pools() {
+            if p.route.auto && !auto.contains(&p.route.name) {
+                auto.push(p.route.name.clone());
+            }
             let stats = p.stats.snapshot();
             let key = (stats.database.clone(), stats.user.clone());
             let status = p.pool.status();
@@ -242,9 +248,12 @@ impl Control for Daemon {
         pools.sort_by(|a, b| {
             (&a.stats.database, &a.stats.user).cmp(&(&b.stats.database, &b.stats.user))
         });
+        auto.sort_unstable();
+        let auto: Vec<_> = auto.iter().filter_map(|n| settings.resolve(n)).collect();
         let databases = settings
             .databases
             .iter()
+            .chain(auto.iter().map(|d| &**d))
             .map(|d| DatabaseView {
                 name: d.name.clone(),
                 host: d.host.clone(),

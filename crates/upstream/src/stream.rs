@@ -470,11 +470,10 @@ mod tests {
                 ours.read_exact(&mut b).await.unwrap();
                 b
             };
-            let (_, got) = tokio::time::timeout(Duration::from_secs(10), async {
-                tokio::join!(echo, ask)
-            })
-            .await
-            .expect("the moved stream is woken by its new runtime");
+            let (_, got) =
+                tokio::time::timeout(Duration::from_secs(10), async { tokio::join!(echo, ask) })
+                    .await
+                    .expect("the moved stream is woken by its new runtime");
             assert_eq!(&got, b"hello");
         });
     }
