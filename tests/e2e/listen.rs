@@ -273,3 +273,30 @@ async fn a_listen_inside_a_transaction_is_answered_with_its_status_and_leaves_no
         "0"
     );
 }
+
+#[tokio::test]
+async fn a_client_pinned_by_an_advisory_lock_gets_its_notifications_after_each_transaction() {
+    let env = start("", "pool_size = 2\n");
+    let (a, mut rx_a) = listening_client(&env).await;
+    a.batch_execute("LISTEN jobs").await.unwrap();
+    a.batch_execute("SELECT pg_advisory_lock(7)").await.unwrap();
+    let c = env.client().await;
+    c.batch_execute("NOTIFY jobs, 'while pinned'")
+        .await
+        .unwrap();
+    // The notification reaches a's inbox on its own time; each transaction a ends hands over
+    // what is there.
+    let deadline = Instant::now() + WAIT;
+    let got = loop {
+        a.batch_execute("SELECT 1").await.unwrap();
+        if let Ok(n) = rx_a.try_recv() {
+            break n;
+        }
+        assert!(Instant::now() < deadline, "nothing delivered while pinned");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!((got.channel(), got.payload()), ("jobs", "while pinned"));
+    a.batch_execute("SELECT pg_advisory_unlock(7)")
+        .await
+        .unwrap();
+}

@@ -232,6 +232,11 @@ impl Subscription {
     async fn listen(&self, channel: &str, wait: Duration) -> Result<(), PgError> {
         let confirmed = {
             let mut s = lock(&self.hub.state);
+            // Listening already (PostgreSQL says LISTEN again is a no-op): even while the
+            // listener connection is reconnecting, a failure now must not take it away.
+            if s.registry.listens(self.client, channel) {
+                return Ok(());
+            }
             let new_channel = match s.registry.listen(self.client, &self.inbox, channel) {
                 Ok(new) => new,
                 Err(TooManyChannels) => {

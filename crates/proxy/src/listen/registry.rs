@@ -199,6 +199,13 @@ impl Registry {
         out
     }
 
+    /// Does `client` listen to `channel`?
+    pub(crate) fn listens(&self, client: u64, channel: &str) -> bool {
+        self.clients
+            .get(&client)
+            .is_some_and(|l| l.channels.contains(channel))
+    }
+
     pub(crate) fn is_wanted(&self, channel: &str) -> bool {
         self.channels.contains_key(channel)
     }
@@ -262,6 +269,7 @@ mod tests {
         let a = Arc::new(Inbox::default());
         assert_eq!(r.listen(1, &a, "jobs"), Ok(true));
         assert_eq!(r.listen(1, &a, "jobs"), Ok(false));
+        assert!(r.listens(1, "jobs") && !r.listens(1, "other") && !r.listens(2, "jobs"));
         r.fan_out("jobs", &msg(1));
         assert_eq!(taken(&a), [1]);
     }

@@ -364,6 +364,14 @@ impl Session {
                         && (h.pinned || h.advisory_unknown)
                         && self.pinned_by_advisory_locks(h).await
                     {
+                        // Its transaction ended: what it was sent meanwhile goes now (it gets
+                        // nothing while it idles pinned, until the next one ends).
+                        if Box::pin(self.deliver_notifications()).await.is_err() {
+                            if let Some(h) = held.take() {
+                                self.abandon(h).await;
+                            }
+                            return Next::End;
+                        }
                         continue;
                     }
                     if let Some(h) = held.take() {
