@@ -412,8 +412,14 @@ impl DerefMut for PooledServer {
     }
 }
 
-impl Drop for PooledServer {
-    fn drop(&mut self) {
+impl PooledServer {
+    /// Gives the connection back to the pool, idle since `at`: what dropping it does, with the
+    /// caller's reading of the clock (the end of its transaction) instead of one more.
+    pub fn give_back_at(mut self, at: Instant) {
+        self.give_back(at);
+    }
+
+    fn give_back(&mut self, at: Instant) {
         let Some(conn) = self.conn.take() else { return };
         if let Some(r) = &conn.registration {
             r.info.set_in_use(false);
@@ -422,7 +428,7 @@ impl Drop for PooledServer {
         let m = &core.manager;
         if m.is_stale(&conn) {
             core.close_checked_out(conn, CloseReason::StaleEpoch);
-        } else if let Some(surplus) = core.slots.give_back(conn, Instant::now()) {
+        } else if let Some(surplus) = core.slots.give_back(conn, at) {
             // The pool closed or shrank while this one was out.
             let reason = if core.slots.is_closed() {
                 CloseReason::PoolClosed
@@ -433,6 +439,12 @@ impl Drop for PooledServer {
             surplus.terminate();
         }
         m.changes.changed();
+    }
+}
+
+impl Drop for PooledServer {
+    fn drop(&mut self) {
+        self.give_back(Instant::now());
     }
 }
 

@@ -2,6 +2,8 @@
 //! left session state), or, for a client that left mid-transaction, made clean for nobody or
 //! closed. Every path asks the ledger's `handover()` what stands in the way.
 
+use std::time::Instant;
+
 use bytes::BytesMut;
 use futures_util::FutureExt;
 use proto::frontend;
@@ -29,9 +31,11 @@ impl Session {
         self.enter(ClientState::Idle);
         let stats = &self.entry.stats;
         PoolStats::add(&stats.xact_count, 1);
+        // The transaction ended with the server's last bytes: no clock read of its own.
+        let mut ended = h.clock.last_server_byte;
         PoolStats::add(
             &stats.xact_time_us,
-            h.clock.since.elapsed().as_micros() as u64,
+            ended.saturating_duration_since(h.clock.since).as_micros() as u64,
         );
         if reset {
             PoolStats::add(&stats.server_resets, 1);
@@ -44,6 +48,7 @@ impl Session {
                 Ok(Ok(())) => {
                     // DISCARD ALL (the default) also drops prepared statements.
                     h.server.after_reset();
+                    ended = Instant::now();
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(server = h.server.id(), error = %e, "server_reset_query failed");
@@ -63,8 +68,9 @@ impl Session {
             discard(h.server, CloseReason::ServerProtocolError);
         } else if !self.entry.pool.still_wanted(&h.server) {
             discard(h.server, CloseReason::RoleChanged);
+        } else {
+            h.server.give_back_at(ended);
         }
-        // Dropping the object returns it to the pool.
     }
 
     /// The client left (or broke the protocol) while holding a server. Nothing it started may

@@ -359,7 +359,8 @@ impl Session {
                 }
             };
             if matches!(sent, Sent::Query | Sent::Sync | Sent::FunctionCall) {
-                h.clock.query_since.get_or_insert_with(Instant::now);
+                // The client's bytes arrived at this wake-up (or the checkout just now).
+                h.clock.query_since.get_or_insert(h.clock.last_client_byte);
             }
             if let Some(skipped) = h.ledger.on_client(sent) {
                 self.forget(h, &skipped);
@@ -651,11 +652,14 @@ impl Session {
                     h.reset = None;
                     let stats = &self.entry.stats;
                     PoolStats::add(&stats.query_count, 1);
+                    // The server's bytes arrived at this wake-up: its time is the answer's.
+                    let now = h.clock.last_server_byte;
                     if let Some(t) = h.clock.query_since.take() {
-                        PoolStats::add(&stats.query_time_us, t.elapsed().as_micros() as u64);
+                        let took = now.saturating_duration_since(t);
+                        PoolStats::add(&stats.query_time_us, took.as_micros() as u64);
                     }
                     if h.ledger.ready_owed() > 0 {
-                        h.clock.query_since = Some(Instant::now());
+                        h.clock.query_since = Some(now);
                     }
                     let statement_mode_done = self.mode == PoolMode::Statement
                         && h.ledger.ready_owed() == 0
