@@ -221,9 +221,7 @@ async fn log_in(
                 kill: client.stream.shutdown_handle(),
                 slot: reg.slot.clone(),
             });
-            // Grouped as admission control groups sources (an IPv6 host by its /64).
-            let source = upstream::Source(peer.0.map(|a| crate::admission::source_key(a.ip())));
-            let mut session = Session::new(shared, settings, client, entry, params, reg, source);
+            let mut session = Session::new(shared, settings, client, entry, params, reg);
             session.places = places;
             LoggedIn::Session(Box::new(session))
         }

@@ -106,6 +106,16 @@ impl Session {
         }
         let entry = self.entry.clone();
         let stats = &entry.stats;
+        // The line the client waits in if it must (fair waiting), grouped as admission control
+        // groups sources (an IPv6 host by its /64). Asked of the socket here, past the fast
+        // path, rather than kept in every session: each login's allocation would grow by it.
+        let source = upstream::Source(
+            self.client
+                .stream
+                .tcp()
+                .and_then(|s| s.peer_addr().ok())
+                .map(|a| crate::admission::source_key(a.ip())),
+        );
         let start = Instant::now();
         // In a block: the checkout borrows the alarm, and must be gone before `self` is used.
         let result = {
@@ -114,7 +124,7 @@ impl Session {
                 self.settings.query_wait_timeout,
                 &mut scratch.alarm,
                 &scratch.connecting,
-                self.source,
+                source,
             ));
             // The notice's timer is set only once the checkout has to wait: most find a server
             // at once, and setting a timer and dropping it is a trip through the timer wheel's

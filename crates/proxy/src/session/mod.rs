@@ -142,8 +142,6 @@ pub(crate) struct Session {
     /// Places under max_user_client_connections / max_db_client_connections, given back
     /// when the session is dropped.
     pub(crate) places: Option<Box<crate::caps::Places>>,
-    /// The client's source, whose line it waits in when the pool is busy (fair waiting).
-    source: upstream::Source,
     /// The channels this client LISTENs to through its pool's listener connection
     /// (transaction and statement mode), from its first LISTEN on; dropped with the session,
     /// which takes it off them.
@@ -180,7 +178,6 @@ impl Session {
         entry: Arc<PoolEntry>,
         params: ClientParams,
         cancel: Registration,
-        source: upstream::Source,
     ) -> Self {
         let mode = entry.route.pool_mode;
         let watch_read_only = entry.route.target_session_attrs.wants_writer();
@@ -201,7 +198,6 @@ impl Session {
             watch_read_only,
             since: Instant::now(),
             places: None,
-            source,
             listening: None,
         }
     }
