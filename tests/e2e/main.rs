@@ -19,6 +19,7 @@ mod listen;
 mod pooling;
 mod prepared;
 mod protocol;
+mod rds_iam;
 mod session_state;
 mod startup;
 mod storm;

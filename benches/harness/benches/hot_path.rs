@@ -227,6 +227,7 @@ fn pool(c: &mut Criterion) {
         require_auth: Default::default(),
         startup_params: Vec::new(),
         connect_query: None,
+        server_auth: Default::default(),
     };
     let wait = Some(Duration::from_secs(10));
     let mut alarm = upstream::Alarm::default();

@@ -250,6 +250,7 @@ fn settings(cluster: &testkit::PgCluster, pool_size: usize) -> ProxySettings {
         pool_mode: PoolMode::Transaction,
         max_db_connections: None,
         require_auth: Default::default(),
+        server_auth: Default::default(),
         max_db_client_connections: 0,
         reserve_pool_size: 0,
         reserve_pool_timeout: None,

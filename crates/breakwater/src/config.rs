@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use proto::auth::Userlist;
 use proxy::{AuthType, DatabaseRoute, PoolMode, ProxySettings};
-use upstream::{LoadBalanceHosts, SslMode, TargetSessionAttrs};
+use upstream::{LoadBalanceHosts, ServerAuthKind, SslMode, TargetSessionAttrs};
 
 pub use value::{parse_timeout, SettingValue, Timeout};
 
@@ -275,6 +275,11 @@ section! {
         /// libpq's `require_auth` for server logins; empty: anything but a cleartext password
         /// over a connection whose certificate was not verified.
         server_require_auth: String = String::new(), reload;
+        /// Where server passwords come from: `password` (the configured one) or `rds_iam`
+        /// (an RDS IAM token from the AWS credential chain; needs verified TLS).
+        server_auth: ServerAuthKind = ServerAuthKind::Password, reload;
+        /// The region RDS IAM tokens are signed for; empty: AWS_REGION, else AWS_DEFAULT_REGION.
+        rds_iam_region: String = String::new(), reload;
         /// The fleet budget's control task starts with a database's first pool and keeps its
         /// settings.
         fleet_budget: usize = 0, restart;
@@ -312,6 +317,9 @@ section! {
         max_db_connections: Option<usize> = None, reload;
         /// Defaults to the `[pooler]` one.
         server_require_auth: Option<String> = None, reload;
+        /// Default to the `[pooler]` ones.
+        server_auth: Option<ServerAuthKind> = None, reload;
+        rds_iam_region: Option<String> = None, reload;
         max_db_client_connections: Option<usize> = None, reload;
         reserve_pool_size: Option<usize> = None, reload;
         /// Default to the `[pooler]` ones.
@@ -361,6 +369,75 @@ impl Database {
             Some(list) => list.iter().map(|h| parse_host_port(h)).collect(),
         }
     }
+}
+
+impl Database {
+    /// `server_auth` resolved: an RDS IAM token carries its region (validated at load).
+    fn server_auth(&self, p: &Pooler) -> upstream::ServerAuth {
+        match self.server_auth.unwrap_or(p.server_auth) {
+            ServerAuthKind::Password => upstream::ServerAuth::Password,
+            ServerAuthKind::RdsIam => upstream::ServerAuth::RdsIam {
+                region: rds_iam_region(p, self).unwrap_or_default(),
+            },
+        }
+    }
+}
+
+/// `rds_iam_region` (the database's, else the pooler's), else the AWS environment's.
+fn rds_iam_region(p: &Pooler, db: &Database) -> Option<String> {
+    Some(
+        db.rds_iam_region
+            .as_deref()
+            .unwrap_or(&p.rds_iam_region)
+            .trim(),
+    )
+    .filter(|r| !r.is_empty())
+    .map(str::to_owned)
+    .or_else(upstream::rds_iam::default_region)
+}
+
+/// What `server_auth = "rds_iam"` needs: a token is a password, so only over TLS whose
+/// certificate is verified, never next to a configured password, and a region to sign for.
+fn rds_iam_checks(p: &Pooler, db: &Database) -> Result<(), String> {
+    if db.server_auth.unwrap_or(p.server_auth) != ServerAuthKind::RdsIam {
+        return Ok(());
+    }
+    if !matches!(
+        p.server_tls_sslmode,
+        SslMode::VerifyCa | SslMode::VerifyFull
+    ) {
+        return Err(format!(
+            "\"rds_iam\" sends its token as a cleartext password, so it needs server_tls_sslmode = \"verify-full\" (or \"verify-ca\") and server_tls_ca_file with the RDS CA bundle; server_tls_sslmode is \"{}\"",
+            p.server_tls_sslmode.as_str()
+        ));
+    }
+    if db.password.is_some() || db.password_file.is_some() {
+        return Err("\"rds_iam\" cannot be combined with password or password_file: the token is the password".into());
+    }
+    let hosts = db.host_list().unwrap_or_default();
+    if hosts.iter().any(|(h, _)| h.starts_with('/')) {
+        return Err(
+            "\"rds_iam\" needs a TCP host (an RDS endpoint), not a Unix socket directory".into(),
+        );
+    }
+    if rds_iam_region(p, db).is_none() {
+        return Err(
+            "\"rds_iam\" needs a region: set rds_iam_region, or AWS_REGION in the environment"
+                .into(),
+        );
+    }
+    let policy = upstream::RequireAuth::parse(
+        db.server_require_auth
+            .as_deref()
+            .unwrap_or(&p.server_require_auth),
+    )
+    .unwrap_or_default();
+    if policy.check(upstream::AuthMethod::Password, true).is_err() {
+        return Err(format!(
+            "\"rds_iam\" logs in with a cleartext password, which server_require_auth = \"{policy}\" refuses"
+        ));
+    }
+    Ok(())
 }
 
 /// `dns_nameservers`: `"10.0.0.2"` (port 53) or `"127.0.0.1:5353"`.
@@ -791,6 +868,9 @@ impl Config {
             {
                 bad(&format!("databases.{name}.server_require_auth"), message);
             }
+            if let Err(message) = rds_iam_checks(p, db) {
+                bad(&format!("databases.{name}.server_auth"), message);
+            }
             if proxy::ADMIN_DATABASES.contains(&name.as_str()) {
                 bad(
                     &format!("databases.{name}"),
@@ -1084,6 +1164,7 @@ impl Config {
                             .unwrap_or(&p.server_require_auth),
                     )
                     .unwrap_or_default(),
+                    server_auth: d.server_auth(p),
                     max_db_client_connections: d
                         .max_db_client_connections
                         .unwrap_or(p.max_db_client_connections),
@@ -1739,6 +1820,78 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("auth_pool_size: must be at least 1"), "{err}");
+    }
+
+    #[test]
+    fn rds_iam_is_refused_without_verified_tls_a_region_or_with_a_password() {
+        let base = "[pooler]\nauth_type = \"trust\"\nrds_iam_region = \"eu-west-1\"\n";
+        let cases = [
+            (
+                "",
+                "server_auth = \"rds_iam\"\n",
+                "needs server_tls_sslmode = \"verify-full\"",
+            ),
+            (
+                "server_tls_sslmode = \"require\"\n",
+                "server_auth = \"rds_iam\"\n",
+                "server_tls_sslmode is \"require\"",
+            ),
+            (
+                "server_auth = \"rds_iam\"\nserver_tls_sslmode = \"verify-full\"\n",
+                "password = \"x\"\n",
+                "cannot be combined with password",
+            ),
+            (
+                "server_tls_sslmode = \"verify-full\"\n",
+                "server_auth = \"rds_iam\"\nhost = \"/var/run/postgresql\"\n",
+                "not a Unix socket",
+            ),
+            (
+                "server_tls_sslmode = \"verify-full\"\n",
+                "server_auth = \"rds_iam\"\nserver_require_auth = \"scram-sha-256\"\n",
+                "server_require_auth = \"scram-sha-256\" refuses",
+            ),
+            (
+                "",
+                "server_auth = \"iam\"\n",
+                "\"iam\" is not password or rds_iam",
+            ),
+        ];
+        for (pooler, db, want) in cases {
+            let err = parse(&format!("{base}{pooler}[databases.app]\n{db}"))
+                .unwrap_err()
+                .to_string();
+            assert!(
+                err.contains(want) && err.contains("databases.app.server_auth"),
+                "{pooler}{db}: {err}"
+            );
+        }
+    }
+
+    #[test]
+    fn rds_iam_databases_carry_their_region_and_others_their_password() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.cert.pem()).unwrap();
+        let c = parse(&format!(
+            "[pooler]\nauth_type = \"trust\"\nserver_tls_sslmode = \"verify-full\"\n\
+             server_tls_ca_file = \"{}\"\nserver_auth = \"rds_iam\"\nrds_iam_region = \"eu-west-1\"\n\
+             [databases.app]\n[databases.us]\nrds_iam_region = \"us-east-2\"\n\
+             [databases.plain]\nserver_auth = \"password\"\npassword = \"x\"\n",
+            ca_file.display()
+        ))
+        .unwrap();
+        let s = c.proxy_settings();
+        let region = |db: &str| s.route(db).unwrap().server_auth.clone();
+        let iam = |r: &str| upstream::ServerAuth::RdsIam { region: r.into() };
+        assert_eq!(region("app"), iam("eu-west-1"));
+        assert_eq!(region("us"), iam("us-east-2"));
+        assert_eq!(region("plain"), upstream::ServerAuth::Password);
+        assert!(c
+            .show()
+            .iter()
+            .any(|(k, v, d, _)| k == "server_auth" && v == "rds_iam" && d == "password"));
     }
 
     #[test]

@@ -59,6 +59,7 @@ fn same_target(a: &DatabaseRoute, b: &DatabaseRoute) -> bool {
         && a.require_auth == b.require_auth
         && a.startup_params == b.startup_params
         && a.connect_query == b.connect_query
+        && a.server_auth == b.server_auth
 }
 
 impl Shared {

@@ -480,6 +480,7 @@ impl Shared {
                     require_auth: route.require_auth.clone(),
                     startup_params: route.startup_params.clone(),
                     connect_query: route.connect_query.clone(),
+                    server_auth: route.server_auth.clone(),
                 },
                 hosts: route.hosts.clone(),
                 attrs: route.target_session_attrs,

@@ -86,6 +86,8 @@ pub struct DatabaseRoute {
     pub max_db_connections: Option<usize>,
     /// `server_require_auth` (the database's, else the pooler's).
     pub require_auth: upstream::RequireAuth,
+    /// `server_auth` (the database's, else the pooler's), with `rds_iam_region` resolved.
+    pub server_auth: upstream::ServerAuth,
     /// `max_db_client_connections`: cap on clients of this database; 0 = none.
     pub max_db_client_connections: usize,
     /// Made from the `"*"` entry for a database name not listed (PgBouncer's automatic

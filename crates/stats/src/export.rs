@@ -145,6 +145,16 @@ pub fn publish_host(h: &HostSnapshot) {
         std::slice::from_ref(&host)
     )
     .absolute(h.auth_refused);
+    counter!(
+        "breakwater_host_rds_iam_tokens_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.rds_iam_tokens);
+    counter!(
+        "breakwater_host_rds_iam_failures_total",
+        std::slice::from_ref(&host)
+    )
+    .absolute(h.rds_iam_failures);
     for state in ["closed", "open", "half-open"] {
         let l = [host.clone(), ("state", state.to_string())];
         gauge!("breakwater_host_breaker", &l).set(f64::from(u8::from(h.breaker == state)));
@@ -348,6 +358,16 @@ pub fn describe() {
             "breakwater_host_auth_refused_total",
             Count,
             "Server logins abandoned because the server asked for a method server_require_auth refuses.",
+        ),
+        (
+            "breakwater_host_rds_iam_tokens_total",
+            Count,
+            "RDS IAM tokens signed for logins to the upstream host (server_auth = \"rds_iam\").",
+        ),
+        (
+            "breakwater_host_rds_iam_failures_total",
+            Count,
+            "Logins to the upstream host that could not get an RDS IAM token (no AWS credentials).",
         ),
         (
             "breakwater_host_drills_total",

@@ -44,6 +44,10 @@ pub struct HostStats {
     pub breaker_opens: AtomicU64,
     /// Logins abandoned because the server asked for a method server_require_auth refuses.
     pub auth_refused: AtomicU64,
+    /// RDS IAM tokens signed for logins to this host (`server_auth = "rds_iam"`).
+    pub rds_iam_tokens: AtomicU64,
+    /// Logins to this host that could not get an RDS IAM token (no credentials).
+    pub rds_iam_failures: AtomicU64,
     breaker: AtomicU8,
     /// Failure drills started on this host.
     pub drills: AtomicU64,
@@ -65,6 +69,8 @@ pub struct HostSnapshot {
     pub fast_failures: u64,
     pub breaker_opens: u64,
     pub auth_refused: u64,
+    pub rds_iam_tokens: u64,
+    pub rds_iam_failures: u64,
     pub breaker: &'static str,
     pub drills: u64,
     /// The failure drill in force ("" when none) and its seconds left.
@@ -136,6 +142,8 @@ impl HostStats {
             fast_failures: self.fast_failures.load(Relaxed),
             breaker_opens: self.breaker_opens.load(Relaxed),
             auth_refused: self.auth_refused.load(Relaxed),
+            rds_iam_tokens: self.rds_iam_tokens.load(Relaxed),
+            rds_iam_failures: self.rds_iam_failures.load(Relaxed),
             breaker: self.breaker().as_str(),
         }
     }

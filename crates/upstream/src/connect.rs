@@ -17,6 +17,7 @@ use crate::conn::{ServerAddr, ServerConn};
 use crate::dns::{DnsCache, DnsError};
 use crate::error::ConnectError;
 use crate::host::{DrillMode, Host};
+use crate::rds_iam::ServerAuth;
 use crate::require_auth::AuthMethod;
 use crate::settings::{ServerSettings, ServerTarget};
 use crate::stream::Stream;
@@ -44,7 +45,7 @@ impl ServerConn {
         host: &Host,
     ) -> Result<ServerConn, ConnectError> {
         let result = match host.drill() {
-            None => Self::connect_phases(target, settings, host.dns.as_deref()).await,
+            None => Self::connect_phases(target, settings, host).await,
             Some(DrillMode::Refuse) => Err(ConnectError::Connect {
                 addr: host.name.clone(),
                 source: io::Error::new(
@@ -62,7 +63,7 @@ impl ServerConn {
             }
             Some(DrillMode::Slow) => {
                 tokio::time::sleep(SLOW_DRILL_DELAY).await;
-                Self::connect_phases(target, settings, host.dns.as_deref()).await
+                Self::connect_phases(target, settings, host).await
             }
         };
         match &result {
@@ -87,8 +88,19 @@ impl ServerConn {
     async fn connect_phases(
         target: &ServerTarget,
         settings: &ServerSettings,
-        dns: Option<&DnsCache>,
+        host: &Host,
     ) -> Result<ServerConn, ConnectError> {
+        let dns = host.dns.as_deref();
+        // The password is a token signed now, before any socket is opened: a login without
+        // credentials costs the server nothing.
+        let with_token;
+        let target = match &target.server_auth {
+            ServerAuth::Password => target,
+            ServerAuth::RdsIam { region } => {
+                with_token = with_rds_iam_token(target, region, settings, host).await?;
+                &with_token
+            }
+        };
         let (addrs, cached) = resolve(target, settings.dns_timeout, dns).await?;
         let err = match connect_first(&addrs, target, settings).await {
             Ok((stream, addr)) => return login_allowing_tls(stream, addr, target, settings).await,
@@ -107,6 +119,43 @@ impl ServerConn {
             }
         }
         Err(err)
+    }
+}
+
+/// `target` with an RDS IAM token as its password, waiting for AWS credentials at most
+/// server_login_timeout.
+async fn with_rds_iam_token(
+    target: &ServerTarget,
+    region: &str,
+    settings: &ServerSettings,
+    host: &Host,
+) -> Result<ServerTarget, ConnectError> {
+    let token = crate::RdsIam::global()
+        .token(
+            &target.host,
+            target.port,
+            &target.user,
+            region,
+            settings.login_timeout,
+        )
+        .await;
+    match token {
+        Ok(token) => {
+            if token.refreshed {
+                stats::GlobalStats::bump(&host.stats.rds_iam_tokens);
+            }
+            let mut target = target.clone();
+            target.credential = Some(token.credential);
+            Ok(target)
+        }
+        Err(source) => {
+            stats::GlobalStats::bump(&host.stats.rds_iam_failures);
+            Err(ConnectError::RdsIamToken {
+                host: host.name.clone(),
+                user: target.user.clone(),
+                source,
+            })
+        }
     }
 }
 
@@ -265,6 +314,15 @@ async fn login(
         ),
         Stream::Tcp(_) | Stream::TlsFromClient(_) => false,
     };
+    // An RDS IAM token is a password for 15 minutes: never to a server whose certificate was
+    // not checked, whatever server_require_auth says (config load refuses such a setup too).
+    if target.server_auth != ServerAuth::Password && !verified {
+        return Err(ConnectError::Auth {
+            addr: addr.to_string(),
+            user: target.user.clone(),
+            reason: "server_auth = \"rds_iam\" sends its token only over TLS whose certificate was verified (server_tls_sslmode = verify-ca or verify-full), and this connection's was not".into(),
+        });
+    }
     let mut conn = ServerConn::new(stream, addr, settings.max_message);
     let addr_s = conn.addr().to_string();
     let work = run_login(&mut conn, target, verified);

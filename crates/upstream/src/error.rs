@@ -53,6 +53,13 @@ pub enum ConnectError {
         policy: crate::RequireAuth,
         why: &'static str,
     },
+    /// `server_auth = "rds_iam"` and no token could be signed (no AWS credentials in time).
+    #[error("cannot log in to server {host} as \"{user}\" with RDS IAM authentication: {source}")]
+    RdsIamToken {
+        host: String,
+        user: String,
+        source: crate::rds_iam::TokenError,
+    },
     #[error("protocol error from server {addr}: {source}")]
     Protocol { addr: String, source: FrameError },
     #[error("server {addr} closed the connection during login: {source}")]
@@ -115,6 +122,7 @@ impl ConnectError {
             ConnectError::Refused { .. }
             | ConnectError::Auth { .. }
             | ConnectError::AuthNotAllowed { .. }
+            | ConnectError::RdsIamToken { .. }
             | ConnectError::Protocol { .. }
             | ConnectError::Io { .. }
             | ConnectError::RoleCheck { .. } => (Phase::Login, false),

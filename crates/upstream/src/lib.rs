@@ -27,6 +27,7 @@ pub mod names;
 pub mod pool;
 pub mod pool_set;
 pub mod prepared;
+pub mod rds_iam;
 pub mod registry;
 pub mod require_auth;
 pub mod reserve;
@@ -52,6 +53,7 @@ pub use pool::{
 };
 pub use pool_set::{Paused, PoolKey, PoolSet, PoolSpec, PoolStatus, Reconfigure};
 pub use prepared::PreparedCache;
+pub use rds_iam::{RdsIam, ServerAuth, ServerAuthKind};
 pub use registry::ServerInfo;
 pub use require_auth::{AuthMethod, RequireAuth};
 pub use reserve::ReserveSettings;

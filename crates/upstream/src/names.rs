@@ -62,7 +62,7 @@ macro_rules! setting_names {
 
 // SslMode and TargetSessionAttrs have their Display beside them.
 setting_names!(from_str: SslMode, TargetSessionAttrs);
-setting_names!(LoadBalanceHosts);
+setting_names!(LoadBalanceHosts, crate::rds_iam::ServerAuthKind);
 
 impl SslMode {
     pub const ALL: [SslMode; 6] = [

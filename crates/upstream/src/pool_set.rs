@@ -454,6 +454,7 @@ mod tests {
                 require_auth: Default::default(),
                 startup_params: Vec::new(),
                 connect_query: None,
+                server_auth: Default::default(),
             },
             hosts: Vec::new(),
             attrs: TargetSessionAttrs::Any,

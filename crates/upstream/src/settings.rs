@@ -25,6 +25,8 @@ pub struct ServerTarget {
     /// `connect_query`: run once on each new pooled connection after login, before any client
     /// gets it; `None` runs nothing.
     pub connect_query: Option<String>,
+    /// `server_auth`: the password above, or an RDS IAM token signed at connect time.
+    pub server_auth: crate::ServerAuth,
 }
 
 /// Timeouts and limits for server connections.

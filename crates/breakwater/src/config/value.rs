@@ -253,6 +253,7 @@ named_setting!(
     upstream::SslMode,
     upstream::TargetSessionAttrs,
     upstream::LoadBalanceHosts,
+    upstream::ServerAuthKind,
     super::LogFormat
 );
 
