@@ -559,8 +559,7 @@ async fn without_credentials_the_client_is_told_why_and_rds_sees_nothing() {
         Ok(c) => c
             .simple_query("SELECT 1")
             .await
-            .err()
-            .expect("served without a token"),
+            .expect_err("served without a token"),
         Err(e) => e,
     };
     let msg = err

@@ -375,6 +375,8 @@ impl AuthLookups {
             // The lookup runs one query of its own: it needs no client's preparation.
             startup_params: auth_route.startup_params.clone(),
             connect_query: None,
+            // An RDS IAM database logs its auth_user in with a token too.
+            server_auth: auth_route.server_auth.clone(),
         };
         let hosts = auth_route
             .hosts
