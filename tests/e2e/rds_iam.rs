@@ -568,5 +568,10 @@ async fn without_credentials_the_client_is_told_why_and_rds_sees_nothing() {
         .unwrap_or_else(|| err.to_string());
     assert!(msg.contains("RDS IAM authentication"), "{msg}");
     assert!(s.rds.logins().is_empty());
-    assert!(metric(s.metrics, "breakwater_host_rds_iam_failures_total{").await >= 1.0);
+    // The exporter publishes host counters on its tick.
+    testkit::wait_until("the failure to be counted", WAIT, || async {
+        metric(s.metrics, "breakwater_host_rds_iam_failures_total{").await >= 1.0
+    })
+    .await
+    .unwrap();
 }
