@@ -29,10 +29,25 @@ const AUTH_TOKEN: &str = "ecs-auth-token-for-the-test";
 /// Credentials handed out, by access key id.
 type Issued = Arc<Mutex<HashMap<String, Credentials>>>;
 
-/// A fake ECS credentials endpoint: every GET hands out the next AKIDn, valid for `valid_for`,
-/// or a 500 when `fail` is set. Requests without the authorization token get a 401.
+/// Which part of the AWS credential chain the fake endpoint plays.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Style {
+    /// ECS container credentials: `GET` with the authorization token, JSON back.
+    Ecs,
+    /// STS for web identity (IRSA): `POST` AssumeRoleWithWebIdentity with the token from the
+    /// token file, XML back.
+    Sts,
+}
+
+const WEB_IDENTITY_TOKEN: &str = "eyJ.fake-web-identity-token.sig";
+const ROLE_ARN: &str = "arn:aws:iam::123456789012:role/breakwater-test";
+
+/// A fake credentials endpoint: every request hands out the next AKIDn, valid for
+/// `valid_for`, or a 500 when `fail` is set. Requests without the ECS authorization token (or,
+/// for STS, without the web identity token and role) get a 401.
 struct CredentialsEndpoint {
     port: u16,
+    style: Style,
     issued: Issued,
     calls: Arc<Mutex<Vec<bool>>>,
     _task: tokio::task::JoinHandle<()>,
@@ -40,6 +55,10 @@ struct CredentialsEndpoint {
 
 impl CredentialsEndpoint {
     async fn start(valid_for: Duration, fail: bool) -> CredentialsEndpoint {
+        Self::start_as(Style::Ecs, valid_for, fail).await
+    }
+
+    async fn start_as(style: Style, valid_for: Duration, fail: bool) -> CredentialsEndpoint {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let issued: Issued = Arc::default();
@@ -49,10 +68,18 @@ impl CredentialsEndpoint {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let (issued, calls) = (i.clone(), c.clone());
                 tokio::spawn(async move {
-                    let request = read_http_head(&mut conn).await;
-                    let authorized = request
-                        .lines()
-                        .any(|l| l.eq_ignore_ascii_case(&format!("authorization: {AUTH_TOKEN}")));
+                    let request = read_http_request(&mut conn).await;
+                    let authorized = match style {
+                        Style::Ecs => request.lines().any(|l| {
+                            l.eq_ignore_ascii_case(&format!("authorization: {AUTH_TOKEN}"))
+                        }),
+                        Style::Sts => {
+                            request.starts_with("POST ")
+                                && request.contains("Action=AssumeRoleWithWebIdentity")
+                                && request.contains(&format!("WebIdentityToken={WEB_IDENTITY_TOKEN}"))
+                                && request.contains("RoleArn=arn%3Aaws%3Aiam%3A%3A123456789012%3Arole%2Fbreakwater-test")
+                        }
+                    };
                     calls.lock().unwrap().push(authorized);
                     let (status, body) = if !authorized {
                         ("401 Unauthorized", String::new())
@@ -72,18 +99,39 @@ impl CredentialsEndpoint {
                             Some(expiry),
                             "test",
                         );
-                        let body = format!(
-                            "{{\"AccessKeyId\":\"{}\",\"SecretAccessKey\":\"{}\",\"Token\":\"{}\",\"Expiration\":\"{}\"}}",
+                        let (key, secret, session, expiration) = (
                             creds.access_key_id(),
                             creds.secret_access_key(),
                             creds.session_token().unwrap(),
-                            humantime::format_rfc3339_seconds(expiry)
+                            humantime::format_rfc3339_seconds(expiry),
                         );
+                        let body = match style {
+                            Style::Ecs => format!(
+                                "{{\"AccessKeyId\":\"{key}\",\"SecretAccessKey\":\"{secret}\",\"Token\":\"{session}\",\"Expiration\":\"{expiration}\"}}"
+                            ),
+                            Style::Sts => format!(
+                                "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
+                                 <AssumeRoleWithWebIdentityResult><Credentials>\
+                                 <AccessKeyId>{key}</AccessKeyId><SecretAccessKey>{secret}</SecretAccessKey>\
+                                 <SessionToken>{session}</SessionToken><Expiration>{expiration}</Expiration>\
+                                 </Credentials><SubjectFromWebIdentityToken>system:serviceaccount:app:bw</SubjectFromWebIdentityToken>\
+                                 <AssumedRoleUser><AssumedRoleId>AROATEST:bw</AssumedRoleId>\
+                                 <Arn>arn:aws:sts::123456789012:assumed-role/breakwater-test/bw</Arn></AssumedRoleUser>\
+                                 <Provider>oidc.example</Provider><Audience>sts.amazonaws.com</Audience>\
+                                 </AssumeRoleWithWebIdentityResult>\
+                                 <ResponseMetadata><RequestId>00000000-0000-0000-0000-000000000001</RequestId></ResponseMetadata>\
+                                 </AssumeRoleWithWebIdentityResponse>"
+                            ),
+                        };
                         issued.insert(creds.access_key_id().to_owned(), creds);
                         ("200 OK", body)
                     };
                     let response = format!(
-                        "HTTP/1.1 {status}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        "HTTP/1.1 {status}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                        match style {
+                            Style::Ecs => "application/json",
+                            Style::Sts => "text/xml",
+                        },
                         body.len()
                     );
                     let _ = conn.write_all(response.as_bytes()).await;
@@ -93,19 +141,43 @@ impl CredentialsEndpoint {
         });
         CredentialsEndpoint {
             port,
+            style,
             issued,
             calls,
             _task: task,
         }
     }
 
-    fn env(&self) -> Vec<(&'static str, String)> {
-        vec![
-            (
-                "AWS_CONTAINER_CREDENTIALS_FULL_URI",
-                format!("http://127.0.0.1:{}/creds", self.port),
-            ),
-            ("AWS_CONTAINER_AUTHORIZATION_TOKEN", AUTH_TOKEN.into()),
+    /// The environment that points the pooler's AWS chain here. `dir` holds files it needs
+    /// (the web identity token file).
+    fn env(&self, dir: &std::path::Path) -> Vec<(&'static str, String)> {
+        let mut env = match self.style {
+            Style::Ecs => vec![
+                (
+                    "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                    format!("http://127.0.0.1:{}/creds", self.port),
+                ),
+                ("AWS_CONTAINER_AUTHORIZATION_TOKEN", AUTH_TOKEN.into()),
+            ],
+            Style::Sts => {
+                let token_file = dir.join("web-identity-token");
+                std::fs::write(&token_file, WEB_IDENTITY_TOKEN).unwrap();
+                vec![
+                    (
+                        "AWS_WEB_IDENTITY_TOKEN_FILE",
+                        token_file.display().to_string(),
+                    ),
+                    ("AWS_ROLE_ARN", ROLE_ARN.into()),
+                    ("AWS_ROLE_SESSION_NAME", "bw".into()),
+                    ("AWS_REGION", REGION.into()),
+                    (
+                        "AWS_ENDPOINT_URL_STS",
+                        format!("http://127.0.0.1:{}", self.port),
+                    ),
+                ]
+            }
+        };
+        env.extend([
             // Nothing else of the chain may answer: no profile, no instance metadata.
             ("AWS_CONFIG_FILE", "/nonexistent/aws-config".into()),
             (
@@ -113,11 +185,13 @@ impl CredentialsEndpoint {
                 "/nonexistent/aws-credentials".into(),
             ),
             ("AWS_EC2_METADATA_DISABLED", "true".into()),
-        ]
+        ]);
+        env
     }
 }
 
-async fn read_http_head(conn: &mut TcpStream) -> String {
+/// The request head and, when it announces one, its body.
+async fn read_http_request(conn: &mut TcpStream) -> String {
     let mut buf = Vec::new();
     let mut byte = [0u8; 1];
     while !buf.ends_with(b"\r\n\r\n") && buf.len() < 16 * 1024 {
@@ -126,7 +200,18 @@ async fn read_http_head(conn: &mut TcpStream) -> String {
             _ => break,
         }
     }
-    String::from_utf8_lossy(&buf).into_owned()
+    let head = String::from_utf8_lossy(&buf).into_owned();
+    let length = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0usize);
+    let mut body = vec![0u8; length.min(64 * 1024)];
+    let _ = conn.read_exact(&mut body).await;
+    head + &String::from_utf8_lossy(&body)
 }
 
 /// One login the fake RDS saw: the token's access key, and why it was refused, if it was.
@@ -428,11 +513,19 @@ struct Setup {
     rds: FakeRds,
     creds: CredentialsEndpoint,
     metrics: u16,
+    _files: tempfile::TempDir,
 }
 
 async fn setup(valid_for: Duration, fail: bool, pooler_extra: &str) -> Setup {
+    setup_with(
+        CredentialsEndpoint::start(valid_for, fail).await,
+        pooler_extra,
+    )
+    .await
+}
+
+async fn setup_with(creds: CredentialsEndpoint, pooler_extra: &str) -> Setup {
     let pki = test_pki();
-    let creds = CredentialsEndpoint::start(valid_for, fail).await;
     let rds = FakeRds::start(&pki, creds.issued.clone()).await;
     let (port, metrics) = (free_port(), free_port());
     let config = format!(
@@ -443,7 +536,8 @@ async fn setup(valid_for: Duration, fail: bool, pooler_extra: &str) -> Setup {
          server_auth = \"rds_iam\"\nrds_iam_region = \"{REGION}\"\n",
         rds.port
     );
-    let env = creds.env();
+    let files = tempfile::tempdir().unwrap();
+    let env = creds.env(files.path());
     let mut env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     // Debug logging everywhere (the AWS crates' too): the token must still not show.
     env.push(("RUST_LOG", "debug"));
@@ -460,6 +554,7 @@ async fn setup(valid_for: Duration, fail: bool, pooler_extra: &str) -> Setup {
         rds,
         creds,
         metrics,
+        _files: files,
     }
 }
 
@@ -574,4 +669,20 @@ async fn without_credentials_the_client_is_told_why_and_rds_sees_nothing() {
     })
     .await
     .unwrap();
+}
+
+/// Web identity (IRSA on EKS): the chain trades the token file for credentials at STS
+/// (AssumeRoleWithWebIdentity, here a fake reached through AWS_ENDPOINT_URL_STS) and the
+/// token signed with them is one RDS accepts.
+#[tokio::test]
+async fn web_identity_credentials_from_sts_sign_tokens_rds_accepts() {
+    let sts = CredentialsEndpoint::start_as(Style::Sts, Duration::from_secs(3600), false).await;
+    let s = setup_with(sts, "").await;
+    let client = s.pooler.connect("app", "", "app").await.expect("connect");
+    let rows = client.simple_query("SELECT 1").await.expect("SELECT 1");
+    assert_eq!(first_value(rows).as_deref(), Some("1"));
+    let logins = s.rds.logins();
+    assert!(!logins.is_empty());
+    assert!(logins.iter().all(|l| l.refused.is_none()), "{logins:?}");
+    assert_eq!(s.creds.calls.lock().unwrap().clone(), vec![true]);
 }
