@@ -29,14 +29,12 @@ impl Session {
         self.scratch.spare_ledger = std::mem::take(&mut h.ledger);
         self.cancel.slot.set(None).await;
         self.enter(ClientState::Idle);
+        if !h.counted {
+            self.count_transaction(&mut h);
+        }
         let stats = &self.entry.stats;
-        PoolStats::add(&stats.xact_count, 1);
         // The transaction ended with the server's last bytes: no clock read of its own.
         let mut ended = h.clock.last_server_byte;
-        PoolStats::add(
-            &stats.xact_time_us,
-            ended.saturating_duration_since(h.clock.since).as_micros() as u64,
-        );
         if reset {
             PoolStats::add(&stats.server_resets, 1);
             let reset = Box::pin(tokio::time::timeout(
@@ -71,6 +69,19 @@ impl Session {
         } else {
             h.server.give_back_at(ended);
         }
+    }
+
+    /// Counts the transaction in SHOW STATS (xact_count, xact_time), once; the clock then runs
+    /// for the next one on the same server (a client pinned by an advisory lock keeps it).
+    pub(super) fn count_transaction(&self, h: &mut Held) {
+        let stats = &self.entry.stats;
+        PoolStats::add(&stats.xact_count, 1);
+        // The transaction ended with the server's last bytes: no clock read of its own.
+        let ended = h.clock.last_server_byte;
+        let took = ended.saturating_duration_since(h.clock.since);
+        PoolStats::add(&stats.xact_time_us, took.as_micros() as u64);
+        h.clock.since = ended;
+        h.counted = true;
     }
 
     /// The client left (or broke the protocol) while holding a server. Nothing it started may
