@@ -29,12 +29,7 @@ impl Session {
         self.scratch.spare_ledger = std::mem::take(&mut h.ledger);
         self.cancel.slot.set(None).await;
         self.enter(ClientState::Idle);
-        if !h.counted {
-            self.count_transaction(&mut h);
-        }
         let stats = &self.entry.stats;
-        // The transaction ended with the server's last bytes: no clock read of its own.
-        let mut ended = h.clock.last_server_byte;
         if reset {
             PoolStats::add(&stats.server_resets, 1);
             let reset = Box::pin(tokio::time::timeout(
@@ -46,7 +41,8 @@ impl Session {
                 Ok(Ok(())) => {
                     // DISCARD ALL (the default) also drops prepared statements.
                     h.server.after_reset();
-                    ended = Instant::now();
+                    // Idle from now, not from the transaction's end.
+                    h.clock.last_server_byte = Instant::now();
                 }
                 Ok(Err(e)) => {
                     tracing::warn!(server = h.server.id(), error = %e, "server_reset_query failed");
@@ -67,12 +63,14 @@ impl Session {
         } else if !self.entry.pool.still_wanted(&h.server) {
             discard(h.server, CloseReason::RoleChanged);
         } else {
-            h.server.give_back_at(ended);
+            // The transaction ended with the server's last bytes: no clock read of its own.
+            h.server.give_back_at(h.clock.last_server_byte);
         }
     }
 
-    /// Counts the transaction in SHOW STATS (xact_count, xact_time), once; the clock then runs
-    /// for the next one on the same server (a client pinned by an advisory lock keeps it).
+    /// Counts the transaction in SHOW STATS (xact_count, xact_time): the pump when it ends, or
+    /// `abandon` when its client left. The clock then runs for the next one on the same server
+    /// (in session mode, or for a client pinned by an advisory lock).
     pub(super) fn count_transaction(&self, h: &mut Held) {
         let stats = &self.entry.stats;
         PoolStats::add(&stats.xact_count, 1);
@@ -81,7 +79,6 @@ impl Session {
         let took = ended.saturating_duration_since(h.clock.since);
         PoolStats::add(&stats.xact_time_us, took.as_micros() as u64);
         h.clock.since = ended;
-        h.counted = true;
     }
 
     /// The client left (or broke the protocol) while holding a server. Nothing it started may
@@ -118,6 +115,7 @@ impl Session {
         if !h.server.buf().is_empty() {
             return self.close_server(h, CloseReason::ServerProtocolError).await;
         }
+        self.count_transaction(&mut h);
         self.release(h).await;
     }
 

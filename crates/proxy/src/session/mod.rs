@@ -65,8 +65,6 @@ struct Held {
     /// A LISTEN or UNLISTEN the client sent inside its transaction, taken out of the stream
     /// for Breakwater to answer (see `listen.rs`).
     listen: Option<crate::listen::Command>,
-    /// This transaction is in SHOW STATS already (see `Session::count_transaction`).
-    counted: bool,
 }
 
 impl Held {
@@ -82,7 +80,6 @@ impl Held {
             advisory_unknown: false,
             pinned: false,
             listen: None,
-            counted: false,
         }
     }
 }

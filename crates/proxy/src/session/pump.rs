@@ -142,7 +142,7 @@ impl Session {
 
             // Server → client: what came before a broken message still goes to the client.
             let scanned = self.scan_server(h);
-            if matches!(scanned, Ok(true)) && self.mode != PoolMode::Session {
+            if matches!(scanned, Ok(true)) {
                 // Before the client sees the ReadyForQuery: a client that has its answer finds
                 // its transaction in SHOW STATS.
                 self.count_transaction(h);
