@@ -807,7 +807,7 @@ impl ServerPool {
         let core = &self.core;
         let m = &core.manager;
         loop {
-            match turn.take() {
+            match turn.take(|c| c.at_home()) {
                 Taken::Idle(Idle { item, since }) => {
                     // Should this future be dropped during the check, the connection goes
                     // with it and the books must know.

@@ -13,6 +13,11 @@
 //! map and lists are touched only by checkouts that wait and by turns given back while someone
 //! does.
 //!
+//! Within a source's line, a turn given back on one runtime (see `crate::home`) goes to the
+//! oldest waiter of that runtime rather than to an older one elsewhere, a bounded number of
+//! times ([`MAX_PASSES`]): waking a task on another thread, and moving the server's socket to
+//! that thread, cost more than the transaction's own work in user space (benches/README.md).
+//!
 //! This replaced deadpool's managed pool on the hot path: its checkout and return cost about
 //! 1 700 instructions per transaction (hooks, metrics, timeouts, object wrappers), this one an
 //! atomic decrement and one short lock each way (numbers in benches/README.md).
@@ -25,6 +30,14 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::task::{Context, Poll, Waker};
 use std::time::Instant;
+
+/// How many times the waiter at the front of a line may be passed over for a younger one of the
+/// runtime that gave the turn back, before it is served anyway. Bounds the unfairness: every
+/// waiter is served within `MAX_PASSES` turns of reaching the front of its line.
+pub(crate) const MAX_PASSES: u8 = 3;
+
+/// How far into a line a turn looks for a waiter of its own runtime.
+const SCAN: usize = 16;
 
 /// The pool was closed: no more turns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -111,6 +124,10 @@ struct Line {
 struct Waiter {
     seq: u64,
     line: usize,
+    /// The runtime it waits on (`crate::home`).
+    home: u16,
+    /// Times it was passed over, at the front of its line, for a waiter at the turn's home.
+    passed: u8,
     /// Taken when the turn is handed to it.
     waker: Option<Waker>,
     /// A turn was handed to it and is its to take at its next poll.
@@ -125,7 +142,7 @@ struct Ticket {
 }
 
 impl Queue {
-    fn join(&mut self, source: Source, waker: Waker) -> Ticket {
+    fn join(&mut self, source: Source, home: u16, waker: Waker) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
         let line = match self.by_source.get(&source) {
@@ -154,6 +171,8 @@ impl Queue {
         let waiter = Some(Waiter {
             seq,
             line,
+            home,
+            passed: 0,
             waker: Some(waker),
             granted: false,
         });
@@ -182,15 +201,18 @@ impl Queue {
             .filter(|w| w.seq == t.seq)
     }
 
-    /// Hands a turn to the next waiter in the rotation: the line at the front of the ring gives
-    /// up its oldest ticket and goes to the back. Its waker goes in `wake` (woken outside the
+    /// Hands a turn given back at `near` (a runtime, see `crate::home`) to the next waiter in
+    /// the rotation: the line at the front of the ring gives up its oldest ticket, or the
+    /// oldest of `near`'s within the first few while its oldest has been passed over fewer than
+    /// [`MAX_PASSES`] times, and goes to the back. The waker goes in `wake` (woken outside the
     /// lock). Returns `false` when nobody waits for a turn.
-    fn grant(&mut self, wake: &mut Wake) -> bool {
+    fn grant(&mut self, wake: &mut Wake, near: u16) -> bool {
         while let Some(l) = self.ring.pop_front() {
+            let at = self.pick(l, near);
             let Some(line) = self.lines.get_mut(l) else {
                 continue;
             };
-            let ticket = line.tickets.pop_front();
+            let ticket = line.tickets.remove(at);
             if line.tickets.is_empty() {
                 let source = line.source;
                 self.free_line(l, source);
@@ -207,6 +229,41 @@ impl Queue {
             }
         }
         false
+    }
+
+    /// Which of line `l`'s tickets a turn given back at `near` goes to (see [`Queue::grant`]).
+    /// Passing over the oldest counts against it.
+    fn pick(&mut self, l: usize, near: u16) -> usize {
+        let Some(line) = self.lines.get(l) else {
+            return 0;
+        };
+        let home_of = |&(seq, index): &(u64, usize)| {
+            self.waiters
+                .get(index)
+                .and_then(Option::as_ref)
+                .filter(|w| w.seq == seq)
+                .map(|w| (w.home, w.passed))
+        };
+        let Some((front_home, passed)) = line.tickets.front().and_then(home_of) else {
+            return 0;
+        };
+        if front_home == near || near == crate::home::NONE || passed >= MAX_PASSES {
+            return 0;
+        }
+        let Some(at) = line
+            .tickets
+            .iter()
+            .take(SCAN)
+            .position(|t| home_of(t).is_some_and(|(h, _)| h == near))
+        else {
+            return 0;
+        };
+        if let Some(&(_, index)) = line.tickets.front() {
+            if let Some(Some(w)) = self.waiters.get_mut(index) {
+                w.passed += 1;
+            }
+        }
+        at
     }
 
     /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
@@ -273,8 +330,13 @@ pub(crate) struct Turn<'a, T> {
 
 impl<T> Turn<'_, T> {
     /// An idle connection, room for a new one, or (only after a shrink) nothing.
-    pub(crate) fn take(&mut self) -> Taken<T> {
+    /// Of the idle connections, the most recently returned one `prefer` likes goes first, else
+    /// the most recently returned one.
+    pub(crate) fn take(&mut self, prefer: impl Fn(&T) -> bool) -> Taken<T> {
         let mut s = self.slots.state();
+        if let Some(at) = s.idle.iter().rposition(|i| prefer(&i.item)) {
+            return Taken::Idle(s.idle.remove(at));
+        }
         if let Some(idle) = s.idle.pop() {
             return Taken::Idle(idle);
         }
@@ -318,6 +380,8 @@ pub(crate) struct Status {
 pub(crate) struct TurnWait<'a, T> {
     slots: &'a Slots<T>,
     source: Source,
+    /// The runtime the checkout runs on.
+    home: u16,
     /// Its place in line once it has one.
     ticket: Option<Ticket>,
 }
@@ -346,7 +410,8 @@ impl<'a, T> Future for TurnWait<'a, T> {
                 if slots.take_free() {
                     return Poll::Ready(Ok(served()));
                 }
-                self.ticket = Some(s.queue.join(self.source, cx.waker().clone()));
+                let (source, home) = (self.source, self.home);
+                self.ticket = Some(s.queue.join(source, home, cx.waker().clone()));
                 Poll::Pending
             }
             Some(t) => match s.queue.waiter(t) {
@@ -445,6 +510,7 @@ impl<T> Slots<T> {
         TurnWait {
             slots: self,
             source,
+            home: crate::home::here(),
             ticket: None,
         }
     }
@@ -504,7 +570,8 @@ impl<T> Slots<T> {
         if s.closed {
             return wake;
         }
-        while n > 0 && s.queue.grant(&mut wake) {
+        let near = crate::home::here();
+        while n > 0 && s.queue.grant(&mut wake, near) {
             n -= 1;
         }
         if n > 0 {

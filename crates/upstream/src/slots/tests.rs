@@ -11,7 +11,7 @@ use super::*;
 /// Takes a turn that must be free now, and what it finds.
 fn checkout(slots: &Slots<u32>) -> Taken<u32> {
     let mut turn = slots.try_turn().expect("a free turn");
-    let taken = turn.take();
+    let taken = turn.take(|_| false);
     turn.keep();
     taken
 }
@@ -69,7 +69,7 @@ async fn when_every_connection_is_out_checkouts_wait_and_are_served_in_order() {
         std::task::Poll::Ready(t) => t.expect("open"),
         std::task::Poll::Pending => panic!("the first waiter was not served"),
     };
-    match turn.take() {
+    match turn.take(|_| false) {
         Taken::Idle(i) => assert_eq!(i.item, 7),
         other => panic!("{other:?}"),
     }
@@ -87,7 +87,7 @@ fn a_turn_dropped_without_a_connection_goes_back() {
     assert!(slots.try_turn().is_err());
     drop(turn);
     let mut turn = slots.try_turn().expect("free again");
-    assert!(matches!(turn.take(), Taken::Room));
+    assert!(matches!(turn.take(|_| false), Taken::Room));
     // Opening failed: the room and the turn both come back.
     slots.gone();
     drop(turn);
@@ -285,7 +285,7 @@ fn a_waiter_that_gives_up_leaves_its_line_and_a_turn_granted_to_it_goes_on() {
     drop(granted_then_gone);
     match patient.as_mut().poll(&mut cx) {
         Poll::Ready(Ok(mut t)) => {
-            assert!(matches!(t.take(), Taken::Room));
+            assert!(matches!(t.take(|_| false), Taken::Room));
             t.keep();
         }
         other => panic!("the patient waiter was not served: {:?}", other.is_ready()),
@@ -314,6 +314,70 @@ fn growing_the_pool_serves_waiters_before_anyone_new() {
     assert!(matches!(b.as_mut().poll(&mut cx), Poll::Ready(Ok(_))));
 }
 
+/// Waiters of two runtimes in one line: a turn given back on runtime 1 goes to runtime 1's
+/// oldest waiter, passing runtime 0's older one at most `MAX_PASSES` times.
+#[test]
+fn a_turn_goes_to_a_waiter_on_its_own_runtime_a_bounded_number_of_times() {
+    let slots = Slots::<u32>::new(1);
+    let mut turns = vec![slots.try_turn().expect("free")];
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    let mut waits: Vec<(u32, Pin<Box<TurnWait<'_, u32>>>)> = Vec::new();
+    // One source: 1 waits on runtime 0, then 11..=15 on runtime 1.
+    crate::home::set_this_thread(0);
+    waits.push((1, Box::pin(slots.turn(from(2)))));
+    crate::home::set_this_thread(1);
+    for n in 11..=15 {
+        waits.push((n, Box::pin(slots.turn(from(2)))));
+    }
+    for (_, w) in &mut waits {
+        assert!(w.as_mut().poll(&mut cx).is_pending());
+    }
+    // Every turn comes back on runtime 1.
+    let mut order = Vec::new();
+    while order.len() < 6 {
+        drop(turns.pop().expect("a turn to give back"));
+        served(&mut waits, &mut order, &mut turns);
+    }
+    crate::home::set_this_thread(crate::home::NONE);
+    let passes = usize::from(MAX_PASSES);
+    let mut expected: Vec<u32> = (11..11 + passes as u32).collect();
+    expected.push(1);
+    expected.extend(11 + passes as u32..=15);
+    assert_eq!(order, expected);
+}
+
+/// A turn given back on runtime 0 goes to the oldest waiter even if it waits on runtime 1 when
+/// nobody waits on runtime 0, and a waiter served takes an idle server of its own runtime first.
+#[test]
+fn with_nobody_waiting_at_home_the_oldest_is_served_and_takes_a_server_of_its_own_runtime() {
+    let slots = Slots::<u32>::new(2);
+    for _ in 0..2 {
+        assert!(matches!(checkout(&slots), Taken::Room));
+    }
+    let waker = futures_util::task::noop_waker();
+    let mut cx = Context::from_waker(&waker);
+    crate::home::set_this_thread(1);
+    let mut w = Box::pin(slots.turn(from(2)));
+    assert!(w.as_mut().poll(&mut cx).is_pending());
+    crate::home::set_this_thread(0);
+    // Server 7 (say, at home on runtime 1) came back first, server 8 last.
+    assert!(slots.give_back(7, Instant::now()).is_none());
+    crate::home::set_this_thread(crate::home::NONE);
+    let Poll::Ready(Ok(mut turn)) = w.as_mut().poll(&mut cx) else {
+        panic!("the only waiter is served whatever its runtime");
+    };
+    assert!(slots.give_back(8, Instant::now()).is_none());
+    match turn.take(|c| *c == 7) {
+        Taken::Idle(i) => assert_eq!(
+            i.item, 7,
+            "its own runtime's server, though not the warmest"
+        ),
+        other => panic!("expected an idle server, got {other:?}"),
+    }
+    turn.keep();
+}
+
 #[derive(Debug, Clone)]
 enum Op {
     Checkout,
@@ -327,6 +391,9 @@ enum Op {
     Remove,
     Resize(usize),
     Retain,
+    /// What follows runs on runtime 0 or 1 (`crate::home`): waiters join there, turns come
+    /// back there.
+    Home(u16),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -339,6 +406,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Remove),
         1 => (0usize..6).prop_map(Op::Resize),
         1 => Just(Op::Retain),
+        2 => (0u16..2).prop_map(Op::Home),
     ]
 }
 
@@ -357,7 +425,7 @@ proptest! {
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
         // What a served turn does with what it finds.
-        let mut use_turn = |mut turn: Turn<'_, u32>, out: &mut Vec<u32>| match turn.take() {
+        let mut use_turn = |mut turn: Turn<'_, u32>, out: &mut Vec<u32>| match turn.take(|_| false) {
             Taken::Idle(i) => { out.push(i.item); turn.keep(); }
             Taken::Room => { next += 1; out.push(next); turn.keep(); }
             Taken::Shrunk => {}
@@ -387,6 +455,7 @@ proptest! {
                 Op::Remove => if out.pop().is_some() { slots.remove(); },
                 Op::Resize(n) => { let _ = slots.resize(n); },
                 Op::Retain => { let _ = slots.retain(|i| (i.item % 2 == 0).then_some(())); },
+                Op::Home(h) => crate::home::set_this_thread(h),
             }
             let s = slots.status();
             prop_assert_eq!(s.size, s.idle + out.len(), "every connection counted once");
@@ -414,12 +483,21 @@ proptest! {
             for l in &used {
                 let line = &st.queue.lines[*l];
                 prop_assert!(!line.tickets.is_empty(), "a line in use has waiters");
+                prop_assert!(
+                    line.tickets.iter().zip(line.tickets.iter().skip(1)).all(|(a, b)| a.0 < b.0),
+                    "a line stays in arrival order"
+                );
                 prop_assert_eq!(st.queue.by_source.get(&line.source), Some(l));
             }
             drop(st);
         }
+        prop_assert!(
+            slots.state().queue.waiters.iter().flatten().all(|w| w.passed <= MAX_PASSES),
+            "nobody passed over more than MAX_PASSES times"
+        );
         // Everyone gives up, everything comes back: the pool is within its size again.
         drop(waits);
+        crate::home::set_this_thread(crate::home::NONE);
         while let Some(c) = out.pop() { let _ = slots.give_back(c, now); }
         let s = slots.status();
         prop_assert!(s.size <= s.max_size);
@@ -468,7 +546,10 @@ async fn the_fast_path_takes_only_an_idle_connection_and_never_jumps_the_queue()
         std::task::Poll::Ready(Ok(t)) => t,
         other => panic!("{other:?}"),
     };
-    assert!(matches!(turn.take(), Taken::Idle(Idle { item: 3, .. })));
+    assert!(matches!(
+        turn.take(|_| false),
+        Taken::Idle(Idle { item: 3, .. })
+    ));
     turn.keep();
 }
 

@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# The kernel's half of "pooler CPU per transaction": system calls, context switches and CPU
+# time per transaction of each pooler, counted by `perf stat` on the pooler's process while
+# pgbench runs a fixed number of transactions. Counts (calls, switches) barely move with the
+# machine's load, unlike CPU time; they show what instructions.sh cannot: wake-ups that cross
+# threads (futex, eventfd writes), sockets moved between runtimes (dup, epoll_ctl, close).
+#
+#   benches/syscalls.sh                          # -S -M simple -c 64, pool size 16
+#   CLIENTS=8 MODE=extended benches/syscalls.sh
+#   PGBOUNCER= BREAKWATER=/tmp/old/breakwater benches/syscalls.sh   # one Breakwater build only
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+CLIENTS=${CLIENTS:-64}
+MODE=${MODE:-simple}
+TXNS=${TXNS:-300}     # per client
+EXTRA=${EXTRA:-}
+AUTH=${AUTH:-scram-sha-256}
+
+if [ -n "${BREAKWATER:-}" ]; then
+  BIN=$(realpath "$BREAKWATER")
+else
+  cargo build --release --quiet -p breakwater
+  BIN="$PWD/target/release/breakwater"
+fi
+pg_bin=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n1)
+export PATH="$pg_bin:$PATH"
+for tool in perf pgbench initdb; do
+  command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
+done
+PGBOUNCER=${PGBOUNCER-$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)}
+
+work=$(mktemp -d /tmp/breakwater-syscalls.XXXXXX)
+chmod 755 "$work"
+as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
+[ "$(id -u)" -eq 0 ] && chown postgres "$work"
+pids=()
+cleanup() {
+  for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  as_pg pg_ctl -D "$work/data" -m immediate stop >/dev/null 2>&1 || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+pg_port=$(free_port)
+as_pg initdb -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+as_pg pg_ctl -D "$work/data" -l "$work/pg.log" -w \
+  -o "-p $pg_port -c listen_addresses=127.0.0.1 -k $work -c fsync=off" start >/dev/null
+psql -X -q -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN PASSWORD 'app_pw'" \
+  -c "CREATE DATABASE app OWNER app"
+PGPASSWORD=app_pw pgbench -i -q -s 1 -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
+verifier=$(psql -X -At -h "$work" -p "$pg_port" -U postgres \
+  -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
+printf '"app" "%s"\n' "$verifier" > "$work/userlist.txt"
+[ "$(id -u)" -eq 0 ] && chown -R postgres "$work"
+
+wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
+
+events=task-clock,context-switches,raw_syscalls:sys_enter
+for s in futex epoll_wait epoll_ctl sendto recvfrom write read fcntl close accept4; do
+  events+=",syscalls:sys_enter_$s"
+done
+
+run() {
+  local name=$1 port pid
+  port=$(free_port)
+  if [ "$name" = breakwater ]; then
+    cat > "$work/bw.toml" <<CONF
+[pooler]
+listen_addr = "127.0.0.1"
+listen_port = $port
+auth_type = "$AUTH"
+auth_file = "$work/userlist.txt"
+default_pool_size = 16
+min_pool_size = 16
+[databases.app]
+host = "127.0.0.1"
+port = $pg_port
+user = "app"
+password = "app_pw"
+CONF
+    RUST_LOG=warn "$BIN" --config "$work/bw.toml" >"$work/$name.log" 2>&1 </dev/null &
+    pid=$!
+  else
+    cat > "$work/pgb.ini" <<CONF
+[databases]
+app = host=127.0.0.1 port=$pg_port dbname=app user=app password=app_pw
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $port
+unix_socket_dir =
+auth_type = $AUTH
+auth_file = $work/userlist.txt
+pool_mode = transaction
+default_pool_size = 16
+min_pool_size = 16
+log_connections = 0
+log_disconnections = 0
+CONF
+    [ "$(id -u)" -eq 0 ] && chown postgres "$work/pgb.ini" "$work"
+    as_pg "$PGBOUNCER" "$work/pgb.ini" >"$work/$name.log" 2>&1 </dev/null &
+    pid=$!
+    sleep 0.2
+    pid=$(pgrep -n -f "pgbouncer $work/pgb.ini" || echo "$pid")
+  fi
+  pids+=("$pid")
+  wait_port "$port"
+  # Warm up: every server connection open, every client logged in before counting starts
+  # would need a pgbench that pauses; instead run the clients long enough that their logins
+  # are a small share (TXNS per client) and report logins separately.
+  PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -t 100 -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
+  # shellcheck disable=SC2086
+  perf stat -x, -e "$events" -p "$pid" -o "$work/$name.perf" -- \
+    env PGPASSWORD=app_pw pgbench -n -S -M "$MODE" $EXTRA -c "$CLIENTS" -j 2 -t "$TXNS" \
+    -h 127.0.0.1 -p "$port" -U app app >"$work/$name.pgbench" 2>&1
+  kill -INT "$pid" 2>/dev/null || true
+  local n=$((CLIENTS * TXNS))
+  printf '  %-10s' "$name"
+  awk -F, -v n="$n" '
+    /^#/ || NF < 3 { next }
+    { v = $1; e = $3; sub(/^syscalls:sys_enter_/, "", e); sub(/^raw_syscalls:sys_enter/, "syscalls", e)
+      if (e == "task-clock") printf " cpu_us=%.1f", v * 1000 / n; else printf " %s=%.2f", e, v / n }
+    END { print "" }' "$work/$name.perf"
+}
+
+echo "per transaction (perf stat on the pooler), pgbench -S -M $MODE $EXTRA -c $CLIENTS -t $TXNS, pool size 16:"
+run breakwater
+[ -n "$PGBOUNCER" ] && run pgbouncer
