@@ -7,6 +7,7 @@
 #
 #   benches/syscalls.sh                          # -S -M simple -c 64, pool size 16
 #   CLIENTS=8 MODE=extended benches/syscalls.sh
+#   WORKERS=1 benches/syscalls.sh               # Breakwater on one runtime thread
 #   PGBOUNCER= BREAKWATER=/tmp/old/breakwater benches/syscalls.sh   # one Breakwater build only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -16,6 +17,7 @@ MODE=${MODE:-simple}
 TXNS=${TXNS:-300}     # per client
 EXTRA=${EXTRA:-}
 AUTH=${AUTH:-scram-sha-256}
+WORKERS=${WORKERS:-0}  # Breakwater's `workers` (0 = one per core)
 
 if [ -n "${BREAKWATER:-}" ]; then
   BIN=$(realpath "$BREAKWATER")
@@ -74,6 +76,7 @@ auth_type = "$AUTH"
 auth_file = "$work/userlist.txt"
 default_pool_size = 16
 min_pool_size = 16
+workers = $WORKERS
 [databases.app]
 host = "127.0.0.1"
 port = $pg_port

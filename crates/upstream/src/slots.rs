@@ -34,10 +34,10 @@ use std::time::Instant;
 /// How many times the waiter at the front of a line may be passed over for a younger one of the
 /// runtime that gave the turn back, before it is served anyway. Bounds the unfairness: every
 /// waiter is served within `MAX_PASSES` turns of reaching the front of its line.
-pub(crate) const MAX_PASSES: u8 = 3;
+pub(crate) const MAX_PASSES: u8 = 16;
 
 /// How far into a line a turn looks for a waiter of its own runtime.
-const SCAN: usize = 16;
+const SCAN: usize = 32;
 
 /// The pool was closed: no more turns.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -323,11 +323,13 @@ fn a_turn_goes_to_a_waiter_on_its_own_runtime_a_bounded_number_of_times() {
     let waker = futures_util::task::noop_waker();
     let mut cx = Context::from_waker(&waker);
     let mut waits: Vec<(u32, Pin<Box<TurnWait<'_, u32>>>)> = Vec::new();
-    // One source: 1 waits on runtime 0, then 11..=15 on runtime 1.
+    // One source: 1 waits on runtime 0, then MAX_PASSES + 2 on runtime 1.
+    let passes = u32::from(MAX_PASSES);
+    let last = 11 + passes + 1;
     crate::home::set_this_thread(0);
     waits.push((1, Box::pin(slots.turn(from(2)))));
     crate::home::set_this_thread(1);
-    for n in 11..=15 {
+    for n in 11..=last {
         waits.push((n, Box::pin(slots.turn(from(2)))));
     }
     for (_, w) in &mut waits {
@@ -335,15 +337,14 @@ fn a_turn_goes_to_a_waiter_on_its_own_runtime_a_bounded_number_of_times() {
     }
     // Every turn comes back on runtime 1.
     let mut order = Vec::new();
-    while order.len() < 6 {
+    while order.len() < passes as usize + 3 {
         drop(turns.pop().expect("a turn to give back"));
         served(&mut waits, &mut order, &mut turns);
     }
     crate::home::set_this_thread(crate::home::NONE);
-    let passes = usize::from(MAX_PASSES);
-    let mut expected: Vec<u32> = (11..11 + passes as u32).collect();
+    let mut expected: Vec<u32> = (11..11 + passes).collect();
     expected.push(1);
-    expected.extend(11 + passes as u32..=15);
+    expected.extend(11 + passes..=last);
     assert_eq!(order, expected);
 }
 
