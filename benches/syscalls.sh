@@ -8,6 +8,7 @@
 #   benches/syscalls.sh                          # -S -M simple -c 64, pool size 16
 #   CLIENTS=8 MODE=extended benches/syscalls.sh
 #   WORKERS=1 benches/syscalls.sh               # Breakwater on one runtime thread
+#   RECORD=/tmp/rec benches/syscalls.sh          # and a CPU profile of each (perf report)
 #   PGBOUNCER= BREAKWATER=/tmp/old/breakwater benches/syscalls.sh   # one Breakwater build only
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,6 +19,7 @@ TXNS=${TXNS:-300}     # per client
 EXTRA=${EXTRA:-}
 AUTH=${AUTH:-scram-sha-256}
 WORKERS=${WORKERS:-0}  # Breakwater's `workers` (0 = one per core)
+RECORD=${RECORD:-}     # a directory: also `perf record` each pooler there (perf report -i DIR/NAME.data)
 
 if [ -n "${BREAKWATER:-}" ]; then
   BIN=$(realpath "$BREAKWATER")
@@ -117,6 +119,13 @@ CONF
   perf stat -x, -e "$events" -p "$pid" -o "$work/$name.perf" -- \
     env PGPASSWORD=app_pw pgbench -n -S -M "$MODE" $EXTRA -c "$CLIENTS" -j 2 -t "$TXNS" \
     -h 127.0.0.1 -p "$port" -U app app >"$work/$name.pgbench" 2>&1
+  if [ -n "$RECORD" ]; then
+    mkdir -p "$RECORD"
+    # shellcheck disable=SC2086
+    perf record -q -F 2000 -g -e cpu-clock -p "$pid" -o "$RECORD/$name.data" -- \
+      env PGPASSWORD=app_pw pgbench -n -S -M "$MODE" $EXTRA -c "$CLIENTS" -j 2 -t "$TXNS" \
+      -h 127.0.0.1 -p "$port" -U app app >/dev/null 2>&1
+  fi
   kill -INT "$pid" 2>/dev/null || true
   local n=$((CLIENTS * TXNS))
   printf '  %-10s' "$name"
