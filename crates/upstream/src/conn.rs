@@ -339,8 +339,6 @@ impl ServerConn {
         self.stream.send(data).await
     }
 
-    /// Is the socket still open with nothing unexpected waiting? An idle server that sent
-    /// something (typically a FATAL before closing) or closed is not usable.
     /// Is the socket registered with the calling thread's runtime?
     pub(crate) fn at_home(&self) -> bool {
         self.home == crate::home::here()
@@ -358,11 +356,19 @@ impl ServerConn {
         }
     }
 
+    /// Is the socket still open with nothing unexpected waiting? An idle server that sent
+    /// something (typically a FATAL before closing) or closed is not usable.
     pub fn is_healthy_idle(&self) -> bool {
         if self.broken.is_some() || !self.buf.is_empty() {
             return false;
         }
-        self.stream.is_idle_and_open()
+        if self.at_home() {
+            self.stream.is_idle_and_open()
+        } else {
+            // Its runtime's reactor may lag (see `Stream::peek_idle_and_open`): this check is
+            // what keeps a server whose backend died while idle from going out.
+            self.stream.peek_idle_and_open()
+        }
     }
 
     /// Runs `sql` with the simple protocol and waits for ReadyForQuery, keeping ParameterStatus

@@ -98,6 +98,18 @@ impl Stream {
     /// the peek sees ciphertext, which is left for rustls; plaintext or a close_notify rustls
     /// already holds counts as unexpected too.
     pub fn is_idle_and_open(&self) -> bool {
+        self.idle_and_open(false)
+    }
+
+    /// [`Stream::is_idle_and_open`] asking the socket itself, whatever tokio has seen: for a
+    /// socket registered with another runtime, whose thread may not have turned its reactor
+    /// since the peer's last bytes arrived (a busy or starved shard), so tokio's "nothing came"
+    /// is not to be trusted. One `recv(MSG_PEEK)`.
+    pub fn peek_idle_and_open(&self) -> bool {
+        self.idle_and_open(true)
+    }
+
+    fn idle_and_open(&self, always_peek: bool) -> bool {
         use std::os::fd::AsRawFd;
         use tokio::io::Interest;
         // Plain sockets: ask tokio first. Its reactor records every event on a registered
@@ -107,6 +119,8 @@ impl Stream {
         // Breakwater's syscalls per transaction); when tokio has seen something, the peek
         // decides (and a WouldBlock clears tokio's stale readiness).
         let fd = match self {
+            Stream::Tcp(s) if always_peek => s.as_raw_fd(),
+            Stream::Unix(s) if always_peek => s.as_raw_fd(),
             Stream::Tcp(s) => {
                 return Self::idle_by_readiness(
                     s.try_io(Interest::READABLE, || peek(s.as_raw_fd())),
@@ -476,5 +490,25 @@ mod tests {
                     .expect("the moved stream is woken by its new runtime");
             assert_eq!(&got, b"hello");
         });
+    }
+
+    /// A peer that closed while its runtime's reactor has not turned since: tokio has seen
+    /// nothing yet, the socket itself says it is closed. The check for a server registered with
+    /// another (possibly busy) runtime asks the socket.
+    #[test]
+    fn a_close_the_reactor_has_not_seen_yet_is_found_by_asking_the_socket() {
+        let rt = runtime();
+        let (ours, peer) = rt.block_on(async {
+            let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let addr = l.local_addr().unwrap();
+            let (c, a) = tokio::join!(TcpStream::connect(addr), l.accept());
+            (Stream::Tcp(c.unwrap()), a.unwrap().0)
+        });
+        assert!(ours.peek_idle_and_open(), "open and quiet");
+        // Loopback delivers the FIN within the close; no await follows, so the reactor has
+        // not turned.
+        drop(peer);
+        assert!(!ours.peek_idle_and_open(), "the close is found");
+        drop(rt);
     }
 }
