@@ -273,17 +273,18 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
     let mut tcp = Vec::with_capacity(addrs.len());
     for l in listen::bind_all(&addrs, p.so_reuseport).map_err(anyhow::Error::msg)? {
-        tcp.push(TcpListener::from_std(l).context("cannot listen")?);
+        tcp.push(BoundListener::Tcp(l));
     }
     let unix = match config.unix_socket_path() {
         Some(path) => {
             // A stale file from a crash, or the socket of a process we are taking over from:
             // either way new clients should reach us.
             let _ = std::fs::remove_file(&path);
-            let l = UnixListener::bind(&path)
+            let l = std::os::unix::net::UnixListener::bind(&path)
+                .and_then(|l| l.set_nonblocking(true).map(|()| l))
                 .with_context(|| format!("cannot listen on {}", path.display()))?;
             tracing::info!(path = %path.display(), "listening on unix socket");
-            Some((l, path))
+            Some((BoundListener::Unix(l), path))
         }
         None => None,
     };
@@ -339,22 +340,19 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
     // would otherwise meet the default action and end the process.
     let hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
     tasks.spawn(reload_on_sighup(hup, daemon.clone(), stop_rx.clone()));
-    for l in tcp {
-        tasks.spawn(accept_loop(
-            Listener::Tcp(l),
-            daemon.clone(),
-            shards.clone(),
-            stop_rx.clone(),
-        ));
+    // Every shard accepts on every listening socket; the sockets themselves close once the
+    // last shard's accept loop has stopped.
+    for bound in tcp.iter().chain(unix.as_ref().map(|(l, _)| l)) {
+        for shard in shards.handles() {
+            let listener = Listener::for_shard(bound, shard).context("cannot listen")?;
+            tasks.spawn_on(
+                accept_loop(listener, daemon.clone(), stop_rx.clone()),
+                shard,
+            );
+        }
     }
-    if let Some((l, _)) = unix {
-        tasks.spawn(accept_loop(
-            Listener::Unix(l),
-            daemon.clone(),
-            shards.clone(),
-            stop_rx.clone(),
-        ));
-    }
+    drop(tcp);
+    drop(unix);
     notify::ready();
 
     let mut shutdown_cmd = daemon.shutdown.subscribe();
@@ -520,51 +518,53 @@ async fn reload_on_sighup(
     }
 }
 
-/// A socket clients connect to.
+/// A socket clients connect to, registered with one shard's runtime. Every shard accepts on
+/// its own duplicate of each listening socket (one socket, so `so_reuseport` means what it
+/// did: nobody else may bind the port unless asked), and serves what it accepts itself: a
+/// client's task and its socket's registration start on the thread that runs them, with no
+/// hand-off from another runtime (about 4 400 instructions per login; see benches/README.md).
 enum Listener {
     Tcp(TcpListener),
     Unix(UnixListener),
 }
 
-/// An accepted connection, not yet registered with any runtime: the shard that serves it
-/// registers it with its own.
-enum Accepted {
-    Tcp(std::net::TcpStream),
-    Unix(std::os::unix::net::UnixStream),
-}
-
-impl Accepted {
-    /// Registers the socket with the calling thread's runtime.
-    fn register(self) -> std::io::Result<Stream> {
-        Ok(match self {
-            Accepted::Tcp(s) => Stream::Tcp(tokio::net::TcpStream::from_std(s)?),
-            Accepted::Unix(s) => Stream::Unix(tokio::net::UnixStream::from_std(s)?),
+impl Listener {
+    /// A duplicate of `bound` (the same socket) registered with `shard`'s runtime, for that
+    /// shard's accept loop.
+    fn for_shard(
+        bound: &BoundListener,
+        shard: &tokio::runtime::Handle,
+    ) -> std::io::Result<Listener> {
+        // Entering the shard's runtime registers the duplicate with its reactor, not ours.
+        let _in_shard = shard.enter();
+        Ok(match bound {
+            BoundListener::Tcp(l) => Listener::Tcp(TcpListener::from_std(l.try_clone()?)?),
+            BoundListener::Unix(l) => Listener::Unix(UnixListener::from_std(l.try_clone()?)?),
         })
     }
-}
 
-impl Listener {
-    async fn accept(&self) -> std::io::Result<(Accepted, Peer)> {
+    async fn accept(&self) -> std::io::Result<(Stream, Peer)> {
         Ok(match self {
             Listener::Tcp(l) => {
                 let (s, addr) = l.accept().await?;
-                (Accepted::Tcp(s.into_std()?), Peer(Some(addr)))
+                (Stream::Tcp(s), Peer(Some(addr)))
             }
             Listener::Unix(l) => {
                 let (s, _) = l.accept().await?;
-                (Accepted::Unix(s.into_std()?), Peer(None))
+                (Stream::Unix(s), Peer(None))
             }
         })
     }
 }
 
-/// Accepts clients until shutdown and owns their tasks, which run on the shards in turn.
-async fn accept_loop(
-    listener: Listener,
-    daemon: Arc<Daemon>,
-    shards: Arc<shards::Shards>,
-    mut stop: watch::Receiver<bool>,
-) {
+/// A bound, non-blocking listening socket not registered with any runtime yet.
+enum BoundListener {
+    Tcp(std::net::TcpListener),
+    Unix(std::os::unix::net::UnixListener),
+}
+
+/// Accepts clients until shutdown and owns their tasks, which run on this shard with it.
+async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
     let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -573,20 +573,8 @@ async fn accept_loop(
         };
         while clients.try_join_next().is_some() {}
         match accepted {
-            Ok((socket, peer)) => {
-                let daemon = daemon.clone();
-                let client = async move {
-                    match socket.register() {
-                        Ok(stream) => serve(daemon, stream, peer).await,
-                        Err(e) => {
-                            tracing::warn!(error = %e, %peer, "cannot register a client socket")
-                        }
-                    }
-                };
-                match shards.next() {
-                    Some(rt) => clients.spawn_on(client, rt),
-                    None => clients.spawn(client),
-                };
+            Ok((stream, peer)) => {
+                clients.spawn(serve(daemon.clone(), stream, peer));
             }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.

@@ -2,12 +2,12 @@
 //! server connections it uses on one thread, so a transaction's wake-ups never cross threads
 //! (tokio's work-stealing scheduler spent about 1 900 of some 11 700 instructions per
 //! transaction handing tasks and wake-ups between its workers; see benches/README.md).
-//! Accepting, maintenance, health checks, metrics and the fleet run on the control runtime.
+//! Each shard accepts clients itself, on its own duplicate of every listening socket (see
+//! `accept_loop`); maintenance, health checks, metrics and the fleet run on the control runtime.
 //!
 //! A socket belongs to the runtime whose reactor it is registered with; `upstream::home` says
 //! which, and server connections move to the runtime of the client they serve.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::thread::JoinHandle;
 
 use tokio::runtime::Handle;
@@ -21,7 +21,6 @@ struct Shard {
 
 pub struct Shards {
     shards: Vec<Shard>,
-    next: AtomicUsize,
 }
 
 impl Shards {
@@ -53,16 +52,12 @@ impl Shards {
                 thread,
             });
         }
-        Ok(Shards {
-            shards,
-            next: AtomicUsize::new(0),
-        })
+        Ok(Shards { shards })
     }
 
-    /// The runtime for the next client, round robin. (`start` makes at least one.)
-    pub fn next(&self) -> Option<&Handle> {
-        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.shards.len().max(1);
-        self.shards.get(i).map(|s| &s.handle)
+    /// Every shard's runtime (`start` makes at least one).
+    pub fn handles(&self) -> impl Iterator<Item = &Handle> {
+        self.shards.iter().map(|s| &s.handle)
     }
 
     /// Ends every shard's runtime and waits for the threads.
