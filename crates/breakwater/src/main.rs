@@ -253,7 +253,7 @@ fn main() -> ExitCode {
     };
     let shards = Arc::new(shards);
     let result = rt.block_on(run(config, shards.clone()));
-    // The accept loops have ended every client task; now the threads they ran on.
+    // Client tasks still running (shutdown_timeout expired) end with their shards' runtimes.
     drop(rt);
     if let Ok(shards) = Arc::try_unwrap(shards) {
         shards.stop();
@@ -420,8 +420,8 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
             }
         }
     }
-    // Whoever is left is disconnected: their tasks end with the accept loops below, and
-    // their servers are closed, not returned.
+    // Whoever is left is disconnected: their tasks end when the shards' runtimes stop, after
+    // this returns, and their servers are closed, not returned.
     proxy.begin_shutdown();
     proxy.close_pools();
     tasks.abort_all();
@@ -563,19 +563,19 @@ enum BoundListener {
     Unix(std::os::unix::net::UnixListener),
 }
 
-/// Accepts clients until shutdown and owns their tasks, which run on this shard with it.
+/// Accepts clients until shutdown; their tasks run on this shard with it.
+///
+/// A client's task is not kept here (a `JoinSet` entry was 64 bytes of every idle client's
+/// memory): shutdown waits for the client count instead (see `run`), and tasks still running
+/// when the shards stop end with their runtimes.
 async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
-    let mut clients = JoinSet::new();
     loop {
         let accepted = tokio::select! {
             r = listener.accept() => r,
             _ = stop.changed() => break,
         };
-        while clients.try_join_next().is_some() {}
         match accepted {
-            Ok((stream, peer)) => {
-                clients.spawn(serve(daemon.clone(), stream, peer));
-            }
+            Ok((stream, peer)) => drop(tokio::spawn(serve(daemon.clone(), stream, peer))),
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -583,14 +583,6 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
             }
         }
     }
-    drop(listener);
-    drain(clients).await;
-}
-
-/// Client tasks end by themselves once shutdown is signalled (idle ones at once, active ones at
-/// the end of their transaction); the accept task owns them until then.
-async fn drain(mut clients: JoinSet<()>) {
-    while clients.join_next().await.is_some() {}
 }
 
 /// Not an `async fn`: the session's future is made here, taking the stream and the peer, so
@@ -601,17 +593,14 @@ fn serve(
     stream: Stream,
     peer: Peer,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
-    // `then`, not an async block awaiting it: a block would keep the session's future twice,
-    // once as what it captured and once as what it awaits.
-    daemon
-        .proxy
-        .serve(stream, peer)
-        .then(move |login| async move {
-            if let Some(login) = login {
-                // Boxed: no room for the console stays in every client's task.
-                Box::pin(admin_console(daemon, login)).await;
-            }
-        })
+    // `map`, not an async block awaiting it: a block would keep the session's future twice,
+    // once as what it captured and once as what it awaits. The console runs in a task of its
+    // own: awaited here, every client's task would keep room for an admin login.
+    daemon.proxy.serve(stream, peer).map(move |login| {
+        if let Some(login) = login {
+            tokio::spawn(admin_console(daemon, login));
+        }
+    })
 }
 
 /// Runs the admin console on a login to the admin database.

@@ -304,8 +304,8 @@ impl Control for Daemon {
                 let (local_addr, local_port) = addr_port(c.local);
                 ConnView {
                     id: c.id,
-                    user: c.user.clone(),
-                    database: c.database.clone(),
+                    user: c.user.to_string(),
+                    database: c.database.to_string(),
                     state: c.state().as_str().into(),
                     addr,
                     port,

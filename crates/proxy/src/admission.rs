@@ -125,14 +125,17 @@ impl Default for Admission {
 /// Held for as long as a connection from a tracked source is open; gives its count back on
 /// drop. `None` inside when the source is not tracked (a Unix socket, limits off, table full).
 pub struct AddrSlot {
-    held: Option<(Arc<Admission>, IpAddr)>,
+    /// Boxed: the slot lives as long as the connection, in every client's task, and most
+    /// sources are untracked (the limits are off by default).
+    held: Option<Box<(Arc<Admission>, IpAddr)>>,
     /// Open connections from this source, this one included (0 when untracked).
     pub count: usize,
 }
 
 impl Drop for AddrSlot {
     fn drop(&mut self) {
-        if let Some((admission, key)) = self.held.take() {
+        if let Some(held) = self.held.take() {
+            let (admission, key) = *held;
             admission.disconnect(key);
         }
     }
@@ -209,7 +212,7 @@ impl Admission {
         let count = entry.conns;
         drop(t);
         AddrSlot {
-            held: Some((self.clone(), key)),
+            held: Some(Box::new((self.clone(), key))),
             count,
         }
     }

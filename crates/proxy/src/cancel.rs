@@ -1,14 +1,15 @@
-//! Cancel registry: clients get Breakwater's own random BackendKeyData; a CancelRequest with that
-//! key is forwarded to the server serving that client right now, and to nobody else.
+//! Cancel forwarding: clients get Breakwater's own random BackendKeyData; a CancelRequest with
+//! that key is forwarded to the server serving that client right now, and to nobody else. The
+//! keys are looked up in the client registry (`registry.rs`), whose row for each client holds
+//! its slot, so a client's row and slot are one allocation.
 //!
-//! Each client owns a slot holding the cancel target of the server it holds. A cancel counts
-//! itself in the slot (under the slot's lock) while it is sent, and a session that clears the
-//! slot before it gives its server back waits for that count to reach zero, so no server
-//! changes hands while a cancel for it is in flight.
+//! Each client's slot holds the cancel target of the server it holds. A cancel counts itself
+//! in the slot (under the slot's lock) while it is sent, and a session that clears the slot
+//! before it gives its server back waits for that count to reach zero, so no server changes
+//! hands while a cancel for it is in flight.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::task::AtomicWaker;
@@ -108,76 +109,20 @@ impl CancelSlot {
     }
 }
 
-#[derive(Default)]
-pub struct CancelRegistry {
-    slots: Mutex<HashMap<(i32, i32), Arc<CancelSlot>>>,
-}
-
-/// Removes the client's slot when its session ends, however it ends. Owns its handle on the
-/// registry so a session can live on the heap without borrowing (see `session::Workspace`).
-pub struct Registration {
-    registry: Arc<CancelRegistry>,
-    pub pid: i32,
-    pub key: i32,
-    pub slot: Arc<CancelSlot>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        if let Ok(mut slots) = self.registry.slots.lock() {
-            slots.remove(&(self.pid, self.key));
-        }
-    }
-}
-
-impl CancelRegistry {
-    /// Picks a fresh random (pid, key) for a client.
-    pub fn register(self: &Arc<Self>) -> Registration {
-        let slot = Arc::new(CancelSlot::default());
-        loop {
-            let (pid, key) = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
-            let Ok(mut slots) = self.slots.lock() else {
-                // A poisoned lock only means another thread panicked mid-insert; the map is
-                // still a map. Cancels for this client simply won't be found.
-                return Registration {
-                    registry: self.clone(),
-                    pid,
-                    key,
-                    slot,
-                };
-            };
-            if let std::collections::hash_map::Entry::Vacant(e) = slots.entry((pid, key)) {
-                e.insert(slot.clone());
-                return Registration {
-                    registry: self.clone(),
-                    pid,
-                    key,
-                    slot,
-                };
-            }
-        }
-    }
-
-    /// Forwards a cancel for the client with this key, if it holds a server. Returns whether a
+impl CancelSlot {
+    /// Forwards a cancel to the server the client holds, if it holds one. Returns whether a
     /// cancel was sent.
-    pub async fn cancel(&self, pid: i32, key: i32, timeout: Duration) -> bool {
-        let slot = match self.slots.lock() {
-            Ok(slots) => slots.get(&(pid, key)).cloned(),
-            Err(_) => None,
-        };
-        let Some(slot) = slot else {
-            return false;
-        };
+    pub async fn forward(&self, timeout: Duration) -> bool {
         let target = {
-            let target = lock(&slot.target);
+            let target = lock(&self.target);
             let Some(t) = target.as_ref() else {
                 return false;
             };
-            slot.sending.fetch_add(1, Ordering::SeqCst);
+            self.sending.fetch_add(1, Ordering::SeqCst);
             t.clone()
         };
         // Counted off when sent, failed or dropped (the caller's task ending mid-send).
-        let _sending = Sending(&slot);
+        let _sending = Sending(self);
         if let Err(e) = target.send(timeout).await {
             tracing::warn!(error = %e, "could not forward cancel request to the server");
         }
@@ -210,18 +155,15 @@ mod tests {
     async fn a_slot_is_not_cleared_while_a_cancel_for_its_server_is_on_its_way() {
         // A "server" that takes the cancel's connection and answers when told to.
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let registry = Arc::new(CancelRegistry::default());
-        let client = registry.register();
+        let slot = std::sync::Arc::new(CancelSlot::default());
         let target = CancelTarget {
             addr: ServerAddr::Tcp(listener.local_addr().unwrap()),
             pid: 7,
             key: 8,
         };
-        client.slot.set(Some(target)).await;
-        let (pid, key) = (client.pid, client.key);
-        let sender = registry.clone();
-        let cancel =
-            tokio::spawn(async move { sender.cancel(pid, key, Duration::from_secs(30)).await });
+        slot.set(Some(target)).await;
+        let sender = slot.clone();
+        let cancel = tokio::spawn(async move { sender.forward(Duration::from_secs(30)).await });
         let (mut conn, _) = listener.accept().await.unwrap();
         let mut request = [0u8; 16];
         conn.read_exact(&mut request).await.unwrap();
@@ -232,16 +174,16 @@ mod tests {
         );
 
         // The cancel is in flight: giving the server back must wait for it.
-        let mut clear = Box::pin(client.slot.set(None));
+        let mut clear = Box::pin(slot.set(None));
         assert!(clear.as_mut().now_or_never().is_none());
         // A second cancel finds the slot empty and sends nothing.
-        assert!(!registry.cancel(pid, key, Duration::from_secs(1)).await);
+        assert!(!slot.forward(Duration::from_secs(1)).await);
 
         drop(conn);
         assert!(cancel.await.unwrap(), "the first cancel was sent");
         tokio::time::timeout(Duration::from_secs(10), clear)
             .await
             .expect("the slot clears once the cancel is through");
-        assert_eq!(client.slot.sending.load(Ordering::SeqCst), 0);
+        assert_eq!(slot.sending.load(Ordering::SeqCst), 0);
     }
 }

@@ -209,9 +209,8 @@ async fn log_in(
             PoolStats::add(&entry.stats.client_logins, 1);
             // The peer's address came with accept(2); only the local one costs a syscall.
             let local = client.stream.tcp().and_then(|s| s.local_addr().ok());
-            let reg = shared.cancels.register();
             let application_name = startup.get("application_name").unwrap_or("").to_owned();
-            shared.registry.register(NewClient {
+            let row = shared.registry.register(NewClient {
                 id: client.id,
                 user: startup.user,
                 database: startup.database,
@@ -219,9 +218,8 @@ async fn log_in(
                 local,
                 application_name,
                 kill: client.stream.shutdown_handle(),
-                slot: reg.slot.clone(),
             });
-            let mut session = Session::new(shared, settings, client, entry, params, reg);
+            let mut session = Session::new(shared, settings, client, entry, params, row);
             session.places = places;
             LoggedIn::Session(Box::new(session))
         }
@@ -552,7 +550,7 @@ async fn login(
         Opening::Cancel { pid, key } => {
             GlobalStats::bump(&shared.stats.cancel_requests);
             let sent = shared
-                .cancels
+                .registry
                 .cancel(pid, key, Duration::from_secs(5))
                 .await;
             tracing::debug!(sent, "cancel request");

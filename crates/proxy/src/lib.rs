@@ -183,7 +183,6 @@ pub(crate) struct Shared {
     /// The pools, with their hosts, caps, pause and epochs; each pool's proxy-side data
     /// (route, welcome, known statements) rides beside it.
     pools: PoolSet<PoolEntry>,
-    cancels: Arc<cancel::CancelRegistry>,
     pub stats: GlobalStats,
     clients: AtomicUsize,
     /// Signalled when a client leaves, for a shutdown that waits for the last one.
@@ -193,7 +192,7 @@ pub(crate) struct Shared {
     pub(crate) shutting_down: AtomicBool,
     /// SCRAM verifiers derived from plaintext auth_file passwords: PBKDF2 once, not per login.
     scram_cache: Mutex<HashMap<String, ScramVerifier>>,
-    /// Logged-in clients, for SHOW CLIENTS and KILL.
+    /// Logged-in clients, for SHOW CLIENTS, KILL and cancels.
     pub(crate) registry: registry::ClientRegistry,
     /// What operators switched: paused and disabled databases.
     pub(crate) switches: Mutex<control::Switches>,
@@ -238,7 +237,6 @@ impl Proxy {
                     settings.server.clone(),
                 ),
                 settings: RwLock::new(Arc::new(settings)),
-                cancels: Arc::default(),
                 stats: GlobalStats::default(),
                 clients: AtomicUsize::new(0),
                 clients_changed: upstream::Changes::default(),

@@ -35,7 +35,7 @@ use stats::{GlobalStats, PoolStats};
 use tokio::io::AsyncWriteExt;
 use upstream::{CloseReason, PooledServer};
 
-use crate::cancel::{ClientState, Registration};
+use crate::cancel::ClientState;
 use crate::client_conn::ClientConn;
 use crate::ledger::TxLedger;
 use crate::params::ClientParams;
@@ -128,7 +128,8 @@ pub(crate) struct Session {
     /// The Active state's buffers and timer, lent by a workspace for one transaction;
     /// nothing while the client is idle.
     scratch: LentScratch,
-    cancel: Registration,
+    /// The client's SHOW CLIENTS row, which holds its BackendKeyData and its cancel slot.
+    cancel: Arc<crate::registry::ClientInfo>,
     mode: PoolMode,
     /// What the client is doing; see [`Session::enter`].
     state: ClientState,
@@ -137,8 +138,6 @@ pub(crate) struct Session {
     idle_timer: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The pool must write, so a 25006 from its server triggers a role re-check.
     watch_read_only: bool,
-    /// Logged in at, for the disconnection log line.
-    since: Instant,
     /// Places under max_user_client_connections / max_db_client_connections, given back
     /// when the session is dropped.
     pub(crate) places: Option<Box<crate::caps::Places>>,
@@ -154,9 +153,12 @@ pub(crate) struct Session {
 impl Drop for Session {
     fn drop(&mut self) {
         PoolStats::gauge(gauge(&self.entry.stats, self.state), -1);
-        self.shared.registry.unlist(self.client.id);
+        self.shared.registry.unlist(&self.cancel);
         if self.shared.settings().log_disconnections {
-            tracing::info!(duration = ?self.since.elapsed(), "client closed");
+            // From the row's connect time (the login's end): a second clock per client would
+            // be 16 bytes of every idle client for one log line.
+            let duration = self.cancel.connect_time.elapsed().unwrap_or_default();
+            tracing::info!(?duration, "client closed");
         }
     }
 }
@@ -177,7 +179,7 @@ impl Session {
         client: ClientConn,
         entry: Arc<PoolEntry>,
         params: ClientParams,
-        cancel: Registration,
+        cancel: Arc<crate::registry::ClientInfo>,
     ) -> Self {
         let mode = entry.route.pool_mode;
         let watch_read_only = entry.route.target_session_attrs.wants_writer();
@@ -196,7 +198,6 @@ impl Session {
             state: ClientState::Idle,
             idle_timer: None,
             watch_read_only,
-            since: Instant::now(),
             places: None,
             listening: None,
         }
