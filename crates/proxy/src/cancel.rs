@@ -84,16 +84,23 @@ impl CancelSlot {
         &'a self,
         shutting_down: &'a AtomicBool,
     ) -> impl std::future::Future<Output = ()> + 'a {
-        std::future::poll_fn(move |cx| {
-            self.shutdown_waker.register(cx.waker());
-            // After registering: a flag set before this load is seen here, one set after it
-            // finds the waker registered.
-            if shutting_down.load(Ordering::SeqCst) {
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
+        std::future::poll_fn(move |cx| self.poll_shutdown(cx, shutting_down))
+    }
+
+    /// [`CancelSlot::shutdown`] as a poll.
+    pub fn poll_shutdown(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        shutting_down: &AtomicBool,
+    ) -> std::task::Poll<()> {
+        self.shutdown_waker.register(cx.waker());
+        // After registering: a flag set before this load is seen here, one set after it
+        // finds the waker registered.
+        if shutting_down.load(Ordering::SeqCst) {
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 
     pub(crate) fn wake_for_shutdown(&self) {

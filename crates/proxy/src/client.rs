@@ -22,14 +22,14 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use upstream::{SslMode, Stream};
 
-use crate::admission::Refusal;
+use crate::admission::{AddrSlot, Refusal};
 use crate::client_conn::ClientConn;
 use crate::params::ClientParams;
 use crate::registry::NewClient;
 use crate::session::Session;
 use crate::settings::{AuthType, ProxySettings};
 use crate::tls::ALPN_POSTGRESQL;
-use crate::{fmt_duration, read_into, Peer, PoolEntry, Shared, ADMIN_DATABASES};
+use crate::{fmt_duration, read_into, ClientSlot, Peer, PoolEntry, Shared, ADMIN_DATABASES};
 
 /// A client that logged in to the admin database; the binary runs the console on it.
 pub struct AdminLogin {
@@ -69,20 +69,12 @@ fn protocol_violation(what: String) -> LoginEnd {
     LoginEnd::Refuse(PgError::fatal(SqlState::PROTOCOL_VIOLATION, what))
 }
 
-/// Holds a `max_client_conn` slot for as long as the connection lives.
-struct ClientSlot(Arc<Shared>);
-
-impl Drop for ClientSlot {
-    fn drop(&mut self) {
-        self.0.clients.fetch_sub(1, Ordering::Relaxed);
-        self.0.clients_changed.changed();
-    }
-}
-
 /// Not an `async fn`, and owning what it needs: the login future is boxed here, with the
 /// arguments moved into it, so the client's task (a tokio task is as large as its future,
 /// rounded up to 128 bytes) keeps no copy of them, nor room for the login, nor a borrow that
-/// would make its caller keep one, while the session runs.
+/// would make its caller keep one, while the session runs. The connection's places under
+/// max_client_conn and the per-source cap go into the login too, and from there into the
+/// session, which gives them back when it is dropped.
 pub(crate) fn serve(
     shared: Arc<Shared>,
     stream: Stream,
@@ -100,8 +92,8 @@ pub(crate) fn serve(
         count,
         addr_count: addr_slot.count,
     };
-    let login = Box::pin(log_in(shared.clone(), stream, peer, id, arrival));
-    let slot = ClientSlot(shared);
+    let places = (ClientSlot(shared.clone()), addr_slot);
+    let login = Box::pin(log_in(shared, stream, peer, id, arrival, places));
     async move {
         // Bound by a `let`, so the login's result (an admin login is large) does not stay in
         // the task while the session runs.
@@ -110,10 +102,9 @@ pub(crate) fn serve(
             LoggedIn::Admin(login) => return Some(login),
             LoggedIn::Ended => return None,
         };
-        // Dropping the session unlists the client and closes its socket.
+        // Dropping the session unlists the client, closes its socket and gives its places
+        // back.
         drop(session.run().await);
-        drop(slot);
-        drop(addr_slot);
         None
     }
     .instrument(span)
@@ -143,6 +134,7 @@ async fn log_in(
     peer: Peer,
     id: u64,
     arrival: Arrival,
+    open_places: (ClientSlot, AddrSlot),
 ) -> LoggedIn {
     let shared = &shared;
     let settings = shared.settings();
@@ -221,6 +213,7 @@ async fn log_in(
             });
             let mut session = Session::new(shared, settings, client, entry, params, row);
             session.places = places;
+            session.open = Some(open_places);
             LoggedIn::Session(Box::new(session))
         }
         Ok(Login::Admin { user, is_admin }) => LoggedIn::Admin(AdminLogin {

@@ -178,6 +178,16 @@ pub struct Proxy {
     shared: Arc<Shared>,
 }
 
+/// Holds a `max_client_conn` place for as long as the connection lives.
+pub(crate) struct ClientSlot(Arc<Shared>);
+
+impl Drop for ClientSlot {
+    fn drop(&mut self) {
+        self.0.clients.fetch_sub(1, Ordering::Relaxed);
+        self.0.clients_changed.changed();
+    }
+}
+
 pub(crate) struct Shared {
     settings: RwLock<Arc<ProxySettings>>,
     /// The pools, with their hosts, caps, pause and epochs; each pool's proxy-side data

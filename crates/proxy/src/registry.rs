@@ -81,8 +81,9 @@ pub struct ClientRegistry {
 
 #[derive(Default)]
 struct Rows {
-    by_id: HashMap<u64, Arc<ClientInfo>>,
-    /// By BackendKeyData (pid, key), for cancels.
+    /// By BackendKeyData (pid, key), for cancels; the only index: everything else walks all
+    /// rows anyway, and KILL_CLIENT of one id is rare enough to walk them too (a second map
+    /// by id was some 28 bytes of every idle client).
     by_key: HashMap<(i32, i32), Arc<ClientInfo>>,
     /// User and database names of listed clients, each kept once (a short `String` per
     /// client was a 32-byte allocation, twice), with how many listed clients use it: a name
@@ -156,14 +157,12 @@ impl ClientRegistry {
             key,
             slot: CancelSlot::default(),
         });
-        rows.by_id.insert(c.id, info.clone());
         rows.by_key.insert((pid, key), info.clone());
         info
     }
 
     pub(crate) fn unlist(&self, c: &ClientInfo) {
         let mut rows = self.rows();
-        rows.by_id.remove(&c.id);
         rows.by_key.remove(&(c.pid, c.key));
         rows.release(&c.user);
         rows.release(&c.database);
@@ -181,7 +180,7 @@ impl ClientRegistry {
 
     /// Every logged-in client, ordered by id.
     pub fn list(&self) -> Vec<Arc<ClientInfo>> {
-        let mut v: Vec<_> = self.rows().by_id.values().cloned().collect();
+        let mut v: Vec<_> = self.rows().by_key.values().cloned().collect();
         v.sort_by_key(|c| c.id);
         v
     }
@@ -190,7 +189,7 @@ impl ClientRegistry {
     /// lock without copying a row, so SHOW DATABASES/USERS/LISTS stay cheap with 50k clients.
     pub fn counts(&self) -> ClientCounts {
         let rows = self.rows();
-        let m = &rows.by_id;
+        let m = &rows.by_key;
         let mut counts = ClientCounts {
             total: m.len() as u64,
             ..ClientCounts::default()
@@ -206,7 +205,7 @@ impl ClientRegistry {
     /// shutting down (see `CancelSlot::shutdown`).
     pub(crate) fn wake_for_shutdown(&self) {
         let rows = self.rows();
-        let m = &rows.by_id;
+        let m = &rows.by_key;
         for c in m.values() {
             c.slot.wake_for_shutdown();
         }
@@ -215,8 +214,8 @@ impl ClientRegistry {
     /// Disconnects client `id`; `false` when there is no such client.
     pub fn kill(&self, id: u64) -> bool {
         let rows = self.rows();
-        let m = &rows.by_id;
-        match m.get(&id) {
+        let m = &rows.by_key;
+        match m.values().find(|c| c.id == id) {
             Some(c) => {
                 c.kill();
                 true
@@ -228,7 +227,7 @@ impl ClientRegistry {
     /// Disconnects every client of `database` (all with `None`); returns how many.
     pub fn kill_database(&self, database: Option<&str>) -> usize {
         let rows = self.rows();
-        let m = &rows.by_id;
+        let m = &rows.by_key;
         let mut n = 0;
         for c in m.values() {
             if database.is_none_or(|d| d == &*c.database) {

@@ -310,15 +310,19 @@ impl Stream {
     /// The read direction's waker slot is the one a read uses too, which is fine for the one
     /// task that owns the stream.
     pub async fn readable(&self) -> io::Result<()> {
-        std::future::poll_fn(|cx| match self {
+        std::future::poll_fn(|cx| self.poll_readable(cx)).await
+    }
+
+    /// [`Stream::readable`] as a poll, for a wait that polls other things beside it.
+    pub fn poll_readable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self {
             Stream::Tcp(s) => s.poll_read_ready(cx),
             Stream::Unix(s) => s.poll_read_ready(cx),
             Stream::TlsToServer(_) | Stream::TlsFromClient(_) => match self.tls_transport() {
                 Some((tcp, true)) => tcp.poll_read_ready(cx),
                 _ => Poll::Ready(Ok(())),
             },
-        })
-        .await
+        }
     }
 
     /// Writes all of `data` and flushes it to the socket (see the module comment). Not

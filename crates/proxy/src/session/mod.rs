@@ -145,6 +145,11 @@ pub(crate) struct Session {
     /// (transaction and statement mode), from its first LISTEN on; dropped with the session,
     /// which takes it off them.
     listening: Option<Box<crate::listen::Subscription>>,
+    /// The connection's places under max_client_conn and max_client_conn_per_addr, given
+    /// back when the session is dropped: after its socket closes, as this field comes after
+    /// `client`. Here rather than in the client's task, which is as large as its largest
+    /// state (see `client::serve`).
+    pub(crate) open: Option<(crate::ClientSlot, crate::admission::AddrSlot)>,
 }
 
 /// A session ends when it is dropped, however it ended: the client leaves the pool's gauges
@@ -200,6 +205,7 @@ impl Session {
             watch_read_only,
             places: None,
             listening: None,
+            open: None,
         }
     }
 
@@ -472,3 +478,4 @@ fn server_lost(detail: &str) -> PgError {
 fn protocol_violation(detail: impl Into<String>) -> PgError {
     PgError::fatal(SqlState::PROTOCOL_VIOLATION, detail)
 }
+
