@@ -479,3 +479,23 @@ fn protocol_violation(detail: impl Into<String>) -> PgError {
     PgError::fatal(SqlState::PROTOCOL_VIOLATION, detail)
 }
 
+#[cfg(test)]
+mod sizes {
+    fn output_size<A, B, C, R>(_: impl FnOnce(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// A tokio task is 96 bytes of its own plus its future, rounded up to 128: every idle
+    /// client's task is `client::serve`'s future (and the binary's 8-byte wrapper), and at
+    /// 160 bytes or less it is a 256-byte task, one of the blocks `breakwater::blocks` packs.
+    /// It was 264 while the idle wait was a `select!` (a 384-byte task).
+    #[test]
+    fn an_idle_clients_task_fits_in_256_bytes() {
+        let future = output_size(crate::client::serve);
+        assert!(
+            future + 8 <= 160,
+            "client::serve's future is {future} bytes: an idle client's task grows by 128 \
+             (box what only a rare path needs; see Session::wait_for_client)"
+        );
+    }
+}
