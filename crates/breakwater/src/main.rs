@@ -3,6 +3,7 @@
 //! database, SIGHUP and RELOAD, the stats log line, the Prometheus exporter, and the
 //! `breakwater stats` tail.
 
+mod blocks;
 mod config;
 mod health;
 mod http;
@@ -33,6 +34,11 @@ use tokio::task::JoinSet;
 use upstream::Stream;
 
 use crate::config::{Config, Layers};
+
+/// glibc, with tokio's 256-byte blocks (a task, a socket's registration) packed apart: see
+/// `blocks.rs`.
+#[global_allocator]
+static ALLOCATOR: blocks::Allocator = blocks::Allocator;
 use crate::health::Health;
 use crate::operator::Daemon;
 
