@@ -182,7 +182,24 @@ impl Session {
             if let Some(d) = deadline {
                 self.scratch.alarm.arm(d);
             }
+            // In this order, not tokio's random one: a timer that is due is never starved by a
+            // server streaming a long result, and when the server's reply is what woke the
+            // task (the common case) the client's quiet socket is not polled (and its waker
+            // re-registered) for nothing. Neither side starves the other: each turn of the loop
+            // moves everything read, and a server waits for the client only when it has
+            // nothing to send.
             tokio::select! {
+                biased;
+                _ = self.scratch.alarm.fired(), if deadline.is_some() => {
+                    // The alarm may ring early (it was armed for a deadline that has since
+                    // moved on): act only on a timer that is really due.
+                    let (timer, deadline) = timers::next_timer(&h.ledger, &h.clock, &timer_settings);
+                    if deadline.is_some_and(|d| d <= Instant::now()) {
+                        if let Some(step) = self.on_timer(h, timer).await {
+                            return step;
+                        }
+                    }
+                }
                 r = h.server.read() => {
                     if let Err(e) = r {
                         h.server.mark_broken(CloseReason::ServerLost);
@@ -200,16 +217,6 @@ impl Session {
                         Ok(_) => {}
                     }
                     h.clock.last_client_byte = Instant::now();
-                }
-                _ = self.scratch.alarm.fired(), if deadline.is_some() => {
-                    // The alarm may ring early (it was armed for a deadline that has since
-                    // moved on): act only on a timer that is really due.
-                    let (timer, deadline) = timers::next_timer(&h.ledger, &h.clock, &timer_settings);
-                    if deadline.is_some_and(|d| d <= Instant::now()) {
-                        if let Some(step) = self.on_timer(h, timer).await {
-                            return step;
-                        }
-                    }
                 }
             }
         }
