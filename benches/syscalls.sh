@@ -34,9 +34,10 @@ for tool in perf pgbench initdb; do
 done
 PGBOUNCER=${PGBOUNCER-$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)}
 
+# shellcheck source=benches/cluster.sh
+. "$PWD/benches/cluster.sh"
 work=$(mktemp -d /tmp/breakwater-syscalls.XXXXXX)
 chmod 755 "$work"
-as_pg() { if [ "$(id -u)" -eq 0 ]; then runuser -u postgres -- "$@"; else "$@"; fi; }
 [ "$(id -u)" -eq 0 ] && chown postgres "$work"
 pids=()
 cleanup() {
@@ -46,20 +47,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-pg_port=$(free_port)
-as_pg initdb -D "$work/data" -U postgres --auth-local=trust --auth-host=scram-sha-256 >/dev/null
-as_pg pg_ctl -D "$work/data" -l "$work/pg.log" -w \
-  -o "-p $pg_port -c listen_addresses=127.0.0.1 -k $work -c fsync=off" start >/dev/null
-psql -X -q -h "$work" -p "$pg_port" -U postgres -c "CREATE ROLE app LOGIN PASSWORD 'app_pw'" \
-  -c "CREATE DATABASE app OWNER app"
-PGPASSWORD=app_pw pgbench -i -q -s 1 -h 127.0.0.1 -p "$pg_port" -U app app >/dev/null 2>&1
-verifier=$(psql -X -At -h "$work" -p "$pg_port" -U postgres \
-  -c "SELECT rolpassword FROM pg_authid WHERE rolname = 'app'")
-printf '"app" "%s"\n' "$verifier" > "$work/userlist.txt"
-[ "$(id -u)" -eq 0 ] && chown -R postgres "$work"
+start_cluster
 
-wait_port() { for _ in $(seq 150); do pg_isready -q -h 127.0.0.1 -p "$1" && return; sleep 0.2; done; echo "port $1 never opened" >&2; exit 1; }
 
 events=task-clock,context-switches,raw_syscalls:sys_enter
 for s in futex epoll_wait epoll_ctl sendto recvfrom write read fcntl close accept4; do
@@ -70,40 +59,11 @@ run() {
   local name=$1 port pid
   port=$(free_port)
   if [ "$name" = breakwater ]; then
-    cat > "$work/bw.toml" <<CONF
-[pooler]
-listen_addr = "127.0.0.1"
-listen_port = $port
-auth_type = "$AUTH"
-auth_file = "$work/userlist.txt"
-default_pool_size = 16
-min_pool_size = 16
-workers = $WORKERS
-[databases.app]
-host = "127.0.0.1"
-port = $pg_port
-user = "app"
-password = "app_pw"
-CONF
+    breakwater_conf "$port" "workers = $WORKERS"
     RUST_LOG=warn "$BIN" --config "$work/bw.toml" >"$work/$name.log" 2>&1 </dev/null &
     pid=$!
   else
-    cat > "$work/pgb.ini" <<CONF
-[databases]
-app = host=127.0.0.1 port=$pg_port dbname=app user=app password=app_pw
-[pgbouncer]
-listen_addr = 127.0.0.1
-listen_port = $port
-unix_socket_dir =
-auth_type = $AUTH
-auth_file = $work/userlist.txt
-pool_mode = transaction
-default_pool_size = 16
-min_pool_size = 16
-log_connections = 0
-log_disconnections = 0
-CONF
-    [ "$(id -u)" -eq 0 ] && chown postgres "$work/pgb.ini" "$work"
+    pgbouncer_conf "$port"
     as_pg "$PGBOUNCER" "$work/pgb.ini" >"$work/$name.log" 2>&1 </dev/null &
     pid=$!
     sleep 0.2
