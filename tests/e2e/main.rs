@@ -16,6 +16,7 @@ mod hostile_upstream;
 mod lifecycle;
 mod limits;
 mod listen;
+mod park;
 mod pooling;
 mod prepared;
 mod protocol;

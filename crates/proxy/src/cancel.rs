@@ -24,7 +24,8 @@ pub struct CancelSlot {
     sending: AtomicUsize,
     /// Notified when a cancel is sent (or given up).
     sent: tokio::sync::Notify,
-    /// Idle, waiting for a server or holding one: SHOW CLIENTS reads it without the lock.
+    /// Idle, waiting for a server or holding one (the low bits, a [`ClientState`]), and the
+    /// marks of the park sweep ([`SWEPT`], [`PARK`]); SHOW CLIENTS reads it without the lock.
     state: std::sync::atomic::AtomicU8,
     /// The session's task while it waits on its client, for shutdown to wake (see
     /// [`CancelSlot::shutdown`]).
@@ -49,6 +50,22 @@ impl ClientState {
     }
 }
 
+/// The park sweep saw the client idle (see [`CancelSlot::sweep`]); cleared by any change of state.
+const SWEPT: u8 = 0x40;
+/// The client was idle through a whole sweep period: its session should park.
+const PARK: u8 = 0x80;
+/// The session cannot park (TLS, a timer): not asked again until its state changes.
+const DECLINED: u8 = 0x20;
+const STATE_BITS: u8 = 0x03;
+
+/// What rang an idle session's bell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bell {
+    ShuttingDown,
+    /// Idle since the sweep before last: take the client off its task (see `crate::park`).
+    Park,
+}
+
 impl CancelSlot {
     /// Sets the server the client holds. Clearing it returns once no cancel for the old one
     /// is still on its way: the server may then go to another client without a cancel meant
@@ -70,9 +87,40 @@ impl CancelSlot {
         }
     }
 
-    /// What SHOW CLIENTS says the client is doing (the session's `enter` sets it).
+    /// What SHOW CLIENTS says the client is doing (the session's `enter` sets it). Clears the
+    /// sweep's marks: a client that did anything starts its idle period again.
     pub fn set_state(&self, state: ClientState) {
         self.state.store(state as u8, Ordering::Relaxed);
+    }
+
+    /// One pass of the park sweep (every [`crate::park::SWEEP`]): an idle client is marked
+    /// the first time, and asked to park the second, if its state did not change in between.
+    /// A client asked once is not woken again by later sweeps.
+    pub(crate) fn sweep(&self) {
+        let s = self.state.load(Ordering::Relaxed);
+        if s & STATE_BITS != ClientState::Idle as u8 || s & PARK != 0 {
+            return;
+        }
+        let want = if s & SWEPT == 0 { s | SWEPT } else { s | PARK };
+        // Lost to a change of state in between: that change cleared the marks, rightly.
+        if self
+            .state
+            .compare_exchange(s, want, Ordering::Relaxed, Ordering::Relaxed)
+            .is_ok()
+            && want & PARK != 0
+        {
+            self.shutdown_waker.wake();
+        }
+    }
+
+    /// The session had a reason not to park: it is not asked again in this idle period.
+    pub(crate) fn park_declined(&self) {
+        self.state.fetch_or(DECLINED, Ordering::Relaxed);
+    }
+
+    /// A resumed session starts its idle period over: the sweep marks it afresh.
+    pub(crate) fn unparked(&self) {
+        self.state.fetch_and(STATE_BITS, Ordering::Relaxed);
     }
 
     /// Ready once `shutting_down` is set; [`CancelSlot::wake_for_shutdown`] wakes the waiting
@@ -103,12 +151,27 @@ impl CancelSlot {
         }
     }
 
+    /// [`CancelSlot::poll_shutdown`], and the park sweep's request, for an idle session.
+    pub fn poll_bell(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        shutting_down: &AtomicBool,
+    ) -> std::task::Poll<Bell> {
+        if self.poll_shutdown(cx, shutting_down).is_ready() {
+            return std::task::Poll::Ready(Bell::ShuttingDown);
+        }
+        if self.state.load(Ordering::Relaxed) & (PARK | DECLINED) == PARK {
+            return std::task::Poll::Ready(Bell::Park);
+        }
+        std::task::Poll::Pending
+    }
+
     pub(crate) fn wake_for_shutdown(&self) {
         self.shutdown_waker.wake();
     }
 
     pub fn state(&self) -> ClientState {
-        match self.state.load(std::sync::atomic::Ordering::Relaxed) {
+        match self.state.load(std::sync::atomic::Ordering::Relaxed) & STATE_BITS {
             1 => ClientState::Waiting,
             2 => ClientState::Active,
             _ => ClientState::Idle,

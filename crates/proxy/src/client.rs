@@ -104,6 +104,7 @@ pub(crate) fn serve(
         };
         // Dropping the session unlists the client, closes its socket and gives its places
         // back.
+        // `None`: parked; the park resumes it in a task of its own (see `crate::park`).
         drop(session.run().await);
         None
     }

@@ -25,6 +25,7 @@ pub mod fuzzing;
 mod ledger;
 mod listen;
 pub mod params;
+mod park;
 pub mod prepared;
 pub mod registry;
 pub mod scan;
@@ -217,6 +218,10 @@ pub(crate) struct Shared {
     pub(crate) admission: Arc<admission::Admission>,
     /// auth_query's cache and lookup pools.
     pub(crate) auth_lookups: auth_query::AuthLookups,
+    /// Each shard's park for idle clients, by shard, started by the first client parked there.
+    parks: Mutex<Vec<Option<Arc<park::Park>>>>,
+    /// When the park sweep last ran (see `Proxy::maintain`).
+    swept: Mutex<Option<std::time::Instant>>,
 }
 
 /// Where a client came from, for logs and SHOW CLIENTS: the address `accept` gave, or `None`
@@ -260,6 +265,8 @@ impl Proxy {
                 db_clients: Arc::default(),
                 admission,
                 auth_lookups: auth_query::AuthLookups::default(),
+                parks: Mutex::new(Vec::new()),
+                swept: Mutex::new(None),
             }),
         }
     }
@@ -291,11 +298,30 @@ impl Proxy {
             }
         }
         self.drop_idle_auto_databases(settings.autodb_idle_timeout);
+        self.sweep_idle_clients();
         self.shared.auth_lookups.close_idle(&settings.server);
         // Concurrently: one pool waiting on an unreachable host must not hold up the others.
         let pools = self.shared.all_pools();
         futures_util::future::join_all(pools.iter().map(|p| p.pool.maintain(&settings.server)))
             .await;
+    }
+
+    /// Asks clients idle for a whole sweep period to park (see `park`), once per
+    /// [`park::SWEEP`] whatever the maintenance tick is.
+    fn sweep_idle_clients(&self) {
+        let now = std::time::Instant::now();
+        {
+            let mut swept = self
+                .shared
+                .swept
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if swept.is_some_and(|t| now.duration_since(t) < park::SWEEP) {
+                return;
+            }
+            *swept = Some(now);
+        }
+        self.shared.registry.sweep();
     }
 
     /// Closes the pools of automatic databases (made from the `"*"` entry) that have had no
@@ -331,6 +357,16 @@ impl Proxy {
         // The flag first: a session that registered after the wake-up below reads it set.
         self.shared.shutting_down.store(true, Ordering::SeqCst);
         self.shared.registry.wake_for_shutdown();
+        // Parked clients have no task to wake: their park resumes them all.
+        let parks = self
+            .shared
+            .parks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        for park in parks.iter().flatten() {
+            park.wake();
+        }
     }
 
     /// Each fleet budget's slots (SHOW FLEET, metrics).
@@ -437,6 +473,35 @@ impl Proxy {
 }
 
 impl Shared {
+    /// Shard `home`'s park, started on the calling thread (which must be that shard's) the
+    /// first time. `None` when it cannot start (no epoll set).
+    fn park_of(self: &Arc<Self>, home: u16) -> Option<Arc<park::Park>> {
+        let mut parks = self
+            .parks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let i = usize::from(home);
+        if parks.len() <= i {
+            parks.resize(i + 1, None);
+        }
+        let place = parks.get_mut(i)?;
+        if let Some(p) = place {
+            return Some(p.clone());
+        }
+        match park::Park::start(self) {
+            Ok(p) => {
+                *place = Some(p.clone());
+                Some(p)
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "cannot park idle clients on this shard ({e}); they keep their tasks"
+                );
+                None
+            }
+        }
+    }
+
     pub(crate) fn settings(&self) -> Arc<ProxySettings> {
         match self.settings.read() {
             Ok(s) => s.clone(),

@@ -211,6 +211,14 @@ impl ClientRegistry {
         }
     }
 
+    /// The park sweep (see `crate::park`): every idle client is marked, or asked to park.
+    pub(crate) fn sweep(&self) {
+        let rows = self.rows();
+        for c in rows.by_key.values() {
+            c.slot.sweep();
+        }
+    }
+
     /// Disconnects client `id`; `false` when there is no such client.
     pub fn kill(&self, id: u64) -> bool {
         let rows = self.rows();

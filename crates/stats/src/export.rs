@@ -198,6 +198,7 @@ pub fn publish_global(g: &GlobalSnapshot, clients_current: u64) {
     counter!("breakwater_clients_lost_total").absolute(g.clients_lost);
     counter!("breakwater_admin_logins_total").absolute(g.admin_logins);
     gauge!("breakwater_client_connections").set(clients_current as f64);
+    gauge!("breakwater_clients_parked").set(g.clients_parked as f64);
     for (kind, n) in [
         ("query_wait_timeout", g.timeouts_query_wait),
         ("client_login_timeout", g.timeouts_client_login),
@@ -227,6 +228,7 @@ pub fn describe() {
         ("breakwater_pool_paused", Count, "1 while the pool is paused (PAUSE), else 0."),
         ("breakwater_client_maxwait_seconds", Seconds, "How long the longest-waiting client of the pool has waited for a server."),
         ("breakwater_client_connections", Count, "Client connections open now, logged in or not."),
+        ("breakwater_clients_parked", Count, "Idle clients parked without a task of their own (after a second or two of silence)."),
         ("breakwater_host_breaker", Count, "1 for the circuit breaker state the upstream host is in (closed, open, half-open)."),
         ("breakwater_host_drill", Count, "1 for the failure drill mode in force on the upstream host (DRILL), else 0."),
     ] {

@@ -420,6 +420,8 @@ pub struct FleetSnapshot {
 pub struct GlobalStats {
     pub clients_total: AtomicU64,
     pub clients_current: AtomicI64,
+    /// Idle clients parked without a task of their own (see the proxy's `park`), now.
+    pub clients_parked: AtomicI64,
     pub login_failures: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub refused_max_client_conn: AtomicU64,
@@ -497,6 +499,7 @@ pub struct GlobalSnapshot {
     pub cancel_requests: u64,
     pub clients_left_waiting: u64,
     pub clients_lost: u64,
+    pub clients_parked: u64,
     pub admin_logins: u64,
     pub auth_query_lookups: u64,
     pub auth_query_cache_hits: u64,
@@ -530,6 +533,7 @@ impl GlobalStats {
             cancel_requests: self.cancel_requests.load(Relaxed),
             clients_left_waiting: self.clients_left_waiting.load(Relaxed),
             clients_lost: self.clients_lost.load(Relaxed),
+            clients_parked: self.clients_parked.load(Relaxed).max(0) as u64,
             admin_logins: self.admin_logins.load(Relaxed),
             auth_query_lookups: self.auth_query_lookups.load(Relaxed),
             auth_query_cache_hits: self.auth_query_cache_hits.load(Relaxed),

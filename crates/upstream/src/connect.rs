@@ -312,7 +312,7 @@ async fn login(
             settings.tls.mode,
             crate::tls::SslMode::VerifyCa | crate::tls::SslMode::VerifyFull
         ),
-        Stream::Tcp(_) | Stream::TlsFromClient(_) => false,
+        Stream::Tcp(_) | Stream::TlsFromClient(_) | Stream::Detached(_) => false,
     };
     // An RDS IAM token is a password for 15 minutes: never to a server whose certificate was
     // not checked, whatever server_require_auth says (config load refuses such a setup too).

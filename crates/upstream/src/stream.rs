@@ -21,6 +21,25 @@ pub enum Stream {
     TlsToServer(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// Breakwater is the TLS server: a connection from a client.
     TlsFromClient(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// A plain socket taken off the runtime's reactor (see [`Stream::detach`]): an idle
+    /// client's, watched by the proxy's park. No I/O until [`Stream::attach`].
+    Detached(Detached),
+}
+
+/// The socket of a [`Stream::Detached`].
+#[derive(Debug)]
+pub enum Detached {
+    Tcp(std::net::TcpStream),
+    Unix(std::os::unix::net::UnixStream),
+    /// Lost while changing over (tokio failed to deregister it, which closed it).
+    Gone,
+}
+
+fn detached_io() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::NotConnected,
+        "socket detached from the runtime",
+    )
 }
 
 /// How a TCP socket notices a peer that vanished without a FIN or RST (a host powered off, a
@@ -135,6 +154,7 @@ impl Stream {
                 Some((tcp, true)) => tcp.as_raw_fd(),
                 _ => return false,
             },
+            Stream::Detached(_) => return false,
         };
         Self::idle_by_readiness(peek(fd))
     }
@@ -186,6 +206,7 @@ impl Stream {
                         false,
                     )
                 }
+                Stream::Detached(_) => return Poll::Ready(()),
             };
             return match peeked {
                 Ok(0) => Poll::Ready(()),
@@ -210,7 +231,7 @@ impl Stream {
                 let (tcp, tls) = s.get_ref();
                 Some((tcp, tls.wants_read()))
             }
-            Stream::Tcp(_) | Stream::Unix(_) => None,
+            Stream::Tcp(_) | Stream::Unix(_) | Stream::Detached(_) => None,
         }
     }
 
@@ -237,6 +258,7 @@ impl Stream {
                 drop(std::mem::replace(old, new));
                 Ok(())
             }
+            Stream::Detached(_) => Err(detached_io()),
         }
     }
 
@@ -260,6 +282,7 @@ impl Stream {
         use std::os::fd::AsRawFd;
         match self {
             Stream::Unix(s) => Some(s.as_raw_fd()),
+            Stream::Detached(_) => self.detached_fd(),
             _ => Some(self.tcp()?.as_raw_fd()),
         }
     }
@@ -268,7 +291,7 @@ impl Stream {
     pub fn tcp(&self) -> Option<&TcpStream> {
         match self {
             Stream::Tcp(s) => Some(s),
-            Stream::Unix(_) => None,
+            Stream::Unix(_) | Stream::Detached(_) => None,
             Stream::TlsToServer(s) => Some(s.get_ref().0),
             Stream::TlsFromClient(s) => Some(s.get_ref().0),
         }
@@ -322,6 +345,7 @@ impl Stream {
                 Some((tcp, true)) => tcp.poll_read_ready(cx),
                 _ => Poll::Ready(Ok(())),
             },
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 
@@ -347,6 +371,58 @@ impl Stream {
                 let (tcp, tls) = s.get_mut();
                 tls_write_now(tcp, tls, data)
             }
+            Stream::Detached(_) => Err(detached_io()),
+        }
+    }
+
+    /// Takes a plain socket off this runtime's reactor (an idle client's, which costs its
+    /// 256-byte registration while registered); its descriptor stays open and the same.
+    /// TLS streams cannot be detached (`Unsupported`, the stream unchanged). Any other error
+    /// leaves the stream `Detached(Gone)`: the socket is closed.
+    pub fn detach(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Tcp(_) | Stream::Unix(_) => {}
+            Stream::Detached(_) => return Ok(()),
+            Stream::TlsToServer(_) | Stream::TlsFromClient(_) => {
+                return Err(io::ErrorKind::Unsupported.into())
+            }
+        }
+        let (detached, result) = match std::mem::replace(self, Stream::Detached(Detached::Gone)) {
+            Stream::Tcp(s) => match s.into_std() {
+                Ok(s) => (Detached::Tcp(s), Ok(())),
+                Err(e) => (Detached::Gone, Err(e)),
+            },
+            Stream::Unix(s) => match s.into_std() {
+                Ok(s) => (Detached::Unix(s), Ok(())),
+                Err(e) => (Detached::Gone, Err(e)),
+            },
+            _ => (Detached::Gone, Err(detached_io())),
+        };
+        *self = Stream::Detached(detached);
+        result
+    }
+
+    /// Registers a detached socket with the calling thread's runtime again. On an error the
+    /// socket is closed and the stream is `Detached(Gone)`.
+    pub fn attach(&mut self) -> io::Result<()> {
+        let Stream::Detached(d) = self else {
+            return Ok(());
+        };
+        *self = match std::mem::replace(d, Detached::Gone) {
+            Detached::Tcp(s) => Stream::Tcp(TcpStream::from_std(s)?),
+            Detached::Unix(s) => Stream::Unix(UnixStream::from_std(s)?),
+            Detached::Gone => return Err(detached_io()),
+        };
+        Ok(())
+    }
+
+    /// A detached socket's descriptor, for the park's own epoll set.
+    pub fn detached_fd(&self) -> Option<std::os::fd::RawFd> {
+        use std::os::fd::AsRawFd;
+        match self {
+            Stream::Detached(Detached::Tcp(s)) => Some(s.as_raw_fd()),
+            Stream::Detached(Detached::Unix(s)) => Some(s.as_raw_fd()),
+            _ => None,
         }
     }
 }
@@ -391,6 +467,7 @@ impl AsyncRead for Stream {
             Stream::Unix(s) => Pin::new(s).poll_read(cx, buf),
             Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
             Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 }
@@ -406,6 +483,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => Pin::new(s).poll_write(cx, buf),
             Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 
@@ -415,6 +493,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => Pin::new(s).poll_flush(cx),
             Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_flush(cx),
             Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 
@@ -424,6 +503,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => Pin::new(s).poll_shutdown(cx),
             Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 
@@ -437,6 +517,7 @@ impl AsyncWrite for Stream {
             Stream::Unix(s) => Pin::new(s).poll_write_vectored(cx, bufs),
             Stream::TlsToServer(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
             Stream::TlsFromClient(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            Stream::Detached(_) => Poll::Ready(Err(detached_io())),
         }
     }
 

@@ -15,6 +15,7 @@ use proto::frontend;
 use stats::{GlobalStats, PoolStats};
 
 use super::{protocol_violation, shutdown_error, Session, Work};
+use crate::cancel::Bell;
 use crate::prepared::Statement;
 use crate::{fmt_duration, read_into};
 
@@ -29,6 +30,8 @@ enum Idle {
     Gone,
     /// Breakwater is shutting down: say so (the wait's loop does).
     ShuttingDown,
+    /// The park sweep asks the client to park (see `crate::park`).
+    Park,
     /// client_idle_timeout expired.
     Expired,
 }
@@ -78,6 +81,8 @@ impl Session {
                 Idle::Readable => return Work::Readable,
                 Idle::Gone => return Work::Gone,
                 Idle::ShuttingDown => {}
+                Idle::Park if self.may_park() => return Work::Park,
+                Idle::Park => self.cancel.slot.park_declined(),
                 Idle::Expired => {
                     let e = idle_timeout_expired(self.global(), self.settings.client_idle_timeout);
                     return Box::pin(self.send_fatal(e)).await;
@@ -96,14 +101,27 @@ impl Session {
             });
         }
         let shutting_down = &self.shared.shutting_down;
-        if self.cancel.slot.poll_shutdown(cx, shutting_down).is_ready() {
-            return Poll::Ready(Idle::ShuttingDown);
+        match self.cancel.slot.poll_bell(cx, shutting_down) {
+            Poll::Ready(Bell::ShuttingDown) => return Poll::Ready(Idle::ShuttingDown),
+            Poll::Ready(Bell::Park) => return Poll::Ready(Idle::Park),
+            Poll::Pending => {}
         }
         // The timer exists only while client_idle_timeout is on (see `arm_idle_timer`).
         match self.idle_timer.as_mut().map(|t| t.as_mut().poll(cx)) {
             Some(Poll::Ready(())) => Poll::Ready(Idle::Expired),
             _ => Poll::Pending,
         }
+    }
+
+    /// Whether this idle client can leave its task (see `crate::park`): nothing unread or
+    /// unsent, a plain socket, and no timer that needs a task to fire (client_idle_timeout).
+    /// A LISTENing client waits elsewhere and is never asked.
+    fn may_park(&self) -> bool {
+        self.client.buf.is_empty()
+            && self.client.out.is_empty()
+            && self.idle_timer.is_none()
+            && self.settings.client_idle_timeout.is_none()
+            && !self.client.stream.is_tls()
     }
 
     /// [`Session::wait_for_client`] for a client that listens to channels: notifications

@@ -107,6 +107,8 @@ enum Work {
     Answered,
     /// Left, or was told why it must (the error is sent already).
     Gone,
+    /// Idle long enough to leave its task (see `crate::park`).
+    Park,
 }
 
 /// Where a session goes after its Active state.
@@ -235,22 +237,63 @@ impl Session {
     /// Idle ⇄ Active until the client leaves. Idle runs here, in the client's task; Active
     /// runs in a workspace. Gives the session back so the caller decides when its socket
     /// closes.
-    pub async fn run(self: Box<Self>) -> Box<Self> {
+    ///
+    /// `None`: the client was parked (see `crate::park`), which resumes it in a new task.
+    pub async fn run(self: Box<Self>) -> Option<Box<Self>> {
         // Boxed, like every rarely taken await that holds a large future: a task's memory is
         // its largest state, and an idle client should not carry the login path's.
-        let (mut this, mut next) = Box::pin(self.start()).await;
+        let (this, next) = Box::pin(self.start()).await;
+        this.serve(next).await
+    }
+
+    /// [`Session::run`] for a parked session, in its new task: Idle again.
+    pub(crate) async fn resume(self: Box<Self>) -> Option<Box<Self>> {
+        self.cancel.slot.unparked();
+        self.serve(Next::Idle).await
+    }
+
+    async fn serve(mut self: Box<Self>, mut next: Next) -> Option<Box<Self>> {
         while let Next::Idle = next {
-            if let Work::Gone = this.wait_for_client().await {
-                break;
+            match self.wait_for_client().await {
+                Work::Gone => break,
+                Work::Park => {
+                    let shared = self.shared.clone();
+                    match crate::park::park(&shared, self) {
+                        Ok(()) => return None,
+                        Err(back) => {
+                            self = back;
+                            self.cancel.slot.park_declined();
+                            continue;
+                        }
+                    }
+                }
+                Work::Readable | Work::Message | Work::Answered => {}
             }
-            (this, next) = this.activate(None).await;
+            (self, next) = self.activate(None).await;
         }
         // TLS says goodbye with close_notify. A plain socket's close sends the FIN by itself, so
         // it gets no shutdown(2): one syscall less per connection in a connection storm.
-        if this.client.stream.is_tls() {
-            let _ = this.client.stream.shutdown().await;
+        if self.client.stream.is_tls() {
+            let _ = self.client.stream.shutdown().await;
         }
-        this
+        Some(self)
+    }
+
+    /// The client's socket, for the park to take off the reactor and put back.
+    pub(crate) fn client_stream_mut(&mut self) -> &mut upstream::Stream {
+        &mut self.client.stream
+    }
+
+    /// The client's span, as its login made it, for a task that resumes it.
+    pub(crate) fn span(&self) -> tracing::Span {
+        let row = &self.cancel;
+        tracing::info_span!(
+            "client",
+            id = row.id,
+            addr = %crate::Peer(row.remote),
+            db = %row.database,
+            user = %row.user
+        )
     }
 
     /// The welcome, then Idle; or in session mode, when a server answered the welcome, Active
@@ -337,6 +380,8 @@ impl Session {
                 Work::Message => {}
                 Work::Answered | Work::Readable => return Next::Idle,
                 Work::Gone => return Next::End,
+                // Only the idle wait parks.
+                Work::Park => return Next::Idle,
             }
         }
         loop {
