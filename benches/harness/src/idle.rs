@@ -48,6 +48,9 @@ pub struct MemPoint {
     pub error: Option<String>,
 }
 
+/// How long the clients sit idle before the pooler's RSS is read.
+const IDLE_SETTLE: Duration = Duration::from_secs(3);
+
 /// Opens idle clients up to each count in `counts` (ascending) on the pooler at `port` whose
 /// process is `pid`, measuring after each step. Stops at the first step that cannot be reached.
 pub async fn measure(
@@ -110,8 +113,10 @@ pub async fn measure(
             break;
         }
         let open_secs = started.elapsed().as_secs_f64();
-        // Let the pooler finish whatever the logins left behind (freed buffers, timers) first.
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        // Let the pooler finish whatever the logins left behind (freed buffers, timers) first,
+        // and let the clients be idle long enough for Breakwater to park them (one to two
+        // seconds, see crates/proxy/src/park.rs): these are idle clients, not fresh logins.
+        tokio::time::sleep(IDLE_SETTLE).await;
         let rss = procfs::rss_kib(pid).unwrap_or(0);
         let pooler_fds = procfs::open_fds(pid);
         let login_select_ms = login_and_select(port).await.ok().map(|(_, ms)| ms);

@@ -5,10 +5,12 @@
 //! to 128 bytes (both are cache-padded). glibc serves an aligned request by carving a larger
 //! chunk and freeing the misaligned part in front: with its 16-byte chunk header, one such
 //! block after another takes 384 bytes, and the 112-byte pieces in between are too small for
-//! anything else a client keeps. An idle client has two of these blocks, so about 240 of its
+//! anything else a client keeps. An idle client had two of these blocks, so about 240 of its
 //! bytes were those pieces (`malloc_stats`: 2.4 of 8.0 MB of the main arena free with 10 000
-//! idle clients). Here such blocks are cut from 64 KiB runs, back to back, and a freed one
-//! goes on a list for the next; runs are never given back (neither is most of glibc's heap).
+//! idle clients). Here such blocks are cut from 64 KiB runs mapped from the system, back to
+//! back, and a freed one goes on its run's list for the next. A run whose blocks are all free
+//! again is unmapped: parked idle clients (the proxy's `park`) give their task and their
+//! socket's registration back, and the memory should leave with them.
 //!
 //! It must never allocate through itself while holding its lock, and must route every
 //! pointer back to where it came from: a block is recognised by its layout, which the caller
@@ -18,19 +20,34 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::ptr::{self, NonNull};
 use std::sync::Mutex;
 
-/// The one layout served from the free list.
+/// The one layout served from the runs.
 const BLOCK_SIZE: usize = 256;
 const BLOCK_ALIGN: usize = 128;
-/// Blocks are cut from runs of this size (256 blocks each).
+/// Blocks are cut from runs of this size, aligned to it: a block's run is its address with
+/// the low bits cleared. The run's first block holds its header, the other 255 are handed out.
 const RUN: usize = 64 * 1024;
+const PER_RUN: u16 = (RUN / BLOCK_SIZE) as u16 - 1;
 
 pub struct Allocator;
 
-/// Freed blocks, linked through their first word, and the unused end of the newest run.
+/// The runs with a free block, newest first; full runs are on no list.
 struct Blocks {
+    partial: Option<NonNull<Run>>,
+    /// Runs that exist, empty or not.
+    runs: usize,
+}
+
+/// The header in a run's first block.
+struct Run {
+    /// Freed blocks of this run, linked through their first word.
     free: Option<NonNull<FreeBlock>>,
-    next: usize,
-    end: usize,
+    /// Blocks handed out and not given back.
+    used: u16,
+    /// Blocks ever cut (after the header): the rest of the run is untouched memory.
+    cut: u16,
+    prev: Option<NonNull<Run>>,
+    next: Option<NonNull<Run>>,
+    on_list: bool,
 }
 
 struct FreeBlock {
@@ -41,51 +58,149 @@ struct FreeBlock {
 unsafe impl Send for Blocks {}
 
 static BLOCKS: Mutex<Blocks> = Mutex::new(Blocks {
-    free: None,
-    next: 0,
-    end: 0,
+    partial: None,
+    runs: 0,
 });
 
 fn is_block(layout: Layout) -> bool {
     layout.size() == BLOCK_SIZE && layout.align() == BLOCK_ALIGN
 }
 
-fn run_layout() -> Layout {
-    // RUN and BLOCK_SIZE are powers of two: the layout is valid.
-    Layout::from_size_align(RUN, BLOCK_SIZE).unwrap_or(Layout::new::<u8>())
+/// A fresh run from the system, aligned to RUN: mapped twice its size, the ends unmapped.
+/// Runs come straight from mmap, not glibc, so an empty one can go back (see `give_back`).
+fn map_run() -> Option<NonNull<Run>> {
+    // SAFETY: an anonymous private mapping, and munmap of parts of it that nothing uses.
+    unsafe {
+        let p = libc::mmap(
+            ptr::null_mut(),
+            2 * RUN,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        );
+        if p == libc::MAP_FAILED {
+            return None;
+        }
+        let start = p as usize;
+        let aligned = (start + RUN - 1) & !(RUN - 1);
+        if aligned > start {
+            libc::munmap(p, aligned - start);
+        }
+        let tail = start + 2 * RUN - (aligned + RUN);
+        if tail > 0 {
+            libc::munmap((aligned + RUN) as *mut libc::c_void, tail);
+        }
+        let run = aligned as *mut Run;
+        run.write(Run {
+            free: None,
+            used: 0,
+            cut: 0,
+            prev: None,
+            next: None,
+            on_list: false,
+        });
+        NonNull::new(run)
+    }
 }
 
 impl Blocks {
-    fn take(&mut self) -> *mut u8 {
-        if let Some(block) = self.free {
-            // SAFETY: a listed block is one this allocator handed out and got back; its first
-            // word was written by `give_back`.
-            self.free = unsafe { block.as_ref().next };
-            return block.as_ptr().cast();
-        }
-        if self.next == self.end {
-            // Through glibc directly, not the global allocator: nothing here may come back
-            // through this lock.
-            // SAFETY: a non-zero size.
-            let run = unsafe { System.alloc(run_layout()) };
-            if run.is_null() {
-                return ptr::null_mut();
+    /// # Safety
+    /// `run` is a live run not on the list.
+    unsafe fn push(&mut self, mut run: NonNull<Run>) {
+        // SAFETY: runs on the list and `run` are live headers, touched only under the lock.
+        unsafe {
+            let r = run.as_mut();
+            r.prev = None;
+            r.next = self.partial;
+            r.on_list = true;
+            if let Some(mut head) = self.partial {
+                head.as_mut().prev = Some(run);
             }
-            self.next = run as usize;
-            self.end = run as usize + RUN;
         }
-        let block = self.next as *mut u8;
-        self.next += BLOCK_SIZE;
-        block
+        self.partial = Some(run);
+    }
+
+    /// # Safety
+    /// `run` is a live run on the list.
+    unsafe fn unlink(&mut self, mut run: NonNull<Run>) {
+        // SAFETY: as in `push`.
+        unsafe {
+            let r = run.as_mut();
+            match r.prev {
+                Some(mut p) => p.as_mut().next = r.next,
+                None => self.partial = r.next,
+            }
+            if let Some(mut n) = r.next {
+                n.as_mut().prev = r.prev;
+            }
+            r.prev = None;
+            r.next = None;
+            r.on_list = false;
+        }
+    }
+
+    fn take(&mut self) -> *mut u8 {
+        let mut run = match self.partial {
+            Some(run) => run,
+            None => {
+                let Some(run) = map_run() else {
+                    return ptr::null_mut();
+                };
+                self.runs += 1;
+                // SAFETY: a fresh run, on no list.
+                unsafe { self.push(run) };
+                run
+            }
+        };
+        // SAFETY: a run on the list is live and has a free or uncut block; a listed free
+        // block is one of its blocks, given back, whose first word `give_back` wrote.
+        unsafe {
+            let r = run.as_mut();
+            let block = match r.free {
+                Some(b) => {
+                    r.free = b.as_ref().next;
+                    b.as_ptr().cast::<u8>()
+                }
+                None => {
+                    r.cut += 1;
+                    run.as_ptr().cast::<u8>().add(usize::from(r.cut) * BLOCK_SIZE)
+                }
+            };
+            r.used += 1;
+            if r.used == PER_RUN {
+                self.unlink(run);
+            }
+            block
+        }
     }
 
     /// # Safety
     /// `block` came from `take` and is not used any more.
     unsafe fn give_back(&mut self, block: *mut u8) {
-        let block = block.cast::<FreeBlock>();
-        // SAFETY: the block is ours, unused, large and aligned enough for a FreeBlock.
-        unsafe { block.write(FreeBlock { next: self.free }) };
-        self.free = NonNull::new(block);
+        let run = (block as usize & !(RUN - 1)) as *mut Run;
+        // SAFETY: the block's run is live (it has this block out); the block is unused and
+        // large and aligned enough for a FreeBlock.
+        unsafe {
+            let Some(mut run) = NonNull::new(run) else {
+                return;
+            };
+            let r = run.as_mut();
+            let b = block.cast::<FreeBlock>();
+            b.write(FreeBlock { next: r.free });
+            r.free = NonNull::new(b);
+            r.used -= 1;
+            if !r.on_list {
+                self.push(run);
+            }
+            // An empty run goes back to the system, unless it is the only one (a client
+            // coming and going must not map and unmap a run each time).
+            if r.used == 0 && self.runs > 1 {
+                self.unlink(run);
+                self.runs -= 1;
+                libc::munmap(run.as_ptr().cast(), RUN);
+            }
+        }
     }
 }
 
@@ -160,12 +275,11 @@ mod tests {
         Layout::from_size_align(BLOCK_SIZE, BLOCK_ALIGN).unwrap()
     }
 
-    /// A list of its own, so tests running at once do not take each other's blocks.
+    /// Runs of its own, so tests running at once do not take each other's blocks.
     fn list() -> Blocks {
         Blocks {
-            free: None,
-            next: 0,
-            end: 0,
+            partial: None,
+            runs: 0,
         }
     }
 
@@ -203,6 +317,30 @@ mod tests {
         for w in sorted.windows(2) {
             assert!(w[1] as usize - w[0] as usize >= BLOCK_SIZE);
         }
+    }
+
+    #[test]
+    fn a_run_whose_blocks_all_come_back_is_unmapped_but_the_last_is_kept() {
+        let mut b = list();
+        let n = usize::from(PER_RUN) * 3;
+        let held: Vec<*mut u8> = (0..n).map(|_| b.take()).collect();
+        assert_eq!(b.runs, 3);
+        // Every run but one block of the first back: two runs are empty and go.
+        for p in held.iter().skip(1) {
+            unsafe { b.give_back(*p) };
+        }
+        assert_eq!(b.runs, 1, "empty runs are unmapped");
+        // The kept run serves the next blocks, the last freed first.
+        let again = b.take();
+        assert_eq!(again, held[usize::from(PER_RUN) - 1]);
+        unsafe {
+            b.give_back(again);
+            b.give_back(held[0]);
+        }
+        assert_eq!(b.runs, 1, "the last run stays, empty");
+        let first = b.take();
+        assert_eq!(first as usize & !(RUN - 1), held[0] as usize & !(RUN - 1));
+        unsafe { b.give_back(first) };
     }
 
     #[test]

@@ -118,6 +118,12 @@ impl CancelSlot {
         self.state.fetch_or(DECLINED, Ordering::Relaxed);
     }
 
+    /// Drops the waker of a task that is ending (the session parks): a waker keeps its task's
+    /// memory alive, and the parked session's park is woken another way.
+    pub(crate) fn forget_waker(&self) {
+        drop(self.shutdown_waker.take());
+    }
+
     /// A resumed session starts its idle period over: the sweep marks it afresh.
     pub(crate) fn unparked(&self) {
         self.state.fetch_and(STATE_BITS, Ordering::Relaxed);

@@ -106,6 +106,8 @@ pub(crate) fn park(shared: &Arc<Shared>, mut session: Box<Session>) -> Result<()
         tracing::warn!("could not park an idle client ({e}); it keeps its task");
         return Err(reattached(session));
     }
+    // The ending task's waker, left in the slot, would keep its 256 bytes alive.
+    session.forget_task_waker();
     PoolStats::gauge(&shared.stats.clients_parked, 1);
     if let Some(place) = parked.sessions.get_mut(token) {
         *place = Some(session);

@@ -284,6 +284,11 @@ impl Session {
         &mut self.client.stream
     }
 
+    /// Before the session's task ends (it parks): see `CancelSlot::forget_waker`.
+    pub(crate) fn forget_task_waker(&self) {
+        self.cancel.slot.forget_waker();
+    }
+
     /// The client's span, as its login made it, for a task that resumes it.
     pub(crate) fn span(&self) -> tracing::Span {
         let row = &self.cancel;
