@@ -164,7 +164,9 @@ impl Blocks {
                 }
                 None => {
                     r.cut += 1;
-                    run.as_ptr().cast::<u8>().add(usize::from(r.cut) * BLOCK_SIZE)
+                    run.as_ptr()
+                        .cast::<u8>()
+                        .add(usize::from(r.cut) * BLOCK_SIZE)
                 }
             };
             r.used += 1;
