@@ -138,3 +138,33 @@ async fn sigint_closes_parked_clients_and_exits_zero() {
     let status = env.pooler.wait_exit(Duration::from_secs(10)).unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+#[tokio::test]
+async fn a_parked_client_is_closed_when_its_client_idle_timeout_expires_not_before() {
+    let (env, mport) = start_with_metrics("client_idle_timeout = \"4s\"");
+    let c = env.client().await;
+    select(&c, 1).await;
+    let last_work = std::time::Instant::now();
+    wait_parked(mport, 1.0, "the idle client to park").await;
+    assert!(!c.is_closed(), "closed after {:?}", last_work.elapsed());
+    testkit::wait_until("the parked client to be closed", WAIT, || async {
+        c.is_closed()
+    })
+    .await
+    .unwrap();
+    let idle = last_work.elapsed();
+    // The timeout runs from the end of its last transaction, parked or not.
+    assert!(idle >= Duration::from_millis(3900), "closed after {idle:?}");
+    assert!(idle < Duration::from_secs(8), "closed only after {idle:?}");
+    wait_parked(mport, 0.0, "no client parked").await;
+    // It was told why: a new client sees the timeout counted.
+    let (_, body) = http_status(mport, "/metrics").await;
+    assert_eq!(
+        series(
+            &body,
+            "breakwater_timeouts_total{kind=\"client_idle_timeout\"}"
+        ),
+        Some(1.0),
+        "{body}"
+    );
+}

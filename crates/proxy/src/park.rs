@@ -13,12 +13,16 @@
 //! client, and asks one still idle and unmarked-by-change at the next sweep to park, so a
 //! client parks after one to two periods of silence; a client that is active at all never
 //! pays for parking. A session that cannot park (TLS, whose state tokio-rustls keeps around
-//! the registered socket; `client_idle_timeout` on, whose timer needs a task; LISTEN) says so
-//! and is not asked again in that idle period.
+//! the registered socket; LISTEN) says so and is not asked again in that idle period. A parked
+//! client's `client_idle_timeout` is kept by the park: one timer per shard, for the earliest
+//! deadline, resumes an expired client to be told why it is closed.
 //!
 //! Parking costs two `epoll_ctl`s and a resume a few more plus a task spawn: a client that
 //! comes back after a second of silence pays some microseconds once.
 
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
+use std::future::Future;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Poll, Waker};
@@ -28,6 +32,7 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Token};
 use stats::PoolStats;
 use tokio::io::unix::AsyncFd;
+use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::session::Session;
@@ -50,12 +55,69 @@ pub(crate) struct Park {
 #[derive(Default)]
 struct Parked {
     /// By the epoll token; a freed place is reused (`free`).
-    sessions: Vec<Option<Box<Session>>>,
+    places: Vec<Place>,
     free: Vec<usize>,
-    /// The park's task, which shutdown wakes through each parked client's slot.
+    /// client_idle_timeout deadlines of parked sessions, earliest first, with the token and
+    /// the place's generation when it was parked (an entry whose session has left since is
+    /// skipped when it comes up).
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u32)>>,
+    /// The park's task, which shutdown (see `Proxy::begin_shutdown`) and an earlier deadline
+    /// wake.
     waker: Option<Waker>,
     /// The task ended (shutdown): nothing may park any more.
     closed: bool,
+}
+
+#[derive(Default)]
+struct Place {
+    session: Option<Box<Session>>,
+    /// Counts the sessions this place has held.
+    generation: u32,
+}
+
+impl Parked {
+    /// Deadlines of sessions gone are left in the heap until they come up; a heap grown well
+    /// past the parked sessions (many short parks under a long timeout) is rebuilt.
+    fn prune(&mut self) {
+        if self.deadlines.len() <= 2 * (self.places.len() - self.free.len()) + 64 {
+            return;
+        }
+        let places = &self.places;
+        self.deadlines.retain(|Reverse((_, token, generation))| {
+            places
+                .get(*token)
+                .is_some_and(|p| p.session.is_some() && p.generation == *generation)
+        });
+    }
+
+    /// The earliest deadline of a session still parked, dropping those of sessions gone.
+    fn earliest(&mut self) -> Option<Instant> {
+        while let Some(Reverse((at, token, generation))) = self.deadlines.peek().copied() {
+            let live = self
+                .places
+                .get(token)
+                .is_some_and(|p| p.session.is_some() && p.generation == generation);
+            if live {
+                return Some(at);
+            }
+            self.deadlines.pop();
+        }
+        None
+    }
+
+    /// Tokens of parked sessions whose deadline is `now` or past.
+    fn expired(&mut self, now: Instant) -> Vec<usize> {
+        let mut out = Vec::new();
+        while let Some(at) = self.earliest() {
+            if at > now {
+                break;
+            }
+            if let Some(Reverse((_, token, _))) = self.deadlines.pop() {
+                out.push(token);
+            }
+        }
+        out
+    }
 }
 
 impl Park {
@@ -93,8 +155,8 @@ pub(crate) fn park(shared: &Arc<Shared>, mut session: Box<Session>) -> Result<()
     let token = match parked.free.pop() {
         Some(t) => t,
         None => {
-            parked.sessions.push(None);
-            parked.sessions.len() - 1
+            parked.places.push(Place::default());
+            parked.places.len() - 1
         }
     };
     if let Err(e) = park
@@ -106,11 +168,27 @@ pub(crate) fn park(shared: &Arc<Shared>, mut session: Box<Session>) -> Result<()
         tracing::warn!("could not park an idle client ({e}); it keeps its task");
         return Err(reattached(session));
     }
-    // The ending task's waker, left in the slot, would keep its 256 bytes alive.
+    // The ending task's waker, left in the slot (and in the idle timer, which the park's
+    // own timer replaces), would keep its 256 bytes alive.
     session.forget_task_waker();
+    let deadline = session.take_idle_deadline();
     PoolStats::gauge(&shared.stats.clients_parked, 1);
-    if let Some(place) = parked.sessions.get_mut(token) {
-        *place = Some(session);
+    let Some(place) = parked.places.get_mut(token) else {
+        return Ok(());
+    };
+    place.generation = place.generation.wrapping_add(1);
+    let generation = place.generation;
+    place.session = Some(session);
+    if let Some(at) = deadline {
+        let earlier = parked.earliest().is_none_or(|e| at < e);
+        parked.deadlines.push(Reverse((at, token, generation)));
+        parked.prune();
+        if earlier {
+            // The park's timer is set for a later deadline, or none.
+            if let Some(w) = &parked.waker {
+                w.wake_by_ref();
+            }
+        }
     }
     drop(parked);
     tracing::debug!(token, fd, "client parked");
@@ -152,10 +230,10 @@ impl Park {
     }
 
     /// Takes the session parked under `token` out of the epoll set and resumes it in a task
-    /// of its own.
-    fn resume(&self, shared: &Shared, token: usize) {
+    /// of its own; `expired`: its client_idle_timeout has, and it is to say so and end.
+    fn resume(&self, shared: &Shared, token: usize, expired: bool) {
         let mut parked = self.lock();
-        let Some(mut session) = parked.sessions.get_mut(token).and_then(Option::take) else {
+        let Some(mut session) = parked.places.get_mut(token).and_then(|p| p.session.take()) else {
             return;
         };
         parked.free.push(token);
@@ -170,7 +248,7 @@ impl Park {
         let span = session.span();
         tokio::spawn(
             async move {
-                if let Some(s) = session.resume().await {
+                if let Some(s) = session.resume(expired).await {
                     drop(s);
                 }
             }
@@ -183,23 +261,33 @@ impl Park {
         let tokens: Vec<usize> = {
             let mut parked = self.lock();
             parked.closed = true;
-            (0..parked.sessions.len())
-                .filter(|&t| matches!(parked.sessions.get(t), Some(Some(_))))
+            (0..parked.places.len())
+                .filter(|&t| parked.places.get(t).is_some_and(|p| p.session.is_some()))
                 .collect()
         };
         for t in tokens {
-            self.resume(shared, t);
+            self.resume(shared, t, false);
         }
     }
 }
 
-/// The park's task: resumes sessions whose sockets became readable, and all of them at
-/// shutdown.
+/// What woke the park's task.
+enum Wake {
+    ShuttingDown,
+    Readable(std::io::Result<()>),
+    Deadline,
+}
+
+/// The park's task: resumes sessions whose sockets became readable or whose idle timeout
+/// expired, and all of them at shutdown.
 async fn run(park: Arc<Park>, shared: Arc<Shared>, mut epoll: AsyncFd<mio::Poll>) {
     let mut events = Events::with_capacity(BATCH);
+    // Set for the earliest deadline of a parked session, if any (far off otherwise).
+    let far = || Instant::now() + Duration::from_secs(86_400 * 365);
+    let mut timer = Box::pin(tokio::time::sleep_until(far()));
     loop {
-        let ready = std::future::poll_fn(|cx| {
-            {
+        let wake = std::future::poll_fn(|cx| {
+            let earliest = {
                 let mut parked = park.lock();
                 let same = parked
                     .waker
@@ -208,21 +296,38 @@ async fn run(park: Arc<Park>, shared: Arc<Shared>, mut epoll: AsyncFd<mio::Poll>
                 if !same {
                     parked.waker = Some(cx.waker().clone());
                 }
-            }
+                parked.earliest()
+            };
             if shared.shutting_down.load(Ordering::SeqCst) {
-                return Poll::Ready(None);
+                return Poll::Ready(Wake::ShuttingDown);
+            }
+            let at = earliest.unwrap_or_else(far);
+            if earliest.is_some() && at != timer.deadline() {
+                timer.as_mut().reset(at);
+            }
+            if earliest.is_some() && timer.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Wake::Deadline);
             }
             // The guard is dropped uncleared: readiness stays for `readable_mut` below.
-            epoll.poll_read_ready(cx).map(|r| Some(r.map(drop)))
+            epoll
+                .poll_read_ready(cx)
+                .map(|r| Wake::Readable(r.map(drop)))
         })
         .await;
-        let ready = match ready {
-            Some(Ok(())) => epoll.readable_mut().await,
-            Some(Err(e)) => Err(e),
-            None => {
+        let ready = match wake {
+            Wake::ShuttingDown => {
                 park.resume_all(&shared);
                 return;
             }
+            Wake::Deadline => {
+                let expired = park.lock().expired(Instant::now());
+                for token in expired {
+                    park.resume(&shared, token, true);
+                }
+                continue;
+            }
+            Wake::Readable(Ok(())) => epoll.readable_mut().await,
+            Wake::Readable(Err(e)) => Err(e),
         };
         let mut guard = match ready {
             Ok(guard) => guard,
@@ -249,7 +354,7 @@ async fn run(park: Arc<Park>, shared: Arc<Shared>, mut epoll: AsyncFd<mio::Poll>
             }
             for ev in &events {
                 tracing::debug!(token = ev.token().0, "parked client readable");
-                park.resume(&shared, ev.token().0);
+                park.resume(&shared, ev.token().0, false);
             }
             if events.iter().count() < BATCH {
                 guard.clear_ready();

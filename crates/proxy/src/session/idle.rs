@@ -69,6 +69,9 @@ impl Session {
         if self.listening.is_some() {
             return Box::pin(self.wait_listening()).await;
         }
+        // Once per idle period: a wake-up that does not end the wait (a park request this
+        // session declines) must not restart the client's idle clock.
+        self.arm_idle_timer();
         loop {
             if !self.client.buf.is_empty() {
                 return Work::Readable;
@@ -76,7 +79,6 @@ impl Session {
             if self.shutting_down() {
                 return Box::pin(self.send_fatal(shutdown_error())).await;
             }
-            self.arm_idle_timer();
             match std::future::poll_fn(|cx| self.poll_idle(cx)).await {
                 Idle::Readable => return Work::Readable,
                 Idle::Gone => return Work::Gone,
@@ -114,14 +116,9 @@ impl Session {
     }
 
     /// Whether this idle client can leave its task (see `crate::park`): nothing unread or
-    /// unsent, a plain socket, and no timer that needs a task to fire (client_idle_timeout).
-    /// A LISTENing client waits elsewhere and is never asked.
+    /// unsent, and a plain socket. A LISTENing client waits elsewhere and is never asked.
     fn may_park(&self) -> bool {
-        self.client.buf.is_empty()
-            && self.client.out.is_empty()
-            && self.idle_timer.is_none()
-            && self.settings.client_idle_timeout.is_none()
-            && !self.client.stream.is_tls()
+        self.client.buf.is_empty() && self.client.out.is_empty() && !self.client.stream.is_tls()
     }
 
     /// [`Session::wait_for_client`] for a client that listens to channels: notifications
@@ -233,6 +230,12 @@ impl Session {
             }
         }
         idle
+    }
+
+    /// client_idle_timeout expired while the client was parked: tell it (see `crate::park`).
+    pub(super) async fn idle_expired(&mut self) {
+        let e = idle_timeout_expired(self.global(), self.settings.client_idle_timeout);
+        self.send_fatal(e).await;
     }
 
     /// Tells an idle client why it must go. Sent from inside the Idle state rather than

@@ -247,8 +247,13 @@ impl Session {
     }
 
     /// [`Session::run`] for a parked session, in its new task: Idle again.
-    pub(crate) async fn resume(self: Box<Self>) -> Option<Box<Self>> {
+    /// `expired`: its client_idle_timeout expired while it was parked; it is told and ends.
+    pub(crate) async fn resume(mut self: Box<Self>, expired: bool) -> Option<Box<Self>> {
         self.cancel.slot.unparked();
+        if expired {
+            Box::pin(self.idle_expired()).await;
+            return Some(self);
+        }
         self.serve(Next::Idle).await
     }
 
@@ -282,6 +287,12 @@ impl Session {
     /// The client's socket, for the park to take off the reactor and put back.
     pub(crate) fn client_stream_mut(&mut self) -> &mut upstream::Stream {
         &mut self.client.stream
+    }
+
+    /// The deadline of client_idle_timeout's timer, which is dropped (the park keeps the
+    /// deadline instead: a timer left in tokio's wheel would keep the ending task's waker).
+    pub(crate) fn take_idle_deadline(&mut self) -> Option<tokio::time::Instant> {
+        self.idle_timer.take().map(|t| t.deadline())
     }
 
     /// Before the session's task ends (it parks): see `CancelSlot::forget_waker`.
