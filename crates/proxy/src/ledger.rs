@@ -194,6 +194,23 @@ impl Default for TxLedger {
     }
 }
 
+/// Would [`TxLedger::on_server`] forward a message with `tag` and change nothing, with no
+/// synthetic reply to write after it? `front` is the oldest request awaiting a reply.
+#[inline]
+fn passes_untouched(front: Option<&Expect>, tag: u8) -> bool {
+    if matches!(
+        tag,
+        backend::READY_FOR_QUERY | backend::ERROR_RESPONSE | backend::COPY_IN_RESPONSE
+    ) {
+        return false;
+    }
+    match front {
+        None => true,
+        Some(Expect::Synthetic(_) | Expect::CopyEnd) => false,
+        Some(e) => !e.ends_with(tag),
+    }
+}
+
 impl TxLedger {
     /// Ready for a new transaction on a server that owes nothing, keeping the reply queue's
     /// allocation (a steady stream of transactions allocates nothing).
@@ -325,6 +342,24 @@ impl TxLedger {
             parsed(global);
         }
         verdict
+    }
+
+    /// Forwards, in one copy, the run of whole server messages at the front of `src` that
+    /// `streams` accepts (the ones the caller would stream unread) and that
+    /// [`TxLedger::on_server`] would forward without a change, with no synthetic reply due
+    /// after them: a result's rows, mostly. Returns how many went.
+    #[inline]
+    pub fn pass_server_run(
+        &mut self,
+        src: &mut BytesMut,
+        dst: &mut BytesMut,
+        max: usize,
+        streams: impl Fn(u8) -> bool,
+    ) -> usize {
+        let front = self.expect.front();
+        self.server.pass_whole(src, dst, max, |tag| {
+            streams(tag) && passes_untouched(front, tag)
+        })
     }
 
     /// CopyInResponse: the server ignores Sync (and Flush) until the copy ends, so Syncs the

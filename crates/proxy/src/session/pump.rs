@@ -61,16 +61,28 @@ fn want_from_client(h: &Header, body: &[u8], prepared: bool) -> Want {
 
 /// How the pump handles each server message type: see the module comment.
 fn want_from_server(h: &Header, watch_read_only: bool) -> Want {
+    if streams_from_server(h.tag, watch_read_only) {
+        return Want::Stream;
+    }
     match h.tag {
-        backend::READY_FOR_QUERY | backend::PARAMETER_STATUS | backend::COMMAND_COMPLETE => {
-            Want::Whole
-        }
         // Bare headers; one with a body is a broken server (see `scan_server`).
-        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE if h.body_len == 0 => Want::Whole,
-        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE => Want::Prefix(0),
+        backend::PARSE_COMPLETE | backend::CLOSE_COMPLETE if h.body_len > 0 => Want::Prefix(0),
+        _ => Want::Whole,
+    }
+}
+
+/// The server messages the pump forwards unread (the rest it reads whole first).
+#[inline]
+fn streams_from_server(tag: u8, watch_read_only: bool) -> bool {
+    match tag {
+        backend::READY_FOR_QUERY
+        | backend::PARAMETER_STATUS
+        | backend::COMMAND_COMPLETE
+        | backend::PARSE_COMPLETE
+        | backend::CLOSE_COMPLETE => false,
         // Its SQLSTATE may say the host was demoted (25006).
-        backend::ERROR_RESPONSE if watch_read_only => Want::Whole,
-        _ => Want::Stream,
+        backend::ERROR_RESPONSE => !watch_read_only,
+        _ => true,
     }
 }
 
@@ -610,6 +622,14 @@ impl Session {
         let max = h.server.max_message();
         let watch = self.watch_read_only;
         loop {
+            // A result's rows (and whatever else would stream unread and leave the ledger as
+            // it is) go in one copy; the loop below handles the message that ends the run.
+            h.ledger.pass_server_run(
+                h.server.buf_mut(),
+                &mut self.scratch.to_client,
+                max,
+                |tag| streams_from_server(tag, watch),
+            );
             let next = h.ledger.server.next(
                 h.server.buf_mut(),
                 &mut self.scratch.to_client,
