@@ -205,8 +205,8 @@ async fn log_in(
             let application_name = startup.get("application_name").unwrap_or("").to_owned();
             let row = shared.registry.register(NewClient {
                 id: client.id,
-                user: startup.user,
-                database: startup.database,
+                user: &startup.user,
+                database: &startup.database,
                 remote: peer.0,
                 local,
                 application_name,

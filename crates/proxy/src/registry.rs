@@ -9,6 +9,7 @@
 //! the user and database names shared by every client that uses them: an idle client's memory
 //! is mostly these rows.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::os::fd::RawFd;
@@ -84,41 +85,45 @@ struct Rows {
     /// By BackendKeyData (pid, key), for cancels; the only index: everything else walks all
     /// rows anyway, and KILL_CLIENT of one id is rare enough to walk them too (a second map
     /// by id was some 28 bytes of every idle client).
-    by_key: HashMap<(i32, i32), Arc<ClientInfo>>,
+    ///
+    /// Hashed with foldhash, not SipHash: the keys are random numbers Breakwater draws, so no
+    /// client can choose colliding ones, and SipHash was most of a login's insert and a
+    /// session's removal (about 700 instructions per login in a connection storm).
+    by_key: HashMap<(i32, i32), Arc<ClientInfo>, foldhash::fast::RandomState>,
     /// User and database names of listed clients, each kept once (a short `String` per
     /// client was a 32-byte allocation, twice), with how many listed clients use it: a name
-    /// leaves with its last client.
-    names: HashMap<Arc<str>, usize>,
+    /// leaves with its last client. The count is a `Cell` so that a login finds the name and
+    /// counts itself in one lookup. SipHash stays here: under trust auth a client names
+    /// itself.
+    names: HashMap<Arc<str>, Cell<usize>>,
 }
 
 impl Rows {
-    fn intern(&mut self, name: String) -> Arc<str> {
-        if let Some((known, _)) = self.names.get_key_value(name.as_str()) {
-            let known = known.clone();
-            if let Some(n) = self.names.get_mut(name.as_str()) {
-                *n += 1;
-            }
-            return known;
+    fn intern(&mut self, name: &str) -> Arc<str> {
+        if let Some((known, n)) = self.names.get_key_value(name) {
+            n.set(n.get() + 1);
+            return known.clone();
         }
         let name: Arc<str> = name.into();
-        self.names.insert(name.clone(), 1);
+        self.names.insert(name.clone(), Cell::new(1));
         name
     }
 
     fn release(&mut self, name: &str) {
-        if let Some(n) = self.names.get_mut(name) {
-            *n -= 1;
-            if *n == 0 {
-                self.names.remove(name);
-            }
+        let Some(n) = self.names.get(name) else {
+            return;
+        };
+        n.set(n.get().saturating_sub(1));
+        if n.get() == 0 {
+            self.names.remove(name);
         }
     }
 }
 
-pub(crate) struct NewClient {
+pub(crate) struct NewClient<'a> {
     pub id: u64,
-    pub user: String,
-    pub database: String,
+    pub user: &'a str,
+    pub database: &'a str,
     pub remote: Option<SocketAddr>,
     pub local: Option<SocketAddr>,
     pub application_name: String,
@@ -136,7 +141,7 @@ impl ClientRegistry {
 
     /// Lists a client under a fresh random BackendKeyData. The session unlists it (see
     /// `Session`'s `Drop`) before its socket closes.
-    pub(crate) fn register(&self, c: NewClient) -> Arc<ClientInfo> {
+    pub(crate) fn register(&self, c: NewClient<'_>) -> Arc<ClientInfo> {
         let mut rows = self.rows();
         let (pid, key) = loop {
             let k = (rand::random::<i32>() & 0x7fff_ffff, rand::random::<i32>());
@@ -252,11 +257,11 @@ mod tests {
     use super::*;
     use upstream::{CancelTarget, ServerAddr};
 
-    fn new_client(id: u64, user: &str, database: &str) -> NewClient {
+    fn new_client<'a>(id: u64, user: &'a str, database: &'a str) -> NewClient<'a> {
         NewClient {
             id,
-            user: user.to_owned(),
-            database: database.to_owned(),
+            user,
+            database,
             remote: None,
             local: None,
             application_name: String::new(),
