@@ -1,6 +1,8 @@
 //! The untagged first packets a client may send: SSLRequest, GSSENCRequest, CancelRequest and the
 //! StartupMessage, plus the writers for the ones Breakwater sends to servers.
 
+use std::ops::Range;
+
 use bytes::{BufMut, BytesMut};
 
 use crate::frame::{put_cstr, FrameError, Reader};
@@ -36,26 +38,72 @@ pub enum StartupRequest {
     },
 }
 
+/// A StartupMessage's parameters, kept as the packet sent them: the names and values, each
+/// ended by its NUL, in one allocation. A `String` apiece (and a list of pairs) was five
+/// allocations per login, all freed again once the login was done.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct StartupParams {
-    pub user: String,
-    /// Defaults to the user name, as in PostgreSQL.
-    pub database: String,
-    /// Every other parameter, in the order the client sent them.
-    pub params: Vec<(String, String)>,
+    /// `name\0value\0` pairs as sent, up to the empty name that ends them.
+    text: Box<str>,
+    /// Where the user name is in `text` (the last `user` sent, as PostgreSQL takes it).
+    user: Range<usize>,
+    /// Where the database name is; the user name's place when none (or an empty one) was sent,
+    /// as in PostgreSQL.
+    database: Range<usize>,
     /// The minor version of protocol 3 the client asked for (0 for 3.0).
     pub minor_version: u16,
-    /// `_pq_.*` protocol options, with their prefix, in the order sent.
-    pub protocol_options: Vec<(String, String)>,
+    /// Whether any `_pq_.*` protocol option was sent (rarely): most logins ask, and need not
+    /// walk the pairs to be told no.
+    has_options: bool,
 }
 
 impl StartupParams {
-    pub fn get(&self, name: &str) -> Option<&str> {
-        self.params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_str())
+    pub fn user(&self) -> &str {
+        self.text.get(self.user.clone()).unwrap_or_default()
     }
+
+    pub fn database(&self) -> &str {
+        self.text.get(self.database.clone()).unwrap_or_default()
+    }
+
+    /// Every pair, in the order sent. Split with the `memchr` crate: `str::split` on a char
+    /// cost several times as much, and a login walks the pairs more than once.
+    fn pairs(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let mut rest: &str = &self.text;
+        std::iter::from_fn(move || {
+            let name = next_field(&mut rest).filter(|n| !n.is_empty())?;
+            Some((name, next_field(&mut rest)?))
+        })
+    }
+
+    /// Every parameter but `user`, `database` and the protocol options, in the order sent.
+    pub fn params(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.pairs().filter(|(name, _)| {
+            !matches!(*name, "user" | "database") && !name.starts_with(PROTOCOL_OPTION_PREFIX)
+        })
+    }
+
+    /// `_pq_.*` protocol options, with their prefix, in the order sent.
+    pub fn protocol_options(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        let pairs = self.has_options.then(|| self.pairs());
+        pairs
+            .into_iter()
+            .flatten()
+            .filter(|(name, _)| name.starts_with(PROTOCOL_OPTION_PREFIX))
+    }
+
+    /// The first value sent for parameter `name` (not `user` or `database`).
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.params().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+}
+
+/// The text up to the next NUL, and `rest` moved past that NUL.
+fn next_field<'a>(rest: &mut &'a str) -> Option<&'a str> {
+    let end = memchr::memchr(0, rest.as_bytes())?;
+    let field = rest.get(..end)?;
+    *rest = rest.get(end + 1..)?;
+    Some(field)
 }
 
 /// Takes one startup packet off `buf` if it is complete.
@@ -95,37 +143,56 @@ fn parse_startup(body: &[u8]) -> Result<StartupRequest, FrameError> {
             Ok(StartupRequest::Cancel { pid, key })
         }
         version if version >> 16 == MAJOR_V3 => {
-            let mut p = StartupParams {
-                minor_version: (version & 0xffff) as u16,
-                ..StartupParams::default()
-            };
-            loop {
-                let name = r.cstr_utf8()?;
-                if name.is_empty() {
-                    break;
-                }
-                let value = r.cstr_utf8()?.to_owned();
-                match name {
-                    "user" => p.user = value,
-                    "database" => p.database = value,
-                    _ if name.starts_with(PROTOCOL_OPTION_PREFIX) => {
-                        p.protocol_options.push((name.to_owned(), value))
-                    }
-                    _ => p.params.push((name.to_owned(), value)),
-                }
-            }
-            if p.user.is_empty() {
-                return Err(FrameError::Malformed {
-                    what: "startup (no user name)",
-                });
-            }
-            if p.database.is_empty() {
-                p.database = p.user.clone();
-            }
-            Ok(StartupRequest::Startup(p))
+            parse_params(r.rest(), (version & 0xffff) as u16).map(StartupRequest::Startup)
         }
         version => Ok(StartupRequest::Unsupported { version }),
     }
+}
+
+/// The name-value pairs after the version word: measured in place, checked to be UTF-8 once,
+/// then copied into one allocation.
+fn parse_params(body: &[u8], minor_version: u16) -> Result<StartupParams, FrameError> {
+    let malformed = || FrameError::Malformed { what: "startup" };
+    // The next NUL-ended string from `at`: its place, and `at` moved past its NUL.
+    let field = |at: &mut usize| {
+        let rest = body.get(*at..).unwrap_or_default();
+        let len = memchr::memchr(0, rest).ok_or_else(malformed)?;
+        let place = *at..*at + len;
+        *at += len + 1;
+        Ok::<_, FrameError>(place)
+    };
+    let (mut at, mut user, mut database, mut has_options) = (0, 0..0, 0..0, false);
+    loop {
+        let name = field(&mut at)?;
+        if name.is_empty() {
+            break;
+        }
+        let value = field(&mut at)?;
+        match body.get(name).unwrap_or_default() {
+            b"user" => user = value,
+            b"database" => database = value,
+            n if n.starts_with(PROTOCOL_OPTION_PREFIX.as_bytes()) => has_options = true,
+            _ => {}
+        }
+    }
+    // Checked whole: NUL is ASCII and never part of a longer UTF-8 sequence, so the text is
+    // UTF-8 exactly when every name and value is.
+    let text = std::str::from_utf8(body.get(..at).unwrap_or_default()).map_err(|_| malformed())?;
+    if user.is_empty() {
+        return Err(FrameError::Malformed {
+            what: "startup (no user name)",
+        });
+    }
+    if database.is_empty() {
+        database = user.clone();
+    }
+    Ok(StartupParams {
+        text: text.into(),
+        user,
+        database,
+        minor_version,
+        has_options,
+    })
 }
 
 /// StartupMessage for a server login.
@@ -184,28 +251,6 @@ mod tests {
                 StartupRequest::Unsupported { version: 131_072 },
             ),
             (
-                packet(PROTOCOL_V3, b"user\0bob\0application_name\0x\0\0"),
-                StartupRequest::Startup(StartupParams {
-                    user: "bob".into(),
-                    database: "bob".into(),
-                    params: vec![("application_name".into(), "x".into())],
-                    ..StartupParams::default()
-                }),
-            ),
-            (
-                packet(
-                    PROTOCOL_V3 + 2,
-                    b"user\0bob\0_pq_.frob\0on\0database\0d\0\0",
-                ),
-                StartupRequest::Startup(StartupParams {
-                    user: "bob".into(),
-                    database: "d".into(),
-                    minor_version: 2,
-                    protocol_options: vec![("_pq_.frob".into(), "on".into())],
-                    ..StartupParams::default()
-                }),
-            ),
-            (
                 packet(4 << 16, b"user\0a\0\0"),
                 StartupRequest::Unsupported { version: 4 << 16 },
             ),
@@ -214,6 +259,51 @@ mod tests {
             assert_eq!(take_startup(&mut bytes).unwrap(), Some(want));
             assert!(bytes.is_empty());
         }
+    }
+
+    fn startup(mut bytes: BytesMut) -> StartupParams {
+        match take_startup(&mut bytes) {
+            Ok(Some(StartupRequest::Startup(p))) => {
+                assert!(bytes.is_empty());
+                p
+            }
+            other => panic!("not a startup: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_startup_packet_is_split_into_user_database_parameters_and_protocol_options() {
+        let p = startup(packet(PROTOCOL_V3, b"user\0bob\0application_name\0x\0\0"));
+        assert_eq!((p.user(), p.database(), p.minor_version), ("bob", "bob", 0));
+        assert_eq!(p.params().collect::<Vec<_>>(), [("application_name", "x")]);
+        assert_eq!(p.protocol_options().count(), 0);
+        assert_eq!(p.get("application_name"), Some("x"));
+        assert_eq!(p.get("user"), None, "user is not a parameter");
+
+        let p = startup(packet(
+            PROTOCOL_V3 + 2,
+            b"user\0bob\0_pq_.frob\0on\0database\0d\0TimeZone\0UTC\0a\0\0\0",
+        ));
+        assert_eq!((p.user(), p.database(), p.minor_version), ("bob", "d", 2));
+        assert_eq!(
+            p.params().collect::<Vec<_>>(),
+            [("TimeZone", "UTC"), ("a", "")],
+            "in the order sent, an empty value kept"
+        );
+        assert_eq!(
+            p.protocol_options().collect::<Vec<_>>(),
+            [("_pq_.frob", "on")]
+        );
+    }
+
+    #[test]
+    fn the_last_user_counts_and_an_empty_database_means_the_users_name() {
+        let p = startup(packet(
+            PROTOCOL_V3,
+            b"user\0a\0database\0\0user\0b\0x\0\xc3\xa9\0\0trailing",
+        ));
+        assert_eq!((p.user(), p.database()), ("b", "b"));
+        assert_eq!(p.get("x"), Some("\u{e9}"));
     }
 
     #[test]
@@ -227,7 +317,7 @@ mod tests {
         let StartupRequest::Startup(p) = got else {
             panic!("not a startup: {got:?}")
         };
-        assert_eq!((p.user.as_str(), p.database.as_str()), ("u", "d"));
+        assert_eq!((p.user(), p.database()), ("u", "d"));
         assert_eq!(p.get("TimeZone"), Some("UTC"));
     }
 
@@ -242,6 +332,20 @@ mod tests {
             take_startup(&mut huge),
             Err(FrameError::TooLarge { .. })
         ));
+        let mut empty_user = packet(PROTOCOL_V3, b"user\0\0\0");
+        assert!(matches!(
+            take_startup(&mut empty_user),
+            Err(FrameError::Malformed {
+                what: "startup (no user name)"
+            })
+        ));
+        let mut not_utf8 = packet(PROTOCOL_V3, b"user\0b\xff\0\0");
+        assert!(matches!(
+            take_startup(&mut not_utf8),
+            Err(FrameError::Malformed { what: "startup" })
+        ));
+        let mut no_value = packet(PROTOCOL_V3, b"user\0bob\0x\0");
+        assert!(take_startup(&mut no_value).is_err());
         let mut partial = BytesMut::from(&[0u8, 0, 0, 20, 0][..]);
         assert_eq!(take_startup(&mut partial).unwrap(), None);
     }

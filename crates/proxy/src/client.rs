@@ -188,28 +188,24 @@ async fn log_in(
     match result {
         Ok(Login::Session(entry, startup, params)) => {
             let span = tracing::Span::current();
-            span.record("db", startup.database.as_str());
-            span.record("user", startup.user.as_str());
+            span.record("db", startup.database());
+            span.record("user", startup.user());
+            let application_name = startup.get("application_name").unwrap_or("");
             if settings.log_connections {
-                tracing::info!(
-                    application_name = startup.get("application_name").unwrap_or(""),
-                    tls = client.stream.is_tls(),
-                    "login"
-                );
+                tracing::info!(application_name, tls = client.stream.is_tls(), "login");
             } else {
                 tracing::debug!(tls = client.stream.is_tls(), "login");
             }
             PoolStats::add(&entry.stats.client_logins, 1);
             // The peer's address came with accept(2); only the local one costs a syscall.
             let local = client.stream.tcp().and_then(|s| s.local_addr().ok());
-            let application_name = startup.get("application_name").unwrap_or("").to_owned();
             let row = shared.registry.register(NewClient {
                 id: client.id,
-                user: &startup.user,
-                database: &startup.database,
+                user: startup.user(),
+                database: startup.database(),
                 remote: peer.0,
                 local,
-                application_name,
+                application_name: application_name.to_owned(),
                 kill: client.stream.shutdown_handle(),
             });
             let mut session = Session::new(shared, settings, client, entry, params, row);
@@ -569,24 +565,24 @@ async fn login(
             ),
         )));
     }
-    let params = ClientParams::from_startup(&startup.params)
+    let params = ClientParams::from_startup(startup.params())
         .map_err(|e| LoginEnd::Refuse(PgError::fatal(e.sqlstate(), e.to_string())))?;
     negotiate_protocol_version(client, &startup);
 
     // PostgreSQL's clientcert=verify-full: the certificate is the user's, whatever auth_type.
     if settings.client_tls.mode == SslMode::VerifyFull && client.stream.is_tls() {
-        certificate_names_user(client, &startup.user)?;
+        certificate_names_user(client, startup.user())?;
     }
     // Authentication comes before anything is said about the database, so that names cannot be
     // enumerated by someone without a password: an unknown or disabled database is only
     // reported to a client that has proved who it is.
     // The route is looked for first (its auth_query may be needed) and reported after.
-    let is_admin_db = ADMIN_DATABASES.contains(&startup.database.as_str());
+    let is_admin_db = ADMIN_DATABASES.contains(&startup.database());
     let route = (!is_admin_db)
-        .then(|| settings.resolve(&startup.database))
+        .then(|| settings.resolve(startup.database()))
         .flatten();
     let login_credential =
-        authenticate(shared, settings, client, &startup.user, route.as_deref()).await?;
+        authenticate(shared, settings, client, startup.user(), route.as_deref()).await?;
     let route = if is_admin_db {
         None
     } else {
@@ -595,49 +591,50 @@ async fn login(
                 SqlState::INVALID_CATALOG_NAME,
                 format!(
                     "no such database: \"{}\" (not in [databases])",
-                    startup.database
+                    startup.database()
                 ),
             ))
         })?)
     };
-    if !is_admin_db && shared.switches().is_disabled(&startup.database) {
+    if !is_admin_db && shared.switches().is_disabled(startup.database()) {
         return Err(LoginEnd::Refuse(PgError::fatal(
             SqlState::CANNOT_CONNECT_NOW,
             format!(
                 "database \"{}\" is disabled (DISABLE in the admin console; ENABLE lifts it)",
-                startup.database
+                startup.database()
             ),
         )));
     }
     backend::write_auth_ok(&mut client.out);
 
     if is_admin_db {
-        let is_admin = settings.admin_users.contains(&startup.user);
-        if !is_admin && !settings.stats_users.contains(&startup.user) {
+        let listed = |users: &[String]| users.iter().any(|u| u == startup.user());
+        let is_admin = listed(&settings.admin_users);
+        if !is_admin && !listed(&settings.stats_users) {
             return Err(LoginEnd::Refuse(PgError::fatal(
                 SqlState::INVALID_AUTHORIZATION,
                 format!(
                     "user \"{}\" is not in admin_users or stats_users",
-                    startup.user
+                    startup.user()
                 ),
             )));
         }
         client.flush().await.map_err(|_| LoginEnd::Gone)?;
         return Ok(Login::Admin {
-            user: startup.user,
+            user: startup.user().to_owned(),
             is_admin,
         });
     }
     let Some(route) = route else {
         return Err(LoginEnd::Gone);
     };
-    *places = take_places(shared, settings, &route, &startup.user)?;
-    let server_user = route.user.as_deref().unwrap_or(&startup.user);
+    *places = take_places(shared, settings, &route, startup.user())?;
+    let server_user = route.user.as_deref().unwrap_or(startup.user());
     let renew = login_credential
         .looked_up
         .then(|| login_credential.credential.clone())
         .flatten()
-        .filter(|_| server_user == startup.user);
+        .filter(|_| server_user == startup.user());
     let entry = shared.pool_for(settings, &route, server_user, login_credential.credential);
     if let Some(cred) = renew {
         entry.pool.renew_credential(cred);
@@ -693,14 +690,10 @@ fn take_places(
 /// `max_protocol_version`) or for `_pq_.*` extensions is told so and goes on at 3.0 without
 /// them, as PostgreSQL does; the message leads the first authentication request.
 fn negotiate_protocol_version(client: &mut ClientConn, startup: &StartupParams) {
-    if startup.minor_version == 0 && startup.protocol_options.is_empty() {
+    if startup.minor_version == 0 && startup.protocol_options().next().is_none() {
         return;
     }
-    let unsupported: Vec<&str> = startup
-        .protocol_options
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .collect();
+    let unsupported: Vec<&str> = startup.protocol_options().map(|(name, _)| name).collect();
     tracing::debug!(
         minor = startup.minor_version,
         options = ?unsupported,

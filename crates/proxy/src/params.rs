@@ -168,7 +168,9 @@ fn parse_bool(value: &str) -> Option<bool> {
 impl ClientParams {
     /// Splits a client's startup parameters. `options` is parsed for `-c name=value` and
     /// `--name=value`, as the server would.
-    pub fn from_startup(params: &[(String, String)]) -> Result<ClientParams, ParamError> {
+    pub fn from_startup<'a>(
+        params: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> Result<ClientParams, ParamError> {
         let mut out = ClientParams::default();
         for (name, value) in params {
             if name == "options" {
@@ -177,10 +179,10 @@ impl ClientParams {
                 }
             } else if name == "replication" {
                 // `replication=false` is an ordinary connection; not a setting to pass on.
-                match (value.as_str(), parse_bool(value)) {
+                match (value, parse_bool(value)) {
                     (_, Some(false)) => {}
                     ("database", _) | (_, Some(true)) => return Err(ParamError::Replication),
-                    (_, None) => return Err(ParamError::ReplicationValue(value.clone())),
+                    (_, None) => return Err(ParamError::ReplicationValue(value.to_owned())),
                 }
             } else {
                 out.put(name, value);
@@ -484,6 +486,10 @@ mod tests {
             .collect()
     }
 
+    fn startup(pairs: &[(String, String)]) -> Result<ClientParams, ParamError> {
+        ClientParams::from_startup(pairs.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+    }
+
     /// What a pool's welcome hands `complete_from`: the tracked pairs, by place.
     fn tracked(server: &[(String, String)]) -> Vec<(usize, &str)> {
         server
@@ -494,7 +500,7 @@ mod tests {
 
     #[test]
     fn startup_parameters_split_into_tracked_and_extra() {
-        let p = ClientParams::from_startup(&s(&[
+        let p = startup(&s(&[
             ("application_name", "psql"),
             ("timezone", "UTC"),
             ("extra_float_digits", "3"),
@@ -520,12 +526,9 @@ mod tests {
     #[test]
     fn bad_options_and_replication_are_refused() {
         for bad in ["-c", "-x foo", "-c novalue", "-c bad;name=1"] {
-            assert!(
-                ClientParams::from_startup(&s(&[("options", bad)])).is_err(),
-                "{bad}"
-            );
+            assert!(startup(&s(&[("options", bad)])).is_err(), "{bad}");
         }
-        let replication = |v: &str| ClientParams::from_startup(&s(&[("replication", v)]));
+        let replication = |v: &str| startup(&s(&[("replication", v)]));
         for v in ["database", "true", "on", "1", "YES", "t"] {
             assert_eq!(replication(v), Err(ParamError::Replication), "{v}");
         }
@@ -544,7 +547,7 @@ mod tests {
 
     #[test]
     fn sync_is_empty_when_the_server_already_matches() {
-        let mut p = ClientParams::from_startup(&s(&[("TimeZone", "UTC")])).unwrap();
+        let mut p = startup(&s(&[("TimeZone", "UTC")])).unwrap();
         p.complete_from(tracked(&s(&[
             ("TimeZone", "Europe/Paris"),
             ("DateStyle", "ISO, MDY"),
@@ -558,7 +561,7 @@ mod tests {
 
     #[test]
     fn sync_sets_what_differs_and_resets_what_another_client_left() {
-        let p = ClientParams::from_startup(&s(&[
+        let p = startup(&s(&[
             ("TimeZone", "it's"),
             ("extra_float_digits", "3"),
             ("search_path", "a"),
@@ -576,7 +579,7 @@ mod tests {
 
     #[test]
     fn tracked_values_are_kept_in_tracked_order_whatever_order_they_come_in() {
-        let mut p = ClientParams::from_startup(&s(&[
+        let mut p = startup(&s(&[
             ("search_path", "a"),
             ("application_name", ""),
             ("timezone", "UTC"),
@@ -603,18 +606,15 @@ mod tests {
 
     #[test]
     fn names_that_could_inject_sql_are_dropped() {
-        let p = ClientParams::from_startup(&s(&[("a\"; drop table x; --", "1")])).unwrap();
+        let p = startup(&s(&[("a\"; drop table x; --", "1")])).unwrap();
         assert!(p.extra.is_empty());
     }
 
     #[test]
     fn fingerprint_follows_what_the_client_wants() {
-        let a =
-            ClientParams::from_startup(&s(&[("search_path", "a"), ("TimeZone", "UTC")])).unwrap();
-        let same =
-            ClientParams::from_startup(&s(&[("TimeZone", "UTC"), ("search_path", "a")])).unwrap();
-        let mut b =
-            ClientParams::from_startup(&s(&[("search_path", "b"), ("TimeZone", "UTC")])).unwrap();
+        let a = startup(&s(&[("search_path", "a"), ("TimeZone", "UTC")])).unwrap();
+        let same = startup(&s(&[("TimeZone", "UTC"), ("search_path", "a")])).unwrap();
+        let mut b = startup(&s(&[("search_path", "b"), ("TimeZone", "UTC")])).unwrap();
         // Order of the startup packet is the client's business; tracked names are sorted by
         // the order they arrive, so compare the sets a server would be synced to.
         assert_eq!(
@@ -639,8 +639,7 @@ mod tests {
 
     #[test]
     fn fingerprints_of_lists_with_the_same_letters_differ() {
-        let fp =
-            |pairs: &[(&str, &str)]| ClientParams::from_startup(&s(pairs)).unwrap().fingerprint();
+        let fp = |pairs: &[(&str, &str)]| startup(&s(pairs)).unwrap().fingerprint();
         // Where one value ends and the next starts.
         assert_ne!(
             fp(&[("search_path", "ab"), ("TimeZone", "c")]),
@@ -659,7 +658,7 @@ mod tests {
     #[test]
     fn reset_gives_back_what_the_startup_packet_set_and_nothing_else() {
         use crate::scan::Reset;
-        let mut p = ClientParams::from_startup(&s(&[
+        let mut p = startup(&s(&[
             ("DateStyle", "german"),
             ("options", "-c statement_timeout=5s"),
         ]))
@@ -684,7 +683,7 @@ mod tests {
         // SET again after a RESET: the kept startup value stays.
         p.set("DateStyle", "SQL, DMY");
         assert_eq!(p.startup_value("DateStyle"), Some("German, DMY"));
-        let plain = ClientParams::from_startup(&[]).unwrap();
+        let plain = startup(&[]).unwrap();
         assert!(!plain.reset_touches_startup(&Reset::All));
     }
 }
