@@ -168,10 +168,12 @@ async fn log_in(
     // of `Login`, whose session variant is already the large one.
     let mut places = None;
     let result = match opened {
-        // Not boxed on its own: all of log_in is (see `serve`), and is freed after login.
-        Ok(opening) => within(
-            deadline,
-            login(
+        Ok(opening) => {
+            // Not boxed on its own: all of log_in is (see `serve`), and is freed after login.
+            // Pinned where it is made and awaited through a reference: handed to `within` by
+            // value, the login's future was copied into the timeout, into its wrapper and into
+            // this future's state, one `memcpy` of its whole size each time.
+            let login = std::pin::pin!(login(
                 shared,
                 &settings,
                 &mut client,
@@ -179,10 +181,11 @@ async fn log_in(
                 arrival,
                 opening,
                 &mut places,
-            ),
-        )
-        .await
-        .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings))),
+            ));
+            within(deadline, login)
+                .await
+                .unwrap_or_else(|()| Err(login_timeout_expired(shared, &settings)))
+        }
         Err(e) => Err(e),
     };
     match result {
