@@ -49,17 +49,18 @@ pub(crate) struct Park {
     /// The epoll set, for adding and removing sockets (a second handle on what the park's
     /// task waits on).
     registry: mio::Registry,
-    parked: Mutex<Parked>,
+    parked: Mutex<Parked<Box<Session>>>,
 }
 
-#[derive(Default)]
-struct Parked {
+/// The parked items of one park (sessions; anything in the unit tests) by epoll token, with
+/// their deadlines. No I/O: the park's task and `park` call it under the park's lock.
+struct Parked<T> {
     /// By the epoll token; a freed place is reused (`free`).
-    places: Vec<Place>,
+    places: Vec<Place<T>>,
     free: Vec<usize>,
-    /// client_idle_timeout deadlines of parked sessions, earliest first, with the token and
-    /// the place's generation when it was parked (an entry whose session has left since is
-    /// skipped when it comes up).
+    /// client_idle_timeout deadlines of parked items, earliest first, with the token and the
+    /// place's generation when it was parked (an entry whose item has left since is skipped
+    /// when it comes up).
     deadlines: BinaryHeap<Reverse<(Instant, usize, u32)>>,
     /// The park's task, which shutdown (see `Proxy::begin_shutdown`) and an earlier deadline
     /// wake.
@@ -68,16 +69,84 @@ struct Parked {
     closed: bool,
 }
 
-#[derive(Default)]
-struct Place {
-    session: Option<Box<Session>>,
-    /// Counts the sessions this place has held.
+struct Place<T> {
+    item: Option<T>,
+    /// Counts the items this place has held.
     generation: u32,
 }
 
-impl Parked {
-    /// Deadlines of sessions gone are left in the heap until they come up; a heap grown well
-    /// past the parked sessions (many short parks under a long timeout) is rebuilt.
+impl<T> Default for Parked<T> {
+    fn default() -> Self {
+        Parked {
+            places: Vec::new(),
+            free: Vec::new(),
+            deadlines: BinaryHeap::new(),
+            waker: None,
+            closed: false,
+        }
+    }
+}
+
+impl<T> Parked<T> {
+    /// A token for the next item: its place in the epoll set before it is [`Parked::put`].
+    fn reserve(&mut self) -> usize {
+        match self.free.pop() {
+            Some(t) => t,
+            None => {
+                self.places.push(Place {
+                    item: None,
+                    generation: 0,
+                });
+                self.places.len() - 1
+            }
+        }
+    }
+
+    /// Gives back a token [`Parked::reserve`]d and not used.
+    fn unreserve(&mut self, token: usize) {
+        self.free.push(token);
+    }
+
+    /// Parks `item` under a reserved token; returns whether `deadline` is now the earliest
+    /// (the park's timer must be set again).
+    fn put(&mut self, token: usize, item: T, deadline: Option<Instant>) -> bool {
+        let Some(place) = self.places.get_mut(token) else {
+            return false;
+        };
+        place.generation = place.generation.wrapping_add(1);
+        let generation = place.generation;
+        place.item = Some(item);
+        let Some(at) = deadline else {
+            return false;
+        };
+        let earlier = self.earliest().is_none_or(|e| at < e);
+        self.deadlines.push(Reverse((at, token, generation)));
+        self.prune();
+        earlier
+    }
+
+    /// Takes the item parked under `token`, freeing the token.
+    fn take(&mut self, token: usize) -> Option<T> {
+        let item = self.places.get_mut(token)?.item.take()?;
+        self.free.push(token);
+        Some(item)
+    }
+
+    /// Tokens of every parked item.
+    fn tokens(&self) -> Vec<usize> {
+        (0..self.places.len())
+            .filter(|&t| self.is_live(t, None))
+            .collect()
+    }
+
+    fn is_live(&self, token: usize, generation: Option<u32>) -> bool {
+        self.places
+            .get(token)
+            .is_some_and(|p| p.item.is_some() && generation.is_none_or(|g| g == p.generation))
+    }
+
+    /// Deadlines of items gone are left in the heap until they come up; a heap grown well
+    /// past the parked items (many short parks under a long timeout) is rebuilt.
     fn prune(&mut self) {
         if self.deadlines.len() <= 2 * (self.places.len() - self.free.len()) + 64 {
             return;
@@ -86,18 +155,14 @@ impl Parked {
         self.deadlines.retain(|Reverse((_, token, generation))| {
             places
                 .get(*token)
-                .is_some_and(|p| p.session.is_some() && p.generation == *generation)
+                .is_some_and(|p| p.item.is_some() && p.generation == *generation)
         });
     }
 
-    /// The earliest deadline of a session still parked, dropping those of sessions gone.
+    /// The earliest deadline of an item still parked, dropping those of items gone.
     fn earliest(&mut self) -> Option<Instant> {
         while let Some(Reverse((at, token, generation))) = self.deadlines.peek().copied() {
-            let live = self
-                .places
-                .get(token)
-                .is_some_and(|p| p.session.is_some() && p.generation == generation);
-            if live {
+            if self.is_live(token, Some(generation)) {
                 return Some(at);
             }
             self.deadlines.pop();
@@ -105,7 +170,7 @@ impl Parked {
         None
     }
 
-    /// Tokens of parked sessions whose deadline is `now` or past.
+    /// Tokens of parked items whose deadline is `now` or past.
     fn expired(&mut self, now: Instant) -> Vec<usize> {
         let mut out = Vec::new();
         while let Some(at) = self.earliest() {
@@ -121,7 +186,7 @@ impl Parked {
 }
 
 impl Park {
-    fn lock(&self) -> MutexGuard<'_, Parked> {
+    fn lock(&self) -> MutexGuard<'_, Parked<Box<Session>>> {
         self.parked
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -152,18 +217,12 @@ pub(crate) fn park(shared: &Arc<Shared>, mut session: Box<Session>) -> Result<()
         drop(parked);
         return Err(reattached(session));
     }
-    let token = match parked.free.pop() {
-        Some(t) => t,
-        None => {
-            parked.places.push(Place::default());
-            parked.places.len() - 1
-        }
-    };
+    let token = parked.reserve();
     if let Err(e) = park
         .registry
         .register(&mut SourceFd(&fd), Token(token), Interest::READABLE)
     {
-        parked.free.push(token);
+        parked.unreserve(token);
         drop(parked);
         tracing::warn!("could not park an idle client ({e}); it keeps its task");
         return Err(reattached(session));
@@ -173,21 +232,10 @@ pub(crate) fn park(shared: &Arc<Shared>, mut session: Box<Session>) -> Result<()
     session.forget_task_waker();
     let deadline = session.take_idle_deadline();
     PoolStats::gauge(&shared.stats.clients_parked, 1);
-    let Some(place) = parked.places.get_mut(token) else {
-        return Ok(());
-    };
-    place.generation = place.generation.wrapping_add(1);
-    let generation = place.generation;
-    place.session = Some(session);
-    if let Some(at) = deadline {
-        let earlier = parked.earliest().is_none_or(|e| at < e);
-        parked.deadlines.push(Reverse((at, token, generation)));
-        parked.prune();
-        if earlier {
-            // The park's timer is set for a later deadline, or none.
-            if let Some(w) = &parked.waker {
-                w.wake_by_ref();
-            }
+    if parked.put(token, session, deadline) {
+        // The park's timer is set for a later deadline, or none.
+        if let Some(w) = &parked.waker {
+            w.wake_by_ref();
         }
     }
     drop(parked);
@@ -233,10 +281,9 @@ impl Park {
     /// of its own; `expired`: its client_idle_timeout has, and it is to say so and end.
     fn resume(&self, shared: &Shared, token: usize, expired: bool) {
         let mut parked = self.lock();
-        let Some(mut session) = parked.places.get_mut(token).and_then(|p| p.session.take()) else {
+        let Some(mut session) = parked.take(token) else {
             return;
         };
-        parked.free.push(token);
         drop(parked);
         if let Some(fd) = session.client_stream_mut().detached_fd() {
             let _ = self.registry.deregister(&mut SourceFd(&fd));
@@ -261,9 +308,7 @@ impl Park {
         let tokens: Vec<usize> = {
             let mut parked = self.lock();
             parked.closed = true;
-            (0..parked.places.len())
-                .filter(|&t| parked.places.get(t).is_some_and(|p| p.session.is_some()))
-                .collect()
+            parked.tokens()
         };
         for t in tokens {
             self.resume(shared, t, false);
@@ -361,5 +406,80 @@ async fn run(park: Arc<Park>, shared: Arc<Shared>, mut epoll: AsyncFd<mio::Poll>
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(base: Instant, secs: u64) -> Option<Instant> {
+        Some(base + Duration::from_secs(secs))
+    }
+
+    #[test]
+    fn tokens_are_reused_and_an_item_comes_back_once() {
+        let mut p = Parked::<&str>::default();
+        let a = p.reserve();
+        let b = p.reserve();
+        assert_ne!(a, b);
+        p.put(a, "a", None);
+        p.put(b, "b", None);
+        assert_eq!(p.tokens(), [a, b]);
+        assert_eq!(p.take(a), Some("a"));
+        assert_eq!(p.take(a), None, "taken once");
+        assert_eq!(p.tokens(), [b]);
+        assert_eq!(p.reserve(), a, "a freed token is reused");
+        // A reservation not used goes back as it came.
+        p.unreserve(a);
+        assert_eq!(p.reserve(), a);
+    }
+
+    #[test]
+    fn deadlines_come_up_in_order_and_only_for_items_still_parked() {
+        let base = Instant::now();
+        let mut p = Parked::<u32>::default();
+        let (a, b, c) = (p.reserve(), p.reserve(), p.reserve());
+        assert!(
+            p.put(a, 1, at(base, 30)),
+            "the first deadline is the earliest"
+        );
+        assert!(p.put(b, 2, at(base, 10)), "an earlier one is");
+        assert!(!p.put(c, 3, at(base, 20)), "a later one is not");
+        assert_eq!(p.earliest(), at(base, 10));
+        // b leaves (its client spoke) and its place is reused by a client parked later
+        // with a later deadline: b's old deadline must not expire the newcomer.
+        assert_eq!(p.take(b), Some(2));
+        let d = p.reserve();
+        assert_eq!(d, b);
+        p.put(d, 4, at(base, 40));
+        assert_eq!(p.earliest(), at(base, 20), "b's deadline is gone with it");
+        assert_eq!(p.expired(base + Duration::from_secs(25)), [c]);
+        assert_eq!(
+            p.expired(base + Duration::from_secs(25)),
+            Vec::<usize>::new()
+        );
+        assert_eq!(p.expired(base + Duration::from_secs(40)), [a, d]);
+        assert_eq!(p.earliest(), None);
+        // Expired items are still parked until the task takes them.
+        assert_eq!(p.take(a), Some(1));
+    }
+
+    #[test]
+    fn the_deadline_heap_stays_near_the_number_of_parked_items() {
+        let base = Instant::now();
+        let mut p = Parked::<u32>::default();
+        // One client parks and speaks again a thousand times under a long timeout.
+        for i in 0..1000u32 {
+            let t = p.reserve();
+            p.put(t, i, at(base, 3600 + u64::from(i)));
+            assert_eq!(p.take(t), Some(i));
+        }
+        assert!(
+            p.deadlines.len() <= 65,
+            "{} deadlines kept",
+            p.deadlines.len()
+        );
+        assert_eq!(p.earliest(), None);
     }
 }
