@@ -7,7 +7,7 @@ use bytes::BytesMut;
 use proto::error::PgError;
 use proto::frame::{self, FrameError, Message};
 
-use crate::{read_into, Shared};
+use crate::{read_into, reserve_read, Shared};
 use upstream::Stream;
 
 pub(crate) struct ClientConn {
@@ -20,6 +20,13 @@ pub(crate) struct ClientConn {
 }
 
 impl ClientConn {
+    /// Reads what the client has sent already, without waiting (see
+    /// [`Stream::try_read_now`]).
+    pub fn try_read_now(&mut self) -> Option<std::task::Poll<std::io::Result<usize>>> {
+        reserve_read(&mut self.buf);
+        self.stream.try_read_now(&mut self.buf)
+    }
+
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             self.stream.send(&self.out).await?;

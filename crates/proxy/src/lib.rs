@@ -599,11 +599,16 @@ impl Shared {
 /// Reads into `buf` from `stream`, reserving room first. `Ok(0)` is end of stream.
 pub(crate) async fn read_into(stream: &mut Stream, buf: &mut BytesMut) -> std::io::Result<usize> {
     use tokio::io::AsyncReadExt;
-    // Reserve in small steps: an idle client's buffer is memory held per connection.
+    reserve_read(buf);
+    stream.read_buf(buf).await
+}
+
+/// Makes room for a read, in small steps: an idle client's buffer is memory held per
+/// connection.
+pub(crate) fn reserve_read(buf: &mut BytesMut) {
     if buf.capacity() - buf.len() < 512 {
         buf.reserve(4096);
     }
-    stream.read_buf(buf).await
 }
 
 /// A duration as a setting is written: whole seconds as `5s`, anything else in milliseconds.

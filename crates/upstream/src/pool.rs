@@ -444,7 +444,10 @@ impl PooledServer {
 
 impl Drop for PooledServer {
     fn drop(&mut self) {
-        self.give_back(Instant::now());
+        // Given back (`give_back_at`) or discarded already: no clock to read.
+        if self.conn.is_some() {
+            self.give_back(Instant::now());
+        }
     }
 }
 

@@ -351,9 +351,56 @@ impl Stream {
 
     /// Writes all of `data` and flushes it to the socket (see the module comment). Not
     /// cancellation-safe: a caller cut off mid-send must close the stream.
+    ///
+    /// A plain socket is written at once when it has room, which it almost always has: no
+    /// write future, no task budget, no readiness poll. What it does not take (or an error)
+    /// goes the usual way.
     pub async fn send(&mut self, data: &[u8]) -> io::Result<()> {
-        self.write_all(data).await?;
+        let done = match self {
+            Stream::Tcp(s) => s.try_write(data).unwrap_or(0),
+            Stream::Unix(s) => s.try_write(data).unwrap_or(0),
+            _ => 0,
+        };
+        if done > 0 && done == data.len() {
+            return Ok(());
+        }
+        self.write_all(data.get(done..).unwrap_or_default()).await?;
         self.flush().await
+    }
+
+    /// Reads what has arrived into `buf` without waiting: `Pending` when nothing has (tokio
+    /// has seen no readiness, or the read found nothing); `None` over TLS (and for a parked
+    /// socket), where the caller's read future does the read. For a read right after a
+    /// wake-up that said the socket is readable: no read future, no task budget, no waker. A read that leaves room in `buf`
+    /// drained the socket (epoll is edge-triggered), so it clears tokio's readiness as
+    /// `poll_read` does; left set, the next poll would pay a `recv` that finds nothing.
+    pub fn try_read_now(&self, buf: &mut bytes::BytesMut) -> Option<Poll<io::Result<usize>>> {
+        use tokio::io::Interest;
+        let spare = buf.capacity() - buf.len();
+        let mut got = 0;
+        let drained = |n: usize| {
+            if n > 0 && n < spare {
+                Err(io::ErrorKind::WouldBlock.into())
+            } else {
+                Ok(n)
+            }
+        };
+        let read = match self {
+            Stream::Tcp(s) => s.try_io(Interest::READABLE, || {
+                got = s.try_read_buf(buf)?;
+                drained(got)
+            }),
+            Stream::Unix(s) => s.try_io(Interest::READABLE, || {
+                got = s.try_read_buf(buf)?;
+                drained(got)
+            }),
+            _ => return None,
+        };
+        Some(match read {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && got == 0 => Poll::Pending,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Poll::Ready(Ok(got)),
+            r => Poll::Ready(r),
+        })
     }
 
     /// Writes `data` without waiting, as far as the socket takes it right now (for a goodbye

@@ -196,8 +196,14 @@ impl Session {
                 Ok(None) => {}
             }
             // Idle found the client readable, so this read almost always completes at once:
-            // try it before setting up the select (the shutdown watch, the idle timer).
-            match read_into(&mut self.client.stream, &mut self.client.buf).now_or_never() {
+            // try it before setting up the select (the shutdown watch, the idle timer), and
+            // without a read future where the socket allows.
+            let now = match self.client.try_read_now() {
+                Some(Poll::Ready(r)) => Some(r),
+                Some(Poll::Pending) => None,
+                None => read_into(&mut self.client.stream, &mut self.client.buf).now_or_never(),
+            };
+            match now {
                 Some(Ok(0) | Err(_)) => return Work::Gone,
                 Some(Ok(_)) => continue,
                 None => {}
