@@ -575,10 +575,17 @@ enum BoundListener {
 /// memory): shutdown waits for the client count instead (see `run`), and tasks still running
 /// when the shards stop end with their runtimes.
 async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+    // One wait for the stop signal across every accept: a `changed()` made per accept joined
+    // and left the watch channel's waiter list each time. `biased`, stop first: no random
+    // branch order per accept, and a storm of connections cannot keep the stop from being
+    // seen.
+    let stopped = stop.changed();
+    tokio::pin!(stopped);
     loop {
         let accepted = tokio::select! {
+            biased;
+            _ = &mut stopped => break,
             r = listener.accept() => r,
-            _ = stop.changed() => break,
         };
         match accepted {
             Ok((stream, peer)) => drop(tokio::spawn(serve(daemon.clone(), stream, peer))),
