@@ -190,9 +190,13 @@ async fn log_in(
     };
     match result {
         Ok(Login::Session(entry, startup, params)) => {
-            let span = tracing::Span::current();
-            span.record("db", startup.database());
-            span.record("user", startup.user());
+            // The client's span is an info span: below that level it is disabled, and finding
+            // it (a dispatcher lookup) and recording into it cost a login for nothing.
+            if tracing::level_enabled!(tracing::Level::INFO) {
+                let span = tracing::Span::current();
+                span.record("db", startup.database());
+                span.record("user", startup.user());
+            }
             let application_name = startup.get("application_name").unwrap_or("");
             if settings.log_connections {
                 tracing::info!(application_name, tls = client.stream.is_tls(), "login");
