@@ -238,8 +238,10 @@ mod tests {
     fn taken(inbox: &Inbox) -> Vec<u32> {
         let mut out = BytesMut::new();
         inbox.take_into(&mut out);
+        // Each test message is one u32, big-endian; read them back without
+        // the codec (this crate leaves byte order to proto).
         out.chunks(4)
-            .map(|c| u32::from_be_bytes(c.try_into().unwrap()))
+            .map(|c| c.iter().fold(0u32, |n, b| (n << 8) | u32::from(*b)))
             .collect()
     }
 
