@@ -549,6 +549,38 @@ impl Drop for Waiter<'_> {
     }
 }
 
+/// Waits for `work` until `deadline` (`None` when it passed first), with `alarm` also ringing at
+/// `wake_by`, which is then cleared: the `Pending` that follows is the caller's chance to act
+/// (and an instant past, armed again, would ring at once, forever). `work` is polled first, so
+/// a checkout served at once never polls the alarm.
+async fn until<F: Future>(
+    mut work: std::pin::Pin<&mut F>,
+    alarm: &mut Alarm,
+    deadline: Option<Instant>,
+    wake_by: &mut Option<Instant>,
+) -> Option<F::Output> {
+    loop {
+        // `arm` only ever brings the alarm forward: it rings at the earlier. It may also ring
+        // earlier still, for another deadline of its owner's, hence the checks.
+        for at in [deadline, *wake_by].into_iter().flatten() {
+            alarm.arm(at);
+        }
+        tokio::select! {
+            biased;
+            r = work.as_mut() => return Some(r),
+            _ = alarm.fired() => {
+                let now = Instant::now();
+                if deadline.is_some_and(|d| now >= d) {
+                    return None;
+                }
+                if wake_by.is_some_and(|w| now >= w) {
+                    *wake_by = None;
+                }
+            }
+        }
+    }
+}
+
 /// `pool_size` and `min_pool_size`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PoolSizes {
@@ -625,33 +657,38 @@ impl ServerPool {
     /// unreachable the client keeps waiting — the host's back-off paces the attempts — until
     /// `wait` expires; errors that waiting cannot fix (wrong password, breaker open) return at
     /// once.
-    /// While the pool is paused the wait starts at the pause gate; `wait` bounds both.
-    /// `alarm` is the caller's re-armable timer: a checkout that has to wait uses it instead of
-    /// a timer of its own; `connecting` tells [`Checkout::is_connecting`]. A checkout that
-    /// has to wait queues in `source`'s line (see [`Source`]).
+    /// While the pool is paused the wait starts at the pause gate; `wait` bounds both, from
+    /// `started`. `alarm` is the caller's re-armable timer: a checkout that has to wait uses it
+    /// instead of a timer of its own, and also has it ring at `wake_by`, when the caller wants
+    /// to be polled (query_wait_notify: one timer per wait instead of two);
+    /// `connecting` tells [`Checkout::is_connecting`]. A checkout that has to wait queues in
+    /// `source`'s line (see [`Source`]).
     pub fn checkout<'a>(
         &'a self,
+        started: Instant,
         wait: Option<Duration>,
+        wake_by: Option<Instant>,
         alarm: &'a mut Alarm,
         connecting: &'a ConnectFlag,
         source: Source,
     ) -> Checkout<'a, impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
         Checkout {
-            inner: self.checkout_listed(wait, alarm, connecting, source),
+            inner: self.checkout_listed(started, wait, wake_by, alarm, connecting, source),
             connecting,
         }
     }
 
     async fn checkout_listed(
         &self,
+        started: Instant,
         wait: Option<Duration>,
+        wake_by: Option<Instant>,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
         source: Source,
     ) -> Result<PooledServer, CheckoutError> {
-        let started = Instant::now();
         let mut work =
-            std::pin::pin!(self.checkout_inner(started, wait, alarm, connecting, source));
+            std::pin::pin!(self.checkout_inner(started, wait, wake_by, alarm, connecting, source));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -680,6 +717,7 @@ impl ServerPool {
         &self,
         started: Instant,
         wait: Option<Duration>,
+        mut wake_by: Option<Instant>,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
         source: Source,
@@ -698,38 +736,19 @@ impl ServerPool {
         if *self.paused.borrow() {
             let mut gate = self.paused.subscribe();
             // The sender lives as long as the pool, so this only ends by resuming.
-            let resumed = gate.wait_for(|paused| !*paused);
-            match deadline {
-                Some(d) => {
-                    if tokio::time::timeout_at(d.into(), resumed).await.is_err() {
-                        return Err(wait_timeout(None));
-                    }
-                }
-                None => {
-                    let _ = resumed.await;
-                }
+            let resumed = std::pin::pin!(gate.wait_for(|paused| !*paused));
+            if until(resumed, alarm, deadline, &mut wake_by)
+                .await
+                .is_none()
+            {
+                return Err(wait_timeout(None));
             }
         }
         let mut last = None;
         loop {
-            let get = self.get_or_reserve(started, connecting, source);
-            let result = match deadline {
-                Some(d) => {
-                    let mut get = std::pin::pin!(get);
-                    loop {
-                        alarm.arm(d);
-                        tokio::select! {
-                            // The pool first: a checkout served at once never polls the alarm.
-                            biased;
-                            r = get.as_mut() => break r,
-                            // The alarm may ring for an earlier deadline than ours.
-                            _ = alarm.fired() => if Instant::now() >= d {
-                                return Err(wait_timeout(last));
-                            },
-                        }
-                    }
-                }
-                None => get.await,
+            let get = std::pin::pin!(self.get_or_reserve(started, connecting, source));
+            let Some(result) = until(get, alarm, deadline, &mut wake_by).await else {
+                return Err(wait_timeout(last));
             };
             match result {
                 Got::Server(s) => return Ok(s),

@@ -101,8 +101,10 @@ struct State<T> {
 struct Queue {
     /// Numbers waiters in arrival order, so each line is sorted by it.
     next_seq: u64,
-    /// The line of each source that has waiters.
-    by_source: HashMap<Source, usize>,
+    /// The line of each source that has waiters. foldhash, seeded per process, rather than
+    /// SipHash: a key is an address the client cannot choose freely, and SipHash was about
+    /// 360 instructions of every checkout that waits.
+    by_source: HashMap<Source, usize, foldhash::fast::RandomState>,
     /// Lines by index; an empty one is unused (listed in `free_lines`), its buffer kept.
     lines: Vec<Line>,
     free_lines: Vec<usize>,
@@ -116,16 +118,15 @@ struct Queue {
 #[derive(Debug)]
 struct Line {
     source: Source,
-    /// Oldest first: (seq, waiter index).
-    tickets: VecDeque<(u64, usize)>,
+    /// Oldest first: (seq, waiter index, the waiter's runtime). The runtime is copied here so
+    /// that a turn looking for a waiter of its own runtime scans one array (see `pick`).
+    tickets: VecDeque<(u64, usize, u16)>,
 }
 
 #[derive(Debug)]
 struct Waiter {
     seq: u64,
     line: usize,
-    /// The runtime it waits on (`crate::home`).
-    home: u16,
     /// Times it was passed over, at the front of its line, for a waiter at the turn's home.
     passed: u8,
     /// Taken when the turn is handed to it.
@@ -171,7 +172,6 @@ impl Queue {
         let waiter = Some(Waiter {
             seq,
             line,
-            home,
             passed: 0,
             waker: Some(waker),
             granted: false,
@@ -189,7 +189,7 @@ impl Queue {
             }
         };
         if let Some(l) = self.lines.get_mut(line) {
-            l.tickets.push_back((seq, index));
+            l.tickets.push_back((seq, index, home));
         }
         Ticket { index, seq }
     }
@@ -219,7 +219,9 @@ impl Queue {
             } else {
                 self.ring.push_back(l);
             }
-            let Some((seq, index)) = ticket else { continue };
+            let Some((seq, index, _)) = ticket else {
+                continue;
+            };
             if let Some(w) = self.waiter(Ticket { index, seq }) {
                 w.granted = true;
                 if let Some(waker) = w.waker.take() {
@@ -237,32 +239,32 @@ impl Queue {
         let Some(line) = self.lines.get(l) else {
             return 0;
         };
-        let home_of = |&(seq, index): &(u64, usize)| {
-            self.waiters
-                .get(index)
-                .and_then(Option::as_ref)
-                .filter(|w| w.seq == seq)
-                .map(|w| (w.home, w.passed))
-        };
-        let Some((front_home, passed)) = line.tickets.front().and_then(home_of) else {
+        let Some(&(seq, index, front_home)) = line.tickets.front() else {
             return 0;
         };
-        if front_home == near || near == crate::home::NONE || passed >= MAX_PASSES {
+        if front_home == near || near == crate::home::NONE {
+            return 0;
+        }
+        let Some(front) = self
+            .waiters
+            .get_mut(index)
+            .and_then(Option::as_mut)
+            .filter(|w| w.seq == seq)
+        else {
+            return 0;
+        };
+        if front.passed >= MAX_PASSES {
             return 0;
         }
         let Some(at) = line
             .tickets
             .iter()
             .take(SCAN)
-            .position(|t| home_of(t).is_some_and(|(h, _)| h == near))
+            .position(|&(_, _, h)| h == near)
         else {
             return 0;
         };
-        if let Some(&(_, index)) = line.tickets.front() {
-            if let Some(Some(w)) = self.waiters.get_mut(index) {
-                w.passed += 1;
-            }
-        }
+        front.passed += 1;
         at
     }
 
@@ -278,7 +280,10 @@ impl Queue {
             return true;
         }
         if let Some(line) = self.lines.get_mut(w.line) {
-            if let Ok(i) = line.tickets.binary_search_by_key(&t.seq, |&(seq, _)| seq) {
+            if let Ok(i) = line
+                .tickets
+                .binary_search_by_key(&t.seq, |&(seq, _, _)| seq)
+            {
                 line.tickets.remove(i);
             }
             if line.tickets.is_empty() {
