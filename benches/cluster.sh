@@ -36,6 +36,7 @@ auth_type = "$AUTH"
 auth_file = "$work/userlist.txt"
 default_pool_size = 16
 min_pool_size = 16
+max_client_conn = 2000
 ${2:-}
 [databases.app]
 host = "127.0.0.1"
@@ -59,6 +60,7 @@ auth_file = $work/userlist.txt
 pool_mode = transaction
 default_pool_size = 16
 min_pool_size = 16
+max_client_conn = 2000
 log_connections = 0
 log_disconnections = 0
 CONF
