@@ -40,13 +40,32 @@ impl ServerInfo {
     pub(crate) fn set_in_use(&self, in_use: bool) {
         self.in_use.store(in_use, Relaxed);
         if in_use {
-            let now = SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map(|d| d.as_micros() as u64)
-                .unwrap_or(0);
-            self.request_time_us.store(now, Relaxed);
+            self.request_time_us.store(coarse_unix_micros(), Relaxed);
         }
     }
+}
+
+/// Microseconds since the Unix epoch by the kernel's coarse clock, which moves once per tick
+/// (a few milliseconds): enough for SHOW SERVERS' request_time, shown to the second, and read
+/// at every checkout, where `SystemTime::now` and its conversion were about 100 instructions.
+fn coarse_unix_micros() -> u64 {
+    #[cfg(target_os = "linux")]
+    {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: `ts` is a valid place for the result; the call only writes it.
+        if unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) } == 0 {
+            return (ts.tv_sec as u64)
+                .saturating_mul(1_000_000)
+                .saturating_add(ts.tv_nsec as u64 / 1_000);
+        }
+    }
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as u64)
+        .unwrap_or(0)
 }
 
 #[derive(Debug, Default)]
@@ -114,5 +133,25 @@ impl ServerRegistry {
         };
         v.sort_by_key(|s| s.id);
         v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coarse clock is the wall clock to within its tick: a request_time in SHOW SERVERS
+    /// must not be off by more than the display's resolution.
+    #[test]
+    fn the_coarse_clock_agrees_with_the_wall_clock() {
+        let wall = |t: SystemTime| t.duration_since(UNIX_EPOCH).map(|d| d.as_micros() as u64);
+        let before = wall(SystemTime::now()).unwrap_or(0);
+        let coarse = coarse_unix_micros();
+        let after = wall(SystemTime::now()).unwrap_or(0);
+        // One tick is at most 10 ms (HZ = 100); allow a whole second of slack for a loaded
+        // machine between the three reads.
+        assert!(coarse + 1_000_000 >= before, "{coarse} vs {before}");
+        assert!(coarse <= after + 1_000_000, "{coarse} vs {after}");
+        assert!(coarse > 1_700_000_000_000_000, "a plausible date: {coarse}");
     }
 }
