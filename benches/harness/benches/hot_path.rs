@@ -247,9 +247,16 @@ fn pool(c: &mut Criterion) {
         );
         // The one login happens here, not in the measurement.
         drop(
-            pool.checkout(wait, &mut alarm, &connecting, upstream::Source::default())
-                .await
-                .expect("first checkout"),
+            pool.checkout(
+                std::time::Instant::now(),
+                wait,
+                None,
+                &mut alarm,
+                &connecting,
+                upstream::Source::default(),
+            )
+            .await
+            .expect("first checkout"),
         );
         pool
     });
@@ -257,7 +264,14 @@ fn pool(c: &mut Criterion) {
         b.iter(|| {
             rt.block_on(async {
                 let server = pool
-                    .checkout(wait, &mut alarm, &connecting, upstream::Source::default())
+                    .checkout(
+                        std::time::Instant::now(),
+                        wait,
+                        None,
+                        &mut alarm,
+                        &connecting,
+                        upstream::Source::default(),
+                    )
                     .await
                     .expect("checkout");
                 drop(server);
