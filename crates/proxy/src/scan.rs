@@ -26,10 +26,57 @@ pub fn tag_leaves_state(tag: &[u8]) -> bool {
 
 /// Does this SQL text possibly create a temp object or take a session advisory lock?
 ///
-/// Finds the rarest letter of each word with SIMD `memchr2` (`m` of temp, `v` of advisory, in
-/// either case) and compares around it, so typical queries cost tens of nanoseconds.
+/// Looks for the rarest letter of each word (`m` of temp, `v` of advisory, in either case) and
+/// compares around it. One pass, eight bytes at a time: a statement is usually short (pgbench's
+/// is 55 bytes), where two `memchr2` passes spent more on setting up their SIMD loops than on
+/// searching (about 260 instructions per transaction against about 130 for this).
 pub fn text_may_leave_state(sql: &[u8]) -> bool {
-    around(sql, b'm', 2, b"temp") || around(sql, b'v', 2, b"advisory")
+    const LOWS: u64 = u64::from_ne_bytes([0x7f; 8]);
+    const CASE: u64 = u64::from_ne_bytes([0x20; 8]);
+    const M: u64 = u64::from_ne_bytes([b'm'; 8]);
+    const V: u64 = u64::from_ne_bytes([b'v'; 8]);
+    // 0x80 in exactly the bytes of `x` that are zero (no borrow between bytes).
+    let zeros = |x: u64| !(((x & LOWS).wrapping_add(LOWS)) | x | LOWS);
+    // Setting 0x20 lower-cases a letter, and only `M` and `m` become `m`, `V` and `v` `v`.
+    let hit_at = |at: usize| match sql.get(at).map(|b| b | 0x20) {
+        Some(b'm') => word_at(sql, at, 2, b"temp"),
+        Some(b'v') => word_at(sql, at, 2, b"advisory"),
+        _ => false,
+    };
+    let mut chunks = sql.chunks_exact(8);
+    let mut base = 0;
+    for chunk in chunks.by_ref() {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let x = u64::from_ne_bytes(word) | CASE;
+        let mut found = zeros(x ^ M) | zeros(x ^ V);
+        while found != 0 {
+            // Byte order: the lowest-addressed byte is the lowest bits on little-endian
+            // machines, the highest on big-endian ones.
+            let byte = if cfg!(target_endian = "little") {
+                found.trailing_zeros() / 8
+            } else {
+                found.leading_zeros() / 8
+            };
+            if hit_at(base + byte as usize) {
+                return true;
+            }
+            found &= if cfg!(target_endian = "little") {
+                found - 1
+            } else {
+                !(0x80u64 << ((7 - byte) * 8))
+            };
+        }
+        base += 8;
+    }
+    (base..sql.len()).any(hit_at)
+}
+
+/// Is `word` (lower case) in `hay` where its byte at `offset` is at `at`?
+fn word_at(hay: &[u8], at: usize, offset: usize, word: &[u8]) -> bool {
+    at.checked_sub(offset)
+        .and_then(|start| hay.get(start..start + word.len()))
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
 }
 
 /// Does this SQL text name an advisory lock function? Asked only of text
@@ -43,11 +90,8 @@ pub fn text_mentions_advisory(sql: &[u8]) -> bool {
 /// Is `word` (lower case) at some occurrence of `letter` (either case), which sits at
 /// `offset` within the word?
 fn around(hay: &[u8], letter: u8, offset: usize, word: &[u8]) -> bool {
-    memchr::memchr2_iter(letter, letter.to_ascii_uppercase(), hay).any(|at| {
-        at.checked_sub(offset)
-            .and_then(|start| hay.get(start..start + word.len()))
-            .is_some_and(|w| w.eq_ignore_ascii_case(word))
-    })
+    memchr::memchr2_iter(letter, letter.to_ascii_uppercase(), hay)
+        .any(|at| word_at(hay, at, offset, word))
 }
 
 /// What a statement puts back to its session default: one parameter (lower case, as
@@ -171,6 +215,28 @@ mod tests {
                 "{}",
                 String::from_utf8_lossy(sql)
             );
+        }
+    }
+
+    proptest::proptest! {
+        /// The one-pass scan agrees with the plain search for each word, on text made of the
+        /// words, pieces of them and the letters that matter, in both cases, at every length
+        /// and alignment.
+        #[test]
+        fn the_one_pass_scan_finds_what_the_plain_search_finds(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "temp", "TeMp", "advisory", "ADVISORY", "tem", "emp", "advisor", "dvisory",
+                    "m", "M", "v", "V", "te", "ad", " ", "x", "SELECT ", "(", "é",
+                ]),
+                0..24,
+            ),
+            skip in 0usize..8,
+        ) {
+            let text = pieces.concat();
+            let sql = text.as_bytes().get(skip.min(text.len())..).unwrap_or_default();
+            let plain = around(sql, b'm', 2, b"temp") || around(sql, b'v', 2, b"advisory");
+            proptest::prop_assert_eq!(text_may_leave_state(sql), plain);
         }
     }
 
