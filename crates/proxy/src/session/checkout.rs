@@ -43,7 +43,7 @@ impl Session {
             None => {
                 self.enter(ClientState::Waiting);
                 let server = self.checkout_raw().await;
-                let mut server = server.inspect_err(|_| self.enter(ClientState::Idle))?;
+                let (mut server, at) = server.inspect_err(|_| self.enter(ClientState::Idle))?;
                 if server.is_pristine() {
                     if let Ok(mut w) = self.entry.welcome.lock() {
                         *w = Some(WelcomeParams::new(server.params()));
@@ -56,7 +56,7 @@ impl Session {
                 if self.mode == PoolMode::Session {
                     self.cancel.slot.set(Some(server.cancel_target())).await;
                     self.enter(ClientState::Active);
-                    held = Some(Held::new(server, TxLedger::default()));
+                    held = Some(Held::new(server, TxLedger::default(), at));
                 } else {
                     self.enter(ClientState::Idle);
                 }
@@ -96,13 +96,15 @@ impl Session {
         })
     }
 
-    /// Waits in the pool's queue for a server.
-    async fn checkout_raw(&mut self) -> Result<PooledServer, PgError> {
-        // Most checkouts find a server idle and a turn free: no future, no clock read, and a
-        // wait of zero (which adds nothing to wait_time).
-        if let Some(server) = self.entry.pool.try_checkout_idle() {
+    /// Waits in the pool's queue for a server; returns it with when it was had.
+    async fn checkout_raw(&mut self) -> Result<(PooledServer, Instant), PgError> {
+        // Most checkouts find a server idle and a turn free: no future, one clock read (which
+        // the pool's checks and the transaction's clock share), and a wait of zero (which adds
+        // nothing to wait_time).
+        let now = Instant::now();
+        if let Some(server) = self.entry.pool.try_checkout_idle(now) {
             PoolStats::add(&self.entry.stats.wait_count, 1);
-            return Ok(server);
+            return Ok((server, now));
         }
         let entry = self.entry.clone();
         let stats = &entry.stats;
@@ -191,7 +193,11 @@ impl Session {
                 }
             }
         };
-        PoolStats::add(&stats.wait_time_us, start.elapsed().as_micros() as u64);
+        let served = Instant::now();
+        PoolStats::add(
+            &stats.wait_time_us,
+            served.saturating_duration_since(start).as_micros() as u64,
+        );
         PoolStats::add(&stats.wait_count, 1);
         let global = self.global();
         let Some(result) = result else {
@@ -202,7 +208,7 @@ impl Session {
                 "client closed the connection while waiting for a server",
             ));
         };
-        result.map_err(|e| {
+        result.map(|server| (server, served)).map_err(|e| {
             if matches!(e, CheckoutError::WaitTimeout { .. }) {
                 GlobalStats::bump(&global.timeouts_query_wait);
             }
@@ -211,18 +217,19 @@ impl Session {
         })
     }
 
-    /// Waiting, then Active with a server whose parameters are the client's.
-    pub(super) async fn checkout(&mut self) -> Result<PooledServer, PgError> {
+    /// Waiting, then Active with a server whose parameters are the client's; returns it with
+    /// when it was had (the transaction's start).
+    pub(super) async fn checkout(&mut self) -> Result<(PooledServer, Instant), PgError> {
         self.enter(ClientState::Waiting);
         let server = self.checkout_raw().await;
-        let mut server = server.inspect_err(|_| self.enter(ClientState::Idle))?;
+        let (mut server, at) = server.inspect_err(|_| self.enter(ClientState::Idle))?;
         if let Err(e) = self.sync_params(&mut server).await {
             self.enter(ClientState::Idle);
             return Err(e);
         }
         self.cancel.slot.set(Some(server.cancel_target())).await;
         self.enter(ClientState::Active);
-        Ok(server)
+        Ok((server, at))
     }
 
     /// Makes the server's session parameters match this client's; no round trip when they

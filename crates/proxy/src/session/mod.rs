@@ -70,11 +70,12 @@ struct Held {
 impl Held {
     /// `ledger` is a clear one handed down from the last transaction, so that a steady stream
     /// of transactions does not allocate a reply queue each.
-    fn new(server: PooledServer, ledger: TxLedger) -> Held {
+    /// `at`: when the server was had, the transaction's start.
+    fn new(server: PooledServer, ledger: TxLedger, at: Instant) -> Held {
         Held {
             server,
             ledger,
-            clock: Clock::new(Instant::now()),
+            clock: Clock::new(at),
             reset: None,
             restore_due: false,
             advisory_unknown: false,
@@ -404,9 +405,9 @@ impl Session {
             let h = match held.as_mut() {
                 Some(h) => h,
                 None => match self.checkout().await {
-                    Ok(server) => {
+                    Ok((server, at)) => {
                         let ledger = std::mem::take(&mut self.scratch.spare_ledger);
-                        held.insert(Held::new(server, ledger))
+                        held.insert(Held::new(server, ledger, at))
                     }
                     Err(e) => {
                         self.client.send_error(&e).await;
