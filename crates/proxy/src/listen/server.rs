@@ -92,6 +92,20 @@ pub(super) fn plan(state: &State, inflight: &VecDeque<Op>) -> Vec<Op> {
     ops
 }
 
+/// [`plan`], for sending now: a channel about to be UNLISTENed stops counting as confirmed at
+/// once, not when the server answers. A client's LISTEN that comes in between then waits for
+/// the LISTEN sent after the UNLISTEN, instead of being told it listens while the server is
+/// about to stop (a NOTIFY in that gap reached nobody: an e2e test saw it under load).
+pub(super) fn next_ops(state: &mut State, inflight: &VecDeque<Op>) -> Vec<Op> {
+    let ops = plan(state, inflight);
+    for op in &ops {
+        if let Op::Unlisten(ch) = op {
+            state.confirmed.remove(ch);
+        }
+    }
+    ops
+}
+
 /// How a listener connection's service ended.
 enum Ended {
     /// No channel is wanted any more.
@@ -239,7 +253,7 @@ async fn serve(hub: &Inner, conn: &mut ServerConn) -> Ended {
                 return Ended::Idle;
             }
             if std::mem::take(&mut s.dirty) {
-                plan(&s, &inflight)
+                next_ops(&mut s, &inflight)
             } else {
                 Vec::new()
             }
@@ -388,6 +402,30 @@ mod tests {
         assert_eq!(
             sorted(plan(&state(&["a", "b"], &[]), &none)),
             vec![l("a"), l("b")]
+        );
+    }
+
+    /// The race an e2e test hit: the last client UNLISTENs `a`, and another LISTENs to it
+    /// before the server has answered the UNLISTEN. That LISTEN must not count `a` as
+    /// confirmed, and the listener must LISTEN to it again after the UNLISTEN.
+    #[test]
+    fn a_channel_being_unlistened_is_not_confirmed_for_a_new_listen() {
+        let mut s = state(&[], &["a"]);
+        let mut inflight = VecDeque::new();
+        let ops = next_ops(&mut s, &inflight);
+        assert_eq!(ops, vec![Op::Unlisten("a".into())]);
+        assert!(
+            !s.confirmed.contains("a"),
+            "a LISTEN now would be answered before the server listens again"
+        );
+        inflight.extend(ops);
+        // A client LISTENs to `a` while the UNLISTEN is on its way.
+        let inbox = Arc::new(Inbox::default());
+        s.registry.listen(2, &inbox, "a").unwrap();
+        assert_eq!(
+            next_ops(&mut s, &inflight),
+            vec![Op::Listen("a".into())],
+            "LISTEN again after the UNLISTEN"
         );
     }
 
