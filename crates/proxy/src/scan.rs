@@ -31,10 +31,10 @@ pub fn tag_leaves_state(tag: &[u8]) -> bool {
 /// is 55 bytes), where two `memchr2` passes spent more on setting up their SIMD loops than on
 /// searching (about 260 instructions per transaction against about 180 for this).
 pub fn text_may_leave_state(sql: &[u8]) -> bool {
-    const LOWS: u64 = u64::from_ne_bytes([0x7f; 8]);
-    const CASE: u64 = u64::from_ne_bytes([0x20; 8]);
-    const M: u64 = u64::from_ne_bytes([b'm'; 8]);
-    const V: u64 = u64::from_ne_bytes([b'v'; 8]);
+    const LOWS: u64 = u64::from_le_bytes([0x7f; 8]);
+    const CASE: u64 = u64::from_le_bytes([0x20; 8]);
+    const M: u64 = u64::from_le_bytes([b'm'; 8]);
+    const V: u64 = u64::from_le_bytes([b'v'; 8]);
     // 0x80 in exactly the bytes of `x` that are zero (no borrow between bytes).
     let zeros = |x: u64| !(((x & LOWS).wrapping_add(LOWS)) | x | LOWS);
     // Setting 0x20 lower-cases a letter, and only `M` and `m` become `m`, `V` and `v` `v`.
@@ -48,24 +48,14 @@ pub fn text_may_leave_state(sql: &[u8]) -> bool {
     for chunk in chunks.by_ref() {
         let mut word = [0u8; 8];
         word.copy_from_slice(chunk);
-        let x = u64::from_ne_bytes(word) | CASE;
+        // Little-endian on every machine, so byte i of the chunk is bits 8i..8i+8.
+        let x = u64::from_le_bytes(word) | CASE;
         let mut found = zeros(x ^ M) | zeros(x ^ V);
         while found != 0 {
-            // Byte order: the lowest-addressed byte is the lowest bits on little-endian
-            // machines, the highest on big-endian ones.
-            let byte = if cfg!(target_endian = "little") {
-                found.trailing_zeros() / 8
-            } else {
-                found.leading_zeros() / 8
-            };
-            if hit_at(base + byte as usize) {
+            if hit_at(base + (found.trailing_zeros() / 8) as usize) {
                 return true;
             }
-            found &= if cfg!(target_endian = "little") {
-                found - 1
-            } else {
-                !(0x80u64 << ((7 - byte) * 8))
-            };
+            found &= found - 1;
         }
         base += 8;
     }
