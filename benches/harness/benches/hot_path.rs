@@ -247,31 +247,16 @@ fn pool(c: &mut Criterion) {
         );
         // The one login happens here, not in the measurement.
         drop(
-            pool.checkout(
-                std::time::Instant::now(),
-                wait,
-                None,
-                &mut alarm,
-                &connecting,
-                upstream::Source::default(),
-            )
-            .await
-            .expect("first checkout"),
+            checkout_once(&pool, wait, &mut alarm, &connecting)
+                .await
+                .expect("first checkout"),
         );
         pool
     });
     c.bench_function("pool/checkout + checkin of a warm server", |b| {
         b.iter(|| {
             rt.block_on(async {
-                let server = pool
-                    .checkout(
-                        std::time::Instant::now(),
-                        wait,
-                        None,
-                        &mut alarm,
-                        &connecting,
-                        upstream::Source::default(),
-                    )
+                let server = checkout_once(&pool, wait, &mut alarm, &connecting)
                     .await
                     .expect("checkout");
                 drop(server);
@@ -283,6 +268,24 @@ fn pool(c: &mut Criterion) {
         1,
         "one warm server served every checkout: none was dropped or opened again"
     );
+}
+
+/// One checkout as a client's would be: started now, no notice timer, the default source.
+async fn checkout_once(
+    pool: &upstream::ServerPool,
+    wait: Option<Duration>,
+    alarm: &mut upstream::Alarm,
+    connecting: &upstream::ConnectFlag,
+) -> Result<upstream::PooledServer, upstream::CheckoutError> {
+    pool.checkout(
+        std::time::Instant::now(),
+        wait,
+        None,
+        alarm,
+        connecting,
+        upstream::Source::default(),
+    )
+    .await
 }
 
 criterion_group!(benches, framing, startup, scram, pool);
