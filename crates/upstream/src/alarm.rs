@@ -47,24 +47,26 @@ impl Alarm {
 
     /// Rings once per arming; pending forever when not armed.
     pub async fn fired(&mut self) {
-        std::future::poll_fn(|cx| {
-            let (Some(sleep), Some(_)) = (&mut self.sleep, self.armed) else {
-                return std::task::Poll::Pending;
-            };
-            let rang = if self.listening {
-                sleep.is_elapsed()
-            } else {
-                self.listening = true;
-                sleep.as_mut().poll(cx).is_ready()
-            };
-            if rang {
-                self.armed = None;
-                std::task::Poll::Ready(())
-            } else {
-                std::task::Poll::Pending
-            }
-        })
-        .await
+        std::future::poll_fn(|cx| self.poll_fired(cx)).await
+    }
+
+    /// [`Alarm::fired`] for a hand-written future.
+    pub fn poll_fired(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<()> {
+        let (Some(sleep), Some(_)) = (&mut self.sleep, self.armed) else {
+            return std::task::Poll::Pending;
+        };
+        let rang = if self.listening {
+            sleep.is_elapsed()
+        } else {
+            self.listening = true;
+            sleep.as_mut().poll(cx).is_ready()
+        };
+        if rang {
+            self.armed = None;
+            std::task::Poll::Ready(())
+        } else {
+            std::task::Poll::Pending
+        }
     }
 }
 

@@ -115,31 +115,186 @@ impl<F> Drop for Connecting<'_, F> {
     }
 }
 
-pin_project_lite::pin_project! {
-    /// A checkout in progress ([`ServerPool::checkout`]). Besides its result it says whether
-    /// it is making a connection right now ([`Checkout::is_connecting`]): a caller that
-    /// wants to give up (its client left) should then let it finish and give the server back,
-    /// rather than waste a backend the database is already forking.
-    pub struct Checkout<'a, F> {
-        #[pin]
-        inner: F,
-        connecting: &'a ConnectFlag,
-    }
+/// A checkout in progress ([`ServerPool::checkout`]). Besides its result it says whether it is
+/// making a connection right now ([`Checkout::is_connecting`]): a caller that wants to give up
+/// (its client left) should then let it finish and give the server back, rather than waste a
+/// backend the database is already forking.
+///
+/// Written by hand for the common wait: in the queue for a turn, then a server that was given
+/// back with it (see `crate::slots`) and may go out as it is. At 64 clients on a pool of 16
+/// nearly every checkout waits so, and the same as nested async functions (the pause gate, the
+/// reserve's timer, the alarm's select, the turn and the server's checks, each a future
+/// polled through the others) cost about 1 000 instructions more per transaction
+/// (benches/README.md, "The waiting checkout"). Anything more (the pause gate, a pool with a
+/// reserve, a check query, a new connection) goes on in those async functions, boxed.
+pub struct Checkout<'a> {
+    pool: &'a ServerPool,
+    started: Instant,
+    wait: Option<Duration>,
+    wake_by: Option<Instant>,
+    /// Lent to the slow path when there is one.
+    alarm: Option<&'a mut Alarm>,
+    connecting: &'a ConnectFlag,
+    source: Source,
+    phase: Phase<'a>,
+    /// When the common wait was served: the clock read that its checks used.
+    served_at: Option<Instant>,
 }
 
-impl<F> Checkout<'_, F> {
+enum Phase<'a> {
+    /// Not polled yet.
+    Start,
+    /// In the pool's queue for a turn; listed for SHOW POOLS' maxwait once it has had to wait.
+    Queued {
+        turn: crate::slots::TurnWait<'a, Box<ServerConn>>,
+        listed: Option<Waiter<'a>>,
+    },
+    /// Everything else (see [`Checkout`]).
+    Slow {
+        work: std::pin::Pin<
+            Box<dyn Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a>,
+        >,
+        _listed: Option<Waiter<'a>>,
+    },
+    Done,
+}
+
+impl Checkout<'_> {
     /// Is a connection attempt of this checkout under way (left pending by the last poll)?
     pub fn is_connecting(&self) -> bool {
         self.connecting.0.load(Ordering::Relaxed)
     }
+
+    /// When it was served, if it read the clock then (the common wait does: the caller can
+    /// use that reading instead of one more).
+    pub fn served_at(&self) -> Option<Instant> {
+        self.served_at
+    }
 }
 
-impl<F: Future> Future for Checkout<'_, F> {
-    type Output = F::Output;
+impl Future for Checkout<'_> {
+    type Output = Result<PooledServer, CheckoutError>;
 
-    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<F::Output> {
-        self.project().inner.poll(cx)
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let pool = this.pool;
+        loop {
+            match &mut this.phase {
+                Phase::Start => {
+                    if pool.is_paused() || pool.reserve.due(this.started).is_some() {
+                        let Some(alarm) = this.alarm.take() else {
+                            return Poll::Pending;
+                        };
+                        let work = pool.checkout_listed(
+                            this.started,
+                            this.wait,
+                            this.wake_by,
+                            alarm,
+                            this.connecting,
+                            this.source,
+                        );
+                        this.phase = Phase::Slow {
+                            work: Box::pin(work),
+                            _listed: None,
+                        };
+                    } else {
+                        this.phase = Phase::Queued {
+                            turn: pool.core.slots.turn(this.source),
+                            listed: None,
+                        };
+                    }
+                }
+                Phase::Queued { turn, listed } => {
+                    match std::pin::Pin::new(&mut *turn).poll(cx) {
+                        Poll::Ready(Err(crate::slots::Closed)) => {
+                            this.phase = Phase::Done;
+                            return Poll::Ready(Err(pool.closed()));
+                        }
+                        Poll::Ready(Ok(mut served)) => match pool.take_now(&mut served, None) {
+                            Now::Server(server, at) => {
+                                served.keep();
+                                this.served_at = Some(at);
+                                this.phase = Phase::Done;
+                                return Poll::Ready(Ok(server));
+                            }
+                            // The pool shrank under the turn: in line again.
+                            Now::Again => *turn = pool.core.slots.turn(this.source),
+                            Now::Later(first) => {
+                                let listed = listed.take();
+                                let Some(alarm) = this.alarm.take() else {
+                                    return Poll::Pending;
+                                };
+                                let work = pool.checkout_inner(
+                                    this.started,
+                                    this.wait,
+                                    this.wake_by,
+                                    alarm,
+                                    this.connecting,
+                                    this.source,
+                                    Some((served, first)),
+                                );
+                                this.phase = Phase::Slow {
+                                    work: Box::pin(work),
+                                    _listed: listed,
+                                };
+                            }
+                        },
+                        Poll::Pending => {
+                            if listed.is_none() {
+                                *listed = Some(Waiter::new(&pool.waiters, this.started));
+                            }
+                            let Some(alarm) = this.alarm.as_deref_mut() else {
+                                return Poll::Pending;
+                            };
+                            // As `until`: the alarm rings by the deadline and by `wake_by`.
+                            let deadline = this.wait.map(|w| this.started + w);
+                            for at in [deadline, this.wake_by].into_iter().flatten() {
+                                alarm.arm(at);
+                            }
+                            if alarm.poll_fired(cx).is_pending() {
+                                return Poll::Pending;
+                            }
+                            let now = Instant::now();
+                            if deadline.is_some_and(|d| now >= d) {
+                                this.phase = Phase::Done;
+                                return Poll::Ready(Err(pool.wait_timeout(this.wait, None)));
+                            }
+                            if this.wake_by.is_some_and(|w| now >= w) {
+                                this.wake_by = None;
+                            }
+                        }
+                    }
+                }
+                Phase::Slow { work, .. } => {
+                    let r = work.as_mut().poll(cx);
+                    if r.is_ready() {
+                        this.phase = Phase::Done;
+                    }
+                    return r;
+                }
+                // Polled after it ended: like a fused future, nothing more.
+                Phase::Done => return Poll::Pending,
+            }
+        }
     }
+}
+
+/// What a turn finds, when that can be decided without waiting.
+enum Now<'a> {
+    /// An idle server that may go out as it is, and the clock's reading for its checks; the
+    /// turn goes with it.
+    Server(PooledServer, Instant),
+    /// The pool shrank under the turn: wait for another.
+    Again,
+    /// A server that needs its check query, or room to open one: async work for the turn.
+    Later(First<'a>),
+}
+
+/// What a turn took that needs async work, guarded so that the books are told if that work is
+/// dropped half-way.
+enum First<'a> {
+    Check(CheckingIdle<'a>, Instant),
+    Room(Room<'a>),
 }
 
 impl ServerManager {
@@ -677,10 +832,17 @@ impl ServerPool {
         alarm: &'a mut Alarm,
         connecting: &'a ConnectFlag,
         source: Source,
-    ) -> Checkout<'a, impl Future<Output = Result<PooledServer, CheckoutError>> + Send + 'a> {
+    ) -> Checkout<'a> {
         Checkout {
-            inner: self.checkout_listed(started, wait, wake_by, alarm, connecting, source),
+            pool: self,
+            started,
+            wait,
+            wake_by,
+            alarm: Some(alarm),
             connecting,
+            source,
+            phase: Phase::Start,
+            served_at: None,
         }
     }
 
@@ -693,8 +855,9 @@ impl ServerPool {
         connecting: &ConnectFlag,
         source: Source,
     ) -> Result<PooledServer, CheckoutError> {
-        let mut work =
-            std::pin::pin!(self.checkout_inner(started, wait, wake_by, alarm, connecting, source));
+        let mut work = std::pin::pin!(self.checkout_inner(
+            started, wait, wake_by, alarm, connecting, source, None
+        ));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
@@ -719,27 +882,23 @@ impl ServerPool {
             .unwrap_or_default()
     }
 
-    async fn checkout_inner(
-        &self,
+    /// The checkout's async part: the pause gate, then turns until one yields a server. `first`:
+    /// a turn [`Checkout`] holds already, with what it took.
+    #[allow(clippy::too_many_arguments)]
+    async fn checkout_inner<'s>(
+        &'s self,
         started: Instant,
         wait: Option<Duration>,
         mut wake_by: Option<Instant>,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
         source: Source,
+        mut first: Option<(crate::slots::Turn<'s, Box<ServerConn>>, First<'s>)>,
     ) -> Result<PooledServer, CheckoutError> {
         let deadline = wait.map(|w| started + w);
-        let wait_timeout = |last: Option<ConnectError>| {
-            PoolStats::add(&self.core.manager.stats.wait_timeouts, 1);
-            CheckoutError::WaitTimeout {
-                database: self.database.clone(),
-                timeout: wait.unwrap_or_default(),
-                last: last
-                    .map(|e| e.to_string())
-                    .or_else(|| self.host().last_error()),
-            }
-        };
-        if *self.paused.borrow() {
+        let wait_timeout = |last: Option<ConnectError>| self.wait_timeout(wait, last);
+        // With a turn in hand the gate was passed already.
+        if first.is_none() && *self.paused.borrow() {
             let mut gate = self.paused.subscribe();
             // The sender lives as long as the pool, so this only ends by resuming.
             let resumed = std::pin::pin!(gate.wait_for(|paused| !*paused));
@@ -752,8 +911,17 @@ impl ServerPool {
         }
         let mut last = None;
         loop {
-            let get = std::pin::pin!(self.get_or_reserve(started, connecting, source));
-            let Some(result) = until(get, alarm, deadline, &mut wake_by).await else {
+            let result = match first.take() {
+                Some((turn, taken)) => {
+                    let serve = std::pin::pin!(self.serve_turn(turn, connecting, Some(taken)));
+                    until(serve, alarm, deadline, &mut wake_by).await
+                }
+                None => {
+                    let get = std::pin::pin!(self.get_or_reserve(started, connecting, source));
+                    until(get, alarm, deadline, &mut wake_by).await
+                }
+            };
+            let Some(result) = result else {
                 return Err(wait_timeout(last));
             };
             match result {
@@ -763,12 +931,26 @@ impl ServerPool {
                 Got::Failed(ConnectError::CapBusy) => {}
                 Got::Failed(e) => last = Some(e),
                 Got::Again => {}
-                Got::Closed => {
-                    return Err(CheckoutError::Closed {
-                        database: self.database.clone(),
-                    })
-                }
+                Got::Closed => return Err(self.closed()),
             }
+        }
+    }
+
+    /// A wait for a server that ran out of time, counted.
+    fn wait_timeout(&self, wait: Option<Duration>, last: Option<ConnectError>) -> CheckoutError {
+        PoolStats::add(&self.core.manager.stats.wait_timeouts, 1);
+        CheckoutError::WaitTimeout {
+            database: self.database.clone(),
+            timeout: wait.unwrap_or_default(),
+            last: last
+                .map(|e| e.to_string())
+                .or_else(|| self.host().last_error()),
+        }
+    }
+
+    fn closed(&self) -> CheckoutError {
+        CheckoutError::Closed {
+            database: self.database.clone(),
         }
     }
 
@@ -826,30 +1008,78 @@ impl ServerPool {
         let Ok(turn) = self.core.slots.turn(source).await else {
             return Got::Closed;
         };
-        self.serve_turn(turn, connecting).await
+        self.serve_turn(turn, connecting, None).await
     }
 
-    async fn serve_turn(
-        &self,
-        mut turn: crate::slots::Turn<'_, Box<ServerConn>>,
+    /// What a turn takes, as far as it can be decided without waiting: an idle server that
+    /// may go out as it is (those that may not are closed on the way), or the async work that
+    /// is needed.
+    ///
+    /// `now`: the caller's reading of the clock, if it has one; else one is read here.
+    fn take_now<'s>(
+        &'s self,
+        turn: &mut crate::slots::Turn<'s, Box<ServerConn>>,
+        now: Option<Instant>,
+    ) -> Now<'s> {
+        let core = &self.core;
+        let m = &core.manager;
+        let now = now.unwrap_or_else(Instant::now);
+        loop {
+            match turn.take(|c| c.at_home()) {
+                Taken::Idle(Idle { mut item, since }) => {
+                    // A busy pool seldom has a server idle when the fleet's control task
+                    // looks; a slot it wants back is taken here instead, as a server is reused.
+                    if m.fleet.get().is_some_and(|f| f.claim_slot(&mut item._limits)) {
+                        self.close_taken(item, CloseReason::FleetRelease);
+                        continue;
+                    }
+                    match m.reuse_verdict(&item, since, Some(now)) {
+                        Reuse::Ready => {
+                            if !item.at_home() {
+                                item.move_here();
+                            }
+                            return Now::Server(PooledServer::new(item, core.clone()), now);
+                        }
+                        Reuse::Close(r) => self.close_taken(item, r),
+                        Reuse::Check => {
+                            let taken = CheckingIdle::new(&core.slots, item);
+                            return Now::Later(First::Check(taken, since));
+                        }
+                    }
+                }
+                Taken::Room => return Now::Later(First::Room(Room(&core.slots, true))),
+                Taken::Shrunk => return Now::Again,
+            }
+        }
+    }
+
+    /// Serves a turn: [`ServerPool::take_now`], then the check query or the new connection if
+    /// one is needed. `first`: what the turn took already, if it took something.
+    async fn serve_turn<'s>(
+        &'s self,
+        mut turn: crate::slots::Turn<'s, Box<ServerConn>>,
         connecting: &ConnectFlag,
+        mut first: Option<First<'s>>,
     ) -> Got {
         let core = &self.core;
         let m = &core.manager;
         loop {
-            match turn.take(|c| c.at_home()) {
-                Taken::Idle(Idle { item, since }) => {
+            let next = match first.take() {
+                Some(f) => f,
+                None => match self.take_now(&mut turn, None) {
+                    Now::Server(server, _) => {
+                        turn.keep();
+                        return Got::Server(server);
+                    }
+                    Now::Again => return Got::Again,
+                    Now::Later(f) => f,
+                },
+            };
+            match next {
+                First::Check(mut taken, since) => {
                     // Should this future be dropped during the check, the connection goes
-                    // with it and the books must know.
-                    let mut taken = CheckingIdle::new(&core.slots, item);
-                    // A busy pool seldom has a server idle when the fleet's control task
-                    // looks; a slot it wants back is taken here instead, as a server is reused.
-                    let reason = match m.fleet.get() {
-                        Some(f) if f.claim_slot(&mut taken.conn()._limits) => {
-                            Some(CloseReason::FleetRelease)
-                        }
-                        _ => m.recycle_check(taken.conn(), since).await,
-                    };
+                    // with it and the books must know (`CheckingIdle`).
+                    let reason = m.recycle_check(taken.conn(), since).await;
                     let mut conn = taken.keep();
                     match reason {
                         None => {
@@ -862,8 +1092,7 @@ impl ServerPool {
                         Some(r) => self.close_taken(conn, r),
                     }
                 }
-                Taken::Room => {
-                    let room = Room(&core.slots, true);
+                First::Room(room) => {
                     // Boxed, once per new connection: the connect future is large and would
                     // otherwise sit inside every checkout's future, and so inside every
                     // transaction's, which is moved once per transaction.
@@ -884,7 +1113,6 @@ impl ServerPool {
                         }
                     };
                 }
-                Taken::Shrunk => return Got::Again,
             }
         }
     }
@@ -1175,7 +1403,7 @@ impl ServerPool {
         let mut gets: FuturesUnordered<_> = (0..missing + status.idle)
             .map(|_| async {
                 match self.core.slots.try_turn() {
-                    Ok(turn) => self.serve_turn(turn, connecting).await,
+                    Ok(turn) => self.serve_turn(turn, connecting, None).await,
                     Err(_) => Got::Again,
                 }
             })

@@ -95,7 +95,7 @@ struct State<T> {
     /// Turns to retire as they come back, after a shrink found them checked out.
     owed: usize,
     closed: bool,
-    queue: Queue,
+    queue: Queue<T>,
 }
 
 /// Checkouts waiting for a turn: one FIFO line per source, served round robin.
@@ -106,8 +106,8 @@ struct State<T> {
 /// Lines and waiters live in vectors reused as they come and go, found by index: the source is
 /// hashed once per checkout that has to wait (to find its line), and handing a turn on hashes
 /// nothing and allocates nothing.
-#[derive(Debug, Default)]
-struct Queue {
+#[derive(Debug)]
+struct Queue<T> {
     /// Numbers waiters in arrival order, so each line is sorted by it.
     next_seq: u64,
     /// The line of each source that has waiters. foldhash, seeded per process, rather than
@@ -120,8 +120,22 @@ struct Queue {
     /// The lines with waiters, in the order they are served next.
     ring: VecDeque<usize>,
     /// Waiters by index, until their futures end (granted or not); `None` is unused.
-    waiters: Vec<Option<Waiter>>,
+    waiters: Vec<Option<Waiter<T>>>,
     free_waiters: Vec<usize>,
+}
+
+impl<T> Default for Queue<T> {
+    fn default() -> Self {
+        Queue {
+            next_seq: 0,
+            by_source: HashMap::default(),
+            lines: Vec::new(),
+            free_lines: Vec::new(),
+            ring: VecDeque::new(),
+            waiters: Vec::new(),
+            free_waiters: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug)]
@@ -133,7 +147,7 @@ struct Line {
 }
 
 #[derive(Debug)]
-struct Waiter {
+struct Waiter<T> {
     seq: u64,
     line: usize,
     /// Times it was passed over, at the front of its line, for a waiter at the turn's home.
@@ -142,6 +156,17 @@ struct Waiter {
     waker: Option<Waker>,
     /// A turn was handed to it and is its to take at its next poll.
     granted: bool,
+    /// The connection given back with the turn, when it came back with one (see
+    /// [`Slots::give_back`]): the waiter takes it without the lock.
+    handed: Option<Idle<T>>,
+}
+
+/// How a waiter left the queue.
+enum Left<T> {
+    /// Before it was granted a turn.
+    Waiting,
+    /// With a turn it did not take, and the connection handed with it, if any.
+    Granted(Option<Idle<T>>),
 }
 
 /// A queued checkout's place: its waiter's index and sequence number.
@@ -151,7 +176,7 @@ struct Ticket {
     seq: u64,
 }
 
-impl Queue {
+impl<T> Queue<T> {
     fn join(&mut self, source: Source, home: u16, waker: Waker) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -184,6 +209,7 @@ impl Queue {
             passed: 0,
             waker: Some(waker),
             granted: false,
+            handed: None,
         });
         let index = match self.free_waiters.pop() {
             Some(i) => {
@@ -203,7 +229,7 @@ impl Queue {
         Ticket { index, seq }
     }
 
-    fn waiter(&mut self, t: Ticket) -> Option<&mut Waiter> {
+    fn waiter(&mut self, t: Ticket) -> Option<&mut Waiter<T>> {
         self.waiters
             .get_mut(t.index)?
             .as_mut()
@@ -214,8 +240,9 @@ impl Queue {
     /// the rotation: the line at the front of the ring gives up its oldest ticket, or the
     /// oldest of `near`'s within the first few while its oldest has been passed over fewer than
     /// [`MAX_PASSES`] times, and goes to the back. The waker goes in `wake` (woken outside the
-    /// lock). Returns `false` when nobody waits for a turn.
-    fn grant(&mut self, wake: &mut Wake, near: u16) -> bool {
+    /// lock). `hand`, the connection given back with the turn if any, goes to the waiter with
+    /// it. Returns `false` when nobody waits for a turn.
+    fn grant(&mut self, wake: &mut Wake, near: u16, hand: &mut Option<Idle<T>>) -> bool {
         while let Some(l) = self.ring.pop_front() {
             let at = self.pick(l, near);
             let Some(line) = self.lines.get_mut(l) else {
@@ -233,6 +260,7 @@ impl Queue {
             };
             if let Some(w) = self.waiter(Ticket { index, seq }) {
                 w.granted = true;
+                w.handed = hand.take();
                 if let Some(waker) = w.waker.take() {
                     wake.push(waker);
                 }
@@ -277,16 +305,16 @@ impl Queue {
         at
     }
 
-    /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
-    fn leave(&mut self, t: Ticket) -> bool {
+    /// A waiter's future ended: with a turn granted that it did not take, or before.
+    fn leave(&mut self, t: Ticket) -> Left<T> {
         if self.waiter(t).is_none() {
-            return false;
+            return Left::Waiting;
         }
         let Some(w) = self.take_waiter(t.index) else {
-            return false;
+            return Left::Waiting;
         };
         if w.granted {
-            return true;
+            return Left::Granted(w.handed);
         }
         if let Some(line) = self.lines.get_mut(w.line) {
             if let Ok(i) = line
@@ -301,11 +329,11 @@ impl Queue {
                 self.ring.retain(|&l| l != w.line);
             }
         }
-        false
+        Left::Waiting
     }
 
     /// Frees a waiter's slot; returns what it held.
-    fn take_waiter(&mut self, index: usize) -> Option<Waiter> {
+    fn take_waiter(&mut self, index: usize) -> Option<Waiter<T>> {
         let w = self.waiters.get_mut(index)?.take();
         if w.is_some() {
             self.free_waiters.push(index);
@@ -340,14 +368,27 @@ pub(crate) struct Slots<T> {
 pub(crate) struct Turn<'a, T> {
     slots: &'a Slots<T>,
     held: bool,
+    /// The connection given back with this turn, when a waiter was granted it that way.
+    handed: Option<Idle<T>>,
 }
 
 impl<T> Turn<'_, T> {
     /// An idle connection, room for a new one, or (only after a shrink) nothing.
     /// Of the idle connections, the most recently returned one `prefer` likes goes first, else
     /// the most recently returned one.
+    ///
+    /// A turn granted with the connection given back takes that one without the lock, if
+    /// `prefer` likes it (at 64 clients on a pool of 16 nearly every checkout waits, and this
+    /// is how it is served); else it joins the idle list and the choice is made there.
     pub(crate) fn take(&mut self, prefer: impl Fn(&T) -> bool) -> Taken<T> {
+        let handed = match self.handed.take() {
+            Some(h) if prefer(&h.item) => return Taken::Idle(h),
+            other => other,
+        };
         let mut s = self.slots.state();
+        if let Some(h) = handed {
+            s.idle.push(h);
+        }
         if let Some(at) = s.idle.iter().rposition(|i| prefer(&i.item)) {
             return Taken::Idle(s.idle.remove(at));
         }
@@ -374,7 +415,22 @@ impl<T> Turn<'_, T> {
 
 impl<T> Drop for Turn<'_, T> {
     fn drop(&mut self) {
-        if self.held {
+        if let Some(h) = self.handed.take() {
+            // Never taken: the connection is idle again, and the turn goes on. Should the pool
+            // have closed meanwhile, it is dropped (closed) instead.
+            let mut s = self.slots.state();
+            let mut dropped = None;
+            if s.closed {
+                s.size = s.size.saturating_sub(1);
+                dropped = Some(h);
+            } else {
+                s.idle.push(h);
+            }
+            let wake = self.slots.release_locked(&mut s, usize::from(self.held), &mut None);
+            drop(s);
+            wake.wake();
+            drop(dropped);
+        } else if self.held {
             self.slots.release_turns(1);
         }
     }
@@ -405,13 +461,18 @@ impl<'a, T> Future for TurnWait<'a, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slots = self.slots;
-        let served = || Turn { slots, held: true };
+        let served = |handed| Turn {
+            slots,
+            held: true,
+            handed,
+        };
         // The fast path: a free turn (so nobody waits), taken without the lock.
         if self.ticket.is_none() && slots.take_free() {
-            return Poll::Ready(Ok(served()));
+            return Poll::Ready(Ok(served(None)));
         }
         let mut s = slots.state();
         if s.closed {
+            // `close` took back any connection handed to it.
             if let Some(t) = self.ticket.take() {
                 s.queue.leave(t);
             }
@@ -422,7 +483,7 @@ impl<'a, T> Future for TurnWait<'a, T> {
                 // Again under the lock, so a turn given back meanwhile is either seen here or
                 // granted to this checkout once it is in line (see `Queue`).
                 if slots.take_free() {
-                    return Poll::Ready(Ok(served()));
+                    return Poll::Ready(Ok(served(None)));
                 }
                 let (source, home) = (self.source, self.home);
                 self.ticket = Some(s.queue.join(source, home, cx.waker().clone()));
@@ -430,9 +491,9 @@ impl<'a, T> Future for TurnWait<'a, T> {
             }
             Some(t) => match s.queue.waiter(t) {
                 Some(w) if w.granted => {
-                    s.queue.take_waiter(t.index);
+                    let handed = s.queue.take_waiter(t.index).and_then(|w| w.handed);
                     self.ticket = None;
-                    Poll::Ready(Ok(served()))
+                    Poll::Ready(Ok(served(handed)))
                 }
                 Some(w) => {
                     match &mut w.waker {
@@ -455,9 +516,12 @@ impl<T> Drop for TurnWait<'_, T> {
     fn drop(&mut self) {
         let Some(t) = self.ticket.take() else { return };
         let mut s = self.slots.state();
-        if s.queue.leave(t) {
-            // Granted but never taken: it goes on to the next in line.
-            let next = self.slots.release_locked(&mut s, 1);
+        if let Left::Granted(mut handed) = s.queue.leave(t) {
+            // Granted but never taken: it goes on to the next in line, with the connection.
+            let next = self.slots.release_locked(&mut s, 1, &mut handed);
+            if let Some(h) = handed {
+                s.idle.push(h);
+            }
             drop(s);
             next.wake();
         }
@@ -535,6 +599,7 @@ impl<T> Slots<T> {
             return Ok(Turn {
                 slots: self,
                 held: true,
+                handed: None,
             });
         }
         if self.state().closed {
@@ -571,12 +636,19 @@ impl<T> Slots<T> {
     /// rotation, or is free.
     fn release_turns(&self, n: usize) {
         let mut s = self.state();
-        let wake = self.release_locked(&mut s, n);
+        let wake = self.release_locked(&mut s, n, &mut None);
         drop(s);
         wake.wake();
     }
 
-    fn release_locked(&self, s: &mut State<T>, mut n: usize) -> Wake {
+    /// `n` turns come back (see [`Slots::release_turns`]); `hand`, a connection given back with
+    /// one of them, goes to the waiter granted it (else the caller puts it in the idle list).
+    fn release_locked(
+        &self,
+        s: &mut State<T>,
+        mut n: usize,
+        hand: &mut Option<Idle<T>>,
+    ) -> Wake {
         let paid = n.min(s.owed);
         s.owed -= paid;
         n -= paid;
@@ -585,7 +657,7 @@ impl<T> Slots<T> {
             return wake;
         }
         let near = crate::home::here();
-        while n > 0 && s.queue.grant(&mut wake, near) {
+        while n > 0 && s.queue.grant(&mut wake, near, hand) {
             n -= 1;
         }
         if n > 0 {
@@ -603,18 +675,23 @@ impl<T> Slots<T> {
 
     /// A checked-out connection comes back, with its turn. Returns it when it may not stay
     /// (the pool shrank below its size, or closed): the caller closes it.
+    ///
+    /// When someone waits, the connection goes to the waiter with the turn, so the waiter
+    /// need not take the lock again to find it (see [`Turn::take`]).
     #[must_use]
     pub(crate) fn give_back(&self, item: T, now: Instant) -> Option<T> {
         let mut s = self.state();
         let surplus = s.closed || s.size > s.max_size;
-        let out = if surplus {
+        let (out, mut hand) = if surplus {
             s.size = s.size.saturating_sub(1);
-            Some(item)
+            (Some(item), None)
         } else {
-            s.idle.push(Idle { item, since: now });
-            None
+            (None, Some(Idle { item, since: now }))
         };
-        let wake = self.release_locked(&mut s, 1);
+        let wake = self.release_locked(&mut s, 1, &mut hand);
+        if let Some(h) = hand {
+            s.idle.push(h);
+        }
         drop(s);
         wake.wake();
         out
@@ -624,7 +701,7 @@ impl<T> Slots<T> {
     pub(crate) fn remove(&self) {
         let mut s = self.state();
         s.size = s.size.saturating_sub(1);
-        let wake = self.release_locked(&mut s, 1);
+        let wake = self.release_locked(&mut s, 1, &mut None);
         drop(s);
         wake.wake();
     }
@@ -655,7 +732,7 @@ impl<T> Slots<T> {
         s.max_size = max_size;
         if max_size > old {
             // Debts first: turns still to be retired need not be.
-            let wake = self.release_locked(&mut s, max_size - old);
+            let wake = self.release_locked(&mut s, max_size - old, &mut None);
             drop(s);
             wake.wake();
             return Vec::new();
@@ -667,8 +744,19 @@ impl<T> Slots<T> {
             retired += 1;
         }
         s.owed += fewer - retired;
-        let excess = s.size.saturating_sub(max_size).min(s.idle.len());
-        let gone: Vec<T> = s.idle.drain(..excess).map(|i| i.item).collect();
+        let excess = s.size.saturating_sub(max_size);
+        let from_list = excess.min(s.idle.len());
+        let mut gone: Vec<T> = s.idle.drain(..from_list).map(|i| i.item).collect();
+        // A connection handed to a waiter is as idle as those in the list: the waiter keeps
+        // its turn and finds what the list has, or room.
+        for w in s.queue.waiters.iter_mut().flatten() {
+            if gone.len() >= excess {
+                break;
+            }
+            if let Some(h) = w.handed.take() {
+                gone.push(h.item);
+            }
+        }
         s.size -= gone.len();
         gone
     }
@@ -680,11 +768,16 @@ impl<T> Slots<T> {
         s.closed = true;
         self.free.store(0, Ordering::Release);
         let mut wake = Wake::default();
-        let wakers = s.queue.waiters.iter_mut().flatten();
-        for w in wakers.filter_map(|w| w.waker.take()) {
-            wake.push(w);
+        let mut gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
+        for w in s.queue.waiters.iter_mut().flatten() {
+            if let Some(waker) = w.waker.take() {
+                wake.push(waker);
+            }
+            // Handed to a waiter that has not taken it yet: as good as idle.
+            if let Some(h) = w.handed.take() {
+                gone.push(h.item);
+            }
         }
-        let gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
         s.size = s.size.saturating_sub(gone.len());
         drop(s);
         wake.wake();
