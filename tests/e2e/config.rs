@@ -194,6 +194,30 @@ fn check_shows_where_each_value_came_from() {
 }
 
 #[test]
+fn check_into_a_pipe_nobody_reads_ends_quietly_with_its_verdict() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("pooler.toml"),
+        "[pooler]\nauth_type = \"trust\"\ndefault_pool_size = 7\n",
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    // As `breakwater --check | head -0`: the reader is gone before the first line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let mut cmd = Command::new(BIN);
+    cmd.args(["--check", "-c", "pooler.toml"])
+        .current_dir(dir.path())
+        .env("BREAKWATER_LISTEN_PORT", &port)
+        .env_remove("DATABASE_URL")
+        .stdout(writer);
+    let out = cmd.output().expect("run breakwater --check");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(out.status.success(), "the config is fine: {stderr}");
+}
+
+#[test]
 fn listen_addr_star_and_comma_lists_listen_on_each_address() {
     let pg = PgCluster::start().expect("start postgres");
     for listen_addr in ["*", "127.0.0.1, localhost"] {

@@ -115,12 +115,36 @@ fn import_pgbouncer(
         );
         return ExitCode::from(2);
     }
-    print!("{}", imported.report);
+    {
+        use std::io::Write;
+        // A reader that went away misses the report, not the config written above.
+        let _ = std::io::stdout().lock().write_all(imported.report.as_bytes());
+    }
     match imported.valid {
         true => ExitCode::SUCCESS,
         false => ExitCode::from(1),
     }
 }
+
+/// Writes one line to stdout and says whether it got there. A reader that went away
+/// (`breakwater --check | head -1`, a stats tail piped into `head`) is not worth a panic, which
+/// is what `println!` does on a broken pipe: the line is dropped and the caller can stop.
+/// SIGPIPE stays ignored (Rust's default), so the daemon never dies of a peer's reset.
+pub(crate) fn say_line(line: std::fmt::Arguments<'_>) -> bool {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    out.write_fmt(line)
+        .and_then(|()| out.write_all(b"\n"))
+        .is_ok()
+}
+
+/// [`say_line`] with `format!`'s arguments.
+macro_rules! say {
+    ($($arg:tt)*) => {
+        $crate::say_line(format_args!($($arg)*))
+    };
+}
+pub(crate) use say;
 
 /// `HH:MM:SS` in UTC, for the stats tail.
 pub(crate) fn clock_hms() -> String {
@@ -184,7 +208,7 @@ fn main() -> ExitCode {
     };
     if cli.check {
         for w in &config.warnings {
-            println!("warning: {w}");
+            say!("warning: {w}");
         }
         // A busy port or an address this host does not have fails here, not at start.
         let p = &config.file.pooler;
@@ -197,7 +221,7 @@ fn main() -> ExitCode {
             );
             return ExitCode::from(2);
         }
-        println!(
+        say!(
             "{}: ok ({} databases, {} users)",
             config.path.display(),
             config.file.databases.len(),
@@ -206,7 +230,7 @@ fn main() -> ExitCode {
         // Layering order: defaults < file < BREAKWATER_* < --upstream and --set.
         let rows = config.non_default();
         if !rows.is_empty() {
-            println!("not default:");
+            say!("not default:");
             let width = rows
                 .iter()
                 .map(|(k, v, _)| k.len() + v.len())
@@ -214,7 +238,9 @@ fn main() -> ExitCode {
                 .unwrap_or(0);
             for (key, value, origin) in rows {
                 let pad = width.saturating_sub(key.len() + value.len());
-                println!("  {key} = {value}{:pad$}   ({origin})", "");
+                if !say!("  {key} = {value}{:pad$}   ({origin})", "") {
+                    break;
+                }
             }
         }
         return ExitCode::SUCCESS;

@@ -98,7 +98,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     let mut prev: HashMap<(String, String), (Instant, Sample)> = HashMap::new();
     let mut tick = tokio::time::interval(interval);
     let mut n = 0u64;
-    println!(
+    let header = crate::say!(
         "{:<8} {:<24} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6}",
         "time",
         "pool",
@@ -112,7 +112,9 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
         "wait_p99",
         "errors"
     );
-    loop {
+    // A reader that went away (`breakwater stats | head`) ends the tail.
+    let mut reading = header;
+    while reading {
         tokio::select! {
             _ = tick.tick() => {}
             _ = tokio::signal::ctrl_c() => break,
@@ -156,7 +158,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 None => (0, 0, 0, 0),
             };
             let p99 = lat.map(|l| num(l, "wait_p99_us")).unwrap_or(0);
-            println!(
+            let shown = crate::say!(
                 "{:<8} {:<24} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6}",
                 clock,
                 format!("{}/{}", key.0, key.1),
@@ -170,10 +172,11 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
                 ms(p99),
                 errors
             );
+            reading &= shown;
             prev.insert(key, (now, sample));
         }
         if pools.is_empty() {
-            println!("{clock} (no pools yet)");
+            reading &= crate::say!("{clock} (no pools yet)");
         }
         n += 1;
         if args.count.is_some_and(|c| n >= c) {
