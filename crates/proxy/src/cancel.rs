@@ -67,15 +67,35 @@ pub enum Bell {
 }
 
 impl CancelSlot {
-    /// Sets the server the client holds. Clearing it returns once no cancel for the old one
-    /// is still on its way: the server may then go to another client without a cancel meant
-    /// for this one reaching the other's query.
-    pub async fn set(&self, target: Option<CancelTarget>) {
-        let clearing = target.is_none();
-        *lock(&self.target) = target;
+    /// Sets the server the client holds: a store under the lock.
+    pub fn hold(&self, target: CancelTarget) {
+        let old = lock(&self.target).replace(target);
+        drop(old);
+    }
+
+    /// The client holds no server now. Returns once no cancel for the old one is still on its
+    /// way: the server may then go to another client without a cancel meant for this one
+    /// reaching the other's query.
+    pub async fn clear(&self) {
+        if !self.clear_now() {
+            self.cancels_sent().await;
+        }
+    }
+
+    /// [`CancelSlot::clear`] without a future when no cancel is on its way (nearly always):
+    /// `false` when one is, and [`CancelSlot::cancels_sent`] must be awaited before the
+    /// server goes to anyone else.
+    pub fn clear_now(&self) -> bool {
+        let old = lock(&self.target).take();
+        drop(old);
         // A cancel that saw the old target counted itself before this store took the lock,
         // and none can see it after.
-        while clearing && self.sending.load(Ordering::SeqCst) > 0 {
+        self.sending.load(Ordering::SeqCst) == 0
+    }
+
+    /// Waits until no cancel counted in the slot is still on its way.
+    pub async fn cancels_sent(&self) {
+        while self.sending.load(Ordering::SeqCst) > 0 {
             let sent = self.sent.notified();
             tokio::pin!(sent);
             // Listening before the second look: a cancel that ends in between wakes us.
@@ -237,7 +257,7 @@ mod tests {
             pid: 7,
             key: 8,
         };
-        slot.set(Some(target)).await;
+        slot.hold(target);
         let sender = slot.clone();
         let cancel = tokio::spawn(async move { sender.forward(Duration::from_secs(30)).await });
         let (mut conn, _) = listener.accept().await.unwrap();
@@ -250,7 +270,7 @@ mod tests {
         );
 
         // The cancel is in flight: giving the server back must wait for it.
-        let mut clear = Box::pin(slot.set(None));
+        let mut clear = Box::pin(slot.clear());
         assert!(clear.as_mut().now_or_never().is_none());
         // A second cancel finds the slot empty and sends nothing.
         assert!(!slot.forward(Duration::from_secs(1)).await);

@@ -301,7 +301,7 @@ mod tests {
             pid: 7,
             key: 8,
         };
-        client.slot.set(Some(target)).await;
+        client.slot.hold(target);
         let timeout = Duration::from_secs(10);
 
         assert!(!registry.cancel(client.pid, client.key ^ 1, timeout).await);

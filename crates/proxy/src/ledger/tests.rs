@@ -453,6 +453,21 @@ fn session_state_is_remembered_until_cleared() {
 }
 
 #[test]
+fn a_cleared_ledger_is_a_new_one_whatever_it_was_in_the_middle_of() {
+    // Mid-batch, in a failed transaction, with session state and replies owed.
+    for script in [">P >B >D >E", ">Q <E <Z:E >P", ">Q <C <Z:T >Q"] {
+        let mut r = run(script);
+        r.ledger.mark_session_state();
+        r.ledger.clear();
+        assert_eq!(
+            format!("{:?}", r.ledger),
+            format!("{:?}", TxLedger::default()),
+            "{script}"
+        );
+    }
+}
+
+#[test]
 fn only_messages_a_client_may_send_are_known() {
     for tag in *b"QFPBDECSHdcf" {
         assert!(Sent::from_tag(tag).is_some(), "{}", tag as char);

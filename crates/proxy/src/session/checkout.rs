@@ -54,7 +54,7 @@ impl Session {
                 self.entry.accept_startup_settings(&self.params.extra);
                 let p = WelcomeParams::new(server.params());
                 if self.mode == PoolMode::Session {
-                    self.cancel.slot.set(Some(server.cancel_target())).await;
+                    self.cancel.slot.hold(server.cancel_target());
                     self.enter(ClientState::Active);
                     held = Some(Held::new(server, TxLedger::default(), at));
                 } else {
@@ -229,7 +229,7 @@ impl Session {
             self.enter(ClientState::Idle);
             return Err(e);
         }
-        self.cancel.slot.set(Some(server.cancel_target())).await;
+        self.cancel.slot.hold(server.cancel_target());
         self.enter(ClientState::Active);
         Ok((server, at))
     }

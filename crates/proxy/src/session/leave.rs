@@ -26,8 +26,10 @@ impl Session {
         let reset = h.ledger.leaves_state() || self.mode == PoolMode::Session || h.pinned;
         // The ledger (its queue's allocation) stays for the next transaction.
         h.ledger.clear();
-        self.scratch.spare_ledger = std::mem::take(&mut h.ledger);
-        self.cancel.slot.set(None).await;
+        std::mem::swap(&mut self.scratch.spare_ledger, &mut h.ledger);
+        if !self.cancel.slot.clear_now() {
+            self.cancel.slot.cancels_sent().await;
+        }
         self.enter(ClientState::Idle);
         let stats = &self.entry.stats;
         if reset {
@@ -121,7 +123,7 @@ impl Session {
 
     /// Closes a server that cannot be given to anyone else; `discard` logs and counts why.
     pub(super) async fn close_server(&mut self, h: Held, reason: CloseReason) {
-        self.cancel.slot.set(None).await;
+        self.cancel.slot.clear().await;
         discard(h.server, reason);
     }
 
