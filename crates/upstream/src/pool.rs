@@ -124,21 +124,35 @@ impl<F> Drop for Connecting<'_, F> {
 /// back with it (see `crate::slots`) and may go out as it is. At 64 clients on a pool of 16
 /// nearly every checkout waits so, and the same as nested async functions (the pause gate, the
 /// reserve's timer, the alarm's select, the turn and the server's checks, each a future
-/// polled through the others) cost about 1 000 instructions more per transaction
-/// (benches/README.md, "The waiting checkout"). Anything more (the pause gate, a pool with a
+/// polled through the others) cost about 650 instructions more per transaction
+/// (benches/README.md, "The waiting checkout, round 2"). Anything more (the pause gate, a pool with a
 /// reserve, a check query, a new connection) goes on in those async functions, boxed.
 pub struct Checkout<'a> {
     pool: &'a ServerPool,
-    started: Instant,
-    wait: Option<Duration>,
-    wake_by: Option<Instant>,
+    w: Wait,
     /// Lent to the slow path when there is one.
     alarm: Option<&'a mut Alarm>,
     connecting: &'a ConnectFlag,
-    source: Source,
     phase: Phase<'a>,
     /// When the common wait was served: the clock read that its checks used.
     served_at: Option<Instant>,
+}
+
+/// A checkout's terms (see [`ServerPool::checkout`]): when it started, how long it may wait
+/// (`query_wait_timeout`), when its caller wants to be polled (query_wait_notify), and the
+/// line it queues in.
+#[derive(Debug, Clone, Copy)]
+struct Wait {
+    started: Instant,
+    wait: Option<Duration>,
+    wake_by: Option<Instant>,
+    source: Source,
+}
+
+impl Wait {
+    fn deadline(&self) -> Option<Instant> {
+        self.wait.map(|w| self.started + w)
+    }
 }
 
 enum Phase<'a> {
@@ -181,25 +195,18 @@ impl Future for Checkout<'_> {
         loop {
             match &mut this.phase {
                 Phase::Start => {
-                    if pool.is_paused() || pool.reserve.due(this.started).is_some() {
+                    if pool.is_paused() || pool.reserve.due(this.w.started).is_some() {
                         let Some(alarm) = this.alarm.take() else {
                             return Poll::Pending;
                         };
-                        let work = pool.checkout_listed(
-                            this.started,
-                            this.wait,
-                            this.wake_by,
-                            alarm,
-                            this.connecting,
-                            this.source,
-                        );
+                        let work = pool.checkout_listed(this.w, alarm, this.connecting);
                         this.phase = Phase::Slow {
                             work: Box::pin(work),
                             _listed: None,
                         };
                     } else {
                         this.phase = Phase::Queued {
-                            turn: pool.core.slots.turn(this.source),
+                            turn: pool.core.slots.turn(this.w.source),
                             listed: None,
                         };
                     }
@@ -218,19 +225,16 @@ impl Future for Checkout<'_> {
                                 return Poll::Ready(Ok(server));
                             }
                             // The pool shrank under the turn: in line again.
-                            Now::Again => *turn = pool.core.slots.turn(this.source),
+                            Now::Again => *turn = pool.core.slots.turn(this.w.source),
                             Now::Later(first) => {
                                 let listed = listed.take();
                                 let Some(alarm) = this.alarm.take() else {
                                     return Poll::Pending;
                                 };
                                 let work = pool.checkout_inner(
-                                    this.started,
-                                    this.wait,
-                                    this.wake_by,
+                                    this.w,
                                     alarm,
                                     this.connecting,
-                                    this.source,
                                     Some((served, first)),
                                 );
                                 this.phase = Phase::Slow {
@@ -241,14 +245,14 @@ impl Future for Checkout<'_> {
                         },
                         Poll::Pending => {
                             if listed.is_none() {
-                                *listed = Some(Waiter::new(&pool.waiters, this.started));
+                                *listed = Some(Waiter::new(&pool.waiters, this.w.started));
                             }
                             let Some(alarm) = this.alarm.as_deref_mut() else {
                                 return Poll::Pending;
                             };
                             // As `until`: the alarm rings by the deadline and by `wake_by`.
-                            let deadline = this.wait.map(|w| this.started + w);
-                            for at in [deadline, this.wake_by].into_iter().flatten() {
+                            let deadline = this.w.deadline();
+                            for at in [deadline, this.w.wake_by].into_iter().flatten() {
                                 alarm.arm(at);
                             }
                             if alarm.poll_fired(cx).is_pending() {
@@ -257,10 +261,10 @@ impl Future for Checkout<'_> {
                             let now = Instant::now();
                             if deadline.is_some_and(|d| now >= d) {
                                 this.phase = Phase::Done;
-                                return Poll::Ready(Err(pool.wait_timeout(this.wait, None)));
+                                return Poll::Ready(Err(pool.wait_timeout(this.w.wait, None)));
                             }
-                            if this.wake_by.is_some_and(|w| now >= w) {
-                                this.wake_by = None;
+                            if this.w.wake_by.is_some_and(|w| now >= w) {
+                                this.w.wake_by = None;
                             }
                         }
                     }
@@ -835,12 +839,14 @@ impl ServerPool {
     ) -> Checkout<'a> {
         Checkout {
             pool: self,
-            started,
-            wait,
-            wake_by,
+            w: Wait {
+                started,
+                wait,
+                wake_by,
+                source,
+            },
             alarm: Some(alarm),
             connecting,
-            source,
             phase: Phase::Start,
             served_at: None,
         }
@@ -848,23 +854,18 @@ impl ServerPool {
 
     async fn checkout_listed(
         &self,
-        started: Instant,
-        wait: Option<Duration>,
-        wake_by: Option<Instant>,
+        w: Wait,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
-        source: Source,
     ) -> Result<PooledServer, CheckoutError> {
-        let mut work = std::pin::pin!(self.checkout_inner(
-            started, wait, wake_by, alarm, connecting, source, None
-        ));
+        let mut work = std::pin::pin!(self.checkout_inner(w, alarm, connecting, None));
         // The common case is served at the first poll. Only a checkout that has to wait is
         // listed, so SHOW POOLS' maxwait costs nothing on the fast path.
         let first = std::future::poll_fn(|cx| Poll::Ready(work.as_mut().poll(cx))).await;
         match first {
             Poll::Ready(r) => r,
             Poll::Pending => {
-                let _listed = Waiter::new(&self.waiters, started);
+                let _listed = Waiter::new(&self.waiters, w.started);
                 work.await
             }
         }
@@ -884,18 +885,20 @@ impl ServerPool {
 
     /// The checkout's async part: the pause gate, then turns until one yields a server. `first`:
     /// a turn [`Checkout`] holds already, with what it took.
-    #[allow(clippy::too_many_arguments)]
     async fn checkout_inner<'s>(
         &'s self,
-        started: Instant,
-        wait: Option<Duration>,
-        mut wake_by: Option<Instant>,
+        w: Wait,
         alarm: &mut Alarm,
         connecting: &ConnectFlag,
-        source: Source,
         mut first: Option<(crate::slots::Turn<'s, Box<ServerConn>>, First<'s>)>,
     ) -> Result<PooledServer, CheckoutError> {
-        let deadline = wait.map(|w| started + w);
+        let deadline = w.deadline();
+        let Wait {
+            started,
+            wait,
+            mut wake_by,
+            source,
+        } = w;
         let wait_timeout = |last: Option<ConnectError>| self.wait_timeout(wait, last);
         // With a turn in hand the gate was passed already.
         if first.is_none() && *self.paused.borrow() {
