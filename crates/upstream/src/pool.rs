@@ -440,8 +440,10 @@ impl ServerManager {
         // Clock reads cost; only the settings that need one take it.
         let now = (settings.lifetime.is_some() || settings.check_delay.is_some())
             .then(|| now.unwrap_or_else(Instant::now));
+        // Deadlines compared with `now` rather than ages computed from it: an addition and a
+        // comparison are cheaper than a subtraction of two clock readings.
         if let (Some(lifetime), Some(now)) = (settings.lifetime, now) {
-            if now.saturating_duration_since(conn.created()) > conn.share(lifetime) {
+            if past(now, conn.created(), conn.share(lifetime)) {
                 return Reuse::Close(CloseReason::Lifetime);
             }
         }
@@ -449,8 +451,7 @@ impl ServerManager {
             return Reuse::Close(CloseReason::ClosedWhileIdle);
         }
         if let (Some(delay), Some(now)) = (settings.check_delay, now) {
-            if now.saturating_duration_since(idle_since) > delay && !settings.check_query.is_empty()
-            {
+            if past(now, idle_since, delay) && !settings.check_query.is_empty() {
                 return Reuse::Check;
             }
         }
@@ -479,6 +480,11 @@ impl ServerManager {
             }
         }
     }
+}
+
+/// Is `now` more than `after` past `since`? (A deadline too far to represent never passes.)
+fn past(now: Instant, since: Instant, after: Duration) -> bool {
+    since.checked_add(after).is_some_and(|deadline| now > deadline)
 }
 
 /// See [`ServerManager::reuse_verdict`].
@@ -1518,4 +1524,19 @@ fn spawn_role_checks(pool: &Arc<ServerPool>, interval: Duration) {
             pool.check_roles().await;
         }
     });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_deadline_passes_only_once_strictly_behind_and_an_unrepresentable_one_never() {
+        let t0 = Instant::now();
+        let five = Duration::from_secs(5);
+        assert!(!past(t0 + Duration::from_secs(4), t0, five));
+        assert!(!past(t0 + five, t0, five), "at the deadline it has not passed yet");
+        assert!(past(t0 + Duration::from_secs(6), t0, five));
+        assert!(!past(t0 + five, t0, Duration::MAX));
+    }
 }
