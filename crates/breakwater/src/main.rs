@@ -118,7 +118,9 @@ fn import_pgbouncer(
     {
         use std::io::Write;
         // A reader that went away misses the report, not the config written above.
-        let _ = std::io::stdout().lock().write_all(imported.report.as_bytes());
+        let _ = std::io::stdout()
+            .lock()
+            .write_all(imported.report.as_bytes());
     }
     match imported.valid {
         true => ExitCode::SUCCESS,

@@ -125,8 +125,9 @@ impl<F> Drop for Connecting<'_, F> {
 /// nearly every checkout waits so, and the same as nested async functions (the pause gate, the
 /// reserve's timer, the alarm's select, the turn and the server's checks, each a future
 /// polled through the others) cost about 650 instructions more per transaction
-/// (benches/README.md, "The waiting checkout, round 2"). Anything more (the pause gate, a pool with a
-/// reserve, a check query, a new connection) goes on in those async functions, boxed.
+/// (benches/README.md, "The waiting checkout, round 2"). Anything more (the pause gate, a
+/// pool with a reserve, a check query, a new connection) goes on in those async functions,
+/// boxed.
 pub struct Checkout<'a> {
     pool: &'a ServerPool,
     w: Wait,
@@ -484,7 +485,9 @@ impl ServerManager {
 
 /// Is `now` more than `after` past `since`? (A deadline too far to represent never passes.)
 fn past(now: Instant, since: Instant, after: Duration) -> bool {
-    since.checked_add(after).is_some_and(|deadline| now > deadline)
+    since
+        .checked_add(after)
+        .is_some_and(|deadline| now > deadline)
 }
 
 /// See [`ServerManager::reuse_verdict`].
@@ -1038,7 +1041,10 @@ impl ServerPool {
                 Taken::Idle(Idle { mut item, since }) => {
                     // A busy pool seldom has a server idle when the fleet's control task
                     // looks; a slot it wants back is taken here instead, as a server is reused.
-                    if m.fleet.get().is_some_and(|f| f.claim_slot(&mut item._limits)) {
+                    if m.fleet
+                        .get()
+                        .is_some_and(|f| f.claim_slot(&mut item._limits))
+                    {
                         self.close_taken(item, CloseReason::FleetRelease);
                         continue;
                     }
@@ -1535,7 +1541,10 @@ mod tests {
         let t0 = Instant::now();
         let five = Duration::from_secs(5);
         assert!(!past(t0 + Duration::from_secs(4), t0, five));
-        assert!(!past(t0 + five, t0, five), "at the deadline it has not passed yet");
+        assert!(
+            !past(t0 + five, t0, five),
+            "at the deadline it has not passed yet"
+        );
         assert!(past(t0 + Duration::from_secs(6), t0, five));
         assert!(!past(t0 + five, t0, Duration::MAX));
     }

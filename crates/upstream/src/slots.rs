@@ -426,7 +426,9 @@ impl<T> Drop for Turn<'_, T> {
             } else {
                 s.idle.push(h);
             }
-            let wake = self.slots.release_locked(&mut s, usize::from(self.held), &mut None);
+            let wake = self
+                .slots
+                .release_locked(&mut s, usize::from(self.held), &mut None);
             drop(s);
             wake.wake();
             drop(dropped);
@@ -643,12 +645,7 @@ impl<T> Slots<T> {
 
     /// `n` turns come back (see [`Slots::release_turns`]); `hand`, a connection given back with
     /// one of them, goes to the waiter granted it (else the caller puts it in the idle list).
-    fn release_locked(
-        &self,
-        s: &mut State<T>,
-        mut n: usize,
-        hand: &mut Option<Idle<T>>,
-    ) -> Wake {
+    fn release_locked(&self, s: &mut State<T>, mut n: usize, hand: &mut Option<Idle<T>>) -> Wake {
         let paid = n.min(s.owed);
         s.owed -= paid;
         n -= paid;

@@ -359,8 +359,15 @@ fn a_pool_closed_while_a_connection_is_handed_to_a_waiter_returns_it_for_closing
     let mut waiting = Box::pin(slots.turn(from(1)));
     assert!(waiting.as_mut().poll(&mut cx).is_pending());
     assert!(slots.give_back(5, Instant::now()).is_none());
-    assert_eq!(slots.close(), vec![5], "the handed connection is closed with the pool");
-    assert!(matches!(waiting.as_mut().poll(&mut cx), Poll::Ready(Err(Closed))));
+    assert_eq!(
+        slots.close(),
+        vec![5],
+        "the handed connection is closed with the pool"
+    );
+    assert!(matches!(
+        waiting.as_mut().poll(&mut cx),
+        Poll::Ready(Err(Closed))
+    ));
     assert_eq!(slots.status().size, 0);
 }
 
