@@ -47,6 +47,13 @@ if cargo clippy --version >/dev/null 2>&1; then
 else
   echo "== cargo clippy is not installed (rustup component add clippy): lints not checked" >&2
 fi
+# One layout for every file, so a diff shows only what changed.
+if cargo fmt --version >/dev/null 2>&1; then
+  echo "== cargo fmt --check"
+  cargo fmt --all --check
+else
+  echo "== rustfmt is not installed (rustup component add rustfmt): layout not checked" >&2
+fi
 
 # The image's static binary, once per run and before the tests, so its build time shows here
 # and not inside the container test's time limit (the test's own build.sh call is then a no-op).
