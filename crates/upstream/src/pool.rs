@@ -120,8 +120,8 @@ impl<F> Drop for Connecting<'_, F> {
 /// (its client left) should then let it finish and give the server back, rather than waste a
 /// backend the database is already forking.
 ///
-/// Written by hand for the common wait: in the queue for a turn, then a server that was given
-/// back with it (see `crate::slots`) and may go out as it is. At 64 clients on a pool of 16
+/// Written by hand for the common wait: in the queue for a turn, then an idle server that may
+/// go out as it is (see `crate::slots`). At 64 clients on a pool of 16
 /// nearly every checkout waits so, and the same as nested async functions (the pause gate, the
 /// reserve's timer, the alarm's select, the turn and the server's checks, each a future
 /// polled through the others) cost about 650 instructions more per transaction

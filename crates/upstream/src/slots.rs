@@ -95,7 +95,7 @@ struct State<T> {
     /// Turns to retire as they come back, after a shrink found them checked out.
     owed: usize,
     closed: bool,
-    queue: Queue<T>,
+    queue: Queue,
 }
 
 /// Checkouts waiting for a turn: one FIFO line per source, served round robin.
@@ -106,8 +106,8 @@ struct State<T> {
 /// Lines and waiters live in vectors reused as they come and go, found by index: the source is
 /// hashed once per checkout that has to wait (to find its line), and handing a turn on hashes
 /// nothing and allocates nothing.
-#[derive(Debug)]
-struct Queue<T> {
+#[derive(Debug, Default)]
+struct Queue {
     /// Numbers waiters in arrival order, so each line is sorted by it.
     next_seq: u64,
     /// The line of each source that has waiters. foldhash, seeded per process, rather than
@@ -120,22 +120,8 @@ struct Queue<T> {
     /// The lines with waiters, in the order they are served next.
     ring: VecDeque<usize>,
     /// Waiters by index, until their futures end (granted or not); `None` is unused.
-    waiters: Vec<Option<Waiter<T>>>,
+    waiters: Vec<Option<Waiter>>,
     free_waiters: Vec<usize>,
-}
-
-impl<T> Default for Queue<T> {
-    fn default() -> Self {
-        Queue {
-            next_seq: 0,
-            by_source: HashMap::default(),
-            lines: Vec::new(),
-            free_lines: Vec::new(),
-            ring: VecDeque::new(),
-            waiters: Vec::new(),
-            free_waiters: Vec::new(),
-        }
-    }
 }
 
 #[derive(Debug)]
@@ -147,7 +133,7 @@ struct Line {
 }
 
 #[derive(Debug)]
-struct Waiter<T> {
+struct Waiter {
     seq: u64,
     line: usize,
     /// Times it was passed over, at the front of its line, for a waiter at the turn's home.
@@ -156,17 +142,6 @@ struct Waiter<T> {
     waker: Option<Waker>,
     /// A turn was handed to it and is its to take at its next poll.
     granted: bool,
-    /// The connection given back with the turn, when it came back with one (see
-    /// [`Slots::give_back`]): the waiter takes it without the lock.
-    handed: Option<Idle<T>>,
-}
-
-/// How a waiter left the queue.
-enum Left<T> {
-    /// Before it was granted a turn.
-    Waiting,
-    /// With a turn it did not take, and the connection handed with it, if any.
-    Granted(Option<Idle<T>>),
 }
 
 /// A queued checkout's place: its waiter's index and sequence number.
@@ -176,7 +151,7 @@ struct Ticket {
     seq: u64,
 }
 
-impl<T> Queue<T> {
+impl Queue {
     fn join(&mut self, source: Source, home: u16, waker: Waker) -> Ticket {
         let seq = self.next_seq;
         self.next_seq += 1;
@@ -209,7 +184,6 @@ impl<T> Queue<T> {
             passed: 0,
             waker: Some(waker),
             granted: false,
-            handed: None,
         });
         let index = match self.free_waiters.pop() {
             Some(i) => {
@@ -229,7 +203,7 @@ impl<T> Queue<T> {
         Ticket { index, seq }
     }
 
-    fn waiter(&mut self, t: Ticket) -> Option<&mut Waiter<T>> {
+    fn waiter(&mut self, t: Ticket) -> Option<&mut Waiter> {
         self.waiters
             .get_mut(t.index)?
             .as_mut()
@@ -240,9 +214,8 @@ impl<T> Queue<T> {
     /// the rotation: the line at the front of the ring gives up its oldest ticket, or the
     /// oldest of `near`'s within the first few while its oldest has been passed over fewer than
     /// [`MAX_PASSES`] times, and goes to the back. The waker goes in `wake` (woken outside the
-    /// lock). `hand`, the connection given back with the turn if any, goes to the waiter with
-    /// it. Returns `false` when nobody waits for a turn.
-    fn grant(&mut self, wake: &mut Wake, near: u16, hand: &mut Option<Idle<T>>) -> bool {
+    /// lock). Returns `false` when nobody waits for a turn.
+    fn grant(&mut self, wake: &mut Wake, near: u16) -> bool {
         while let Some(l) = self.ring.pop_front() {
             let at = self.pick(l, near);
             let Some(line) = self.lines.get_mut(l) else {
@@ -260,7 +233,6 @@ impl<T> Queue<T> {
             };
             if let Some(w) = self.waiter(Ticket { index, seq }) {
                 w.granted = true;
-                w.handed = hand.take();
                 if let Some(waker) = w.waker.take() {
                     wake.push(waker);
                 }
@@ -305,16 +277,16 @@ impl<T> Queue<T> {
         at
     }
 
-    /// A waiter's future ended: with a turn granted that it did not take, or before.
-    fn leave(&mut self, t: Ticket) -> Left<T> {
+    /// A waiter's future ended. Returns whether it had been granted a turn it did not take.
+    fn leave(&mut self, t: Ticket) -> bool {
         if self.waiter(t).is_none() {
-            return Left::Waiting;
+            return false;
         }
         let Some(w) = self.take_waiter(t.index) else {
-            return Left::Waiting;
+            return false;
         };
         if w.granted {
-            return Left::Granted(w.handed);
+            return true;
         }
         if let Some(line) = self.lines.get_mut(w.line) {
             if let Ok(i) = line
@@ -329,11 +301,11 @@ impl<T> Queue<T> {
                 self.ring.retain(|&l| l != w.line);
             }
         }
-        Left::Waiting
+        false
     }
 
     /// Frees a waiter's slot; returns what it held.
-    fn take_waiter(&mut self, index: usize) -> Option<Waiter<T>> {
+    fn take_waiter(&mut self, index: usize) -> Option<Waiter> {
         let w = self.waiters.get_mut(index)?.take();
         if w.is_some() {
             self.free_waiters.push(index);
@@ -368,27 +340,14 @@ pub(crate) struct Slots<T> {
 pub(crate) struct Turn<'a, T> {
     slots: &'a Slots<T>,
     held: bool,
-    /// The connection given back with this turn, when a waiter was granted it that way.
-    handed: Option<Idle<T>>,
 }
 
 impl<T> Turn<'_, T> {
     /// An idle connection, room for a new one, or (only after a shrink) nothing.
     /// Of the idle connections, the most recently returned one `prefer` likes goes first, else
     /// the most recently returned one.
-    ///
-    /// A turn granted with the connection given back takes that one without the lock, if
-    /// `prefer` likes it (at 64 clients on a pool of 16 nearly every checkout waits, and this
-    /// is how it is served); else it joins the idle list and the choice is made there.
     pub(crate) fn take(&mut self, prefer: impl Fn(&T) -> bool) -> Taken<T> {
-        let handed = match self.handed.take() {
-            Some(h) if prefer(&h.item) => return Taken::Idle(h),
-            other => other,
-        };
         let mut s = self.slots.state();
-        if let Some(h) = handed {
-            s.idle.push(h);
-        }
         if let Some(at) = s.idle.iter().rposition(|i| prefer(&i.item)) {
             return Taken::Idle(s.idle.remove(at));
         }
@@ -415,24 +374,7 @@ impl<T> Turn<'_, T> {
 
 impl<T> Drop for Turn<'_, T> {
     fn drop(&mut self) {
-        if let Some(h) = self.handed.take() {
-            // Never taken: the connection is idle again, and the turn goes on. Should the pool
-            // have closed meanwhile, it is dropped (closed) instead.
-            let mut s = self.slots.state();
-            let mut dropped = None;
-            if s.closed {
-                s.size = s.size.saturating_sub(1);
-                dropped = Some(h);
-            } else {
-                s.idle.push(h);
-            }
-            let wake = self
-                .slots
-                .release_locked(&mut s, usize::from(self.held), &mut None);
-            drop(s);
-            wake.wake();
-            drop(dropped);
-        } else if self.held {
+        if self.held {
             self.slots.release_turns(1);
         }
     }
@@ -463,18 +405,13 @@ impl<'a, T> Future for TurnWait<'a, T> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let slots = self.slots;
-        let served = |handed| Turn {
-            slots,
-            held: true,
-            handed,
-        };
+        let served = || Turn { slots, held: true };
         // The fast path: a free turn (so nobody waits), taken without the lock.
         if self.ticket.is_none() && slots.take_free() {
-            return Poll::Ready(Ok(served(None)));
+            return Poll::Ready(Ok(served()));
         }
         let mut s = slots.state();
         if s.closed {
-            // `close` took back any connection handed to it.
             if let Some(t) = self.ticket.take() {
                 s.queue.leave(t);
             }
@@ -485,7 +422,7 @@ impl<'a, T> Future for TurnWait<'a, T> {
                 // Again under the lock, so a turn given back meanwhile is either seen here or
                 // granted to this checkout once it is in line (see `Queue`).
                 if slots.take_free() {
-                    return Poll::Ready(Ok(served(None)));
+                    return Poll::Ready(Ok(served()));
                 }
                 let (source, home) = (self.source, self.home);
                 self.ticket = Some(s.queue.join(source, home, cx.waker().clone()));
@@ -493,9 +430,9 @@ impl<'a, T> Future for TurnWait<'a, T> {
             }
             Some(t) => match s.queue.waiter(t) {
                 Some(w) if w.granted => {
-                    let handed = s.queue.take_waiter(t.index).and_then(|w| w.handed);
+                    s.queue.take_waiter(t.index);
                     self.ticket = None;
-                    Poll::Ready(Ok(served(handed)))
+                    Poll::Ready(Ok(served()))
                 }
                 Some(w) => {
                     match &mut w.waker {
@@ -518,12 +455,9 @@ impl<T> Drop for TurnWait<'_, T> {
     fn drop(&mut self) {
         let Some(t) = self.ticket.take() else { return };
         let mut s = self.slots.state();
-        if let Left::Granted(mut handed) = s.queue.leave(t) {
-            // Granted but never taken: it goes on to the next in line, with the connection.
-            let next = self.slots.release_locked(&mut s, 1, &mut handed);
-            if let Some(h) = handed {
-                s.idle.push(h);
-            }
+        if s.queue.leave(t) {
+            // Granted but never taken: it goes on to the next in line.
+            let next = self.slots.release_locked(&mut s, 1);
             drop(s);
             next.wake();
         }
@@ -601,7 +535,6 @@ impl<T> Slots<T> {
             return Ok(Turn {
                 slots: self,
                 held: true,
-                handed: None,
             });
         }
         if self.state().closed {
@@ -638,14 +571,12 @@ impl<T> Slots<T> {
     /// rotation, or is free.
     fn release_turns(&self, n: usize) {
         let mut s = self.state();
-        let wake = self.release_locked(&mut s, n, &mut None);
+        let wake = self.release_locked(&mut s, n);
         drop(s);
         wake.wake();
     }
 
-    /// `n` turns come back (see [`Slots::release_turns`]); `hand`, a connection given back with
-    /// one of them, goes to the waiter granted it (else the caller puts it in the idle list).
-    fn release_locked(&self, s: &mut State<T>, mut n: usize, hand: &mut Option<Idle<T>>) -> Wake {
+    fn release_locked(&self, s: &mut State<T>, mut n: usize) -> Wake {
         let paid = n.min(s.owed);
         s.owed -= paid;
         n -= paid;
@@ -654,7 +585,7 @@ impl<T> Slots<T> {
             return wake;
         }
         let near = crate::home::here();
-        while n > 0 && s.queue.grant(&mut wake, near, hand) {
+        while n > 0 && s.queue.grant(&mut wake, near) {
             n -= 1;
         }
         if n > 0 {
@@ -672,23 +603,18 @@ impl<T> Slots<T> {
 
     /// A checked-out connection comes back, with its turn. Returns it when it may not stay
     /// (the pool shrank below its size, or closed): the caller closes it.
-    ///
-    /// When someone waits, the connection goes to the waiter with the turn, so the waiter
-    /// need not take the lock again to find it (see [`Turn::take`]).
     #[must_use]
     pub(crate) fn give_back(&self, item: T, now: Instant) -> Option<T> {
         let mut s = self.state();
         let surplus = s.closed || s.size > s.max_size;
-        let (out, mut hand) = if surplus {
+        let out = if surplus {
             s.size = s.size.saturating_sub(1);
-            (Some(item), None)
+            Some(item)
         } else {
-            (None, Some(Idle { item, since: now }))
+            s.idle.push(Idle { item, since: now });
+            None
         };
-        let wake = self.release_locked(&mut s, 1, &mut hand);
-        if let Some(h) = hand {
-            s.idle.push(h);
-        }
+        let wake = self.release_locked(&mut s, 1);
         drop(s);
         wake.wake();
         out
@@ -698,7 +624,7 @@ impl<T> Slots<T> {
     pub(crate) fn remove(&self) {
         let mut s = self.state();
         s.size = s.size.saturating_sub(1);
-        let wake = self.release_locked(&mut s, 1, &mut None);
+        let wake = self.release_locked(&mut s, 1);
         drop(s);
         wake.wake();
     }
@@ -729,7 +655,7 @@ impl<T> Slots<T> {
         s.max_size = max_size;
         if max_size > old {
             // Debts first: turns still to be retired need not be.
-            let wake = self.release_locked(&mut s, max_size - old, &mut None);
+            let wake = self.release_locked(&mut s, max_size - old);
             drop(s);
             wake.wake();
             return Vec::new();
@@ -741,19 +667,8 @@ impl<T> Slots<T> {
             retired += 1;
         }
         s.owed += fewer - retired;
-        let excess = s.size.saturating_sub(max_size);
-        let from_list = excess.min(s.idle.len());
-        let mut gone: Vec<T> = s.idle.drain(..from_list).map(|i| i.item).collect();
-        // A connection handed to a waiter is as idle as those in the list: the waiter keeps
-        // its turn and finds what the list has, or room.
-        for w in s.queue.waiters.iter_mut().flatten() {
-            if gone.len() >= excess {
-                break;
-            }
-            if let Some(h) = w.handed.take() {
-                gone.push(h.item);
-            }
-        }
+        let excess = s.size.saturating_sub(max_size).min(s.idle.len());
+        let gone: Vec<T> = s.idle.drain(..excess).map(|i| i.item).collect();
         s.size -= gone.len();
         gone
     }
@@ -765,16 +680,11 @@ impl<T> Slots<T> {
         s.closed = true;
         self.free.store(0, Ordering::Release);
         let mut wake = Wake::default();
-        let mut gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
-        for w in s.queue.waiters.iter_mut().flatten() {
-            if let Some(waker) = w.waker.take() {
-                wake.push(waker);
-            }
-            // Handed to a waiter that has not taken it yet: as good as idle.
-            if let Some(h) = w.handed.take() {
-                gone.push(h.item);
-            }
+        let wakers = s.queue.waiters.iter_mut().flatten();
+        for w in wakers.filter_map(|w| w.waker.take()) {
+            wake.push(w);
         }
+        let gone: Vec<T> = s.idle.drain(..).map(|i| i.item).collect();
         s.size = s.size.saturating_sub(gone.len());
         drop(s);
         wake.wake();

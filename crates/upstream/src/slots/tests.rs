@@ -298,80 +298,6 @@ fn a_waiter_that_gives_up_leaves_its_line_and_a_turn_granted_to_it_goes_on() {
 }
 
 #[test]
-fn a_connection_given_back_while_someone_waits_goes_to_the_waiter_with_the_turn() {
-    let slots = Slots::<u32>::new(2);
-    let now = Instant::now();
-    // Both connections (7 and 8) opened and checked out.
-    for _ in 0..2 {
-        let mut t = slots.try_turn().expect("free");
-        assert!(matches!(t.take(|_| false), Taken::Room));
-        t.keep();
-    }
-    let waker = futures_util::task::noop_waker();
-    let mut cx = Context::from_waker(&waker);
-    let mut first = Box::pin(slots.turn(from(1)));
-    let mut second = Box::pin(slots.turn(from(1)));
-    let mut third = Box::pin(slots.turn(from(1)));
-    for w in [&mut first, &mut second, &mut third] {
-        assert!(w.as_mut().poll(&mut cx).is_pending());
-    }
-    // 7 comes back: handed to the first waiter, not put in the idle list.
-    assert!(slots.give_back(7, now).is_none());
-    assert_eq!(slots.status().idle, 0, "nothing idle: 7 is the waiter's");
-    let Poll::Ready(Ok(mut t)) = first.as_mut().poll(&mut cx) else {
-        panic!("the first waiter was granted the turn");
-    };
-    match t.take(|_| true) {
-        Taken::Idle(i) => assert_eq!(i.item, 7),
-        _ => panic!("the first waiter takes the connection it was handed"),
-    }
-    t.keep();
-    // 8 comes back and goes to the second waiter, which does not like it: the waiter puts it
-    // in the idle list and, with nothing else there, still takes it.
-    assert!(slots.give_back(8, now).is_none());
-    let Poll::Ready(Ok(mut t)) = second.as_mut().poll(&mut cx) else {
-        panic!("the second waiter was granted the turn");
-    };
-    match t.take(|_| false) {
-        Taken::Idle(i) => assert_eq!(i.item, 8),
-        _ => panic!("the only connection there is"),
-    }
-    t.keep();
-    // 7 comes back for the third waiter, which leaves before taking it: the connection is
-    // idle again and the turn free, and the books balance.
-    assert!(slots.give_back(7, now).is_none());
-    drop(third);
-    let s = slots.status();
-    assert_eq!((s.size, s.idle, s.waiting), (2, 1, 0));
-    let (turn, idle) = slots.try_idle(|_| true).expect("7 is idle and a turn free");
-    assert_eq!(idle.item, 7);
-    turn.keep();
-}
-
-#[test]
-fn a_pool_closed_while_a_connection_is_handed_to_a_waiter_returns_it_for_closing() {
-    let slots = Slots::<u32>::new(1);
-    let mut t = slots.try_turn().expect("free");
-    assert!(matches!(t.take(|_| false), Taken::Room));
-    t.keep();
-    let waker = futures_util::task::noop_waker();
-    let mut cx = Context::from_waker(&waker);
-    let mut waiting = Box::pin(slots.turn(from(1)));
-    assert!(waiting.as_mut().poll(&mut cx).is_pending());
-    assert!(slots.give_back(5, Instant::now()).is_none());
-    assert_eq!(
-        slots.close(),
-        vec![5],
-        "the handed connection is closed with the pool"
-    );
-    assert!(matches!(
-        waiting.as_mut().poll(&mut cx),
-        Poll::Ready(Err(Closed))
-    ));
-    assert_eq!(slots.status().size, 0);
-}
-
-#[test]
 fn growing_the_pool_serves_waiters_before_anyone_new() {
     let slots = Slots::<u32>::new(1);
     assert!(matches!(checkout(&slots), Taken::Room));
@@ -499,9 +425,8 @@ proptest! {
         let now = Instant::now();
         let waker = futures_util::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
-        // What a served turn does with what it finds. It likes some connections and not
-        // others, so a connection handed with a turn is taken both ways.
-        let mut use_turn = |mut turn: Turn<'_, u32>, out: &mut Vec<u32>| match turn.take(|c| c % 3 != 0) {
+        // What a served turn does with what it finds.
+        let mut use_turn = |mut turn: Turn<'_, u32>, out: &mut Vec<u32>| match turn.take(|_| false) {
             Taken::Idle(i) => { out.push(i.item); turn.keep(); }
             Taken::Room => { next += 1; out.push(next); turn.keep(); }
             Taken::Shrunk => {}
@@ -534,14 +459,9 @@ proptest! {
                 Op::Home(h) => crate::home::set_this_thread(h),
             }
             let s = slots.status();
-            let st = slots.state();
-            let handed = st.queue.waiters.iter().flatten().filter(|w| w.handed.is_some()).count();
-            prop_assert!(
-                st.queue.waiters.iter().flatten().all(|w| w.granted || w.handed.is_none()),
-                "a connection is handed only with a turn"
-            );
-            prop_assert_eq!(s.size, s.idle + out.len() + handed, "every connection counted once");
+            prop_assert_eq!(s.size, s.idle + out.len(), "every connection counted once");
             prop_assert_eq!(s.waiting, waits.len(), "cl_waiting");
+            let st = slots.state();
             let granted = st.queue.waiters.iter().flatten().filter(|w| w.granted).count();
             let free = slots.free.load(Ordering::Relaxed);
             prop_assert_eq!(
