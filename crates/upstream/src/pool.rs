@@ -251,22 +251,13 @@ impl Future for Checkout<'_> {
                             let Some(alarm) = this.alarm.as_deref_mut() else {
                                 return Poll::Pending;
                             };
-                            // As `until`: the alarm rings by the deadline and by `wake_by`.
                             let deadline = this.w.deadline();
-                            for at in [deadline, this.w.wake_by].into_iter().flatten() {
-                                alarm.arm(at);
-                            }
-                            if alarm.poll_fired(cx).is_pending() {
+                            if poll_deadline(alarm, deadline, &mut this.w.wake_by, cx).is_pending()
+                            {
                                 return Poll::Pending;
                             }
-                            let now = Instant::now();
-                            if deadline.is_some_and(|d| now >= d) {
-                                this.phase = Phase::Done;
-                                return Poll::Ready(Err(pool.wait_timeout(this.w.wait, None)));
-                            }
-                            if this.w.wake_by.is_some_and(|w| now >= w) {
-                                this.w.wake_by = None;
-                            }
+                            this.phase = Phase::Done;
+                            return Poll::Ready(Err(pool.wait_timeout(this.w.wait, None)));
                         }
                     }
                 }
@@ -733,24 +724,40 @@ async fn until<F: Future>(
     deadline: Option<Instant>,
     wake_by: &mut Option<Instant>,
 ) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = work.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        poll_deadline(alarm, deadline, wake_by, cx).map(|()| None)
+    })
+    .await
+}
+
+/// The timer half of a wait (see [`until`]; [`Checkout`] polls it by hand): `Ready` once
+/// `deadline` has passed. The alarm also rings at `wake_by`, which is then cleared and the
+/// wait goes on: the task was woken, so its caller gets the `Pending` that follows.
+fn poll_deadline(
+    alarm: &mut Alarm,
+    deadline: Option<Instant>,
+    wake_by: &mut Option<Instant>,
+    cx: &mut std::task::Context<'_>,
+) -> Poll<()> {
     loop {
         // `arm` only ever brings the alarm forward: it rings at the earlier. It may also ring
         // earlier still, for another deadline of its owner's, hence the checks.
         for at in [deadline, *wake_by].into_iter().flatten() {
             alarm.arm(at);
         }
-        tokio::select! {
-            biased;
-            r = work.as_mut() => return Some(r),
-            _ = alarm.fired() => {
-                let now = Instant::now();
-                if deadline.is_some_and(|d| now >= d) {
-                    return None;
-                }
-                if wake_by.is_some_and(|w| now >= w) {
-                    *wake_by = None;
-                }
-            }
+        if alarm.poll_fired(cx).is_pending() {
+            return Poll::Pending;
+        }
+        // The alarm's clock (tokio's; the same as std's outside tests with paused time).
+        let now = tokio::time::Instant::now().into_std();
+        if deadline.is_some_and(|d| now >= d) {
+            return Poll::Ready(());
+        }
+        if wake_by.is_some_and(|w| now >= w) {
+            *wake_by = None;
         }
     }
 }
@@ -1547,5 +1554,26 @@ mod tests {
         );
         assert!(past(t0 + Duration::from_secs(6), t0, five));
         assert!(!past(t0 + five, t0, Duration::MAX));
+    }
+
+    /// `wake_by` wakes the waiting task once and the wait goes on; the deadline ends it.
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_is_woken_at_wake_by_and_ends_at_its_deadline() {
+        let start = tokio::time::Instant::now();
+        let mut alarm = Alarm::default();
+        let deadline = Some((start + Duration::from_secs(10)).into_std());
+        let mut wake_by = Some((start + Duration::from_secs(3)).into_std());
+        let mut woken = Vec::new();
+        std::future::poll_fn(|cx| {
+            woken.push(start.elapsed().as_secs());
+            poll_deadline(&mut alarm, deadline, &mut wake_by, cx)
+        })
+        .await;
+        assert_eq!(
+            woken,
+            vec![0, 3, 10],
+            "polled at the start, at wake_by and at the deadline"
+        );
+        assert_eq!(wake_by, None, "wake_by rings once");
     }
 }
