@@ -122,13 +122,20 @@ impl Load {
 
 /// Samples the role's backends every 100 ms until stopped; returns the most seen.
 fn sample_backends(pg: &PgCluster) -> (Arc<AtomicBool>, tokio::task::JoinHandle<i64>) {
+    sample_backends_every(pg, Duration::from_millis(100))
+}
+
+fn sample_backends_every(
+    pg: &PgCluster,
+    period: Duration,
+) -> (Arc<AtomicBool>, tokio::task::JoinHandle<i64>) {
     let stop = Arc::new(AtomicBool::new(false));
     let conn = pg.conn_string("postgres", "postgres", "app");
     let flag = stop.clone();
     let task = tokio::spawn(async move {
         let direct = connect(&conn).await.expect("direct connection");
         let mut most = 0;
-        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut tick = tokio::time::interval(period);
         while !flag.load(Ordering::Relaxed) {
             tick.tick().await;
             let n: i64 = direct
@@ -313,4 +320,80 @@ async fn after_a_postgresql_restart_the_fleet_reconnects_and_keeps_its_budget() 
     );
     assert!(most <= RESTART_BUDGET + 2, "{most} backends of the role");
     assert_eq!(failures, 0, "clients failed after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_process_that_lost_its_control_connection_gives_its_share_back_before_it_reconnects() {
+    // Four slots: the process that stays takes every slot freed in one step.
+    const SMALL_BUDGET: i64 = 4;
+    let pg = PgCluster::start().expect("start postgres");
+    let direct = pg.connect("postgres", "postgres", "app").await.unwrap();
+    let control_pids = || async {
+        direct
+            .query(
+                "SELECT pid FROM pg_stat_activity WHERE application_name = 'breakwater fleet'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|r| r.get::<_, i32>(0))
+            .collect::<Vec<i32>>()
+    };
+    // The one that will lose its control connection starts alone, so its control backend is
+    // the only one; then the other joins and gets its min share from it.
+    let cut = start_processes(&pg, 1, SMALL_BUDGET).remove(0);
+    let cut_load = load(&cut, 6);
+    testkit::wait_until("the first process to hold the budget", WAIT, || async {
+        fleet_row(&cut).await.0 == SMALL_BUDGET
+    })
+    .await
+    .unwrap();
+    let pids = control_pids().await;
+    assert_eq!(pids.len(), 1, "one control connection: {pids:?}");
+    let stays = start_processes(&pg, 1, SMALL_BUDGET).remove(0);
+    let stays_load = load(&stays, 6);
+    wait_held(&stays, 1, "the second process to get its min share").await;
+
+    // Sampled often: the overshoot this guards against lasted one server's transaction.
+    let (sampling, sampler) = sample_backends_every(&pg, Duration::from_millis(5));
+    let killed: bool = direct
+        .query_one("SELECT pg_terminate_backend($1)", &[&pids[0]])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(killed, "control connection terminated");
+    // The other takes the freed slots; the cut one comes back, finds none and asks for its
+    // min share, which the other gives back.
+    wait_held(
+        &stays,
+        SMALL_BUDGET - 1,
+        "the other process to take the freed slots",
+    )
+    .await;
+    testkit::wait_until(
+        "the cut process back, holding its min share again",
+        Duration::from_secs(15),
+        || async {
+            let (held, _, connected) = fleet_status(&cut).await;
+            connected && held >= 1 && control_pids().await.len() == 2
+        },
+    )
+    .await
+    .unwrap();
+    sampling.store(true, Ordering::Relaxed);
+    let most = sampler.await.unwrap();
+    let (q1, f1) = cut_load.finish().await;
+    let (q2, f2) = stays_load.finish().await;
+    eprintln!(
+        "fleet after a lost control connection: most backends of the role {most}; \
+         {} queries, {} failures",
+        q1 + q2,
+        f1 + f2
+    );
+    assert!(
+        most <= SMALL_BUDGET + 2,
+        "{most} backends of the role (budget {SMALL_BUDGET} + 2 control connections)"
+    );
+    assert_eq!(f1 + f2, 0, "clients failed");
 }

@@ -14,9 +14,11 @@
 //! the semaphore never grants more permits than the process holds locks — a slot is taken
 //! before its permit is added and its permit forgotten before its lock is released. A process
 //! that loses its control connection loses its locks with it (PostgreSQL ends them with the
-//! session), so it shrinks to `fleet_min_share` until it is back; that share is then used
-//! without a lock, which is the one way the fleet may exceed its budget (by the min shares of
-//! the processes cut off).
+//! session), so it shrinks to `fleet_min_share` the moment the connection closes (the control
+//! task watches it between ticks) until it is back; that share is then used without a lock,
+//! which is the one way the fleet may exceed its budget (by the min shares of the processes
+//! cut off). Before each reconnect the share is given back, as at start, so a process coming
+//! back adds its control connection and then only servers it holds locks for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
@@ -155,6 +157,8 @@ const CONTROL_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const TOTAL_EVERY: Duration = Duration::from_millis(500);
 const RECONNECT_MIN: Duration = Duration::from_millis(250);
 const RECONNECT_MAX: Duration = Duration::from_secs(10);
+/// How long a reconnect waits for busy servers holding unlocked permits to come back.
+const GIVE_BACK_WAIT: Duration = Duration::from_secs(2);
 
 impl Fleet {
     /// A fleet that may open no connection until its control connection has taken slots
@@ -258,6 +262,9 @@ impl Fleet {
         };
         let mut backoff = RECONNECT_MIN;
         loop {
+            // Connect as at start, with no permit in use: the control connection is one more
+            // backend, and the min share used without locks must not be in use beside it.
+            control.give_back_unlocked().await;
             match control.connect().await {
                 Some(conn) => {
                     backoff = RECONNECT_MIN;
@@ -447,7 +454,44 @@ impl Control {
             self.publish(true, total);
             // Jittered ticks: 100–200 ms.
             let tick = rand::thread_rng().gen_range(100..200u64);
-            tokio::time::sleep(Duration::from_millis(tick)).await;
+            if !Self::idle_for(&mut conn, Duration::from_millis(tick)).await {
+                conn.terminate();
+                return;
+            }
+        }
+    }
+
+    /// Waits out a tick watching the idle control connection. False if it closed: the slots'
+    /// locks went with the session at that moment (a server shutting down sends FATAL and
+    /// closes), so their permits must go now, not at the next query, before the pools open
+    /// servers with them once the database is back.
+    async fn idle_for(conn: &mut ServerConn, tick: Duration) -> bool {
+        let until = Instant::now() + tick;
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                // What arrives stays in the buffer for the next query to read; a FATAL is
+                // followed by the close, which ends the wait.
+                read = conn.read() => if read.is_err() {
+                    return false;
+                },
+            }
+        }
+    }
+
+    /// Takes every permit out of use before a (re)connect: unused ones and idle servers at
+    /// once, busy servers as they come back, for at most [`GIVE_BACK_WAIT`] (past it, a
+    /// server in a long transaction is the fleet's overshoot until its first tick).
+    async fn give_back_unlocked(&mut self) {
+        let until = Instant::now() + GIVE_BACK_WAIT;
+        loop {
+            self.settle_claims();
+            self.set_allowed(0);
+            self.publish_debt();
+            if self.allowed == 0 || Instant::now() >= until {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 

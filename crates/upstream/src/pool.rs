@@ -303,15 +303,11 @@ impl ServerManager {
         target
     }
 
-    /// Opens a new server connection for the pool (deadpool's `create`).
-    async fn open(&self) -> Result<Box<ServerConn>, ConnectError> {
-        let target = self.target();
-        // Slots of the shared caps first: waiting for one is bounded by the client's
-        // query_wait_timeout around the whole checkout. deadpool decided to create because no
-        // server was idle when it looked; one released meanwhile (its slot still held) would
-        // never be seen by a create waiting for a slot, so any release or close ends the wait
-        // and the checkout looks again.
-        let mut permits = Vec::with_capacity(self.limits.0.len());
+    /// One permit of each shared cap, into `permits`.
+    async fn acquire_limits(
+        &self,
+        permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
+    ) -> Result<(), ConnectError> {
         for sem in &self.limits.0 {
             let permit = match sem.clone().try_acquire_owned() {
                 Ok(p) => p,
@@ -324,13 +320,35 @@ impl ServerManager {
                         biased;
                         p = sem.clone().acquire_owned() => match p {
                             Ok(p) => p,
-                            Err(_) => unreachable!("limit semaphores are never closed"),
+                            // Limit semaphores are never closed; if one were, the cap is busy.
+                            Err(_) => return Err(ConnectError::CapBusy),
                         },
                         () = next_change => return Err(ConnectError::CapBusy),
                     }
                 }
             };
             permits.push(permit);
+        }
+        Ok(())
+    }
+
+    /// Opens a new server connection for the pool (deadpool's `create`).
+    async fn open(&self) -> Result<Box<ServerConn>, ConnectError> {
+        let target = self.target();
+        // Slots of the shared caps first: waiting for one is bounded by the client's
+        // query_wait_timeout around the whole checkout. deadpool decided to create because no
+        // server was idle when it looked; one released meanwhile (its slot still held) would
+        // never be seen by a create waiting for a slot, so any release or close ends the wait
+        // and the checkout looks again.
+        let mut permits = Vec::with_capacity(self.limits.0.len());
+        let mut acquired = false;
+        while !acquired {
+            permits.clear();
+            self.acquire_limits(&mut permits).await?;
+            // A permit a closed server gave back while the fleet wants permits back pays that
+            // debt instead of opening a server (the control task would take it at its next
+            // tick; a connect started meanwhile would hold it, without its lock).
+            acquired = !self.fleet.get().is_some_and(|f| f.claim_slot(&mut permits));
         }
         let settings = self.settings();
         let started = Instant::now();
