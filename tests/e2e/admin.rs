@@ -586,6 +586,73 @@ fn write_config(env: &Env, db_extra: &str, pooler_extra: &str) {
     std::fs::write(env.pooler.dir().join("pooler.toml"), config).unwrap();
 }
 
+/// Seconds left on the keepalive timer of the pooler's end of the connection from client port
+/// `client_port`, from /proc/net/tcp (`tr` 02 is the keepalive timer; `tm->when` is in
+/// 1/100 s). `None` when that socket has no keepalive timer running (or is not listed).
+fn pooler_keepalive_left(pooler_port: u16, client_port: u16) -> Option<f64> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+    let port_of = |addr: &str| {
+        addr.rsplit(':')
+            .next()
+            .and_then(|p| u16::from_str_radix(p, 16).ok())
+    };
+    table.lines().skip(1).find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.len() < 6 || port_of(f[1]) != Some(pooler_port) || port_of(f[2]) != Some(client_port) {
+            return None;
+        }
+        let (tr, when) = f[5].split_once(':')?;
+        (tr == "02").then(|| u64::from_str_radix(when, 16).ok().map(|t| t as f64 / 100.0))?
+    })
+}
+
+/// Waits for the pooler's end of a connection to show a keepalive timer; its seconds left.
+async fn keepalive_of(pooler_port: u16, client_port: u16, what: &str) -> f64 {
+    testkit::wait_until(what, WAIT, || async {
+        pooler_keepalive_left(pooler_port, client_port).is_some()
+    })
+    .await
+    .unwrap();
+    pooler_keepalive_left(pooler_port, client_port).unwrap_or(f64::NAN)
+}
+
+/// Client sockets get client_tcp_keepalive's options from their listening socket (Linux
+/// copies them at accept), so a reload must re-tune the listener: a client that connects
+/// after RELOAD has the new client_tcp_keepidle, whether its socket was made before the
+/// listener changed (then it is set on its own) or after.
+#[tokio::test]
+async fn a_reloaded_client_tcp_keepidle_applies_to_clients_that_connect_after_it() {
+    let env = start("client_tcp_keepidle = \"40s\"\n", "");
+    let port = env.pooler.port();
+    let connect_raw = || {
+        let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let local = s.local_addr().unwrap().port();
+        (s, local)
+    };
+    let (_a, a) = connect_raw();
+    let left = keepalive_of(port, a, "the first client's keepalive timer").await;
+    assert!((30.0..=40.0).contains(&left), "{left} s left of 40");
+
+    write_config(&env, "", "client_tcp_keepidle = \"7s\"\n");
+    let c = admin(&env).await;
+    c.simple_query("RELOAD").await.unwrap();
+    // Connected before its accept re-tunes the listener: tuned on its own.
+    let (_b, b) = connect_raw();
+    testkit::wait_until("the next client's keepalive of 7 s", WAIT, || async {
+        pooler_keepalive_left(port, b).is_some_and(|s| s <= 7.0)
+    })
+    .await
+    .unwrap();
+    // Connected after: the listener's new options, inherited. Three, because each shard's
+    // accept loop notices the reload at its own first accept after it: at least two of these
+    // are accepted by a loop that has, and take the listener's options as they are.
+    let later: Vec<_> = (0..3).map(|_| connect_raw()).collect();
+    for (_, c) in &later {
+        let left = keepalive_of(port, *c, "a later client's keepalive timer").await;
+        assert!(left <= 7.0, "{left} s left: the listener kept the old 40 s");
+    }
+}
+
 async fn pool_size(c: &Client) -> String {
     row_where(c, "SHOW DATABASES", "name", "app").await.unwrap()["pool_size"].clone()
 }

@@ -181,7 +181,12 @@ impl InProcPooler {
             // idle-memory test's count) is the size the binary's is.
             while let Ok((socket, addr)) = listener.accept().await {
                 tokio::spawn(
-                    accepting.serve(upstream::Stream::Tcp(socket), proxy::Peer(Some(addr))),
+                    // A listener the probe did not tune: the options are set per socket.
+                    accepting.serve(
+                        upstream::Stream::Tcp(socket),
+                        proxy::Peer(Some(addr)),
+                        false,
+                    ),
                 );
             }
         });

@@ -47,7 +47,15 @@ pub fn addresses(listen_addr: &str, port: u16) -> Result<Vec<SocketAddr>, String
 /// With `reuseport` (`so_reuseport`), another process may bind the same address too: a new
 /// version takes over the port while this one drains, and the kernel spreads new connections
 /// over every process listening.
-pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpListener> {
+///
+/// `clients`: TCP_NODELAY and these keepalive options are set on the listening socket before it
+/// listens, so every client socket it accepts has them without a system call of its own (Linux
+/// copies them to accepted sockets; see `upstream::Stream::tune_accepted`).
+pub fn bind(
+    addr: SocketAddr,
+    reuseport: bool,
+    clients: Option<&upstream::TcpLiveness>,
+) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     if addr.is_ipv6() {
@@ -59,6 +67,12 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpL
         socket.set_reuse_port(true)?;
     }
     socket.set_nonblocking(true)?;
+    #[cfg(target_os = "linux")]
+    if let Some(l) = clients {
+        l.apply_exactly(&socket)?;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = clients;
     socket.bind(&addr.into())?;
     // Bursts of logins (a fleet restarting) queue in the kernel rather than being refused.
     socket.listen(1024)?;
@@ -70,11 +84,12 @@ pub fn bind(addr: SocketAddr, reuseport: bool) -> std::io::Result<std::net::TcpL
 pub fn bind_all(
     addrs: &[SocketAddr],
     reuseport: bool,
+    clients: Option<&upstream::TcpLiveness>,
 ) -> Result<Vec<std::net::TcpListener>, String> {
     let mut bound = Vec::new();
     let mut skipped = None;
     for a in addrs {
-        match bind(*a, reuseport) {
+        match bind(*a, reuseport, clients) {
             Ok(l) => bound.push(l),
             Err(e)
                 if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -101,6 +116,7 @@ pub fn bind_all(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn star_and_comma_lists_name_every_address() {
@@ -122,11 +138,11 @@ mod tests {
 
     #[test]
     fn a_busy_port_is_reported_and_star_binds_both_families() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
         let taken = first.local_addr().unwrap();
-        let err = bind(taken, false).unwrap_err();
+        let err = bind(taken, false, None).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
-        let port = bind("0.0.0.0:0".parse().unwrap(), false)
+        let port = bind("0.0.0.0:0".parse().unwrap(), false, None)
             .unwrap()
             .local_addr()
             .unwrap()
@@ -135,7 +151,7 @@ mod tests {
         let both: Vec<_> = addresses("*", port)
             .unwrap()
             .into_iter()
-            .map(|a| bind(a, false))
+            .map(|a| bind(a, false, None))
             .collect();
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
             assert!(both.iter().all(Result::is_ok), "{both:?}");
@@ -144,14 +160,75 @@ mod tests {
 
     #[test]
     fn with_so_reuseport_two_listeners_share_a_port_and_without_it_they_do_not() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), true, None).unwrap();
         let addr = first.local_addr().unwrap();
-        let second = bind(addr, true).expect("a second so_reuseport listener");
+        let second = bind(addr, true, None).expect("a second so_reuseport listener");
         assert_eq!(second.local_addr().unwrap(), addr);
         // Both must ask for it: a listener without the option is refused.
         assert_eq!(
-            bind(addr, false).unwrap_err().kind(),
+            bind(addr, false, None).unwrap_err().kind(),
             std::io::ErrorKind::AddrInUse
         );
+    }
+
+    /// What a listener's accepted sockets carry, read back with getsockopt.
+    #[cfg(target_os = "linux")]
+    fn accepted_options(clients: &upstream::TcpLiveness) -> (bool, bool, u32, u32, u32, u32) {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(clients)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs() as u32);
+        (
+            s.nodelay().unwrap(),
+            s.keepalive().unwrap(),
+            secs(s.keepalive_time().ok()),
+            secs(s.keepalive_interval().ok()),
+            s.keepalive_retries().unwrap(),
+            s.tcp_user_timeout()
+                .unwrap()
+                .map_or(0, |d| d.as_millis() as u32),
+        )
+    }
+
+    /// Breakwater sets no option on an accepted client socket when its listener was bound with
+    /// them: that rests on Linux copying them from the listener, which this checks.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn accepted_sockets_inherit_nodelay_and_the_client_keepalive_options_set_at_bind() {
+        let on = upstream::TcpLiveness {
+            keepalive: Some((Duration::from_secs(11), Duration::from_secs(6), 4)),
+            user_timeout: Some(Duration::from_millis(21_000)),
+        };
+        assert_eq!(accepted_options(&on), (true, true, 11, 6, 4, 21_000));
+        let off = upstream::TcpLiveness::default();
+        let (nodelay, keepalive, .., user_timeout) = accepted_options(&off);
+        assert!(nodelay);
+        assert!(!keepalive, "keepalive off stays off");
+        assert_eq!(user_timeout, 0);
+    }
+
+    /// A reload that turns keepalive off re-tunes the listener: what it had is turned off, not
+    /// left as it was.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn options_set_again_exactly_turn_off_what_the_new_values_leave_off() {
+        let on = upstream::TcpLiveness {
+            keepalive: Some((Duration::from_secs(11), Duration::from_secs(6), 4)),
+            user_timeout: Some(Duration::from_millis(21_000)),
+        };
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(&on)).unwrap();
+        upstream::TcpLiveness::default()
+            .apply_exactly(&listener)
+            .unwrap();
+        let addr = listener.local_addr().unwrap();
+        let _client = std::net::TcpStream::connect(addr).unwrap();
+        listener.set_nonblocking(false).unwrap();
+        let (accepted, _) = listener.accept().unwrap();
+        let s = socket2::SockRef::from(&accepted);
+        assert!(!s.keepalive().unwrap());
+        assert_eq!(s.tcp_user_timeout().unwrap(), None);
     }
 }

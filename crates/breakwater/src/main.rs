@@ -215,7 +215,7 @@ fn main() -> ExitCode {
         // A busy port or an address this host does not have fails here, not at start.
         let p = &config.file.pooler;
         let bound = listen::addresses(&p.listen_addr, p.listen_port)
-            .and_then(|addrs| listen::bind_all(&addrs, config.file.pooler.so_reuseport));
+            .and_then(|addrs| listen::bind_all(&addrs, config.file.pooler.so_reuseport, None));
         if let Err(e) = bound {
             eprintln!(
                 "breakwater: {}: pooler.listen_addr / listen_port: {e}",
@@ -306,7 +306,9 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
     let addrs = listen::addresses(&p.listen_addr, p.listen_port)
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
     let mut tcp = Vec::with_capacity(addrs.len());
-    for l in listen::bind_all(&addrs, p.so_reuseport).map_err(anyhow::Error::msg)? {
+    // Client sockets inherit these from the listening socket (Linux); see `accept_loop`.
+    let tuned = cfg!(target_os = "linux").then(|| config.proxy_settings().client_liveness);
+    for l in listen::bind_all(&addrs, p.so_reuseport, tuned.as_ref()).map_err(anyhow::Error::msg)? {
         tcp.push(BoundListener::Tcp(l));
     }
     let unix = match config.unix_socket_path() {
@@ -380,7 +382,7 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
         for shard in shards.handles() {
             let listener = Listener::for_shard(bound, shard).context("cannot listen")?;
             tasks.spawn_on(
-                accept_loop(listener, daemon.clone(), stop_rx.clone()),
+                accept_loop(listener, daemon.clone(), stop_rx.clone(), tuned),
                 shard,
             );
         }
@@ -602,13 +604,25 @@ enum BoundListener {
 /// A client's task is not kept here (a `JoinSet` entry was 64 bytes of every idle client's
 /// memory): shutdown waits for the client count instead (see `run`), and tasks still running
 /// when the shards stop end with their runtimes.
-async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
+async fn accept_loop(
+    listener: Listener,
+    daemon: Arc<Daemon>,
+    mut stop: watch::Receiver<bool>,
+    tuned: Option<upstream::TcpLiveness>,
+) {
     // One wait for the stop signal across every accept: a `changed()` made per accept joined
     // and left the watch channel's waiter list each time. `biased`, stop first: no random
     // branch order per accept, and a storm of connections cannot keep the stop from being
     // seen.
     let stopped = stop.changed();
     tokio::pin!(stopped);
+    // What the listening socket's clients inherit: set at bind (`listen::bind`), and again
+    // here after a reload changed it. `None`: nothing is inherited (a Unix socket, or not
+    // Linux), and each client's socket is set on its own.
+    let mut tuned = match listener {
+        Listener::Tcp(_) => tuned,
+        Listener::Unix(_) => None,
+    };
     loop {
         let accepted = tokio::select! {
             biased;
@@ -616,7 +630,26 @@ async fn accept_loop(listener: Listener, daemon: Arc<Daemon>, mut stop: watch::R
             r = listener.accept() => r,
         };
         match accepted {
-            Ok((stream, peer)) => drop(tokio::spawn(serve(daemon.clone(), stream, peer))),
+            Ok((stream, peer)) => {
+                let inherited = match (&listener, tuned) {
+                    (Listener::Tcp(l), Some(was)) => {
+                        let now = daemon.proxy.client_liveness();
+                        if now != was {
+                            // This client connected before the listener changed: it is tuned
+                            // on its own. One that connected just before this line and is
+                            // still queued keeps the previous values, as one that logged in
+                            // before the reload does.
+                            if let Err(e) = now.apply_exactly(l) {
+                                tracing::warn!(error = %e, "cannot set client socket options on the listening socket");
+                            }
+                            tuned = Some(now);
+                        }
+                        now == was
+                    }
+                    _ => false,
+                };
+                drop(tokio::spawn(serve(daemon.clone(), stream, peer, inherited)))
+            }
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
@@ -633,15 +666,19 @@ fn serve(
     daemon: Arc<Daemon>,
     stream: Stream,
     peer: Peer,
+    inherited: bool,
 ) -> impl std::future::Future<Output = ()> + Send + 'static {
     // `map`, not an async block awaiting it: a block would keep the session's future twice,
     // once as what it captured and once as what it awaits. The console runs in a task of its
     // own: awaited here, every client's task would keep room for an admin login.
-    daemon.proxy.serve(stream, peer).map(move |login| {
-        if let Some(login) = login {
-            tokio::spawn(admin_console(daemon, login));
-        }
-    })
+    daemon
+        .proxy
+        .serve(stream, peer, inherited)
+        .map(move |login| {
+            if let Some(login) = login {
+                tokio::spawn(admin_console(daemon, login));
+            }
+        })
 }
 
 /// Runs the admin console on a login to the admin database.

@@ -79,6 +79,7 @@ pub(crate) fn serve(
     shared: Arc<Shared>,
     stream: Stream,
     peer: Peer,
+    inherited: bool,
 ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + 'static {
     let id = shared.next_client_id.fetch_add(1, Ordering::Relaxed);
     let span = tracing::info_span!("client", id, addr = %peer, db = tracing::field::Empty, user = tracing::field::Empty);
@@ -93,7 +94,7 @@ pub(crate) fn serve(
         addr_count: addr_slot.count,
     };
     let places = (ClientSlot(shared.clone()), addr_slot);
-    let login = Box::pin(log_in(shared, stream, peer, id, arrival, places));
+    let login = Box::pin(log_in(shared, stream, peer, inherited, id, arrival, places));
     async move {
         // Bound by a `let`, so the login's result (an admin login is large) does not stay in
         // the task while the session runs.
@@ -133,14 +134,14 @@ async fn log_in(
     shared: Arc<Shared>,
     stream: Stream,
     peer: Peer,
+    inherited: bool,
     id: u64,
     arrival: Arrival,
     open_places: (ClientSlot, AddrSlot),
 ) -> LoggedIn {
     let shared = &shared;
     let settings = shared.settings();
-    stream.set_nodelay();
-    stream.set_liveness(&settings.client_liveness);
+    stream.tune_accepted(&settings.client_liveness, inherited);
     let deadline = settings.client_login_timeout.map(|t| Instant::now() + t);
 
     // Small to start: most clients sit idle most of the time, and buffers grow on demand.

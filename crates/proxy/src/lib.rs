@@ -276,12 +276,21 @@ impl Proxy {
     ///
     /// Not an `async fn`: that would be one more layer of the client's task keeping its own
     /// copy of the arguments for the life of the connection.
+    /// What client sockets should carry now (a reload may change it): accept loops keep
+    /// their listening sockets tuned with it.
+    pub fn client_liveness(&self) -> upstream::TcpLiveness {
+        self.shared.settings().client_liveness
+    }
+
+    /// `inherited`: the socket came from a listener tuned with the current
+    /// `client_liveness` (see [`upstream::Stream::tune_accepted`]).
     pub fn serve(
         &self,
         stream: Stream,
         peer: Peer,
+        inherited: bool,
     ) -> impl std::future::Future<Output = Option<AdminLogin>> + Send + 'static {
-        client::serve(self.shared.clone(), stream, peer)
+        client::serve(self.shared.clone(), stream, peer, inherited)
     }
 
     /// Opens pools whose server login is known without a client (a `user` in the database

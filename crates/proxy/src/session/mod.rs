@@ -543,7 +543,7 @@ fn protocol_violation(detail: impl Into<String>) -> PgError {
 
 #[cfg(test)]
 mod sizes {
-    fn output_size<A, B, C, R>(_: impl FnOnce(A, B, C) -> R) -> usize {
+    fn output_size<A, B, C, D, R>(_: impl FnOnce(A, B, C, D) -> R) -> usize {
         std::mem::size_of::<R>()
     }
 
