@@ -171,25 +171,37 @@ mod tests {
         );
     }
 
-    /// What a listener's accepted sockets carry, read back with getsockopt.
     #[cfg(target_os = "linux")]
-    fn accepted_options(clients: &upstream::TcpLiveness) -> (bool, bool, u32, u32, u32, u32) {
-        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(clients)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = std::net::TcpStream::connect(addr).unwrap();
+    fn keepalive_on() -> upstream::TcpLiveness {
+        upstream::TcpLiveness {
+            keepalive: Some((Duration::from_secs(11), Duration::from_secs(6), 4)),
+            user_timeout: Some(Duration::from_millis(21_000)),
+        }
+    }
+
+    /// What a socket accepted from a listener bound with `at_bind` (and then, if given, set
+    /// again with `then`) carries, read back with getsockopt: TCP_NODELAY, SO_KEEPALIVE, its
+    /// idle, interval and count, and TCP_USER_TIMEOUT in milliseconds.
+    #[cfg(target_os = "linux")]
+    fn accepted_options(
+        at_bind: &upstream::TcpLiveness,
+        then: Option<&upstream::TcpLiveness>,
+    ) -> (bool, bool, u64, u64, u32, u128) {
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(at_bind)).unwrap();
+        if let Some(t) = then {
+            t.apply_exactly(&listener).unwrap();
+        }
+        let _client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
         listener.set_nonblocking(false).unwrap();
         let (accepted, _) = listener.accept().unwrap();
         let s = socket2::SockRef::from(&accepted);
-        let secs = |d: Option<Duration>| d.map_or(0, |d| d.as_secs() as u32);
         (
             s.nodelay().unwrap(),
             s.keepalive().unwrap(),
-            secs(s.keepalive_time().ok()),
-            secs(s.keepalive_interval().ok()),
+            s.keepalive_time().unwrap().as_secs(),
+            s.keepalive_interval().unwrap().as_secs(),
             s.keepalive_retries().unwrap(),
-            s.tcp_user_timeout()
-                .unwrap()
-                .map_or(0, |d| d.as_millis() as u32),
+            s.tcp_user_timeout().unwrap().map_or(0, |d| d.as_millis()),
         )
     }
 
@@ -198,13 +210,12 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn accepted_sockets_inherit_nodelay_and_the_client_keepalive_options_set_at_bind() {
-        let on = upstream::TcpLiveness {
-            keepalive: Some((Duration::from_secs(11), Duration::from_secs(6), 4)),
-            user_timeout: Some(Duration::from_millis(21_000)),
-        };
-        assert_eq!(accepted_options(&on), (true, true, 11, 6, 4, 21_000));
-        let off = upstream::TcpLiveness::default();
-        let (nodelay, keepalive, .., user_timeout) = accepted_options(&off);
+        assert_eq!(
+            accepted_options(&keepalive_on(), None),
+            (true, true, 11, 6, 4, 21_000)
+        );
+        let (nodelay, keepalive, .., user_timeout) =
+            accepted_options(&upstream::TcpLiveness::default(), None);
         assert!(nodelay);
         assert!(!keepalive, "keepalive off stays off");
         assert_eq!(user_timeout, 0);
@@ -215,20 +226,10 @@ mod tests {
     #[cfg(target_os = "linux")]
     #[test]
     fn options_set_again_exactly_turn_off_what_the_new_values_leave_off() {
-        let on = upstream::TcpLiveness {
-            keepalive: Some((Duration::from_secs(11), Duration::from_secs(6), 4)),
-            user_timeout: Some(Duration::from_millis(21_000)),
-        };
-        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(&on)).unwrap();
-        upstream::TcpLiveness::default()
-            .apply_exactly(&listener)
-            .unwrap();
-        let addr = listener.local_addr().unwrap();
-        let _client = std::net::TcpStream::connect(addr).unwrap();
-        listener.set_nonblocking(false).unwrap();
-        let (accepted, _) = listener.accept().unwrap();
-        let s = socket2::SockRef::from(&accepted);
-        assert!(!s.keepalive().unwrap());
-        assert_eq!(s.tcp_user_timeout().unwrap(), None);
+        let off = upstream::TcpLiveness::default();
+        let (nodelay, keepalive, .., user_timeout) = accepted_options(&keepalive_on(), Some(&off));
+        assert!(nodelay);
+        assert!(!keepalive);
+        assert_eq!(user_timeout, 0);
     }
 }
