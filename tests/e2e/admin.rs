@@ -622,7 +622,11 @@ async fn keepalive_of(pooler_port: u16, client_port: u16, what: &str) -> f64 {
 /// listener changed (then it is set on its own) or after.
 #[tokio::test]
 async fn a_reloaded_client_tcp_keepidle_applies_to_clients_that_connect_after_it() {
-    let env = start("client_tcp_keepidle = \"40s\"\n", "");
+    // The raw clients send nothing: without tcp_defer_accept they are accepted at once.
+    let env = start(
+        "client_tcp_keepidle = \"40s\"\ntcp_defer_accept = false\n",
+        "",
+    );
     let port = env.pooler.port();
     let connect_raw = || {
         let s = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
@@ -633,7 +637,11 @@ async fn a_reloaded_client_tcp_keepidle_applies_to_clients_that_connect_after_it
     let left = keepalive_of(port, a, "the first client's keepalive timer").await;
     assert!((30.0..=40.0).contains(&left), "{left} s left of 40");
 
-    write_config(&env, "", "client_tcp_keepidle = \"7s\"\n");
+    write_config(
+        &env,
+        "",
+        "client_tcp_keepidle = \"7s\"\ntcp_defer_accept = false\n",
+    );
     let c = admin(&env).await;
     c.simple_query("RELOAD").await.unwrap();
     // Connected before its accept re-tunes the listener: tuned on its own.

@@ -10,8 +10,10 @@ use crate::common::*;
 #[tokio::test]
 async fn a_thousand_silent_clients_are_closed_at_client_login_timeout_while_real_clients_work() {
     raise_fd_limit();
+    // The pooler's own defence, without the kernel's (tcp_defer_accept would hold these
+    // clients for 45 s before the pooler saw them: see the test after this one).
     let env = start(
-        "client_login_timeout = \"2s\"\nmax_client_conn = 2000",
+        "client_login_timeout = \"2s\"\nmax_client_conn = 2000\ntcp_defer_accept = false",
         "pool_size = 2\n",
     );
     let port = env.pooler.port();
@@ -49,6 +51,38 @@ async fn a_thousand_silent_clients_are_closed_at_client_login_timeout_while_real
     assert!(
         *last < connecting + Duration::from_secs(4),
         "closed too late: {last:?} (connecting took {connecting:?})"
+    );
+}
+
+/// With tcp_defer_accept (the default on Linux), connections that send nothing never become
+/// clients: they hold no max_client_conn place, so a real client still gets in. One that
+/// speaks at last is then served like any other.
+#[tokio::test]
+async fn with_tcp_defer_accept_silent_connections_take_no_client_place() {
+    let env = start("max_client_conn = 2", "");
+    let port = env.pooler.port();
+    let mut silent = Vec::new();
+    for _ in 0..20 {
+        silent.push(TcpStream::connect(("127.0.0.1", port)).await.unwrap());
+    }
+    // Without the option these twenty would hold both places, and this login would be
+    // refused with 53300.
+    let c = env.client().await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+    // A silent one speaks: it is accepted then, and asked for its password.
+    let mut s = silent.pop().unwrap();
+    use tokio::io::AsyncWriteExt;
+    s.write_all(&startup(&[("user", "app"), ("database", "app")], 196_608))
+        .await
+        .unwrap();
+    let reply = tokio::time::timeout(WAIT, s.read_u8()).await;
+    assert_eq!(
+        reply.ok().and_then(Result::ok),
+        Some(b'R'),
+        "an authentication request for the connection that spoke"
     );
 }
 

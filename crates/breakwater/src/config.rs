@@ -244,6 +244,11 @@ section! {
         shutdown_accept_delay: Timeout = Timeout(None), reload;
         /// Lets a new process bind the listen port while this one drains (rolling restart).
         so_reuseport: bool = false, restart;
+        /// Linux, as PgBouncer's: the kernel hands a client over once it has sent something
+        /// (waiting up to 45 s), so a connection that sends nothing holds no task, no
+        /// max_client_conn place and no login timer, and a login begins with its first packet
+        /// already there.
+        tcp_defer_accept: bool = true, restart;
         tcp_keepalive: bool = true, reload;
         tcp_keepidle: Timeout = Timeout::secs(15), reload;
         tcp_keepintvl: Timeout = Timeout::secs(5), reload;

@@ -51,10 +51,37 @@ pub fn addresses(listen_addr: &str, port: u16) -> Result<Vec<SocketAddr>, String
 /// `clients`: TCP_NODELAY and these keepalive options are set on the listening socket before it
 /// listens, so every client socket it accepts has them without a system call of its own (Linux
 /// copies them to accepted sockets; see `upstream::Stream::tune_accepted`).
+///
+/// `defer_accept` (`tcp_defer_accept`, Linux): TCP_DEFER_ACCEPT of 45 s, as PgBouncer sets it.
+/// How long the kernel holds a connection that has sent nothing (PgBouncer's fixed value).
+#[cfg(target_os = "linux")]
+const DEFER_ACCEPT_SECS: libc::c_int = 45;
+
+/// TCP_DEFER_ACCEPT, which socket2 does not offer.
+#[cfg(target_os = "linux")]
+fn set_defer_accept(socket: &impl std::os::fd::AsRawFd, secs: libc::c_int) -> std::io::Result<()> {
+    // SAFETY: setsockopt on a socket we own, reading one c_int we pass with its size.
+    let r = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 pub fn bind(
     addr: SocketAddr,
     reuseport: bool,
     clients: Option<&upstream::TcpLiveness>,
+    defer_accept: bool,
 ) -> std::io::Result<std::net::TcpListener> {
     use socket2::{Domain, Socket, Type};
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
@@ -71,8 +98,12 @@ pub fn bind(
     if let Some(l) = clients {
         l.apply_exactly(&socket)?;
     }
+    #[cfg(target_os = "linux")]
+    if defer_accept {
+        set_defer_accept(&socket, DEFER_ACCEPT_SECS)?;
+    }
     #[cfg(not(target_os = "linux"))]
-    let _ = clients;
+    let _ = (clients, defer_accept);
     socket.bind(&addr.into())?;
     // Bursts of logins (a fleet restarting) queue in the kernel rather than being refused.
     socket.listen(1024)?;
@@ -85,11 +116,12 @@ pub fn bind_all(
     addrs: &[SocketAddr],
     reuseport: bool,
     clients: Option<&upstream::TcpLiveness>,
+    defer_accept: bool,
 ) -> Result<Vec<std::net::TcpListener>, String> {
     let mut bound = Vec::new();
     let mut skipped = None;
     for a in addrs {
-        match bind(*a, reuseport, clients) {
+        match bind(*a, reuseport, clients, defer_accept) {
             Ok(l) => bound.push(l),
             Err(e)
                 if a.ip() == IpAddr::V6(Ipv6Addr::UNSPECIFIED)
@@ -138,11 +170,11 @@ mod tests {
 
     #[test]
     fn a_busy_port_is_reported_and_star_binds_both_families() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), false, None).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), false, None, false).unwrap();
         let taken = first.local_addr().unwrap();
-        let err = bind(taken, false, None).unwrap_err();
+        let err = bind(taken, false, None, false).unwrap_err();
         assert_eq!(err.kind(), std::io::ErrorKind::AddrInUse);
-        let port = bind("0.0.0.0:0".parse().unwrap(), false, None)
+        let port = bind("0.0.0.0:0".parse().unwrap(), false, None, false)
             .unwrap()
             .local_addr()
             .unwrap()
@@ -151,7 +183,7 @@ mod tests {
         let both: Vec<_> = addresses("*", port)
             .unwrap()
             .into_iter()
-            .map(|a| bind(a, false, None))
+            .map(|a| bind(a, false, None, false))
             .collect();
         if std::net::TcpListener::bind("[::1]:0").is_ok() {
             assert!(both.iter().all(Result::is_ok), "{both:?}");
@@ -160,13 +192,13 @@ mod tests {
 
     #[test]
     fn with_so_reuseport_two_listeners_share_a_port_and_without_it_they_do_not() {
-        let first = bind("127.0.0.1:0".parse().unwrap(), true, None).unwrap();
+        let first = bind("127.0.0.1:0".parse().unwrap(), true, None, false).unwrap();
         let addr = first.local_addr().unwrap();
-        let second = bind(addr, true, None).expect("a second so_reuseport listener");
+        let second = bind(addr, true, None, false).expect("a second so_reuseport listener");
         assert_eq!(second.local_addr().unwrap(), addr);
         // Both must ask for it: a listener without the option is refused.
         assert_eq!(
-            bind(addr, false, None).unwrap_err().kind(),
+            bind(addr, false, None, false).unwrap_err().kind(),
             std::io::ErrorKind::AddrInUse
         );
     }
@@ -187,7 +219,7 @@ mod tests {
         at_bind: &upstream::TcpLiveness,
         then: Option<&upstream::TcpLiveness>,
     ) -> (bool, bool, u64, u64, u32, u128) {
-        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(at_bind)).unwrap();
+        let listener = bind("127.0.0.1:0".parse().unwrap(), false, Some(at_bind), false).unwrap();
         if let Some(t) = then {
             t.apply_exactly(&listener).unwrap();
         }

@@ -214,8 +214,9 @@ fn main() -> ExitCode {
         }
         // A busy port or an address this host does not have fails here, not at start.
         let p = &config.file.pooler;
-        let bound = listen::addresses(&p.listen_addr, p.listen_port)
-            .and_then(|addrs| listen::bind_all(&addrs, config.file.pooler.so_reuseport, None));
+        let bound = listen::addresses(&p.listen_addr, p.listen_port).and_then(|addrs| {
+            listen::bind_all(&addrs, config.file.pooler.so_reuseport, None, false)
+        });
         if let Err(e) = bound {
             eprintln!(
                 "breakwater: {}: pooler.listen_addr / listen_port: {e}",
@@ -308,7 +309,9 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
     let mut tcp = Vec::with_capacity(addrs.len());
     // Client sockets inherit these from the listening socket (Linux); see `accept_loop`.
     let tuned = cfg!(target_os = "linux").then(|| config.proxy_settings().client_liveness);
-    for l in listen::bind_all(&addrs, p.so_reuseport, tuned.as_ref()).map_err(anyhow::Error::msg)? {
+    for l in listen::bind_all(&addrs, p.so_reuseport, tuned.as_ref(), p.tcp_defer_accept)
+        .map_err(anyhow::Error::msg)?
+    {
         tcp.push(BoundListener::Tcp(l));
     }
     let unix = match config.unix_socket_path() {

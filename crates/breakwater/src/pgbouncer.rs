@@ -131,7 +131,7 @@ pub const KEYS: &[(&str, Fate)] = &[
     ("listen_backlog", NoOp("the listen backlog is 1024")),
     ("sbuf_loopcnt", NoOp("each client is its own task; the runtime keeps turns fair")),
     ("so_reuseport", Same(Bool)),
-    ("tcp_defer_accept", NoOp("not needed: a client costs a task, not a thread")),
+    ("tcp_defer_accept", Same(Bool)),
     ("tcp_socket_buffer", NoOp("the kernel's socket buffer sizes are used")),
     ("tcp_keepalive", Differs(Bool, "server sockets; the importer sets client_tcp_keepalive too (PgBouncer's applies to both sides); Breakwater's keepidle/keepintvl/keepcnt defaults are its own, not the OS's")),
     ("tcp_keepcnt", Differs(Int, "0 (PgBouncer: OS default) is not accepted; Breakwater's default is 3; the importer sets client_tcp_keepcnt too")),
