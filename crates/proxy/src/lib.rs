@@ -271,19 +271,19 @@ impl Proxy {
         }
     }
 
-    /// Serves one client connection to its end. Returns the connection when it logged in to the
-    /// admin database, for the caller to run the console on.
-    ///
-    /// Not an `async fn`: that would be one more layer of the client's task keeping its own
-    /// copy of the arguments for the life of the connection.
     /// What client sockets should carry now (a reload may change it): accept loops keep
     /// their listening sockets tuned with it.
     pub fn client_liveness(&self) -> upstream::TcpLiveness {
         self.shared.settings().client_liveness
     }
 
-    /// `inherited`: the socket came from a listener tuned with the current
-    /// `client_liveness` (see [`upstream::Stream::tune_accepted`]).
+    /// Serves one client connection to its end. Returns the connection when it logged in to the
+    /// admin database, for the caller to run the console on. `inherited`: the socket came from
+    /// a listener tuned with the current `client_liveness` (see
+    /// [`upstream::Stream::tune_accepted`]).
+    ///
+    /// Not an `async fn`: that would be one more layer of the client's task keeping its own
+    /// copy of the arguments for the life of the connection.
     pub fn serve(
         &self,
         stream: Stream,

@@ -303,11 +303,9 @@ impl ServerManager {
         target
     }
 
-    /// One permit of each shared cap, into `permits`.
-    async fn acquire_limits(
-        &self,
-        permits: &mut Vec<tokio::sync::OwnedSemaphorePermit>,
-    ) -> Result<(), ConnectError> {
+    /// One permit of each shared cap.
+    async fn acquire_limits(&self) -> Result<Vec<tokio::sync::OwnedSemaphorePermit>, ConnectError> {
+        let mut permits = Vec::with_capacity(self.limits.0.len());
         for sem in &self.limits.0 {
             let permit = match sem.clone().try_acquire_owned() {
                 Ok(p) => p,
@@ -329,7 +327,7 @@ impl ServerManager {
             };
             permits.push(permit);
         }
-        Ok(())
+        Ok(permits)
     }
 
     /// Opens a new server connection for the pool (deadpool's `create`).
@@ -340,16 +338,15 @@ impl ServerManager {
         // server was idle when it looked; one released meanwhile (its slot still held) would
         // never be seen by a create waiting for a slot, so any release or close ends the wait
         // and the checkout looks again.
-        let mut permits = Vec::with_capacity(self.limits.0.len());
-        let mut acquired = false;
-        while !acquired {
-            permits.clear();
-            self.acquire_limits(&mut permits).await?;
+        let permits = loop {
+            let mut permits = self.acquire_limits().await?;
             // A permit a closed server gave back while the fleet wants permits back pays that
             // debt instead of opening a server (the control task would take it at its next
             // tick; a connect started meanwhile would hold it, without its lock).
-            acquired = !self.fleet.get().is_some_and(|f| f.claim_slot(&mut permits));
-        }
+            if !self.fleet.get().is_some_and(|f| f.claim_slot(&mut permits)) {
+                break permits;
+            }
+        };
         let settings = self.settings();
         let started = Instant::now();
         let logging_in = stats::GaugeGuard::new(&self.stats.sv_login);

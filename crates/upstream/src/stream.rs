@@ -56,15 +56,20 @@ pub struct TcpLiveness {
 }
 
 impl TcpLiveness {
+    fn keepalive(&self) -> Option<socket2::TcpKeepalive> {
+        self.keepalive.map(|(idle, interval, count)| {
+            socket2::TcpKeepalive::new()
+                .with_time(idle)
+                .with_interval(interval)
+                .with_retries(count)
+        })
+    }
+
     /// Best effort: a socket option the platform refuses leaves the socket as it was, which is
     /// what it would be without the setting.
     pub fn apply(&self, tcp: &TcpStream) {
         let sock = socket2::SockRef::from(tcp);
-        if let Some((idle, interval, count)) = self.keepalive {
-            let ka = socket2::TcpKeepalive::new()
-                .with_time(idle)
-                .with_interval(interval)
-                .with_retries(count);
+        if let Some(ka) = self.keepalive() {
             let _ = sock.set_tcp_keepalive(&ka);
         }
         #[cfg(target_os = "linux")]
@@ -75,21 +80,17 @@ impl TcpLiveness {
 
     /// Sets TCP_NODELAY and exactly these options, turning off what `self` leaves off (a
     /// reload may have). For client sockets: on a listening socket, so that what it accepts
-    /// inherits them (Linux), and on an accepted one that inherited other values.
-    #[cfg(target_os = "linux")]
+    /// inherits them (Linux), and on an accepted one that did not inherit these values.
     pub fn apply_exactly(&self, socket: &impl std::os::fd::AsFd) -> io::Result<()> {
         let sock = socket2::SockRef::from(socket);
         sock.set_nodelay(true)?;
-        match self.keepalive {
-            Some((idle, interval, count)) => sock.set_tcp_keepalive(
-                &socket2::TcpKeepalive::new()
-                    .with_time(idle)
-                    .with_interval(interval)
-                    .with_retries(count),
-            )?,
+        match self.keepalive() {
+            Some(ka) => sock.set_tcp_keepalive(&ka)?,
             None => sock.set_keepalive(false)?,
         }
-        sock.set_tcp_user_timeout(self.user_timeout)
+        #[cfg(target_os = "linux")]
+        sock.set_tcp_user_timeout(self.user_timeout)?;
+        Ok(())
     }
 }
 
@@ -330,33 +331,10 @@ impl Stream {
 
     /// A client socket just accepted: TCP_NODELAY and `liveness`, unless it `inherited` them
     /// from its listening socket (Linux copies both to the sockets a listener accepts; six
-    /// system calls per login saved).
+    /// system calls per login saved). Best effort, as [`TcpLiveness::apply`].
     pub fn tune_accepted(&self, liveness: &TcpLiveness, inherited: bool) {
-        if inherited {
-            return;
-        }
-        #[cfg(target_os = "linux")]
-        if let Some(s) = self.tcp() {
+        if let (false, Some(s)) = (inherited, self.tcp()) {
             let _ = liveness.apply_exactly(s);
-        }
-        #[cfg(not(target_os = "linux"))]
-        {
-            self.set_nodelay();
-            self.set_liveness(liveness);
-        }
-    }
-
-    /// Disables Nagle: the pooler forwards whole protocol messages and must not sit on them.
-    pub fn set_nodelay(&self) {
-        if let Some(s) = self.tcp() {
-            let _ = s.set_nodelay(true);
-        }
-    }
-
-    /// Applies keepalive and TCP_USER_TIMEOUT to a TCP stream (nothing for a Unix socket).
-    pub fn set_liveness(&self, liveness: &TcpLiveness) {
-        if let Some(s) = self.tcp() {
-            liveness.apply(s);
         }
     }
 
