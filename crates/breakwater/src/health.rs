@@ -66,7 +66,7 @@ impl Health {
 
     /// Ticks until the process ends; a stuck runtime stops ticking, and `/healthz` notices.
     pub async fn heartbeat(self: Arc<Self>) {
-        let mut tick = tokio::time::interval(HEARTBEAT);
+        let mut tick = upstream::timer::interval(HEARTBEAT);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tick.tick().await;

@@ -89,7 +89,7 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
             }
             Err(e) => {
                 tracing::warn!(error = %e, "metrics listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                upstream::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }
@@ -98,7 +98,7 @@ pub async fn serve(listener: TcpListener, endpoints: Arc<Endpoints>) {
 /// Reads the request head (bounded in size and time), answers, closes.
 async fn answer(mut stream: TcpStream, endpoints: &Endpoints) -> std::io::Result<()> {
     let mut head = Vec::with_capacity(512);
-    let read = tokio::time::timeout(READ_TIMEOUT, async {
+    let read = upstream::timer::timeout(READ_TIMEOUT, async {
         let mut chunk = [0u8; 1024];
         loop {
             let n = stream.read(&mut chunk).await?;
@@ -151,7 +151,7 @@ async fn answer(mut stream: TcpStream, endpoints: &Endpoints) -> std::io::Result
     if !head_only {
         out.extend_from_slice(body.as_bytes());
     }
-    tokio::time::timeout(READ_TIMEOUT, stream.write_all(&out))
+    upstream::timer::timeout(READ_TIMEOUT, stream.write_all(&out))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     let _ = stream.shutdown().await;

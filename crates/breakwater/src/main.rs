@@ -275,24 +275,26 @@ fn main() -> ExitCode {
         0 => std::thread::available_parallelism().map_or(1, usize::from),
         n => n,
     };
+    // The control runtime: maintenance, health, metrics, the fleet, and every timer a shard
+    // makes (`upstream::timer`), so it outlives the shards.
     let (rt, shards) = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .and_then(|rt| Ok((rt, shards::Shards::start(workers)?)))
-    {
+        .and_then(|rt| {
+            let shards = shards::Shards::start(workers, rt.handle())?;
+            Ok((rt, shards))
+        }) {
         Ok(both) => both,
         Err(e) => {
             eprintln!("breakwater: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    let shards = Arc::new(shards);
-    let result = rt.block_on(run(config, shards.clone()));
-    // Client tasks still running (shutdown_timeout expired) end with their shards' runtimes.
+    let result = rt.block_on(run(config, shards.handles().cloned().collect()));
+    // Client tasks still running (shutdown_timeout expired) end with their shards' runtimes,
+    // before the control runtime whose wheel holds their timers.
+    shards.stop();
     drop(rt);
-    if let Ok(shards) = Arc::try_unwrap(shards) {
-        shards.stop();
-    }
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -302,7 +304,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> {
+async fn run(config: Config, shards: Vec<tokio::runtime::Handle>) -> anyhow::Result<()> {
     let p = &config.file.pooler;
     let addrs = listen::addresses(&p.listen_addr, p.listen_port)
         .map_err(|e| anyhow::anyhow!("listen_addr \"{}\": {e}", p.listen_addr))?;
@@ -382,7 +384,7 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
     // Every shard accepts on every listening socket; the sockets themselves close once the
     // last shard's accept loop has stopped.
     for bound in tcp.iter().chain(unix.as_ref().map(|(l, _)| l)) {
-        for shard in shards.handles() {
+        for shard in &shards {
             let listener = Listener::for_shard(bound, shard).context("cannot listen")?;
             tasks.spawn_on(
                 accept_loop(listener, daemon.clone(), stop_rx.clone(), tuned),
@@ -417,7 +419,7 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
             "shutting down: still accepting for shutdown_accept_delay"
         );
         tokio::select! {
-            _ = tokio::time::sleep(delay) => {}
+            _ = upstream::timer::sleep(delay) => {}
             sig = signals.next() => mode = shutdown::escalate(mode, sig),
         }
     }
@@ -440,7 +442,7 @@ async fn run(config: Config, shards: Arc<shards::Shards>) -> anyhow::Result<()> 
         }
         let expired = async {
             match deadline {
-                Some(d) => tokio::time::sleep_until(d).await,
+                Some(d) => upstream::timer::sleep_until(d).await,
                 None => std::future::pending().await,
             }
         };
@@ -487,7 +489,7 @@ fn remove_socket_if_ours(path: &std::path::Path, ours: Option<(u64, u64)>) {
 /// Opens warm connections up to `min_pool_size` and closes idle ones past their timeouts.
 async fn maintenance(proxy: Arc<Proxy>, mut stop: watch::Receiver<bool>) {
     // Often enough that lifetime jitter spreads reconnects, cheap enough not to matter.
-    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    let mut tick = upstream::timer::interval(Duration::from_millis(250));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
@@ -508,7 +510,7 @@ async fn stats_period(daemon: Arc<Daemon>, mut stop: watch::Receiver<bool>) {
         // Re-read each time: RELOAD and SET may change the period.
         let period = daemon.config().stats_period();
         tokio::select! {
-            _ = tokio::time::sleep(period) => {}
+            _ = upstream::timer::sleep(period) => {}
             _ = stop.changed() => return,
         }
     }
@@ -520,7 +522,7 @@ async fn publish_metrics(
     daemon: Arc<Daemon>,
     handle: metrics_exporter_prometheus::PrometheusHandle,
 ) {
-    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut tick = upstream::timer::interval(Duration::from_secs(1));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
@@ -656,7 +658,7 @@ async fn accept_loop(
             Err(e) => {
                 // EMFILE and friends: back off briefly instead of spinning.
                 tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                upstream::timer::sleep(Duration::from_millis(50)).await;
             }
         }
     }

@@ -25,19 +25,23 @@ pub struct Shards {
 
 impl Shards {
     /// `n` threads (at least one), each running a current-thread runtime until [`Shards::stop`].
-    pub fn start(n: usize) -> std::io::Result<Shards> {
+    /// Their timers go in `control`'s wheel: a shard's runtime has no time driver (see
+    /// `upstream::timer`), and `control` must outlive the shards.
+    pub fn start(n: usize, control: &Handle) -> std::io::Result<Shards> {
         let mut shards = Vec::with_capacity(n.max(1));
         for i in 0..n.max(1) {
             let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
+                .enable_io()
                 .build()?;
             let handle = rt.handle().clone();
             let (stop, stopped) = oneshot::channel::<()>();
             let id = u16::try_from(i).unwrap_or(upstream::home::NONE - 1);
+            let control = control.clone();
             let thread = std::thread::Builder::new()
                 .name(format!("breakwater-{i}"))
                 .spawn(move || {
                     upstream::home::set_this_thread(id);
+                    upstream::timer::use_control_runtime(control);
                     // Drives every task spawned here until told to stop; by then the accept
                     // loops that own client tasks have ended them.
                     rt.block_on(async {

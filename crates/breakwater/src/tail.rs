@@ -96,7 +96,7 @@ pub async fn run(args: TailArgs) -> anyhow::Result<()> {
     })?;
     let conn = tokio::spawn(conn);
     let mut prev: HashMap<(String, String), (Instant, Sample)> = HashMap::new();
-    let mut tick = tokio::time::interval(interval);
+    let mut tick = upstream::timer::interval(interval);
     let mut n = 0u64;
     let header = crate::say!(
         "{:<8} {:<24} {:>6} {:>6} {:>6} {:>6} {:>8} {:>8} {:>9} {:>9} {:>6}",

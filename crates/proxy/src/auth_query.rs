@@ -424,7 +424,7 @@ async fn lookup(
 ) -> Answer {
     let query = pool.lookup(user, &server);
     let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, query).await {
+        Some(t) => match upstream::timer::timeout(t, query).await {
             Ok(r) => r,
             Err(_) => {
                 return Answer::Failed(

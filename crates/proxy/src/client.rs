@@ -289,7 +289,7 @@ fn within<F: std::future::Future>(
 ) -> impl std::future::Future<Output = Result<F::Output, ()>> {
     use futures_util::future::{Either, FutureExt};
     match deadline {
-        Some(d) => Either::Left(tokio::time::timeout_at(d, f).map(|r| r.map_err(|_| ()))),
+        Some(d) => Either::Left(upstream::timer::timeout_at(d, f).map(|r| r.map_err(|_| ()))),
         None => Either::Right(f.map(Ok)),
     }
 }

@@ -7,6 +7,8 @@
         clippy::indexing_slicing
     )
 )]
+// Tests run on runtimes of their own, with a time driver (crates/clippy.toml).
+#![cfg_attr(test, allow(clippy::disallowed_methods))]
 
 //! Client sessions for Breakwater: login, routing to a pool, and the per-connection state machine
 //! that moves a client's transactions onto pooled server connections. This crate never opens a

@@ -329,7 +329,7 @@ async fn run(park: Arc<Park>, shared: Arc<Shared>, mut epoll: AsyncFd<mio::Poll>
     let mut events = Events::with_capacity(BATCH);
     // Set for the earliest deadline of a parked session, if any (far off otherwise).
     let far = || Instant::now() + Duration::from_secs(86_400 * 365);
-    let mut timer = Box::pin(tokio::time::sleep_until(far()));
+    let mut timer = Box::pin(upstream::timer::sleep_until(far()));
     loop {
         let wake = std::future::poll_fn(|cx| {
             let earliest = {

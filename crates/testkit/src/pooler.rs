@@ -238,6 +238,20 @@ impl Drop for Pooler {
             let _ = self.child.wait();
         }
         self.watchdog.take();
+        if !std::thread::panicking() {
+            // A task that panicked took a client or a server with it, and the test may not
+            // have looked there: no test passes with a panic in the log.
+            let log = std::fs::read_to_string(&self.log_file).unwrap_or_default();
+            if let Some(at) = log.find("panicked at") {
+                let from = log[..at].rfind('\n').map_or(0, |i| i + 1);
+                let line = log[from..].lines().next().unwrap_or_default();
+                panic!(
+                    "breakwater (port {}) panicked: {line}\n---- last {LOG_TAIL_LINES} lines ----\n{}",
+                    self.port,
+                    log_tail(&self.log_file, LOG_TAIL_LINES)
+                );
+            }
+        }
         if std::thread::panicking() {
             eprintln!(
                 "---- breakwater log (port {}), last {LOG_TAIL_LINES} lines ----\n{}\n\

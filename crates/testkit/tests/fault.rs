@@ -1,6 +1,8 @@
 //! The fault proxy between tokio-postgres and a real PostgreSQL: each fault does what it says, it
 //! acts promptly, and the counters count.
 
+#![allow(clippy::disallowed_methods)] // a test: its own runtime, never a shard
+
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::time::{Duration, Instant};

@@ -33,7 +33,7 @@ impl Alarm {
         }
         match &mut self.sleep {
             Some(sleep) => sleep.as_mut().reset(at.into()),
-            None => self.sleep = Some(Box::pin(tokio::time::sleep_until(at.into()))),
+            None => self.sleep = Some(Box::pin(crate::timer::sleep_until(at.into()))),
         }
         self.armed = Some(at);
         self.listening = false;

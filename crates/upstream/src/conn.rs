@@ -65,7 +65,7 @@ impl CancelTarget {
             let _ = s.read(&mut sink).await;
             Ok(())
         };
-        tokio::time::timeout(timeout, work)
+        crate::timer::timeout(timeout, work)
             .await
             .unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "cancel timed out")))
     }

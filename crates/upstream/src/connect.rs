@@ -55,14 +55,14 @@ impl ServerConn {
             }),
             Some(DrillMode::Blackhole) => {
                 let t = settings.connect_timeout.unwrap_or(Duration::from_secs(5));
-                tokio::time::sleep(t).await;
+                crate::timer::sleep(t).await;
                 Err(ConnectError::ConnectTimeout {
                     addr: format!("{} (blackholed by a failure drill)", host.name),
                     timeout: t,
                 })
             }
             Some(DrillMode::Slow) => {
-                tokio::time::sleep(SLOW_DRILL_DELAY).await;
+                crate::timer::sleep(SLOW_DRILL_DELAY).await;
                 Self::connect_phases(target, settings, host).await
             }
         };
@@ -212,12 +212,14 @@ async fn resolve(
     }
     let lookup = tokio::net::lookup_host((target.host.as_str(), target.port));
     let result = match timeout {
-        Some(t) => tokio::time::timeout(t, lookup)
-            .await
-            .map_err(|_| ConnectError::DnsTimeout {
-                host: target.host.clone(),
-                timeout: t,
-            })?,
+        Some(t) => {
+            crate::timer::timeout(t, lookup)
+                .await
+                .map_err(|_| ConnectError::DnsTimeout {
+                    host: target.host.clone(),
+                    timeout: t,
+                })?
+        }
         None => lookup.await,
     };
     let addrs = result.map_err(|source| ConnectError::Dns {
@@ -261,20 +263,19 @@ async fn connect_one(
     tls: bool,
 ) -> Result<Stream, ConnectError> {
     let connecting = addr.connect();
-    let stream =
-        match settings.connect_timeout {
-            Some(t) => tokio::time::timeout(t, connecting).await.map_err(|_| {
-                ConnectError::ConnectTimeout {
-                    addr: addr.to_string(),
-                    timeout: t,
-                }
-            })?,
-            None => connecting.await,
-        }
-        .map_err(|source| ConnectError::Connect {
-            addr: addr.to_string(),
-            source,
-        })?;
+    let stream = match settings.connect_timeout {
+        Some(t) => crate::timer::timeout(t, connecting).await.map_err(|_| {
+            ConnectError::ConnectTimeout {
+                addr: addr.to_string(),
+                timeout: t,
+            }
+        })?,
+        None => connecting.await,
+    }
+    .map_err(|source| ConnectError::Connect {
+        addr: addr.to_string(),
+        source,
+    })?;
     if let Stream::Tcp(tcp) = &stream {
         let _ = tcp.set_nodelay(true);
         settings.liveness.apply(tcp);
@@ -328,7 +329,7 @@ async fn login(
     let work = run_login(&mut conn, target, verified);
     match settings.login_timeout {
         Some(t) => {
-            tokio::time::timeout(t, work)
+            crate::timer::timeout(t, work)
                 .await
                 .map_err(|_| ConnectError::LoginTimeout {
                     addr: addr_s,

@@ -278,13 +278,23 @@ impl DnsCache {
     }
 
     /// One lookup, bounded by `dns_timeout`: addresses and when the answer stops being valid.
+    ///
+    /// Run on the control runtime (`timer::on_control`): the resolver makes its own timers and
+    /// background tasks, and a shard has no timer wheel; its sockets then stay on one runtime
+    /// whichever shard asked first.
     async fn lookup(
         &self,
         host: &str,
         timeout: Option<Duration>,
     ) -> Result<(Vec<IpAddr>, Instant), LookupError> {
-        let work = async {
-            match self.resolver.get_or_init(|| build_resolver(&self.settings)) {
+        let resolver = self
+            .resolver
+            .get_or_init(|| build_resolver(&self.settings))
+            .clone();
+        let host = host.to_owned();
+        let max_ttl = self.settings.max_ttl;
+        let work = async move {
+            match resolver {
                 Some(r) => match r.lookup_ip(host).await {
                     Ok(l) => Ok((l.iter().collect(), l.valid_until())),
                     Err(e) if e.is_nx_domain() || e.is_no_records_found() => {
@@ -292,21 +302,23 @@ impl DnsCache {
                     }
                     Err(e) => Err(LookupError::Failed(e.to_string())),
                 },
-                None => match tokio::net::lookup_host((host, 0)).await {
-                    Ok(addrs) => Ok((
-                        addrs.map(|a| a.ip()).collect(),
-                        Instant::now() + self.settings.max_ttl,
-                    )),
+                None => match tokio::net::lookup_host((host.as_str(), 0)).await {
+                    Ok(addrs) => Ok((addrs.map(|a| a.ip()).collect(), Instant::now() + max_ttl)),
                     Err(e) => Err(LookupError::Failed(e.to_string())),
                 },
             }
         };
-        match timeout {
-            Some(t) => tokio::time::timeout(t, work)
-                .await
-                .unwrap_or(Err(LookupError::Timeout(t))),
-            None => work.await,
-        }
+        let bounded = async move {
+            match timeout {
+                Some(t) => crate::timer::timeout(t, work)
+                    .await
+                    .unwrap_or(Err(LookupError::Timeout(t))),
+                None => work.await,
+            }
+        };
+        crate::timer::on_control(bounded)
+            .await
+            .unwrap_or_else(|| Err(LookupError::Failed("shutting down".into())))
     }
 }
 

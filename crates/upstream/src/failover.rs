@@ -234,7 +234,7 @@ impl HostList {
             .min();
         let spacing = self.retry.mul_f64(0.5 + 0.5 * rand::random::<f64>());
         let pause = soonest_backoff.map_or(spacing, |b| b.min(spacing));
-        tokio::time::sleep(pause.max(Duration::from_millis(10))).await;
+        crate::timer::sleep(pause.max(Duration::from_millis(10))).await;
         let last = errors.pop().unwrap_or_else(|| no_hosts(self));
         Err(ConnectError::NoMatchingHost {
             database: database.to_owned(),
@@ -268,7 +268,7 @@ impl HostList {
                 role.flatten()
             };
             let role = match timeout {
-                Some(t) => tokio::time::timeout(t, probe).await.ok().flatten(),
+                Some(t) => crate::timer::timeout(t, probe).await.ok().flatten(),
                 None => probe.await,
             };
             if let Some(r) = role {
@@ -309,7 +309,7 @@ async fn detect_role(
     let sql = "SELECT pg_catalog.pg_is_in_recovery(), \
                pg_catalog.current_setting('default_transaction_read_only')";
     let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
-    let row = match tokio::time::timeout(bound, conn.query_first_row(sql)).await {
+    let row = match crate::timer::timeout(bound, conn.query_first_row(sql)).await {
         Ok(Ok(row)) => row,
         Ok(Err(source)) => return Err(ConnectError::RoleCheck { addr, source }),
         Err(_) => {

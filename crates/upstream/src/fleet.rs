@@ -250,7 +250,7 @@ impl Fleet {
     pub async fn run(self: Arc<Self>) {
         // Fifty sidecars started together do not all ask at once.
         let first = rand::thread_rng().gen_range(0..500u64);
-        tokio::time::sleep(Duration::from_millis(first)).await;
+        crate::timer::sleep(Duration::from_millis(first)).await;
         let mut control = Control {
             fleet: self.clone(),
             allowed: 0,
@@ -290,7 +290,7 @@ impl Fleet {
                 control.unlocking.clear();
                 control.set_allowed(self.settings.min_share);
                 control.publish_debt();
-                tokio::time::sleep(Duration::from_millis(100).min(wait)).await;
+                crate::timer::sleep(Duration::from_millis(100).min(wait)).await;
             }
         }
     }
@@ -317,7 +317,7 @@ struct Control {
 impl Control {
     async fn connect(&mut self) -> Option<ServerConn> {
         let pool = self.fleet.pools().into_iter().next()?;
-        match tokio::time::timeout(Duration::from_secs(30), pool.open_control()).await {
+        match crate::timer::timeout(Duration::from_secs(30), pool.open_control()).await {
             Ok(Ok(c)) => Some(c),
             Ok(Err(e)) => {
                 tracing::warn!(database = %pool.database, error = %e, "fleet control connection failed");
@@ -328,7 +328,7 @@ impl Control {
     }
 
     async fn query(conn: &mut ServerConn, sql: &str) -> Option<String> {
-        match tokio::time::timeout(CONTROL_QUERY_TIMEOUT, conn.query_first_row(sql)).await {
+        match crate::timer::timeout(CONTROL_QUERY_TIMEOUT, conn.query_first_row(sql)).await {
             Ok(Ok(row)) => Some(row.into_iter().next().flatten().unwrap_or_default()),
             Ok(Err(e)) => {
                 tracing::warn!(error = %e, "fleet control query failed");
@@ -469,7 +469,7 @@ impl Control {
         let until = Instant::now() + tick;
         loop {
             tokio::select! {
-                () = tokio::time::sleep_until(until) => return true,
+                () = crate::timer::sleep_until(until) => return true,
                 // What arrives stays in the buffer for the next query to read; a FATAL is
                 // followed by the close, which ends the wait.
                 read = conn.read() => if read.is_err() {
@@ -491,7 +491,7 @@ impl Control {
             if self.allowed == 0 || Instant::now() >= until {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            crate::timer::sleep(Duration::from_millis(20)).await;
         }
     }
 

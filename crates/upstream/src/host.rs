@@ -305,7 +305,7 @@ impl Host {
             match wait {
                 Some(d) => {
                     tokio::select! {
-                        _ = tokio::time::sleep(d) => {}
+                        _ = crate::timer::sleep(d) => {}
                         _ = notified => {}
                     }
                 }

@@ -409,7 +409,7 @@ impl ServerManager {
         let addr = conn.addr().to_string();
         let run = conn.simple_query(sql);
         let result = match settings.login_timeout {
-            Some(t) => match tokio::time::timeout(t, run).await {
+            Some(t) => match crate::timer::timeout(t, run).await {
                 Ok(r) => r,
                 Err(_) => return Err(ConnectError::LoginTimeout { addr, timeout: t }),
             },
@@ -478,7 +478,7 @@ impl ServerManager {
                 let settings = self.settings();
                 let bound = settings.login_timeout.unwrap_or(Duration::from_secs(5));
                 // Boxed: every checkout embeds this future, and it is rarely needed.
-                let check = Box::pin(tokio::time::timeout(
+                let check = Box::pin(crate::timer::timeout(
                     bound,
                     conn.simple_query(&settings.check_query),
                 ))
@@ -1173,7 +1173,7 @@ impl ServerPool {
         };
         // Boxed: only a waiting checkout of a pool with a reserve needs it, and inline it
         // would grow every checkout's future.
-        let timer = Box::pin(tokio::time::sleep_until(at.into()));
+        let timer = Box::pin(crate::timer::sleep_until(at.into()));
         tokio::select! {
             biased;
             got = get.as_mut() => return got,
@@ -1542,7 +1542,7 @@ fn spawn_role_checks(pool: &Arc<ServerPool>, interval: Duration) {
     rt.spawn(async move {
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(interval) => {}
+                _ = crate::timer::sleep(interval) => {}
                 _ = wake.notified() => {}
             }
             let Some(pool) = weak.upgrade() else { break };

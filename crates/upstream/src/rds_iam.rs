@@ -372,7 +372,7 @@ impl RdsIam {
             }
         };
         match wait {
-            Some(t) => tokio::time::timeout(t, waiting)
+            Some(t) => crate::timer::timeout(t, waiting)
                 .await
                 .unwrap_or(Err(TokenError::Timeout(t))),
             None => waiting.await,
@@ -397,8 +397,9 @@ impl RdsIam {
             return;
         }
         let this = self.clone();
-        tokio::spawn(async move {
-            let result = match tokio::time::timeout(FETCH_TIMEOUT, this.fetch()).await {
+        // On the control runtime: the AWS SDK makes timers, and a shard has no timer wheel.
+        crate::timer::spawn_on_control(async move {
+            let result = match crate::timer::timeout(FETCH_TIMEOUT, this.fetch()).await {
                 Ok(r) => r,
                 Err(_) => Err(format!(
                     "the credential chain did not answer within {FETCH_TIMEOUT:?}"

@@ -437,7 +437,7 @@ pub(crate) async fn bounded<F: std::future::Future>(
     fut: F,
 ) -> Result<F::Output, Duration> {
     match timeout {
-        Some(t) => tokio::time::timeout(t, fut).await.map_err(|_| t),
+        Some(t) => crate::timer::timeout(t, fut).await.map_err(|_| t),
         None => Ok(fut.await),
     }
 }

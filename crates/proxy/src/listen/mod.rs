@@ -266,7 +266,7 @@ impl Subscription {
             return Ok(());
         };
         self.hub.start();
-        let why = match tokio::time::timeout(wait, rx).await {
+        let why = match upstream::timer::timeout(wait, rx).await {
             Ok(Ok(Ok(()))) => return Ok(()),
             Ok(Ok(Err(e))) => e,
             Ok(Err(_)) => "the listener connection went away".to_owned(),

@@ -131,7 +131,7 @@ pub(super) async fn run(hub: Arc<Inner>) {
             let exp = failures.saturating_sub(1).min(16);
             let pause = BACKOFF_FIRST.saturating_mul(1 << exp).min(BACKOFF_MAX);
             tokio::select! {
-                () = tokio::time::sleep(pause) => {}
+                () = upstream::timer::sleep(pause) => {}
                 () = wait_closed(&hub) => return,
             }
         }
@@ -203,7 +203,7 @@ async fn wait_closed(hub: &Inner) {
 
 /// Opens the listener connection the way the pool opens its own (hosts, TLS, login).
 async fn connect(hub: &Inner) -> Result<ServerConn, String> {
-    let mut conn = match tokio::time::timeout(CONNECT_GUARD, hub.pool.open_control()).await {
+    let mut conn = match upstream::timer::timeout(CONNECT_GUARD, hub.pool.open_control()).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => return Err(e.to_string()),
         Err(_) => {
@@ -213,7 +213,7 @@ async fn connect(hub: &Inner) -> Result<ServerConn, String> {
             ))
         }
     };
-    match tokio::time::timeout(WRITE_GUARD, conn.simple_query(APPLICATION_NAME)).await {
+    match upstream::timer::timeout(WRITE_GUARD, conn.simple_query(APPLICATION_NAME)).await {
         Ok(Ok(())) => Ok(conn),
         Ok(Err(e)) => Err(e.to_string()),
         Err(_) => Err("the server did not answer a SET".to_owned()),
@@ -264,7 +264,7 @@ async fn serve(hub: &Inner, conn: &mut ServerConn) -> Ended {
         }
         if !out.is_empty() {
             // Not in a select: a write cut short would leave the connection unusable.
-            match tokio::time::timeout(WRITE_GUARD, conn.write_all(&out)).await {
+            match upstream::timer::timeout(WRITE_GUARD, conn.write_all(&out)).await {
                 Ok(Ok(())) => out.clear(),
                 Ok(Err(e)) => return Ended::Lost(e.to_string()),
                 Err(_) => return Ended::Lost("a write did not complete".to_owned()),

@@ -256,7 +256,7 @@ impl Session {
             return Ok(());
         };
         server.begin_params_sync();
-        let result = Box::pin(tokio::time::timeout(
+        let result = Box::pin(upstream::timer::timeout(
             internal_timeout(&self.settings),
             async {
                 match status {

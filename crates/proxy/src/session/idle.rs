@@ -232,7 +232,7 @@ impl Session {
             let at = tokio::time::Instant::now() + d;
             match &mut self.idle_timer {
                 Some(timer) => timer.as_mut().reset(at),
-                None => self.idle_timer = Some(Box::pin(tokio::time::sleep_until(at))),
+                None => self.idle_timer = Some(Box::pin(upstream::timer::sleep_until(at))),
             }
         }
         idle

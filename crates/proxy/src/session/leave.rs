@@ -34,7 +34,7 @@ impl Session {
         let stats = &self.entry.stats;
         if reset {
             PoolStats::add(&stats.server_resets, 1);
-            let reset = Box::pin(tokio::time::timeout(
+            let reset = Box::pin(upstream::timer::timeout(
                 internal_timeout(&self.settings),
                 h.server.simple_query(&self.settings.server_reset_query),
             ))
@@ -94,7 +94,7 @@ impl Session {
         match h.ledger.handover() {
             Handover::Clean => {}
             Handover::NeedsRollback => {
-                let rollback = Box::pin(tokio::time::timeout(
+                let rollback = Box::pin(upstream::timer::timeout(
                     internal_timeout(&self.settings),
                     h.server.simple_query("ROLLBACK"),
                 ))
@@ -166,7 +166,7 @@ impl Session {
         // before anything else is sent on this connection; arriving at an idle backend, it is
         // ignored there.
         let _ = h.server.cancel_target().send(CANCEL_GRACE).await;
-        let drained = tokio::time::timeout(CANCEL_GRACE, async {
+        let drained = upstream::timer::timeout(CANCEL_GRACE, async {
             loop {
                 match self.drain_for_nobody(h) {
                     Ok(true) => return true,

@@ -491,7 +491,7 @@ impl Session {
             return h.pinned;
         }
         h.advisory_unknown = false;
-        let check = Box::pin(tokio::time::timeout(
+        let check = Box::pin(upstream::timer::timeout(
             crate::internal_timeout(&self.settings),
             h.server.query_first_row(
                 "SELECT count(*) FROM pg_catalog.pg_locks \
