@@ -4,6 +4,8 @@
 //! transaction handing tasks and wake-ups between its workers; see benches/README.md).
 //! Each shard accepts clients itself, on its own duplicate of every listening socket (see
 //! `accept_loop`); maintenance, health checks, metrics and the fleet run on the control runtime.
+//! A shard's runtime has I/O but no time driver: its timers go in the control runtime's wheel
+//! (`upstream::timer`), so parking a shard costs an `epoll_wait` and nothing more.
 //!
 //! A socket belongs to the runtime whose reactor it is registered with; `upstream::home` says
 //! which, and server connections move to the runtime of the client they serve.
