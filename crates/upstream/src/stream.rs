@@ -147,21 +147,28 @@ fn send_raw(fd: RawFd, data: &[u8]) -> io::Result<usize> {
 
 #[cfg(target_os = "linux")]
 mod sys {
-    use libc::{c_long, c_void, size_t};
+    use libc::{c_int, c_long, c_void, size_t};
 
-    const NONE: c_long = 0;
-
+    /// `recvfrom` or `sendto` with no address, through `syscall(2)`.
+    ///
     /// # Safety
-    /// `buf` is writable for `len` bytes.
-    pub unsafe fn recv(fd: std::os::fd::RawFd, buf: *mut c_void, len: size_t) -> c_long {
-        // SAFETY: as the caller promised; no address is asked for.
+    /// `buf` is valid for `len` bytes, writable for `recvfrom`.
+    unsafe fn transfer(
+        call: c_long,
+        fd: std::os::fd::RawFd,
+        buf: *const c_void,
+        len: size_t,
+        flags: c_int,
+    ) -> c_long {
+        const NONE: c_long = 0;
+        // SAFETY: as the caller promised; no address is given or asked for.
         unsafe {
             libc::syscall(
-                libc::SYS_recvfrom,
+                call,
                 c_long::from(fd),
                 buf as c_long,
                 len as c_long,
-                NONE,
+                c_long::from(flags),
                 NONE,
                 NONE,
             )
@@ -169,21 +176,18 @@ mod sys {
     }
 
     /// # Safety
+    /// `buf` is writable for `len` bytes.
+    pub unsafe fn recv(fd: std::os::fd::RawFd, buf: *mut c_void, len: size_t) -> c_long {
+        // SAFETY: as the caller promised.
+        unsafe { transfer(libc::SYS_recvfrom, fd, buf, len, 0) }
+    }
+
+    /// # Safety
     /// `buf` is readable for `len` bytes.
     pub unsafe fn send(fd: std::os::fd::RawFd, buf: *const c_void, len: size_t) -> c_long {
-        // SAFETY: as the caller promised; no address is given. MSG_NOSIGNAL: a closed peer is
-        // an error, not a SIGPIPE.
-        unsafe {
-            libc::syscall(
-                libc::SYS_sendto,
-                c_long::from(fd),
-                buf as c_long,
-                len as c_long,
-                c_long::from(libc::MSG_NOSIGNAL),
-                NONE,
-                NONE,
-            )
-        }
+        // SAFETY: as the caller promised. MSG_NOSIGNAL: a closed peer is an error, not a
+        // SIGPIPE.
+        unsafe { transfer(libc::SYS_sendto, fd, buf, len, libc::MSG_NOSIGNAL) }
     }
 }
 
