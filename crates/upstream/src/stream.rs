@@ -97,26 +97,22 @@ impl TcpLiveness {
 
 /// A non-blocking `MSG_PEEK` of one byte: `Ok(0)` the peer closed, `Ok(1)` it sent something,
 /// `WouldBlock` nothing is there.
-fn peek(fd: std::os::fd::RawFd) -> io::Result<usize> {
+fn peek(fd: RawFd) -> io::Result<usize> {
     peek_into(fd, &mut [0u8; 1])
 }
 
 /// A non-blocking `MSG_PEEK` into `buf`: how much is there, `Ok(0)` when the peer closed.
-fn peek_into(fd: std::os::fd::RawFd, buf: &mut [u8]) -> io::Result<usize> {
+fn peek_into(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     // SAFETY: recv into a buffer we own, of its length; MSG_PEEK leaves the data in place.
     let n = unsafe {
-        libc::recv(
+        sys::recv(
             fd,
             buf.as_mut_ptr().cast(),
             buf.len(),
             libc::MSG_PEEK | libc::MSG_DONTWAIT,
         )
     };
-    if n < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(n as usize)
-    }
+    usize::try_from(n).map_err(|_| io::Error::last_os_error())
 }
 
 /// `recv(2)` into `buf`'s spare room, `Ok(0)` when the peer closed.
@@ -130,7 +126,7 @@ fn recv_raw(fd: RawFd, buf: &mut bytes::BytesMut) -> io::Result<usize> {
     let room = spare.len();
     // SAFETY: the kernel writes at most `room` bytes at `spare`, memory `buf` owns and does not
     // read until `set_len` below says how much was written.
-    let n = unsafe { sys::recv(fd, spare.as_mut_ptr().cast(), room) };
+    let n = unsafe { sys::recv(fd, spare.as_mut_ptr().cast(), room, 0) };
     let n = usize::try_from(n).map_err(|_| io::Error::last_os_error())?;
     let len = buf.len() + n.min(room);
     // SAFETY: the kernel initialised the `n` bytes after the old length, within the room.
@@ -177,9 +173,14 @@ mod sys {
 
     /// # Safety
     /// `buf` is writable for `len` bytes.
-    pub unsafe fn recv(fd: std::os::fd::RawFd, buf: *mut c_void, len: size_t) -> c_long {
+    pub unsafe fn recv(
+        fd: std::os::fd::RawFd,
+        buf: *mut c_void,
+        len: size_t,
+        flags: c_int,
+    ) -> c_long {
         // SAFETY: as the caller promised.
-        unsafe { transfer(libc::SYS_recvfrom, fd, buf, len, 0) }
+        unsafe { transfer(libc::SYS_recvfrom, fd, buf, len, flags) }
     }
 
     /// # Safety
@@ -193,13 +194,18 @@ mod sys {
 
 #[cfg(not(target_os = "linux"))]
 mod sys {
-    use libc::{c_void, size_t, ssize_t};
+    use libc::{c_int, c_void, size_t, ssize_t};
 
     /// # Safety
     /// `buf` is writable for `len` bytes.
-    pub unsafe fn recv(fd: std::os::fd::RawFd, buf: *mut c_void, len: size_t) -> ssize_t {
+    pub unsafe fn recv(
+        fd: std::os::fd::RawFd,
+        buf: *mut c_void,
+        len: size_t,
+        flags: c_int,
+    ) -> ssize_t {
         // SAFETY: as the caller promised.
-        unsafe { libc::recv(fd, buf, len, 0) }
+        unsafe { libc::recv(fd, buf, len, flags) }
     }
 
     /// # Safety
