@@ -15,6 +15,8 @@
 #   AUTH=trust EXTRA=-C SHORT=20 LONG=120 benches/instructions.sh   # cost of a login, no crypto
 #   VALGRIND_OPTS=--cache-sim=yes KEEP=/tmp/cg ...   # also cache misses (callgrind_annotate)
 #   PGBOUNCER= BREAKWATER=/tmp/old/breakwater ...    # one Breakwater build, no PgBouncer
+#   RELAY=1 benches/instructions.sh    # also a bare relay (no pool) on tokio and on epoll:
+#                                      # what the event loop alone costs (benches/harness relay.rs)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -41,6 +43,11 @@ for tool in valgrind callgrind_control pgbench initdb; do
 done
 # PGBOUNCER= (set and empty) skips PgBouncer, to compare Breakwater builds only.
 PGBOUNCER=${PGBOUNCER-$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)}
+RELAY=${RELAY:-}
+if [ -n "$RELAY" ]; then
+  cargo build --release --quiet -p breakwater-bench --bin relay
+  RELAY_BIN="$PWD/target/release/relay"
+fi
 
 # shellcheck source=benches/cluster.sh
 . "$PWD/benches/cluster.sh"
@@ -78,7 +85,13 @@ run_once() {
   local name=$1 t=$2 port out pid zero
   port=$(free_port)
   out="$work/$name-$t.callgrind"
-  if [ "$name" = breakwater ]; then
+  if [[ $name == relay-* ]]; then
+    # One upstream connection per client, opened at login: nothing to warm up, and the short
+    # and the long run open the same number, so the logins cancel out.
+    valgrind --tool=callgrind --callgrind-out-file="$out" \
+      "$RELAY_BIN" "${name#relay-}" "127.0.0.1:$port" "127.0.0.1:$pg_port" \
+      >"$work/$name.log" 2>&1 </dev/null &
+  elif [ "$name" = breakwater ]; then
     breakwater_conf "$port"
     RUST_LOG=warn valgrind --tool=callgrind --callgrind-out-file="$out" \
       "$BIN" --config "$work/bw.toml" >"$work/$name.log" 2>&1 </dev/null &
@@ -97,13 +110,14 @@ run_once() {
   # the measured run counts (a 2 s warm-up, counted, ran a different number of transactions in
   # the short and the long run, and the difference leaked into the per-transaction figure).
   for _ in $(seq 10); do
+    [[ $name == relay-* ]] && break
     PGPASSWORD=app_pw pgbench -n -S -c 16 -j 1 -t 40 -h 127.0.0.1 -p "$port" -U app app \
       >/dev/null 2>&1
     [ "$(servers)" -ge 16 ] && break
   done
-  wait_servers 16
+  [[ $name == relay-* ]] || wait_servers 16
   # vgdb talks to a valgrind of its own user only (PgBouncer runs as postgres when we are root).
-  if [ "$name" = breakwater ]; then zero=(callgrind_control -z); else zero=(as_pg callgrind_control -z); fi
+  if [ "$name" = pgbouncer ]; then zero=(as_pg callgrind_control -z); else zero=(callgrind_control -z); fi
   "${zero[@]}" >/dev/null 2>&1 || echo "warning: could not zero callgrind's counters" >&2
   # shellcheck disable=SC2086 # EXTRA is a list of arguments
   PGPASSWORD=app_pw pgbench -b "$BUILTIN" -n -M "$MODE" $EXTRA -c "$CLIENTS" -j 1 -t "$t" \
@@ -118,6 +132,7 @@ run_once() {
 echo "instructions per transaction (callgrind), pgbench -b $BUILTIN -M $MODE $EXTRA -c $CLIENTS, pool size 16, clients $AUTH:"
 targets=(breakwater)
 [ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
+[ -n "$RELAY" ] && targets+=(relay-tokio relay-epoll)
 for name in "${targets[@]}"; do
   a=$(run_once "$name" "$SHORT")
   z=$(run_once "$name" "$LONG")
