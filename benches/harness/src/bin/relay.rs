@@ -5,6 +5,9 @@
 //!
 //! - `tokio`: a current-thread runtime and `copy_bidirectional`, a task per client (the
 //!   issue's calibration, and the shape of one Breakwater shard);
+//! - `tokio-one-task`: the same, but every client's future is polled by one task through a
+//!   `FuturesUnordered`, which polls only the futures whose wakers fired: a task per shard
+//!   instead of one per client, with tokio's reactor still doing the waiting;
 //! - `epoll`: one thread, level-triggered `epoll` and plain `read`/`write`, no runtime (the
 //!   shape of a hand-written poll loop, like PgBouncer's libevent loop).
 //!
@@ -27,6 +30,7 @@ fn main() -> anyhow::Result<()> {
     let upstream: SocketAddr = upstream.parse()?;
     match mode.as_str() {
         "tokio" => tokio_relay(listen, upstream),
+        "tokio-one-task" => tokio_one_task(listen, upstream),
         "epoll" => epoll::run(TcpListener::bind(listen)?, upstream),
         other => anyhow::bail!("unknown mode {other}"),
     }
@@ -56,6 +60,48 @@ fn tokio_relay(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
                 }
             }
         }
+    })
+}
+
+fn tokio_one_task(listen: SocketAddr, upstream: SocketAddr) -> anyhow::Result<()> {
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(listen).await?;
+        // Accepting is a task of its own, so that a client's wake-up polls only the clients
+        // and a channel, not the listener and the signal too.
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if tx.send(client).is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let mut clients = FuturesUnordered::new();
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(()) = clients.next(), if !clients.is_empty() => {}
+                    client = rx.recv() => {
+                        let Some(mut client): Option<tokio::net::TcpStream> = client else { return };
+                        clients.push(async move {
+                            let Ok(mut server) = tokio::net::TcpStream::connect(upstream).await else {
+                                return;
+                            };
+                            let _ = client.set_nodelay(true);
+                            let _ = server.set_nodelay(true);
+                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                        });
+                    }
+                }
+            }
+        });
+        tokio::signal::ctrl_c().await?;
+        Ok(())
     })
 }
 
