@@ -126,30 +126,67 @@ where
     }
 }
 
-/// Workspaces not in use, shared by every session. Boxed so that the one a transaction has
-/// taken is a pointer in the Idle task's `activate` future, not 168 bytes of every client.
-#[derive(Default)]
+/// Workspaces not in use, a list per shard. Boxed so that the one a transaction has taken is a
+/// pointer in the Idle task's `activate` future, not 168 bytes of every client.
+///
+/// A list per shard rather than one for the process: a workspace (the Active future and its
+/// buffers, some 3 KB) goes back to the list of the thread that used it and comes out of it
+/// again on that thread, so its memory stays in that core's cache. With one shared list, the
+/// next transaction of the other shard often took the workspace this one had just written, and
+/// the list's lock moved between the cores at every transaction too.
 #[allow(clippy::vec_box)]
-pub(crate) struct Workspaces(std::sync::Mutex<Vec<Box<Workspace>>>);
+pub(crate) struct Workspaces {
+    lists: [Padded<std::sync::Mutex<Vec<Box<Workspace>>>>; LISTS],
+}
 
-/// Spare workspaces kept after a burst of concurrent transactions; more are freed. As many
-/// are in use as clients are in the Active state (waiting for a server included), so this only
-/// bounds what a burst leaves behind.
+/// Lists: one for threads that are no shard's (tests, tools), then one per shard, shards past
+/// the last sharing lists round robin (still correct, only no longer private).
+const LISTS: usize = 16;
+
+/// Its own cache lines: the lists' locks are taken by different cores.
+#[repr(align(128))]
+#[derive(Default)]
+struct Padded<T>(T);
+
+impl Default for Workspaces {
+    fn default() -> Self {
+        Workspaces {
+            lists: std::array::from_fn(|_| Padded::default()),
+        }
+    }
+}
+
+/// Spare workspaces kept after a burst of concurrent transactions, per list; more are freed.
+/// As many are in use as clients are in the Active state (waiting for a server included), so
+/// this only bounds what a burst leaves behind.
 const MAX_SPARE_WORKSPACES: usize = 256;
 
+#[allow(clippy::vec_box)]
 impl Workspaces {
-    pub(super) fn take(&self) -> Option<Box<Workspace>> {
-        match self.0.lock() {
-            Ok(mut spare) => spare.pop(),
-            Err(poisoned) => poisoned.into_inner().pop(),
+    /// This thread's list.
+    fn list(&self) -> std::sync::MutexGuard<'_, Vec<Box<Workspace>>> {
+        let here = upstream::home::here();
+        let i = if here == upstream::home::NONE {
+            0
+        } else {
+            1 + usize::from(here) % (LISTS - 1)
+        };
+        let list = match self.lists.get(i) {
+            Some(l) => &l.0,
+            None => &self.lists[0].0,
+        };
+        match list.lock() {
+            Ok(spare) => spare,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
+    pub(super) fn take(&self) -> Option<Box<Workspace>> {
+        self.list().pop()
+    }
+
     pub(super) fn give_back(&self, w: Box<Workspace>) {
-        let mut spare = match self.0.lock() {
-            Ok(spare) => spare,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut spare = self.list();
         if spare.len() < MAX_SPARE_WORKSPACES {
             spare.push(w);
         }
