@@ -132,7 +132,7 @@ run_once() {
 echo "instructions per transaction (callgrind), pgbench -b $BUILTIN -M $MODE $EXTRA -c $CLIENTS, pool size 16, clients $AUTH:"
 targets=(breakwater)
 [ -n "$PGBOUNCER" ] && targets+=(pgbouncer)
-[ -n "$RELAY" ] && targets+=(relay-tokio relay-tokio-one-task relay-epoll)
+[ -n "$RELAY" ] && targets+=(relay-tokio relay-tokio-one-task relay-tokio-own-reactor relay-epoll relay-epoll-in-tokio)
 for name in "${targets[@]}"; do
   a=$(run_once "$name" "$SHORT")
   z=$(run_once "$name" "$LONG")

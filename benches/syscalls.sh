@@ -10,6 +10,7 @@
 #   WORKERS=1 benches/syscalls.sh               # Breakwater on one runtime thread
 #   RECORD=/tmp/rec benches/syscalls.sh          # and a CPU profile of each (perf report)
 #   PGBOUNCER= BREAKWATER=/tmp/old/breakwater benches/syscalls.sh   # one Breakwater build only
+#   RELAY=1 benches/syscalls.sh                  # also the bare relays of instructions.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,6 +34,11 @@ for tool in perf pgbench initdb; do
   command -v "$tool" >/dev/null || { echo "needs $tool" >&2; exit 1; }
 done
 PGBOUNCER=${PGBOUNCER-$(command -v pgbouncer || ls /usr/sbin/pgbouncer 2>/dev/null || true)}
+RELAY=${RELAY:-}
+if [ -n "$RELAY" ]; then
+  cargo build --release --quiet -p breakwater-bench --bin relay
+  RELAY_BIN="$PWD/target/release/relay"
+fi
 
 # shellcheck source=benches/cluster.sh
 . "$PWD/benches/cluster.sh"
@@ -58,7 +64,11 @@ done
 run() {
   local name=$1 port pid
   port=$(free_port)
-  if [ "$name" = breakwater ]; then
+  if [[ $name == relay-* ]]; then
+    # One PostgreSQL connection per client, opened at its login (counted: CLIENTS logins).
+    "$RELAY_BIN" "${name#relay-}" "127.0.0.1:$port" "127.0.0.1:$pg_port" >"$work/$name.log" 2>&1 </dev/null &
+    pid=$!
+  elif [ "$name" = breakwater ]; then
     breakwater_conf "$port" "workers = $WORKERS"
     RUST_LOG=warn "$BIN" --config "$work/bw.toml" >"$work/$name.log" 2>&1 </dev/null &
     pid=$!
@@ -99,3 +109,6 @@ run() {
 echo "per transaction (perf stat on the pooler), pgbench -S -M $MODE $EXTRA -c $CLIENTS -t $TXNS, pool size 16:"
 run breakwater
 [ -n "$PGBOUNCER" ] && run pgbouncer
+if [ -n "$RELAY" ]; then
+  for mode in tokio tokio-own-reactor epoll epoll-in-tokio; do run "relay-$mode"; done
+fi
