@@ -173,7 +173,8 @@ pub enum Refusal {
 /// none of them.
 pub struct Attempt<'a> {
     host: &'a Host,
-    _permit: SemaphorePermit<'a>,
+    /// The turn under `server_connect_concurrency`; `None` only while waiting for it.
+    _permit: Option<SemaphorePermit<'a>>,
     trial: bool,
     reported: bool,
     /// The host's failure mark when this attempt was admitted.
@@ -312,19 +313,24 @@ impl Host {
                 None => notified.await,
             }
         };
-        let permit = match self.limiter.acquire().await {
-            Ok(p) => p,
-            // The semaphore is never closed.
-            Err(_) => unreachable!("host limiter closed"),
-        };
-        stats::GlobalStats::bump(&self.stats.attempts);
-        Ok(Attempt {
+        // The attempt exists before its turn under the concurrency limit: a caller that gives
+        // up while it waits (its own timeout) drops it, and with it the trial it was to be.
+        // Decided but never run, that trial would otherwise stay "in flight" for good, and
+        // every later attempt would wait for its outcome.
+        let mut attempt = Attempt {
             host: self,
-            _permit: permit,
+            _permit: None,
             trial,
             reported: false,
             mark,
-        })
+        };
+        // The semaphore is never closed; were it, this would refuse like a back-off.
+        let permit = self.limiter.acquire().await.map_err(|_| Refusal::Backoff {
+            retry_in: self.settings.retry_base,
+        })?;
+        attempt._permit = Some(permit);
+        stats::GlobalStats::bump(&self.stats.attempts);
+        Ok(attempt)
     }
 
     /// Forgets failures, back-off and breaker: the operator changed what made them fail (RELOAD
@@ -674,6 +680,47 @@ mod tests {
         probe.succeeded();
         assert_eq!(h.breaker(), Breaker::Closed);
         assert!(h.admit().await.is_ok());
+    }
+
+    /// A storm: connects hang, so every turn under the concurrency limit is taken when the
+    /// host's back-off ends and the next caller becomes the trial. That caller gives up (its
+    /// own timeout) while it waits for a turn. The host must not wait for that trial's outcome
+    /// for ever: the next caller becomes the trial once a turn is free.
+    #[tokio::test(start_paused = true)]
+    async fn a_trial_given_up_while_waiting_for_a_turn_does_not_wedge_the_host() {
+        let h = Arc::new(host(0));
+        // Both turns (connect_concurrency 2) taken before anything failed.
+        let a = h.admit().await.unwrap();
+        let b = h.admit().await.unwrap();
+        // A third caller, admitted while nothing had failed, waits for a turn.
+        let queued = {
+            let h = h.clone();
+            tokio::spawn(async move {
+                let c = h.admit().await.unwrap();
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                c.failed(&REFUSED);
+            })
+        };
+        tokio::task::yield_now().await;
+        // One attempt fails; its turn goes to the queued caller, so both are taken again.
+        a.failed(&REFUSED);
+        assert_eq!(h.lock().failures, 1);
+        tokio::time::sleep(Duration::from_millis(60)).await; // past the back-off
+                                                             // The next caller becomes the trial and waits for a turn; it gives up first.
+        let gave_up = tokio::time::timeout(Duration::from_millis(20), h.admit()).await;
+        assert!(
+            gave_up.is_err(),
+            "no turn was free, so the trial had to wait"
+        );
+        assert!(!h.lock().trial_in_flight, "the trial went with its caller");
+        // The hanging attempts end; the next caller gets to try.
+        drop(b);
+        queued.await.unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(5), h.admit()).await;
+        assert!(
+            matches!(next, Ok(Ok(_))),
+            "the host must let the next attempt through"
+        );
     }
 
     #[tokio::test(start_paused = true)]
