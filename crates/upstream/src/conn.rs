@@ -395,6 +395,11 @@ impl ServerConn {
 
     /// Any failure leaves the connection broken: the caller cannot know where in the exchange
     /// it stopped. Callers that know why they asked mark a more specific reason after this.
+    ///
+    /// So does giving up half-way. The connection counts as broken (`Unresponsive`: it did
+    /// not answer in the caller's time) from the first byte sent until ReadyForQuery. A caller
+    /// whose timeout drops this future leaves a reply in flight, and a server with one must
+    /// not go back to the pool, where the next client would read that reply as its own.
     async fn internal_query(
         &mut self,
         sql: &str,
@@ -403,12 +408,14 @@ impl ServerConn {
     ) -> Result<(), QueryError> {
         let mut out = BytesMut::with_capacity(sql.len() + 6);
         frontend::write_query(&mut out, sql);
+        let before = self.broken.replace(CloseReason::Unresponsive);
         let result = match self.write_all(&out).await {
             Ok(()) => self.read_until_ready_capturing(row, expect).await,
             Err(e) => Err(e.into()),
         };
-        if let Err(e) = &result {
-            self.mark_broken(e.close_reason());
+        match &result {
+            Ok(()) => self.broken = before,
+            Err(e) => self.mark_broken(e.close_reason()),
         }
         result
     }
@@ -534,6 +541,38 @@ mod tests {
         assert_eq!(c.applied().len(), 1);
         c.after_reset();
         assert!(!c.params_match(9) && c.applied().is_empty());
+    }
+
+    /// A caller that gives up on an internal query (its timeout drops the future) leaves the
+    /// server with a reply in flight: the connection must say it is broken, or releasing it
+    /// would put it back in the pool for the next client to read that reply. A query that
+    /// completes leaves it as it was.
+    #[tokio::test(start_paused = true)]
+    async fn an_internal_query_given_up_half_way_leaves_the_connection_broken() {
+        let (a, server) = tokio::net::UnixStream::pair().unwrap();
+        let mut c = ServerConn::new(Stream::Unix(a), ServerAddr::Unix("/tmp/x".into()), 1024);
+        // The server says nothing: the caller's timeout ends the wait.
+        let gave_up =
+            tokio::time::timeout(Duration::from_millis(10), c.simple_query("SELECT 1")).await;
+        assert!(gave_up.is_err());
+        assert_eq!(c.broken_reason(), Some(CloseReason::Unresponsive));
+
+        // A query that gets its ReadyForQuery leaves a healthy connection healthy.
+        let (a, mut server2) = tokio::net::UnixStream::pair().unwrap();
+        let mut c = ServerConn::new(Stream::Unix(a), ServerAddr::Unix("/tmp/x".into()), 1024);
+        let reply = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut query = [0u8; 14]; // 'Q', length, "SELECT 1\0"
+            server2.read_exact(&mut query).await.unwrap();
+            server2
+                .write_all(b"C\0\0\0\x0dSELECT 1\0Z\0\0\0\x05I")
+                .await
+                .unwrap();
+        };
+        let (done, ()) = tokio::join!(c.simple_query("SELECT 1"), reply);
+        assert!(done.is_ok(), "{done:?}");
+        assert!(!c.is_broken());
+        drop(server);
     }
 
     #[tokio::test]
