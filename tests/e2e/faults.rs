@@ -37,6 +37,42 @@ fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
     Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap()
 }
 
+/// A connect that was under way when the operator ran RECONNECT belongs to the old epoch: it
+/// is retired like the connections that were open, not kept as if it had started after.
+#[tokio::test]
+async fn a_connect_under_way_at_reconnect_is_retired_with_the_old_epoch() {
+    let f = faulty(
+        "auth_type = \"trust\"\nquery_wait_timeout = \"20s\"\nadmin_users = [\"admin\"]",
+        "user = \"app\"\npool_size = 1\n",
+    );
+    f.proxy
+        .set_connect(ConnectFault::Latency(Duration::from_millis(1500)));
+    // Logging in needs a server: the client's login starts the pool's first connect.
+    let conn = f.pooler.conn_string("app", "", "app");
+    let login = tokio::spawn(async move { connect(&conn).await.unwrap() });
+    testkit::wait_until("the pooler to be connecting", WAIT, || async {
+        f.proxy.logging_in() == 1
+    })
+    .await
+    .unwrap();
+    let admin = f
+        .pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .unwrap();
+    admin.simple_query("RECONNECT app").await.unwrap();
+    let app = login.await.unwrap();
+    f.proxy.set_connect(ConnectFault::None);
+    assert_eq!(f.proxy.attempts(), 1);
+    app.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        f.proxy.attempts(),
+        2,
+        "the connection opened across RECONNECT was reused: {}",
+        f.pooler.log()
+    );
+}
+
 #[tokio::test]
 async fn a_blackholed_connect_is_abandoned_at_server_connect_timeout() {
     let (port, _listener, _fillers) = blackholed_port();

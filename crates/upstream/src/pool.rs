@@ -332,6 +332,10 @@ impl ServerManager {
 
     /// Opens a new server connection for the pool (deadpool's `create`).
     async fn open(&self) -> Result<Box<ServerConn>, ConnectError> {
+        // The epoch the connection belongs to is the one it started in, read before the target
+        // it connects to: a RECONNECT or KILL during the connect (which may take seconds when
+        // a host misbehaves, on a DNS answer from before) must retire it like the others.
+        let epoch = self.epoch.load(Ordering::Relaxed);
         let target = self.target();
         // Slots of the shared caps first: waiting for one is bounded by the client's
         // query_wait_timeout around the whole checkout. deadpool decided to create because no
@@ -369,7 +373,7 @@ impl ServerManager {
                     remote,
                     local,
                     pid: c.backend_pid(),
-                    epoch: self.epoch.load(Ordering::Relaxed),
+                    epoch,
                 }));
                 tracing::info!(server = c.id(), addr = %c.addr(), pid = c.backend_pid(),
                     database = %self.target.database, user = %self.target.user, "server connection opened");
