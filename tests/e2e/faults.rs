@@ -37,6 +37,58 @@ fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
     Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap()
 }
 
+/// A client that leaves mid-query has the query cancelled, and the server is kept if it then
+/// finishes in time. But a cancel the database does not confirm may still arrive later, during
+/// the next client's query: a server with one is closed, not handed on.
+#[tokio::test]
+async fn a_server_whose_cancel_was_not_confirmed_is_not_handed_on() {
+    use tokio::io::AsyncWriteExt;
+    let f = faulty(
+        "auth_type = \"trust\"\nquery_wait_timeout = \"20s\"",
+        "user = \"app\"\npool_size = 1\n",
+    );
+    let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
+    // A query that outlives its client.
+    let mut a = raw_login(f.pooler.port()).await;
+    let sql = b"SELECT pg_sleep(1)\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+    query.extend_from_slice(sql);
+    a.write_all(&query).await.unwrap();
+    testkit::wait_until("the query to run", WAIT, || async {
+        direct
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(1)' AND state = 'active'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await
+    .unwrap();
+    // The cancel's connection is accepted and never answered.
+    f.proxy.set_connect(ConnectFault::Blackhole);
+    let before = f.proxy.attempts();
+    drop(a);
+    testkit::wait_until("the cancel's connection", WAIT, || async {
+        f.proxy.attempts() == before + 1
+    })
+    .await
+    .unwrap();
+    f.proxy.set_connect(ConnectFault::None);
+    // The next client waits for the pool's one server, which finished its query meanwhile.
+    let b = f.pooler.connect("app", "", "app").await.unwrap();
+    b.simple_query("SELECT 1").await.unwrap();
+    assert_eq!(
+        f.proxy.attempts(),
+        before + 2,
+        "the server whose cancel was not confirmed was handed on: {}",
+        f.pooler.log()
+    );
+}
+
 /// A connect that was under way when the operator ran RECONNECT belongs to the old epoch: it
 /// is retired like the connections that were open, not kept as if it had started after.
 #[tokio::test]

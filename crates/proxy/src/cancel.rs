@@ -24,6 +24,10 @@ pub struct CancelSlot {
     sending: AtomicUsize,
     /// Notified when a cancel is sent (or given up).
     sent: tokio::sync::Notify,
+    /// A cancel for the server held now could not be confirmed delivered: it may still reach
+    /// the backend later, so that server must not go to another client (see
+    /// [`CancelSlot::take_unconfirmed`]).
+    unconfirmed: AtomicBool,
     /// Idle, waiting for a server or holding one (the low bits, a [`ClientState`]), and the
     /// marks of the park sweep ([`SWEPT`], [`PARK`]); SHOW CLIENTS reads it without the lock.
     state: std::sync::atomic::AtomicU8,
@@ -220,9 +224,17 @@ impl CancelSlot {
         // Counted off when sent, failed or dropped (the caller's task ending mid-send).
         let _sending = Sending(self);
         if let Err(e) = target.send(timeout).await {
+            // Before `_sending` counts it off: a release waiting for it then sees the mark.
+            self.unconfirmed.store(true, Ordering::SeqCst);
             tracing::warn!(error = %e, "could not forward cancel request to the server");
         }
         true
+    }
+
+    /// Whether a cancel for the server just held could not be confirmed (and forgets it). Read
+    /// after [`CancelSlot::cancels_sent`]: a server with such a cancel is closed, not given back.
+    pub fn take_unconfirmed(&self) -> bool {
+        self.unconfirmed.swap(false, Ordering::SeqCst)
     }
 }
 
@@ -281,5 +293,25 @@ mod tests {
             .await
             .expect("the slot clears once the cancel is through");
         assert_eq!(slot.sending.load(Ordering::SeqCst), 0);
+        assert!(!slot.take_unconfirmed(), "the server closed: delivered");
+    }
+
+    /// A cancel whose connection the database neither answers nor closes in time may still
+    /// reach the backend later: the slot says so, once, for the release to close the server.
+    #[tokio::test]
+    async fn a_cancel_not_confirmed_in_time_marks_the_slot() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let slot = CancelSlot::default();
+        slot.hold(CancelTarget {
+            addr: ServerAddr::Tcp(listener.local_addr().unwrap()),
+            pid: 7,
+            key: 8,
+        });
+        // The connection is accepted by the kernel (the backlog) and never closed.
+        assert!(slot.forward(Duration::from_millis(50)).await);
+        assert!(slot.clear_now(), "nothing on its way any more");
+        assert!(slot.take_unconfirmed());
+        assert!(!slot.take_unconfirmed(), "told once");
+        drop(listener);
     }
 }

@@ -56,11 +56,14 @@ pub enum CloseReason {
     FleetRelease,
     /// The database's `connect_query` failed on the new connection.
     ConnectQueryFailed,
+    /// A client's cancel for its query could not be confirmed delivered (the database did not
+    /// take it in time): it may still arrive, and would stop the next client's query.
+    CancelUnconfirmed,
 }
 
 impl CloseReason {
     /// Every reason, in the order views list them.
-    pub const ALL: [CloseReason; 23] = [
+    pub const ALL: [CloseReason; 24] = [
         CloseReason::ClientGone,
         CloseReason::RollbackFailed,
         CloseReason::ResetFailed,
@@ -84,6 +87,7 @@ impl CloseReason {
         CloseReason::PoolResized,
         CloseReason::FleetRelease,
         CloseReason::ConnectQueryFailed,
+        CloseReason::CancelUnconfirmed,
     ];
 
     /// The label in SHOW SERVER_CLOSES, the metric and the logs.
@@ -112,6 +116,7 @@ impl CloseReason {
             CloseReason::PoolResized => "pool_resized",
             CloseReason::FleetRelease => "fleet_release",
             CloseReason::ConnectQueryFailed => "connect_query_failed",
+            CloseReason::CancelUnconfirmed => "cancel_unconfirmed",
         }
     }
 

@@ -30,7 +30,16 @@ impl Session {
         if !self.cancel.slot.clear_now() {
             self.cancel.slot.cancels_sent().await;
         }
+        if self.cancel.slot.take_unconfirmed() {
+            h.server.mark_broken(CloseReason::CancelUnconfirmed);
+        }
         self.enter(ClientState::Idle);
+        // A broken server is closed as it is: a reset on it would be a round trip for nothing,
+        // and could read a late reply as the reset's.
+        if let Some(reason) = h.server.broken_reason() {
+            discard(h.server, reason);
+            return;
+        }
         let stats = &self.entry.stats;
         if reset {
             PoolStats::add(&stats.server_resets, 1);
@@ -164,8 +173,11 @@ impl Session {
         }
         // The cancel's wait for the server to close its end means the signal is delivered
         // before anything else is sent on this connection; arriving at an idle backend, it is
-        // ignored there.
-        let _ = h.server.cancel_target().send(CANCEL_GRACE).await;
+        // ignored there. A cancel not confirmed in time may still arrive, during the next
+        // client's query: then the server is not kept.
+        if h.server.cancel_target().send(CANCEL_GRACE).await.is_err() {
+            return false;
+        }
         let drained = upstream::timer::timeout(CANCEL_GRACE, async {
             loop {
                 match self.drain_for_nobody(h) {

@@ -283,7 +283,11 @@ impl Session {
                 .write(&mut self.scratch.to_client);
                 let target = h.server.cancel_target();
                 h.clock.cancel_sent = Some(Instant::now());
-                let _ = target.send(CANCEL_GRACE).await;
+                if target.send(CANCEL_GRACE).await.is_err() {
+                    // Not confirmed: it may still arrive, during the next client's query.
+                    // The client still gets its answer if one comes; the server is not kept.
+                    h.server.mark_broken(CloseReason::QueryTimeout);
+                }
                 None
             }
             Timer::CancelGrace => {
