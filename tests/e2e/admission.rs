@@ -213,19 +213,6 @@ async fn a_source_over_its_connection_cap_is_refused_until_one_of_its_connection
     two.simple_query("SELECT 1").await.unwrap();
 }
 
-/// SHOW POOLS' cl_waiting for database app.
-async fn cl_waiting(admin: &Client) -> i64 {
-    let rows = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
-    rows.iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
-                r.get("cl_waiting").and_then(|v| v.parse().ok())
-            }
-            _ => None,
-        })
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_source_with_five_waiting_clients_is_served_between_the_turns_of_one_with_five_hundred() {
     use futures_util::StreamExt;

@@ -332,3 +332,16 @@ pub fn first_value(rows: Vec<tokio_postgres::SimpleQueryMessage>) -> Option<Stri
         _ => None,
     })
 }
+
+/// SHOW POOLS' cl_waiting for database app.
+pub async fn cl_waiting(admin: &Client) -> i64 {
+    let rows = admin.simple_query("SHOW POOLS").await.expect("SHOW POOLS");
+    rows.iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) if r.get("database") == Some("app") => {
+                r.get("cl_waiting").and_then(|v| v.parse().ok())
+            }
+            _ => None,
+        })
+        .unwrap_or(0)
+}

@@ -37,6 +37,49 @@ fn pooler_for_port(upstream_port: u16, pooler_extra: &str) -> Pooler {
     Pooler::start(BIN, port, &config, &[("userlist.txt", USERLIST)]).unwrap()
 }
 
+/// A client that leaves while a cap (max_db_connections) holds back the connect its checkout
+/// needs is let go at once: no connect is under way yet, so nothing would be wasted.
+#[tokio::test]
+async fn a_client_that_leaves_while_a_cap_holds_its_connect_back_is_let_go() {
+    use tokio::io::AsyncWriteExt;
+    let f = faulty(
+        "auth_type = \"trust\"\nquery_wait_timeout = \"60s\"\nadmin_users = [\"admin\"]",
+        "user = \"app\"\npool_size = 2\nmax_db_connections = 1\n",
+    );
+    // One client holds the database's only connection, in a transaction.
+    let a = f.pooler.connect("app", "", "app").await.unwrap();
+    a.batch_execute("BEGIN").await.unwrap();
+    // A second needs a connection of its own, which the cap holds back.
+    let mut b = raw_login(f.pooler.port()).await;
+    let sql = b"SELECT 1\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+    query.extend_from_slice(sql);
+    b.write_all(&query).await.unwrap();
+    let admin = f
+        .pooler
+        .connect("admin", "admin_pw", "pgbouncer")
+        .await
+        .unwrap();
+    testkit::wait_until("the second client to wait", WAIT, || async {
+        cl_waiting(&admin).await == 1
+    })
+    .await
+    .unwrap();
+    drop(b);
+    testkit::wait_until("the client that left to leave the queue", WAIT, || async {
+        cl_waiting(&admin).await == 0
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", f.pooler.log()));
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        f.proxy.attempts(),
+        1,
+        "no connect was made for the client that left"
+    );
+}
+
 /// A client that leaves mid-query has the query cancelled, and the server is kept if it then
 /// finishes in time. But a cancel the database does not confirm may still arrive later, during
 /// the next client's query: a server with one is closed, not handed on.

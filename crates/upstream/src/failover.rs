@@ -108,10 +108,13 @@ impl HostList {
     /// Opens a connection to the first host (in [`HostList::order`]) that is up and whose role
     /// matches. See the module docs for how hosts in trouble are skipped and how searches are
     /// paced while none matches.
+    /// `connecting` goes up while a host's admitted attempt runs (see `pool::Connecting`),
+    /// and down again when one fails and the search goes on.
     pub async fn connect(
         &self,
         target: &ServerTarget,
         settings: &ServerSettings,
+        connecting: &crate::ConnectFlag,
     ) -> Result<ServerConn, ConnectError> {
         // With one host there is nothing to skip to: wait out its back-off as before.
         let patient = self.hosts.len() == 1;
@@ -144,6 +147,7 @@ impl HostList {
                     continue;
                 }
             };
+            connecting.set(true);
             let mut t = target.clone();
             t.host.clone_from(&host.host);
             t.port = host.port;
@@ -152,6 +156,7 @@ impl HostList {
                 // Wrong password, no such database: every host will say the same.
                 Err(e) if e.is_permanent() => return Err(e),
                 Err(e) => {
+                    connecting.set(false);
                     errors.push(e);
                     continue;
                 }
@@ -159,6 +164,7 @@ impl HostList {
             let role = match detect_role(&mut conn, self.attrs, settings).await {
                 Ok(r) => r,
                 Err(e) => {
+                    connecting.set(false);
                     conn.terminate();
                     errors.push(e);
                     continue;
@@ -180,6 +186,7 @@ impl HostList {
                     }
                     tracing::debug!(host = %host.name, role = %r, wanted = %self.attrs,
                         "server role does not match target_session_attrs; trying the next host");
+                    connecting.set(false);
                     conn.terminate();
                     errors.push(ConnectError::WrongRole {
                         host: host.name.clone(),

@@ -88,9 +88,19 @@ impl ServerManager {
 #[derive(Debug, Default)]
 pub struct ConnectFlag(AtomicBool);
 
-/// A connection attempt made inside a checkout: the flag is up while it is pending, so the
+impl ConnectFlag {
+    /// Up while a connect is under way (a host admitted it), down while the attempt waits.
+    pub(crate) fn set(&self, connecting: bool) {
+        self.0.store(connecting, Ordering::Relaxed);
+    }
+}
+
+/// A connection attempt made inside a checkout. The attempt raises the flag once a host has
+/// admitted it and a connect is really under way ([`ConnectFlag::set`], in `failover`), so the
 /// [`Checkout`] around it can tell that dropping it now would abandon a connect half done (the
-/// database has accepted, forked a backend, perhaps begun the login).
+/// database has accepted, forked a backend, perhaps begun the login). While it only waits (a
+/// cap's permit, a host's back-off) the flag stays down, and a client that left is let go.
+/// The flag comes down when the attempt ends, however it ends.
 struct Connecting<'a, F> {
     attempt: F,
     flag: &'a ConnectFlag,
@@ -104,7 +114,9 @@ impl<F: Future + Unpin> Future for Connecting<'_, F> {
         cx: &mut std::task::Context<'_>,
     ) -> Poll<F::Output> {
         let r = std::pin::Pin::new(&mut self.attempt).poll(cx);
-        self.flag.0.store(r.is_pending(), Ordering::Relaxed);
+        if r.is_ready() {
+            self.flag.set(false);
+        }
         r
     }
 }
@@ -331,7 +343,7 @@ impl ServerManager {
     }
 
     /// Opens a new server connection for the pool (deadpool's `create`).
-    async fn open(&self) -> Result<Box<ServerConn>, ConnectError> {
+    async fn open(&self, connecting: &ConnectFlag) -> Result<Box<ServerConn>, ConnectError> {
         // The epoch the connection belongs to is the one it started in, read before the target
         // it connects to: a RECONNECT or KILL during the connect (which may take seconds when
         // a host misbehaves, on a DNS answer from before) must retire it like the others.
@@ -356,7 +368,7 @@ impl ServerManager {
         let logging_in = stats::GaugeGuard::new(&self.stats.sv_login);
         // Boxed: connecting (DNS, TLS, login) is a large future, and every checkout embeds
         // this one; unboxed it would sit in every client task's memory even while idle.
-        let conn = Box::pin(self.hosts.connect(&target, &settings)).await;
+        let conn = Box::pin(self.hosts.connect(&target, &settings, connecting)).await;
         drop(logging_in);
         let stats = &self.stats;
         match conn {
@@ -1138,7 +1150,7 @@ impl ServerPool {
                     // otherwise sit inside every checkout's future, and so inside every
                     // transaction's, which is moved once per transaction.
                     let opened = Connecting {
-                        attempt: Box::pin(m.open()),
+                        attempt: Box::pin(m.open(connecting)),
                         flag: connecting,
                     }
                     .await;
@@ -1365,7 +1377,9 @@ impl ServerPool {
         target
             .startup_params
             .push(("application_name".into(), FLEET_APPLICATION_NAME.into()));
-        m.hosts.connect(&target, &m.settings()).await
+        m.hosts
+            .connect(&target, &m.settings(), &ConnectFlag::default())
+            .await
     }
 
     /// Closes idle connections (PAUSE disconnects from the server once it is idle).
