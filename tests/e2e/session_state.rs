@@ -43,6 +43,50 @@ async fn set_temp_table_and_advisory_lock_inside_a_transaction_do_not_reach_the_
     assert_eq!(got, "t", "advisory lock leaked to the next client");
 }
 
+/// Drivers prepare a statement in one round trip and execute it in the next, so the Parse that
+/// names the advisory lock function or the temp table is not in the transaction that runs it.
+/// What it leaves must still be seen: the lock pins the client to its server and goes with the
+/// client, and the temp table does not reach the next client.
+#[tokio::test]
+async fn a_prepared_statement_that_leaves_state_when_it_runs_later_is_still_seen() {
+    let env = start("", "pool_size = 1\n");
+    let direct = env.direct().await;
+    let a = env.client().await;
+    // tokio-postgres: Parse + Describe + Sync, then Bind + Execute + Sync.
+    a.query_one("SELECT pg_advisory_lock($1)", &[&7i64])
+        .await
+        .unwrap();
+    drop(a);
+    // The lock went with its client: another session can take it.
+    testkit::wait_until("the lock to be released with its client", WAIT, || async {
+        let got: bool = direct
+            .query_one("SELECT pg_try_advisory_lock(7)", &[])
+            .await
+            .unwrap()
+            .get(0);
+        if got {
+            direct
+                .execute("SELECT pg_advisory_unlock(7)", &[])
+                .await
+                .unwrap();
+        }
+        got
+    })
+    .await
+    .unwrap();
+
+    let a = env.client().await;
+    a.execute("CREATE TEMP TABLE leak2 AS SELECT 1 AS x", &[])
+        .await
+        .unwrap();
+    drop(a);
+    let b = env.client().await;
+    assert!(
+        b.simple_query("SELECT * FROM leak2").await.is_err(),
+        "temp table leaked"
+    );
+}
+
 #[tokio::test]
 async fn parameters_a_client_sets_follow_it_across_servers_and_never_leak() {
     let env = start("", "pool_size = 2\n");

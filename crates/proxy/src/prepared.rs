@@ -25,6 +25,11 @@ pub struct Statement {
     pub global: Bytes,
     /// The Parse body after the statement name: query, parameter count and types.
     pub rest: Bytes,
+    /// Its text may leave session state (`crate::scan::text_may_leave_state`), and names an
+    /// advisory lock function: read at each Bind, since a statement prepared in one
+    /// transaction runs in later ones, where its Parse is not seen again.
+    pub may_leave_state: bool,
+    pub mentions_advisory: bool,
 }
 
 impl Statement {
@@ -34,7 +39,15 @@ impl Statement {
         let mut h = std::collections::hash_map::DefaultHasher::new();
         rest.hash(&mut h);
         let global = Bytes::from(format!("bw_{:016x}_{}", h.finish(), rest.len()));
-        Statement { global, rest }
+        let sql = rest.split(|b| *b == 0).next().unwrap_or_default();
+        let may_leave_state = crate::scan::text_may_leave_state(sql);
+        let mentions_advisory = may_leave_state && crate::scan::text_mentions_advisory(sql);
+        Statement {
+            global,
+            rest,
+            may_leave_state,
+            mentions_advisory,
+        }
     }
 }
 

@@ -478,8 +478,15 @@ impl Session {
         let (prefix_len, end) = (r.prefix_len, r.end());
         match stmt {
             Some(stmt) => {
-                // A prepared RESET runs at each Execute, long after its Parse.
+                // A prepared RESET runs at each Execute, long after its Parse, and so does a
+                // statement that takes an advisory lock or makes a temp table: the Parse that
+                // flagged it may have been in an earlier transaction (drivers prepare in one
+                // round trip and execute in the next).
                 self.watch_reset(h, &stmt.rest);
+                if stmt.may_leave_state {
+                    h.ledger.mark_session_state();
+                    h.advisory_unknown |= stmt.mentions_advisory;
+                }
                 self.ensure_prepared(h, &stmt);
                 let name_len = end - prefix_len - 1;
                 let len = hdr.body_len - name_len + stmt.global.len() + 4;
