@@ -314,6 +314,44 @@ async fn ten_statements_in_rotation_survive_eviction_with_max_prepared_statement
     assert!(n <= 2, "{n} statements on the server");
 }
 
+/// With the cache full, running a statement the server lacks makes Breakwater close the least
+/// recently used one and parse it. When an error earlier in the same batch makes the server
+/// skip that Close, the server keeps the evicted statement: a later Parse of its text must not
+/// fail with 42P05 ("already exists").
+#[tokio::test]
+async fn an_eviction_the_server_skipped_after_an_error_leaves_no_stray_statement() {
+    use tokio::io::AsyncWriteExt;
+    let env = start(
+        "auth_type = \"trust\"\nmax_prepared_statements = 1",
+        "pool_size = 1\n",
+    );
+    let mut s = raw_login(env.pooler.port()).await;
+    assert_eq!(prepare(&mut s, "y", "SELECT 2").await, "1Z");
+    // y is evicted (closed) for x: the server holds x only.
+    assert_eq!(prepare(&mut s, "x", "SELECT 1").await, "1Z");
+    // One batch: an error, then y, for which Breakwater closes x and parses y; the server
+    // skips both after the error.
+    let mut out = Vec::new();
+    raw::parse(&mut out, "", "SELECT 1/0");
+    raw::bind_execute(&mut out, "");
+    raw::bind_execute(&mut out, "y");
+    raw::sync(&mut out);
+    s.write_all(&out).await.unwrap();
+    let replies = raw::read_until_ready(&mut s).await;
+    let tags: String = replies.iter().map(|(t, _)| *t as char).collect();
+    assert_eq!(
+        tags, "1EZ",
+        "the division's error, then nothing until the Sync"
+    );
+    // The text of x again, under another name.
+    assert_eq!(
+        prepare(&mut s, "x2", "SELECT 1").await,
+        "1Z",
+        "a stray statement on the server refused the Parse"
+    );
+    assert_eq!(execute(&mut s, "x2").await.1, "1");
+}
+
 #[tokio::test]
 async fn statements_are_prepared_again_after_the_server_connection_was_replaced() {
     let env = start("", "pool_size = 1\n");

@@ -260,13 +260,15 @@ impl TxLedger {
 
     /// Records a message forwarded to the server (or answered by Breakwater in its place).
     /// Returns the request if the server will skip it (an error earlier in its batch), so the
-    /// caller forgets what it assumed of it (a statement it thought it prepared).
+    /// caller forgets what it assumed of it: a statement it thought it prepared, or one it
+    /// thought it closed.
     #[must_use]
     pub fn on_client(&mut self, sent: Sent) -> Option<Expect> {
         if self.skipping {
             match sent {
                 Sent::Sync => self.skipping = false,
                 Sent::Parse { hide, prepared } => return Some(Expect::Parse { hide, prepared }),
+                Sent::Close { hide } => return Some(Expect::Close { hide }),
                 _ => return None,
             }
         }

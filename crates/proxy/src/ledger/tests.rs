@@ -421,6 +421,15 @@ fn an_error_reports_every_request_it_skipped() {
         r.failed, 2,
         "the Parse, and the injected Parse sent after the error"
     );
+    // An eviction's Close skipped, queued or sent after the error: the server keeps the
+    // statement, and the caller must know.
+    let r = run(">P >B >E >c >p >B >E >S <1 <2 <E");
+    assert_eq!(r.failed, 5, "Execute, Close, Parse, Bind, Execute");
+    let r = run(">P >H <E >c >p");
+    assert_eq!(
+        r.failed, 3,
+        "the Parse, and the Close and Parse sent after the error"
+    );
 }
 
 #[test]

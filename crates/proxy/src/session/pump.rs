@@ -597,6 +597,11 @@ impl Session {
         {
             frontend::write_close_statement(&mut self.scratch.to_server, &evicted);
             if let Some(e) = h.ledger.on_client(Sent::Close { hide: true }) {
+                // Skipped after an error: the server keeps the evicted statement (see
+                // `on_server`), so it is reset at the end of the transaction.
+                if is_eviction(&e) {
+                    h.ledger.mark_session_state();
+                }
                 self.forget(h, &e);
             }
         }
@@ -780,7 +785,8 @@ impl Session {
         let known = &self.entry.known_statements;
         let fingerprint = self.params.fingerprint();
         let cap = self.settings.max_prepared_statements;
-        h.ledger.on_server(
+        let mut eviction_skipped = false;
+        let verdict = h.ledger.on_server(
             received,
             |e| {
                 if let Expect::Parse {
@@ -792,10 +798,24 @@ impl Session {
                     statements.forget_if(name, global);
                     known.forget(fingerprint, global);
                 }
+                eviction_skipped |= is_eviction(e);
             },
             |global| known.insert(fingerprint, &global, cap),
-        )
+        );
+        if eviction_skipped {
+            // The eviction's Close did not run (an error earlier in the batch made the server
+            // skip it): the server still holds a statement the cache no longer lists, and a
+            // later Parse of the same text would fail with 42P05. Resetting the server at the
+            // end of the transaction empties both.
+            h.ledger.mark_session_state();
+        }
+        verdict
     }
+}
+
+/// The Close Breakwater sends for a statement it evicts from a full cache.
+fn is_eviction(e: &Expect) -> bool {
+    matches!(e, Expect::Close { hide: true })
 }
 
 /// What the pump learnt from a server message it read whole.
