@@ -525,6 +525,37 @@ async fn closes(c: &Client, reason: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A checkout given up while its idle server runs `server_check_query` (the client left)
+/// cannot trust that server idle: it is closed as a failed check, and counted and logged like
+/// every close.
+#[tokio::test]
+async fn a_check_cut_short_by_its_client_leaving_is_a_counted_close() {
+    use tokio::io::AsyncWriteExt;
+    let env = start(
+        "auth_type = \"trust\"\nserver_check_delay = \"1ms\"\nserver_check_query = \"SELECT pg_sleep(3)\"\n",
+        "pool_size = 1\n",
+    );
+    let c = admin(&env).await;
+    let direct = env.direct().await;
+    // Logging in opens the pool's server; the client's query then finds it idle past
+    // server_check_delay, and the check runs.
+    let mut a = raw_login(env.pooler.port()).await;
+    // Idle past server_check_delay: the time passing is the condition under test.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let sql = b"SELECT 1\0";
+    let mut query = vec![b'Q'];
+    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
+    query.extend_from_slice(sql);
+    a.write_all(&query).await.unwrap();
+    wait_for_active_query(&direct, "SELECT pg_sleep(3)").await;
+    drop(a);
+    testkit::wait_until("the cut check's close to be counted", WAIT, || async {
+        closes(&c, "check_failed").await == 1
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}\n{}", env.pooler.log()));
+}
+
 #[tokio::test]
 async fn show_server_closes_counts_each_closed_server_under_its_reason() {
     let env = start("idle_transaction_timeout = \"300ms\"\n", "");

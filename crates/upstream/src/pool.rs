@@ -550,6 +550,14 @@ struct Core {
 }
 
 impl Core {
+    /// An idle connection taken out of the list that may not go out: closed with its reason.
+    fn close_taken(&self, conn: Box<ServerConn>, reason: CloseReason) {
+        self.manager.closing(&conn, reason);
+        self.slots.gone();
+        conn.terminate();
+        self.manager.changes.changed();
+    }
+
     /// A connection counted in the books (checked out, or taken from the idle list) is closed
     /// for `reason` and its turn given back.
     fn close_checked_out(&self, conn: Box<ServerConn>, reason: CloseReason) {
@@ -1045,11 +1053,7 @@ impl ServerPool {
 
     /// An idle connection taken out of the list that may not go out: closed with its reason.
     fn close_taken(&self, conn: Box<ServerConn>, reason: CloseReason) {
-        let m = &self.core.manager;
-        m.closing(&conn, reason);
-        self.core.slots.gone();
-        conn.terminate();
-        m.changes.changed();
+        self.core.close_taken(conn, reason);
     }
 
     /// One try: waits for a turn, then hands out an idle connection that passes its checks or
@@ -1095,7 +1099,7 @@ impl ServerPool {
                         }
                         Reuse::Close(r) => self.close_taken(item, r),
                         Reuse::Check => {
-                            let taken = CheckingIdle::new(&core.slots, item);
+                            let taken = CheckingIdle::new(core, item);
                             return Now::Later(First::Check(taken, since));
                         }
                     }
@@ -1512,16 +1516,17 @@ impl Drop for Room<'_> {
 }
 
 /// An idle connection taken out of the books for its checks: should the check be dropped
-/// half-way, the connection closes and the books are told.
+/// half-way (its checkout given up), the connection closes as one whose check failed, and the
+/// books are told.
 struct CheckingIdle<'a> {
-    slots: &'a Slots<Box<ServerConn>>,
+    core: &'a Core,
     conn: Option<Box<ServerConn>>,
 }
 
 impl<'a> CheckingIdle<'a> {
-    fn new(slots: &'a Slots<Box<ServerConn>>, conn: Box<ServerConn>) -> Self {
+    fn new(core: &'a Core, conn: Box<ServerConn>) -> Self {
         CheckingIdle {
-            slots,
+            core,
             conn: Some(conn),
         }
     }
@@ -1543,8 +1548,9 @@ impl<'a> CheckingIdle<'a> {
 
 impl Drop for CheckingIdle<'_> {
     fn drop(&mut self) {
-        if self.conn.is_some() {
-            self.slots.gone();
+        if let Some(conn) = self.conn.take() {
+            // Its check query may be running: the server cannot be trusted idle.
+            self.core.close_taken(conn, CloseReason::CheckFailed);
         }
     }
 }
