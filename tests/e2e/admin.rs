@@ -542,11 +542,7 @@ async fn a_check_cut_short_by_its_client_leaving_is_a_counted_close() {
     let mut a = raw_login(env.pooler.port()).await;
     // Idle past server_check_delay: the time passing is the condition under test.
     tokio::time::sleep(Duration::from_millis(50)).await;
-    let sql = b"SELECT 1\0";
-    let mut query = vec![b'Q'];
-    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
-    query.extend_from_slice(sql);
-    a.write_all(&query).await.unwrap();
+    a.write_all(&query_message("SELECT 1")).await.unwrap();
     wait_for_active_query(&direct, "SELECT pg_sleep(3)").await;
     drop(a);
     testkit::wait_until("the cut check's close to be counted", WAIT, || async {

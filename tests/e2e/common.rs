@@ -345,3 +345,12 @@ pub async fn cl_waiting(admin: &Client) -> i64 {
         })
         .unwrap_or(0)
 }
+
+/// A simple-protocol Query message for `sql`, for raw connections.
+pub fn query_message(sql: &str) -> Vec<u8> {
+    let mut m = vec![b'Q'];
+    m.extend_from_slice(&(sql.len() as u32 + 5).to_be_bytes());
+    m.extend_from_slice(sql.as_bytes());
+    m.push(0);
+    m
+}

@@ -51,11 +51,7 @@ async fn a_client_that_leaves_while_a_cap_holds_its_connect_back_is_let_go() {
     a.batch_execute("BEGIN").await.unwrap();
     // A second needs a connection of its own, which the cap holds back.
     let mut b = raw_login(f.pooler.port()).await;
-    let sql = b"SELECT 1\0";
-    let mut query = vec![b'Q'];
-    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
-    query.extend_from_slice(sql);
-    b.write_all(&query).await.unwrap();
+    b.write_all(&query_message("SELECT 1")).await.unwrap();
     let admin = f
         .pooler
         .connect("admin", "admin_pw", "pgbouncer")
@@ -93,11 +89,9 @@ async fn a_server_whose_cancel_was_not_confirmed_is_not_handed_on() {
     let direct = f.pg.connect("postgres", "postgres", "app").await.unwrap();
     // A query that outlives its client.
     let mut a = raw_login(f.pooler.port()).await;
-    let sql = b"SELECT pg_sleep(1)\0";
-    let mut query = vec![b'Q'];
-    query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
-    query.extend_from_slice(sql);
-    a.write_all(&query).await.unwrap();
+    a.write_all(&query_message("SELECT pg_sleep(1)"))
+        .await
+        .unwrap();
     testkit::wait_until("the query to run", WAIT, || async {
         direct
             .query_one(

@@ -334,11 +334,11 @@ async fn a_client_that_leaves_while_queued_is_never_served() {
 
     for (round, say_goodbye) in [false, true].into_iter().enumerate() {
         let mut s = raw_login(env.pooler.port()).await;
-        let sql = format!("INSERT INTO left_t VALUES ({round})\0");
-        let mut query = vec![b'Q'];
-        query.extend_from_slice(&(sql.len() as u32 + 4).to_be_bytes());
-        query.extend_from_slice(sql.as_bytes());
-        s.write_all(&query).await.unwrap();
+        s.write_all(&query_message(&format!(
+            "INSERT INTO left_t VALUES ({round})"
+        )))
+        .await
+        .unwrap();
         testkit::wait_until("the client to queue", WAIT, || async {
             cl_waiting(&admin, "app").await == 1
         })
