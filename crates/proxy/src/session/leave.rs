@@ -66,9 +66,8 @@ impl Session {
                 }
             }
         }
-        if let Some(reason) = h.server.broken_reason() {
-            discard(h.server, reason);
-        } else if !h.server.buf().is_empty() {
+        // Not broken: checked above, and a reset that succeeds leaves it as it was.
+        if !h.server.buf().is_empty() {
             // The server sent something after the ReadyForQuery that ended the transaction.
             discard(h.server, CloseReason::ServerProtocolError);
         } else if !self.entry.pool.still_wanted(&h.server) {
